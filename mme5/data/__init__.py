@@ -1,0 +1,1 @@
+"""Sample schema, WebDataset shards, converters from public formats, and the procedural demo world."""

@@ -1,0 +1,158 @@
+"""The one sample schema used everywhere: training shards, synthesis output and converters.
+
+A sample is a query side, a positive side and 0..k hard-negative sides. A side is an instruction plus
+optional text plus an optional image. The instruction is data kept apart from the content, so that each
+backbone adapter can format it its own way. Images travel as the encoded bytes they were given (JPEG, PNG,
+...); they are decoded only when a batch is collated.
+"""
+
+from __future__ import annotations
+
+import io
+from dataclasses import dataclass, field
+from enum import StrEnum
+from typing import Any
+
+from PIL import Image
+
+
+class SchemaError(ValueError):
+    """A record does not follow the sample schema; the message names the field."""
+
+
+class Task(StrEnum):
+    CLASSIFICATION = "classification"
+    VQA = "vqa"
+    RETRIEVAL = "retrieval"
+    GROUNDING = "grounding"
+
+
+class Modality(StrEnum):
+    """Query→target modality combination, spelled as in mmE5-synthetic's `modality` field."""
+
+    I2T = "I2T"
+    IT2T = "IT2T"
+    T2I = "T2I"
+    T2IT = "T2IT"
+    I2I = "I2I"
+    IT2I = "IT2I"
+    IT2IT = "IT2IT"
+
+    @property
+    def query(self) -> str:
+        """The query's part: "I", "T" or "IT"."""
+        return self.value.split("2")[0]
+
+    @property
+    def target(self) -> str:
+        """The target's part: "I", "T" or "IT"."""
+        return self.value.split("2")[1]
+
+    @classmethod
+    def of(cls, query: Side, target: Side) -> Modality:
+        """The combination two sides actually have (text-and-image counts as IT)."""
+        return cls(f"{query.kind}2{target.kind}")
+
+
+@dataclass
+class Side:
+    """One side of a sample: what the encoder embeds as one item."""
+
+    instruction: str = ""
+    text: str | None = None
+    image: bytes | None = None  # encoded image file bytes, never a decoded array
+    _decoded: Image.Image | None = field(default=None, repr=False, compare=False)
+
+    def __post_init__(self) -> None:
+        if self.text == "":
+            self.text = None
+        if not self.text and self.image is None:
+            raise SchemaError("a side needs text, an image, or both")
+
+    @property
+    def kind(self) -> str:
+        """ "I", "T" or "IT": which content the side holds."""
+        return ("I" if self.image is not None else "") + ("T" if self.text else "")
+
+    def pil(self) -> Image.Image | None:
+        """The image decoded to RGB (decoded once, then cached)."""
+        if self.image is None:
+            return None
+        if self._decoded is None:
+            self._decoded = decode_image(self.image)
+        return self._decoded
+
+
+@dataclass
+class Sample:
+    """A training sample: query, positive and hard negatives, with metadata for mixing and reporting."""
+
+    id: str
+    task: Task
+    modality: Modality
+    language: str
+    source: str
+    query: Side
+    positive: Side
+    negatives: list[Side] = field(default_factory=list)
+
+    def __post_init__(self) -> None:
+        self.task = Task(self.task)
+        self.modality = Modality(self.modality)
+        if not self.id or "." in self.id or "/" in self.id:
+            raise SchemaError(f"id {self.id!r} must be non-empty and contain no '.' or '/' (shard keys)")
+        if not self.language:
+            raise SchemaError(f"sample {self.id}: language is empty")
+        if self.query.kind != self.modality.query:
+            raise SchemaError(
+                f"sample {self.id}: modality {self.modality} expects a {self.modality.query} query, "
+                f"found {self.query.kind}"
+            )
+        for name, side in [("positive", self.positive)] + [(f"negative {i}", n) for i, n in
+                                                            enumerate(self.negatives)]:
+            if side.kind != self.modality.target:
+                raise SchemaError(
+                    f"sample {self.id}: modality {self.modality} expects a {self.modality.target} "
+                    f"{name}, found {side.kind}"
+                )
+
+    @property
+    def sides(self) -> list[tuple[str, Side]]:
+        """(role, side) pairs in a fixed order: query, positive, negative 0, 1, ..."""
+        return [("qry", self.query), ("pos", self.positive)] + [
+            (f"neg{i}", side) for i, side in enumerate(self.negatives)
+        ]
+
+    def metadata(self) -> dict[str, Any]:
+        return {
+            "id": self.id,
+            "task": str(self.task),
+            "modality": str(self.modality),
+            "language": self.language,
+            "source": self.source,
+        }
+
+
+def decode_image(data: bytes) -> Image.Image:
+    """Decode encoded image bytes fully (truncated files fail here, not in the collator)."""
+    with Image.open(io.BytesIO(data)) as image:
+        image.load()
+        return image.convert("RGB")
+
+
+def image_extension(data: bytes) -> str:
+    """The file extension that matches encoded image bytes, from their magic number."""
+    if data[:3] == b"\xff\xd8\xff":
+        return "jpg"
+    if data[:8] == b"\x89PNG\r\n\x1a\n":
+        return "png"
+    if data[:4] == b"RIFF" and data[8:12] == b"WEBP":
+        return "webp"
+    if data[:6] in (b"GIF87a", b"GIF89a"):
+        return "gif"
+    if data[:2] == b"BM":
+        return "bmp"
+    raise SchemaError("image bytes are not JPEG, PNG, WebP, GIF or BMP")
+
+
+IMAGE_EXTENSIONS = ("jpg", "png", "webp", "gif", "bmp")

@@ -1,0 +1,345 @@
+"""Samples in WebDataset tar shards: an atomic, resumable writer with a manifest, and a validating reader.
+
+Record layout of one sample in a shard (all members share the key = the sample id):
+    <id>.json       metadata + per-side instruction/text + image member names
+    <id>.qry.<ext>  query image (encoded bytes as given: jpg, png, ...), if any
+    <id>.pos.<ext>  positive image, if any
+    <id>.neg<i>.<ext> hard-negative images, if any
+
+A shard is written to `<name>.tar.tmp` and renamed when complete, so a crash never leaves a truncated
+shard that reads as valid. The manifest (`manifest.json`) lists finished shards with their counts and a
+caller-defined resume cursor, so an interrupted conversion continues after the last finished shard.
+"""
+
+from __future__ import annotations
+
+import io
+import json
+import os
+import tarfile
+from collections import Counter
+from collections.abc import Callable, Iterable, Iterator
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import webdataset as wds
+
+from mme5.data.schema import Sample, SchemaError, Side, decode_image, image_extension
+
+MANIFEST = "manifest.json"
+FORMAT = "mme5-shards/1"
+COUNTED_FIELDS = ("task", "modality", "language", "source")
+
+
+# ----------------------------------------------------------------------------- encoding
+
+
+def sample_to_record(sample: Sample) -> dict[str, bytes]:
+    """Serialise a sample into tar members keyed by extension (the WebDataset convention)."""
+    members: dict[str, bytes] = {}
+    sides = {}
+    for role, side in sample.sides:
+        image_member = None
+        if side.image is not None:
+            image_member = f"{role}.{image_extension(side.image)}"
+            members[image_member] = side.image
+        sides[role] = {"instruction": side.instruction, "text": side.text, "image": image_member}
+    meta = sample.metadata() | {"num_negatives": len(sample.negatives), "sides": sides}
+    members["json"] = json.dumps(meta, ensure_ascii=False, sort_keys=True).encode("utf-8")
+    return members
+
+
+def record_to_sample(record: dict[str, Any], decode_images: bool = True) -> Sample:
+    """Rebuild and validate a sample from a WebDataset record; SchemaError names the bad field."""
+    if "json" not in record:
+        raise SchemaError("missing the 'json' member")
+    try:
+        meta = json.loads(record["json"])
+    except (UnicodeDecodeError, json.JSONDecodeError) as error:
+        raise SchemaError(f"'json' member is not valid JSON: {error}") from None
+    if not isinstance(meta, dict):
+        raise SchemaError("'json' member is not an object")
+    for key in ("id", "task", "modality", "language", "source", "num_negatives", "sides"):
+        if key not in meta:
+            raise SchemaError(f"field '{key}' is missing")
+    num_negatives = meta["num_negatives"]
+    if not isinstance(num_negatives, int) or num_negatives < 0:
+        raise SchemaError(f"field 'num_negatives' must be a non-negative integer, found {num_negatives!r}")
+    roles = ["qry", "pos"] + [f"neg{i}" for i in range(num_negatives)]
+    sides = [_read_side(meta["sides"], role, record, decode_images) for role in roles]
+    try:
+        return Sample(
+            id=meta["id"],
+            task=meta["task"],
+            modality=meta["modality"],
+            language=meta["language"],
+            source=meta["source"],
+            query=sides[0],
+            positive=sides[1],
+            negatives=sides[2:],
+        )
+    except ValueError as error:  # bad enum values or inconsistent sides
+        raise SchemaError(str(error)) from None
+
+
+def _read_side(sides: dict[str, Any], role: str, record: dict[str, Any], decode_images: bool) -> Side:
+    if not isinstance(sides, dict) or role not in sides:
+        raise SchemaError(f"field 'sides.{role}' is missing")
+    entry = sides[role]
+    image = None
+    if entry.get("image"):
+        member = entry["image"]
+        if member not in record:
+            raise SchemaError(f"field 'sides.{role}.image' names member '{member}', which is missing")
+        image = record[member]
+    try:
+        side = Side(instruction=entry.get("instruction") or "", text=entry.get("text"), image=image)
+        if decode_images and image is not None:
+            side.pil()
+    except SchemaError as error:
+        raise SchemaError(f"field 'sides.{role}': {error}") from None
+    except OSError as error:  # PIL: unidentified, truncated or corrupt image
+        raise SchemaError(f"field 'sides.{role}.image' ({entry['image']}) is not a readable image: {error}") from None
+    return side
+
+
+# ----------------------------------------------------------------------------- writing
+
+
+@dataclass
+class ShardInfo:
+    file: str
+    count: int
+    bytes: int
+    cursor: Any  # caller-defined position in its input after this shard (for resuming)
+    counts: dict[str, dict[str, int]]
+
+
+class ShardWriter:
+    """Writes samples into bounded shards `<prefix>-NNNNNN.tar`, atomically, with a resumable manifest.
+
+    `write(sample, cursor)` takes an opaque cursor: the caller's input position after this sample. When a
+    shard is finished, its cursor is stored in the manifest; `resume_cursor` returns the last finished
+    shard's cursor so a restarted job skips what is already on disk. Unfinished `.tmp` shards are
+    discarded on resume. Tar members get fixed metadata, so equal input gives byte-identical shards.
+    """
+
+    def __init__(
+        self,
+        out_dir: str | os.PathLike,
+        prefix: str = "shard",
+        max_count: int = 1000,
+        max_bytes: int = 256 * 1024**2,
+        resume: bool = False,
+        extra: dict[str, Any] | None = None,
+    ):
+        self.out_dir = Path(out_dir)
+        self.prefix = prefix
+        self.max_count = max_count
+        self.max_bytes = max_bytes
+        self.extra = dict(extra or {})
+        self.shards: list[ShardInfo] = []
+        self.out_dir.mkdir(parents=True, exist_ok=True)
+        for stale in self.out_dir.glob(f"{prefix}-*.tar.tmp"):
+            stale.unlink()
+        if resume and (self.out_dir / MANIFEST).exists():
+            manifest = read_manifest(self.out_dir)
+            self.shards = [ShardInfo(**info) for info in manifest["shards"]]
+            self.extra = manifest.get("extra", {}) | self.extra
+        elif not resume:
+            for old in self.out_dir.glob(f"{prefix}-*.tar"):
+                old.unlink()
+            (self.out_dir / MANIFEST).unlink(missing_ok=True)
+        self._tar: tarfile.TarFile | None = None
+        self._count = 0
+        self._bytes = 0
+        self._counts: dict[str, Counter] = {}
+        self._cursor: Any = None
+        self._ids: set[str] = set()
+
+    @property
+    def resume_cursor(self) -> Any:
+        return self.shards[-1].cursor if self.shards else None
+
+    @property
+    def num_written(self) -> int:
+        return sum(info.count for info in self.shards) + self._count
+
+    def write(self, sample: Sample, cursor: Any = None) -> None:
+        record = sample_to_record(sample)
+        size = sum(len(v) for v in record.values())
+        if self._tar is not None and (self._count >= self.max_count or self._bytes + size > self.max_bytes):
+            self._finish_shard()
+        if self._tar is None:
+            self._open_shard()
+        if sample.id in self._ids:
+            raise SchemaError(f"sample id {sample.id!r} written twice to shard {self._path.name}")
+        self._ids.add(sample.id)
+        for ext in sorted(record, key=_member_order):
+            _add_member(self._tar, f"{sample.id}.{ext}", record[ext])
+        self._count += 1
+        self._bytes += size
+        for key, value in sample.metadata().items():
+            if key in COUNTED_FIELDS:
+                self._counts.setdefault(key, Counter())[value] += 1
+        self._cursor = cursor
+
+    def close(self) -> dict[str, Any]:
+        """Finish the open shard and mark the manifest complete; returns the manifest."""
+        if self._tar is not None:
+            self._finish_shard()
+        return self._write_manifest(complete=True)
+
+    def __enter__(self) -> ShardWriter:
+        return self
+
+    def __exit__(self, exc_type, exc, tb) -> None:
+        if exc_type is None:
+            self.close()
+        elif self._tar is not None:  # keep finished shards, drop the partial one
+            self._tar.close()
+            self._path.with_suffix(".tar.tmp").unlink(missing_ok=True)
+            self._tar = None
+
+    def _open_shard(self) -> None:
+        self._path = self.out_dir / f"{self.prefix}-{len(self.shards):06d}.tar"
+        self._tar = tarfile.open(self._path.with_suffix(".tar.tmp"), "w", format=tarfile.USTAR_FORMAT)
+        self._count, self._bytes, self._counts, self._ids = 0, 0, {}, set()
+
+    def _finish_shard(self) -> None:
+        assert self._tar is not None
+        self._tar.close()
+        tmp = self._path.with_suffix(".tar.tmp")
+        with open(tmp, "rb+") as handle:
+            os.fsync(handle.fileno())
+        os.replace(tmp, self._path)
+        counts = {key: dict(sorted(counter.items())) for key, counter in sorted(self._counts.items())}
+        self.shards.append(ShardInfo(self._path.name, self._count, self._path.stat().st_size, self._cursor,
+                                     counts))
+        self._tar = None
+        self._write_manifest(complete=False)
+
+    def _write_manifest(self, complete: bool) -> dict[str, Any]:
+        totals: dict[str, Counter] = {key: Counter() for key in COUNTED_FIELDS}
+        for info in self.shards:
+            for key, counter in info.counts.items():
+                totals[key].update(counter)
+        manifest = {
+            "format": FORMAT,
+            "complete": complete,
+            "num_samples": sum(info.count for info in self.shards),
+            "counts": {key: dict(sorted(counter.items())) for key, counter in totals.items()},
+            "shards": [vars(info) for info in self.shards],
+            "extra": self.extra,
+        }
+        _write_json_atomic(self.out_dir / MANIFEST, manifest)
+        return manifest
+
+
+def _member_order(ext: str) -> tuple[int, str]:
+    return (0 if ext == "json" else 1, ext)
+
+
+def _add_member(tar: tarfile.TarFile, name: str, data: bytes) -> None:
+    info = tarfile.TarInfo(name)
+    info.size = len(data)
+    info.mode = 0o444
+    info.mtime = 0
+    tar.addfile(info, io.BytesIO(data))
+
+
+def _write_json_atomic(path: Path, payload: Any) -> None:
+    tmp = path.with_suffix(path.suffix + ".tmp")
+    tmp.write_text(json.dumps(payload, ensure_ascii=False, indent=2) + "\n", encoding="utf-8")
+    os.replace(tmp, path)
+
+
+def read_manifest(shard_dir: str | os.PathLike) -> dict[str, Any]:
+    path = Path(shard_dir) / MANIFEST
+    try:
+        manifest = json.loads(path.read_text(encoding="utf-8"))
+    except FileNotFoundError:
+        raise FileNotFoundError(f"{path}: no shard manifest (is this a directory written by mme5?)") from None
+    if manifest.get("format") != FORMAT:
+        raise SchemaError(f"{path}: format {manifest.get('format')!r}, expected {FORMAT!r}")
+    return manifest
+
+
+def shard_urls(shard_dir: str | os.PathLike) -> list[str]:
+    """The finished shards of a directory, in order, as listed by its manifest."""
+    shard_dir = Path(shard_dir)
+    return [str(shard_dir / info["file"]) for info in read_manifest(shard_dir)["shards"]]
+
+
+# ----------------------------------------------------------------------------- reading
+
+
+@dataclass
+class ReadStats:
+    """What a reader skipped, and why; `errors` keeps the first messages (shard, key, reason)."""
+
+    samples: int = 0
+    skipped: Counter = field(default_factory=Counter)
+    errors: list[str] = field(default_factory=list)
+    max_errors: int = 100
+
+    def skip(self, kind: str, message: str) -> None:
+        self.skipped[kind] += 1
+        if len(self.errors) < self.max_errors:
+            self.errors.append(message)
+
+    @property
+    def num_skipped(self) -> int:
+        return sum(self.skipped.values())
+
+
+class CorruptSample(ValueError):
+    """A record or shard could not be read; raised in strict mode, counted otherwise."""
+
+
+def decode_samples(
+    stats: ReadStats | None = None, strict: bool = False, decode_images: bool = True
+) -> Callable[[Iterable[dict[str, Any]]], Iterator[Sample]]:
+    """A WebDataset pipeline stage: raw records in, validated samples out (bad ones skipped and counted)."""
+    stats = stats if stats is not None else ReadStats()
+
+    def stage(records: Iterable[dict[str, Any]]) -> Iterator[Sample]:
+        for record in records:
+            try:
+                sample = record_to_sample(record, decode_images=decode_images)
+            except SchemaError as error:
+                message = f"{record.get('__url__', '?')}: sample '{record.get('__key__', '?')}': {error}"
+                if strict:
+                    raise CorruptSample(message) from None
+                stats.skip("record", message)
+                continue
+            stats.samples += 1
+            yield sample
+
+    return stage
+
+
+def tar_error_handler(stats: ReadStats, strict: bool) -> Callable[[Exception], bool]:
+    """WebDataset handler for unreadable shards (truncated tar, missing file): count and go on, or raise."""
+
+    def handler(error: Exception) -> bool:
+        if strict:
+            raise CorruptSample(f"unreadable shard data: {error}") from error
+        stats.skip("shard", f"unreadable shard data: {error}")
+        return True
+
+    return handler
+
+
+def read_samples(
+    urls: str | list[str], strict: bool = False, stats: ReadStats | None = None, decode_images: bool = True
+) -> Iterator[Sample]:
+    """Stream validated samples from shards in order (no shuffling, no splitting): for tools and tests."""
+    stats = stats if stats is not None else ReadStats()
+    pipeline = wds.DataPipeline(
+        wds.SimpleShardList(urls),
+        wds.tarfile_to_samples(handler=tar_error_handler(stats, strict)),
+        decode_samples(stats, strict, decode_images),
+    )
+    yield from pipeline

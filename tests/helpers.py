@@ -1,0 +1,35 @@
+"""Small builders shared by tests: encoded images and schema samples made on the fly."""
+
+from __future__ import annotations
+
+import io
+
+from PIL import Image
+
+from mme5.data.schema import Modality, Sample, Side, Task
+
+
+def image_bytes(color: tuple[int, int, int] = (200, 30, 30), size: int = 16, fmt: str = "PNG") -> bytes:
+    buffer = io.BytesIO()
+    Image.new("RGB", (size, size), color).save(buffer, format=fmt)
+    return buffer.getvalue()
+
+
+def make_sample(index: int, modality: Modality = Modality.IT2T, negatives: int = 2, **meta) -> Sample:
+    """A valid sample with the sides its modality needs; colours vary with the index."""
+
+    def side(kind: str, label: str) -> Side:
+        image = image_bytes((index * 7 % 256, len(label) * 20 % 256, 90)) if "I" in kind else None
+        text = f"{label} {index}" if "T" in kind else None
+        return Side(instruction=f"instruction for {label}", text=text, image=image)
+
+    return Sample(
+        id=meta.get("id", f"s{index:05d}"),
+        task=meta.get("task", Task.RETRIEVAL),
+        modality=modality,
+        language=meta.get("language", "en"),
+        source=meta.get("source", "unit"),
+        query=side(modality.query, "query"),
+        positive=side(modality.target, "positive"),
+        negatives=[side(modality.target, f"negative{k}") for k in range(negatives)],
+    )
