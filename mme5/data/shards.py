@@ -25,7 +25,7 @@ from typing import Any
 
 import webdataset as wds
 
-from mme5.data.schema import Sample, SchemaError, Side, decode_image, image_extension
+from mme5.data.schema import Sample, SchemaError, Side, image_extension
 
 MANIFEST = "manifest.json"
 FORMAT = "mme5-shards/1"
@@ -100,7 +100,8 @@ def _read_side(sides: dict[str, Any], role: str, record: dict[str, Any], decode_
     except SchemaError as error:
         raise SchemaError(f"field 'sides.{role}': {error}") from None
     except OSError as error:  # PIL: unidentified, truncated or corrupt image
-        raise SchemaError(f"field 'sides.{role}.image' ({entry['image']}) is not a readable image: {error}") from None
+        member = entry["image"]
+        raise SchemaError(f"field 'sides.{role}.image' ({member}) is not a readable image: {error}") from None
     return side
 
 

@@ -1,0 +1,405 @@
+"""Convert the public training rows (MMEB-train, mmE5-MMEB-hardneg, mmE5-synthetic) into shards.
+
+    python -m mme5.data.convert --input DIR_OR_FILES --images IMAGE_ROOT --out SHARD_DIR
+
+Input rows, from parquet or JSONL, have `qry`, `qry_image_path`, `pos_text`, `pos_image_path` and
+optionally `neg_text`, `neg_image_path` (lists, or lists stringified by the reference pipeline) and
+`modality` (mmE5-synthetic), with image paths relative to the image root. Prompts in these rows carry the
+instruction and the content in one string with a `<|image_1|>` placeholder; `split_prompt` separates them.
+
+Known quirks are repaired and counted, bad rows are skipped and named (file, row, field), and everything
+is summarised in a conversion report stored in the manifest. The conversion resumes after the last
+finished shard when interrupted, and a finished conversion of the same input is left as it is.
+"""
+
+from __future__ import annotations
+
+import argparse
+import ast
+import hashlib
+import json
+import os
+import re
+import sys
+from collections import Counter
+from collections.abc import Iterator
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import pyarrow.parquet as pq
+from PIL import Image
+from tqdm import tqdm
+
+from mme5.data.schema import Modality, Sample, SchemaError, Side, Task, image_extension
+from mme5.data.shards import MANIFEST, ShardWriter, read_manifest
+
+PLACEHOLDER = re.compile(r"<\|image_\d+\|>")
+INPUT_SUFFIXES = (".parquet", ".jsonl")
+
+# MMEB-train / mmE5-MMEB-hardneg subsets and their meta-task (mme5.md §4).
+SUBSET_TASKS: dict[str, Task] = {
+    **dict.fromkeys(["ImageNet_1K", "N24News", "HatefulMemes", "SUN397", "VOC2007"], Task.CLASSIFICATION),
+    **dict.fromkeys(
+        ["InfographicsVQA", "ChartQA", "A-OKVQA", "DocVQA", "OK-VQA", "Visual7W", "TAT-DQA", "ArxivQA"],
+        Task.VQA,
+    ),
+    **dict.fromkeys(
+        ["VisDial", "CIRR", "NIGHTS", "WebQA", "VisualNews_i2t", "VisualNews_t2i", "MSCOCO_i2t", "MSCOCO_t2i",
+         "InfoSeek_it2t", "InfoSeek_it2it"],
+        Task.RETRIEVAL,
+    ),
+    "MSCOCO": Task.GROUNDING,
+}
+
+
+class BadRow(ValueError):
+    """A row that cannot become a sample; `field` names the column at fault."""
+
+    def __init__(self, field_name: str, reason: str, kind: str):
+        super().__init__(f"field '{field_name}': {reason}")
+        self.field = field_name
+        self.kind = kind
+
+
+@dataclass
+class ConversionReport:
+    """Counts of rows read, written, repaired quirks and skipped rows (first messages kept)."""
+
+    rows: int = 0
+    written: int = 0
+    quirks: Counter = field(default_factory=Counter)
+    skipped: Counter = field(default_factory=Counter)
+    errors: list[str] = field(default_factory=list)
+    max_errors: int = 50
+
+    def skip(self, kind: str, message: str) -> None:
+        self.skipped[kind] += 1
+        if len(self.errors) < self.max_errors:
+            self.errors.append(message)
+
+    def snapshot(self) -> dict[str, Any]:
+        return {"rows": self.rows, "written": self.written, "quirks": dict(self.quirks),
+                "skipped": dict(self.skipped), "errors": list(self.errors)}
+
+    @classmethod
+    def from_snapshot(cls, data: dict[str, Any]) -> ConversionReport:
+        return cls(data["rows"], data["written"], Counter(data["quirks"]), Counter(data["skipped"]),
+                   list(data["errors"]))
+
+
+# ----------------------------------------------------------------------------- row parsing
+
+
+def split_prompt(prompt: str) -> tuple[str, str | None, bool]:
+    """Split a public-data prompt into (instruction, content text, had an image placeholder).
+
+    The public rows write `<|image_1|>\\n<instruction>: <content>`, `<instruction>: <content>`, an
+    instruction alone (`<|image_1|>\\nRepresent the given image.`) or bare content (`tench`). Rule: the
+    placeholder is removed; the first line up to its first colon is the instruction and the rest the
+    content; a first line without a colon followed by more lines is the instruction; a single line without
+    a colon is the instruction when it came with an image placeholder, and content otherwise.
+    """
+    had_placeholder = bool(PLACEHOLDER.search(prompt))
+    stripped = PLACEHOLDER.sub("", prompt).strip()
+    first, _, rest = stripped.partition("\n")
+    head, colon, tail = first.partition(":")
+    if colon and head.strip():
+        instruction, content = head.strip() + ":", (tail + "\n" + rest).strip()
+    elif rest.strip():
+        instruction, content = first.strip(), rest.strip()
+    elif had_placeholder:
+        instruction, content = stripped, ""
+    else:
+        instruction, content = "", stripped
+    return instruction, content or None, had_placeholder
+
+
+def parse_list(value: Any, field_name: str) -> list[str]:
+    """Negatives as a real list, or as the reference pipeline's stringified list (parsed safely, no eval)."""
+    if value is None:
+        return []
+    if isinstance(value, str):
+        if not value.strip():
+            return []
+        try:
+            value = ast.literal_eval(value)
+        except (ValueError, SyntaxError):
+            raise BadRow(field_name, f"not a list literal: {value[:80]!r}", "bad_list") from None
+    if hasattr(value, "tolist"):
+        value = value.tolist()
+    if not isinstance(value, (list, tuple)) or not all(isinstance(v, str) or v is None for v in value):
+        raise BadRow(field_name, f"expected a list of strings, found {type(value).__name__}", "bad_list")
+    return [v or "" for v in value]
+
+
+class RowConverter:
+    """Turns one public row into a Sample, reading its images from the image root."""
+
+    def __init__(self, image_root: Path, report: ConversionReport, max_negatives: int | None = None,
+                 language: str = "en", verify_images: bool = True):
+        self.image_root = image_root
+        self.report = report
+        self.max_negatives = max_negatives
+        self.language = language
+        self.verify_images = verify_images
+
+    def convert(self, row: dict[str, Any], sample_id: str, task: Task, source: str) -> Sample:
+        query = self.side(row.get("qry"), row.get("qry_image_path"), "qry", "qry_image_path")
+        positive = self.side(row.get("pos_text"), row.get("pos_image_path"), "pos_text", "pos_image_path")
+        negatives = self.negatives(row, positive)
+        declared = row.get("modality")
+        modality = Modality.of(query, positive) if not declared else self.declared_modality(declared)
+        query = self.fit(query, modality.query, "qry")
+        positive = self.fit(positive, modality.target, "pos_text")
+        negatives = [self.fit(n, modality.target, "neg_text") for n in negatives]
+        if row.get("language"):
+            language = str(row["language"])
+        else:
+            language = self.language
+        try:
+            return Sample(id=sample_id, task=task, modality=modality, language=language, source=source,
+                          query=query, positive=positive, negatives=negatives)
+        except SchemaError as error:
+            raise BadRow("modality", str(error), "modality_mismatch") from None
+
+    def declared_modality(self, value: Any) -> Modality:
+        try:
+            return Modality(str(value).upper().replace("->", "2"))
+        except ValueError:
+            raise BadRow("modality", f"unknown modality {value!r}", "bad_modality") from None
+
+    def side(self, prompt: Any, image_path: Any, text_field: str, image_field: str) -> Side:
+        instruction, text, had_placeholder = split_prompt(prompt or "")
+        image = self.image(image_path, image_field) if image_path else None
+        if had_placeholder and image is None:
+            self.report.quirks["stray_image_token"] += 1
+        if not text and image is None and not instruction:
+            kind = "empty_positive" if text_field == "pos_text" else "empty_side"
+            raise BadRow(text_field, "empty text and no image", kind)
+        if not text and image is None:  # an instruction alone is the content of a text-only side
+            instruction, text = "", instruction
+        return Side(instruction=instruction, text=text, image=image)
+
+    def fit(self, side: Side, kind: str, field_name: str) -> Side:
+        """Reconcile the prompt split with the declared side kind (text expected, or not expected)."""
+        if "T" in kind and not side.text and side.instruction:
+            self.report.quirks["instruction_as_text"] += 1
+            return Side(instruction="", text=side.instruction, image=side.image)
+        if "T" not in kind and side.text and side.image is not None:
+            return Side(instruction=f"{side.instruction} {side.text}".strip(), text=None, image=side.image)
+        if ("I" in kind) != (side.image is not None):
+            expected = "an image" if "I" in kind else "no image"
+            raise BadRow(field_name, f"the declared modality expects {expected}", "modality_mismatch")
+        return side
+
+    def negatives(self, row: dict[str, Any], positive: Side) -> list[Side]:
+        texts = parse_list(row.get("neg_text"), "neg_text")
+        paths = parse_list(row.get("neg_image_path"), "neg_image_path")
+        if isinstance(row.get("neg_text"), str) or isinstance(row.get("neg_image_path"), str):
+            self.report.quirks["stringified_negatives"] += 1
+        if texts and paths and len(texts) != len(paths):
+            raise BadRow("neg_image_path", f"{len(paths)} image paths for {len(texts)} negative texts",
+                         "negative_length_mismatch")
+        count = max(len(texts), len(paths))
+        texts, paths = texts or [""] * count, paths or [""] * count
+        sides = []
+        for i, (text, path) in enumerate(zip(texts, paths, strict=True)):
+            if not text.strip() and not path:
+                self.report.quirks["empty_negative_dropped"] += 1
+                continue
+            side = self.side(text, path, f"neg_text[{i}]", f"neg_image_path[{i}]")
+            if side == positive:
+                self.report.quirks["negative_equals_positive_dropped"] += 1
+                continue
+            sides.append(side)
+        return sides[: self.max_negatives] if self.max_negatives is not None else sides
+
+    def image(self, relative: Any, field_name: str) -> bytes:
+        path = self.image_root / str(relative)
+        try:
+            data = path.read_bytes()
+        except OSError:
+            raise BadRow(field_name, f"image file {path} is missing or unreadable", "missing_image") from None
+        try:
+            image_extension(data)
+            if self.verify_images:
+                with Image.open(path) as image:
+                    image.verify()
+        except (SchemaError, OSError, SyntaxError) as error:
+            raise BadRow(field_name, f"image file {path} is corrupt: {error}", "corrupt_image") from None
+        return data
+
+
+# ----------------------------------------------------------------------------- input files
+
+
+def find_inputs(paths: list[str]) -> list[Path]:
+    """Input files in a stable order: files as given, directories searched recursively."""
+    found: list[Path] = []
+    for name in paths:
+        path = Path(name)
+        if path.is_dir():
+            found += sorted(p for p in path.rglob("*") if p.suffix in INPUT_SUFFIXES)
+        elif path.suffix in INPUT_SUFFIXES and path.is_file():
+            found.append(path)
+        else:
+            raise FileNotFoundError(f"{path}: not a parquet/JSONL file or a directory holding them")
+    if not found:
+        raise FileNotFoundError(f"no .parquet or .jsonl files under {paths}")
+    return found
+
+
+def count_rows(path: Path) -> int:
+    if path.suffix == ".parquet":
+        return pq.ParquetFile(path).metadata.num_rows
+    with open(path, "rb") as handle:
+        return sum(1 for line in handle if line.strip())
+
+
+def iter_rows(path: Path, start: int = 0) -> Iterator[tuple[int, dict[str, Any] | BadRow]]:
+    """(row index, row) pairs from `start`; an unparsable JSONL line yields a BadRow in its place."""
+    if path.suffix == ".parquet":
+        index = 0
+        for batch in pq.ParquetFile(path).iter_batches(batch_size=512):
+            for row in batch.to_pylist():
+                if index >= start:
+                    yield index, row
+                index += 1
+        return
+    with open(path, encoding="utf-8") as handle:
+        index = 0
+        for line in handle:
+            if not line.strip():
+                continue
+            if index >= start:
+                try:
+                    row = json.loads(line)
+                    yield index, row if isinstance(row, dict) else BadRow("(row)", "not a JSON object",
+                                                                          "bad_json")
+                except json.JSONDecodeError as error:
+                    yield index, BadRow("(row)", f"invalid JSON: {error}", "bad_json")
+            index += 1
+
+
+def task_for(path: Path, source: str, task: str | None) -> Task:
+    if task:
+        return Task(task.lower())
+    if source in SUBSET_TASKS:
+        return SUBSET_TASKS[source]
+    for name in (source, path.parent.name, path.stem.split("-")[0]):
+        if name.lower() in {t.value for t in Task}:
+            return Task(name.lower())
+    raise ValueError(f"{path}: cannot tell the task of source '{source}'; pass --task "
+                     f"({', '.join(t.value for t in Task)})")
+
+
+def fingerprint(files: list[Path], options: dict[str, Any]) -> str:
+    """Identifies one conversion job: same files (names, sizes, mtimes) and options → same fingerprint."""
+    digest = hashlib.sha256(json.dumps(options, sort_keys=True).encode())
+    for path in files:
+        stat = path.stat()
+        digest.update(f"{path.resolve()}|{stat.st_size}|{stat.st_mtime_ns}".encode())
+    return digest.hexdigest()[:16]
+
+
+# ----------------------------------------------------------------------------- driver
+
+
+def convert(
+    inputs: list[str],
+    image_root: str | os.PathLike,
+    out_dir: str | os.PathLike,
+    source: str | None = None,
+    task: str | None = None,
+    language: str = "en",
+    max_negatives: int | None = None,
+    shard_size: int = 1000,
+    strict: bool = False,
+    overwrite: bool = False,
+    progress: bool = True,
+) -> dict[str, Any]:
+    """Convert input files into shards under `out_dir`; returns the manifest (report under 'extra')."""
+    files = find_inputs(inputs)
+    out_dir = Path(out_dir)
+    options = {"source": source, "task": task, "language": language, "max_negatives": max_negatives,
+               "shard_size": shard_size}
+    job = fingerprint(files, options)
+    resume = False
+    if (out_dir / MANIFEST).exists() and not overwrite:
+        manifest = read_manifest(out_dir)
+        if manifest.get("extra", {}).get("fingerprint") != job:
+            raise FileExistsError(f"{out_dir} holds shards of another conversion; "
+                                  "pass --overwrite to replace them")
+        if manifest["complete"]:
+            return manifest
+        resume = True
+
+    writer = ShardWriter(out_dir, max_count=shard_size, resume=resume,
+                         extra={"fingerprint": job, "inputs": [str(f) for f in files], "options": options})
+    cursor = writer.resume_cursor or {"file": 0, "row": 0, "report": ConversionReport().snapshot()}
+    report = ConversionReport.from_snapshot(cursor["report"])
+    converter = RowConverter(Path(image_root), report, max_negatives, language)
+    totals = [count_rows(f) for f in files]
+    bar = tqdm(total=sum(totals), initial=sum(totals[: cursor["file"]]) + cursor["row"], unit="row",
+               desc="convert", disable=not progress)
+    with writer:
+        for file_index in range(cursor["file"], len(files)):
+            path = files[file_index]
+            name = source or path.parent.name
+            row_task = task_for(path, name, task)
+            start = cursor["row"] if file_index == cursor["file"] else 0
+            for row_index, row in iter_rows(path, start):
+                bar.update(1)
+                report.rows += 1
+                try:
+                    if isinstance(row, BadRow):
+                        raise row
+                    sample = converter.convert(row, f"{_slug(name)}-{file_index:03d}-{row_index:08d}",
+                                               row_task, name)
+                except BadRow as error:
+                    message = f"{path}: row {row_index}: {error}"
+                    if strict:
+                        raise ValueError(message) from None
+                    report.skip(error.kind, message)
+                    continue
+                report.written += 1
+                writer.write(sample, cursor={"file": file_index, "row": row_index + 1,
+                                             "report": report.snapshot()})
+        writer.extra["report"] = report.snapshot()
+    bar.close()
+    return read_manifest(out_dir)
+
+
+def _slug(name: str) -> str:
+    return re.sub(r"[^A-Za-z0-9_-]+", "_", name)
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    parser.add_argument("--input", nargs="+", required=True, help="parquet/JSONL files or directories")
+    parser.add_argument("--images", required=True, help="root that the rows' image paths are relative to")
+    parser.add_argument("--out", required=True, help="output shard directory")
+    parser.add_argument("--source", help="source data set name (default: each file's parent directory)")
+    parser.add_argument("--task", choices=[t.value for t in Task],
+                        help="task (default: from the MMEB subset name or the parent directory)")
+    parser.add_argument("--language", default="en", help="language of rows without a 'language' column")
+    parser.add_argument("--max-negatives", type=int, help="keep at most this many hard negatives a sample")
+    parser.add_argument("--shard-size", type=int, default=1000, help="samples per shard")
+    parser.add_argument("--strict", action="store_true", help="stop at the first bad row")
+    parser.add_argument("--overwrite", action="store_true", help="replace shards of another conversion")
+    args = parser.parse_args(argv)
+    manifest = convert(args.input, args.images, args.out, args.source, args.task, args.language,
+                       args.max_negatives, args.shard_size, args.strict, args.overwrite)
+    report = manifest["extra"]["report"]
+    print(f"{args.out}: {manifest['num_samples']} samples in {len(manifest['shards'])} shards "
+          f"from {report['rows']} rows")
+    print(f"  repaired: {report['quirks'] or 'nothing'}")
+    print(f"  skipped:  {report['skipped'] or 'nothing'}")
+    for message in report["errors"][:10]:
+        print(f"    {message}", file=sys.stderr)
+    return 0
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())

@@ -1,0 +1,165 @@
+import json
+
+import pyarrow as pa
+import pyarrow.parquet as pq
+import pytest
+from helpers import image_bytes
+
+from mme5.data import convert as conv
+from mme5.data.schema import Modality, Task
+from mme5.data.shards import read_manifest, read_samples, shard_urls
+
+
+@pytest.fixture
+def image_root(tmp_path):
+    root = tmp_path / "images"
+    (root / "coco").mkdir(parents=True)
+    for i in range(6):
+        (root / "coco" / f"{i}.jpg").write_bytes(image_bytes((40 * i, 10, 10), fmt="JPEG"))
+    (root / "coco" / "broken.jpg").write_bytes(b"\xff\xd8\xff" + b"\0" * 20)
+    return root
+
+
+def mmeb_rows():
+    """Rows as published in mmE5-MMEB-hardneg: stringified negative lists, an image placeholder."""
+    return [
+        {"qry": "<|image_1|>\nRepresent the given image with the following question: What is red?",
+         "qry_image_path": "coco/0.jpg", "pos_text": "the ball", "pos_image_path": "",
+         "neg_text": "['the cup', 'the hat']", "neg_image_path": "['', '']"},
+        {"qry": "<|image_1|>\nRepresent the given image with the following question: What is blue?",
+         "qry_image_path": "coco/1.jpg", "pos_text": "the sky", "pos_image_path": "",
+         "neg_text": "['the sea', '', 'the sky']", "neg_image_path": "['', '', '']"},
+        {"qry": "<|image_1|>\nRepresent the given image with the following question: Which?",
+         "qry_image_path": "coco/missing.jpg", "pos_text": "x", "pos_image_path": "",
+         "neg_text": "[]", "neg_image_path": "[]"},
+        {"qry": "<|image_1|>\nRepresent the given image with the following question: Which?",
+         "qry_image_path": "coco/2.jpg", "pos_text": "", "pos_image_path": "",
+         "neg_text": "[]", "neg_image_path": "[]"},
+        {"qry": "<|image_1|>\nRepresent the given image with the following question: And?",
+         "qry_image_path": "coco/3.jpg", "pos_text": "y", "pos_image_path": "",
+         "neg_text": "__import__('os').system('echo pwned')", "neg_image_path": "[]"},
+    ]
+
+
+def write_parquet(path, rows):
+    path.parent.mkdir(parents=True, exist_ok=True)
+    pq.write_table(pa.Table.from_pylist(rows), path)
+
+
+def test_split_prompt_rules():
+    assert conv.split_prompt("<|image_1|>\nRepresent the given image with the following question: Why?") == (
+        "Represent the given image with the following question:", "Why?", True)
+    assert conv.split_prompt("<|image_1|>\nRepresent the given image.") == ("Represent the given image.",
+                                                                           None, True)
+    assert conv.split_prompt("tench") == ("", "tench", False)
+    assert conv.split_prompt("Find an image\nA dog.") == ("Find an image", "A dog.", False)
+
+
+def test_parse_list_is_safe():
+    assert conv.parse_list("['a', \"b\"]", "neg_text") == ["a", "b"]
+    assert conv.parse_list(["a", None], "neg_text") == ["a", ""]
+    with pytest.raises(conv.BadRow, match="neg_text"):
+        conv.parse_list("__import__('os').system('true')", "neg_text")
+
+
+def test_mmeb_hardneg_parquet(tmp_path, image_root):
+    write_parquet(tmp_path / "in" / "VQA_toy" / "train-00000-of-00001.parquet", mmeb_rows())
+    manifest = conv.convert([str(tmp_path / "in")], image_root, tmp_path / "out", task="vqa", progress=False)
+    samples = list(read_samples(shard_urls(tmp_path / "out"), strict=True))
+    assert [s.id for s in samples] == ["VQA_toy-000-00000000", "VQA_toy-000-00000001"]
+    first, second = samples
+    assert first.modality == Modality.IT2T and first.task == Task.VQA and first.source == "VQA_toy"
+    assert first.query.instruction == "Represent the given image with the following question:"
+    assert first.query.text == "What is red?"
+    assert first.query.image == (image_root / "coco" / "0.jpg").read_bytes()
+    assert [n.text for n in first.negatives] == ["the cup", "the hat"]
+    assert [n.text for n in second.negatives] == ["the sea"]  # empty and positive-equal dropped
+
+    report = manifest["extra"]["report"]
+    assert report["rows"] == 5 and report["written"] == 2
+    assert report["skipped"] == {"missing_image": 1, "empty_positive": 1, "bad_list": 1}
+    assert report["quirks"]["stringified_negatives"] == 2  # counted on rows that were written
+    assert report["quirks"]["negative_equals_positive_dropped"] == 1
+    errors = "\n".join(report["errors"])
+    assert "train-00000-of-00001.parquet: row 2: field 'qry_image_path'" in errors
+    assert "row 3: field 'pos_text'" in errors and "row 4: field 'neg_text'" in errors
+
+
+def test_strict_mode_stops_at_the_first_bad_row(tmp_path, image_root):
+    write_parquet(tmp_path / "in" / "x.parquet", mmeb_rows())
+    with pytest.raises(ValueError, match=r"x.parquet: row 2: field 'qry_image_path'"):
+        conv.convert([str(tmp_path / "in" / "x.parquet")], image_root, tmp_path / "out", task="vqa",
+                     strict=True, progress=False)
+
+
+def synthetic_rows():
+    """mmE5-synthetic rows (JSONL): a `modality` field, real lists, quirks of the published data."""
+    return [
+        {"qry": "Find me an everyday image that matches the given caption: two red balls",
+         "qry_image_path": "", "pos_text": "", "pos_image_path": "coco/0.jpg", "modality": "T2I",
+         "neg_text": [""], "neg_image_path": ["coco/1.jpg"], "language": "es"},
+        {"qry": "<|image_1|>\nFind me an everyday image that matches the given caption: a blue box",
+         "qry_image_path": "", "pos_text": "", "pos_image_path": "coco/2.jpg", "modality": "T2I",
+         "neg_text": [], "neg_image_path": ["coco/broken.jpg"]},
+        {"qry": "<|image_1|>\nRepresent the given image.", "qry_image_path": "coco/4.jpg",
+         "pos_text": "<|image_1|>\nRepresent the given image.", "pos_image_path": "coco/5.jpg",
+         "modality": "I2I", "neg_text": [], "neg_image_path": []},
+        {"qry": "a caption", "qry_image_path": "coco/4.jpg", "pos_text": "t", "pos_image_path": "",
+         "modality": "T2T"},
+    ]
+
+
+def test_synthetic_jsonl_with_quirks(tmp_path, image_root):
+    path = tmp_path / "in" / "Retrieval" / "part.jsonl"
+    path.parent.mkdir(parents=True)
+    lines = [json.dumps(r) for r in synthetic_rows()]
+    path.write_text("\n".join(lines[:2] + ["{oops"] + lines[2:]) + "\n")
+    manifest = conv.convert([str(path)], image_root, tmp_path / "out", language="en", progress=False)
+    samples = list(read_samples(shard_urls(tmp_path / "out"), strict=True))
+    assert [s.modality for s in samples] == [Modality.T2I, Modality.I2I]
+    assert samples[0].language == "es" and samples[0].task == Task.RETRIEVAL
+    assert samples[0].query.text == "two red balls" and samples[0].positive.text is None
+    assert len(samples[0].negatives) == 1 and samples[1].language == "en"
+    report = manifest["extra"]["report"]
+    assert report["skipped"] == {"corrupt_image": 1, "bad_json": 1, "bad_modality": 1}
+    assert report["quirks"]["stray_image_token"] == 1
+    assert any("part.jsonl: row 2: field '(row)': invalid JSON" in e for e in report["errors"])
+
+
+def test_resume_after_interruption_gives_the_same_shards(tmp_path, image_root, monkeypatch):
+    rows = [dict(mmeb_rows()[0], qry_image_path=f"coco/{i % 6}.jpg") for i in range(9)]
+    write_parquet(tmp_path / "in" / "OK-VQA" / "train.parquet", rows)
+    args = dict(inputs=[str(tmp_path / "in")], image_root=image_root, shard_size=2, progress=False)
+    reference = conv.convert(out_dir=tmp_path / "ref", **args)
+
+    calls = {"n": 0}
+    original = conv.RowConverter.convert
+
+    def dying(self, *a, **k):
+        calls["n"] += 1
+        if calls["n"] == 6:
+            raise KeyboardInterrupt
+        return original(self, *a, **k)
+
+    monkeypatch.setattr(conv.RowConverter, "convert", dying)
+    with pytest.raises(KeyboardInterrupt):
+        conv.convert(out_dir=tmp_path / "out", **args)
+    assert read_manifest(tmp_path / "out")["num_samples"] == 4
+    monkeypatch.setattr(conv.RowConverter, "convert", original)
+    resumed = conv.convert(out_dir=tmp_path / "out", **args)
+
+    assert resumed["extra"]["report"] == reference["extra"]["report"]
+    for a, b in zip(shard_urls(tmp_path / "ref"), shard_urls(tmp_path / "out"), strict=True):
+        assert open(a, "rb").read() == open(b, "rb").read()
+    assert conv.convert(out_dir=tmp_path / "out", **args) == resumed  # finished: nothing redone
+    with pytest.raises(FileExistsError, match="--overwrite"):
+        conv.convert(out_dir=tmp_path / "out", **dict(args, shard_size=3))
+
+
+def test_cli(tmp_path, image_root, capsys):
+    write_parquet(tmp_path / "in" / "OK-VQA" / "train.parquet", mmeb_rows()[:2])
+    assert conv.main(["--input", str(tmp_path / "in"), "--images", str(image_root), "--out",
+                      str(tmp_path / "out"), "--max-negatives", "1"]) == 0
+    assert "2 samples in 1 shards from 2 rows" in capsys.readouterr().out
+    samples = list(read_samples(shard_urls(tmp_path / "out")))
+    assert samples[0].task == Task.VQA and len(samples[0].negatives) == 1
