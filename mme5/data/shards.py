@@ -67,9 +67,9 @@ def record_to_sample(record: dict[str, Any], decode_images: bool = True) -> Samp
     if not isinstance(num_negatives, int) or num_negatives < 0:
         raise SchemaError(f"field 'num_negatives' must be a non-negative integer, found {num_negatives!r}")
     roles = ["qry", "pos"] + [f"neg{i}" for i in range(num_negatives)]
-    sides = [_read_side(meta["sides"], role, record, decode_images) for role in roles]
+    sides = [_read_side(meta["sides"], role, record) for role in roles]
     try:
-        return Sample(
+        sample = Sample(
             id=meta["id"],
             task=meta["task"],
             modality=meta["modality"],
@@ -81,9 +81,21 @@ def record_to_sample(record: dict[str, Any], decode_images: bool = True) -> Samp
         )
     except ValueError as error:  # bad enum values or inconsistent sides
         raise SchemaError(str(error)) from None
+    if decode_images:
+        decode_sample_images(sample)
+    return sample
 
 
-def _read_side(sides: dict[str, Any], role: str, record: dict[str, Any], decode_images: bool) -> Side:
+def decode_sample_images(sample: Sample) -> None:
+    """Decode every image of a sample now (cached on its sides); SchemaError names the broken one."""
+    for role, side in sample.sides:
+        try:
+            side.pil()
+        except OSError as error:  # PIL: unidentified, truncated or corrupt image
+            raise SchemaError(f"field 'sides.{role}.image' is not a readable image: {error}") from None
+
+
+def _read_side(sides: dict[str, Any], role: str, record: dict[str, Any]) -> Side:
     if not isinstance(sides, dict) or role not in sides:
         raise SchemaError(f"field 'sides.{role}' is missing")
     entry = sides[role]
@@ -94,15 +106,9 @@ def _read_side(sides: dict[str, Any], role: str, record: dict[str, Any], decode_
             raise SchemaError(f"field 'sides.{role}.image' names member '{member}', which is missing")
         image = record[member]
     try:
-        side = Side(instruction=entry.get("instruction") or "", text=entry.get("text"), image=image)
-        if decode_images and image is not None:
-            side.pil()
+        return Side(instruction=entry.get("instruction") or "", text=entry.get("text"), image=image)
     except SchemaError as error:
         raise SchemaError(f"field 'sides.{role}': {error}") from None
-    except OSError as error:  # PIL: unidentified, truncated or corrupt image
-        member = entry["image"]
-        raise SchemaError(f"field 'sides.{role}.image' ({member}) is not a readable image: {error}") from None
-    return side
 
 
 # ----------------------------------------------------------------------------- writing

@@ -1,0 +1,115 @@
+import io
+import itertools
+import tarfile
+
+import pytest
+import torch
+from helpers import make_sample
+
+from mme5.data.collate import ContrastiveCollator
+from mme5.data.schema import Modality
+from mme5.data.shards import ReadStats, ShardWriter
+from mme5.data.stream import MixedShardStream, Slot, Source, SourceReader
+
+
+def write_source(path, count, prefix="s", per_shard=5, modality=Modality.IT2T):
+    with ShardWriter(path, max_count=per_shard) as writer:
+        for i in range(count):
+            writer.write(make_sample(i, modality, negatives=i % 3, id=f"{prefix}{i:04d}", source=path.name))
+    return Source(str(path))
+
+
+def ids(batch):
+    return [s.id for s in batch.samples]
+
+
+def take(stream, n):
+    return list(itertools.islice(iter(stream), n))
+
+
+@pytest.mark.parametrize("count, per_shard", [(40, 5), (12, 6)])  # 8 shards ≥ 4 slots; 2 shards < 4 slots
+def test_slots_partition_each_epoch(tmp_path, count, per_shard):
+    source = write_source(tmp_path / "a", count, per_shard=per_shard)
+    seen = []
+    for index in range(4):
+        reader = SourceReader(source, Slot(index, 4), seed=0, stats=ReadStats(), strict=True)
+        for sample, _ in reader:
+            if reader.position["epoch"] > 0:
+                break
+            seen.append(sample.id)
+    assert sorted(seen) == [f"s{i:04d}" for i in range(count)]  # every sample once, no slot overlaps
+
+
+def test_stream_is_unbounded_and_reshuffles_shards_each_epoch(tmp_path):
+    source = write_source(tmp_path / "a", 20)
+    stream = MixedShardStream([source], batch_size=10, shuffle_buffer=1)
+    batches = [ids(b) for b in take(stream, 6)]
+    epochs = [sum(batches[i : i + 2], []) for i in range(0, 6, 2)]
+    assert all(sorted(e) == sorted(epochs[0]) for e in epochs)
+    assert len({tuple(e) for e in epochs}) > 1
+
+
+def test_weights_caps_and_same_source_batches(tmp_path):
+    a = write_source(tmp_path / "a", 50, prefix="a")
+    b = write_source(tmp_path / "b", 50, prefix="b")
+    b.weight, b.max_samples = 3.0, 7
+    stream = MixedShardStream([a, b], batch_size=20, shuffle_buffer=8)
+    drawn = [i for batch in take(stream, 30) for i in ids(batch)]
+    share_b = sum(i.startswith("b") for i in drawn) / len(drawn)
+    assert 0.68 < share_b < 0.82
+    assert {i for i in drawn if i.startswith("b")} == {f"b{i:04d}" for i in range(7)}
+
+    same = MixedShardStream([a, b], batch_size=4, same_source_batches=True)
+    for batch in take(same, 10):
+        assert len({i[0] for i in ids(batch)}) == 1
+
+
+def test_resume_continues_where_the_stream_stopped(tmp_path):
+    sources = [write_source(tmp_path / "a", 23, prefix="a"), write_source(tmp_path / "b", 17, prefix="b")]
+    stream = MixedShardStream(sources, batch_size=4, shuffle_buffer=1, seed=3)
+    run = take(stream, 12)
+    resumed = MixedShardStream(sources, batch_size=4, shuffle_buffer=1, seed=3, resume={0: run[4].position})
+    assert [ids(b) for b in take(resumed, 7)] == [ids(b) for b in run[5:]]
+
+
+def test_corrupt_samples_are_skipped_without_misaligning(tmp_path):
+    path = tmp_path / "bad"
+    path.mkdir()
+    write_source(path, 6, per_shard=6)
+    shard = path / "shard-000000.tar"
+    good = {}
+    with tarfile.open(shard) as tar:
+        for member in tar.getmembers():
+            good[member.name] = tar.extractfile(member).read()
+    good["s0002.qry.png"] = good["s0002.qry.png"][:30]  # a truncated image
+    with tarfile.open(shard, "w") as tar:
+        for name, data in good.items():
+            info = tarfile.TarInfo(name)
+            info.size = len(data)
+            tar.addfile(info, io.BytesIO(data))
+    stream = MixedShardStream([Source(str(path))], batch_size=5, shuffle_buffer=1)
+    batch = take(stream, 1)[0]
+    assert "s0002" not in ids(batch) and batch.skipped == 1
+    assert "shard-000000.tar" in batch.skip_errors[0] and "s0002" in batch.skip_errors[0]
+    for sample in batch.samples:  # each sample's sides are its own
+        assert sample.query.text.endswith(str(int(sample.id[1:])))
+    with pytest.raises(Exception, match="s0002"):
+        take(MixedShardStream([Source(str(path))], batch_size=5, shuffle_buffer=1, strict=True), 1)
+
+
+def test_collator_masks_missing_negatives_and_chunks(tmp_path):
+    source = write_source(tmp_path / "a", 6, per_shard=6)
+    batch = take(MixedShardStream([source], batch_size=6, shuffle_buffer=1), 1)[0]
+    seen = []
+
+    def collate(items):
+        seen.append(list(items))
+        return {"n": torch.tensor([len(items)])}
+
+    out = ContrastiveCollator(collate, num_negatives=2, chunk_size=4)(batch)
+    counts = [len(s.negatives) for s in batch.samples]
+    expected = torch.tensor([[k > j for j in range(2)] for k in counts])
+    assert torch.equal(out.negative_mask, expected)
+    assert [c["n"].item() for c in out.query] == [4, 2]
+    flat_negatives = [item for chunk in seen[4:] for item in chunk]
+    assert [i.text for i in flat_negatives] == [n.text for s in batch.samples for n in s.negatives[:2]]
