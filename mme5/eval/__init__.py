@@ -1,0 +1,1 @@
+"""Evaluation on MMEB and XTD: readers, scoring, encoding, command and training callbacks."""

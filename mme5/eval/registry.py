@@ -1,0 +1,126 @@
+"""The MMEB data sets (36 image tasks) with meta-task, IND/OOD membership and instruction, and the
+leaderboard's aggregation: meta-task, IND and OOD means, and Overall = the mean over ALL data sets (not
+the mean of the four meta-task means).
+
+Instructions are informational: MMEB-eval's `qry_text` already carries its instruction, and the evaluator
+encodes the text as published.
+"""
+
+from __future__ import annotations
+
+import json
+from dataclasses import asdict, dataclass
+from pathlib import Path
+
+META_TASKS = ("Classification", "VQA", "Retrieval", "Grounding")
+SPLITS = ("IND", "OOD")
+
+
+@dataclass(frozen=True)
+class EvalSet:
+    name: str  # the subset folder of MMEB-eval
+    meta_task: str  # one of META_TASKS
+    split: str  # "IND" (its training set is in MMEB-train) or "OOD"
+    instruction: str = ""
+
+    def __post_init__(self) -> None:
+        if self.meta_task not in META_TASKS:
+            raise ValueError(f"data set {self.name}: meta-task {self.meta_task!r} is not one of {META_TASKS}")
+        if self.split not in SPLITS:
+            raise ValueError(f"data set {self.name}: split {self.split!r} is not one of {SPLITS}")
+
+
+def _sets(meta_task: str, split: str, entries: list[tuple[str, str]]) -> list[EvalSet]:
+    return [EvalSet(name, meta_task, split, instruction) for name, instruction in entries]
+
+
+_CLASSIFY = "Represent the given image for classification"
+_QUESTION = "Represent the given image with the following question:"
+_GROUND = "Select the portion of the image that follows the language expressions."
+
+MMEB: tuple[EvalSet, ...] = tuple(
+    _sets("Classification", "IND", [
+        ("ImageNet-1K", _CLASSIFY),
+        ("N24News", "Represent the given news image with the following caption for domain classification:"),
+        ("HatefulMemes", "Represent the given image for binary classification to determine whether it "
+                         "constitutes hateful speech or not"),
+        ("VOC2007", "Identify the object shown in the image"),
+        ("SUN397", "Identify the scene shown in the image"),
+    ])
+    + _sets("Classification", "OOD", [
+        ("Place365", "Identify the scene shown in the image"),
+        ("ImageNet-A", _CLASSIFY),
+        ("ImageNet-R", _CLASSIFY),
+        ("ObjectNet", "Identify the object shown in the image"),
+        ("Country211", "Identify the country depicted in the image"),
+    ])
+    + _sets("VQA", "IND", [(name, _QUESTION) for name in
+                           ["OK-VQA", "A-OKVQA", "DocVQA", "InfographicsVQA", "ChartQA", "Visual7W"]])
+    + _sets("VQA", "OOD", [(name, _QUESTION) for name in ["ScienceQA", "VizWiz", "GQA", "TextVQA"]])
+    + _sets("Retrieval", "IND", [
+        ("VisDial", "Represent the given dialogue about an image, which is used for image retrieval:"),
+        ("CIRR", "Given an image, find a similar everyday image with the described changes:"),
+        ("VisualNews_t2i", "Retrieve an image of this news caption."),
+        ("VisualNews_i2t", "Find a caption for the news in the given photo."),
+        ("MSCOCO_t2i", "Find me an everyday image that matches the given caption:"),
+        ("MSCOCO_i2t", "Find an image caption describing the given everyday image."),
+        ("NIGHTS", "Find a day-to-day image that looks similar to the provided image."),
+        ("WebQA", "Find a Wikipedia image that answers this question:"),
+    ])
+    + _sets("Retrieval", "OOD", [
+        ("FashionIQ", "Find an image to match the fashion image and style note:"),
+        ("Wiki-SS-NQ", "Find the document screenshot that can answer the given query:"),
+        ("OVEN", "Retrieve a Wikipedia image-description pair that provides evidence for the question of "
+                 "this image:"),
+        ("EDIS", "Find a news image that matches the provided caption:"),
+    ])
+    + _sets("Grounding", "IND", [
+        ("MSCOCO", "Select the portion of the image that isolates the object labeled as"),
+    ])
+    + _sets("Grounding", "OOD", [
+        ("RefCOCO", _GROUND),
+        ("RefCOCO-Matching", _GROUND),
+        ("Visual7W-Pointing", "Select the portion of the image that answers the question"),
+    ])
+)
+
+
+def load_registry(path: str | Path) -> tuple[EvalSet, ...]:
+    """A custom registry from JSON: {"<name>": {"meta_task": ..., "split": ..., "instruction": ...}}."""
+    path = Path(path)
+    try:
+        entries = json.loads(path.read_text(encoding="utf-8"))
+    except (OSError, json.JSONDecodeError) as error:
+        raise ValueError(f"{path}: cannot read the data-set registry: {error}") from None
+    sets = []
+    for name, entry in entries.items():
+        try:
+            sets.append(EvalSet(name, entry["meta_task"], entry["split"], entry.get("instruction", "")))
+        except (KeyError, TypeError) as error:
+            raise ValueError(f"{path}: data set {name!r}: missing field {error}") from None
+    return tuple(sets)
+
+
+def save_registry(sets: tuple[EvalSet, ...] | list[EvalSet], path: str | Path) -> None:
+    payload = {s.name: {k: v for k, v in asdict(s).items() if k != "name"} for s in sets}
+    Path(path).write_text(json.dumps(payload, indent=2, ensure_ascii=False) + "\n", encoding="utf-8")
+
+
+def _mean(values: list[float]) -> float | None:
+    return sum(values) / len(values) if values else None
+
+
+def aggregate(scores: dict[str, float], sets: tuple[EvalSet, ...] | list[EvalSet]) -> dict[str, float | None]:
+    """Leaderboard aggregates of per-data-set scores: each meta-task, IND, OOD and Overall.
+
+    Only data sets present in `scores` count (a partial run aggregates what it has); an aggregate with no
+    data set is None.
+    """
+    present = [s for s in sets if s.name in scores]
+    out: dict[str, float | None] = {}
+    for task in META_TASKS:
+        out[task] = _mean([scores[s.name] for s in present if s.meta_task == task])
+    for split in SPLITS:
+        out[split] = _mean([scores[s.name] for s in present if s.split == split])
+    out["Overall"] = _mean([scores[s.name] for s in present])
+    return out

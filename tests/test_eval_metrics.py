@@ -1,0 +1,67 @@
+import pytest
+import torch
+
+from mme5.eval.metrics import RankingMetrics, metrics_from_ranks, pessimistic_ranks
+from mme5.eval.registry import META_TASKS, MMEB, aggregate, load_registry, save_registry
+
+
+def brute_force_rank(row, gold):
+    """Rank by explicit comparison: 1 + number of other candidates at least as good as the gold."""
+    return 1 + sum(1 for j, s in enumerate(row) if j != gold and s >= row[gold])
+
+
+def test_ranks_match_brute_force_including_ties():
+    torch.manual_seed(0)
+    scores = torch.randint(0, 4, (50, 7)).float()  # many exact ties
+    gold = torch.randint(0, 7, (50,))
+    expected = [brute_force_rank(scores[i].tolist(), int(gold[i])) for i in range(50)]
+    assert pessimistic_ranks(scores, gold).tolist() == expected
+
+
+def test_ties_never_count_as_hits():
+    constant = torch.zeros(4, 10)
+    ranks = pessimistic_ranks(constant, torch.zeros(4, dtype=torch.long))
+    assert ranks.tolist() == [10] * 4 and metrics_from_ranks(ranks)["precision@1"] == 0
+    scores = torch.tensor([[0.9, 0.1, 0.9], [0.9, 0.1, 0.2], [0.1, 0.9, 0.0]])
+    ranks = pessimistic_ranks(scores, torch.zeros(3, dtype=torch.long))
+    assert ranks.tolist() == [2, 1, 2]
+    padded = torch.tensor([[0.5, float("-inf"), float("-inf")]])
+    assert pessimistic_ranks(padded, torch.tensor([0])).tolist() == [1]
+
+
+def test_metric_accumulates_batches_and_computes_percentages():
+    metric = RankingMetrics(ks=(1, 2))
+    metric.update(torch.tensor([[1.0, 0.0, 0.5]]), torch.tensor([0]))  # rank 1
+    metric.update(torch.tensor([[0.0, 1.0, 0.5], [0.2, 0.3, 0.1]]), torch.tensor([2, 0]))  # ranks 2, 2
+    out = metric.compute()
+    assert out["precision@1"] == pytest.approx(100 / 3)
+    assert out["recall@2"] == pytest.approx(100.0)
+    assert out["mrr"] == pytest.approx(100 * (1 + 0.5 + 0.5) / 3)
+    assert out["queries"] == 3
+
+
+def test_registry_has_the_36_mmeb_sets():
+    assert len(MMEB) == 36 and len({s.name for s in MMEB}) == 36
+    counts = {task: sum(s.meta_task == task for s in MMEB) for task in META_TASKS}
+    assert counts == {"Classification": 10, "VQA": 10, "Retrieval": 12, "Grounding": 4}
+    assert sum(s.split == "IND" for s in MMEB) == 20
+
+
+def test_overall_is_the_mean_over_data_sets_vlm2vec_llava():
+    # VLM2Vec LLaVA-1.6 meta-task means 61.2 / 49.9 / 67.4 / 86.1 give Overall 62.9 (MMEB leaderboard).
+    means = {"Classification": 61.2, "VQA": 49.9, "Retrieval": 67.4, "Grounding": 86.1}
+    scores = {s.name: means[s.meta_task] for s in MMEB}
+    out = aggregate(scores, MMEB)
+    assert round(out["Overall"], 1) == 62.9
+    assert out["Overall"] != pytest.approx(sum(means.values()) / 4)  # not the mean of the means
+    assert out["Grounding"] == pytest.approx(86.1)
+
+
+def test_partial_runs_and_custom_registry(tmp_path):
+    out = aggregate({"ImageNet-1K": 50.0, "RefCOCO": 70.0}, MMEB)
+    assert out["Classification"] == 50.0 and out["VQA"] is None and out["OOD"] == 70.0
+    save_registry(MMEB[:3], tmp_path / "r.json")
+    assert load_registry(tmp_path / "r.json") == MMEB[:3]
+    (tmp_path / "bad.json").write_text('{"x": {"meta_task": "Sorting", "split": "IND"}}')
+    with pytest.raises(ValueError, match="Sorting"):
+        load_registry(tmp_path / "bad.json")
