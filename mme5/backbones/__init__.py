@@ -1,0 +1,58 @@
+"""One adapter per MLLM family; `load_backbone` picks it from a checkpoint's `config.json`."""
+
+from pathlib import Path
+from typing import Any
+
+import torch
+from transformers import AutoConfig
+
+from mme5.backbones.base import IMAGE_PLACEHOLDER, BackboneAdapter, Item
+from mme5.backbones.llava import LlavaAdapter
+from mme5.backbones.mllama import MllamaAdapter
+from mme5.backbones.qwen2_vl import Qwen2VLAdapter
+
+ADAPTERS: dict[str, type[BackboneAdapter]] = {
+    a.family: a for a in (MllamaAdapter, Qwen2VLAdapter, LlavaAdapter)
+}
+
+
+def adapter_for_model_type(model_type: str) -> type[BackboneAdapter]:
+    """The adapter class handling HF `config.model_type` `model_type`."""
+    for adapter in ADAPTERS.values():
+        if model_type in adapter.model_types:
+            return adapter
+    supported = sorted(t for a in ADAPTERS.values() for t in a.model_types)
+    raise ValueError(f"no backbone adapter for model_type {model_type!r}; supported model types: {supported}")
+
+
+def _adapter_of(path_or_id: str | Path) -> type[BackboneAdapter]:
+    """The adapter class of a checkpoint, from its `config.json` model_type."""
+    model_type = AutoConfig.from_pretrained(path_or_id).model_type
+    try:
+        return adapter_for_model_type(model_type)
+    except ValueError as err:
+        raise ValueError(f"{path_or_id}/config.json: {err}") from None
+
+
+def load_backbone(path_or_id: str | Path, dtype: torch.dtype | None = None, **kwargs: Any) -> BackboneAdapter:
+    """Load a checkpoint (folder or hub id), model and processor, with the adapter of its model_type."""
+    return _adapter_of(path_or_id).from_pretrained(path_or_id, dtype=dtype, **kwargs)
+
+
+def load_processing(path_or_id: str | Path, max_length: int = 256) -> BackboneAdapter:
+    """The checkpoint's adapter with its processor only (no weights loaded): `prompt` and `collate` work.
+
+    Cheap to build and to send to dataloader workers, which must not carry a copy of the model.
+    """
+    return _adapter_of(path_or_id).processing_only(path_or_id, max_length)
+
+
+__all__ = [
+    "ADAPTERS",
+    "IMAGE_PLACEHOLDER",
+    "BackboneAdapter",
+    "Item",
+    "adapter_for_model_type",
+    "load_backbone",
+    "load_processing",
+]

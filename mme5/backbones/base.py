@@ -1,0 +1,160 @@
+"""What every MLLM family shares: the item to embed, prompt building, batching, last-layer hidden states.
+
+A family adapter only declares its tokens (`image_prompt`, `text_prefix`) and overrides what its model does
+differently; nothing outside `mme5.backbones` knows a family's image token or prompt format.
+"""
+
+import re
+from abc import ABC
+from collections.abc import Sequence
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any, ClassVar
+
+import PIL.Image
+import torch
+from torch import Tensor
+from transformers import AutoModelForImageTextToText, AutoProcessor, BatchFeature, PreTrainedModel
+
+IMAGE_PLACEHOLDER = "<|image_1|>"  # the public data's (Phi-3-style) image token
+_PLACEHOLDER_RE = re.compile(re.escape(IMAGE_PLACEHOLDER) + r"\s*")
+
+
+@dataclass(frozen=True)
+class Item:
+    """One thing to embed: an instruction plus optional text and optional RGB image."""
+
+    instruction: str = ""
+    text: str | None = None
+    image: PIL.Image.Image | None = None
+
+
+def canonical_body(item: Item) -> str:
+    """Instruction and text joined by a space, without any image placeholder (the data has stray ones)."""
+    parts = (_PLACEHOLDER_RE.sub("", p).strip() for p in (item.instruction, item.text or ""))
+    return " ".join(p for p in parts if p)
+
+
+class BackboneAdapter(ABC):
+    """An MLLM (model + processor) seen as an embedder of `Item`s through its final hidden states."""
+
+    family: ClassVar[str]
+    model_types: ClassVar[tuple[str, ...]]  # HF `config.model_type` values this adapter handles
+    image_prompt: ClassVar[str]  # replaces IMAGE_PLACEHOLDER when the item has an image
+    text_prefix: ClassVar[str] = ""  # starts the prompt of an item without image
+    add_special_tokens: ClassVar[bool] = True  # False where the prompt already carries the bos token
+    processor_class: ClassVar[Any] = AutoProcessor
+
+    def __init__(self, model: PreTrainedModel | None, processor: Any, max_length: int = 256):
+        """`model=None` makes a processing-only adapter (prompts and batches, no hidden states)."""
+        self.model = model
+        self.processor = processor
+        self.max_length = max_length
+        tok = processor.tokenizer
+        tok.padding_side = "left"  # the last position is the last real token (callers must not rely on it)
+        if tok.pad_token is None:
+            tok.pad_token = tok.eos_token
+
+    @classmethod
+    def from_pretrained(
+        cls, path_or_id: str | Path, dtype: torch.dtype | None = None, max_length: int = 256, **kwargs: Any
+    ) -> "BackboneAdapter":
+        """Load model and processor from a folder or hub id; `kwargs` go to the model's from_pretrained.
+
+        `dtype=None` keeps the checkpoint's own dtype (transformers' "auto").
+        """
+        model = AutoModelForImageTextToText.from_pretrained(path_or_id, dtype=dtype, **kwargs)
+        return cls(model, cls.processor_class.from_pretrained(path_or_id), max_length)
+
+    @classmethod
+    def processing_only(cls, path_or_id: str | Path, max_length: int = 256) -> "BackboneAdapter":
+        """The adapter with the checkpoint's processor and no model (e.g. for dataloader workers)."""
+        return cls(None, cls.processor_class.from_pretrained(path_or_id), max_length)
+
+    @property
+    def hidden_size(self) -> int:
+        """Embedding dimension: the language model's hidden size."""
+        return self.model.config.get_text_config().hidden_size
+
+    @property
+    def tokenizer(self) -> Any:
+        return self.processor.tokenizer
+
+    def _head_and_body(self, item: Item) -> tuple[str, str]:
+        """Split the prompt into the family's fixed head (image tokens / bos) and the truncatable body.
+
+        Head + body is the canonical `<|image_1|>\\n{body}` (or bare `{body}`) with the placeholder rewritten.
+        """
+        body = canonical_body(item)
+        if item.image is None:
+            return self.text_prefix, body
+        return self.image_prompt, "\n" + body
+
+    def prompt(self, item: Item) -> str:
+        """The full family-formatted prompt of one item."""
+        return "".join(self._head_and_body(item))
+
+    def _count_text_tokens(self, head: str) -> int:
+        """Tokens of `head` (with the tokenizer's own specials) that are not the model's image token."""
+        ids = self.tokenizer(head, add_special_tokens=self.add_special_tokens).input_ids
+        return sum(i != self.processor.image_token_id for i in ids)
+
+    def _fit(self, body: str, budget: int) -> str:
+        """Longest prefix of `body`, cut at a token start, that tokenizes to at most `budget` tokens.
+
+        Re-tokenizing a cut string may merge differently, hence the loop (it shortens `body` every turn).
+        """
+        while True:
+            enc = self.tokenizer(body, add_special_tokens=False, return_offsets_mapping=True)
+            if len(enc.input_ids) <= budget:
+                return body
+            body = body[: enc.offset_mapping[budget][0]]
+
+    def truncated_prompt(self, item: Item) -> str:
+        """The prompt with at most `max_length` text tokens; image tokens are never counted nor cut.
+
+        Only the body is cut: the head ends in a special token, so head and body tokenize independently.
+        """
+        head, body = self._head_and_body(item)
+        budget = self.max_length - self._count_text_tokens(head)
+        if budget < 0:
+            raise ValueError(
+                f"max_length={self.max_length} is shorter than the {self.family} prompt head {head!r}"
+            )
+        return head + self._fit(body, budget)
+
+    def _images_arg(self, images: list[PIL.Image.Image | None]) -> Any:
+        """The processor's `images` argument: a flat list with one image per image token (default)."""
+        return [im for im in images if im is not None]
+
+    def collate(self, items: Sequence[Item]) -> BatchFeature:
+        """One processor batch of `items`; text-only and image items mix freely, rows stay in order."""
+        images = [it.image for it in items]
+        has_image = any(im is not None for im in images)
+        return self.processor(
+            text=[self.truncated_prompt(it) for it in items],
+            images=self._images_arg(images) if has_image else None,
+            padding=True,
+            add_special_tokens=self.add_special_tokens,
+            return_tensors="pt",
+        )
+
+    @staticmethod
+    def inner_model(model: Any) -> Any:
+        """The model without its LM head (e.g. `MllamaModel`); `model` may be a PEFT wrapper.
+
+        LoRA layers live inside the wrapped modules, so calling the inner model keeps them active.
+        """
+        base = model.get_base_model() if hasattr(model, "get_base_model") else model
+        return base.model
+
+    @staticmethod
+    def _to_model(inner: Any, batch: BatchFeature | dict[str, Tensor]) -> dict[str, Tensor]:
+        """The batch on the model's device; floating inputs (pixels) in the model's dtype."""
+        device, dtype = inner.device, inner.dtype
+        return {k: v.to(device, dtype=dtype if v.is_floating_point() else None) for k, v in batch.items()}
+
+    def last_hidden_state(self, model: Any, batch: BatchFeature | dict[str, Tensor]) -> Tensor:
+        """(B, T, D) final-layer, post-norm hidden states of the language model; no LM-head logits."""
+        inner = self.inner_model(model)
+        return inner(**self._to_model(inner, batch), use_cache=False).last_hidden_state

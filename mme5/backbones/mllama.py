@@ -1,0 +1,46 @@
+"""Llama-3.2-Vision (Mllama): the image enters through gated cross-attention layers, not as tokens."""
+
+from typing import Any, ClassVar
+
+import PIL.Image
+from torch import Tensor
+from transformers import BatchFeature
+
+from mme5.backbones.base import BackboneAdapter
+
+
+class MllamaAdapter(BackboneAdapter):
+    """`<|image|><|begin_of_text|>` before an image item, `<|begin_of_text|>` before a text-only one."""
+
+    family: ClassVar[str] = "mllama"
+    model_types: ClassVar[tuple[str, ...]] = ("mllama",)
+    image_prompt: ClassVar[str] = "<|image|><|begin_of_text|>"
+    text_prefix: ClassVar[str] = "<|begin_of_text|>"
+    add_special_tokens: ClassVar[bool] = False  # the prompt carries <|begin_of_text|>; don't add a second
+
+    def _images_arg(self, images: list[PIL.Image.Image | None]) -> Any:
+        """Mllama's processor wants one list of images per row (`[]` for a text-only row)."""
+        return [[im] if im is not None else [] for im in images]
+
+    def last_hidden_state(self, model: Any, batch: BatchFeature | dict[str, Tensor]) -> Tensor:
+        """Like the base, but text-only rows of a mixed batch see all-zero vision states.
+
+        In transformers' Mllama a row whose cross-attention mask is all zero still attends (uniformly) to
+        its row's vision states: only the cross-attention MLP is masked. A text-only row would then absorb
+        the encoding of a blank padding tile and differ from the same item encoded alone, where the
+        cross-attention layers are skipped. Zero states give zero values (k/v/o projections have no bias),
+        so the gated attention adds exactly nothing. The vision tower also runs on image rows only.
+        """
+        inner = self.inner_model(model)
+        batch = self._to_model(inner, batch)
+        pixel_values = batch.pop("pixel_values", None)
+        if pixel_values is not None:
+            ratio_ids, ratio_mask = batch.pop("aspect_ratio_ids"), batch.pop("aspect_ratio_mask")
+            rows = ratio_ids[:, 0] > 0  # (B,) aspect-ratio id 0 marks "no image" in this row
+            vision = inner.vision_model(pixel_values[rows], ratio_ids[rows], ratio_mask[rows])
+            projected = inner.multi_modal_projector(vision.last_hidden_state)  # (b, imgs, tiles, patches, D)
+            states = projected.new_zeros(len(rows), *projected.shape[1:])
+            states[rows] = projected
+            batch["cross_attention_states"] = states.reshape(-1, states.shape[-2], states.shape[-1])
+        return inner(**batch, use_cache=False).last_hidden_state
+

@@ -1,0 +1,220 @@
+"""Tiny randomly initialised backbones of each family, built offline and saved like a real checkpoint.
+
+    python -m mme5.backbones.tiny --family mllama --out runs/tiny-mllama --seed 0 --preset demo
+
+The folder loads back through `load_backbone(out)`, the code path of a real checkpoint. Presets:
+"test" is as small as possible (unit tests); "demo" is the tiny Mllama that learned best on 2 CPU cores
+(shared/reference/stack.md: 1 tile of 64 px, patch 8, vision 128 wide with 2 local + 1 global layers, text
+128 wide with 4 layers, cross-attention at layers 1 and 3), the same sizes for the other families.
+"""
+
+import argparse
+import re
+from collections.abc import Callable
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import torch
+from transformers import (
+    AutoModelForImageTextToText,
+    LlavaConfig,
+    LlavaProcessor,
+    MllamaConfig,
+    MllamaProcessor,
+    PretrainedConfig,
+    PreTrainedModel,
+    PreTrainedTokenizerFast,
+    Qwen2VLConfig,
+)
+from transformers.models.clip.image_processing_pil_clip import CLIPImageProcessorPil
+from transformers.models.mllama.image_processing_pil_mllama import MllamaImageProcessorPil
+from transformers.models.qwen2_vl.image_processing_pil_qwen2_vl import Qwen2VLImageProcessorPil
+
+from mme5.backbones import ADAPTERS
+from mme5.backbones.qwen2_vl import Qwen2VLImageOnlyProcessor
+from mme5.backbones.tokenizer import BUILTIN_CORPUS, train_bpe
+
+
+@dataclass(frozen=True)
+class Sizes:
+    """Dimensions of a tiny backbone (vision tower `v_*`, language model `t_*`)."""
+
+    vocab: int
+    image: int  # image side in pixels (one Mllama tile)
+    patch: int
+    v_hidden: int
+    v_layers: int
+    v_heads: int
+    v_mlp: int
+    t_hidden: int
+    t_layers: int
+    t_heads: int
+    t_kv_heads: int
+    t_mlp: int
+
+
+PRESETS = {
+    "test": Sizes(vocab=400, image=32, patch=8, v_hidden=16, v_layers=2, v_heads=2, v_mlp=32,
+                  t_hidden=32, t_layers=2, t_heads=2, t_kv_heads=1, t_mlp=64),
+    "demo": Sizes(vocab=512, image=64, patch=8, v_hidden=128, v_layers=2, v_heads=4, v_mlp=256,
+                  t_hidden=128, t_layers=4, t_heads=4, t_kv_heads=2, t_mlp=256),
+}
+
+
+@dataclass(frozen=True)
+class TokenizerSpec:
+    """The tokenizer-level special tokens of a family (prompt tokens come from its adapter)."""
+
+    bos: str | None
+    eos: str
+    pad: str
+    extra: tuple[str, ...]
+    add_bos: bool  # whether the real tokenizer prepends bos itself
+
+
+TOKENIZERS = {
+    "mllama": TokenizerSpec(
+        "<|begin_of_text|>", "<|end_of_text|>", "<|finetune_right_pad_id|>", ("<|python_tag|>",), True
+    ),
+    "qwen2_vl": TokenizerSpec(None, "<|im_end|>", "<|endoftext|>", ("<|im_start|>", "<|video_pad|>"), False),
+    "llava": TokenizerSpec("<s>", "</s>", "<pad>", ("<unk>",), True),
+}
+
+
+def tiny_tokenizer(family: str, vocab: int, texts: list[str]) -> PreTrainedTokenizerFast:
+    """Byte-level BPE; special tokens first: the family's tokenizer ones, then its adapter's prompt tokens."""
+    spec, adapter = TOKENIZERS[family], ADAPTERS[family]
+    prompt_tokens = re.findall(r"<[^<>\s]+>", adapter.image_prompt + adapter.text_prefix)
+    specials = [t for t in (spec.pad, spec.bos, spec.eos, *spec.extra) if t] + prompt_tokens
+    return train_bpe(
+        texts, list(dict.fromkeys(specials)), vocab, spec.bos, spec.eos, spec.pad, add_bos=spec.add_bos
+    )
+
+
+def _text(s: Sizes, tok: PreTrainedTokenizerFast, **extra: Any) -> dict[str, Any]:
+    """The language-model config shared by all families (plus family-specific `extra`)."""
+    return dict(
+        vocab_size=len(tok), hidden_size=s.t_hidden, num_hidden_layers=s.t_layers,
+        num_attention_heads=s.t_heads, num_key_value_heads=s.t_kv_heads, intermediate_size=s.t_mlp,
+        max_position_embeddings=1024, bos_token_id=tok.bos_token_id, eos_token_id=tok.eos_token_id,
+        pad_token_id=tok.pad_token_id, **extra,
+    )
+
+
+def _mllama(s: Sizes, tok: PreTrainedTokenizerFast) -> tuple[PretrainedConfig, Any]:
+    processor = MllamaProcessor(
+        MllamaImageProcessorPil(size={"height": s.image, "width": s.image}, max_image_tiles=1), tok
+    )
+    vision = dict(
+        hidden_size=s.v_hidden, num_hidden_layers=s.v_layers, num_global_layers=1, attention_heads=s.v_heads,
+        intermediate_size=s.v_mlp, intermediate_layers_indices=[0], vision_output_dim=2 * s.v_hidden,
+        image_size=s.image, patch_size=s.patch, max_num_tiles=1, supported_aspect_ratios=[[1, 1]],
+    )  # vision_output_dim = hidden * (1 + len(intermediate_layers_indices))
+    text = _text(s, tok, cross_attention_layers=list(range(1, s.t_layers, 2)))
+    config = MllamaConfig(vision_config=vision, text_config=text, image_token_index=processor.image_token_id)
+    return config, processor
+
+
+def _qwen2_vl(s: Sizes, tok: PreTrainedTokenizerFast) -> tuple[PretrainedConfig, Any]:
+    pixels = s.image * s.image  # min = max: every square image becomes exactly image x image
+    processor = Qwen2VLImageOnlyProcessor(
+        Qwen2VLImageProcessorPil(
+            min_pixels=pixels, max_pixels=pixels, patch_size=s.patch, merge_size=2, temporal_patch_size=2
+        ),
+        tok,
+    )
+    vision = dict(
+        depth=s.v_layers, embed_dim=s.v_hidden, hidden_size=s.t_hidden, num_heads=s.v_heads,
+        mlp_ratio=s.v_mlp // s.v_hidden, patch_size=s.patch, spatial_merge_size=2, temporal_patch_size=2,
+    )
+    half, third = s.t_hidden // s.t_heads // 2, s.t_hidden // s.t_heads // 6
+    mrope = [half - 2 * third, third, third]  # (temporal, height, width) rotary dims, summing to head_dim/2
+    rope = {"rope_type": "default", "rope_theta": 10000.0, "mrope_section": mrope}
+    config = Qwen2VLConfig(
+        vision_config=vision, text_config=_text(s, tok, rope_parameters=rope),
+        image_token_id=processor.image_token_id, video_token_id=processor.video_token_id,
+        vision_start_token_id=tok.convert_tokens_to_ids("<|vision_start|>"),
+        vision_end_token_id=tok.convert_tokens_to_ids("<|vision_end|>"),
+    )
+    return config, processor
+
+
+def _llava(s: Sizes, tok: PreTrainedTokenizerFast) -> tuple[PretrainedConfig, Any]:
+    square = {"height": s.image, "width": s.image}
+    # "default" feature selection drops CLIP's CLS token: one <image> token per patch
+    processor = LlavaProcessor(
+        CLIPImageProcessorPil(size={"shortest_edge": s.image}, crop_size=square), tok,
+        patch_size=s.patch, num_additional_image_tokens=1, vision_feature_select_strategy="default",
+    )
+    vision = dict(
+        model_type="clip_vision_model", hidden_size=s.v_hidden, num_hidden_layers=s.v_layers,
+        num_attention_heads=s.v_heads, intermediate_size=s.v_mlp, image_size=s.image, patch_size=s.patch,
+    )
+    config = LlavaConfig(
+        vision_config=vision, text_config=_text(s, tok, model_type="llama"),
+        image_token_index=processor.image_token_id, image_seq_length=(s.image // s.patch) ** 2,
+    )
+    return config, processor
+
+
+BUILDERS: dict[str, Callable[[Sizes, PreTrainedTokenizerFast], tuple[PretrainedConfig, Any]]] = {
+    "mllama": _mllama,
+    "qwen2_vl": _qwen2_vl,
+    "llava": _llava,
+}
+
+
+def make_tiny(
+    family: str, seed: int = 0, preset: str = "test", corpus: str | Path | None = None
+) -> tuple[PreTrainedModel, Any]:
+    """A tiny random (model, processor) of `family`; same seed, same weights.
+
+    Mllama's cross-attention gates start open (1.0, where transformers starts at 0): a random model then
+    depends on the pixels, so tests see image misalignment and training need not first open the gates.
+    """
+    if family not in BUILDERS or preset not in PRESETS:
+        raise ValueError(f"family must be one of {sorted(BUILDERS)} and preset one of {sorted(PRESETS)}; "
+                         f"got family={family!r}, preset={preset!r}")
+    sizes = PRESETS[preset]
+    text = Path(corpus).read_text(encoding="utf-8") if corpus else BUILTIN_CORPUS
+    tok = tiny_tokenizer(family, sizes.vocab, [line for line in text.splitlines() if line.strip()])
+    config, processor = BUILDERS[family](sizes, tok)
+    with torch.random.fork_rng():  # seed the weights without touching the caller's random state
+        torch.manual_seed(seed)
+        model = AutoModelForImageTextToText.from_config(config)
+    with torch.no_grad():
+        for name, param in model.named_parameters():
+            if name.endswith(("cross_attn_attn_gate", "cross_attn_mlp_gate")):
+                param.fill_(1.0)
+    return model, processor
+
+
+def build_tiny(
+    family: str, out_dir: str | Path, seed: int = 0, preset: str = "test", corpus: str | Path | None = None
+) -> Path:
+    """Build a tiny backbone (see `make_tiny`), `save_pretrained` it to `out_dir` and return that folder."""
+    model, processor = make_tiny(family, seed, preset, corpus)
+    out = Path(out_dir)
+    model.save_pretrained(out)
+    processor.save_pretrained(out)
+    n_params = sum(p.numel() for p in model.parameters())
+    print(f"saved tiny {family} ({preset}, seed {seed}): {n_params / 1e6:.3f}M parameters -> {out}")
+    return out
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(
+        description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter
+    )
+    parser.add_argument("--family", required=True, choices=sorted(BUILDERS))
+    parser.add_argument("--out", required=True, type=Path, help="folder to save model and processor into")
+    parser.add_argument("--seed", type=int, default=0)
+    parser.add_argument("--preset", default="test", choices=sorted(PRESETS))
+    parser.add_argument("--corpus", type=Path, help="UTF-8 text, one sentence a line, to train the BPE on")
+    args = parser.parse_args()
+    build_tiny(args.family, args.out, seed=args.seed, preset=args.preset, corpus=args.corpus)
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,167 @@
+"""Backbone adapters on tiny random models of each family: prompts, mixed batches, truncation, loading."""
+
+import copy
+import pickle
+
+import numpy as np
+import pytest
+import torch
+from PIL import Image
+from transformers import BertConfig
+
+from mme5.backbones import (
+    ADAPTERS,
+    IMAGE_PLACEHOLDER,
+    Item,
+    adapter_for_model_type,
+    load_backbone,
+    load_processing,
+)
+from mme5.backbones.base import canonical_body
+from mme5.backbones.tiny import build_tiny
+
+FAMILIES = sorted(ADAPTERS)
+
+
+def noise_image(seed: int, size: tuple[int, int] = (32, 32)) -> Image.Image:
+    pixels = np.random.default_rng(seed).integers(0, 256, (size[1], size[0], 3), dtype=np.uint8)
+    return Image.fromarray(pixels, "RGB")
+
+
+@pytest.fixture(scope="module", params=FAMILIES)
+def adapter(request, tmp_path_factory):
+    """Each family built once, saved, and loaded back through `load_backbone` like a real checkpoint."""
+    path = build_tiny(request.param, tmp_path_factory.mktemp(request.param), seed=0, preset="test")
+    return load_backbone(path)
+
+
+def last_token(hidden: torch.Tensor, attention_mask: torch.Tensor) -> torch.Tensor:
+    """(B, D) state of each row's last real token, whatever the padding side."""
+    last = attention_mask.shape[1] - 1 - attention_mask.flip(1).argmax(1)
+    return hidden[torch.arange(len(hidden)), last]
+
+
+def embed(adapter, items, model=None) -> torch.Tensor:
+    batch = adapter.collate(items)
+    with torch.no_grad():
+        hidden = adapter.last_hidden_state(adapter.model if model is None else model, batch)
+    return last_token(hidden, batch["attention_mask"])
+
+
+def image_token_count(adapter, batch) -> list[int]:
+    return (batch["input_ids"] == adapter.processor.image_token_id).sum(1).tolist()
+
+
+EXPECTED_HEADS = {  # (image item head, text-only item head)
+    "mllama": ("<|image|><|begin_of_text|>\n", "<|begin_of_text|>"),
+    "qwen2_vl": ("<|vision_start|><|image_pad|><|vision_end|>\n", ""),
+    "llava": ("<image>\n", ""),
+}
+
+
+def test_load_backbone_dispatches_on_model_type(adapter):
+    assert isinstance(adapter, ADAPTERS[adapter.family])
+    assert adapter.model.config.model_type in adapter.model_types
+    assert embed(adapter, [Item("a red circle")]).shape == (1, adapter.hidden_size)
+
+
+def test_prompt_format(adapter):
+    image_head, text_head = EXPECTED_HEADS[adapter.family]
+    img, represent, find = noise_image(0), "Represent the given image.", "Find me an image for the caption:"
+    assert adapter.prompt(Item(represent, image=img)) == image_head + represent
+    assert adapter.prompt(Item(represent, "", img)) == image_head + represent
+    assert adapter.prompt(Item(find, "A cat and a dog.")) == text_head + find + " A cat and a dog."
+    assert adapter.prompt(Item(text="A cat.")) == text_head + "A cat."
+
+    bos = adapter.tokenizer.bos_token_id  # in Mllama's prompt; added by LLaVA's tokenizer; Qwen has none
+    ids = adapter.collate([Item(represent, image=img), Item(text="A cat.")])["input_ids"]
+    if bos is not None:
+        assert (ids == bos).sum(1).tolist() == [1, 1]
+
+
+def test_stray_placeholder_removed_and_no_double_image_tokens(adapter):
+    img = noise_image(0)
+    clean_text = Item("Find me an image for the caption:", "A cat.")
+    stray = Item(f"{IMAGE_PLACEHOLDER}\nFind me an image for the caption:", f"A cat. {IMAGE_PLACEHOLDER}")
+    assert adapter.prompt(stray) == adapter.prompt(clean_text)
+    assert IMAGE_PLACEHOLDER not in adapter.prompt(stray)
+
+    clean_image = Item("Represent the given image.", image=img)
+    doubled = Item(f"{IMAGE_PLACEHOLDER}\nRepresent the given image.", image=img)
+    assert adapter.prompt(doubled) == adapter.prompt(clean_image)
+    batch = adapter.collate([doubled, clean_image, stray])
+    assert torch.equal(batch["input_ids"][0], batch["input_ids"][1])
+    counts = image_token_count(adapter, batch)
+    assert counts[0] == counts[1] > 0 and counts[2] == 0
+
+
+def test_mixed_batch_rowwise_equals_single_items(adapter):
+    """Text-only and image rows of different lengths and image sizes in one batch: padding and alignment."""
+    items = [
+        Item("Find me an everyday image that matches the given caption:", "Un gato duerme en el sofá."),
+        Item(f"{IMAGE_PLACEHOLDER}\nRepresent the given image.", image=noise_image(1, (40, 30))),
+        Item("", "一只猫睡在小狗旁边的沙发上。", noise_image(2)),
+        Item(text="dog"),
+        Item("Represent the image with the following question:", "What is in the image?", noise_image(3)),
+    ]
+    together = embed(adapter, items)
+    alone = torch.cat([embed(adapter, [it]) for it in items])
+    torch.testing.assert_close(together, alone, atol=1e-5, rtol=1e-5)
+
+    # the pixels matter, so the check above would catch an image landing in the wrong row
+    swapped = [*items[:2], Item("", items[2].text, items[4].image), *items[3:]]
+    assert not torch.allclose(embed(adapter, swapped)[2], together[2], atol=1e-3)
+
+
+def test_truncation_counts_text_tokens_only_and_keeps_image_tokens(adapter):
+    long_text = "A red circle and a blue square on a white background, next to a sleeping cat. " * 4
+    items = [Item("Represent the given image.", long_text, noise_image(4)), Item("Caption:", long_text)]
+    full = adapter.collate(items)
+    short = type(adapter)(adapter.model, adapter.processor, max_length=12)
+    batch = short.collate(items)
+
+    assert image_token_count(short, batch) == image_token_count(adapter, full)
+    is_text = (batch["input_ids"] != short.processor.image_token_id) & batch["attention_mask"].bool()
+    assert is_text.sum(1).tolist() == [12, 12]
+    for row, item in zip(batch["input_ids"], items, strict=True):
+        kept = short.tokenizer.decode(row, skip_special_tokens=True).strip()
+        assert kept and canonical_body(item).startswith(kept)  # the end of the text is what goes
+    assert embed(short, items).shape == (2, short.hidden_size)
+
+    with pytest.raises(ValueError, match="max_length"):
+        type(adapter)(adapter.model, adapter.processor, max_length=0).collate(items)
+
+
+def test_last_hidden_state_skips_lm_head_and_accepts_peft_wrapper(adapter):
+    from peft import LoraConfig, get_peft_model
+
+    items = [Item("Represent the given image.", image=noise_image(5)), Item(text="a blue square")]
+    model = copy.deepcopy(adapter.model)
+    model.lm_head.register_forward_hook(lambda *_: pytest.fail("lm_head must not run"))
+    base = embed(adapter, items, model)
+
+    lora = LoraConfig(r=4, target_modules=r".*language_model.*\.(q_proj|v_proj)")
+    peft_model = get_peft_model(model, lora)
+    torch.testing.assert_close(embed(adapter, items, peft_model), base)  # LoRA B starts at zero
+    with torch.no_grad():
+        for name, param in peft_model.named_parameters():
+            if "lora_B" in name:
+                param.normal_()
+    assert not torch.allclose(embed(adapter, items, peft_model), base)  # the adapters are in the path
+
+
+def test_load_processing_collates_like_the_full_adapter_and_pickles(adapter):
+    """Dataloader workers get a processing-only adapter: same batches, no model to copy."""
+    processing = pickle.loads(pickle.dumps(load_processing(adapter.model.name_or_path, adapter.max_length)))
+    assert processing.model is None
+    items = [Item("Represent the given image.", image=noise_image(6)), Item("Caption:", "Ein roter Kreis.")]
+    expected, got = adapter.collate(items), processing.collate(items)
+    assert expected.keys() == got.keys() and all(torch.equal(expected[k], got[k]) for k in expected)
+
+
+def test_unknown_model_type_is_a_clear_error(tmp_path):
+    with pytest.raises(ValueError, match=r"'bert'.*supported model types.*'mllama'"):
+        adapter_for_model_type("bert")
+    BertConfig().save_pretrained(tmp_path)
+    with pytest.raises(ValueError, match=f"{tmp_path}/config.json.*'bert'"):
+        load_backbone(tmp_path)

@@ -1,0 +1,78 @@
+"""Tiny offline backbones: deterministic, save/load round trip, presets, CLI, offline tokenizer."""
+
+import re
+
+import numpy as np
+import pytest
+import torch
+from PIL import Image
+
+from mme5.backbones import ADAPTERS, Item, load_backbone
+from mme5.backbones.tiny import PRESETS, build_tiny, main, make_tiny, tiny_tokenizer
+from mme5.backbones.tokenizer import BUILTIN_CORPUS
+
+FAMILIES = sorted(ADAPTERS)
+
+
+def items() -> list[Item]:
+    pixels = np.random.default_rng(0).integers(0, 256, (32, 32, 3), dtype=np.uint8)
+    image = Image.fromarray(pixels, "RGB")
+    return [Item("Represent the given image.", image=image), Item("Caption:", "Un chat dort sur le canapé.")]
+
+
+def hidden(adapter) -> torch.Tensor:
+    with torch.no_grad():
+        return adapter.last_hidden_state(adapter.model, adapter.collate(items()))
+
+
+@pytest.mark.parametrize("family", FAMILIES)
+def test_save_then_load_backbone_gives_identical_outputs(family, tmp_path):
+    model, processor = make_tiny(family, seed=0)
+    in_memory = ADAPTERS[family](model, processor)
+    loaded = load_backbone(build_tiny(family, tmp_path, seed=0))
+    assert type(loaded.processor) is type(processor)
+    batch, loaded_batch = in_memory.collate(items()), loaded.collate(items())
+    assert batch.keys() == loaded_batch.keys()
+    assert all(torch.equal(batch[k], loaded_batch[k]) for k in batch)
+    assert torch.equal(hidden(in_memory), hidden(loaded))
+
+
+@pytest.mark.parametrize("family", FAMILIES)
+def test_same_seed_same_weights_other_seed_other_weights(family):
+    (first, first_proc), (second, second_proc), (other, _) = (make_tiny(family, seed=s) for s in (0, 0, 1))
+    assert first_proc.tokenizer.get_vocab() == second_proc.tokenizer.get_vocab()
+    first, second, other = first.state_dict(), second.state_dict(), other.state_dict()
+    assert all(torch.equal(first[k], second[k]) for k in first)
+    assert not all(torch.equal(first[k], other[k]) for k in first)
+
+
+def test_cli_builds_the_demo_mllama_of_stack_md(tmp_path, monkeypatch, capsys):
+    argv = ["tiny", "--family", "mllama", "--preset", "demo", "--out", str(tmp_path)]
+    monkeypatch.setattr("sys.argv", argv)
+    main()
+    n_params = float(re.search(r"([\d.]+)M parameters", capsys.readouterr().out).group(1))
+    assert 1.0 < n_params < 1.4  # stack.md's best tiny Mllama had 1.13M
+    adapter = load_backbone(tmp_path)
+    vision, text = adapter.model.config.vision_config, adapter.model.config.text_config
+    assert (vision.image_size, vision.patch_size, vision.max_num_tiles) == (64, 8, 1)
+    assert (vision.hidden_size, vision.num_hidden_layers, vision.num_global_layers) == (128, 2, 1)
+    assert (text.hidden_size, text.num_hidden_layers, text.cross_attention_layers) == (128, 4, [1, 3])
+    assert hidden(adapter).shape[-1] == 128
+
+
+def test_tokenizer_splits_cjk_and_keeps_special_tokens_whole():
+    tok = tiny_tokenizer("qwen2_vl", PRESETS["test"].vocab, BUILTIN_CORPUS.splitlines())
+    chinese = "一只猫睡在小狗旁边的沙发上"
+    spans = tok(chinese, add_special_tokens=False, return_offsets_mapping=True).offset_mapping
+    assert all(end - start <= 1 for start, end in spans)  # no token spans two characters
+    assert tok.decode(tok(chinese).input_ids) == chinese
+    for special in ("<|endoftext|>", "<|vision_start|>", "<|image_pad|>", "<|vision_end|>"):
+        assert tok.convert_tokens_to_ids(special) < 16
+        assert len(tok(special, add_special_tokens=False).input_ids) == 1
+
+
+def test_corpus_file_drives_the_bpe(tmp_path):
+    corpus = tmp_path / "corpus.txt"
+    corpus.write_text("the zebrafish swims\n" * 50, encoding="utf-8")
+    assert make_tiny("llava", corpus=corpus)[1].tokenizer.tokenize(" zebrafish") == ["Ġzebrafish"]
+    assert len(make_tiny("llava")[1].tokenizer.tokenize(" zebrafish")) > 1  # the built-in corpus lacks it
