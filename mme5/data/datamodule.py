@@ -1,0 +1,99 @@
+"""LightningDataModule: mixed, unbounded, resumable streaming of training shards, collated per backbone."""
+
+from __future__ import annotations
+
+from typing import Any
+
+import lightning as L
+import torch.distributed as dist
+from torch.utils.data import DataLoader
+
+from mme5.backbones import load_processing
+from mme5.data.collate import ContrastiveBatch, ContrastiveCollator
+from mme5.data.stream import MixedShardStream, Source
+
+
+class ShardDataModule(L.LightningDataModule):
+    """Streams training batches from several shard sources mixed by weight.
+
+    Args:
+        sources: the shard directories to draw from, with weights and optional caps.
+        backbone: model folder or hub id whose processor formats and batches the items.
+        batch_size: samples per batch on each device (the contrastive pool is this × world size).
+        num_negatives: hard negatives used per sample (K); samples with fewer are masked.
+        chunk_size: items per processor batch; set to the gradient cache's chunk size (None = one chunk).
+        max_length: text tokens per item, image tokens not counted.
+        num_workers: dataloader worker processes per device (each reads its own share of the shards).
+        shuffle_buffer: samples held per worker and source for shuffling (1 = stream order).
+        same_source_batches: draw each batch from one source (harder in-batch negatives).
+        seed: stream seed (shard order, mixing, shuffling).
+        strict: raise on the first corrupt sample instead of skipping and counting it.
+    """
+
+    def __init__(
+        self,
+        sources: list[Source],
+        backbone: str,
+        batch_size: int = 32,
+        num_negatives: int = 3,
+        chunk_size: int | None = None,
+        max_length: int = 256,
+        num_workers: int = 2,
+        shuffle_buffer: int = 1000,
+        same_source_batches: bool = False,
+        seed: int = 0,
+        strict: bool = False,
+    ):
+        super().__init__()
+        self.sources = [s if isinstance(s, Source) else Source(**s) for s in sources]
+        self.backbone = backbone
+        self.batch_size = batch_size
+        self.num_negatives = num_negatives
+        self.chunk_size = chunk_size
+        self.max_length = max_length
+        self.num_workers = num_workers
+        self.shuffle_buffer = shuffle_buffer
+        self.same_source_batches = same_source_batches
+        self.seed = seed
+        self.strict = strict
+        self.positions: dict[int, dict[str, Any]] = {}  # newest stream position of each slot
+        self.skipped: dict[int, int] = {}  # corrupt samples skipped so far, per slot
+
+    def train_dataloader(self) -> DataLoader:
+        for source in self.sources:
+            source.shard_plan()  # fail here, in the main process, on a missing or empty source
+        rank, world = (self.trainer.global_rank, self.trainer.world_size) if self.trainer else (0, 1)
+        stream = MixedShardStream(
+            self.sources, self.batch_size, rank=rank, world_size=world, seed=self.seed,
+            shuffle_buffer=self.shuffle_buffer, same_source_batches=self.same_source_batches,
+            strict=self.strict, resume=self.positions,
+        )
+        collator = ContrastiveCollator(load_processing(self.backbone, self.max_length).collate,
+                                       self.num_negatives, self.chunk_size)
+        workers = self.num_workers
+        return DataLoader(stream, batch_size=None, collate_fn=collator, num_workers=workers,
+                          persistent_workers=workers > 0, prefetch_factor=4 if workers else None)
+
+    def on_before_batch_transfer(self, batch: ContrastiveBatch, dataloader_idx: int) -> ContrastiveBatch:
+        # Called in the main process for each batch the step is about to consume.
+        self.positions[batch.slot] = batch.position
+        self.skipped[batch.slot] = batch.skipped
+        return batch
+
+    @property
+    def num_skipped(self) -> int:
+        return sum(self.skipped.values())
+
+    def state_dict(self) -> dict[str, Any]:
+        """Every rank's slot positions (each rank only sees its own slots, so gather them)."""
+        positions, skipped = self.positions, self.skipped
+        if dist.is_available() and dist.is_initialized():
+            gathered: list[Any] = [None] * dist.get_world_size()
+            dist.all_gather_object(gathered, (positions, skipped))
+            positions = {slot: p for part, _ in gathered for slot, p in part.items()}
+            skipped = {slot: n for _, part in gathered for slot, n in part.items()}
+        return {"positions": positions, "skipped": skipped}
+
+    def load_state_dict(self, state: dict[str, Any]) -> None:
+        self.positions = {int(k): v for k, v in state.get("positions", {}).items()}
+        self.skipped = {int(k): v for k, v in state.get("skipped", {}).items()}

@@ -1,0 +1,200 @@
+"""The LightningModule: contrastive fine-tuning of an MLLM embedder, with or without the gradient cache.
+
+Optimisation is manual in both modes, so that the cached step (one backward per chunk, one optimiser step
+per batch) and the plain step share one loop: zero grads → backward(s) → clip → step → schedule.
+"""
+
+from __future__ import annotations
+
+import math
+import time
+from contextlib import AbstractContextManager, nullcontext
+from pathlib import Path
+from typing import Any, Literal
+
+import lightning as L
+import torch
+from torch import Tensor
+from torch.nn.parallel import DistributedDataParallel
+from torch.optim.lr_scheduler import LambdaLR
+
+from mme5.backbones import load_backbone
+from mme5.data.collate import ContrastiveBatch
+from mme5.encoder import Encoder, LoraSettings
+from mme5.gradcache import GradCache
+from mme5.losses import ContrastiveOutput, InfoNCE
+
+DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
+
+
+class NonFiniteLossError(RuntimeError):
+    """The loss became NaN or infinite; the last good state was saved before stopping."""
+
+
+def scatter_negatives(flat: Tensor | None, mask: Tensor) -> Tensor | None:
+    """Place the real negatives' embeddings (N, D) into their (B, K, D) slots; empty slots hold zeros."""
+    if flat is None or mask.shape[1] == 0:
+        return None
+    negatives = flat.new_zeros(*mask.shape, flat.shape[-1])  # (B, K, D)
+    negatives[mask] = flat
+    return negatives
+
+
+def warmup_then_decay(step: int, warmup: int, total: int, schedule: str) -> float:
+    """Learning-rate factor: linear warmup to 1, then linear or cosine decay to 0 at `total` steps."""
+    if step < warmup:
+        return (step + 1) / warmup
+    progress = min(1.0, (step - warmup) / max(1, total - warmup))
+    if schedule == "cosine":
+        return 0.5 * (1.0 + math.cos(math.pi * progress))
+    if schedule == "constant":
+        return 1.0
+    return 1.0 - progress
+
+
+class EmbeddingModule(L.LightningModule):
+    """Trains an `Encoder` with InfoNCE over gathered positives and hard negatives.
+
+    Args:
+        backbone: model folder or hub id (loaded with `from_pretrained`).
+        lora: LoRA/DoRA settings (the paper's by default); null trains the full backbone.
+        dtype: weights' dtype when loading (null: the checkpoint's); mixed precision is the Trainer's.
+        gradient_checkpointing: recompute activations in the backward (non-reentrant).
+        temperature: InfoNCE temperature (the paper's 0.02).
+        learnable_temperature: learn log(1/temperature), starting from `temperature`.
+        gradient_cache: chunked two-pass backward; memory bounded by `chunk_size` for any batch size.
+        chunk_size: items per encoder forward (the data module collates chunks of this size).
+        lr: peak learning rate of AdamW.
+        weight_decay: AdamW weight decay.
+        warmup: warmup length, as a fraction of max_steps (< 1) or a number of steps (>= 1).
+        schedule: decay after warmup.
+        grad_clip: maximum gradient norm (0 = no clipping).
+    """
+
+    def __init__(
+        self,
+        backbone: str,
+        lora: LoraSettings | None = None,
+        dtype: Literal["float32", "bfloat16", "float16"] | None = None,
+        gradient_checkpointing: bool = True,
+        temperature: float = 0.02,
+        learnable_temperature: bool = False,
+        gradient_cache: bool = True,
+        chunk_size: int = 16,
+        lr: float = 1e-5,
+        weight_decay: float = 0.0,
+        warmup: float = 0.05,
+        schedule: Literal["linear", "cosine", "constant"] = "linear",
+        grad_clip: float = 5.0,
+    ):
+        super().__init__()
+        self.save_hyperparameters()
+        self.automatic_optimization = False
+        self.loss_fn = InfoNCE(temperature, learnable_temperature)
+        self.cache = GradCache(chunk_size, backward=self.manual_backward, no_sync=self._no_sync)
+        self.encoder: Encoder | None = None
+        self._last_step_end: float | None = None
+
+    def configure_model(self) -> None:
+        """Load the backbone (once; Lightning calls this under the strategy's init context)."""
+        if self.encoder is not None:
+            return
+        hp = self.hparams
+        adapter = load_backbone(hp.backbone, dtype=DTYPES[hp.dtype] if hp.dtype else None)
+        self.encoder = Encoder(adapter, hp.lora, gradient_checkpointing=hp.gradient_checkpointing)
+        self.encoder.train()  # from_pretrained returns eval mode; LoRA dropout must be active in training
+
+    # ------------------------------------------------------------------ training
+
+    def training_step(self, batch: ContrastiveBatch, batch_idx: int) -> Tensor:
+        started = time.perf_counter()
+        data_wait = started - self._last_step_end if self._last_step_end is not None else 0.0
+        optimizer, scheduler = self.optimizers(), self.lr_schedulers()
+        optimizer.zero_grad(set_to_none=True)
+
+        groups = {"query": batch.query, "positive": batch.positive}
+        if batch.negatives:
+            groups["negatives"] = batch.negatives
+
+        def contrastive_loss(embeddings: dict[str, Tensor]) -> ContrastiveOutput:
+            negatives = scatter_negatives(embeddings.get("negatives"), batch.negative_mask.to(self.device))
+            return self.loss_fn(embeddings["query"], embeddings["positive"], negatives,
+                                batch.negative_mask.to(self.device) if negatives is not None else None)
+
+        if self.hparams.gradient_cache:
+            loss, output = self.cache.step(self.encoder, groups, contrastive_loss,
+                                           loss_parameters=[p for p in self.loss_fn.parameters()])
+        else:
+            output = contrastive_loss({name: self.encoder.encode_chunks(c) for name, c in groups.items()})
+            self.manual_backward(output.loss)
+            loss = output.loss.detach()
+
+        self._stop_if_not_finite(loss)
+        if self.hparams.grad_clip:
+            self.clip_gradients(optimizer, gradient_clip_val=self.hparams.grad_clip,
+                                gradient_clip_algorithm="norm")
+        optimizer.step()
+        scheduler.step()
+
+        elapsed = time.perf_counter() - started
+        self._log_step(batch, loss, output, data_wait, elapsed)
+        self._last_step_end = time.perf_counter()
+        return loss
+
+    def _no_sync(self) -> AbstractContextManager[Any]:
+        """DDP's `no_sync` (gradients accumulate locally) around all chunks but the last."""
+        model = self.trainer.strategy.model
+        return model.no_sync() if isinstance(model, DistributedDataParallel) else nullcontext()
+
+    def _stop_if_not_finite(self, loss: Tensor) -> None:
+        bad = not bool(torch.isfinite(loss))
+        if not self.trainer.strategy.reduce_boolean_decision(bad, all=False):
+            return
+        # The optimiser has not stepped yet: weights, optimiser and scheduler are the last good state.
+        self.optimizers().zero_grad(set_to_none=True)
+        path = self._checkpoint_dir() / "last-good.ckpt"
+        self.trainer.save_checkpoint(path)
+        raise NonFiniteLossError(
+            f"loss is {loss.item()} at global step {self.global_step}; the state before this step is saved "
+            f"in {path}. Resume with --ckpt_path {path} after lowering the learning rate or checking the data"
+        )
+
+    def _checkpoint_dir(self) -> Path:
+        callback = self.trainer.checkpoint_callback
+        if callback is not None and getattr(callback, "dirpath", None):
+            return Path(callback.dirpath)
+        return Path(self.trainer.default_root_dir) / "checkpoints"
+
+    def _log_step(self, batch: ContrastiveBatch, loss: Tensor, output: ContrastiveOutput, data_wait: float,
+                  elapsed: float) -> None:
+        world = self.trainer.world_size
+        metrics = {
+            "train/loss": loss,
+            "train/accuracy": output.accuracy,
+            "train/temperature": output.temperature,
+            "train/lr": self.lr_schedulers().get_last_lr()[0],
+            "train/samples_per_sec": batch.size * world / max(elapsed + data_wait, 1e-9),
+            "train/data_wait_sec": data_wait,
+            "train/step_sec": elapsed,
+        }
+        self.log_dict(metrics, prog_bar=False, on_step=True, on_epoch=False, batch_size=batch.size)
+        self.log("loss", loss, prog_bar=True, on_step=True, on_epoch=False, logger=False,
+                 batch_size=batch.size)
+        datamodule = getattr(self.trainer, "datamodule", None)
+        if datamodule is not None and hasattr(datamodule, "num_skipped"):
+            self.log("data/skipped_samples", float(datamodule.num_skipped), on_step=True, on_epoch=False,
+                     batch_size=batch.size)
+
+    # ------------------------------------------------------------------ optimisation
+
+    def configure_optimizers(self) -> dict[str, Any]:
+        hp = self.hparams
+        parameters = [p for p in self.parameters() if p.requires_grad]
+        optimizer = torch.optim.AdamW(parameters, lr=hp.lr, weight_decay=hp.weight_decay)
+        total = self.trainer.max_steps
+        if total is None or total <= 0:
+            raise ValueError("set trainer.max_steps: the training stream is unbounded")
+        warmup = int(hp.warmup * total) if hp.warmup < 1 else int(hp.warmup)
+        scheduler = LambdaLR(optimizer, lambda step: warmup_then_decay(step, max(warmup, 1), int(total),
+                                                                       hp.schedule))
+        return {"optimizer": optimizer, "lr_scheduler": {"scheduler": scheduler, "interval": "step"}}

@@ -1,0 +1,26 @@
+"""Session fixtures: a tiny backbone saved to disk once, and tiny training shards."""
+
+import pytest
+from helpers import make_sample
+
+from mme5.backbones.tiny import build_tiny
+from mme5.data.schema import Modality
+from mme5.data.shards import ShardWriter
+
+
+@pytest.fixture(scope="session")
+def tiny_mllama(tmp_path_factory):
+    """A tiny random Mllama folder, loaded by tests through the same path as a real checkpoint."""
+    return str(build_tiny("mllama", tmp_path_factory.mktemp("mllama"), seed=0, preset="test"))
+
+
+@pytest.fixture(scope="session")
+def tiny_shards(tmp_path_factory):
+    """96 samples over all seven modality combinations, 0–2 hard negatives each, in 4 shards."""
+    path = tmp_path_factory.mktemp("shards")
+    modalities = list(Modality)
+    with ShardWriter(path, max_count=24) as writer:
+        for i in range(96):
+            language = ["en", "zh", "ru"][i % 3]
+            writer.write(make_sample(i, modalities[i % 7], negatives=i % 3, language=language))
+    return str(path)
