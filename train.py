@@ -28,6 +28,7 @@ def main(args=None) -> None:
         EmbeddingModule,
         ShardDataModule,
         parser_kwargs={"parser_mode": "omegaconf"},
+        auto_configure_optimizers=False,  # AdamW + warmup/decay come from the model's own settings
         save_config_kwargs={"overwrite": True},
         args=args,
     )

@@ -8,7 +8,8 @@ from __future__ import annotations
 
 import math
 import time
-from contextlib import AbstractContextManager, nullcontext
+from contextlib import AbstractContextManager
+from dataclasses import asdict
 from pathlib import Path
 from typing import Any, Literal
 
@@ -20,6 +21,7 @@ from torch.optim.lr_scheduler import LambdaLR
 
 from mme5.backbones import load_backbone
 from mme5.data.collate import ContrastiveBatch
+from mme5.distributed import average_gradients
 from mme5.encoder import Encoder, LoraSettings
 from mme5.gradcache import GradCache
 from mme5.losses import ContrastiveOutput, InfoNCE
@@ -88,12 +90,15 @@ class EmbeddingModule(L.LightningModule):
         grad_clip: float = 5.0,
     ):
         super().__init__()
+        # Plain types in checkpoints: they then load with torch.load(weights_only=True).
+        lora = asdict(lora) if isinstance(lora, LoraSettings) else lora  # noqa: F841 (saved below)
         self.save_hyperparameters()
         self.automatic_optimization = False
         self.loss_fn = InfoNCE(temperature, learnable_temperature)
-        self.cache = GradCache(chunk_size, backward=self.manual_backward, no_sync=self._no_sync)
+        self.cache = GradCache(chunk_size, backward=self.manual_backward)
         self.encoder: Encoder | None = None
         self._last_step_end: float | None = None
+        self._step_sync: AbstractContextManager[Any] | None = None
 
     def configure_model(self) -> None:
         """Load the backbone (once; Lightning calls this under the strategy's init context)."""
@@ -101,10 +106,25 @@ class EmbeddingModule(L.LightningModule):
             return
         hp = self.hparams
         adapter = load_backbone(hp.backbone, dtype=DTYPES[hp.dtype] if hp.dtype else None)
-        self.encoder = Encoder(adapter, hp.lora, gradient_checkpointing=hp.gradient_checkpointing)
+        lora = LoraSettings(**hp.lora) if hp.lora is not None else None
+        self.encoder = Encoder(adapter, lora, gradient_checkpointing=hp.gradient_checkpointing)
         self.encoder.train()  # from_pretrained returns eval mode; LoRA dropout must be active in training
 
     # ------------------------------------------------------------------ training
+
+    def on_train_batch_start(self, batch: ContrastiveBatch, batch_idx: int) -> None:
+        # DDP must neither prepare nor run its own all-reduce in this step: `average_gradients` does it,
+        # once, after every backward pass. `no_sync` has to be entered before DDP's forward (the one that
+        # runs training_step), since that forward is where DDP arms its reducer.
+        model = self.trainer.strategy.model
+        if isinstance(model, DistributedDataParallel):
+            self._step_sync = model.no_sync()
+            self._step_sync.__enter__()
+
+    def on_train_batch_end(self, outputs: Any, batch: ContrastiveBatch, batch_idx: int) -> None:
+        if self._step_sync is not None:
+            self._step_sync.__exit__(None, None, None)
+            self._step_sync = None
 
     def training_step(self, batch: ContrastiveBatch, batch_idx: int) -> Tensor:
         started = time.perf_counter()
@@ -128,6 +148,9 @@ class EmbeddingModule(L.LightningModule):
             output = contrastive_loss({name: self.encoder.encode_chunks(c) for name, c in groups.items()})
             self.manual_backward(output.loss)
             loss = output.loss.detach()
+        # Gradient under DDP: the mean over ranks of each rank's gradient, which with InfoNCE's sync-grad
+        # gather is the gradient of the global-batch mean loss (see mme5.losses.InfoNCE).
+        average_gradients(self.parameters())
 
         self._stop_if_not_finite(loss)
         if self.hparams.grad_clip:
@@ -141,11 +164,6 @@ class EmbeddingModule(L.LightningModule):
         self._last_step_end = time.perf_counter()
         return loss
 
-    def _no_sync(self) -> AbstractContextManager[Any]:
-        """DDP's `no_sync` (gradients accumulate locally) around all chunks but the last."""
-        model = self.trainer.strategy.model
-        return model.no_sync() if isinstance(model, DistributedDataParallel) else nullcontext()
-
     def _stop_if_not_finite(self, loss: Tensor) -> None:
         bad = not bool(torch.isfinite(loss))
         if not self.trainer.strategy.reduce_boolean_decision(bad, all=False):
@@ -158,6 +176,18 @@ class EmbeddingModule(L.LightningModule):
             f"loss is {loss.item()} at global step {self.global_step}; the state before this step is saved "
             f"in {path}. Resume with --ckpt_path {path} after lowering the learning rate or checking the data"
         )
+
+    def on_save_checkpoint(self, checkpoint: dict[str, Any]) -> None:
+        # Random state too, so a resumed run draws the same (LoRA) dropout masks as an uninterrupted one.
+        cuda = torch.cuda.get_rng_state_all() if torch.cuda.is_available() else []
+        checkpoint["rng_states"] = {"torch": torch.get_rng_state(), "cuda": cuda}
+
+    def on_load_checkpoint(self, checkpoint: dict[str, Any]) -> None:
+        states = checkpoint.get("rng_states")
+        if states is not None:
+            torch.set_rng_state(states["torch"])
+            if states["cuda"] and torch.cuda.is_available():
+                torch.cuda.set_rng_state_all(states["cuda"])
 
     def _checkpoint_dir(self) -> Path:
         callback = self.trainer.checkpoint_callback

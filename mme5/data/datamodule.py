@@ -5,6 +5,7 @@ from __future__ import annotations
 from typing import Any
 
 import lightning as L
+import torch
 import torch.distributed as dist
 from torch.utils.data import DataLoader
 
@@ -71,8 +72,11 @@ class ShardDataModule(L.LightningDataModule):
         collator = ContrastiveCollator(load_processing(self.backbone, self.max_length).collate,
                                        self.num_negatives, self.chunk_size)
         workers = self.num_workers
+        # An own generator: creating the iterator must not draw from the global RNG, or a resumed run's
+        # dropout masks would shift by one draw against an uninterrupted run's.
         return DataLoader(stream, batch_size=None, collate_fn=collator, num_workers=workers,
-                          persistent_workers=workers > 0, prefetch_factor=4 if workers else None)
+                          persistent_workers=workers > 0, prefetch_factor=4 if workers else None,
+                          generator=torch.Generator().manual_seed(self.seed))
 
     def on_before_batch_transfer(self, batch: ContrastiveBatch, dataloader_idx: int) -> ContrastiveBatch:
         # Called in the main process for each batch the step is about to consume.

@@ -1,0 +1,112 @@
+"""Evaluate a model on MMEB and/or XTD and write scores.json, results.md and per-query predictions.
+
+    python -m mme5.eval --model runs/demo/checkpoints/last.ckpt --data runs/demo/world --out runs/demo/eval
+    python -m mme5.eval --model meta-llama-folder --benchmark mmeb --mmeb MMEB-eval --out eval/zero-shot \\
+        --device cuda --dtype bfloat16 --batch-size 32
+    torchrun --nproc-per-node 8 -m mme5.eval ...      (each GPU encodes a share; rank 0 writes)
+
+Data: `--data DIR` is the parent of `mmeb/` and `xtd/` (as the demo world writes); `--mmeb DIR` and
+`--xtd DIR` name either folder directly and win over `--data`. Embeddings are cached under
+`<out>/cache/<model fingerprint>/` (or --cache), so a rerun or an interrupted run does not recompute.
+"""
+
+from __future__ import annotations
+
+import argparse
+import os
+from pathlib import Path
+
+import torch
+import torch.distributed as dist
+
+from mme5.eval.encode import EmbeddingCache, world
+from mme5.eval.loading import DTYPES, embedder, load_encoder
+from mme5.eval.mmeb import MMEB
+from mme5.eval.run import Benchmark, evaluate, write_outputs
+from mme5.eval.xtd import IMAGE_INSTRUCTION, TEXT_INSTRUCTION, XTD
+
+HEADLINE = ("Overall", "mean_r10", "mean_all_r10")  # printed at the end of a run
+
+
+def parse(argv: list[str] | None = None) -> argparse.Namespace:
+    parser = argparse.ArgumentParser(prog="python -m mme5.eval", description=__doc__.split("\n\n")[0])
+    parser.add_argument("--model", required=True, help="EmbeddingModule .ckpt, or a backbone folder")
+    parser.add_argument("--backbone", help="backbone folder of a .ckpt whose recorded backbone has moved")
+    parser.add_argument("--benchmark", choices=["mmeb", "xtd", "all"], default="all", help="default: all")
+    parser.add_argument("--data", type=Path, help="parent folder of mmeb/ and xtd/")
+    parser.add_argument("--mmeb", type=Path, help="MMEB-eval folder (default: DATA/mmeb)")
+    parser.add_argument("--xtd", type=Path, help="XTD folder (default: DATA/xtd)")
+    parser.add_argument("--mmeb-images", type=Path, nargs="+", help="image folders or .zip files "
+                        "(default: the MMEB folder and its .zip files)")
+    parser.add_argument("--xtd-images", type=Path, nargs="+", help="image folders or .zip files "
+                        "(default: the XTD folder and its .zip files)")
+    parser.add_argument("--out", required=True, type=Path, help="output folder")
+    parser.add_argument("--subsets", nargs="+", help="MMEB data sets (default: all of the registry)")
+    parser.add_argument("--languages", nargs="+", help="XTD languages (default: all present)")
+    parser.add_argument("--max-queries", type=int, help="first N queries of each data set")
+    parser.add_argument("--batch-size", type=int, default=16, help="items per forward (default: 16)")
+    parser.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu",
+                        help="default: cuda when available, else cpu")
+    parser.add_argument("--dtype", choices=list(DTYPES), help="weights' dtype (default: the checkpoint's)")
+    parser.add_argument("--max-length", type=int, default=256, help="text tokens per item (default: 256)")
+    parser.add_argument("--top-k", type=int, default=10, help="candidates kept per prediction (default: 10)")
+    parser.add_argument("--cache", type=Path, help="embedding cache folder (default: OUT/cache)")
+    parser.add_argument("--no-cache", action="store_true", help="recompute every embedding")
+    parser.add_argument("--text-instruction", default=TEXT_INSTRUCTION,
+                        help="XTD caption instruction (default: %(default)r)")
+    parser.add_argument("--image-instruction", default=IMAGE_INSTRUCTION,
+                        help="XTD image instruction (default: %(default)r)")
+    args = parser.parse_args(argv)
+    for name in ("mmeb", "xtd"):
+        if args.benchmark in (name, "all") and getattr(args, name) is None:
+            if args.data is None:
+                parser.error(f"--benchmark {args.benchmark} needs --data or --{name}")
+            setattr(args, name, args.data / name)
+    return args
+
+
+def benchmarks(args: argparse.Namespace) -> list[Benchmark]:
+    out: list[Benchmark] = []
+    if args.benchmark in ("mmeb", "all"):
+        out.append(MMEB(args.mmeb, args.subsets, args.mmeb_images, args.max_queries))
+    if args.benchmark in ("xtd", "all"):
+        out.append(XTD(args.xtd, args.languages, args.xtd_images, args.max_queries, args.text_instruction,
+                       args.image_instruction))
+    return out
+
+
+def init_distributed(device: str) -> str:
+    """Join the process group that torchrun describes (if any); returns this rank's device."""
+    if int(os.environ.get("WORLD_SIZE", "1")) <= 1 or dist.is_initialized():
+        return device
+    cuda = device.startswith("cuda")
+    if cuda:
+        device = f"cuda:{int(os.environ.get('LOCAL_RANK', '0'))}"
+        torch.cuda.set_device(device)
+    dist.init_process_group("nccl" if cuda else "gloo")
+    return device
+
+
+def main(argv: list[str] | None = None) -> None:
+    args = parse(argv)
+    chosen = benchmarks(args)  # reads registries and finds files: fails before the model loads
+    device = init_distributed(args.device)
+    loaded = load_encoder(args.model, device, args.dtype, args.max_length, args.backbone)
+    cache = None if args.no_cache else EmbeddingCache(args.cache or args.out / "cache", loaded.fingerprint)
+    summaries, results = {}, {}
+    for benchmark in chosen:
+        summaries[benchmark.name], results[benchmark.name] = evaluate(
+            benchmark, embedder(loaded.encoder), batch_size=args.batch_size, cache=cache, top_k=args.top_k,
+            progress=True)
+    if world()[0] == 0:
+        write_outputs(args.out, loaded.description | {"fingerprint": loaded.fingerprint}, summaries, results)
+        for name, summary in summaries.items():
+            headline = [f"{k} {summary.scalars[k]:.1f}" for k in HEADLINE if k in summary.scalars]
+            print(f"{name}: {', '.join(headline)}")
+        print(f"wrote {args.out / 'scores.json'}, {args.out / 'results.md'} and {args.out / 'predictions'}/")
+    if dist.is_initialized():
+        dist.destroy_process_group()
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,100 @@
+"""Loads the model to evaluate and names it for the embedding cache.
+
+Accepted: a Lightning checkpoint of `EmbeddingModule` (`.ckpt`: the encoder is rebuilt from the saved
+hyper-parameters `backbone`/`lora`, then its `encoder.*` weights are loaded) or a plain backbone folder
+(zero-shot: last-token pooling, no LoRA). A further kind (an exported model folder) is one more branch in
+`load_encoder`.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+from collections.abc import Mapping
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import torch
+
+from mme5.backbones import load_backbone
+from mme5.encoder import Encoder, LoraSettings
+from mme5.eval.encode import Embed
+
+DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
+
+
+def embedder(encoder: Encoder) -> Embed:
+    """`embed(items)` of an encoder: its adapter batches the items, the encoder embeds them (no grad)."""
+
+    @torch.no_grad()
+    def embed(items: list) -> torch.Tensor:
+        return encoder(encoder.adapter.collate(items))
+
+    return embed
+
+
+def fingerprint(files: list[Path], **settings: Any) -> str:
+    """Identity of a model for the cache: its files' names, sizes and modification times, plus settings
+    that change embeddings (dtype, max_length). Cheap: no weights are hashed."""
+    stats = [[str(f.resolve()), f.stat().st_size, f.stat().st_mtime_ns] for f in sorted(files)]
+    payload = json.dumps({"files": stats, "settings": settings}, sort_keys=True, default=str)
+    return hashlib.sha1(payload.encode()).hexdigest()[:16]
+
+
+def _lora(value: Any) -> LoraSettings | None:
+    """The checkpoint's `lora` hyper-parameter (a dataclass, a dict or a jsonargparse Namespace)."""
+    if value is None or isinstance(value, LoraSettings):
+        return value
+    return LoraSettings(**(dict(value) if isinstance(value, Mapping) else vars(value)))
+
+
+def _from_lightning(path: Path, dtype: str | None, max_length: int, backbone: str | None) -> Encoder:
+    # Unpickling: our own checkpoints hold dataclasses in their hyper-parameters; load trusted files only.
+    checkpoint = torch.load(path, map_location="cpu", weights_only=False)
+    hparams = checkpoint.get("hyper_parameters") or {}
+    if "backbone" not in hparams or "state_dict" not in checkpoint:
+        raise ValueError(f"{path}: not an EmbeddingModule checkpoint (expected hyper_parameters.backbone and "
+                         f"a state_dict; found keys {sorted(checkpoint)})")
+    source = backbone or hparams["backbone"]
+    if backbone is None and Path(source).is_absolute() and not Path(source).exists():
+        raise FileNotFoundError(f"{path} was trained from backbone {source}, which does not exist here; "
+                                "pass its folder with --backbone")
+    dtype = dtype or hparams.get("dtype")
+    encoder = Encoder(load_backbone(source, DTYPES[dtype] if dtype else None, max_length=max_length),
+                      _lora(hparams.get("lora")))
+    state = checkpoint["state_dict"]
+    encoder.load_state_dict({k.removeprefix("encoder."): v for k, v in state.items()
+                             if k.startswith("encoder.")})
+    return encoder
+
+
+@dataclass
+class LoadedModel:
+    encoder: Encoder
+    fingerprint: str  # names the model in the embedding cache
+    description: dict[str, Any]  # what was loaded, for scores.json
+
+
+def load_encoder(path: str | Path, device: str = "cpu", dtype: str | None = None, max_length: int = 256,
+                 backbone: str | None = None) -> LoadedModel:
+    """The encoder of a checkpoint or backbone folder, in eval mode on `device`.
+
+    dtype: weights' dtype ("float32", "bfloat16", "float16"; None: the checkpoint's own).
+    backbone: folder to rebuild a `.ckpt`'s encoder from, when its recorded one has moved.
+    """
+    path = Path(path)
+    if path.is_file() and path.suffix == ".ckpt":
+        kind, files = "lightning-checkpoint", [path]
+        encoder = _from_lightning(path, dtype, max_length, backbone)
+    elif path.is_dir() and (path / "config.json").is_file():
+        model = load_backbone(path, DTYPES[dtype] if dtype else None, max_length=max_length)
+        encoder, kind, files = Encoder(model), "backbone", [f for f in path.iterdir() if f.is_file()]
+    else:
+        raise ValueError(f"{path}: expected a Lightning checkpoint (.ckpt) or a backbone folder with "
+                         "config.json")
+    encoder.to(device).eval()
+    settings = {"dtype": dtype, "max_length": max_length, "kind": kind}
+    description = {"name": path.name, "path": str(path.resolve()), **settings,
+                   "family": encoder.adapter.family, "adapters": encoder.has_adapters}
+    return LoadedModel(encoder, fingerprint(files, **settings), description)

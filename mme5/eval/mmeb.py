@@ -1,0 +1,120 @@
+"""MMEB-eval read from its published layout; each query ranked against its own candidates, gold at 0.
+
+Layout (TIGER-Lab/MMEB-eval, and the demo world's copy of it):
+    <root>/<Subset>/test-*.parquet   qry_text, qry_img_path ("" if none), tgt_text (list), tgt_img_path (list)
+    <root>/subsets.json              optional registry (the demo world's); without it, the 36 MMEB sets
+Images: an image path in the parquet is looked up under each image source (default: `<root>` and every
+`<root>/*.zip`, e.g. the published images zip, read without unpacking), first as written, then under
+`eval_images/` (published paths start below that folder; the demo world's include it).
+Texts are encoded as published (`Item(instruction="", text=qry_text)`): the instruction is inside the
+text and the adapter drops the `<|image_1|>` placeholder. Candidate lists may differ in length per query.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Iterator, Sequence
+from pathlib import Path
+
+import pyarrow.parquet as pq
+
+from mme5.eval.images import ImageStore
+from mme5.eval.metrics import metrics_from_ranks
+from mme5.eval.registry import MMEB as MMEB_SETS
+from mme5.eval.registry import EvalSet, aggregate, load_registry
+from mme5.eval.retrieval import Ranked, RetrievalSet, SetBuilder
+from mme5.eval.run import Summary
+
+COLUMNS = ("qry_text", "qry_img_path", "tgt_text", "tgt_img_path")
+REGISTRY_FILE = "subsets.json"
+IMAGE_PREFIXES = ("", "eval_images/")
+SCORE = "precision@1"  # MMEB's metric (hit@1)
+
+
+def parquet_files(folder: Path) -> list[Path]:
+    files = sorted(folder.glob("test-*.parquet"))
+    if not files:
+        raise FileNotFoundError(f"{folder}: no test-*.parquet file")
+    return files
+
+
+def read_rows(files: Sequence[Path], max_rows: int | None = None) -> Iterator[tuple[str, int, dict]]:
+    """(file name, row in file, row) of the row-format files in order, at most `max_rows` rows."""
+    seen = 0
+    for file in files:
+        table = pq.read_table(file)
+        missing = [c for c in COLUMNS if c not in table.column_names]
+        if missing:
+            raise ValueError(f"{file}: missing column(s) {missing}; found {table.column_names}")
+        for i, row in enumerate(table.select(list(COLUMNS)).to_pylist()):
+            if max_rows is not None and seen >= max_rows:
+                return
+            seen += 1
+            yield file.name, i, row
+
+
+def add_rows(builder: SetBuilder, key: str, files: Sequence[Path], max_rows: int | None = None) -> None:
+    """Read row-format files into ranking `key` of `builder`: query vs. its own list, gold at index 0."""
+    queries, candidates = [], []
+    for file, i, row in read_rows(files, max_rows):
+        where = f"{file} row {i}"
+        texts, images = row["tgt_text"] or [], row["tgt_img_path"] or []
+        if not texts or len(texts) != len(images):
+            raise ValueError(f"{builder.name}, {where}: tgt_text has {len(texts)} entries and tgt_img_path "
+                             f"{len(images)}; expected the same number, at least 1 (gold first)")
+        queries.append(builder.item("", row["qry_text"], row["qry_img_path"], f"{where}, qry_img_path"))
+        candidates.append([builder.item("", text, image, f"{where}, tgt_img_path[{j}]")
+                           for j, (text, image) in enumerate(zip(texts, images, strict=True))])
+    builder.rank(key, queries, candidates, [0] * len(queries))
+
+
+def registry_of(root: Path) -> tuple[EvalSet, ...]:
+    """`<root>/subsets.json` when present, else the 36 MMEB data sets."""
+    path = root / REGISTRY_FILE
+    return load_registry(path) if path.is_file() else MMEB_SETS
+
+
+class MMEB:
+    """The MMEB benchmark on a folder: the selected data sets, read one at a time.
+
+    Args:
+        root: folder holding one sub-folder per data set.
+        subsets: data sets to evaluate (default: every one of the registry; each must be in it).
+        images: image sources, folders or .zip files (default: `root` and its .zip files).
+        max_queries: first N queries of each data set (a deterministic subset, e.g. during training).
+    """
+
+    name = "mmeb"
+
+    def __init__(self, root: str | Path, subsets: Sequence[str] | None = None,
+                 images: Sequence[str | Path] | None = None, max_queries: int | None = None):
+        self.root = Path(root)
+        registry = {s.name: s for s in registry_of(self.root)}
+        unknown = [name for name in subsets or [] if name not in registry]
+        if unknown:
+            raise ValueError(f"unknown MMEB data set(s) {unknown}: not in the registry of {self.root} "
+                             f"({', '.join(registry)})")
+        self.registry = [registry[name] for name in subsets] if subsets else list(registry.values())
+        absent = [s.name for s in self.registry if not (self.root / s.name).is_dir()]
+        if absent:
+            raise FileNotFoundError(f"{self.root}: no folder for data set(s) {absent}; "
+                                    "choose the ones present with --subsets")
+        sources = list(images) if images else [self.root, *sorted(self.root.glob("*.zip"))]
+        self.images = ImageStore(sources, IMAGE_PREFIXES)
+        self.max_queries = max_queries
+
+    def sets(self) -> Iterator[RetrievalSet]:
+        for spec in self.registry:
+            builder = SetBuilder(spec.name, self.images)
+            add_rows(builder, spec.name, parquet_files(self.root / spec.name), self.max_queries)
+            yield builder.build()
+
+    def summarize(self, results: dict[str, Ranked]) -> Summary:
+        """Per data set metrics (P@1 is the score) and the leaderboard aggregates."""
+        datasets = {s.name: {"meta_task": s.meta_task, "split": s.split}
+                    | metrics_from_ranks(results[s.name].ranks) for s in self.registry if s.name in results}
+        scores = {name: entry[SCORE] for name, entry in datasets.items()}
+        aggregates = aggregate(scores, self.registry)
+        return Summary(
+            scores={"metric": SCORE, "datasets": datasets, **aggregates},
+            scalars=scores | {k: v for k, v in aggregates.items() if v is not None},
+        )

@@ -1,0 +1,128 @@
+"""The one shape every evaluation takes: distinct items, and rankings of queries against candidate lists.
+
+MMEB (each query against its own list, gold at 0) and XTD (each caption against all images, and back)
+both become a `RetrievalSet`, so they share one encoding path and one scorer. Items are interned: each
+distinct (instruction, text, image) gets one row and is encoded once per set, however many rankings and
+candidate lists name it.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+from dataclasses import dataclass, field
+
+import torch
+from torch import Tensor
+
+from mme5.eval.images import ImageRef, ImageStore, MissingImageError
+from mme5.eval.metrics import pessimistic_ranks
+
+
+@dataclass(frozen=True)
+class ItemSpec:
+    """An item to embed, its image referenced (not loaded): hashable, cheap to hold by the thousand."""
+
+    instruction: str = ""
+    text: str | None = None
+    image: ImageRef | None = None
+
+
+@dataclass(frozen=True)
+class Ranking:
+    """Queries, each ranked against its candidate list; all entries are rows of the set's items.
+
+    queries: (Q,); candidates: (Q, C), -1 pads a list shorter than C; gold: (Q,) the gold's column.
+    """
+
+    queries: Tensor
+    candidates: Tensor
+    gold: Tensor
+
+
+@dataclass
+class RetrievalSet:
+    """One data set: its distinct items and named rankings over them."""
+
+    name: str
+    items: list[ItemSpec]
+    rankings: dict[str, Ranking]
+
+
+def pad_lists(lists: Sequence[Sequence[int]]) -> Tensor:
+    """Candidate lists of different lengths as a (Q, C) tensor, -1 after each list's end."""
+    out = torch.full((len(lists), max((len(x) for x in lists), default=0)), -1, dtype=torch.long)
+    for row, values in enumerate(lists):
+        out[row, : len(values)] = torch.as_tensor(values, dtype=torch.long)
+    return out
+
+
+@dataclass
+class SetBuilder:
+    """Interns the items of one data set while a reader walks its rows, then builds the set."""
+
+    name: str
+    images: ImageStore | None = None
+    items: list[ItemSpec] = field(default_factory=list)
+    rankings: dict[str, Ranking] = field(default_factory=dict)
+    _rows: dict[tuple[str, str | None, str | None], int] = field(default_factory=dict)
+
+    def item(self, instruction: str, text: str | None, image: str | None, where: str) -> int:
+        """Row of the item; `where` (e.g. "row 3, tgt_img_path[2]") names it in a missing-image error."""
+        key = (instruction, text or None, image or None)
+        row = self._rows.get(key)
+        if row is None:
+            ref = None
+            if image:
+                if self.images is None:
+                    raise ValueError(f"{self.name}, {where}: image {image!r} named, but no image store set")
+                try:
+                    ref = self.images.ref(image)
+                except MissingImageError as error:
+                    raise MissingImageError(f"{self.name}, {where}: {error}") from None
+            row = self._rows[key] = len(self.items)
+            self.items.append(ItemSpec(instruction, text or None, ref))
+        return row
+
+    def rank(self, key: str, queries: Sequence[int], candidates: Tensor | Sequence[Sequence[int]],
+             gold: Tensor | Sequence[int]) -> None:
+        if not isinstance(candidates, Tensor):
+            candidates = pad_lists(candidates)
+        self.rankings[key] = Ranking(torch.as_tensor(queries, dtype=torch.long), candidates,
+                                     torch.as_tensor(gold, dtype=torch.long))
+
+    def build(self) -> RetrievalSet:
+        return RetrievalSet(self.name, self.items, self.rankings)
+
+
+@dataclass(frozen=True)
+class Ranked:
+    """Outcome of one ranking: gold ranks (Q,) with ties counted against the gold, and the top-k
+    candidate columns (Q, k) with their cosine scores, best first (order among exact ties unspecified)."""
+
+    ranks: Tensor
+    top: Tensor
+    top_scores: Tensor
+
+
+def rank(ranking: Ranking, embeddings: Tensor, top_k: int = 10, budget: int = 1 << 26) -> Ranked:
+    """Score each query against its own candidates only, `budget` floats of candidates at a time.
+
+    Scores are elementwise products summed over D (not a matmul): identical embeddings then get
+    bit-identical scores wherever they sit, which the pessimistic tie rule relies on.
+    """
+    num_queries, width = ranking.candidates.shape
+    step = max(1, budget // max(1, width * embeddings.shape[1]))
+    ranks, tops, top_scores = [], [], []
+    for start in range(0, num_queries, step):
+        candidates = ranking.candidates[start : start + step]  # (q, C)
+        queries = embeddings[ranking.queries[start : start + step]]  # (q, D)
+        scores = (embeddings[candidates.clamp(min=0)] * queries[:, None, :]).sum(-1)  # (q, C)
+        scores = scores.masked_fill(candidates < 0, float("-inf"))
+        ranks.append(pessimistic_ranks(scores, ranking.gold[start : start + step]))
+        best = scores.topk(min(top_k, width), dim=1)
+        tops.append(best.indices)
+        top_scores.append(best.values)
+    if not ranks:
+        empty = torch.empty(0, 0)
+        return Ranked(torch.empty(0, dtype=torch.long), empty.long(), empty)
+    return Ranked(torch.cat(ranks), torch.cat(tops), torch.cat(top_scores))

@@ -1,0 +1,123 @@
+"""End to end on a tiny demo world: the training callbacks, the checkpoint loader and the command."""
+
+import json
+
+import lightning as L
+import pytest
+import torch
+from lightning.pytorch.loggers import TensorBoardLogger
+from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
+
+from mme5.backbones import Item
+from mme5.data.datamodule import ShardDataModule
+from mme5.data.demo_world import WorldConfig, build_world
+from mme5.data.stream import Source
+from mme5.encoder import LoraSettings
+from mme5.eval.__main__ import main
+from mme5.eval.callbacks import MMEBEval, XTDEval
+from mme5.eval.loading import load_encoder
+from mme5.eval.registry import META_TASKS
+from mme5.module import EmbeddingModule
+
+LANGUAGES = ("en", "es", "zh")
+
+
+@pytest.fixture(scope="session")
+def tiny_world(tmp_path_factory):
+    root = tmp_path_factory.mktemp("world")
+    build_world(root, WorldConfig(train_samples=48, eval_queries=3, eval_candidates=4, xtd_images=5,
+                                  languages=LANGUAGES), progress=False)
+    return root
+
+
+@pytest.fixture(scope="module")
+def trained(tmp_path_factory, tiny_world, tiny_mllama):
+    """Two LoRA steps with both callbacks evaluating at start and every step; the checkpoint saved after."""
+    out = tmp_path_factory.mktemp("run")
+    module = EmbeddingModule(backbone=tiny_mllama, lora=LoraSettings(r=2, alpha=4, dropout=0.0),
+                             gradient_checkpointing=False, chunk_size=8, lr=1e-2, warmup=0)
+    data = ShardDataModule(sources=[Source(str(tiny_world / "train"))], backbone=tiny_mllama, batch_size=8,
+                           num_negatives=1, chunk_size=8, num_workers=0, shuffle_buffer=1)
+    callbacks = [MMEBEval(str(tiny_world / "mmeb"), max_queries=2, every_n_steps=1),
+                 XTDEval(str(tiny_world / "xtd"), max_queries=4, every_n_steps=2)]
+    trainer = L.Trainer(max_steps=2, accelerator="cpu", logger=TensorBoardLogger(out, name="tb", version=""),
+                        callbacks=callbacks, enable_checkpointing=False, enable_progress_bar=False,
+                        enable_model_summary=False)
+    trainer.fit(module, data)
+    trainer.save_checkpoint(out / "last.ckpt")
+    return trainer, module, out
+
+
+def scalars(tb_dir):
+    events = EventAccumulator(str(tb_dir))
+    events.Reload()
+    return {tag: {e.step: e.value for e in events.Scalars(tag)} for tag in events.Tags()["scalars"]}
+
+
+def test_callbacks_log_the_baseline_and_every_n_steps(trained, tiny_world):
+    trainer, module, out = trained
+    logged = scalars(out / "tb")
+    subsets = json.loads((tiny_world / "mmeb" / "subsets.json").read_text())
+    for name in [*subsets, *META_TASKS, "IND", "OOD", "Overall"]:
+        assert set(logged[f"eval/mmeb/{name}"]) == {0, 1, 2}, name
+    for tag in ["en_r10", "es_r1", "zh_i2t_r10", "mean_r10", "mean_all_r10"]:
+        assert set(logged[f"eval/xtd/{tag}"]) == {0, 2}, tag
+    module.encoder.train()
+    trainer.callbacks[0].run(trainer, module)
+    assert module.encoder.training  # eval mode only while evaluating
+
+
+def test_checkpoint_loads_the_trained_encoder_and_the_command_reproduces_the_callback(trained, tiny_world,
+                                                                                    tiny_mllama, tmp_path):
+    trainer, module, out = trained
+    loaded = load_encoder(out / "last.ckpt")
+    assert loaded.encoder.has_adapters and loaded.description["kind"] == "lightning-checkpoint"
+    items = [Item("Represent the given image.", "a caption"), Item("", "another caption of more words")]
+    module.encoder.eval()
+    with torch.no_grad():
+        expected = module.encoder(module.encoder.adapter.collate(items))
+        torch.testing.assert_close(loaded.encoder(loaded.encoder.adapter.collate(items)), expected)
+        zero_shot = load_encoder(tiny_mllama).encoder
+        assert not torch.allclose(zero_shot(zero_shot.adapter.collate(items)), expected, atol=1e-4)
+
+    main(["--model", str(out / "last.ckpt"), "--benchmark", "mmeb", "--data", str(tiny_world),
+          "--out", str(tmp_path), "--max-queries", "2", "--device", "cpu"])
+    from_command = json.loads((tmp_path / "scores.json").read_text())["scalars"]
+    logged = scalars(out / "tb")
+    for key, value in from_command.items():  # same code, same weights, same first 2 queries
+        assert value == pytest.approx(logged[f"eval/{key}"][2], abs=1e-4), key
+
+
+def test_command_end_to_end_on_a_backbone_folder(tiny_world, tiny_mllama, tmp_path):
+    args = ["--model", tiny_mllama, "--data", str(tiny_world), "--out", str(tmp_path), "--batch-size", "4",
+            "--device", "cpu", "--top-k", "3"]
+    main(args)
+    scores = json.loads((tmp_path / "scores.json").read_text())
+    subsets = json.loads((tiny_world / "mmeb" / "subsets.json").read_text())
+    assert {*META_TASKS, "IND", "OOD", "Overall", "datasets"} <= set(scores["mmeb"])
+    assert set(scores["mmeb"]["datasets"]) == set(subsets)
+    assert scores["model"]["kind"] == "backbone" and not scores["model"]["adapters"]
+    xtd = scores["xtd"]
+    assert set(xtd["languages"]) == set(LANGUAGES) and xtd["paper_languages"] == ["es", "zh"]
+    assert {"mean", "mean_all"} <= set(xtd) and "xtd/mean_r10" in scores["scalars"]
+    report = (tmp_path / "results.md").read_text()
+    assert "| Model | Classification | VQA | Retrieval | Grounding | IND | OOD | Overall |" in report
+    assert "text→image" in report and "mean (2 paper)" in report
+    lines = (tmp_path / "predictions" / "mmeb" / "Shape.jsonl").read_text().splitlines()
+    first = json.loads(lines[0])
+    assert len(lines) == 3 and set(first) == {"query", "gold_rank", "top", "scores"}
+    assert len(first["top"]) == len(first["scores"]) == 3
+    assert (tmp_path / "predictions" / "xtd" / "es_i2t.jsonl").is_file()
+
+    parts = sorted(tmp_path.glob("cache/*/*/part-*.pt"))
+    main(args)  # everything comes from the cache: no new part is written, the scores are the same
+    assert sorted(tmp_path.glob("cache/*/*/part-*.pt")) == parts
+    assert json.loads((tmp_path / "scores.json").read_text())["scalars"] == scores["scalars"]
+
+
+def test_command_errors_before_loading_the_model(tiny_world, tmp_path):
+    with pytest.raises(SystemExit):
+        main(["--model", "nowhere", "--out", str(tmp_path)])  # no --data nor --mmeb/--xtd
+    with pytest.raises(ValueError, match="unknown MMEB data set"):
+        main(["--model", "nowhere", "--benchmark", "mmeb", "--mmeb", str(tiny_world / "mmeb"), "--subsets",
+              "ImageNet-1K", "--out", str(tmp_path)])
