@@ -2,10 +2,11 @@
 PYTHON ?= python3
 VENV ?= .venv
 PY := $(VENV)/bin/python
-DEMO ?= runs/demo
+# configs/demo.yaml's trainer.default_root_dir: the demo's paths derive from it.
+DEMO := runs/demo
 SEED ?= 0
 
-.PHONY: install demo test lint clean-demo
+.PHONY: install demo demo-data demo-train demo-eval test test-fast lint clean-demo
 
 install: $(VENV)/.installed
 
@@ -15,16 +16,33 @@ $(VENV)/.installed: pyproject.toml
 	$(PY) -m pip install -q -e '.[dev]'
 	touch $@
 
-demo: install
+# The embedded default: build the demo world and a tiny random Mllama, train it with the gradient cache
+# (MMEB/XTD scores logged to TensorBoard during training), then score the untrained and trained models.
+demo: install demo-data demo-train demo-eval
+
+demo-data: $(DEMO)/world/world.json $(DEMO)/backbone/config.json
+
+$(DEMO)/world/world.json:
 	$(PY) -m mme5.data.demo_world --out $(DEMO)/world --seed $(SEED)
-	$(PY) -m mme5.backbones.tiny --family mllama --out $(DEMO)/backbone --seed $(SEED)
-	$(PY) benchmarks/data_loader.py --world $(DEMO)/world --backbone $(DEMO)/backbone
+
+$(DEMO)/backbone/config.json: $(DEMO)/world/world.json
+	$(PY) -m mme5.backbones.tiny --family mllama --preset demo --out $(DEMO)/backbone --seed $(SEED) \
+		--corpus $(DEMO)/world/corpus.txt
+
+demo-train: demo-data
+	rm -rf $(DEMO)/checkpoints $(DEMO)/tensorboard
+	$(PY) train.py fit --config configs/demo.yaml
+
+demo-eval:
+	$(PY) -m mme5.eval --model $(DEMO)/backbone --data $(DEMO)/world --out $(DEMO)/eval/untrained
+	$(PY) -m mme5.eval --model $(DEMO)/checkpoints/last.ckpt --data $(DEMO)/world --out $(DEMO)/eval/trained
+	$(PY) -m mme5.eval.compare $(DEMO)/eval/untrained $(DEMO)/eval/trained
 
 test: install
 	$(PY) -m pytest -q
 
 lint: install
-	$(VENV)/bin/ruff check mme5 tests benchmarks
+	$(VENV)/bin/ruff check mme5 tests benchmarks train.py
 
 clean-demo:
 	rm -rf $(DEMO)

@@ -52,12 +52,18 @@ def test_stream_is_unbounded_and_reshuffles_shards_each_epoch(tmp_path):
 def test_weights_caps_and_same_source_batches(tmp_path):
     a = write_source(tmp_path / "a", 50, prefix="a")
     b = write_source(tmp_path / "b", 50, prefix="b")
-    b.weight, b.max_samples = 3.0, 7
+    a.weight, b.weight, b.max_samples = 1.0, 3.0, 7
     stream = MixedShardStream([a, b], batch_size=20, shuffle_buffer=8)
     drawn = [i for batch in take(stream, 30) for i in ids(batch)]
     share_b = sum(i.startswith("b") for i in drawn) / len(drawn)
     assert 0.68 < share_b < 0.82
     assert {i for i in drawn if i.startswith("b")} == {f"b{i:04d}" for i in range(7)}
+
+    a.weight, b.weight, b.max_samples = None, None, None  # by size: 50 and 50 samples
+    c = write_source(tmp_path / "c", 150, prefix="c")  # 150 samples: three quarters of the draws
+    drawn = [i for batch in take(MixedShardStream([a, c], batch_size=20, shuffle_buffer=8), 30)
+             for i in ids(batch)]
+    assert 0.68 < sum(i.startswith("c") for i in drawn) / len(drawn) < 0.82
 
     same = MixedShardStream([a, b], batch_size=4, same_source_batches=True)
     for batch in take(same, 10):

@@ -41,19 +41,21 @@ class Source:
 
     Attributes:
         path: a shard directory written by mme5 (it holds `manifest.json`).
-        weight: relative probability of drawing the next sample (or batch) from this source.
+        weight: relative probability of drawing the next sample (or batch) from this source; None (the
+            default) = proportional to the samples it holds (after `max_samples`), which mixes the sources
+            as one shuffled concatenation would (the paper's recipe).
         max_samples: use only the first N samples of the source (the paper caps each labeled set at 50K).
         name: label in logs and batch metadata (default: the directory name).
     """
 
     path: str
-    weight: float = 1.0
+    weight: float | None = None
     max_samples: int | None = None
     name: str | None = None
 
     def __post_init__(self) -> None:
         self.name = self.name or Path(self.path).name
-        if self.weight <= 0:
+        if self.weight is not None and self.weight <= 0:
             raise ValueError(f"source {self.name}: weight must be positive, got {self.weight}")
 
     def shard_plan(self) -> list[tuple[str, int]]:
@@ -183,7 +185,8 @@ class MixedShardStream(IterableDataset):
             shuffle_rng = random.Random(f"{self.seed}/{name}/{slot.index}/{batches}")
             streams[name] = self.decoded(self.shuffled(iter(reader), shuffle_rng), stats)
         names = [s.name for s in self.sources]
-        weights = [s.weight for s in self.sources]
+        weights = [s.weight if s.weight is not None else sum(take for _, take in readers[s.name].plan)
+                   for s in self.sources]
         while True:
             # Seeded per batch, so that a resumed stream draws its sources exactly as the original would.
             rng = random.Random(f"{self.seed}/mix/{slot.index}/{batches}")

@@ -13,11 +13,11 @@ HEADLINE = (*META_TASKS, *SPLITS, "Overall")
 XTD_ROWS = (("t2i", "text→image"), ("i2t", "image→text"))
 
 
-def _cell(value: float | None) -> str:
+def cell(value: float | None) -> str:
     return "–" if value is None else f"{value:.1f}"
 
 
-def _table(header: list[str], rows: list[list[str]]) -> list[str]:
+def table(header: list[str], rows: list[list[str]]) -> list[str]:
     lines = ["| " + " | ".join(header) + " |", "|" + "---|" * len(header)]
     return lines + ["| " + " | ".join(row) + " |" for row in rows]
 
@@ -25,15 +25,15 @@ def _table(header: list[str], rows: list[list[str]]) -> list[str]:
 def mmeb_tables(model: str, scores: dict[str, Any]) -> list[str]:
     """The leaderboard line (meta-tasks, IND, OOD, Overall), then every data set by meta-task."""
     lines = ["## MMEB", "", f"Score: {scores['metric']} (%). Overall is the mean over all data sets.", ""]
-    lines += _table(["Model", *HEADLINE], [[model, *(_cell(scores.get(k)) for k in HEADLINE)]])
+    lines += table(["Model", *HEADLINE], [[model, *(cell(scores.get(k)) for k in HEADLINE)]])
     rows = []
     for task in META_TASKS:
         entries = [(name, e) for name, e in scores["datasets"].items() if e["meta_task"] == task]
-        rows += [[task, name, e["split"], _cell(e[scores["metric"]]), str(e["queries"])]
+        rows += [[task, name, e["split"], cell(e[scores["metric"]]), str(e["queries"])]
                  for name, e in entries]
         if entries:
-            rows.append([f"**{task}**", "**mean**", "", f"**{_cell(scores.get(task))}**", ""])
-    return [*lines, "", *_table(["Meta-task", "Data set", "Split", "Score", "Queries"], rows)]
+            rows.append([f"**{task}**", "**mean**", "", f"**{cell(scores.get(task))}**", ""])
+    return [*lines, "", *table(["Meta-task", "Data set", "Split", "Score", "Queries"], rows)]
 
 
 def xtd_tables(scores: dict[str, Any]) -> list[str]:
@@ -49,10 +49,10 @@ def xtd_tables(scores: dict[str, Any]) -> list[str]:
             values = [scores["languages"][code].get(direction, {}).get(metric) for code in languages]
             values += [(scores[group].get(direction) or {}).get(metric) for group, _ in groups]
             if any(v is not None for v in values):
-                rows.append([label, f"R@{k}", *(_cell(v) for v in values)])
+                rows.append([label, f"R@{k}", *(cell(v) for v in values)])
     intro = ("Recall@k (%); P@1 = R@1. The paper reports text→image R@10 and its mean over "
              "es it ko pl ru tr zh.")
-    return ["## XTD", "", intro, "", *_table(header, rows)]
+    return ["## XTD", "", intro, "", *table(header, rows)]
 
 
 def markdown(model: dict[str, Any], summaries: dict[str, Summary]) -> str:

@@ -1,0 +1,56 @@
+"""Compare evaluation runs side by side: one Markdown row per `scores.json`, leaderboard columns.
+
+    python -m mme5.eval.compare runs/demo/eval/untrained runs/demo/eval/trained
+
+Each argument is a `scores.json` or the folder holding it. Columns: the MMEB meta-tasks, IND, OOD and
+Overall, then XTD text→image Recall@10 averaged over the paper's languages and over all languages.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+from pathlib import Path
+from typing import Any
+
+from mme5.eval.report import HEADLINE, cell, table
+
+XTD_COLUMNS = (("mean", "XTD R@10 (paper langs)"), ("mean_all", "XTD R@10 (all)"))
+
+
+def load_scores(path: str | Path) -> dict[str, Any]:
+    path = Path(path)
+    path = path / "scores.json" if path.is_dir() else path
+    try:
+        return json.loads(path.read_text(encoding="utf-8"))
+    except (OSError, json.JSONDecodeError) as error:
+        raise SystemExit(f"{path}: cannot read scores: {error}") from None
+
+
+def row(name: str, scores: dict[str, Any]) -> list[str]:
+    mmeb = scores.get("mmeb", {})
+    xtd = scores.get("xtd", {})
+    cells = [cell(mmeb.get(key)) for key in HEADLINE]
+    for group, _ in XTD_COLUMNS:
+        cells.append(cell(((xtd.get(group) or {}).get("t2i") or {}).get("recall@10")))
+    return [name, *cells]
+
+
+def comparison(runs: dict[str, dict[str, Any]]) -> str:
+    header = ["Run", *HEADLINE, *(label for _, label in XTD_COLUMNS)]
+    return "\n".join(table(header, [row(name, scores) for name, scores in runs.items()]))
+
+
+def main(argv: list[str] | None = None) -> None:
+    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    parser.add_argument("runs", nargs="+", help="scores.json files or folders holding one")
+    parser.add_argument("--names", nargs="+", help="row names (default: the folder names)")
+    args = parser.parse_args(argv)
+    names = args.names or [Path(r).name if Path(r).is_dir() else Path(r).parent.name for r in args.runs]
+    if len(names) != len(args.runs):
+        parser.error(f"{len(names)} names for {len(args.runs)} runs")
+    print(comparison({name: load_scores(run) for name, run in zip(names, args.runs, strict=True)}))
+
+
+if __name__ == "__main__":
+    main()
