@@ -8,9 +8,11 @@ Two memory figures per (mode, batch size), each configuration in a fresh process
   per storage while alive) — exact and repeatable, and what the gradient cache bounds;
 - RSS: the rise of the process's peak resident memory above its level just before the first step (model
   and collated batch already loaded) — the real footprint, noisier.
-Step time is the median of `--steps` steps after one warm-up step. Targets (issue): cached peak flat in
-batch size (≤ 1.25× from 16 to 256) and cached step ≤ 1.5× the plain step at the same batch size (theory:
-about 4/3).
+Step time is the median of `--steps` steps after one warm-up step. Modes: `plain` encodes each group
+(queries, positives, negatives) in one forward; `chunked` is the plain step fed the same chunks as the
+cache (what the training module's plain path does), so cached/chunked isolates the cache's extra forward;
+`cached` is the gradient cache. Targets (issue): cached peak flat in batch size (≤ 1.25× from 16 to 256)
+and cached step ≤ 1.5× the plain step at the same batch size (theory: about 4/3).
 """
 
 from __future__ import annotations
@@ -77,6 +79,9 @@ class Held:
         self.tensor = tensor
 
 
+MODES = ("plain", "chunked", "cached")
+
+
 def rss_bytes() -> int:
     with open("/proc/self/statm") as handle:
         return int(handle.read().split()[1]) * resource.getpagesize()
@@ -89,7 +94,7 @@ def measure(world: str, backbone: str, batch_size: int, mode: str, chunk: int, n
     adapter = load_backbone(backbone)
     encoder = Encoder(adapter).train()
     loss_fn = InfoNCE(temperature=0.05, gather=False)
-    chunk_size = chunk if mode == "cached" else batch_size
+    chunk_size = batch_size if mode == "plain" else chunk
     samples = []
     for sample in read_samples(shard_urls(Path(world) / "train")):
         samples.append(sample)
@@ -149,7 +154,7 @@ def main() -> None:
                                                    corpus=Path(world) / "corpus.txt"))
         results = {}
         for batch_size in args.batches:
-            for mode in ("plain", "cached"):
+            for mode in MODES:
                 command = [sys.executable, __file__, "--world", world, "--backbone", backbone,
                            "--chunk", str(args.chunk), "--negatives", str(args.negatives),
                            "--steps", str(args.steps), "--child", mode, str(batch_size)]
@@ -159,13 +164,14 @@ def main() -> None:
     print(f"demo backbone, chunk {args.chunk}, {args.negatives} hard negatives a sample; "
           f"time = median of {args.steps} steps")
     header = ["batch", "plain act MB", "cached act MB", "plain RSS MB", "cached RSS MB", "plain s",
-              "cached s", "cached/plain"]
+              "chunked s", "cached s", "cached/plain", "cached/chunked"]
     print(" | ".join(header))
     for batch_size in args.batches:
-        plain, cached = results["plain", batch_size], results["cached", batch_size]
+        plain, chunked, cached = (results[mode, batch_size] for mode in MODES)
         row = [f"{batch_size}", f"{plain['activations_mb']:.1f}", f"{cached['activations_mb']:.1f}",
                f"{plain['rss_mb']:.1f}", f"{cached['rss_mb']:.1f}", f"{plain['step_s']:.3f}",
-               f"{cached['step_s']:.3f}", f"{cached['step_s'] / plain['step_s']:.2f}x"]
+               f"{chunked['step_s']:.3f}", f"{cached['step_s']:.3f}",
+               f"{cached['step_s'] / plain['step_s']:.2f}x", f"{cached['step_s'] / chunked['step_s']:.2f}x"]
         print(" | ".join(value.rjust(len(name)) for value, name in zip(row, header, strict=True)))
     small, large = results["cached", args.batches[0]], results["cached", args.batches[-1]]
     for key, label in (("activations_mb", "activations"), ("rss_mb", "RSS rise")):

@@ -40,7 +40,7 @@ IMAGE = "Represent the given image."
 TITLED = "Represent the given image with the following title:"
 CROP = "Represent the given cropped image of the object."
 FEWER_NEGATIVES = 0.2  # share of training samples with fewer hard negatives than the maximum
-ENGLISH_WEIGHT = 3  # English is drawn this many times as often as each other language
+ENGLISH_WEIGHT = 8  # English is drawn this many times as often as each other language (MMEB is English)
 
 
 @dataclass
@@ -184,8 +184,9 @@ RECIPES = {
     )
 }
 
-# Every recipe once, VQA and grounding twice: otherwise retrieval, with seven recipes, would crowd them out.
-SCHEDULE = (*RECIPES, "vqa_it2t", "grounding_it2i")
+# Every recipe once, classification, VQA and grounding twice: otherwise retrieval, with seven recipes,
+# would crowd them out.
+SCHEDULE = (*RECIPES, "classification_i2t", "classification_it2t", "vqa_it2t", "grounding_it2i")
 
 
 def draw_episode(recipe: Recipe, ctx: Context, scenes: Iterator[Scene], language: str,
