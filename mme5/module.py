@@ -19,14 +19,12 @@ from torch import Tensor
 from torch.nn.parallel import DistributedDataParallel
 from torch.optim.lr_scheduler import LambdaLR
 
-from mme5.backbones import load_backbone
+from mme5.backbones import DTYPES, load_backbone
 from mme5.data.collate import ContrastiveBatch
 from mme5.distributed import average_gradients
 from mme5.encoder import Encoder, LoraSettings
 from mme5.gradcache import GradCache
 from mme5.losses import ContrastiveOutput, InfoNCE
-
-DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
 
 
 class NonFiniteLossError(RuntimeError):

@@ -11,6 +11,9 @@ from mme5.backbones.llava import LlavaAdapter
 from mme5.backbones.mllama import MllamaAdapter
 from mme5.backbones.qwen2_vl import Qwen2VLAdapter
 
+# Weight dtypes by the names configs and command lines use.
+DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
+
 ADAPTERS: dict[str, type[BackboneAdapter]] = {
     a.family: a for a in (MllamaAdapter, Qwen2VLAdapter, LlavaAdapter)
 }
@@ -49,6 +52,7 @@ def load_processing(path_or_id: str | Path, max_length: int = 256) -> BackboneAd
 
 __all__ = [
     "ADAPTERS",
+    "DTYPES",
     "IMAGE_PLACEHOLDER",
     "BackboneAdapter",
     "Item",

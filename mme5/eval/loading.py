@@ -17,11 +17,9 @@ from typing import Any
 
 import torch
 
-from mme5.backbones import load_backbone
+from mme5.backbones import DTYPES, load_backbone
 from mme5.encoder import Encoder, LoraSettings
 from mme5.eval.encode import Embed
-
-DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
 
 
 def embedder(encoder: Encoder) -> Embed:
