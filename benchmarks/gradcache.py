@@ -8,6 +8,7 @@ Two memory figures per (mode, batch size), each configuration in a fresh process
   per storage while alive) — exact and repeatable, and what the gradient cache bounds;
 - RSS: the rise of the process's peak resident memory above its level just before the first step (model
   and collated batch already loaded) — the real footprint, noisier.
+The batch repeats the first `--chunk` samples of the world, so all chunks are alike at every batch size.
 Step time is the median of `--steps` steps after one warm-up step. Modes: `plain` encodes each group
 (queries, positives, negatives) in one forward; `chunked` is the plain step fed the same chunks as the
 cache (what the training module's plain path does), so cached/chunked isolates the cache's extra forward;
@@ -18,6 +19,7 @@ and cached step ≤ 1.5× the plain step at the same batch size (theory: about 4
 from __future__ import annotations
 
 import argparse
+import itertools
 import json
 import resource
 import statistics
@@ -95,11 +97,10 @@ def measure(world: str, backbone: str, batch_size: int, mode: str, chunk: int, n
     encoder = Encoder(adapter).train()
     loss_fn = InfoNCE(temperature=0.05, gather=False)
     chunk_size = batch_size if mode == "plain" else chunk
-    samples = []
-    for sample in read_samples(shard_urls(Path(world) / "train")):
-        samples.append(sample)
-        if len(samples) == batch_size:
-            break
+    # The same 16 samples repeated: every chunk then has the same content and padding at every batch size,
+    # so memory and time differences come from the batch size and the mode, not from longer texts.
+    distinct = list(itertools.islice(read_samples(shard_urls(Path(world) / "train")), chunk))
+    samples = [distinct[i % len(distinct)] for i in range(batch_size)]
     batch = ContrastiveCollator(adapter.collate, negatives, chunk_size)(StreamBatch(samples, 0, {}))
     groups = {"query": batch.query, "positive": batch.positive, "negatives": batch.negatives}
 
