@@ -2,9 +2,9 @@
 
     python tests/scripts/ddp_step.py BACKBONE SHARDS OUT [--no-cache]
 
-Rank 0 writes OUT/result.pt: the initial trainable weights, each rank's batch ids, the gradients after
-the step's backward(s) (before the optimiser step), how many all-reduces DDP's own reducer ran (its comm
-hook) and how many the module's explicit gradient averaging ran.
+A checkpoint lands in OUT/ckpt/last.ckpt. Rank 0 writes OUT/result.pt: the initial trainable weights,
+each rank's batch ids, the gradients after the step's backward(s) (before the optimiser step), and how
+many all-reduces DDP's own reducer ran (its comm hook) and the module's explicit averaging ran.
 Lightning's DDP launcher re-runs this script for rank 1, so it must stay an importable script.
 """
 
@@ -14,6 +14,7 @@ from pathlib import Path
 import lightning as L
 import torch
 import torch.distributed as dist
+from lightning.pytorch.callbacks import ModelCheckpoint
 from lightning.pytorch.strategies import DDPStrategy
 from torch.distributed.algorithms.ddp_comm_hooks.default_hooks import allreduce_hook
 
@@ -79,8 +80,9 @@ def main() -> None:
     data = ShardDataModule([{"path": args.shards}], args.backbone, batch_size=8, num_negatives=2,
                            chunk_size=3, num_workers=0, shuffle_buffer=1)
     trainer = L.Trainer(accelerator="cpu", devices=2, strategy=DDPStrategy(),
-                        max_steps=1, logger=False, enable_checkpointing=False, enable_progress_bar=False,
-                        enable_model_summary=False, callbacks=[Recorder(args.out)])
+                        max_steps=1, logger=False, enable_progress_bar=False, enable_model_summary=False,
+                        callbacks=[Recorder(args.out),
+                                   ModelCheckpoint(dirpath=args.out / "ckpt", save_last=True)])
     trainer.fit(module, datamodule=data)
 
 
