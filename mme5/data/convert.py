@@ -32,7 +32,7 @@ from PIL import Image
 from tqdm import tqdm
 
 from mme5.data.schema import Modality, Sample, SchemaError, Side, Task, image_extension
-from mme5.data.shards import MANIFEST, ShardWriter, read_manifest
+from mme5.data.shards import MANIFEST, ShardWriter, SkipLog, read_manifest
 
 PLACEHOLDER = re.compile(r"<\|image_\d+\|>")
 INPUT_SUFFIXES = (".parquet", ".jsonl")
@@ -63,20 +63,12 @@ class BadRow(ValueError):
 
 
 @dataclass
-class ConversionReport:
+class ConversionReport(SkipLog):
     """Counts of rows read, written, repaired quirks and skipped rows (first messages kept)."""
 
     rows: int = 0
     written: int = 0
     quirks: Counter = field(default_factory=Counter)
-    skipped: Counter = field(default_factory=Counter)
-    errors: list[str] = field(default_factory=list)
-    max_errors: int = 50
-
-    def skip(self, kind: str, message: str) -> None:
-        self.skipped[kind] += 1
-        if len(self.errors) < self.max_errors:
-            self.errors.append(message)
 
     def snapshot(self) -> dict[str, Any]:
         return {"rows": self.rows, "written": self.written, "quirks": dict(self.quirks),
@@ -84,8 +76,8 @@ class ConversionReport:
 
     @classmethod
     def from_snapshot(cls, data: dict[str, Any]) -> ConversionReport:
-        return cls(data["rows"], data["written"], Counter(data["quirks"]), Counter(data["skipped"]),
-                   list(data["errors"]))
+        return cls(rows=data["rows"], written=data["written"], quirks=Counter(data["quirks"]),
+                   skipped=Counter(data["skipped"]), errors=list(data["errors"]))
 
 
 # ----------------------------------------------------------------------------- row parsing

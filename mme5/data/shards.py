@@ -283,10 +283,9 @@ def shard_urls(shard_dir: str | os.PathLike) -> list[str]:
 
 
 @dataclass
-class ReadStats:
-    """What a reader skipped, and why; `errors` keeps the first messages (shard, key, reason)."""
+class SkipLog:
+    """Counts of skipped inputs by kind, keeping the first `max_errors` messages (which name the input)."""
 
-    samples: int = 0
     skipped: Counter = field(default_factory=Counter)
     errors: list[str] = field(default_factory=list)
     max_errors: int = 100
@@ -295,6 +294,13 @@ class ReadStats:
         self.skipped[kind] += 1
         if len(self.errors) < self.max_errors:
             self.errors.append(message)
+
+
+@dataclass
+class ReadStats(SkipLog):
+    """What a reader read and skipped, and why (messages name shard, key and reason)."""
+
+    samples: int = 0
 
     @property
     def num_skipped(self) -> int:
