@@ -15,6 +15,7 @@ from typing import Any, Literal
 
 import lightning as L
 import torch
+from lightning.pytorch.strategies import DDPStrategy, DeepSpeedStrategy, SingleDeviceStrategy
 from torch import Tensor
 from torch.nn.parallel import DistributedDataParallel
 from torch.optim.lr_scheduler import LambdaLR
@@ -109,6 +110,17 @@ class EmbeddingModule(L.LightningModule):
         self.encoder.train()  # from_pretrained returns eval mode; LoRA dropout must be active in training
 
     # ------------------------------------------------------------------ training
+
+    def on_fit_start(self) -> None:
+        # Gradients are averaged by `average_gradients`, which is right for replicated parameters only:
+        # under a sharding strategy (FSDP, DeepSpeed) it would mix different ranks' shards.
+        strategy = self.trainer.strategy
+        replicated = isinstance(strategy, SingleDeviceStrategy | DDPStrategy)
+        if not replicated or isinstance(strategy, DeepSpeedStrategy):  # DeepSpeed subclasses DDPStrategy
+            raise NotImplementedError(
+                f"trainer.strategy {type(strategy).__name__} is not supported by EmbeddingModule yet; "
+                "use a single device or 'ddp'"
+            )
 
     def on_train_batch_start(self, batch: ContrastiveBatch, batch_idx: int) -> None:
         # DDP must neither prepare nor run its own all-reduce in this step: `average_gradients` does it,
