@@ -1,0 +1,280 @@
+"""An async chat-completions client with our own rate limits, retries and cost accounting.
+
+Built on `openai.AsyncOpenAI` (any OpenAI-compatible server: OpenAI, vLLM, SGLang via `base_url`), with the
+package's own retries turned off so that one policy decides: retry 429, 5xx, timeouts, connection errors
+and unparseable bodies with exponential backoff and full jitter, honouring `Retry-After`; fail fast on
+other 4xx. The API key is read from an environment variable and kept out of every repr, log and error.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import base64
+import logging
+import os
+import random
+import time
+from collections.abc import Sequence
+from dataclasses import dataclass, field
+from typing import Any
+
+import openai
+
+from mme5.data.schema import image_extension
+
+log = logging.getLogger(__name__)
+
+_MIME = {"jpg": "image/jpeg", "png": "image/png", "webp": "image/webp", "gif": "image/gif",
+         "bmp": "image/bmp"}
+
+
+@dataclass(frozen=True)
+class ClientConfig:
+    """How to reach the server and how hard to push it; holds the key variable's *name*, never the key."""
+
+    model: str
+    base_url: str | None = None
+    """None: the openai package's default (api.openai.com or $OPENAI_BASE_URL)."""
+    api_key_env: str = "OPENAI_API_KEY"
+    timeout_s: float = 120.0
+    """Per attempt; a timed-out attempt is retried."""
+    max_concurrency: int = 16
+    requests_per_minute: float | None = None
+    tokens_per_minute: float | None = None
+    """Input + output tokens; a request is charged an estimate up front and corrected from `usage`."""
+    max_attempts: int = 6
+    backoff_base_s: float = 1.0
+    backoff_max_s: float = 60.0
+    max_retry_after_s: float = 300.0
+    """A server's Retry-After above this is capped, so a bogus header cannot stall the run for hours."""
+    input_usd_per_million: float = 0.0
+    output_usd_per_million: float = 0.0
+    max_tokens: int | None = None
+    temperature: float | None = None
+
+
+@dataclass(frozen=True)
+class Usage:
+    input_tokens: int = 0
+    output_tokens: int = 0
+    cost_usd: float = 0.0
+
+    def __add__(self, other: Usage) -> Usage:
+        return Usage(self.input_tokens + other.input_tokens, self.output_tokens + other.output_tokens,
+                     self.cost_usd + other.cost_usd)
+
+
+@dataclass(frozen=True)
+class ChatResult:
+    content: str
+    usage: Usage
+    attempts: int
+    latency_s: float
+    """Round trip of the successful attempt."""
+    elapsed_s: float
+    """Whole call: waiting for a slot and the rate limits, failed attempts and backoff included."""
+
+
+class ChatError(RuntimeError):
+    """A call failed for good: a non-retryable error, or retries exhausted. Never carries the API key."""
+
+    def __init__(self, message: str, status_code: int | None = None, attempts: int = 0):
+        super().__init__(message)
+        self.status_code = status_code
+        self.attempts = attempts
+
+
+@dataclass
+class TokenBucket:
+    """Allows `per_minute` units a minute, in bursts of at most one second's worth.
+
+    Providers enforce per-minute limits at sub-minute granularity, so spending a minute's quota at once
+    earns 429s; a one-second burst keeps the flow even. The level may go negative when a request turns out
+    bigger than charged (`adjust`), which delays the following requests by the difference.
+    """
+
+    per_minute: float
+    level: float = field(init=False)
+    updated: float = field(init=False)
+    _lock: asyncio.Lock = field(init=False, repr=False)
+
+    def __post_init__(self) -> None:
+        if self.per_minute <= 0:
+            raise ValueError(f"a rate limit must be > 0 per minute, found {self.per_minute}")
+        self.capacity = max(1.0, self.per_minute / 60.0)
+        self.level = self.capacity
+        self.updated = time.monotonic()
+        self._lock = asyncio.Lock()
+
+    def _refill(self) -> None:
+        now = time.monotonic()
+        self.level = min(self.capacity, self.level + (now - self.updated) * self.per_minute / 60.0)
+        self.updated = now
+
+    async def acquire(self, amount: float) -> None:
+        """Wait until `amount` (capped at the burst size, so a big request cannot wait forever) is free."""
+        amount = min(amount, self.capacity)
+        async with self._lock:  # first come, first served
+            self._refill()
+            while self.level < amount:
+                await asyncio.sleep((amount - self.level) * 60.0 / self.per_minute)
+                self._refill()
+            self.level -= amount
+
+    def adjust(self, extra: float) -> None:
+        """Charge `extra` more units (or refund, if negative) once the true cost is known."""
+        self._refill()
+        self.level = min(self.capacity, self.level - extra)
+
+
+class ChatClient:
+    """Sends one chat completion per `complete` call; share one instance among all concurrent tasks."""
+
+    def __init__(self, config: ClientConfig):
+        api_key = os.environ.get(config.api_key_env)
+        if not api_key:
+            raise ChatError(f"environment variable {config.api_key_env} (ClientConfig.api_key_env) "
+                            "is not set")
+        self.config = config
+        self._openai = openai.AsyncOpenAI(api_key=api_key, base_url=config.base_url, timeout=config.timeout_s,
+                                          max_retries=0)
+        self._slots = asyncio.Semaphore(config.max_concurrency)
+        self._requests = TokenBucket(config.requests_per_minute) if config.requests_per_minute else None
+        self._tokens = TokenBucket(config.tokens_per_minute) if config.tokens_per_minute else None
+        self.total = Usage()
+        self.calls = 0
+
+    def __repr__(self) -> str:
+        c = self.config
+        return f"ChatClient(model={c.model!r}, base_url={c.base_url!r}, api_key_env={c.api_key_env!r})"
+
+    async def close(self) -> None:
+        await self._openai.close()
+
+    async def __aenter__(self) -> ChatClient:
+        return self
+
+    async def __aexit__(self, *exc: object) -> None:
+        await self.close()
+
+    async def complete(
+        self,
+        prompt: str,
+        images: Sequence[bytes] = (),
+        *,
+        system: str | None = None,
+        json_schema: dict[str, Any] | None = None,
+        schema_name: str = "output",
+        use_response_format: bool = True,
+    ) -> ChatResult:
+        """One completion of `prompt` with `images` (encoded file bytes) attached after the text.
+
+        With `json_schema`, the request asks for strict structured output through `response_format`;
+        servers that reject `response_format` need `use_response_format=False`, and then the prompt itself
+        must carry the JSON instruction.
+        """
+        messages = build_messages(prompt, images, system)
+        request: dict[str, Any] = {"model": self.config.model, "messages": messages}
+        if self.config.max_tokens is not None:
+            request["max_tokens"] = self.config.max_tokens
+        if self.config.temperature is not None:
+            request["temperature"] = self.config.temperature
+        if json_schema is not None and use_response_format:
+            request["response_format"] = {
+                "type": "json_schema",
+                "json_schema": {"name": schema_name, "schema": json_schema, "strict": True},
+            }
+        estimate = _estimate_tokens(prompt, system, len(images), self.config.max_tokens)
+        start = time.monotonic()
+        for attempt in range(1, self.config.max_attempts + 1):
+            try:
+                async with self._slots:
+                    if self._requests:
+                        await self._requests.acquire(1)
+                    if self._tokens:
+                        await self._tokens.acquire(estimate)
+                    sent = time.monotonic()
+                    response = await self._openai.chat.completions.create(**request)
+                    latency = time.monotonic() - sent
+                content = response.choices[0].message.content
+                if content is None:
+                    raise ValueError("the response has no message content")
+            except Exception as e:  # classified by _retry_wait; kinds it does not know are re-raised
+                wait = self._retry_wait(e, attempt)
+                if wait is None:
+                    raise
+                log.warning("chat attempt %d/%d failed (%s); retrying in %.2fs", attempt,
+                            self.config.max_attempts, _describe(e), wait)
+                await asyncio.sleep(wait)
+                continue
+            usage = self._account(response.usage, estimate)
+            return ChatResult(content, usage, attempt, latency, time.monotonic() - start)
+        raise AssertionError("unreachable: the last attempt returns or raises")
+
+    def _retry_wait(self, error: Exception, attempt: int) -> float | None:
+        """Seconds to wait before retrying `error`; None when the error kind is not ours to handle.
+
+        Raises ChatError for failures that retrying cannot fix, or once the attempts are used up.
+        """
+        status = getattr(error, "status_code", None)
+        if isinstance(error, openai.APIStatusError):
+            retryable = status == 429 or status >= 500
+        else:
+            # Timeouts, dropped connections, and 200s whose body is not a chat completion (a proxy hiccup).
+            retryable = isinstance(error, openai.APIConnectionError | openai.APIResponseValidationError
+                                   | ValueError | IndexError | AttributeError)
+            if not retryable:
+                return None
+        if not retryable or attempt >= self.config.max_attempts:
+            why = "not retryable" if not retryable else f"gave up after {attempt} attempts"
+            raise ChatError(f"chat completion to model {self.config.model!r} failed ({why}): "
+                            f"{_describe(error)}", status_code=status, attempts=attempt) from error
+        retry_after = _retry_after(error)
+        if retry_after is not None:
+            return min(retry_after, self.config.max_retry_after_s)
+        ceiling = min(self.config.backoff_max_s, self.config.backoff_base_s * 2 ** (attempt - 1))
+        return random.uniform(0.0, ceiling)  # full jitter: spreads out clients that failed together
+
+    def _account(self, usage: Any, estimate: float) -> Usage:
+        input_tokens = getattr(usage, "prompt_tokens", 0) or 0
+        output_tokens = getattr(usage, "completion_tokens", 0) or 0
+        if self._tokens:
+            self._tokens.adjust(input_tokens + output_tokens - estimate)
+        cost = (input_tokens * self.config.input_usd_per_million
+                + output_tokens * self.config.output_usd_per_million) / 1e6
+        result = Usage(input_tokens, output_tokens, cost)
+        self.total += result
+        self.calls += 1
+        return result
+
+
+def build_messages(prompt: str, images: Sequence[bytes], system: str | None = None) -> list[dict[str, Any]]:
+    """Chat messages with the images as base64 data URLs in `image_url` content parts."""
+    content: list[dict[str, Any]] = [{"type": "text", "text": prompt}]
+    for image in images:
+        mime = _MIME.get(image_extension(image), "image/jpeg")
+        url = f"data:{mime};base64,{base64.b64encode(image).decode('ascii')}"
+        content.append({"type": "image_url", "image_url": {"url": url}})
+    messages: list[dict[str, Any]] = [{"role": "system", "content": system}] if system else []
+    return messages + [{"role": "user", "content": content}]
+
+
+def _estimate_tokens(prompt: str, system: str | None, num_images: int, max_tokens: int | None) -> float:
+    """A rough up-front charge for the token bucket: ~4 characters a token, ~800 tokens an image."""
+    return (len(prompt) + len(system or "")) / 4 + 800 * num_images + (max_tokens or 1000)
+
+
+def _retry_after(error: Exception) -> float | None:
+    """The server's Retry-After in seconds, if it sent one as a number (HTTP dates are ignored)."""
+    response = getattr(error, "response", None)
+    value = response.headers.get("retry-after") if response is not None else None
+    try:
+        return max(0.0, float(value)) if value is not None else None
+    except ValueError:
+        return None
+
+
+def _describe(error: Exception) -> str:
+    """The error kind and status without the response body, which a server may fill with anything."""
+    status = getattr(error, "status_code", None)
+    return f"{type(error).__name__}" + (f" (HTTP {status})" if status is not None else "")
