@@ -1,0 +1,66 @@
+"""python -m mme5.synthesis --config configs/synthesis/default.yaml [overrides] [--dry-run]"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import sys
+
+import yaml
+
+from mme5.synthesis.pipeline import SynthesisConfig, estimate, planned_samples, run
+from mme5.synthesis.plan import split, summary
+
+# flag → (section, key); section None: a top-level setting
+OVERRIDES = {
+    "base_url": ("client", "base_url"), "model": ("client", "model"),
+    "concurrency": ("client", "max_concurrency"),
+    "num_samples": (None, "num_samples"), "images": (None, "images"), "out": (None, "out"),
+    "seed": (None, "seed"), "embedder": (None, "embedder"), "shard": (None, "shard_index"),
+    "num_shards": (None, "num_shards"),
+}
+
+
+def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
+    parser = argparse.ArgumentParser(prog="python -m mme5.synthesis", description=__doc__)
+    parser.add_argument("--config", required=True, help="YAML settings (configs/synthesis/default.yaml)")
+    parser.add_argument("--base-url")
+    parser.add_argument("--model")
+    parser.add_argument("--num-samples", type=int)
+    parser.add_argument("--images", help="image folder or list file")
+    parser.add_argument("--out", help="output folder")
+    parser.add_argument("--concurrency", type=int)
+    parser.add_argument("--seed", type=int)
+    parser.add_argument("--embedder", help="model folder of the neighbour-image retrieval model")
+    parser.add_argument("--shard", type=int, help="this job's index in a job-array split")
+    parser.add_argument("--num-shards", type=int, help="jobs in the job-array split")
+    parser.add_argument("--dry-run", action="store_true", 
+                        help="print the plan's mix and a token/cost estimate")
+    return parser.parse_args(argv)
+
+
+def load_config(args: argparse.Namespace) -> SynthesisConfig:
+    with open(args.config, encoding="utf-8") as f:
+        values = yaml.safe_load(f) or {}
+    values["client"] = dict(values.get("client") or {})
+    for flag, (section, key) in OVERRIDES.items():
+        value = getattr(args, flag)
+        if value is not None:
+            (values[section] if section else values)[key] = value
+    return SynthesisConfig.from_dict(values)
+
+
+def main(argv: list[str] | None = None) -> int:
+    args = parse_args(argv)
+    config = load_config(args)
+    if args.dry_run:
+        plan = split(planned_samples(config), config.num_shards, config.shard_index)
+        report = {"mix": summary(plan), "estimate": estimate(config, plan), "model": config.client["model"]}
+        print(json.dumps(report, indent=2, ensure_ascii=False))
+        return 0
+    result = run(config)
+    return 0 if result["written"] + result["failed"] == result["planned"] else 1
+
+
+if __name__ == "__main__":
+    sys.exit(main())

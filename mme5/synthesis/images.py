@@ -1,0 +1,206 @@
+"""The real images a synthetic sample is built on (mmE5 §3.1, data configuration).
+
+`ImagePool` is a folder of images (or a text file listing image paths) with stable keys. `NeighbourIndex`
+embeds every pool image once with a frozen retrieval model and, for a query image, picks a similar image
+as the positive (ranks 1–5 by default) and a less similar one as the hard negative (ranks 10–50), both
+deterministically from a seed string (the sample id). The embeddings are cached on disk, keyed by the
+pool's file list and the embedder's name, so a restarted or sharded run never embeds the pool again.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import io
+import json
+import os
+import random
+import tempfile
+from collections.abc import Callable, Sequence
+from pathlib import Path
+
+import torch
+from torch import Tensor
+
+from mme5.data.schema import Modality
+from mme5.synthesis.plan import PlannedSample
+from mme5.synthesis.prompting import image_roles
+
+IMAGE_SUFFIXES = frozenset({".jpg", ".jpeg", ".png", ".webp", ".gif", ".bmp"})
+IMAGE_INSTRUCTION = "Represent the given image."
+
+Embed = Callable[[list[bytes]], Tensor]
+"""Encoded images in, L2-normalised embeddings (n, D) out."""
+
+
+class ImagePool:
+    """Images under a folder (recursive, sorted; keys are POSIX paths relative to the folder), or listed
+    one path a line in a text file (keys are the lines as written; relative paths are relative to the
+    list file's folder)."""
+
+    def __init__(self, source: str | os.PathLike):
+        source = Path(source)
+        if source.is_dir():
+            self.root = source
+            self.keys = sorted(p.relative_to(source).as_posix() for p in source.rglob("*")
+                               if p.is_file() and p.suffix.lower() in IMAGE_SUFFIXES)
+        elif source.is_file():
+            self.root = source.parent
+            lines = source.read_text(encoding="utf-8").splitlines()
+            self.keys = [line.strip() for line in lines if line.strip() and not line.startswith("#")]
+        else:
+            raise FileNotFoundError(f"{source}: no such image folder or list file")
+        if not self.keys:
+            raise ValueError(f"{source}: no images ({', '.join(sorted(IMAGE_SUFFIXES))})")
+        self._index = {key: i for i, key in enumerate(self.keys)}
+
+    def __len__(self) -> int:
+        return len(self.keys)
+
+    def path(self, key: str) -> Path:
+        return self.root / key
+
+    def read(self, key: str) -> bytes:
+        return self.path(key).read_bytes()
+
+    def index(self, key: str) -> int:
+        return self._index[key]
+
+    def fingerprint(self) -> str:
+        """Identity of the pool's file list: names and sizes (no contents hashed)."""
+        listing = [[key, self.path(key).stat().st_size] for key in self.keys]
+        return hashlib.sha256(json.dumps(listing).encode()).hexdigest()
+
+    def choose(self, seed: str) -> str:
+        """A key drawn deterministically from `seed`."""
+        return random.Random(f"{seed}|anchor").choice(self.keys)
+
+
+class NeighbourIndex:
+    """Nearest-neighbour positive and hard-negative picks over an `ImagePool`.
+
+    Rank r is the r-th most similar *other* image (cosine similarity, ties by pool order); bands are
+    inclusive and clipped to the pool. A negative band beyond the pool falls back to the least similar
+    images past the positive band.
+    """
+
+    def __init__(self, pool: ImagePool, embed: Embed, name: str, cache_dir: str | os.PathLike | None = None,
+                 batch_size: int = 32, positive_ranks: Sequence[int] = (1, 5),
+                 negative_ranks: Sequence[int] = (10, 50)):
+        if len(pool) < 3:
+            raise ValueError(f"a neighbour index needs at least 3 images, the pool has {len(pool)}")
+        self.pool = pool
+        self.positive_ranks = _band(positive_ranks, "positive_ranks")
+        self.negative_ranks = _band(negative_ranks, "negative_ranks")
+        self.embed_calls = 0
+        key = hashlib.sha256(f"{name}\n{pool.fingerprint()}".encode()).hexdigest()[:20]
+        self.cache_path = Path(cache_dir) / f"embeddings-{key}.pt" if cache_dir is not None else None
+        if self.cache_path is not None and self.cache_path.exists():
+            cached = torch.load(self.cache_path, map_location="cpu", weights_only=True)
+            self.embeddings = cached["embeddings"]
+        else:
+            self.embeddings = self._embed_all(embed, batch_size)
+            if self.cache_path is not None:
+                payload = {"name": name, "keys": pool.keys, "embeddings": self.embeddings}
+                _save_atomic(payload, self.cache_path)
+        self._order: dict[int, list[int]] = {}
+
+    def _embed_all(self, embed: Embed, batch_size: int) -> Tensor:
+        chunks = []
+        for start in range(0, len(self.pool), batch_size):
+            keys = self.pool.keys[start:start + batch_size]
+            self.embed_calls += 1
+            chunks.append(embed([self.pool.read(k) for k in keys]).detach().float().cpu())
+        embeddings = torch.cat(chunks)
+        if embeddings.shape[0] != len(self.pool):
+            raise ValueError(f"the embedder returned {embeddings.shape[0]} rows for {len(self.pool)} images")
+        return torch.nn.functional.normalize(embeddings, dim=-1)
+
+    def ranked(self, key: str) -> list[str]:
+        """The other images, most similar first: element r-1 is rank r."""
+        return [self.pool.keys[i] for i in self._ranked(self.pool.index(key))]
+
+    def _ranked(self, i: int) -> list[int]:
+        if i not in self._order:
+            sims = (self.embeddings @ self.embeddings[i]).tolist()
+            self._order[i] = sorted((j for j in range(len(sims)) if j != i), key=lambda j: (-sims[j], j))
+        return self._order[i]
+
+    def pick(self, key: str, seed: str) -> tuple[str, str]:
+        """(positive, hard negative) for query image `key`, drawn from their rank bands by `seed`."""
+        ranked = self.ranked(key)
+        return self._draw(ranked, self.positive_ranks, seed, "positive"), self.pick_negative(key, seed)
+
+    def pick_negative(self, key: str, seed: str) -> str:
+        """A hard negative for `key` from the negative band."""
+        ranked = self.ranked(key)
+        low, high = self.negative_ranks
+        if low > len(ranked):  # small pool: the least similar images past the positive band
+            low = min(self.positive_ranks[1] + 1, len(ranked))
+        return self._draw(ranked, (low, high), seed, "negative")
+
+    @staticmethod
+    def _draw(ranked: list[str], band: tuple[int, int], seed: str, role: str) -> str:
+        low, high = band[0], min(band[1], len(ranked))
+        low = min(low, high)
+        return ranked[random.Random(f"{seed}|{role}").randint(low, high) - 1]
+
+
+def select_images(planned: PlannedSample, pool: ImagePool, index: NeighbourIndex) -> dict[str, str]:
+    """Pool keys of the images `planned` needs, by role, in the prompt's `image_roles` order.
+
+    The anchor image is drawn from the sample id. A query holding an image gets the anchor; a target
+    holding an image gets a near neighbour of the anchor as positive and a farther one as hard negative —
+    unless the query is text only, when the anchor itself is the positive.
+    """
+    roles = image_roles(Modality(planned.modality))
+    if not roles:
+        return {}
+    anchor = pool.choose(planned.id)
+    chosen: dict[str, str] = {}
+    if "query" in roles:
+        chosen["query"] = anchor
+        if "positive" in roles:
+            chosen["positive"], chosen["negative"] = index.pick(anchor, planned.id)
+    else:
+        chosen["positive"], chosen["negative"] = anchor, index.pick_negative(anchor, planned.id)
+    return {role: chosen[role] for role in roles}
+
+
+def encoder_embedder(model_dir: str | os.PathLike, device: str | None = None) -> tuple[Embed, str]:
+    """The project's encoder on a model folder as an image embedder; returns (embed, cache name)."""
+    from PIL import Image
+
+    from mme5.backbones import Item, load_backbone
+    from mme5.encoder import Encoder
+
+    encoder = Encoder(load_backbone(model_dir)).eval()
+    if device is not None:
+        encoder.to(device)
+
+    @torch.no_grad()
+    def embed(images: list[bytes]) -> Tensor:
+        items = [Item(instruction=IMAGE_INSTRUCTION, image=Image.open(io.BytesIO(b)).convert("RGB"))
+                 for b in images]
+        batch = encoder.adapter.collate(items).to(encoder.device)
+        return encoder(batch)
+
+    return embed, f"encoder:{Path(model_dir).resolve()}"
+
+
+def _band(band: Sequence[int], name: str) -> tuple[int, int]:
+    low, high = (int(v) for v in band)
+    if not 1 <= low <= high:
+        raise ValueError(f"{name} must be [low, high] with 1 <= low <= high, found {list(band)}")
+    return low, high
+
+
+def _save_atomic(payload: dict, path: Path) -> None:
+    path.parent.mkdir(parents=True, exist_ok=True)
+    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
+    os.close(fd)
+    try:
+        torch.save(payload, tmp)
+        os.replace(tmp, path)
+    except BaseException:
+        os.unlink(tmp)
+        raise

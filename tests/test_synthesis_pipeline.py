@@ -1,0 +1,209 @@
+"""The synthesis pipeline end to end against a real scripted chat server on 127.0.0.1."""
+
+import base64
+import json
+import os
+import signal
+import subprocess
+import sys
+import time
+from collections import Counter
+from pathlib import Path
+
+import pytest
+from chat_server import ChatServer, Failure
+from test_synthesis_images import FakeEmbed, make_images
+
+from mme5.data.shards import read_manifest, read_samples, sample_to_record, shard_urls
+from mme5.synthesis.__main__ import main as cli_main
+from mme5.synthesis.pipeline import STAGING, SynthesisConfig, commit_sample, read_staged, run
+
+KEY = "sk-test-DO-NOT-LEAK-5e2b7d10"
+KEY_ENV = "MME5_TEST_SYNTH_KEY"
+SIDES = {"instruction": "Find the matching picture.", "query": "a small coloured square",
+         "positive": "a square filled with one colour", "hard_negative": "a striped round plate"}
+ANSWER = json.dumps({
+    "interpretation": {"general_description": "a square", "object_details": "none", "context": "plain",
+                       "task_brainstorm": "colour matching"},
+    "draft": SIDES,
+    "evaluation": {"relevance": 5, "plausibility": 4, "clarity": 5, "diversity": 3, "comments": "fine"},
+    "improvements": "none",
+    "revised": SIDES,
+})
+
+
+class AnswerServer(ChatServer):
+    """Answers with a valid sample; `contents` scripts answer texts (e.g. garbled JSON) first."""
+
+    def __init__(self, contents=(), **kwargs):
+        super().__init__(content=ANSWER, **kwargs)
+        self.contents = list(contents)
+
+    def _completion(self, request):
+        with self._lock:
+            self.content = self.contents.pop(0) if self.contents else ANSWER
+            return super()._completion(request)
+
+
+@pytest.fixture(autouse=True)
+def api_key(monkeypatch):
+    monkeypatch.setenv(KEY_ENV, KEY)
+
+
+def settings(tmp_path: Path, server: ChatServer, **overrides) -> SynthesisConfig:
+    images = tmp_path / "imgs"
+    if not images.exists():
+        make_images(images, 20)
+    values = dict(out=str(tmp_path / "out"), images=str(images), num_samples=24, seed=3, english_share=1.0,
+                  positive_ranks=[1, 3], negative_ranks=[5, 10], shard_size=10, progress=False,
+                  client=dict(model="test-mllm", base_url=server.base_url, api_key_env=KEY_ENV, timeout_s=5.0,
+                              backoff_base_s=0.01, backoff_max_s=0.02, max_attempts=3, max_concurrency=4,
+                              input_usd_per_million=2.5, output_usd_per_million=10.0))
+    return SynthesisConfig(**(values | overrides))
+
+
+def written_ids(out: Path) -> list[str]:
+    return [s.id for s in read_samples(shard_urls(out), strict=True)]
+
+
+def assert_no_key(out: Path):
+    for path in out.rglob("*"):
+        if path.is_file():
+            assert KEY.encode() not in path.read_bytes(), path
+
+
+def test_happy_path_writes_shards_with_images_and_schema(tmp_path):
+    with AnswerServer() as server:
+        config = settings(tmp_path, server)
+        summary = run(config, embed=FakeEmbed())
+    out = Path(config.out)
+    assert summary["planned"] == summary["written"] == 24 and summary["failed"] == 0
+    assert summary["this_run"]["input_tokens"] == 24 * 120 and summary["this_run"]["cost_usd"] > 0
+    assert json.loads((out / "summary.json").read_text()) == summary
+    manifest = read_manifest(out)
+    assert manifest["complete"] and [s["count"] for s in manifest["shards"]] == [10, 10, 4]
+    plan_ids = [json.loads(line)["id"] for line in (out / "plan.jsonl").read_text().splitlines()]
+    samples = list(read_samples(shard_urls(out), strict=True))
+    assert [s.id for s in samples] == plan_ids  # plan order
+    assert not list((out / STAGING).iterdir())
+    answers = [json.loads(line) for line in (out / "answers.jsonl").read_text().splitlines()]
+    assert sorted(a["id"] for a in answers) == sorted(plan_ids) and answers[0]["evaluation"]["relevance"] == 5
+    n_images = Counter(len(r["messages"][1]["content"]) - 1 for r in server.requests)
+    expected = Counter(sum(side.image is not None for _, side in s.sides) for s in samples)
+    assert n_images == expected and set(n_images) <= {0, 1, 2, 3}
+    for request in server.requests:
+        assert request["response_format"]["json_schema"]["strict"] is True
+        for part in request["messages"][1]["content"][1:]:
+            assert base64.b64decode(part["image_url"]["url"].split(",", 1)[1])[:4] == b"\x89PNG"
+    with_image = next(s for s in samples if s.query.image is not None)
+    assert with_image.query.image in {p.read_bytes() for p in (tmp_path / "imgs").rglob("*.png")}
+    assert_no_key(out)
+    # rerun: nothing left to do, no request, same shards
+    before = len(server.requests)
+    with AnswerServer() as again:
+        summary = run(settings(tmp_path, again), embed=FakeEmbed())
+    assert summary["this_run"]["attempted"] == 0 and not again.requests and before == 24
+    assert written_ids(out) == plan_ids
+
+
+def test_faults_are_retried_or_recorded_with_reasons(tmp_path):
+    faults = [Failure(status=429, headers={"Retry-After": "0"}), Failure(status=500), Failure(garbled=True)]
+    # 3 garbled answers in a row exhaust one sample's answer retries; a 400 fails fast
+    with AnswerServer(contents=["{not json", "{not json", "{not json"]) as server:
+        server.script.extend(faults + [Failure(status=400)])
+        config = settings(tmp_path, server, num_samples=12, use_response_format=False)
+        config.client |= {"max_concurrency": 1, "max_attempts": 4}  # one sample meets the faults in turn
+        summary = run(config, embed=FakeEmbed())
+    assert summary["written"] + summary["failed"] == summary["planned"] == 12
+    assert summary["failed_by_reason"] == {"not_json": 1, "chat_http_400": 1}
+    failed = [json.loads(line) for line in (Path(config.out) / "failed.jsonl").read_text().splitlines()]
+    assert {f["reason"] for f in failed} == {"not_json", "chat_http_400"}
+    assert next(f for f in failed if f["reason"] == "not_json")["attempts"] == 3
+    assert all("response_format" not in r for r in server.requests)
+    assert "JSON" in server.requests[0]["messages"][1]["content"][0]["text"]
+    assert_no_key(Path(config.out))
+
+
+def test_plan_of_other_settings_is_refused(tmp_path):
+    with AnswerServer() as server:
+        run(settings(tmp_path, server, num_samples=2), embed=FakeEmbed())
+        with pytest.raises(ValueError, match="plan of other settings"):
+            run(settings(tmp_path, server, num_samples=3), embed=FakeEmbed())
+
+
+KILLED_RUN = """
+import sys
+sys.path.insert(0, {tests!r})
+from test_synthesis_images import FakeEmbed
+from mme5.synthesis.pipeline import SynthesisConfig, run
+run(SynthesisConfig(**{values!r}), embed=FakeEmbed())
+"""
+
+
+def test_kill_9_and_resume_gives_no_duplicates(tmp_path):
+    with AnswerServer(latency_s=0.05) as server:
+        config = settings(tmp_path, server, num_samples=40)
+        out = Path(config.out)
+        code = KILLED_RUN.format(tests=str(Path(__file__).parent), values=vars(config))
+        child = subprocess.Popen([sys.executable, "-c", code], env=os.environ | {"PYTHONPATH": os.getcwd()})
+        deadline = time.monotonic() + 30
+        while time.monotonic() < deadline and len(list((out / STAGING).glob("*.tar"))) < 8:
+            assert child.poll() is None, "the run ended before it was killed"
+            time.sleep(0.02)
+        os.kill(child.pid, signal.SIGKILL)
+        child.wait()
+        staged = {p.stem for p in (out / STAGING).glob("*.tar")}
+        assert 8 <= len(staged) < 40
+        calls_before = len(server.requests)
+        summary = run(config, embed=FakeEmbed())
+    assert summary["written"] == 40 and summary["failed"] == 0
+    assert summary["this_run"]["calls"] == len(server.requests) - calls_before <= 40 - len(staged)
+    ids = written_ids(out)
+    assert len(ids) == len(set(ids)) == 40
+
+    # killed after packing but before the staging files were removed: a packed id staged again
+    sample = next(read_samples(shard_urls(out)))
+    record = sample_to_record(sample)
+    commit_sample(out / STAGING, record, sample.id, {"note": "stale"})
+    assert read_staged(out / STAGING / f"{sample.id}.tar")[1] == {"note": "stale"}
+    with AnswerServer() as server:
+        summary = run(settings(tmp_path, server, num_samples=40), embed=FakeEmbed())
+    ids = written_ids(out)
+    assert len(ids) == len(set(ids)) == 40 and not server.requests
+    assert not list((out / STAGING).iterdir())
+
+
+def test_dry_run_prints_the_estimate_without_requests(tmp_path, capsys):
+    with AnswerServer() as server:
+        config_file = tmp_path / "synthesis.yaml"
+        config_file.write_text(Path("configs/synthesis/default.yaml").read_text())
+        code = cli_main(["--config", str(config_file), "--dry-run", "--num-samples", "30",
+                         "--base-url", server.base_url, "--out", str(tmp_path / "out"), "--shard", "1",
+                         "--num-shards", "3"])
+    assert code == 0 and not server.requests and not (tmp_path / "out").exists()
+    report = json.loads(capsys.readouterr().out)
+    assert report["estimate"]["calls"] == 10 and sum(report["mix"]["task"].values()) == 10
+    assert report["estimate"]["input_tokens"] > 10 * 500 and report["estimate"]["cost_usd"] > 0
+
+
+def test_cli_job_array_part_writes_its_share(tmp_path):
+    make_images(tmp_path / "imgs", 20)
+    with AnswerServer() as server:
+        config = settings(tmp_path, server)
+        values = vars(config) | {"client": config.client | {"base_url": None}}
+        config_file = tmp_path / "synthesis.yaml"
+        config_file.write_text(json.dumps(values))  # JSON is YAML
+        import mme5.synthesis.pipeline as pipeline
+
+        original = pipeline.encoder_embedder
+        pipeline.encoder_embedder = lambda path: (FakeEmbed(), "fake")
+        try:
+            code = cli_main(["--config", str(config_file), "--base-url", server.base_url, "--shard", "0",
+                             "--num-shards", "2", "--concurrency", "2", "--embedder", "unused"])
+        finally:
+            pipeline.encoder_embedder = original
+    part = Path(config.out) / "part-00000-of-00002"
+    assert code == 0 and len(written_ids(part)) == 12 and len(server.requests) == 12
+    saved = json.loads((part / "config.json").read_text())
+    assert saved["client"]["max_concurrency"] == 2 and saved["client"]["api_key_env"] == KEY_ENV
+    assert_no_key(Path(config.out))
