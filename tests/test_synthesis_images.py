@@ -1,6 +1,7 @@
 """Image pool, neighbour picks in their rank bands, the embedding cache, and the encoder embedder."""
 
 import io
+import tarfile
 
 import pytest
 import torch
@@ -54,6 +55,27 @@ def test_pool_is_recursive_sorted_and_reads_list_files(tmp_path):
     assert listed.keys == ["imgs/b/img002.png", "imgs/a/img003.png"] and listed.read(listed.keys[1]) == png(3)
     with pytest.raises(FileNotFoundError):
         ImagePool(tmp_path / "missing")
+
+
+def test_pool_reads_images_in_place_from_webdataset_shards(tmp_path):
+    shards = tmp_path / "shards"
+    shards.mkdir()
+    for s in range(2):
+        with tarfile.open(shards / f"shard-{s:06d}.tar", "w") as tar:
+            for i in range(3):
+                for name, data in ((f"k{s}{i}.jpg", png(3 * s + i)), (f"k{s}{i}.json", b"{}")):
+                    info = tarfile.TarInfo(name)
+                    info.size = len(data)
+                    tar.addfile(info, io.BytesIO(data))
+    pool = ImagePool(shards)
+    assert len(pool) == 6 and pool.keys[0] == "shard-000000.tar/k00.jpg"
+    assert [pool.read(k) for k in pool.keys] == [png(i) for i in range(6)]
+    single = ImagePool(shards / "shard-000001.tar")
+    assert single.keys == ["shard-000001.tar/k10.jpg", "shard-000001.tar/k11.jpg", "shard-000001.tar/k12.jpg"]
+    assert pool.fingerprint() != single.fingerprint()
+    (tmp_path / "bad.tar").write_bytes(b"not a tar at all" * 40)
+    with pytest.raises(ValueError, match="bad.tar"):
+        ImagePool(tmp_path / "bad.tar")
 
 
 def test_neighbour_picks_fall_in_their_bands_deterministically_and_cache_is_reused(tmp_path):

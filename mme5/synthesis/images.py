@@ -14,6 +14,7 @@ import io
 import json
 import os
 import random
+import tarfile
 import tempfile
 from collections.abc import Callable, Sequence
 from pathlib import Path
@@ -33,42 +34,69 @@ Embed = Callable[[list[bytes]], Tensor]
 
 
 class ImagePool:
-    """Images under a folder (recursive, sorted; keys are POSIX paths relative to the folder), or listed
-    one path a line in a text file (keys are the lines as written; relative paths are relative to the
-    list file's folder)."""
+    """Images with stable keys, from one of:
+
+    - a folder of image files (recursive, sorted; keys are POSIX paths relative to the folder);
+    - a text file listing image paths, one a line (keys as written; relative to the list file's folder);
+    - WebDataset tar shards: one `.tar` file, or a folder holding `*.tar` and no loose images (keys are
+      `<shard>/<member>`; images are read in place by offset, never extracted).
+    """
 
     def __init__(self, source: str | os.PathLike):
         source = Path(source)
+        self._members: dict[str, tuple[Path, int, int]] = {}  # shard key -> (tar, data offset, size)
         if source.is_dir():
             self.root = source
             self.keys = sorted(p.relative_to(source).as_posix() for p in source.rglob("*")
                                if p.is_file() and p.suffix.lower() in IMAGE_SUFFIXES)
+            if not self.keys:
+                self._index_shards(sorted(source.glob("*.tar")))
+        elif source.is_file() and source.suffix == ".tar":
+            self.root = source.parent
+            self._index_shards([source])
         elif source.is_file():
             self.root = source.parent
             lines = source.read_text(encoding="utf-8").splitlines()
             self.keys = [line.strip() for line in lines if line.strip() and not line.startswith("#")]
         else:
-            raise FileNotFoundError(f"{source}: no such image folder or list file")
+            raise FileNotFoundError(f"{source}: no such image folder, list file or .tar shard")
         if not self.keys:
             raise ValueError(f"{source}: no images ({', '.join(sorted(IMAGE_SUFFIXES))})")
         self._index = {key: i for i, key in enumerate(self.keys)}
 
+    def _index_shards(self, shards: list[Path]) -> None:
+        for shard in shards:
+            try:
+                with tarfile.open(shard) as tar:
+                    for member in tar:
+                        if member.isfile() and Path(member.name).suffix.lower() in IMAGE_SUFFIXES:
+                            key = f"{shard.name}/{member.name}"
+                            self._members[key] = (shard, member.offset_data, member.size)
+            except tarfile.TarError as error:
+                raise ValueError(f"{shard}: not a readable tar shard: {error}") from None
+        self.keys = list(self._members)
+
     def __len__(self) -> int:
         return len(self.keys)
 
-    def path(self, key: str) -> Path:
-        return self.root / key
-
     def read(self, key: str) -> bytes:
-        return self.path(key).read_bytes()
+        if key in self._members:
+            shard, offset, size = self._members[key]
+            with open(shard, "rb") as handle:
+                handle.seek(offset)
+                return handle.read(size)
+        return (self.root / key).read_bytes()
 
     def index(self, key: str) -> int:
         return self._index[key]
 
     def fingerprint(self) -> str:
         """Identity of the pool's file list: names and sizes (no contents hashed)."""
-        listing = [[key, self.path(key).stat().st_size] for key in self.keys]
+        listing = [[key, self._size(key)] for key in self.keys]
         return hashlib.sha256(json.dumps(listing).encode()).hexdigest()
+
+    def _size(self, key: str) -> int:
+        return self._members[key][2] if key in self._members else (self.root / key).stat().st_size
 
     def choose(self, seed: str) -> str:
         """A key drawn deterministically from `seed`."""
