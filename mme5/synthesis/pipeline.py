@@ -271,7 +271,9 @@ async def _synthesise(config: SynthesisConfig, todo: list[PlannedSample], pool: 
                         raise
             meta = {**parsed.metadata, "images": keys, "attempts": attempts,
                     "usage": asdict(result.usage)}
-            commit_sample(work / STAGING, sample_to_record(parsed.sample), planned.id, meta)
+            # In a thread: the fsyncs must not stall the event loop that keeps the other requests going.
+            record = sample_to_record(parsed.sample)
+            await asyncio.to_thread(commit_sample, work / STAGING, record, planned.id, meta)
             stats.written += 1
         except InvalidAnswer as e:
             _fail(planned, e.reason, e.detail, attempts)
