@@ -2,8 +2,8 @@
 
 Accepted: a Lightning checkpoint of `EmbeddingModule` (`.ckpt`: the encoder is rebuilt from the saved
 hyper-parameters `backbone`/`lora`, then its `encoder.*` weights are loaded) or a plain backbone folder
-(zero-shot: last-token pooling, no LoRA). A further kind (an exported model folder) is one more branch in
-`load_encoder`.
+(zero-shot: last-token pooling, no LoRA) or an exported folder (`python -m mme5.export`: a backbone folder
+with merged adapters and `mme5_embedding.json`, whose pooling, normalisation and max_length it follows).
 """
 
 from __future__ import annotations
@@ -20,6 +20,9 @@ import torch
 from mme5.backbones import DTYPES, load_backbone
 from mme5.encoder import Encoder, LoraSettings
 from mme5.eval.encode import Embed
+
+CONFIG_NAME = "mme5_embedding.json"  # marks an exported folder (see mme5.export)
+DEFAULT_MAX_LENGTH = 256
 
 
 def embedder(encoder: Encoder) -> Embed:
@@ -74,23 +77,37 @@ class LoadedModel:
     description: dict[str, Any]  # what was loaded, for scores.json
 
 
-def load_encoder(path: str | Path, device: str = "cpu", dtype: str | None = None, max_length: int = 256,
-                 backbone: str | None = None) -> LoadedModel:
-    """The encoder of a checkpoint or backbone folder, in eval mode on `device`.
+def _exported_settings(path: Path) -> dict[str, Any]:
+    """An exported folder's settings, refused when they ask for what `Encoder` does not do."""
+    settings = json.loads((path / CONFIG_NAME).read_text())
+    if settings.get("pooling", "last_token") != "last_token":
+        raise ValueError(f"{path / CONFIG_NAME}: pooling {settings['pooling']!r} is not supported")
+    return settings
+
+
+def load_encoder(path: str | Path, device: str = "cpu", dtype: str | None = None,
+                 max_length: int | None = None, backbone: str | None = None) -> LoadedModel:
+    """The encoder of a checkpoint, exported folder or backbone folder, in eval mode on `device`.
 
     dtype: weights' dtype ("float32", "bfloat16", "float16"; None: the checkpoint's own).
+    max_length: text tokens per item (None: the exported folder's, else 256).
     backbone: folder to rebuild a `.ckpt`'s encoder from, when its recorded one has moved.
     """
     path = Path(path)
+    exported = path.is_dir() and (path / CONFIG_NAME).is_file()
+    settings = _exported_settings(path) if exported else {}
+    max_length = max_length or settings.get("max_length") or DEFAULT_MAX_LENGTH
     if path.is_file() and path.suffix == ".ckpt":
         kind, files = "lightning-checkpoint", [path]
         encoder = _from_lightning(path, dtype, max_length, backbone)
     elif path.is_dir() and (path / "config.json").is_file():
         model = load_backbone(path, DTYPES[dtype] if dtype else None, max_length=max_length)
-        encoder, kind, files = Encoder(model), "backbone", [f for f in path.iterdir() if f.is_file()]
+        kind = "exported" if exported else "backbone"
+        encoder = Encoder(model, normalize=settings.get("normalize", True))
+        files = [f for f in path.iterdir() if f.is_file()]
     else:
-        raise ValueError(f"{path}: expected a Lightning checkpoint (.ckpt) or a backbone folder with "
-                         "config.json")
+        raise ValueError(f"{path}: expected a Lightning checkpoint (.ckpt), or an exported or backbone "
+                         "folder with config.json")
     encoder.to(device).eval()
     settings = {"dtype": dtype, "max_length": max_length, "kind": kind}
     description = {"name": path.name, "path": str(path.resolve()), **settings,

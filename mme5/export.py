@@ -1,0 +1,81 @@
+"""Turns a training checkpoint into a standalone model folder that needs neither PEFT nor this repo's
+Lightning code to load: LoRA/DoRA merged into the base weights, plus `mme5_embedding.json` saying how to
+pool and normalise.
+
+    python -m mme5.export --ckpt runs/x/last.ckpt --out exported/x [--dtype bfloat16]
+
+The folder loads with `load_backbone(DIR)` (or any `AutoModelForImageTextToText`), with
+`mme5.Embedder.from_pretrained(DIR)`, and with `python -m mme5.eval --model DIR`.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+from pathlib import Path
+import torch
+
+from mme5.backbones import DTYPES
+from mme5.eval.loading import CONFIG_NAME, DEFAULT_MAX_LENGTH, _from_lightning
+
+FORMAT_VERSION = 1
+
+
+def export(ckpt: str | Path, out: str | Path, dtype: str | None = None, max_length: int | None = None,
+           backbone: str | None = None, query_instruction: str = "", target_instruction: str = "") -> Path:
+    """Merge the checkpoint's adapters into its backbone and write the model folder `out`; returns it.
+
+    dtype: weights' dtype of the export (None: the dtype the checkpoint was trained in).
+    max_length: text tokens per item (None: the training data module's, else 256).
+    backbone: folder to rebuild the encoder from, when the checkpoint's recorded one has moved.
+    """
+    ckpt, out = Path(ckpt), Path(out)
+    # mmap: only the metadata is read here; the weights are loaded once, by _from_lightning.
+    meta = torch.load(ckpt, map_location="cpu", weights_only=False, mmap=True)
+    data_hparams = meta.get("datamodule_hyper_parameters") or {}
+    max_length = max_length or data_hparams.get("max_length") or DEFAULT_MAX_LENGTH
+    encoder = _from_lightning(ckpt, dtype, max_length, backbone)
+    model = encoder.model.merge_and_unload() if encoder.has_adapters else encoder.model
+    if dtype is not None:
+        model = model.to(DTYPES[dtype])
+    out.mkdir(parents=True, exist_ok=True)
+    model.save_pretrained(out)
+    encoder.adapter.processor.save_pretrained(out)
+    hparams = meta.get("hyper_parameters") or {}
+    lora = hparams.get("lora")
+    config = {
+        "format_version": FORMAT_VERSION,
+        "pooling": "last_token",
+        "normalize": encoder.normalize,
+        "family": encoder.adapter.family,
+        "max_length": max_length,
+        "dtype": str(model.dtype).removeprefix("torch."),
+        "instructions": {"query": query_instruction, "target": target_instruction},
+        "source": {
+            "checkpoint": str(ckpt.resolve()),
+            "global_step": meta.get("global_step"),
+            "backbone": str(hparams.get("backbone")),
+            "lora": dict(lora) if isinstance(lora, dict) else (vars(lora) if lora is not None else None),
+        },
+    }
+    (out / CONFIG_NAME).write_text(json.dumps(config, indent=2, default=str) + "\n")
+    return out
+
+
+def main(argv: list[str] | None = None) -> None:
+    parser = argparse.ArgumentParser(prog="python -m mme5.export", description=__doc__.split("\n\n")[0])
+    parser.add_argument("--ckpt", required=True, type=Path, help="EmbeddingModule checkpoint (.ckpt)")
+    parser.add_argument("--out", required=True, type=Path, help="folder to write")
+    parser.add_argument("--dtype", choices=list(DTYPES), help="weights' dtype (default: the checkpoint's)")
+    parser.add_argument("--max-length", type=int, help="text tokens per item (default: training's, else 256)")
+    parser.add_argument("--backbone", help="backbone folder, when the checkpoint's recorded one has moved")
+    parser.add_argument("--query-instruction", default="", help="default instruction for queries")
+    parser.add_argument("--target-instruction", default="", help="default instruction for targets")
+    args = parser.parse_args(argv)
+    out = export(args.ckpt, args.out, args.dtype, args.max_length, args.backbone, args.query_instruction,
+                 args.target_instruction)
+    print(f"wrote {out}")
+
+
+if __name__ == "__main__":
+    main()
