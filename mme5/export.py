@@ -13,6 +13,7 @@ from __future__ import annotations
 import argparse
 import json
 from pathlib import Path
+
 import torch
 
 from mme5.backbones import DTYPES

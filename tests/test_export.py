@@ -1,0 +1,98 @@
+"""Exporting a checkpoint: merged weights load as a plain backbone and embed like the checkpoint."""
+
+import json
+
+import pytest
+import torch
+from PIL import Image
+
+from mme5.backbones import Item, load_backbone
+from mme5.data.demo_world import WorldConfig, build_world
+from mme5.encoder import Encoder, LoraSettings
+from mme5.eval.__main__ import main as evaluate
+from mme5.eval.loading import embedder, load_encoder
+from mme5.export import CONFIG_NAME, main
+from mme5.module import EmbeddingModule
+
+ITEMS = [
+    Item("Represent the given image.", None, Image.new("RGB", (24, 24), (200, 40, 40))),
+    Item("Find the caption:", "a small blue cube by a sphere", Image.new("RGB", (32, 20), (20, 90, 200))),
+    Item("", "a caption"),
+    Item("Retrieve the image of:", "two green cylinders on a long wooden table"),
+]
+
+
+def perturbed_checkpoint(backbone: str, path, lora: LoraSettings | None, step: int = 7):
+    """A checkpoint as if trained: random adapter (or, without LoRA, all) weights moved off their init."""
+    module = EmbeddingModule(backbone=backbone, lora=lora, gradient_checkpointing=False)
+    module.configure_model()
+    generator = torch.Generator().manual_seed(0)
+    with torch.no_grad():
+        for name, param in module.encoder.named_parameters():
+            if lora is None or "lora_" in name or "magnitude" in name:
+                param.add_(0.05 * torch.randn(param.shape, generator=generator))
+    torch.save({"state_dict": module.state_dict(), "hyper_parameters": dict(module.hparams),
+                "global_step": step, "datamodule_hyper_parameters": {"max_length": 64}}, path)
+    return path
+
+
+@pytest.fixture(scope="module")
+def dora_export(tmp_path_factory, tiny_mllama):
+    root = tmp_path_factory.mktemp("export")
+    ckpt = perturbed_checkpoint(tiny_mllama, root / "last.ckpt", LoraSettings(r=2, alpha=4, dropout=0.0))
+    main(["--ckpt", str(ckpt), "--out", str(root / "exported"), "--query-instruction", "Find:"])
+    return ckpt, root / "exported"
+
+
+def embed(encoder: Encoder, items=ITEMS) -> torch.Tensor:
+    return embedder(encoder.eval())(items)
+
+
+def test_merged_folder_loads_as_a_plain_backbone_and_embeds_like_the_checkpoint(dora_export, tiny_mllama):
+    ckpt, out = dora_export
+    checkpoint = load_encoder(ckpt).encoder
+    assert checkpoint.has_adapters
+    merged = Encoder(load_backbone(out, max_length=64))
+    torch.testing.assert_close(embed(merged), embed(checkpoint), atol=1e-5, rtol=0)
+    assert not torch.allclose(embed(Encoder(load_backbone(tiny_mllama))), embed(checkpoint), atol=1e-3)
+
+    config = json.loads((out / CONFIG_NAME).read_text())
+    assert config["pooling"] == "last_token" and config["normalize"] is True
+    assert config["family"] == "mllama" and config["max_length"] == 64  # the training data module's
+    assert config["instructions"] == {"query": "Find:", "target": ""}
+    assert config["source"]["checkpoint"] == str(ckpt.resolve()) and config["source"]["global_step"] == 7
+    assert not any("lora" in f.name for f in out.iterdir())  # no adapter files: weights are merged
+
+
+def test_loader_recognises_an_exported_folder(dora_export):
+    ckpt, out = dora_export
+    loaded = load_encoder(out)
+    assert loaded.description["kind"] == "exported" and not loaded.description["adapters"]
+    assert loaded.encoder.adapter.max_length == 64  # the folder's own, when not given
+    assert load_encoder(out, max_length=32).encoder.adapter.max_length == 32
+    torch.testing.assert_close(embed(loaded.encoder), embed(load_encoder(ckpt).encoder), atol=1e-5, rtol=0)
+
+
+def test_full_fine_tune_checkpoint_exports_too(tmp_path, tiny_mllama):
+    ckpt = perturbed_checkpoint(tiny_mllama, tmp_path / "full.ckpt", None)
+    main(["--ckpt", str(ckpt), "--out", str(tmp_path / "out"), "--dtype", "bfloat16"])
+    exported = load_encoder(tmp_path / "out")
+    assert next(exported.encoder.model.parameters()).dtype == torch.bfloat16
+    assert json.loads((tmp_path / "out" / CONFIG_NAME).read_text())["dtype"] == "bfloat16"
+    main(["--ckpt", str(ckpt), "--out", str(tmp_path / "fp32")])
+    torch.testing.assert_close(embed(load_encoder(tmp_path / "fp32").encoder),
+                               embed(load_encoder(ckpt).encoder), atol=1e-5, rtol=0)
+
+
+def test_eval_command_scores_an_export_like_its_checkpoint(dora_export, tmp_path):
+    ckpt, out = dora_export
+    world = tmp_path / "world"
+    build_world(world, WorldConfig(train_samples=0, eval_queries=3, eval_candidates=4, xtd_images=4,
+                                   languages=("en", "zh")), progress=False)
+    scores = {}
+    for name, model in [("ckpt", ckpt), ("exported", out)]:
+        evaluate(["--model", str(model), "--data", str(world), "--out", str(tmp_path / name), "--device",
+                  "cpu", "--no-cache"])
+        scores[name] = json.loads((tmp_path / name / "scores.json").read_text())
+    assert scores["exported"]["model"]["kind"] == "exported"
+    assert scores["exported"]["scalars"] == pytest.approx(scores["ckpt"]["scalars"], abs=1e-6)
