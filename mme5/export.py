@@ -17,7 +17,7 @@ from pathlib import Path
 import torch
 
 from mme5.backbones import DTYPES
-from mme5.eval.loading import CONFIG_NAME, DEFAULT_MAX_LENGTH, _from_lightning
+from mme5.eval.loading import CONFIG_NAME, encoder_from_checkpoint
 
 FORMAT_VERSION = 1
 
@@ -31,11 +31,9 @@ def export(ckpt: str | Path, out: str | Path, dtype: str | None = None, max_leng
     backbone: folder to rebuild the encoder from, when the checkpoint's recorded one has moved.
     """
     ckpt, out = Path(ckpt), Path(out)
-    # mmap: only the metadata is read here; the weights are loaded once, by _from_lightning.
+    # mmap: only the metadata is read here; the weights are loaded once, by encoder_from_checkpoint.
     meta = torch.load(ckpt, map_location="cpu", weights_only=False, mmap=True)
-    data_hparams = meta.get("datamodule_hyper_parameters") or {}
-    max_length = max_length or data_hparams.get("max_length") or DEFAULT_MAX_LENGTH
-    encoder = _from_lightning(ckpt, dtype, max_length, backbone)
+    encoder = encoder_from_checkpoint(ckpt, dtype, max_length, backbone)
     model = encoder.model.merge_and_unload() if encoder.has_adapters else encoder.model
     if dtype is not None:
         model = model.to(DTYPES[dtype])
@@ -49,7 +47,7 @@ def export(ckpt: str | Path, out: str | Path, dtype: str | None = None, max_leng
         "pooling": "last_token",
         "normalize": encoder.normalize,
         "family": encoder.adapter.family,
-        "max_length": max_length,
+        "max_length": encoder.adapter.max_length,
         "dtype": str(model.dtype).removeprefix("torch."),
         "instructions": {"query": query_instruction, "target": target_instruction},
         "source": {

@@ -49,7 +49,7 @@ def parse(argv: list[str] | None = None) -> argparse.Namespace:
                         help="default: cuda when available, else cpu")
     parser.add_argument("--dtype", choices=list(DTYPES), help="weights' dtype (default: the checkpoint's)")
     parser.add_argument("--max-length", type=int,
-                        help="text tokens per item (default: an exported model's own, else 256)")
+                        help="text tokens per item (default: the exported model's or training's, else 256)")
     parser.add_argument("--top-k", type=int, default=10, help="candidates kept per prediction (default: 10)")
     parser.add_argument("--cache", type=Path, help="embedding cache folder (default: OUT/cache)")
     parser.add_argument("--no-cache", action="store_true", help="recompute every embedding")

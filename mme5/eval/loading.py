@@ -50,7 +50,9 @@ def _lora(value: Any) -> LoraSettings | None:
     return LoraSettings(**(dict(value) if isinstance(value, Mapping) else vars(value)))
 
 
-def _from_lightning(path: Path, dtype: str | None, max_length: int, backbone: str | None) -> Encoder:
+def encoder_from_checkpoint(path: Path, dtype: str | None, max_length: int | None,
+                            backbone: str | None) -> Encoder:
+    """An EmbeddingModule checkpoint's encoder; max_length None = the training data module's, else 256."""
     # Unpickling: our own checkpoints hold dataclasses in their hyper-parameters; load trusted files only.
     checkpoint = torch.load(path, map_location="cpu", weights_only=False)
     hparams = checkpoint.get("hyper_parameters") or {}
@@ -62,6 +64,8 @@ def _from_lightning(path: Path, dtype: str | None, max_length: int, backbone: st
         raise FileNotFoundError(f"{path} was trained from backbone {source}, which does not exist here; "
                                 "pass its folder with --backbone")
     dtype = dtype or hparams.get("dtype")
+    trained = (checkpoint.get("datamodule_hyper_parameters") or {}).get("max_length")
+    max_length = max_length or trained or DEFAULT_MAX_LENGTH
     encoder = Encoder(load_backbone(source, DTYPES[dtype] if dtype else None, max_length=max_length),
                       _lora(hparams.get("lora")))
     state = checkpoint["state_dict"]
@@ -90,18 +94,19 @@ def load_encoder(path: str | Path, device: str = "cpu", dtype: str | None = None
     """The encoder of a checkpoint, exported folder or backbone folder, in eval mode on `device`.
 
     dtype: weights' dtype ("float32", "bfloat16", "float16"; None: the checkpoint's own).
-    max_length: text tokens per item (None: the exported folder's, else 256).
+    max_length: text tokens per item (None: the exported folder's or the training's, else 256).
     backbone: folder to rebuild a `.ckpt`'s encoder from, when its recorded one has moved.
     """
     path = Path(path)
     exported = path.is_dir() and (path / CONFIG_NAME).is_file()
     settings = _exported_settings(path) if exported else {}
-    max_length = max_length or settings.get("max_length") or DEFAULT_MAX_LENGTH
+    max_length = max_length or settings.get("max_length")
     if path.is_file() and path.suffix == ".ckpt":
         kind, files = "lightning-checkpoint", [path]
-        encoder = _from_lightning(path, dtype, max_length, backbone)
+        encoder = encoder_from_checkpoint(path, dtype, max_length, backbone)
     elif path.is_dir() and (path / "config.json").is_file():
-        model = load_backbone(path, DTYPES[dtype] if dtype else None, max_length=max_length)
+        model = load_backbone(path, DTYPES[dtype] if dtype else None,
+                              max_length=max_length or DEFAULT_MAX_LENGTH)
         kind = "exported" if exported else "backbone"
         encoder = Encoder(model, normalize=settings.get("normalize", True))
         files = [f for f in path.iterdir() if f.is_file()]
@@ -109,7 +114,7 @@ def load_encoder(path: str | Path, device: str = "cpu", dtype: str | None = None
         raise ValueError(f"{path}: expected a Lightning checkpoint (.ckpt), or an exported or backbone "
                          "folder with config.json")
     encoder.to(device).eval()
-    settings = {"dtype": dtype, "max_length": max_length, "kind": kind}
+    settings = {"dtype": dtype, "max_length": encoder.adapter.max_length, "kind": kind}
     description = {"name": path.name, "path": str(path.resolve()), **settings,
                    "family": encoder.adapter.family, "adapters": encoder.has_adapters}
     return LoadedModel(encoder, fingerprint(files, **settings), description)
