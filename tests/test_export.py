@@ -96,3 +96,18 @@ def test_eval_command_scores_an_export_like_its_checkpoint(dora_export, tmp_path
         scores[name] = json.loads((tmp_path / name / "scores.json").read_text())
     assert scores["exported"]["model"]["kind"] == "exported"
     assert scores["exported"]["scalars"] == pytest.approx(scores["ckpt"]["scalars"], abs=1e-6)
+
+
+def test_a_checkpoints_relative_backbone_is_found_from_its_run_directory(tmp_path, monkeypatch):
+    from mme5.eval.loading import _recorded_backbone
+
+    (tmp_path / "runs" / "demo" / "backbone").mkdir(parents=True)
+    (tmp_path / "runs" / "demo" / "backbone" / "config.json").write_text("{}")
+    ckpt = tmp_path / "runs" / "demo" / "checkpoints" / "last.ckpt"
+    ckpt.parent.mkdir()
+    ckpt.write_bytes(b"")
+    monkeypatch.chdir(tmp_path / "runs")  # not where training ran
+    assert _recorded_backbone(ckpt, "runs/demo/backbone") == str(tmp_path / "runs" / "demo" / "backbone")
+    assert _recorded_backbone(ckpt, "meta-llama/Llama-3.2-11B-Vision") == "meta-llama/Llama-3.2-11B-Vision"
+    with pytest.raises(FileNotFoundError, match="--backbone"):
+        _recorded_backbone(ckpt, "runs/other/backbone")

@@ -59,10 +59,7 @@ def encoder_from_checkpoint(path: Path, dtype: str | None, max_length: int | Non
     if "backbone" not in hparams or "state_dict" not in checkpoint:
         raise ValueError(f"{path}: not an EmbeddingModule checkpoint (expected hyper_parameters.backbone and "
                          f"a state_dict; found keys {sorted(checkpoint)})")
-    source = backbone or hparams["backbone"]
-    if backbone is None and Path(source).is_absolute() and not Path(source).exists():
-        raise FileNotFoundError(f"{path} was trained from backbone {source}, which does not exist here; "
-                                "pass its folder with --backbone")
+    source = backbone or _recorded_backbone(path, hparams["backbone"])
     dtype = dtype or hparams.get("dtype")
     trained = (checkpoint.get("datamodule_hyper_parameters") or {}).get("max_length")
     max_length = max_length or trained or DEFAULT_MAX_LENGTH
@@ -72,6 +69,22 @@ def encoder_from_checkpoint(path: Path, dtype: str | None, max_length: int | Non
     encoder.load_state_dict({k.removeprefix("encoder."): v for k, v in state.items()
                              if k.startswith("encoder.")})
     return encoder
+
+
+def _recorded_backbone(checkpoint: Path, recorded: str) -> str:
+    """The backbone a checkpoint was trained from: a hub id as is; a relative folder is looked up from the
+    working directory, then from the checkpoint's parent folders (a run directory moved as a whole)."""
+    candidate = Path(recorded)
+    if candidate.exists():
+        return recorded
+    if not candidate.is_absolute():
+        for parent in checkpoint.resolve().parents:
+            if (parent / candidate / "config.json").is_file():
+                return str(parent / candidate)
+    if candidate.is_absolute() or len(candidate.parts) != 2 or recorded.startswith("."):
+        raise FileNotFoundError(f"{checkpoint} was trained from backbone {recorded}, which does not exist "
+                                "here; pass its folder with --backbone")
+    return recorded  # "namespace/name": a hub id
 
 
 @dataclass
