@@ -107,6 +107,7 @@ class EmbeddingModule(L.LightningModule):
         adapter = load_backbone(hp.backbone, dtype=DTYPES[hp.dtype] if hp.dtype else None)
         lora = LoraSettings(**hp.lora) if hp.lora is not None else None
         self.encoder = Encoder(adapter, lora, gradient_checkpointing=hp.gradient_checkpointing)
+        self.strict_loading = not self.encoder.has_adapters  # adapter-only checkpoints: on_save_checkpoint
         self.encoder.train()  # from_pretrained returns eval mode; LoRA dropout must be active in training
 
     # ------------------------------------------------------------------ training
@@ -191,8 +192,24 @@ class EmbeddingModule(L.LightningModule):
         # Random state too, so a resumed run draws the same (LoRA) dropout masks as an uninterrupted one.
         cuda = torch.cuda.get_rng_state_all() if torch.cuda.is_available() else []
         checkpoint["rng_states"] = {"torch": torch.get_rng_state(), "cuda": cuda}
+        if self.encoder is not None and self.encoder.has_adapters:
+            # Adapter-only: the frozen backbone is reloaded from `backbone`, so an 11B run's checkpoints
+            # hold megabytes, not 22 GB, and can be written often.
+            trainable = self._trainable_names()
+            checkpoint["state_dict"] = {k: v for k, v in checkpoint["state_dict"].items() if k in trainable}
+            checkpoint["adapter_only"] = True
+
+    def _trainable_names(self) -> set[str]:
+        return {name for name, p in self.named_parameters() if p.requires_grad}
 
     def on_load_checkpoint(self, checkpoint: dict[str, Any]) -> None:
+        if checkpoint.get("adapter_only"):
+            # Loading is then non-strict (the backbone's weights are absent): check the adapters match.
+            saved, trainable = set(checkpoint["state_dict"]), self._trainable_names()
+            if saved != trainable:
+                missing, unexpected = sorted(trainable - saved)[:5], sorted(saved - trainable)[:5]
+                raise ValueError(f"adapter-only checkpoint does not match this model's adapters: missing "
+                                 f"{missing}, unexpected {unexpected}")
         states = checkpoint.get("rng_states")
         if states is not None:
             torch.set_rng_state(states["torch"])

@@ -93,6 +93,7 @@ def test_fit_logs_and_resume_continues_the_same_run(tmp_path, tiny_mllama, tiny_
         assert len(scalars(tmp_path / "tb", tag)) == 4
     last = torch.load(tmp_path / "ckpt" / "last.ckpt", weights_only=False)
     assert last["global_step"] == 4
+    assert last["adapter_only"] and all("lora_" in key for key in last["state_dict"])  # no backbone weights
     assert last["ShardDataModule"]["positions"][0]["batches"] == 4
 
     # Resuming the interrupted run up to step 6 equals one uninterrupted run of 6 steps.

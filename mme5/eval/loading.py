@@ -65,9 +65,12 @@ def encoder_from_checkpoint(path: Path, dtype: str | None, max_length: int | Non
     max_length = max_length or trained or DEFAULT_MAX_LENGTH
     encoder = Encoder(load_backbone(source, DTYPES[dtype] if dtype else None, max_length=max_length),
                       _lora(hparams.get("lora")))
-    state = checkpoint["state_dict"]
-    encoder.load_state_dict({k.removeprefix("encoder."): v for k, v in state.items()
-                             if k.startswith("encoder.")})
+    weights = {k.removeprefix("encoder."): v for k, v in checkpoint["state_dict"].items()
+               if k.startswith("encoder.")}
+    # An adapter-only checkpoint holds the trained adapters; the rest comes from the backbone just loaded.
+    result = encoder.load_state_dict(weights, strict=not checkpoint.get("adapter_only", False))
+    if result.unexpected_keys:
+        raise ValueError(f"{path}: weights that this encoder does not have: {result.unexpected_keys[:5]}")
     return encoder
 
 
