@@ -1,5 +1,6 @@
 """GradCache gives the plain full-batch gradient, with dropout, hard negatives, autocast and under DDP."""
 
+import os
 from contextlib import contextmanager
 from datetime import timedelta
 from pathlib import Path
@@ -260,7 +261,10 @@ def _ddp_worker(rank: int, out_dir: str) -> None:
     except ValueError as error:
         results["unequal_batch_error"] = str(error)
     torch.save(results, Path(out_dir) / f"rank{rank}.pt")
-    dist.destroy_process_group()
+    dist.barrier()  # both ranks are done with every collective
+    # Leave at once: tearing down the DDP reducer and the gloo group in destructors once hung a worker at
+    # exit (seen in CI), long after its results were saved.
+    os._exit(0)
 
 
 def _single_process_reference(chunk_size: int) -> list[torch.Tensor]:
