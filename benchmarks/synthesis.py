@@ -8,7 +8,10 @@ staging, packing into shards) against a local OpenAI-compatible chat server on 1
 every request with a valid sample after a fixed latency (default 200 ms). Images: a small PIL-made folder
 in a temp dir; embedder: a deterministic pixel-colour fake. Samples/s = written samples / wall time of the
 whole `run` call (plan, embedding, calls, packing), the median over `--repeats` runs, each in a fresh
-output folder. Target (issue): >= 40x the concurrency-1 rate at concurrency 64.
+output folder and against a fresh server process. Target (issue): >= 40x the concurrency-1 rate at
+concurrency 64. Also printed: CPU time of the pipeline process per sample (all its threads; ~1000 /
+this is the most samples/s one core can drive) and of the server process per request, and the most TCP
+connections the server saw in a run (keep-alive: about one per concurrent slot).
 
 Part two injects faults into ~20% of the requests (429 with Retry-After 0 or 1, 500, a 200 whose body is
 not JSON, a hang the client must time out, and a well-formed completion whose answer is not JSON), runs
@@ -29,6 +32,7 @@ import statistics
 import sys
 import tempfile
 import threading
+import time
 from collections import Counter
 from pathlib import Path
 
@@ -49,10 +53,10 @@ KEY_ENV = "MME5_BENCH_SYNTH_KEY"
 
 
 class BenchServer(AnswerServer):
-    """AnswerServer with a listen backlog of 512 instead of socketserver's 5: with 64 new connections at
-    once (the client opens one per request; the mock speaks HTTP/1.0), a backlog of 5 drops SYNs and the
-    kernel's 1 s SYN retransmit, not the pipeline, would set the pace. Real servers (vLLM, nginx) use
-    backlogs in the hundreds."""
+    """AnswerServer with a listen backlog of 512 instead of socketserver's 5, so that a burst of new
+    connections (64 at the start of a run) is not dropped into the kernel's 1 s SYN retransmit. The mock
+    speaks HTTP/1.1 with keep-alive (tests/chat_server.py), like real servers (vLLM, nginx), so the client
+    opens about one connection per concurrent slot and reuses it."""
 
     def __init__(self, **kwargs):
         super().__init__(**kwargs)
@@ -115,6 +119,7 @@ def _serve(conn, latency: float, faults: dict[str, float], answer_share: float, 
         conn.recv()
         with server._lock:
             stats = {"requests": len(server.requests), "max_in_flight": server.max_in_flight,
+                     "cpu_s": time.process_time(), "connections": len(server.connections),
                      "drawn": dict(server.script.drawn), "garbled_answers": server.contents.garbled}
     conn.send(stats)
 
@@ -159,6 +164,11 @@ def quiet_run(cfg: SynthesisConfig) -> tuple[dict, float]:
     return summary, summary["this_run"]["wall_s"]
 
 
+def cpu_s() -> float:
+    """CPU seconds of this process, all threads (the pipeline's side of the benchmark)."""
+    return time.process_time()
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     parser.add_argument("--latency", type=float, default=0.2, help="server latency per request, seconds")
@@ -180,22 +190,28 @@ def main() -> None:
 
         print(f"# Throughput: mock server latency {args.latency * 1000:.0f} ms, {os.cpu_count()} CPU cores, "
               f"median of {args.repeats} runs")
-        print("| concurrency | samples/run | wall s (median) | samples/s | speed-up vs c=1 | ideal |")
-        print("|---|---|---|---|---|---|")
+        print("| concurrency | samples/run | wall s (median) | samples/s | speed-up vs c=1 | ideal "
+              "| pipeline CPU ms/sample | server CPU ms/request | connections |")
+        print("|---|---|---|---|---|---|---|---|---|")
         base = None
         for concurrency, n in zip(args.concurrency, args.samples, strict=True):
-            rates, walls = [], []
+            rates, walls, cpus, server_cpus, connections = [], [], [], [], []
             for r in range(args.repeats):
                 with ServerProcess(args.latency) as server:
-                    summary, wall = quiet_run(config(tmp / f"c{concurrency}-r{r}", images, server.base_url,
-                                                     n, concurrency))
+                    cfg = config(tmp / f"c{concurrency}-r{r}", images, server.base_url, n, concurrency)
+                    start = cpu_s()
+                    summary, wall = quiet_run(cfg)
+                    cpus.append((cpu_s() - start) / n * 1000)
                 assert summary["written"] == n and summary["failed"] == 0, summary
                 rates.append(n / wall)
                 walls.append(wall)
+                server_cpus.append(server.stats["cpu_s"] / server.stats["requests"] * 1000)
+                connections.append(server.stats["connections"])
             rate = statistics.median(rates)
             base = base or rate
             print(f"| {concurrency} | {n} | {statistics.median(walls):.2f} | {rate:.1f} | {rate / base:.1f}x "
-                  f"| {concurrency}x |", flush=True)
+                  f"| {concurrency}x | {statistics.median(cpus):.2f} | {statistics.median(server_cpus):.2f} "
+                  f"| {max(connections)} |", flush=True)
 
         # ------------------------------------------------------------------ faults
         rate = args.fault_rate
@@ -205,7 +221,7 @@ def main() -> None:
         answer_share = 0.25 * rate / (1 - sum(faults.values()))  # garbled answers: 25% of the faults
         parts, shards = 2, []
         n = args.fault_samples
-        totals = Counter()
+        totals, usage = Counter(), Counter()
         with ServerProcess(args.latency, faults, answer_share) as server:
             for part in range(parts):
                 cfg = config(tmp / "faults", images, server.base_url, n, args.fault_concurrency,
@@ -214,6 +230,7 @@ def main() -> None:
                 cfg.client |= {"timeout_s": 2.0, "max_attempts": 4}
                 summary, wall = quiet_run(cfg)
                 totals.update({k: summary[k] for k in ("planned", "written", "failed")})
+                usage.update(summary["total"])
                 totals["wall_s"] += wall
                 totals.update(Counter(summary["failed_by_reason"]))
                 shards += shard_urls(cfg.work_dir)
@@ -236,6 +253,9 @@ def main() -> None:
               f"| {duplicates} | {totals['wall_s']:.2f} | {totals['written'] / totals['wall_s']:.1f} |")
         reasons = {k: v for k, v in totals.items() if k not in ("planned", "written", "failed", "wall_s")}
         print(f"failed by reason: {reasons or 'none'}")
+        print(f"accounted (summary.json `total`, both parts): {usage['calls']} calls with an answer, "
+              f"{usage['input_tokens']} input + {usage['output_tokens']} output tokens, "
+              f"${usage['cost_usd']:.4f}")
         assert ok and duplicates == 0 and len(ids) == totals["written"]
 
 

@@ -40,6 +40,7 @@ class ChatServer:
         self.times: list[float] = []
         self.in_flight = 0
         self.max_in_flight = 0
+        self.connections: set[tuple[str, int]] = set()  # client addresses: one per TCP connection
         self._lock = threading.Lock()
         self._stopping = threading.Event()
         self._httpd = ThreadingHTTPServer(("127.0.0.1", 0), self._handler())
@@ -63,6 +64,11 @@ class ChatServer:
         server = self
 
         class Handler(BaseHTTPRequestHandler):
+            # HTTP/1.1 keeps connections open between requests, as real servers (vLLM, OpenAI) do; every
+            # answer carries a Content-Length, so the client knows where one response ends.
+            protocol_version = "HTTP/1.1"
+            disable_nagle_algorithm = True  # headers and body go out in two writes: no 40 ms delayed ACK
+
             def log_message(self, format: str, *args: object) -> None:  # keep test output quiet
                 pass
 
@@ -72,6 +78,7 @@ class ChatServer:
                     server.requests.append(body)
                     server.headers.append({k.lower(): v for k, v in self.headers.items()})
                     server.times.append(time.monotonic())
+                    server.connections.add(self.client_address)
                     server.in_flight += 1
                     server.max_in_flight = max(server.max_in_flight, server.in_flight)
                     failure = server.script.popleft() if server.script else None
@@ -82,6 +89,7 @@ class ChatServer:
                         time.sleep(server.latency_s)
                         self._send(200, json.dumps(server._completion(body)))
                     elif failure.hang:
+                        self.close_connection = True
                         server._stopping.wait(30)
                     elif failure.garbled:
                         self._send(200, '{"choices": [{"mess')

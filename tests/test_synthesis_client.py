@@ -116,6 +116,15 @@ def test_garbled_body_is_retried():
     assert result.attempts == 2 and result.content == '{"ok": true}'
 
 
+@pytest.mark.parametrize("body", ['{"object": "error"}', '{"choices": []}', '[1, 2]',
+                                  '{"choices": [{"message": {"role": "assistant", "content": null}}]}'])
+def test_json_that_is_not_a_completion_is_retried(body):
+    with ChatServer(content="fine") as server:
+        server.script.append(Failure(status=200, body=body))
+        (result,), client = complete(server)
+    assert result.content == "fine" and result.attempts == 2 and client.calls == 1
+
+
 def test_400_is_not_retried():
     with ChatServer() as server:
         server.script.append(Failure(400, body='{"error": {"message": "bad image"}}'))
@@ -188,3 +197,19 @@ def test_api_key_never_leaks(caplog):
     text += caplog.text + "".join(repr(r.args) + r.getMessage() for r in caplog.records)
     assert KEY not in text
     assert KEY[-8:] not in text
+
+
+def test_connections_are_kept_alive_and_reused():
+    """48 calls in 3 waves at concurrency 16: the client opens about 16 connections (one per slot, spread
+    over its connection pools), not 48, and the server's replies carry keep-alive (HTTP/1.1)."""
+
+    async def main(server):
+        async with ChatClient(config(server, max_concurrency=16)) as client:
+            for wave in range(3):
+                await asyncio.gather(*(client.complete(f"prompt {wave}.{i}") for i in range(16)))
+
+    with ChatServer(latency_s=0.05) as server:
+        asyncio.run(main(server))
+    assert len(server.requests) == 48 and server.max_in_flight == 16
+    assert len(server.connections) <= 20, server.connections
+    assert all(h.get("connection", "keep-alive").lower() == "keep-alive" for h in server.headers)

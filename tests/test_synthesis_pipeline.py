@@ -79,6 +79,8 @@ def test_happy_path_writes_shards_with_images_and_schema(tmp_path):
     out = Path(config.out)
     assert summary["planned"] == summary["written"] == 24 and summary["failed"] == 0
     assert summary["this_run"]["input_tokens"] == 24 * 120 and summary["this_run"]["cost_usd"] > 0
+    assert summary["total"] == {key: summary["this_run"][key]
+                                for key in ("calls", "input_tokens", "output_tokens", "cost_usd")}
     assert json.loads((out / "summary.json").read_text()) == summary
     manifest = read_manifest(out)
     assert manifest["complete"] and [s["count"] for s in manifest["shards"]] == [10, 10, 4]
@@ -103,6 +105,7 @@ def test_happy_path_writes_shards_with_images_and_schema(tmp_path):
     with AnswerServer() as again:
         summary = run(settings(tmp_path, again), embed=FakeEmbed())
     assert summary["this_run"]["attempted"] == 0 and not again.requests and before == 24
+    assert summary["this_run"]["calls"] == 0 and summary["total"]["calls"] == 24
     assert written_ids(out) == plan_ids
 
 
@@ -122,6 +125,79 @@ def test_faults_are_retried_or_recorded_with_reasons(tmp_path):
     assert all("response_format" not in r for r in server.requests)
     assert "JSON" in server.requests[0]["messages"][1]["content"][0]["text"]
     assert_no_key(Path(config.out))
+
+
+def test_failed_ids_are_skipped_on_resume_and_retried_on_request(tmp_path):
+    # sequential, no answer retries: the first two samples get non-JSON answers and fail
+    with AnswerServer(contents=["{not json", "{not json"]) as server:
+        config = settings(tmp_path, server, num_samples=8, answer_retries=0)
+        config.client |= {"max_concurrency": 1}
+        summary = run(config, embed=FakeEmbed())
+    out = Path(config.out)
+    assert (summary["written"], summary["failed"], summary["failed_by_reason"]) == (6, 2, {"not_json": 2})
+    assert summary["total"]["calls"] == 8 and summary["total"]["input_tokens"] == 8 * 120
+    failed = [json.loads(line)["id"] for line in (out / "failed.jsonl").read_text().splitlines()]
+    with open(out / "failed.jsonl", "ab") as f:  # a crash mid-append leaves a torn line
+        f.write(b'{"id": "torn-')
+
+    # a plain resume pays for nothing again: failed ids are skipped and still reported
+    with AnswerServer() as server:
+        summary = run(settings(tmp_path, server, num_samples=8), embed=FakeEmbed())
+    assert not server.requests and summary["this_run"]["retried"] == 0
+    assert (summary["written"], summary["failed"], summary["total"]["calls"]) == (6, 2, 8)
+
+    # --retry-failed re-attempts exactly the failed ids: one succeeds now, one fails again
+    with AnswerServer(contents=["{not json"]) as server:
+        config = settings(tmp_path, server, num_samples=8, answer_retries=0)
+        config.client |= {"max_concurrency": 1}
+        config.retry_failed = True
+        summary = run(config, embed=FakeEmbed())
+    assert len(server.requests) == 2 and summary["this_run"]["attempted"] == 2
+    assert summary["this_run"]["retried"] == 2 and summary["this_run"]["retried_written"] == 1
+    assert (summary["written"], summary["failed"], summary["failed_by_reason"]) == (7, 1, {"not_json": 1})
+    assert summary["written"] + summary["failed"] == summary["planned"] == 8
+    assert summary["this_run"]["calls"] == 2 and summary["total"]["calls"] == 10
+    assert summary["total"]["input_tokens"] == 10 * 120
+    rows = [json.loads(line) for line in (out / "failed.jsonl").read_text().splitlines()]  # torn line cut
+    assert [row["id"] for row in rows] == failed + [failed[0]]  # append-only: the latest row per id counts
+    ids = written_ids(out)
+    assert len(ids) == len(set(ids)) == 7 and failed[1] in ids and failed[0] not in ids
+
+    # the flag from the command line
+    from mme5.synthesis.__main__ import load_config, parse_args
+    config_file = tmp_path / "synthesis.yaml"
+    config_file.write_text(Path("configs/synthesis/default.yaml").read_text())
+    assert load_config(parse_args(["--config", str(config_file), "--retry-failed"])).retry_failed is True
+    assert load_config(parse_args(["--config", str(config_file)])).retry_failed is False
+
+
+@pytest.mark.parametrize("trouble", ["packer_error", "nothing_buffered"])
+def test_packing_during_the_run_falls_back_to_the_final_pack(tmp_path, monkeypatch, caplog, trouble):
+    import mme5.synthesis.pipeline as pipeline
+
+    if trouble == "packer_error":  # the 15th shard write (in the packer thread) fails once
+        writes, original = [], pipeline.ShardWriter.write
+
+        def flaky(self, sample, cursor=None):
+            writes.append(sample.id)
+            if len(writes) == 15:
+                raise OSError("disk hiccup")
+            return original(self, sample, cursor)
+
+        monkeypatch.setattr(pipeline.ShardWriter, "write", flaky)
+    else:  # every sample read back from its staging tar instead of memory
+        monkeypatch.setattr(pipeline._Packer.__init__, "__defaults__", (0,))
+    with AnswerServer() as server:
+        config = settings(tmp_path, server)
+        summary = run(config, embed=FakeEmbed())
+    out = Path(config.out)
+    assert summary["written"] == 24 and summary["total"]["calls"] == 24
+    plan_ids = [json.loads(line)["id"] for line in (out / "plan.jsonl").read_text().splitlines()]
+    assert written_ids(out) == plan_ids and read_manifest(out)["complete"]
+    answers = [json.loads(line)["id"] for line in (out / "answers.jsonl").read_text().splitlines()]
+    assert sorted(answers) == sorted(plan_ids)
+    assert not list((out / STAGING).iterdir())
+    assert ("the final pack takes over" in caplog.text) == (trouble == "packer_error")
 
 
 def test_plan_of_other_settings_is_refused(tmp_path):
@@ -158,6 +234,13 @@ def test_kill_9_and_resume_gives_no_duplicates(tmp_path):
         summary = run(config, embed=FakeEmbed())
     assert summary["written"] == 40 and summary["failed"] == 0
     assert summary["this_run"]["calls"] == len(server.requests) - calls_before <= 40 - len(staged)
+    # usage over both runs: the killed run's committed samples (one call each) plus this run's calls;
+    # calls the kill cut off before their sample was committed are not counted (nothing was kept of them)
+    total = summary["total"]
+    assert total["calls"] == summary["this_run"]["calls"] + len(staged) <= len(server.requests)
+    assert total["input_tokens"] == 120 * total["calls"] and total["output_tokens"] == 30 * total["calls"]
+    assert total["cost_usd"] == round(total["calls"] * (120 * 2.5 + 30 * 10.0) / 1e6, 6)
+    assert json.loads((out / "summary.json").read_text())["total"] == total
     ids = written_ids(out)
     assert len(ids) == len(set(ids)) == 40
 

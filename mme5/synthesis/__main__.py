@@ -1,4 +1,5 @@
-"""python -m mme5.synthesis --config configs/synthesis/default.yaml [overrides] [--dry-run]"""
+"""python -m mme5.synthesis --config configs/synthesis/default.yaml [overrides] [--retry-failed]
+[--dry-run]"""
 
 from __future__ import annotations
 
@@ -17,7 +18,7 @@ OVERRIDES = {
     "concurrency": ("client", "max_concurrency"),
     "num_samples": (None, "num_samples"), "images": (None, "images"), "out": (None, "out"),
     "seed": (None, "seed"), "embedder": (None, "embedder"), "shard": (None, "shard_index"),
-    "num_shards": (None, "num_shards"),
+    "num_shards": (None, "num_shards"), "retry_failed": (None, "retry_failed"),
 }
 
 
@@ -34,7 +35,9 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     parser.add_argument("--embedder", help="model folder of the neighbour-image retrieval model")
     parser.add_argument("--shard", type=int, help="this job's index in a job-array split")
     parser.add_argument("--num-shards", type=int, help="jobs in the job-array split")
-    parser.add_argument("--dry-run", action="store_true", 
+    parser.add_argument("--retry-failed", action="store_true", default=None,
+                        help="re-attempt the ids recorded in failed.jsonl (a plain resume skips them)")
+    parser.add_argument("--dry-run", action="store_true",
                         help="print the plan's mix and a token/cost estimate")
     return parser.parse_args(argv)
 

@@ -92,16 +92,25 @@ def build_request(planned: PlannedSample, n_images: int) -> Request:
     if n_images != len(roles):
         raise ValueError(f"sample {planned.id}: modality {modality} needs {len(roles)} image(s) "
                          f"({', '.join(roles)}), found {n_images}")
+    return _request(Task(planned.task), modality, planned.language)
+
+
+@cache
+def _request(task: Task, modality: Modality, language: str) -> Request:
+    """The request depends on (task, modality, language) only, a few thousand combinations at most: built
+    once each rather than per sample."""
+    planned = PlannedSample("", task, modality, language)
     rules = field_rules(planned)
+    roles = image_roles(modality)
     prompt = Template(template("synthesize")).substitute(
-        task=str(planned.task),
-        task_guidance=template(f"task_{Task(planned.task)}"),
+        task=str(task),
+        task_guidance=template(f"task_{task}"),
         modality=str(modality),
         query_content=_CONTENT[modality.query],
         target_content=_CONTENT[modality.target],
         image_list="\n".join(f"- Image {i}: {_IMAGE_ROLE[role]}" for i, role in enumerate(roles, start=1)),
-        language_name=language_name(planned.language),
-        language_code=planned.language,
+        language_name=language_name(language),
+        language_code=language,
         field_rules="\n".join(f"- {field}: {rule}" for field, rule in rules.items()),
     )
     return Request(system=template("system"), prompt=prompt, image_roles=roles,
@@ -110,8 +119,15 @@ def build_request(planned: PlannedSample, n_images: int) -> Request:
 
 def response_schema(planned: PlannedSample) -> dict[str, Any]:
     """The strict JSON schema of the answer (structured-output compatible: every property required, no
-    extra properties, no length bounds); field descriptions carry this sample's per-field rules."""
-    rules = field_rules(planned)
+    extra properties, no length bounds); field descriptions carry this sample's per-field rules.
+
+    Built once per (task, modality, language) and shared: do not modify the returned dict."""
+    return _schema(Task(planned.task), Modality(planned.modality), planned.language)
+
+
+@cache
+def _schema(task: Task, modality: Modality, language: str) -> dict[str, Any]:
+    rules = field_rules(PlannedSample("", task, modality, language))
     sides = _object({field: {"type": "string", "description": rules[field]} for field in SIDE_FIELDS})
     scores = {name: {"type": "integer", "enum": [1, 2, 3, 4, 5]} for name in SCORE_FIELDS}
     return _object({
