@@ -1,12 +1,22 @@
-"""Gradient averaging across ranks, done explicitly once per optimiser step."""
+"""Collectives the training loop needs beyond the strategy's: gradient averaging, gathering rank state."""
 
 from __future__ import annotations
 
 from collections.abc import Iterable
+from typing import Any
 
 import torch
 import torch.distributed as dist
 from torch import nn
+
+
+def from_all_ranks(obj: Any) -> list[Any]:
+    """Every rank's `obj` in rank order (a collective: all ranks must call it); `[obj]` if not distributed."""
+    if not (dist.is_available() and dist.is_initialized()):
+        return [obj]
+    gathered: list[Any] = [None] * dist.get_world_size()
+    dist.all_gather_object(gathered, obj)
+    return gathered
 
 
 def average_gradients(parameters: Iterable[nn.Parameter], bucket_bytes: int = 256 * 1024**2) -> int:

@@ -79,9 +79,17 @@ class Encoder(nn.Module):
         return self.adapter.hidden_size
 
     def forward(self, batch: dict[str, Tensor]) -> Tensor:
+        """(B, D) embeddings; a `keep` (B,) bool entry (lockstep chunks) drops the placeholder rows."""
+        keep = batch.get("keep")
+        if keep is not None:
+            batch = {k: v for k, v in batch.items() if k != "keep"}
         hidden = self.adapter.last_hidden_state(self.model, batch)  # (B, T, D)
         mask = batch["attention_mask"].to(hidden.device)
         pooled = last_token_pool(hidden, mask).float()  # (B, D)
+        if keep is not None:
+            # Indexing keeps the autograd graph even when no row is kept, so every module still runs its
+            # backward (a collective under FSDP) with a zero gradient.
+            pooled = pooled[keep.to(pooled.device)]
         return F.normalize(pooled, dim=-1) if self.normalize else pooled
 
     def encode_chunks(self, chunks: list[dict[str, Tensor]]) -> Tensor:

@@ -15,17 +15,18 @@ from typing import Any, Literal
 
 import lightning as L
 import torch
-from lightning.pytorch.strategies import DDPStrategy, DeepSpeedStrategy, SingleDeviceStrategy
+from lightning.pytorch.strategies import DDPStrategy, DeepSpeedStrategy, FSDPStrategy, SingleDeviceStrategy
 from torch import Tensor
 from torch.nn.parallel import DistributedDataParallel
 from torch.optim.lr_scheduler import LambdaLR
 
 from mme5.backbones import DTYPES, load_backbone
 from mme5.data.collate import ContrastiveBatch
-from mme5.distributed import average_gradients
+from mme5.distributed import average_gradients, from_all_ranks
 from mme5.encoder import Encoder, LoraSettings
 from mme5.gradcache import GradCache
 from mme5.losses import ContrastiveOutput, InfoNCE
+from mme5.sharding import gradient_sync_paused, is_sharded, shard_encoder, shards_parameters
 
 
 class NonFiniteLossError(RuntimeError):
@@ -70,6 +71,8 @@ class EmbeddingModule(L.LightningModule):
         warmup: warmup length, as a fraction of max_steps (< 1) or a number of steps (>= 1).
         schedule: decay after warmup.
         grad_clip: maximum gradient norm (0 = no clipping).
+        reshard_after_forward: under FSDP (`ModelParallelStrategy`), free each gathered block after its
+            forward (least memory); false keeps it until its backward (less communication).
     """
 
     def __init__(
@@ -87,6 +90,7 @@ class EmbeddingModule(L.LightningModule):
         warmup: float = 0.05,
         schedule: Literal["linear", "cosine", "constant"] = "linear",
         grad_clip: float = 5.0,
+        reshard_after_forward: bool = True,
     ):
         super().__init__()
         # Plain types in checkpoints: they then load with torch.load(weights_only=True).
@@ -109,18 +113,31 @@ class EmbeddingModule(L.LightningModule):
         self.encoder = Encoder(adapter, lora, gradient_checkpointing=hp.gradient_checkpointing)
         self.strict_loading = not self.encoder.has_adapters  # adapter-only checkpoints: on_save_checkpoint
         self.encoder.train()  # from_pretrained returns eval mode; LoRA dropout must be active in training
+        if self._device_mesh is not None:  # set by ModelParallelStrategy: shard with FSDP2
+            self._shard(self._device_mesh)
+
+    def _shard(self, mesh: Any) -> None:
+        hp = self.hparams
+        compute_dtype = DTYPES[hp.dtype] if hp.dtype in ("bfloat16", "float16") else None
+        shard_encoder(self.encoder, self.encoder.adapter.model, mesh, param_dtype=compute_dtype,
+                      reshard_after_forward=hp.reshard_after_forward)
+        if self.encoder.has_adapters:
+            # Adapters' gradients are small: accumulate them unsharded over the chunks and reduce-scatter
+            # once per step. Full fine-tuning keeps reduce-scattering every chunk, so that no rank ever
+            # holds the whole model's gradient.
+            self.cache.no_sync = lambda: gradient_sync_paused(self.encoder)
 
     # ------------------------------------------------------------------ training
 
     def on_fit_start(self) -> None:
-        # Gradients are averaged by `average_gradients`, which is right for replicated parameters only:
-        # under a sharding strategy (FSDP, DeepSpeed) it would mix different ranks' shards.
+        # Replicated parameters' gradients are averaged by `average_gradients`; sharded ones by FSDP2,
+        # applied in `configure_model`. Other wrappers would average them a second time or not at all.
         strategy = self.trainer.strategy
-        replicated = isinstance(strategy, SingleDeviceStrategy | DDPStrategy)
-        if not replicated or isinstance(strategy, DeepSpeedStrategy):  # DeepSpeed subclasses DDPStrategy
+        supported = isinstance(strategy, SingleDeviceStrategy | DDPStrategy) or shards_parameters(strategy)
+        if not supported or isinstance(strategy, DeepSpeedStrategy | FSDPStrategy):
             raise NotImplementedError(
-                f"trainer.strategy {type(strategy).__name__} is not supported by EmbeddingModule yet; "
-                "use a single device or 'ddp'"
+                f"trainer.strategy {type(strategy).__name__} is not supported by EmbeddingModule; use a "
+                "single device, 'ddp', or FSDP2 through lightning.pytorch.strategies.ModelParallelStrategy"
             )
 
     def on_train_batch_start(self, batch: ContrastiveBatch, batch_idx: int) -> None:
@@ -160,8 +177,10 @@ class EmbeddingModule(L.LightningModule):
             self.manual_backward(output.loss)
             loss = output.loss.detach()
         # Gradient under DDP: the mean over ranks of each rank's gradient, which with InfoNCE's sync-grad
-        # gather is the gradient of the global-batch mean loss (see mme5.losses.InfoNCE).
-        average_gradients(self.parameters())
+        # gather is the gradient of the global-batch mean loss (see mme5.losses.InfoNCE). FSDP's
+        # reduce-scatter averages the sharded parameters' gradients the same way; the rest (a learnable
+        # temperature) is replicated and averaged here.
+        average_gradients(p for p in self.parameters() if not is_sharded(p))
 
         self._stop_if_not_finite(loss)
         if self.hparams.grad_clip:
@@ -189,9 +208,10 @@ class EmbeddingModule(L.LightningModule):
         )
 
     def on_save_checkpoint(self, checkpoint: dict[str, Any]) -> None:
-        # Random state too, so a resumed run draws the same (LoRA) dropout masks as an uninterrupted one.
+        # Random state too, so a resumed run draws the same (LoRA) dropout masks as an uninterrupted one;
+        # every rank's, since ranks draw differently (their chunks differ in number and content).
         cuda = torch.cuda.get_rng_state_all() if torch.cuda.is_available() else []
-        checkpoint["rng_states"] = {"torch": torch.get_rng_state(), "cuda": cuda}
+        checkpoint["rng_states"] = from_all_ranks({"torch": torch.get_rng_state(), "cuda": cuda})
         if self.encoder is not None and self.encoder.has_adapters:
             # Adapter-only: the frozen backbone is reloaded from `backbone`, so an 11B run's checkpoints
             # hold megabytes, not 22 GB, and can be written often.
@@ -203,18 +223,21 @@ class EmbeddingModule(L.LightningModule):
         return {name for name, p in self.named_parameters() if p.requires_grad}
 
     def on_load_checkpoint(self, checkpoint: dict[str, Any]) -> None:
-        if checkpoint.get("adapter_only"):
+        # ModelParallelStrategy has loaded (and popped) the state dict itself by now.
+        if checkpoint.get("adapter_only") and "state_dict" in checkpoint:
             # Loading is then non-strict (the backbone's weights are absent): check the adapters match.
             saved, trainable = set(checkpoint["state_dict"]), self._trainable_names()
             if saved != trainable:
                 missing, unexpected = sorted(trainable - saved)[:5], sorted(saved - trainable)[:5]
                 raise ValueError(f"adapter-only checkpoint does not match this model's adapters: missing "
                                  f"{missing}, unexpected {unexpected}")
-        states = checkpoint.get("rng_states")
-        if states is not None:
-            torch.set_rng_state(states["torch"])
-            if states["cuda"] and torch.cuda.is_available():
-                torch.cuda.set_rng_state_all(states["cuda"])
+        states = checkpoint.get("rng_states")  # one per rank
+        if states:
+            rank, world = (self.trainer.global_rank, self.trainer.world_size) if self._trainer else (0, 1)
+            state = states[rank] if len(states) == world else states[0]  # another world size: rank 0's
+            torch.set_rng_state(state["torch"])
+            if state["cuda"] and torch.cuda.is_available():
+                torch.cuda.set_rng_state_all(state["cuda"])
 
     def _checkpoint_dir(self) -> Path:
         callback = self.trainer.checkpoint_callback

@@ -3,6 +3,9 @@ import torch
 from PIL import Image
 
 from mme5.backbones import Item, load_backbone
+from mme5.data.collate import ContrastiveCollator
+from mme5.data.shards import read_samples, shard_urls
+from mme5.data.stream import StreamBatch
 from mme5.encoder import PAPER_TARGET_MODULES, Encoder, LoraSettings, last_token_pool
 from mme5.gradcache import GradCache
 from mme5.losses import InfoNCE
@@ -90,3 +93,21 @@ def test_gradient_cache_equals_full_batch_with_lora_dropout(tiny_mllama, checkpo
     encoder.zero_grad(set_to_none=True)
     GradCache(chunk).step(encoder, groups, loss_fn)
     assert relative_error([p.grad for p in params], expected) > 1e-3
+
+
+def test_lockstep_chunks_embed_exactly_like_plain_chunks(tiny_mllama, tiny_shards):
+    """Placeholder rows (for FSDP) change neither the real rows' embeddings nor which rows come back."""
+    adapter = load_backbone(tiny_mllama)
+    encoder = Encoder(adapter).eval()
+    samples = list(read_samples(shard_urls(tiny_shards)))[:7]  # every modality; 0, 1 or 2 negatives
+    batch = StreamBatch(samples, 0, {})
+    plain = ContrastiveCollator(adapter.collate, num_negatives=2, chunk_size=2)(batch)
+    lockstep = ContrastiveCollator(adapter.collate, num_negatives=2, chunk_size=2, lockstep=True)(batch)
+    # Chunk counts depend on the batch size only (ranks agree), and the vision tower runs in every chunk.
+    assert [len(lockstep.query), len(lockstep.negatives)] == [4, 7]
+    assert all("pixel_values" in chunk for group in (lockstep.query, lockstep.negatives) for chunk in group)
+    with torch.no_grad():
+        for group in ("query", "positive", "negatives"):
+            expected = encoder.encode_chunks(getattr(plain, group))
+            torch.testing.assert_close(encoder.encode_chunks(getattr(lockstep, group)), expected,
+                                       atol=1e-5, rtol=1e-5)

@@ -1,7 +1,13 @@
 """Turn a batch of samples into processor batches for the encoder, chunked for the gradient cache.
 
-Only real hard negatives are encoded: a sample with fewer than `num_negatives` leaves masked slots, so
+Only real hard negatives are embedded: a sample with fewer than `num_negatives` leaves masked slots, so
 nothing is padded with copies and no side can shift onto another sample's row.
+
+Under a sharded model (FSDP) every rank must run the same modules the same number of times per step, since
+each module's forward and backward are collectives. `lockstep=True` makes the chunks uniform across ranks:
+missing negatives become placeholder rows (so every rank has B × K negative rows), and a chunk without any
+image gets a placeholder image row (so the vision tower runs in every chunk). Each chunk then carries
+`keep` (n,) bool, and the encoder drops the placeholder rows' embeddings.
 """
 
 from __future__ import annotations
@@ -10,6 +16,7 @@ from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass, field
 from typing import Any
 
+import PIL.Image
 import torch
 from torch import Tensor
 
@@ -18,6 +25,11 @@ from mme5.data.schema import Side
 from mme5.data.stream import StreamBatch
 
 Chunks = list[dict[str, Tensor]]  # one processor batch per chunk, in item order
+
+# Lockstep padding: an empty text row stands for a missing negative; a blank image row makes a chunk run
+# the vision path. Their embeddings are dropped (`keep` False), so they only cost compute.
+TEXT_PLACEHOLDER = Item()
+IMAGE_PLACEHOLDER = Item(image=PIL.Image.new("RGB", (32, 32)))
 
 
 @dataclass
@@ -50,21 +62,41 @@ def side_item(side: Side) -> Item:
     return Item(instruction=side.instruction, text=side.text, image=side.pil())
 
 
-def chunked(items: Sequence[Item], size: int | None, collate: Callable[[Sequence[Item]], Mapping]) -> Chunks:
+def chunked(items: Sequence[Item], size: int | None, collate: Callable[[Sequence[Item]], Mapping],
+            keep: Sequence[bool] | None = None, lockstep: bool = False) -> Chunks:
+    """Processor batches of `size` items (None: one batch).
+
+    With `lockstep`, a chunk without an image gets IMAGE_PLACEHOLDER appended, and every chunk carries
+    `keep`: which rows are real (`keep` flags the given items; the appended placeholder is never kept).
+    """
     size = size or max(len(items), 1)
-    return [dict(collate(items[i : i + size])) for i in range(0, len(items), size)]
+    keep = list(keep) if keep is not None else [True] * len(items)
+    chunks = []
+    for start in range(0, len(items), size):
+        part, flags = list(items[start : start + size]), keep[start : start + size]
+        if lockstep and all(item.image is None for item in part):
+            part, flags = [*part, IMAGE_PLACEHOLDER], [*flags, False]
+        chunk = dict(collate(part))
+        if lockstep:
+            chunk["keep"] = torch.tensor(flags)
+        chunks.append(chunk)
+    return chunks
 
 
 class ContrastiveCollator:
-    """StreamBatch → ContrastiveBatch through a backbone adapter's `collate` (runs in dataloader workers)."""
+    """StreamBatch → ContrastiveBatch through a backbone adapter's `collate` (runs in dataloader workers).
+
+    `lockstep`: uniform chunks for sharded models (see the module docstring).
+    """
 
     def __init__(self, collate_items: Callable[[Sequence[Item]], Mapping], num_negatives: int = 3,
-                 chunk_size: int | None = None):
+                 chunk_size: int | None = None, lockstep: bool = False):
         if num_negatives < 0:
             raise ValueError(f"num_negatives must be >= 0, got {num_negatives}")
         self.collate_items = collate_items
         self.num_negatives = num_negatives
         self.chunk_size = chunk_size
+        self.lockstep = lockstep
 
     def __call__(self, batch: StreamBatch) -> ContrastiveBatch:
         samples = batch.samples
@@ -74,10 +106,17 @@ class ContrastiveCollator:
             kept = sample.negatives[: self.num_negatives]
             mask[row, : len(kept)] = True
             negatives += [side_item(side) for side in kept]
+            if self.lockstep:
+                negatives += [TEXT_PLACEHOLDER] * (self.num_negatives - len(kept))
+        keep = mask.flatten().tolist() if self.lockstep else None  # row-major: sample by sample, slot order
+
+        def chunks(items: Sequence[Item], flags: Sequence[bool] | None = None) -> Chunks:
+            return chunked(items, self.chunk_size, self.collate_items, flags, self.lockstep) if items else []
+
         return ContrastiveBatch(
-            query=chunked([side_item(s.query) for s in samples], self.chunk_size, self.collate_items),
-            positive=chunked([side_item(s.positive) for s in samples], self.chunk_size, self.collate_items),
-            negatives=chunked(negatives, self.chunk_size, self.collate_items) if negatives else [],
+            query=chunks([side_item(s.query) for s in samples]),
+            positive=chunks([side_item(s.positive) for s in samples]),
+            negatives=chunks(negatives, keep),
             negative_mask=mask,
             ids=[s.id for s in samples],
             sources=[s.source for s in samples],

@@ -6,12 +6,13 @@ from typing import Any
 
 import lightning as L
 import torch
-import torch.distributed as dist
 from torch.utils.data import DataLoader
 
 from mme5.backbones import load_processing
 from mme5.data.collate import ContrastiveBatch, ContrastiveCollator
 from mme5.data.stream import MixedShardStream, Source
+from mme5.distributed import from_all_ranks
+from mme5.sharding import shards_parameters
 
 
 class ShardDataModule(L.LightningDataModule):
@@ -69,8 +70,10 @@ class ShardDataModule(L.LightningDataModule):
             shuffle_buffer=self.shuffle_buffer, same_source_batches=self.same_source_batches,
             strict=self.strict, resume=self.positions,
         )
+        # A sharded model needs chunks that make every rank run the same modules (see mme5.data.collate).
+        lockstep = self.trainer is not None and shards_parameters(self.trainer.strategy)
         collator = ContrastiveCollator(load_processing(self.backbone, self.max_length).collate,
-                                       self.num_negatives, self.chunk_size)
+                                       self.num_negatives, self.chunk_size, lockstep=lockstep)
         workers = self.num_workers
         # An own generator: creating the iterator must not draw from the global RNG, or a resumed run's
         # dropout masks would shift by one draw against an uninterrupted run's.
@@ -90,12 +93,9 @@ class ShardDataModule(L.LightningDataModule):
 
     def state_dict(self) -> dict[str, Any]:
         """Every rank's slot positions (each rank only sees its own slots, so gather them)."""
-        positions, skipped = self.positions, self.skipped
-        if dist.is_available() and dist.is_initialized():
-            gathered: list[Any] = [None] * dist.get_world_size()
-            dist.all_gather_object(gathered, (positions, skipped))
-            positions = {slot: p for part, _ in gathered for slot, p in part.items()}
-            skipped = {slot: n for _, part in gathered for slot, n in part.items()}
+        gathered = from_all_ranks((self.positions, self.skipped))
+        positions = {slot: p for part, _ in gathered for slot, p in part.items()}
+        skipped = {slot: n for _, part in gathered for slot, n in part.items()}
         return {"positions": positions, "skipped": skipped}
 
     def load_state_dict(self, state: dict[str, Any]) -> None:

@@ -1,11 +1,13 @@
-"""One training step under Lightning DDP (2 CPU processes, gloo), recording what a test needs to check it.
+"""Training steps under Lightning DDP or FSDP2 (2 CPU processes, gloo), recording what a test needs to check.
 
-    python tests/scripts/ddp_step.py BACKBONE SHARDS OUT [--no-cache]
+    python tests/scripts/distributed_step.py BACKBONE SHARDS OUT [--strategy ddp|fsdp|hsdp] [--no-cache]
+        [--paper-settings] [--steps N] [--stop-at N] [--resume CKPT]
 
-A checkpoint lands in OUT/ckpt/last.ckpt. Rank 0 writes OUT/result.pt: the initial trainable weights,
-each rank's batch ids, the gradients after the step's backward(s) (before the optimiser step), and how
-many all-reduces DDP's own reducer ran (its comm hook) and the module's explicit averaging ran.
-Lightning's DDP launcher re-runs this script for rank 1, so it must stay an importable script.
+Checkpoints land in OUT/ckpt/ (last.ckpt). Rank 0 writes OUT/result.pt about the last step: the initial
+trainable weights, each rank's batch ids, the full gradients after the step's backward(s) (before the
+optimiser step), how many all-reduces DDP's own reducer ran (its comm hook) and the module's explicit
+averaging ran, how many reduce-scatters FSDP ran, and the trainable weights after the step.
+Lightning's launcher re-runs this script for rank 1, so it must stay an importable script.
 """
 
 import argparse
@@ -15,7 +17,7 @@ import lightning as L
 import torch
 import torch.distributed as dist
 from lightning.pytorch.callbacks import ModelCheckpoint
-from lightning.pytorch.strategies import DDPStrategy
+from lightning.pytorch.strategies import DDPStrategy, ModelParallelStrategy
 from torch.distributed.algorithms.ddp_comm_hooks.default_hooks import allreduce_hook
 
 import mme5.module
@@ -23,7 +25,7 @@ from mme5.data.datamodule import ShardDataModule
 from mme5.encoder import LoraSettings
 from mme5.module import EmbeddingModule
 
-ALLREDUCES = {"ddp": 0, "explicit": 0}
+ALLREDUCES = {"ddp": 0, "explicit": 0, "reduce_scatter": 0}
 
 
 def counting_allreduce(state, bucket):
@@ -37,33 +39,59 @@ def counting_average(parameters):
     return calls
 
 
+def counting_reduce_scatter(*args, **kwargs):
+    ALLREDUCES["reduce_scatter"] += 1
+    return reduce_scatter(*args, **kwargs)
+
+
 average_gradients = mme5.module.average_gradients
 mme5.module.average_gradients = counting_average
+# FSDP2's collective (one call per FSDP unit whose gradients it reduces); its name varies with torch versions.
+REDUCE_SCATTER = next(n for n in ("reduce_scatter_single", "reduce_scatter_tensor") if hasattr(dist, n))
+reduce_scatter = getattr(dist, REDUCE_SCATTER)
+setattr(dist, REDUCE_SCATTER, counting_reduce_scatter)
+
+
+def full(tensor: torch.Tensor) -> torch.Tensor:
+    """A sharded (DTensor) parameter or gradient gathered whole (a collective: every rank calls it)."""
+    return (tensor.full_tensor() if hasattr(tensor, "full_tensor") else tensor).detach().clone()
+
+
+def trainable(module):
+    return [(n, p) for n, p in module.named_parameters() if p.requires_grad]
 
 
 class Recorder(L.Callback):
-    def __init__(self, out: Path):
+    def __init__(self, out: Path, stop_at: int | None = None):
         self.out = out
+        self.stop_at = stop_at
         self.record: dict = {}
 
     def on_train_start(self, trainer, module):
-        # Lightning registers `ddp_comm_hook` on CUDA only; register the counting hook ourselves.
-        trainer.strategy.model.register_comm_hook(None, counting_allreduce)
-        trainable = [(n, p) for n, p in module.named_parameters() if p.requires_grad]
-        self.record["initial"] = {n: p.detach().clone() for n, p in trainable}
+        if isinstance(trainer.strategy, DDPStrategy):
+            # Lightning registers `ddp_comm_hook` on CUDA only; register the counting hook ourselves.
+            trainer.strategy.model.register_comm_hook(None, counting_allreduce)
 
     def on_train_batch_start(self, trainer, module, batch, batch_idx):
-        ALLREDUCES.update(ddp=0, explicit=0)
+        self.record["initial"] = {n: full(p) for n, p in trainable(module)}
+        ALLREDUCES.update(ddp=0, explicit=0, reduce_scatter=0)
         gathered = [None] * trainer.world_size
         dist.all_gather_object(gathered, batch.ids)
         self.record["ids"] = gathered
 
     def on_before_optimizer_step(self, trainer, module, optimizer):
-        self.record["grads"] = {n: p.grad.detach().clone() for n, p in module.named_parameters()
-                                if p.requires_grad and p.grad is not None}
+        self.record["grads"] = {n: full(p.grad) for n, p in trainable(module) if p.grad is not None}
         self.record["allreduces"] = dict(ALLREDUCES)
+        stepped = {id(q) for group in optimizer.param_groups for q in group["params"]}
+        self.record["optimizer_holds_weights"] = all(id(p) in stepped for _, p in trainable(module))
+
+    def on_train_batch_end(self, trainer, module, outputs, batch, batch_idx):
+        self.record["after"] = {n: full(p) for n, p in trainable(module)}
+        self.record["global_step"] = trainer.global_step
         if trainer.global_rank == 0:
             torch.save(self.record, self.out / "result.pt")
+        if trainer.global_step == self.stop_at:  # an interruption, as by preemption
+            trainer.should_stop = True
 
 
 def main() -> None:
@@ -71,19 +99,32 @@ def main() -> None:
     parser.add_argument("backbone")
     parser.add_argument("shards")
     parser.add_argument("out", type=Path)
+    parser.add_argument("--strategy", choices=["ddp", "fsdp", "hsdp"], default="ddp",
+                        help="hsdp: a 2 x 1 mesh (replicate across 2, shard within 1); fsdp: 1 x 2")
     parser.add_argument("--no-cache", action="store_true")
+    parser.add_argument("--paper-settings", action="store_true",
+                        help="LoRA dropout 0.1 and gradient checkpointing (else neither)")
+    parser.add_argument("--steps", type=int, default=1)
+    parser.add_argument("--stop-at", type=int, default=None, help="interrupt the run after this step")
+    parser.add_argument("--resume", default=None)
     args = parser.parse_args()
     L.seed_everything(0)
-    module = EmbeddingModule(args.backbone, lora=LoraSettings(dropout=0.0), gradient_checkpointing=False,
+    module = EmbeddingModule(args.backbone, lora=LoraSettings(dropout=0.1 if args.paper_settings else 0.0),
+                             gradient_checkpointing=args.paper_settings,
                              gradient_cache=not args.no_cache, chunk_size=3, temperature=0.05, lr=1e-3,
                              warmup=1, grad_clip=0.0)
     data = ShardDataModule([{"path": args.shards}], args.backbone, batch_size=8, num_negatives=2,
                            chunk_size=3, num_workers=0, shuffle_buffer=1)
-    trainer = L.Trainer(accelerator="cpu", devices=2, strategy=DDPStrategy(),
-                        max_steps=1, logger=False, enable_progress_bar=False, enable_model_summary=False,
-                        callbacks=[Recorder(args.out),
-                                   ModelCheckpoint(dirpath=args.out / "ckpt", save_last=True)])
-    trainer.fit(module, datamodule=data)
+    mesh = {"fsdp": (1, 2), "hsdp": (2, 1)}.get(args.strategy)
+    strategy = (DDPStrategy() if mesh is None
+                else ModelParallelStrategy(*mesh, save_distributed_checkpoint=False))
+    trainer = L.Trainer(accelerator="cpu", devices=2, strategy=strategy,
+                        max_steps=args.steps, logger=False, enable_progress_bar=False,
+                        enable_model_summary=False,
+                        callbacks=[Recorder(args.out, args.stop_at),
+                                   ModelCheckpoint(dirpath=args.out / "ckpt", save_last=True,
+                                                   every_n_train_steps=1)])
+    trainer.fit(module, datamodule=data, ckpt_path=args.resume)
 
 
 if __name__ == "__main__":
