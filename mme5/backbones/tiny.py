@@ -11,6 +11,7 @@ The folder loads back through `load_backbone(out)`, the code path of a real chec
 import argparse
 import re
 from collections.abc import Callable
+from contextlib import nullcontext
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -52,6 +53,12 @@ class Sizes:
     t_heads: int
     t_kv_heads: int
     t_mlp: int
+    # Optional (benchmarks build larger Mllamas with them; the defaults are the presets' layout).
+    v_global_layers: int = 1  # Mllama's global vision layers, after the `v_layers` local ones
+    v_intermediate: tuple[int, ...] = (0,)  # Mllama: local layers whose output joins the vision features
+    cross_first: int = 1  # Mllama: cross-attention layers are range(cross_first, t_layers, cross_stride)
+    cross_stride: int = 2
+    max_positions: int = 1024
 
 
 PRESETS = {
@@ -97,7 +104,7 @@ def _text(s: Sizes, tok: PreTrainedTokenizerFast, **extra: Any) -> dict[str, Any
     return dict(
         vocab_size=len(tok), hidden_size=s.t_hidden, num_hidden_layers=s.t_layers,
         num_attention_heads=s.t_heads, num_key_value_heads=s.t_kv_heads, intermediate_size=s.t_mlp,
-        max_position_embeddings=1024, bos_token_id=tok.bos_token_id, eos_token_id=tok.eos_token_id,
+        max_position_embeddings=s.max_positions, bos_token_id=tok.bos_token_id, eos_token_id=tok.eos_token_id,
         pad_token_id=tok.pad_token_id, **extra,
     )
 
@@ -107,11 +114,13 @@ def _mllama(s: Sizes, tok: PreTrainedTokenizerFast) -> tuple[PretrainedConfig, A
         MllamaImageProcessorPil(size={"height": s.image, "width": s.image}, max_image_tiles=1), tok
     )
     vision = dict(
-        hidden_size=s.v_hidden, num_hidden_layers=s.v_layers, num_global_layers=1, attention_heads=s.v_heads,
-        intermediate_size=s.v_mlp, intermediate_layers_indices=[0], vision_output_dim=2 * s.v_hidden,
+        hidden_size=s.v_hidden, num_hidden_layers=s.v_layers, num_global_layers=s.v_global_layers,
+        attention_heads=s.v_heads, intermediate_size=s.v_mlp,
+        intermediate_layers_indices=list(s.v_intermediate),
+        vision_output_dim=(1 + len(s.v_intermediate)) * s.v_hidden,
         image_size=s.image, patch_size=s.patch, max_num_tiles=1, supported_aspect_ratios=[[1, 1]],
     )  # vision_output_dim = hidden * (1 + len(intermediate_layers_indices))
-    text = _text(s, tok, cross_attention_layers=list(range(1, s.t_layers, 2)))
+    text = _text(s, tok, cross_attention_layers=list(range(s.cross_first, s.t_layers, s.cross_stride)))
     config = MllamaConfig(vision_config=vision, text_config=text, image_token_index=processor.image_token_id)
     return config, processor
 
@@ -166,23 +175,29 @@ BUILDERS: dict[str, Callable[[Sizes, PreTrainedTokenizerFast], tuple[PretrainedC
 
 
 def make_tiny(
-    family: str, seed: int = 0, preset: str = "test", corpus: str | Path | None = None
+    family: str, seed: int = 0, preset: str = "test", corpus: str | Path | None = None,
+    sizes: Sizes | None = None, dtype: torch.dtype | None = None, device: str | torch.device | None = None,
 ) -> tuple[PreTrainedModel, Any]:
     """A tiny random (model, processor) of `family`; same seed, same weights.
+
+    `sizes`, if given, replaces the preset's dimensions (e.g. a benchmark's larger model); `dtype` and
+    `device` create the weights directly in that dtype and on that device (a large model then never exists
+    in float32 on the CPU). Same seed, sizes and device: same weights.
 
     Mllama's cross-attention gates start open (1.0, where transformers starts at 0): a random model then
     depends on the pixels, so tests see image misalignment and training need not first open the gates.
     """
-    if family not in BUILDERS or preset not in PRESETS:
+    if family not in BUILDERS or (sizes is None and preset not in PRESETS):
         raise ValueError(f"family must be one of {sorted(BUILDERS)} and preset one of {sorted(PRESETS)}; "
                          f"got family={family!r}, preset={preset!r}")
-    sizes = PRESETS[preset]
+    sizes = sizes or PRESETS[preset]
     text = Path(corpus).read_text(encoding="utf-8") if corpus else BUILTIN_CORPUS
     tok = tiny_tokenizer(family, sizes.vocab, [line for line in text.splitlines() if line.strip()])
     config, processor = BUILDERS[family](sizes, tok)
     with torch.random.fork_rng():  # seed the weights without touching the caller's random state
-        torch.manual_seed(seed)
-        model = AutoModelForImageTextToText.from_config(config)
+        torch.manual_seed(seed)  # seeds the CUDA generators too
+        with torch.device(device) if device is not None else nullcontext():
+            model = AutoModelForImageTextToText.from_config(config, **({"dtype": dtype} if dtype else {}))
     with torch.no_grad():
         for name, param in model.named_parameters():
             if name.endswith(("cross_attn_attn_gate", "cross_attn_mlp_gate")):
@@ -191,10 +206,11 @@ def make_tiny(
 
 
 def build_tiny(
-    family: str, out_dir: str | Path, seed: int = 0, preset: str = "test", corpus: str | Path | None = None
+    family: str, out_dir: str | Path, seed: int = 0, preset: str = "test", corpus: str | Path | None = None,
+    sizes: Sizes | None = None,
 ) -> Path:
     """Build a tiny backbone (see `make_tiny`), `save_pretrained` it to `out_dir` and return that folder."""
-    model, processor = make_tiny(family, seed, preset, corpus)
+    model, processor = make_tiny(family, seed, preset, corpus, sizes=sizes)
     out = Path(out_dir)
     model.save_pretrained(out)
     processor.save_pretrained(out)
