@@ -2,6 +2,7 @@
 
     python train.py fit --config configs/demo.yaml                 # the embedded default, on CPU
     python train.py fit --config configs/demo.yaml --ckpt_path last   # resume the latest run
+    python train.py fit --config ... --ckpt_path newest   # resume from this run's newest checkpoint, if any
     python train.py fit --config configs/mme5_llama32v_11b.yaml    # the paper's recipe (GPUs)
 
 Global contrastive batch = data.batch_size × trainer.devices × trainer.num_nodes; every query is scored
@@ -9,6 +10,11 @@ against all of those positives plus its own `data.num_negatives` hard negatives.
 (model.gradient_cache) keeps memory at one chunk of `model.chunk_size` items whatever the batch size.
 """
 
+from pathlib import Path
+
+import lightning as L
+from jsonargparse import set_parsing_settings
+from lightning.pytorch.callbacks import ModelCheckpoint
 from lightning.pytorch.cli import LightningCLI
 
 from mme5.data.datamodule import ShardDataModule
@@ -16,22 +22,52 @@ from mme5.module import EmbeddingModule
 
 
 class TrainCLI(LightningCLI):
+    """The project's CLI: EmbeddingModule + ShardDataModule, OmegaConf interpolation in the recipes."""
+
+    def __init__(self, args: list[str] | None = None, run: bool = True) -> None:
+        # "omegaconf+": interpolations resolve after the command line is merged, so an override such as
+        # `--trainer.default_root_dir runs/b` reaches every `${trainer.default_root_dir}/...` path of a
+        # recipe (plain "omegaconf" resolves each file as it loads, and would keep the YAML's folder).
+        set_parsing_settings(omegaconf_absolute_to_relative_paths=True)  # the recipes write ${trainer.x}
+        super().__init__(
+            EmbeddingModule,
+            ShardDataModule,
+            parser_kwargs={"parser_mode": "omegaconf+"},
+            auto_configure_optimizers=False,  # AdamW + warmup/decay come from the model's own settings
+            save_config_kwargs={"overwrite": True},
+            args=args,
+            run=run,
+        )
+
     def add_arguments_to_parser(self, parser) -> None:
         # One backbone and one chunk size for both: the data module collates with the model's processor,
         # in chunks of the size the gradient cache encodes.
         parser.link_arguments("model.backbone", "data.backbone")
         parser.link_arguments("model.chunk_size", "data.chunk_size")
 
+    def before_fit(self) -> None:
+        config = self.config_init[self.subcommand]
+        if config.get("ckpt_path") == "newest":
+            config["ckpt_path"] = newest_checkpoint(self.trainer)
 
-def main(args=None) -> None:
-    TrainCLI(
-        EmbeddingModule,
-        ShardDataModule,
-        parser_kwargs={"parser_mode": "omegaconf"},
-        auto_configure_optimizers=False,  # AdamW + warmup/decay come from the model's own settings
-        save_config_kwargs={"overwrite": True},
-        args=args,
-    )
+
+def newest_checkpoint(trainer: L.Trainer) -> str | None:
+    """The most recently written checkpoint of this run, or None to start afresh.
+
+    Candidates: the `hpc_ckpt_<n>.ckpt` that Lightning writes on SLURM's warning signal and everything the
+    ModelCheckpoint callbacks wrote. Lightning's own choice looks at one kind only (`hpc` when present,
+    or `last`), so a job requeued after a node failure, with no fresh `hpc_ckpt`, would restart from an
+    older checkpoint or from step 0.
+    """
+    folders = {(Path(trainer.default_root_dir), "hpc_ckpt_*.ckpt")}
+    folders |= {(Path(cb.dirpath), "*.ckpt") for cb in trainer.checkpoint_callbacks
+                if isinstance(cb, ModelCheckpoint) and cb.dirpath}
+    found = [path for folder, pattern in folders for path in folder.glob(pattern) if path.is_file()]
+    return str(max(found, key=lambda path: path.stat().st_mtime)) if found else None
+
+
+def main(args: list[str] | None = None) -> None:
+    TrainCLI(args)
 
 
 if __name__ == "__main__":
