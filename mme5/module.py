@@ -42,6 +42,18 @@ def scatter_negatives(flat: Tensor | None, mask: Tensor) -> Tensor | None:
     return negatives
 
 
+def _adapters_only(module: L.LightningModule, state_dict: dict[str, Any], prefix: str, metadata: Any) -> None:
+    """State-dict hook of a LoRA/DoRA run: keep the trainable weights, drop the frozen backbone's.
+
+    The backbone is reloaded from `backbone`, so an 11B run's checkpoints hold megabytes, not 22 GB, and can
+    be written often. Dropping the frozen weights here, not from the finished checkpoint, also spares FSDP
+    gathering them to rank 0 first.
+    """
+    trainable = {prefix + name for name, p in module.named_parameters() if p.requires_grad}
+    for key in [k for k in state_dict if k.startswith(prefix) and k not in trainable]:
+        del state_dict[key]
+
+
 def warmup_then_decay(step: int, warmup: int, total: int, schedule: str) -> float:
     """Learning-rate factor: linear warmup to 1, then linear or cosine decay to 0 at `total` steps."""
     if step < warmup:
@@ -111,7 +123,9 @@ class EmbeddingModule(L.LightningModule):
         adapter = load_backbone(hp.backbone, dtype=DTYPES[hp.dtype] if hp.dtype else None)
         lora = LoraSettings(**hp.lora) if hp.lora is not None else None
         self.encoder = Encoder(adapter, lora, gradient_checkpointing=hp.gradient_checkpointing)
-        self.strict_loading = not self.encoder.has_adapters  # adapter-only checkpoints: on_save_checkpoint
+        if self.encoder.has_adapters:
+            self.register_state_dict_post_hook(_adapters_only)
+            self.strict_loading = False  # the backbone's weights come from `backbone`, not the checkpoint
         self.encoder.train()  # from_pretrained returns eval mode; LoRA dropout must be active in training
         if self._device_mesh is not None:  # set by ModelParallelStrategy: shard with FSDP2
             self._shard(self._device_mesh)
@@ -213,11 +227,7 @@ class EmbeddingModule(L.LightningModule):
         cuda = torch.cuda.get_rng_state_all() if torch.cuda.is_available() else []
         checkpoint["rng_states"] = from_all_ranks({"torch": torch.get_rng_state(), "cuda": cuda})
         if self.encoder is not None and self.encoder.has_adapters:
-            # Adapter-only: the frozen backbone is reloaded from `backbone`, so an 11B run's checkpoints
-            # hold megabytes, not 22 GB, and can be written often.
-            trainable = self._trainable_names()
-            checkpoint["state_dict"] = {k: v for k, v in checkpoint["state_dict"].items() if k in trainable}
-            checkpoint["adapter_only"] = True
+            checkpoint["adapter_only"] = True  # see `_adapters_only`
 
     def _trainable_names(self) -> set[str]:
         return {name for name, p in self.named_parameters() if p.requires_grad}

@@ -31,8 +31,9 @@ def perturbed_checkpoint(backbone: str, path, lora: LoraSettings | None, step: i
         for name, param in module.encoder.named_parameters():
             if lora is None or "lora_" in name or "magnitude" in name:
                 param.add_(0.05 * torch.randn(param.shape, generator=generator))
-    torch.save({"state_dict": module.state_dict(), "hyper_parameters": dict(module.hparams),
-                "global_step": step, "datamodule_hyper_parameters": {"max_length": 64}}, path)
+    torch.save({"state_dict": module.state_dict(), "adapter_only": lora is not None,  # as training saves
+                "hyper_parameters": dict(module.hparams), "global_step": step,
+                "datamodule_hyper_parameters": {"max_length": 64}}, path)
     return path
 
 

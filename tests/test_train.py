@@ -1,8 +1,10 @@
 """The training entry point and module: recipes parse, the loss falls, resume is exact, NaN stops cleanly,
 and DDP and FSDP gradients equal the full-batch gradient."""
 
+import os
 import subprocess
 import sys
+import time
 from pathlib import Path
 
 import lightning as L
@@ -11,6 +13,7 @@ import torch
 from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
 
 import train
+from mme5.backbones.tiny import build_tiny
 from mme5.data.collate import ContrastiveCollator
 from mme5.data.datamodule import ShardDataModule
 from mme5.data.shards import read_samples, shard_urls
@@ -29,10 +32,19 @@ class ParseOnly(train.TrainCLI):
 
 @pytest.mark.parametrize("config", sorted((ROOT / "configs").glob("*.yaml")), ids=lambda p: p.name)
 def test_every_recipe_parses(config):
-    cli = ParseOnly(EmbeddingModule, ShardDataModule, parser_kwargs={"parser_mode": "omegaconf"},
-                    args=["--config", str(config)], run=False)
+    cli = ParseOnly(args=["--config", str(config)], run=False)
     assert cli.config.model.backbone == cli.config.data.backbone
     assert cli.config.model.chunk_size == cli.config.data.chunk_size
+
+
+def test_command_line_overrides_reach_interpolated_paths():
+    cli = ParseOnly(args=["--config", str(ROOT / "configs" / "demo.yaml"), "--trainer.default_root_dir",
+                          "runs/other"], run=False)
+    config = cli.config
+    assert config.model.backbone == config.data.backbone == "runs/other/backbone"
+    assert config.data.sources[0].path == "runs/other/world/train"
+    assert {c.init_args.get("dirpath") or c.init_args.get("root") for c in config.trainer.callbacks} == {
+        "runs/other/checkpoints", "runs/other/world/mmeb", "runs/other/world/xtd"}
 
 
 def test_schedule_warms_up_then_decays():
@@ -177,8 +189,21 @@ def test_distributed_gradient_equals_the_full_batch_gradient(tmp_path, tiny_mlla
     last = torch.load(tmp_path / "ckpt" / "last.ckpt", weights_only=False)
     assert sorted(last["ShardDataModule"]["positions"]) == [0, 1]
     assert last["adapter_only"] and all("lora_" in key for key in last["state_dict"])
-    expected = full_batch_gradient(tiny_mllama, tiny_shards, record)
-    names = sorted(expected)
+    assert_same_gradients(record, full_batch_gradient(tiny_mllama, tiny_shards, record))
+
+
+@pytest.mark.parametrize("family", ["qwen2_vl", "llava"])
+def test_fsdp_gradient_equals_the_full_batch_gradient_for_other_families(tmp_path, tiny_shards, family):
+    """Image tokens inline in the text (and Qwen2-VL's 3-D rope) instead of Mllama's cross-attention."""
+    backbone = str(build_tiny(family, tmp_path / "backbone", seed=0, preset="test"))
+    record = run_distributed(tmp_path / "run", backbone, tiny_shards, "fsdp")
+    assert_same_gradients(record, full_batch_gradient(backbone, tiny_shards, record))
+
+
+def assert_same_gradients(record, expected):
+    """Same parameters with a gradient (LLaVA's last vision layer has none: its output is not used)."""
+    names = sorted(n for n, grad in expected.items() if grad is not None)
+    assert sorted(record["grads"]) == names
     a = torch.cat([record["grads"][n].flatten() for n in names])
     e = torch.cat([expected[n].flatten() for n in names])
     assert ((a - e).norm() / e.norm()).item() < 1e-5
@@ -199,3 +224,17 @@ def test_fsdp_resume_continues_the_same_run(tmp_path, tiny_mllama, tiny_shards):
         torch.testing.assert_close(resumed["after"][name], weight, atol=1e-6, rtol=1e-5, msg=name)
     # The sharded run's checkpoint serves evaluation like any other.
     assert load_encoder(interrupted / "ckpt" / "last.ckpt").encoder.has_adapters
+
+
+def test_newest_checkpoint_picks_the_latest_of_hpc_and_periodic_checkpoints(tmp_path):
+    trainer = L.Trainer(default_root_dir=tmp_path, logger=False, enable_progress_bar=False,
+                        callbacks=[L.pytorch.callbacks.ModelCheckpoint(dirpath=tmp_path / "ckpt")])
+    assert train.newest_checkpoint(trainer) is None  # a first submission starts afresh
+    (tmp_path / "ckpt").mkdir()
+    hpc, last = tmp_path / "hpc_ckpt_2.ckpt", tmp_path / "ckpt" / "last.ckpt"
+    for age, path in ((200, tmp_path / "hpc_ckpt_1.ckpt"), (100, hpc), (50, last)):
+        path.write_bytes(b"")
+        os.utime(path, (time.time() - age, time.time() - age))
+    assert train.newest_checkpoint(trainer) == str(last)  # requeued after a node failure: no fresh hpc
+    os.utime(hpc)
+    assert train.newest_checkpoint(trainer) == str(hpc)  # requeued on SLURM's warning signal

@@ -26,10 +26,11 @@ from mme5.data.stream import StreamBatch
 
 Chunks = list[dict[str, Tensor]]  # one processor batch per chunk, in item order
 
-# Lockstep padding: an empty text row stands for a missing negative; a blank image row makes a chunk run
-# the vision path. Their embeddings are dropped (`keep` False), so they only cost compute.
-TEXT_PLACEHOLDER = Item()
-IMAGE_PLACEHOLDER = Item(image=PIL.Image.new("RGB", (32, 32)))
+# Lockstep padding: a one-word row stands for a missing negative (not an empty one: a row without tokens
+# breaks e.g. Qwen2-VL's rope index); a blank image row makes a chunk run the vision path. Their
+# embeddings are dropped (`keep` False), so they only cost compute.
+TEXT_PLACEHOLDER = Item(text="none")
+IMAGE_PLACEHOLDER = Item(text="none", image=PIL.Image.new("RGB", (32, 32)))
 
 
 @dataclass
