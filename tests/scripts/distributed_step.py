@@ -1,7 +1,7 @@
 """Training steps under Lightning DDP or FSDP2 (2 CPU processes, gloo), recording what a test needs to check.
 
     python tests/scripts/distributed_step.py BACKBONE SHARDS OUT [--strategy ddp|fsdp|hsdp] [--no-cache]
-        [--paper-settings] [--steps N] [--stop-at N] [--resume CKPT]
+        [--paper-settings] [--bf16] [--steps N] [--stop-at N] [--resume CKPT]
 
 Checkpoints land in OUT/ckpt/ (last.ckpt). Rank 0 writes OUT/result.pt about the last step: the initial
 trainable weights, each rank's batch ids, the full gradients after the step's backward(s) (before the
@@ -104,6 +104,7 @@ def main() -> None:
     parser.add_argument("--no-cache", action="store_true")
     parser.add_argument("--paper-settings", action="store_true",
                         help="LoRA dropout 0.1 and gradient checkpointing (else neither)")
+    parser.add_argument("--bf16", action="store_true", help="bfloat16 weights and bf16-mixed precision")
     parser.add_argument("--steps", type=int, default=1)
     parser.add_argument("--stop-at", type=int, default=None, help="interrupt the run after this step")
     parser.add_argument("--resume", default=None)
@@ -111,6 +112,7 @@ def main() -> None:
     L.seed_everything(0)
     module = EmbeddingModule(args.backbone, lora=LoraSettings(dropout=0.1 if args.paper_settings else 0.0),
                              gradient_checkpointing=args.paper_settings,
+                             dtype="bfloat16" if args.bf16 else None,
                              gradient_cache=not args.no_cache, chunk_size=3, temperature=0.05, lr=1e-3,
                              warmup=1, grad_clip=0.0)
     data = ShardDataModule([{"path": args.shards}], args.backbone, batch_size=8, num_negatives=2,
@@ -119,6 +121,7 @@ def main() -> None:
     strategy = (DDPStrategy() if mesh is None
                 else ModelParallelStrategy(*mesh, save_distributed_checkpoint=False))
     trainer = L.Trainer(accelerator="cpu", devices=2, strategy=strategy,
+                        precision="bf16-mixed" if args.bf16 else "32-true",
                         max_steps=args.steps, logger=False, enable_progress_bar=False,
                         enable_model_summary=False,
                         callbacks=[Recorder(args.out, args.stop_at),
