@@ -13,18 +13,25 @@ from __future__ import annotations
 
 from collections.abc import Iterator
 from contextlib import contextmanager
+from typing import Any
 
 import torch
-from lightning.pytorch.strategies import ModelParallelStrategy, Strategy
 from torch import nn
 from torch.distributed.device_mesh import DeviceMesh
 from torch.distributed.fsdp import FSDPModule, MixedPrecisionPolicy, fully_shard
 from torch.distributed.tensor import DTensor
 
 
-def shards_parameters(strategy: Strategy | None) -> bool:
-    """Whether the strategy shards the model (then `configure_model` applies `shard_encoder`)."""
+def shards_parameters(strategy: Any) -> bool:
+    """Whether a Lightning strategy shards the model (then `configure_model` applies `shard_encoder`)."""
+    from lightning.pytorch.strategies import ModelParallelStrategy  # here: evaluation imports this module
+
     return isinstance(strategy, ModelParallelStrategy)
+
+
+def is_sharded_module(module: nn.Module) -> bool:
+    """Whether `module` is an FSDP unit (its forward, backward and state dict are collectives)."""
+    return isinstance(module, FSDPModule)
 
 
 def sharding_mesh(mesh: DeviceMesh) -> DeviceMesh:
@@ -76,7 +83,7 @@ def is_sharded(parameter: torch.Tensor) -> bool:
 def gradient_sync_paused(module: nn.Module) -> Iterator[None]:
     """FSDP's counterpart of DDP's `no_sync`: backward passes accumulate unsharded gradients locally, and the
     first backward after the block reduce-scatters all of them (once per step with the gradient cache)."""
-    if not isinstance(module, FSDPModule):
+    if not is_sharded_module(module):
         yield
         return
     module.set_requires_gradient_sync(False)

@@ -16,10 +16,13 @@ import train
 from mme5.backbones.tiny import build_tiny
 from mme5.data.collate import ContrastiveCollator
 from mme5.data.datamodule import ShardDataModule
+from mme5.data.demo_world import WorldConfig, build_world
 from mme5.data.shards import read_samples, shard_urls
 from mme5.data.stream import StreamBatch
 from mme5.encoder import LoraSettings
-from mme5.eval.loading import load_encoder
+from mme5.eval.loading import embedder, load_encoder
+from mme5.eval.mmeb import MMEB
+from mme5.eval.run import evaluate
 from mme5.module import EmbeddingModule, NonFiniteLossError, scatter_negatives, warmup_then_decay
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -245,3 +248,19 @@ def test_newest_checkpoint_picks_the_latest_of_hpc_and_periodic_checkpoints(tmp_
     assert train.newest_checkpoint(trainer) == str(last)  # requeued after a node failure: no fresh hpc
     os.utime(hpc)
     assert train.newest_checkpoint(trainer) == str(hpc)  # requeued on SLURM's warning signal
+
+
+def test_evaluation_during_fsdp_training_equals_single_process_evaluation(tmp_path, tiny_mllama, tiny_shards):
+    """Ranks embed in lockstep (placeholder batches) and get the same scores as one process would."""
+    world = WorldConfig(train_samples=0, eval_queries=4, eval_candidates=3, xtd_images=2)
+    build_world(tmp_path / "world", world, progress=False)
+    mmeb = str(tmp_path / "world" / "mmeb")
+    record = run_distributed(tmp_path / "run", tiny_mllama, tiny_shards, "fsdp", "--mmeb", mmeb)
+    module = EmbeddingModule(tiny_mllama, lora=LoraSettings(dropout=0.0), gradient_checkpointing=False)
+    module.configure_model()
+    module.load_state_dict(record["initial"], strict=False)
+    summary, _ = evaluate(MMEB(mmeb, max_queries=4), embedder(module.encoder.eval()), batch_size=3)
+    scores = {key.removeprefix("eval/mmeb/"): value for key, value in record["eval"].items()}
+    assert len(summary.scalars) > 10
+    for key, value in summary.scalars.items():
+        assert scores[key] == pytest.approx(value, abs=1e-6), key

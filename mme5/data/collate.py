@@ -63,25 +63,28 @@ def side_item(side: Side) -> Item:
     return Item(instruction=side.instruction, text=side.text, image=side.pil())
 
 
+def lockstep_batch(items: Sequence[Item], collate: Callable[[Sequence[Item]], Mapping],
+                   keep: Sequence[bool] | None = None) -> dict[str, Tensor]:
+    """One processor batch that runs the vision path too, with `keep` flagging the real rows.
+
+    IMAGE_PLACEHOLDER is appended (never kept) when no item has an image, also when there are no items:
+    a rank with nothing left to embed still takes part in a sharded model's collectives.
+    """
+    items, keep = list(items), list(keep) if keep is not None else [True] * len(items)
+    if all(item.image is None for item in items):
+        items, keep = [*items, IMAGE_PLACEHOLDER], [*keep, False]
+    batch = dict(collate(items))
+    batch["keep"] = torch.tensor(keep, dtype=torch.bool)
+    return batch
+
+
 def chunked(items: Sequence[Item], size: int | None, collate: Callable[[Sequence[Item]], Mapping],
             keep: Sequence[bool] | None = None, lockstep: bool = False) -> Chunks:
-    """Processor batches of `size` items (None: one batch).
-
-    With `lockstep`, a chunk without an image gets IMAGE_PLACEHOLDER appended, and every chunk carries
-    `keep`: which rows are real (`keep` flags the given items; the appended placeholder is never kept).
-    """
+    """Processor batches of `size` items (None: one batch); `lockstep_batch`es with `lockstep`."""
     size = size or max(len(items), 1)
     keep = list(keep) if keep is not None else [True] * len(items)
-    chunks = []
-    for start in range(0, len(items), size):
-        part, flags = list(items[start : start + size]), keep[start : start + size]
-        if lockstep and all(item.image is None for item in part):
-            part, flags = [*part, IMAGE_PLACEHOLDER], [*flags, False]
-        chunk = dict(collate(part))
-        if lockstep:
-            chunk["keep"] = torch.tensor(flags)
-        chunks.append(chunk)
-    return chunks
+    return [lockstep_batch(items[s : s + size], collate, keep[s : s + size]) if lockstep
+            else dict(collate(items[s : s + size])) for s in range(0, len(items), size)]
 
 
 class ContrastiveCollator:

@@ -8,9 +8,10 @@
           init_args: {root: runs/demo/world/xtd, every_n_steps: 100, max_queries: 100}
 
 Same code as the command (`mme5.eval.run.evaluate`), on the first `max_queries` queries of each data set,
-without the disk cache (the weights change between runs). Under DDP every rank encodes a share of the
-items and gets all embeddings back; rank 0 logs. Tags: `eval/mmeb/<Subset>`, `eval/mmeb/<Aggregate>`,
-`eval/xtd/<lang>_r10`, `eval/xtd/mean_r10`, ... (see the benchmarks' `summarize`), at the global step.
+without the disk cache (the weights change between runs). Under DDP and FSDP every rank encodes a share of
+the items and gets all embeddings back (in lockstep under FSDP); rank 0 logs. Tags: `eval/mmeb/<Subset>`,
+`eval/mmeb/<Aggregate>`, `eval/xtd/<lang>_r10`, `eval/xtd/mean_r10`, ... (see the benchmarks'
+`summarize`), at the global step.
 """
 
 from __future__ import annotations
@@ -28,6 +29,7 @@ from mme5.eval.mmeb import MMEB
 from mme5.eval.retrieval import RetrievalSet
 from mme5.eval.run import Benchmark, evaluate
 from mme5.eval.xtd import IMAGE_INSTRUCTION, TEXT_INSTRUCTION, XTD
+from mme5.sharding import is_sharded_module
 
 
 class BenchmarkCallback(L.Callback, ABC):
@@ -47,6 +49,7 @@ class BenchmarkCallback(L.Callback, ABC):
         self._benchmark: Benchmark | None = None
         self._sets: list[RetrievalSet] = []
         self._last_step: int | None = None
+        self.latest: dict[str, float] = {}  # the metrics of the last evaluation
 
     @abstractmethod
     def build(self) -> Benchmark:
@@ -77,12 +80,14 @@ class BenchmarkCallback(L.Callback, ABC):
         try:
             with trainer.precision_plugin.forward_context():
                 summary, _ = evaluate(self._benchmark, embedder(encoder), sets=self._sets,
-                                      batch_size=self.batch_size, progress=self.progress)
+                                      batch_size=self.batch_size, progress=self.progress,
+                                      lockstep=is_sharded_module(encoder))
         finally:
             encoder.train(was_training)
         name = self._benchmark.name
         metrics = {f"eval/{name}/{key}": value for key, value in summary.scalars.items()}
         metrics[f"eval/{name}/seconds"] = time.perf_counter() - started
+        self.latest = metrics
         if trainer.is_global_zero:
             for logger in trainer.loggers:
                 logger.log_metrics(metrics, step=trainer.global_step)

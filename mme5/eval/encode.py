@@ -109,11 +109,13 @@ def _agreed_missing(missing: list[int]) -> list[int]:
 @torch.no_grad()
 def encode(items: Sequence[ItemSpec], embed: Embed, *, batch_size: int = 16,
            cache: EmbeddingCache | None = None, namespace: str = "", flush_every: int = 1024,
-           workers: int = 4, progress: bool = False, desc: str = "encode") -> Tensor:
+           workers: int = 4, progress: bool = False, desc: str = "encode", lockstep: bool = False) -> Tensor:
     """Embeddings (n, D) float32 on CPU of `items`, row i for item i; embed is called once per batch.
 
     Items must be distinct (a `SetBuilder` interns them). Every rank of an initialised process group
-    must call this with the same items; each returns all n rows.
+    must call this with the same items; each returns all n rows. `lockstep`: every rank calls `embed`
+    equally often, a rank without a batch left calling `embed([])` (for a sharded model, whose every
+    forward is a collective: see `mme5.eval.loading.embedder`).
     """
     rank, size = world()
     keys = [item_key(item) for item in items] if cache is not None else []
@@ -148,6 +150,9 @@ def encode(items: Sequence[ItemSpec], embed: Embed, *, batch_size: int = 16,
             bar.update(len(rows))
             if sum(len(r) for r, _ in unsaved) >= flush_every:
                 save()
+        if lockstep:
+            for _ in range(len(batches[0::size]) - len(mine)):  # as many rounds as rank 0, which has most
+                embed([])
     finally:
         bar.close()
         save()  # keep what was computed, even when interrupted

@@ -18,19 +18,27 @@ from typing import Any
 import torch
 
 from mme5.backbones import DTYPES, load_backbone
+from mme5.data.collate import lockstep_batch
 from mme5.encoder import Encoder, LoraSettings
 from mme5.eval.encode import Embed
+from mme5.sharding import is_sharded_module
 
 CONFIG_NAME = "mme5_embedding.json"  # marks an exported folder (see mme5.export)
 DEFAULT_MAX_LENGTH = 256
 
 
 def embedder(encoder: Encoder) -> Embed:
-    """`embed(items)` of an encoder: its adapter batches the items, the encoder embeds them (no grad)."""
+    """`embed(items)` of an encoder: its adapter batches the items, the encoder embeds them (no grad).
+
+    For an FSDP-sharded encoder (evaluation during training) every batch is a `lockstep_batch`, so all
+    ranks run the same modules, and `embed([])` runs a placeholder batch (see `encode(lockstep=True)`).
+    """
+    lockstep = is_sharded_module(encoder)
 
     @torch.no_grad()
     def embed(items: list) -> torch.Tensor:
-        return encoder(encoder.adapter.collate(items))
+        collate = encoder.adapter.collate
+        return encoder(lockstep_batch(items, collate) if lockstep else collate(items))
 
     return embed
 

@@ -42,14 +42,17 @@ class Benchmark(Protocol):
 
 def evaluate(benchmark: Benchmark, embed: Embed, *, sets: Iterable[RetrievalSet] | None = None,
              batch_size: int = 16, cache: EmbeddingCache | None = None, top_k: int = 10,
-             progress: bool = False) -> tuple[Summary, dict[str, Ranked]]:
-    """Scores of `benchmark` (its `sets()` unless given); results are keyed by ranking name."""
+             progress: bool = False, lockstep: bool = False) -> tuple[Summary, dict[str, Ranked]]:
+    """Scores of `benchmark` (its `sets()` unless given); results are keyed by ranking name.
+
+    lockstep: every rank calls `embed` equally often (a sharded model's forwards are collectives).
+    """
     results: dict[str, Ranked] = {}
     sets = benchmark.sets() if sets is None else sets
     for retrieval_set in tqdm(sets, desc=benchmark.name, unit="set", disable=not progress or world()[0] != 0):
         embeddings = encode(retrieval_set.items, embed, batch_size=batch_size, cache=cache,
                             namespace=f"{benchmark.name}/{retrieval_set.name}", progress=progress,
-                            desc=retrieval_set.name)
+                            desc=retrieval_set.name, lockstep=lockstep)
         for key, ranking in retrieval_set.rankings.items():
             results[key] = rank(ranking, embeddings, top_k)
     return benchmark.summarize(results), results

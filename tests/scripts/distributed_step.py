@@ -1,7 +1,7 @@
 """Training steps under Lightning DDP or FSDP2 (2 CPU processes, gloo), recording what a test needs to check.
 
     python tests/scripts/distributed_step.py BACKBONE SHARDS OUT [--strategy ddp|fsdp|hsdp] [--no-cache]
-        [--paper-settings] [--bf16] [--steps N] [--stop-at N] [--resume CKPT]
+        [--paper-settings] [--bf16] [--steps N] [--stop-at N] [--resume CKPT] [--mmeb ROOT]
 
 Checkpoints land in OUT/ckpt/ (last.ckpt). Rank 0 writes OUT/result.pt about the last step: the initial
 trainable weights, each rank's batch ids, the full gradients after the step's backward(s) (before the
@@ -23,6 +23,7 @@ from torch.distributed.algorithms.ddp_comm_hooks.default_hooks import allreduce_
 import mme5.module
 from mme5.data.datamodule import ShardDataModule
 from mme5.encoder import LoraSettings
+from mme5.eval.callbacks import MMEBEval
 from mme5.module import EmbeddingModule
 
 ALLREDUCES = {"ddp": 0, "explicit": 0, "reduce_scatter": 0}
@@ -62,9 +63,10 @@ def trainable(module):
 
 
 class Recorder(L.Callback):
-    def __init__(self, out: Path, stop_at: int | None = None):
+    def __init__(self, out: Path, stop_at: int | None = None, evaluation: MMEBEval | None = None):
         self.out = out
         self.stop_at = stop_at
+        self.evaluation = evaluation
         self.record: dict = {}
 
     def on_train_start(self, trainer, module):
@@ -73,6 +75,8 @@ class Recorder(L.Callback):
             trainer.strategy.model.register_comm_hook(None, counting_allreduce)
 
     def on_train_batch_start(self, trainer, module, batch, batch_idx):
+        if self.evaluation is not None and trainer.global_step == 0:  # it ran at train start
+            self.record["eval"] = self.evaluation.latest
         self.record["initial"] = {n: full(p) for n, p in trainable(module)}
         ALLREDUCES.update(ddp=0, explicit=0, reduce_scatter=0)
         gathered = [None] * trainer.world_size
@@ -108,6 +112,7 @@ def main() -> None:
     parser.add_argument("--steps", type=int, default=1)
     parser.add_argument("--stop-at", type=int, default=None, help="interrupt the run after this step")
     parser.add_argument("--resume", default=None)
+    parser.add_argument("--mmeb", help="an MMEB folder to evaluate at train start (first 4 queries a set)")
     args = parser.parse_args()
     L.seed_everything(0)
     module = EmbeddingModule(args.backbone, lora=LoraSettings(dropout=0.1 if args.paper_settings else 0.0),
@@ -117,6 +122,7 @@ def main() -> None:
                              warmup=1, grad_clip=0.0)
     data = ShardDataModule([{"path": args.shards}], args.backbone, batch_size=8, num_negatives=2,
                            chunk_size=3, num_workers=0, shuffle_buffer=1)
+    evaluation = [MMEBEval(args.mmeb, max_queries=4, batch_size=3, at_train_start=True)] if args.mmeb else []
     mesh = {"fsdp": (1, 2), "hsdp": (2, 1)}.get(args.strategy)
     strategy = (DDPStrategy() if mesh is None
                 else ModelParallelStrategy(*mesh, save_distributed_checkpoint=False))
@@ -124,7 +130,7 @@ def main() -> None:
                         precision="bf16-mixed" if args.bf16 else "32-true",
                         max_steps=args.steps, logger=False, enable_progress_bar=False,
                         enable_model_summary=False,
-                        callbacks=[Recorder(args.out, args.stop_at),
+                        callbacks=[*evaluation, Recorder(args.out, args.stop_at, *evaluation),
                                    ModelCheckpoint(dirpath=args.out / "ckpt", save_last=True,
                                                    every_n_train_steps=1)])
     trainer.fit(module, datamodule=data, ckpt_path=args.resume)
