@@ -15,18 +15,25 @@ from typing import Any, Literal
 
 import lightning as L
 import torch
+import torch.distributed as dist
 from lightning.pytorch.strategies import DDPStrategy, DeepSpeedStrategy, FSDPStrategy, SingleDeviceStrategy
 from torch import Tensor
 from torch.nn.parallel import DistributedDataParallel
 from torch.optim.lr_scheduler import LambdaLR
 
-from mme5.backbones import DTYPES, load_backbone
+from mme5.backbones import DTYPES, load_backbone, load_backbone_skeleton
 from mme5.data.collate import ContrastiveBatch
 from mme5.distributed import average_gradients, from_all_ranks
 from mme5.encoder import Encoder, LoraSettings
 from mme5.gradcache import GradCache
 from mme5.losses import ContrastiveOutput, InfoNCE
-from mme5.sharding import gradient_sync_paused, is_sharded, shard_encoder, shards_parameters
+from mme5.sharding import (
+    gradient_sync_paused,
+    is_sharded,
+    load_from_rank0,
+    shard_encoder,
+    shards_parameters,
+)
 
 
 class NonFiniteLossError(RuntimeError):
@@ -120,21 +127,28 @@ class EmbeddingModule(L.LightningModule):
         if self.encoder is not None:
             return
         hp = self.hparams
-        adapter = load_backbone(hp.backbone, dtype=DTYPES[hp.dtype] if hp.dtype else None)
+        dtype = DTYPES[hp.dtype] if hp.dtype else None
+        mesh = self._device_mesh  # set by ModelParallelStrategy: shard with FSDP2
+        # Sharded, only rank 0 reads the weights; the other ranks build the architecture alone and receive
+        # their shards from rank 0 (`load_from_rank0`).
+        load = load_backbone_skeleton if mesh is not None and dist.get_rank() != 0 else load_backbone
+        adapter = load(hp.backbone, dtype)
         lora = LoraSettings(**hp.lora) if hp.lora is not None else None
         self.encoder = Encoder(adapter, lora, gradient_checkpointing=hp.gradient_checkpointing)
         if self.encoder.has_adapters:
             self.register_state_dict_post_hook(_adapters_only)
             self.strict_loading = False  # the backbone's weights come from `backbone`, not the checkpoint
         self.encoder.train()  # from_pretrained returns eval mode; LoRA dropout must be active in training
-        if self._device_mesh is not None:  # set by ModelParallelStrategy: shard with FSDP2
-            self._shard(self._device_mesh)
+        if mesh is not None:
+            self._shard(mesh)
 
     def _shard(self, mesh: Any) -> None:
         hp = self.hparams
+        full_state = self.encoder.state_dict() if dist.get_rank() == 0 else {}  # before it is sharded
         compute_dtype = DTYPES[hp.dtype] if hp.dtype in ("bfloat16", "float16") else None
         shard_encoder(self.encoder, self.encoder.adapter.model, mesh, param_dtype=compute_dtype,
                       reshard_after_forward=hp.reshard_after_forward)
+        load_from_rank0(self.encoder, full_state, mesh)
         if self.encoder.has_adapters:
             # Adapters' gradients are small: accumulate them unsharded over the chunks and reduce-scatter
             # once per step. Full fine-tuning keeps reduce-scattering every chunk, so that no rank ever

@@ -16,7 +16,9 @@ from contextlib import contextmanager
 from typing import Any
 
 import torch
+import torch.distributed as dist
 from torch import nn
+from torch.distributed.checkpoint.state_dict import StateDictOptions, set_model_state_dict
 from torch.distributed.device_mesh import DeviceMesh
 from torch.distributed.fsdp import FSDPModule, MixedPrecisionPolicy, fully_shard
 from torch.distributed.tensor import DTensor
@@ -72,6 +74,23 @@ def shard_encoder(encoder: nn.Module, backbone: nn.Module, mesh: DeviceMesh, *,
         fully_shard(block, mesh=mesh, mp_policy=policy, reshard_after_forward=reshard_after_forward)
     fully_shard(encoder, mesh=mesh, mp_policy=policy, reshard_after_forward=reshard_after_forward)
     return len(blocks)
+
+
+def load_from_rank0(module: nn.Module, full_state: dict[str, torch.Tensor], mesh: DeviceMesh) -> None:
+    """Fill a sharded module from rank 0's full state dict; the other ranks built it on the meta device.
+
+    So only rank 0 reads the checkpoint and holds the whole model in CPU memory; the others receive their
+    shards. Buffers are broadcast as well: non-persistent ones (e.g. rotary frequencies) are in no state
+    dict, and were never computed on the meta device.
+    """
+    device = torch.device(mesh.device_type, torch.cuda.current_device()) if mesh.device_type == "cuda" \
+        else torch.device(mesh.device_type)
+    if dist.get_rank() != 0:
+        module.to_empty(device=device)
+    options = StateDictOptions(full_state_dict=True, broadcast_from_rank0=True)
+    set_model_state_dict(module, full_state if dist.get_rank() == 0 else {}, options=options)
+    for buffer in module.buffers():
+        dist.broadcast(buffer, src=0)
 
 
 def is_sharded(parameter: torch.Tensor) -> bool:

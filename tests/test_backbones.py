@@ -15,6 +15,7 @@ from mme5.backbones import (
     Item,
     adapter_for_model_type,
     load_backbone,
+    load_backbone_skeleton,
     load_processing,
 )
 from mme5.backbones.base import canonical_body
@@ -165,3 +166,12 @@ def test_unknown_model_type_is_a_clear_error(tmp_path):
     BertConfig().save_pretrained(tmp_path)
     with pytest.raises(ValueError, match=f"{tmp_path}/config.json.*'bert'"):
         load_backbone(tmp_path)
+
+
+def test_skeleton_has_the_architecture_and_no_weights(tiny_mllama):
+    """What FSDP's non-zero ranks build before rank 0 broadcasts their shards."""
+    loaded, skeleton = load_backbone(tiny_mllama), load_backbone_skeleton(tiny_mllama)
+    shapes = {name: (p.shape, p.dtype) for name, p in loaded.model.named_parameters()}
+    assert {name: (p.shape, p.dtype) for name, p in skeleton.model.named_parameters()} == shapes
+    assert {p.device.type for p in skeleton.model.parameters()} == {"meta"}
+    assert skeleton.prompt(Item("", "a caption")) == loaded.prompt(Item("", "a caption"))

@@ -42,6 +42,11 @@ def load_backbone(path_or_id: str | Path, dtype: torch.dtype | None = None, **kw
     return _adapter_of(path_or_id).from_pretrained(path_or_id, dtype=dtype, **kwargs)
 
 
+def load_backbone_skeleton(path_or_id: str | Path, dtype: torch.dtype | None = None) -> BackboneAdapter:
+    """The checkpoint's adapter with its model on the meta device (architecture only, no weights read)."""
+    return _adapter_of(path_or_id).skeleton(path_or_id, dtype=dtype)
+
+
 def load_processing(path_or_id: str | Path, max_length: int = 256) -> BackboneAdapter:
     """The checkpoint's adapter with its processor only (no weights loaded): `prompt` and `collate` work.
 
@@ -58,5 +63,6 @@ __all__ = [
     "Item",
     "adapter_for_model_type",
     "load_backbone",
+    "load_backbone_skeleton",
     "load_processing",
 ]

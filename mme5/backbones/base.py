@@ -14,7 +14,7 @@ from typing import Any, ClassVar
 import PIL.Image
 import torch
 from torch import Tensor
-from transformers import AutoModelForImageTextToText, AutoProcessor, BatchFeature, PreTrainedModel
+from transformers import AutoConfig, AutoModelForImageTextToText, AutoProcessor, BatchFeature, PreTrainedModel
 
 IMAGE_PLACEHOLDER = "<|image_1|>"  # the public data's (Phi-3-style) image token
 _PLACEHOLDER_RE = re.compile(re.escape(IMAGE_PLACEHOLDER) + r"\s*")
@@ -64,6 +64,16 @@ class BackboneAdapter(ABC):
         `dtype=None` keeps the checkpoint's own dtype (transformers' "auto").
         """
         model = AutoModelForImageTextToText.from_pretrained(path_or_id, dtype=dtype, **kwargs)
+        return cls(model, cls.processor_class.from_pretrained(path_or_id), max_length)
+
+    @classmethod
+    def skeleton(cls, path_or_id: str | Path, dtype: torch.dtype | None = None,
+                 max_length: int = 256) -> "BackboneAdapter":
+        """The adapter with its model built on the meta device: no weights are read (they come later, e.g.
+        broadcast from rank 0 under FSDP). `dtype=None` takes the checkpoint's, as `from_pretrained` does."""
+        config = AutoConfig.from_pretrained(path_or_id)
+        with torch.device("meta"):
+            model = AutoModelForImageTextToText.from_config(config, dtype=dtype or config.dtype)
         return cls(model, cls.processor_class.from_pretrained(path_or_id), max_length)
 
     @classmethod
