@@ -146,8 +146,10 @@ def test_non_finite_loss_stops_with_the_last_good_state(tmp_path, tiny_mllama, t
 
 def full_batch_gradient(backbone, shards, record, chunk_size=3):
     """The single-process gradient of the mean loss over both ranks' batches, concatenated in rank order."""
+    learnable = any(name.startswith("loss_fn.") for name in record["initial"])
     module = EmbeddingModule(backbone, lora=LoraSettings(dropout=0.0), gradient_checkpointing=False,
-                             gradient_cache=False, chunk_size=chunk_size, temperature=0.05)
+                             gradient_cache=False, chunk_size=chunk_size, temperature=0.05,
+                             learnable_temperature=learnable)
     module.configure_model()
     module.load_state_dict(record["initial"], strict=False)
     by_id = {s.id: s for s in read_samples(shard_urls(shards))}
@@ -181,17 +183,22 @@ def run_distributed(out, backbone, shards, strategy, *options):
     return torch.load(out / "result.pt", weights_only=False)
 
 
-@pytest.mark.parametrize(("strategy", "cache"),
-                         [("ddp", True), ("ddp", False), ("fsdp", True), ("fsdp", False), ("hsdp", True)])
+@pytest.mark.parametrize(("strategy", "options"), [
+    ("ddp", []), ("ddp", ["--no-cache"]), ("fsdp", []), ("fsdp", ["--no-cache"]), ("hsdp", []),
+    # A replicated parameter beside the sharded ones, and clipping over both (a norm so high it cannot clip).
+    ("fsdp", ["--learnable-temperature", "--grad-clip", "1e9"]),
+], ids=["ddp-cache", "ddp-plain", "fsdp-cache", "fsdp-plain", "hsdp-cache", "fsdp-cache-temperature"])
 def test_distributed_gradient_equals_the_full_batch_gradient(tmp_path, tiny_mllama, tiny_shards, strategy,
-                                                             cache):
-    record = run_distributed(tmp_path, tiny_mllama, tiny_shards, strategy, *([] if cache else ["--no-cache"]))
+                                                             options):
+    record = run_distributed(tmp_path, tiny_mllama, tiny_shards, strategy, *options)
     assert len(record["ids"]) == 2 and not set(record["ids"][0]) & set(record["ids"][1])
-    assert record["allreduces"] == COMMUNICATION[strategy]
+    replicated = {"explicit": 1} if "--learnable-temperature" in options else {}  # the temperature's
+    assert record["allreduces"] == COMMUNICATION[strategy] | replicated
     # The checkpoint holds both ranks' stream positions (each rank only sees its own slot).
     last = torch.load(tmp_path / "ckpt" / "last.ckpt", weights_only=False)
     assert sorted(last["ShardDataModule"]["positions"]) == [0, 1]
-    assert last["adapter_only"] and all("lora_" in key for key in last["state_dict"])
+    trained = [key for key in last["state_dict"] if "lora_" in key or key.startswith("loss_fn.")]
+    assert last["adapter_only"] and trained == list(last["state_dict"])  # no backbone weight
     assert_same_gradients(record, full_batch_gradient(tiny_mllama, tiny_shards, record))
 
 

@@ -2,6 +2,7 @@
 
     python tests/scripts/distributed_step.py BACKBONE SHARDS OUT [--strategy ddp|fsdp|hsdp] [--no-cache]
         [--paper-settings] [--bf16] [--steps N] [--stop-at N] [--resume CKPT] [--mmeb ROOT]
+        [--learnable-temperature] [--grad-clip NORM]
 
 Checkpoints land in OUT/ckpt/ (last.ckpt). Rank 0 writes OUT/result.pt about the last step: the initial
 trainable weights, each rank's batch ids, the full gradients after the step's backward(s) (before the
@@ -113,13 +114,16 @@ def main() -> None:
     parser.add_argument("--stop-at", type=int, default=None, help="interrupt the run after this step")
     parser.add_argument("--resume", default=None)
     parser.add_argument("--mmeb", help="an MMEB folder to evaluate at train start (first 4 queries a set)")
+    parser.add_argument("--learnable-temperature", action="store_true")
+    parser.add_argument("--grad-clip", type=float, default=0.0)
     args = parser.parse_args()
     L.seed_everything(0)
     module = EmbeddingModule(args.backbone, lora=LoraSettings(dropout=0.1 if args.paper_settings else 0.0),
                              gradient_checkpointing=args.paper_settings,
                              dtype="bfloat16" if args.bf16 else None,
                              gradient_cache=not args.no_cache, chunk_size=3, temperature=0.05, lr=1e-3,
-                             warmup=1, grad_clip=0.0)
+                             learnable_temperature=args.learnable_temperature, warmup=1,
+                             grad_clip=args.grad_clip)
     data = ShardDataModule([{"path": args.shards}], args.backbone, batch_size=8, num_negatives=2,
                            chunk_size=3, num_workers=0, shuffle_buffer=1)
     evaluation = [MMEBEval(args.mmeb, max_queries=4, batch_size=3, at_train_start=True)] if args.mmeb else []
