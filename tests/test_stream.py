@@ -1,6 +1,7 @@
 import io
 import itertools
 import tarfile
+from pathlib import Path
 
 import pytest
 import torch
@@ -119,3 +120,18 @@ def test_collator_masks_missing_negatives_and_chunks(tmp_path):
     assert [c["n"].item() for c in out.query] == [4, 2]
     flat_negatives = [item for chunk in seen[4:] for item in chunk]
     assert [i.text for i in flat_negatives] == [n.text for s in batch.samples for n in s.negatives[:2]]
+
+
+def test_a_folder_of_shard_directories_is_one_source(tmp_path):
+    """E.g. the part-<i>-of-<N> folders of a synthesis job array, without a merge step."""
+    root = tmp_path / "synthetic"
+    write_source(root / "part-00001-of-00002", 6, prefix="b")
+    write_source(root / "part-00000-of-00002", 7, prefix="a")
+    source = Source(str(root), max_samples=10)
+    assert [Path(url).parent.name for url, _ in source.shard_plan()] == ["part-00000-of-00002"] * 2 + [
+        "part-00001-of-00002"]  # 5 + 2 + 3 samples: name order, capped at 10
+    assert sum(take for _, take in source.shard_plan()) == 10
+    batch = take(MixedShardStream([Source(str(root))], batch_size=13, shuffle_buffer=1), 1)[0]
+    assert sorted(ids(batch)) == [f"a{i:04d}" for i in range(7)] + [f"b{i:04d}" for i in range(6)]
+    with pytest.raises(FileNotFoundError, match="no shard manifest"):
+        Source(str(tmp_path / "empty")).shard_plan()

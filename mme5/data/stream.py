@@ -24,6 +24,7 @@ from torch.utils.data import IterableDataset, get_worker_info
 
 from mme5.data.schema import Sample, SchemaError
 from mme5.data.shards import (
+    MANIFEST,
     CorruptSample,
     ReadStats,
     decode_sample_images,
@@ -40,7 +41,8 @@ class Source:
     """One stream of training shards.
 
     Attributes:
-        path: a shard directory written by mme5 (it holds `manifest.json`).
+        path: a shard directory written by mme5 (it holds `manifest.json`), or a folder of such
+            directories read as one source, in name order (e.g. a synthesis job array's `part-*-of-N`).
         weight: relative probability of drawing the next sample (or batch) from this source; None (the
             default) = proportional to the samples it holds (after `max_samples`), which mixes the sources
             as one shuffled concatenation would (the paper's recipe).
@@ -58,16 +60,24 @@ class Source:
         if self.weight is not None and self.weight <= 0:
             raise ValueError(f"source {self.name}: weight must be positive, got {self.weight}")
 
+    def shard_dirs(self) -> list[Path]:
+        """`path` if it holds a manifest, else its sub-folders that do (`path` alone when none does, so
+        that reading it names the missing manifest)."""
+        root = Path(self.path)
+        if (root / MANIFEST).is_file():
+            return [root]
+        return sorted(manifest.parent for manifest in root.glob(f"*/{MANIFEST}")) or [root]
+
     def shard_plan(self) -> list[tuple[str, int]]:
         """(shard url, records to read from it), in manifest order, truncated to `max_samples`."""
-        manifest = read_manifest(self.path)
         plan, left = [], self.max_samples if self.max_samples is not None else float("inf")
-        for info in manifest["shards"]:
-            take = int(min(info["count"], left))
-            if take <= 0:
-                break
-            plan.append((str(Path(self.path) / info["file"]), take))
-            left -= take
+        for folder in self.shard_dirs():
+            for info in read_manifest(folder)["shards"]:
+                take = int(min(info["count"], left))
+                if take <= 0:
+                    break
+                plan.append((str(folder / info["file"]), take))
+                left -= take
         if not plan:
             raise ValueError(f"source {self.name}: {self.path} holds no samples")
         return plan
