@@ -84,7 +84,8 @@ class GradCache:
     entered only around the backward is too late. The last chunk runs outside it; its backward all-reduces
     the gradients accumulated over all chunks. `encode` must therefore call the DDP-wrapped module.
     Lightning's manual optimisation instead prepares the reducer in `manual_backward`, unless inside the
-    strategy's `block_backward_sync()`: there, that context is the `no_sync` to pass.
+    strategy's `block_backward_sync()`: there, that context is the `no_sync` to pass. Under FSDP2 it is
+    `mme5.sharding.gradient_sync_paused` (which acts at backward time): one reduce-scatter per step.
     """
 
     def __init__(
