@@ -242,15 +242,18 @@ class EmbeddingModule(L.LightningModule):
         checkpoint["rng_states"] = from_all_ranks({"torch": torch.get_rng_state(), "cuda": cuda})
         if self.encoder is not None and self.encoder.has_adapters:
             checkpoint["adapter_only"] = True  # see `_adapters_only`
+            # Their names too: ModelParallelStrategy loads (and pops) the state dict before
+            # `on_load_checkpoint` sees it, so the check there needs them.
+            checkpoint["adapter_keys"] = sorted(self._trainable_names())
 
     def _trainable_names(self) -> set[str]:
         return {name for name, p in self.named_parameters() if p.requires_grad}
 
     def on_load_checkpoint(self, checkpoint: dict[str, Any]) -> None:
-        # ModelParallelStrategy has loaded (and popped) the state dict itself by now.
-        if checkpoint.get("adapter_only") and "state_dict" in checkpoint:
+        if checkpoint.get("adapter_only"):
             # Loading is then non-strict (the backbone's weights are absent): check the adapters match.
-            saved, trainable = set(checkpoint["state_dict"]), self._trainable_names()
+            saved = set(checkpoint.get("state_dict") or checkpoint["adapter_keys"])
+            trainable = self._trainable_names()
             if saved != trainable:
                 missing, unexpected = sorted(trainable - saved)[:5], sorted(saved - trainable)[:5]
                 raise ValueError(f"adapter-only checkpoint does not match this model's adapters: missing "

@@ -271,3 +271,20 @@ def test_evaluation_during_fsdp_training_equals_single_process_evaluation(tmp_pa
     assert len(summary.scalars) > 10
     for key, value in summary.scalars.items():
         assert scores[key] == pytest.approx(value, abs=1e-6), key
+
+
+@pytest.mark.parametrize("popped", [False, True], ids=["state-dict", "popped-by-fsdp"])
+def test_resuming_with_other_adapters_is_refused(tiny_mllama, popped):
+    saved = EmbeddingModule(tiny_mllama, lora=LoraSettings(r=2, target_modules=["q_proj"]))
+    saved.configure_model()
+    checkpoint = {"state_dict": saved.state_dict()}
+    saved.on_save_checkpoint(checkpoint)
+    if popped:  # as ModelParallelStrategy leaves it: the weights already loaded
+        del checkpoint["state_dict"]
+    same = EmbeddingModule(tiny_mllama, lora=LoraSettings(r=2, target_modules=["q_proj"]))
+    same.configure_model()
+    same.on_load_checkpoint(checkpoint)
+    other = EmbeddingModule(tiny_mllama, lora=LoraSettings(r=2, target_modules=["v_proj"]))
+    other.configure_model()
+    with pytest.raises(ValueError, match="does not match this model's adapters"):
+        other.on_load_checkpoint(checkpoint)
