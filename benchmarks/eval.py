@@ -16,9 +16,9 @@ import time
 from pathlib import Path
 
 from mme5.backbones.tiny import build_tiny
+from mme5.checkpoint import load_encoder
 from mme5.data.demo_world import WorldConfig, build_world
 from mme5.eval.encode import encode
-from mme5.eval.loading import embedder, load_encoder
 from mme5.eval.mmeb import MMEB
 from mme5.eval.retrieval import RetrievalSet
 from mme5.eval.xtd import XTD
@@ -44,7 +44,7 @@ def main() -> None:
         build_world(world, WorldConfig(train_samples=0, eval_queries=args.eval_queries,
                                        xtd_images=args.xtd_images), progress=False)
     backbone = args.backbone or build_tiny("mllama", scratch / "backbone", seed=0, preset=args.preset)
-    embed = embedder(load_encoder(backbone).encoder)
+    embed = load_encoder(backbone).encoder.embed
 
     print(f"world {world}, backbone {backbone}, batch size {args.batch_size}\n")
     print("| set | rankings | queries | naive items | encoded | saved | seconds | items/s |")

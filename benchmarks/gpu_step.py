@@ -8,12 +8,12 @@
 
 One training step as `mme5.module.EmbeddingModule.training_step` runs it, without Lightning: encode query,
 positive and hard-negative groups, InfoNCE (temperature 0.02) over in-batch positives + each query's own
-negatives, backward, gradient clipping (norm 5) and an AdamW step. Modes: `plain` encodes each group in
-forwards of `--batch` items (one graph for the whole batch); `chunked` is the plain step fed `--chunk`-item
-forwards (the module's path with gradient_cache false); `cached` is `mme5.gradcache.GradCache` with
-`--chunk`. Adapters: LoRA/DoRA with the paper's settings (`mme5.encoder.LoraSettings()`), or `--full`
-fine-tuning. Weights in `--dtype` (default bfloat16) under `--autocast` (default bfloat16, as the recipe's
-`precision: bf16-mixed`).
+negatives, backward, gradient clipping (norm 5) and an AdamW step (`mme5.contrastive.contrastive_step`).
+Modes: `plain` encodes each group in forwards of `--batch` items (one graph for the whole batch); `chunked`
+is the plain step fed `--chunk`-item forwards (the module's path with gradient_cache false); `cached` is
+`mme5.gradcache.GradCache` with `--chunk`. Adapters: LoRA/DoRA with the paper's settings
+(`mme5.encoder.LoraSettings()`), or `--full` fine-tuning. Weights in `--dtype` (default bfloat16) under
+`--autocast` (default bfloat16, as the recipe's `precision: bf16-mixed`).
 
 Backbone: a model folder (`--backbone`, anything `mme5.backbones.load_backbone` reads), or a synthetic
 Mllama with random weights built in memory on the device by `mme5.backbones.tiny.make_tiny` (`--size`:
@@ -72,11 +72,10 @@ from torch.utils.flop_counter import FlopCounterMode, sdpa_flop_count
 from mme5.backbones import ADAPTERS, DTYPES, Item, load_backbone
 from mme5.backbones.base import BackboneAdapter
 from mme5.backbones.tiny import PRESETS, Sizes, make_tiny
-from mme5.data.collate import chunked
+from mme5.contrastive import contrastive_step
 from mme5.encoder import Encoder, LoraSettings
 from mme5.gradcache import GradCache
 from mme5.losses import InfoNCE
-from mme5.module import scatter_negatives
 
 # Synthetic Mllama sizes. "1b": Llama-3.2-1B's text model (2048 wide, 16 layers, 32/8 heads, MLP 8192) with
 # cross-attention at layers 3, 7, 11, 15 and a 768-wide 12 + 2-layer vision tower at 448 px (patch 14: 1024
@@ -193,16 +192,17 @@ def synthetic_groups(adapter: BackboneAdapter, args: argparse.Namespace, chunk: 
     """
     rng = random.Random(0)
     sizes = {"query": args.batch, "positive": args.batch, "negatives": args.batch * args.negatives}
-    return {name: [{key: value.to(args.device) for key, value in batch.items()}
-                   for batch in chunked(synthetic_items(n, args, rng), chunk, adapter.collate)]
-            for name, n in sizes.items() if n}
+    chunks = {name: adapter.chunks(synthetic_items(n, args, rng), chunk) for name, n in sizes.items()}
+    for chunk in (chunk for group in chunks.values() for chunk in group):
+        chunk.inputs = {key: value.to(args.device) for key, value in chunk.inputs.items()}
+    return chunks
 
 
 def count_inputs(groups: dict[str, list]) -> dict[str, int]:
     """Items, token positions (padding included) and image tiles encoded in one step."""
     totals = {"items": 0, "tokens": 0, "image_tiles": 0}
     for chunks in groups.values():
-        for chunk in chunks:
+        for chunk in (c.inputs for c in chunks):
             totals["items"] += chunk["input_ids"].shape[0]
             totals["tokens"] += chunk["input_ids"].numel()
             if chunk.get("aspect_ratio_ids") is not None:  # Mllama: (B, images); 0 = no image in the row
@@ -235,10 +235,7 @@ def measure(args: argparse.Namespace, mode: str) -> dict[str, Any]:
     autocast = (torch.autocast(device.type, dtype=DTYPES[args.autocast]) if args.autocast != "none"
                 else nullcontext())
 
-    def loss_of(emb: dict[str, torch.Tensor]):
-        negatives = scatter_negatives(emb.get("negatives"), mask)
-        return loss_fn(emb["query"], emb["positive"], negatives, mask if negatives is not None else None)
-
+    cache = GradCache(args.chunk) if mode == "cached" else None
     last_loss = [float("nan")]
 
     def step() -> float:
@@ -247,11 +244,8 @@ def measure(args: argparse.Namespace, mode: str) -> dict[str, Any]:
         start = time.perf_counter()
         encoder.zero_grad(set_to_none=True)
         with autocast:
-            if mode == "cached":
-                loss, _ = GradCache(args.chunk).step(encoder, groups, loss_of)
-            else:
-                loss = loss_of({name: encoder.encode_chunks(chunks) for name, chunks in groups.items()}).loss
-                loss.backward()
+            loss, _ = contrastive_step(encoder.encode_chunk, groups["query"], groups["positive"],
+                                       groups["negatives"], mask, loss_fn, cache)
         torch.nn.utils.clip_grad_norm_(trainable, 5.0)
         if optimizer is not None:
             optimizer.step()
@@ -281,7 +275,7 @@ def measure(args: argparse.Namespace, mode: str) -> dict[str, Any]:
         with off, autocast, FlopCounterMode(display=False, custom_mapping=EXTRA_FLOPS) as counter:
             for chunks in counted.values():
                 for chunk in chunks:
-                    encoder(chunk).detach()
+                    encoder.encode_chunk(chunk).detach()
         return counter.get_total_flops()
 
     base_flops = forward_flops(adapters=False)  # the backbone alone: the convention's 2NT + attention

@@ -34,6 +34,7 @@ import torch
 
 from mme5.backbones import load_backbone
 from mme5.backbones.tiny import build_tiny
+from mme5.contrastive import contrastive_step
 from mme5.data.collate import ContrastiveCollator
 from mme5.data.demo_world import WorldConfig, build_world
 from mme5.data.shards import read_samples, shard_urls
@@ -41,7 +42,6 @@ from mme5.data.stream import StreamBatch
 from mme5.encoder import Encoder
 from mme5.gradcache import GradCache
 from mme5.losses import InfoNCE
-from mme5.module import scatter_negatives
 
 
 class SavedTensorMeter:
@@ -102,18 +102,12 @@ def measure(world: str, backbone: str, batch_size: int, mode: str, chunk: int, n
     distinct = list(itertools.islice(read_samples(shard_urls(Path(world) / "train")), chunk))
     samples = [distinct[i % len(distinct)] for i in range(batch_size)]
     batch = ContrastiveCollator(adapter.collate, negatives, chunk_size)(StreamBatch(samples, 0, {}))
-    groups = {"query": batch.query, "positive": batch.positive, "negatives": batch.negatives}
-
-    def loss_of(emb):
-        negative = scatter_negatives(emb["negatives"], batch.negative_mask)
-        return loss_fn(emb["query"], emb["positive"], negative, batch.negative_mask)
+    cache = GradCache(chunk) if mode == "cached" else None
 
     def step() -> None:
         encoder.zero_grad(set_to_none=True)
-        if mode == "cached":
-            GradCache(chunk).step(encoder, groups, loss_of)
-        else:
-            loss_of({name: encoder.encode_chunks(chunks) for name, chunks in groups.items()}).loss.backward()
+        contrastive_step(encoder.encode_chunk, batch.query, batch.positive, batch.negatives,
+                         batch.negative_mask, loss_fn, cache)
 
     before = rss_bytes()
     times = []

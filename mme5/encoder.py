@@ -2,14 +2,20 @@
 
 from __future__ import annotations
 
-from dataclasses import dataclass, field
+from collections.abc import Mapping, Sequence
+from dataclasses import dataclass, field, replace
 
+import PIL.Image
 import torch
+import torch.distributed as dist
 import torch.nn.functional as F
 from peft import LoraConfig, PeftModel, get_peft_model
 from torch import Tensor, nn
+from tqdm import tqdm
 
-from mme5.backbones.base import BackboneAdapter
+from mme5.backbones.base import BackboneAdapter, Chunk, Item, length_order, lockstep_chunk
+from mme5.images import load_rgb
+from mme5.sharding import is_sharded_module
 
 # The paper's adapter targets: q/k/v/o projections of text self-attention, text cross-attention and
 # vision attention, plus the text MLP's down projection. PEFT matches these names as module-name suffixes.
@@ -78,13 +84,10 @@ class Encoder(nn.Module):
     def dim(self) -> int:
         return self.adapter.hidden_size
 
-    def forward(self, batch: dict[str, Tensor]) -> Tensor:
-        """(B, D) embeddings; a `keep` (B,) bool entry (lockstep chunks) drops the placeholder rows."""
-        keep = batch.get("keep")
-        if keep is not None:
-            batch = {k: v for k, v in batch.items() if k != "keep"}
-        hidden = self.adapter.last_hidden_state(self.model, batch)  # (B, T, D)
-        mask = batch["attention_mask"].to(hidden.device)
+    def forward(self, inputs: Mapping[str, Tensor], keep: Tensor | None = None) -> Tensor:
+        """(B, D) embeddings of a processor batch; `keep` (B,) bool drops a lockstep chunk's padding rows."""
+        hidden = self.adapter.last_hidden_state(self.model, inputs)  # (B, T, D)
+        mask = inputs["attention_mask"].to(hidden.device)
         pooled = last_token_pool(hidden, mask).float()  # (B, D)
         if keep is not None:
             # Indexing keeps the autograd graph even when no row is kept, so every module still runs its
@@ -92,11 +95,40 @@ class Encoder(nn.Module):
             pooled = pooled[keep.to(pooled.device)]
         return F.normalize(pooled, dim=-1) if self.normalize else pooled
 
-    def encode_chunks(self, chunks: list[dict[str, Tensor]]) -> Tensor:
-        """Embeddings of several processor batches, concatenated in order: (sum of chunk sizes, D)."""
+    def encode_chunk(self, chunk: Chunk) -> Tensor:
+        """(n, D) embeddings of one chunk's real rows (with autograd, as training needs)."""
+        return self(chunk.inputs, chunk.keep)
+
+    def encode_chunks(self, chunks: Sequence[Chunk]) -> Tensor:
+        """Embeddings of several chunks, concatenated in order: (sum of real rows, D)."""
         if not chunks:
             return torch.empty(0, self.dim, device=self.device)
-        return torch.cat([self(chunk) for chunk in chunks])
+        return torch.cat([self.encode_chunk(chunk) for chunk in chunks])
+
+    @torch.no_grad()
+    def embed(self, items: Sequence[Item], batch_size: int | None = None, progress: bool = False) -> Tensor:
+        """(n, D) float32 embeddings on CPU, row i for item i: the one items→embeddings path.
+
+        Evaluation, the training callbacks, `Embedder` and the synthesis image index all call this. No
+        autograd; train/eval mode is the caller's. Items are batched longest first (less padding); images
+        given as bytes or paths are decoded one batch at a time. `batch_size` None: one batch.
+        Sharded (FSDP) it is a collective: every rank calls it (with no items too), ranks run as many
+        batches as the rank with most, and every batch is a lockstep chunk.
+        """
+        order = length_order(items)
+        size = batch_size or max(len(order), 1)
+        batches = [order[s : s + size] for s in range(0, len(order), size)]
+        lockstep = is_sharded_module(self)
+        rounds = _most_over_ranks(len(batches), self.device) if lockstep else len(batches)
+        out = torch.empty(len(order), self.dim)
+        for round_ in tqdm(range(rounds), desc="embed", unit="batch", disable=not progress):
+            rows = batches[round_] if round_ < len(batches) else []
+            batch = [_decoded(items[i]) for i in rows]
+            if lockstep:
+                out[rows] = self.encode_chunk(lockstep_chunk(batch, self.adapter.collate)).float().cpu()
+            elif batch:
+                out[rows] = self(self.adapter.collate(batch)).float().cpu()
+        return out
 
     @property
     def device(self) -> torch.device:
@@ -105,3 +137,19 @@ class Encoder(nn.Module):
     @property
     def has_adapters(self) -> bool:
         return isinstance(self.model, PeftModel)
+
+
+def _decoded(item: Item) -> Item:
+    """The item with its image as an RGB PIL image (decoded from bytes or a path if needed)."""
+    if item.image is None or (isinstance(item.image, PIL.Image.Image) and item.image.mode == "RGB"):
+        return item
+    return replace(item, image=load_rgb(item.image))
+
+
+def _most_over_ranks(count: int, device: torch.device) -> int:
+    """The largest `count` of all ranks (a collective)."""
+    if not (dist.is_available() and dist.is_initialized()):
+        return count
+    value = torch.tensor([count], device=device)
+    dist.all_reduce(value, op=dist.ReduceOp.MAX)
+    return int(value.item())

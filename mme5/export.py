@@ -11,15 +11,10 @@ The folder loads with `load_backbone(DIR)` (or any `AutoModelForImageTextToText`
 from __future__ import annotations
 
 import argparse
-import json
 from pathlib import Path
 
-import torch
-
 from mme5.backbones import DTYPES
-from mme5.eval.loading import CONFIG_NAME, encoder_from_checkpoint
-
-FORMAT_VERSION = 1
+from mme5.checkpoint import load_encoder, write_export_config
 
 
 def export(ckpt: str | Path, out: str | Path, dtype: str | None = None, max_length: int | None = None,
@@ -31,33 +26,26 @@ def export(ckpt: str | Path, out: str | Path, dtype: str | None = None, max_leng
     backbone: folder to rebuild the encoder from, when the checkpoint's recorded one has moved.
     """
     ckpt, out = Path(ckpt), Path(out)
-    # mmap: only the metadata is read here; the weights are loaded once, by encoder_from_checkpoint.
-    meta = torch.load(ckpt, map_location="cpu", weights_only=False, mmap=True)
-    encoder = encoder_from_checkpoint(ckpt, dtype, max_length, backbone)
+    if ckpt.suffix != ".ckpt":
+        raise ValueError(f"{ckpt}: expected an EmbeddingModule checkpoint (.ckpt)")
+    loaded = load_encoder(ckpt, dtype=dtype, max_length=max_length, backbone=backbone)
+    encoder = loaded.encoder
     model = encoder.model.merge_and_unload() if encoder.has_adapters else encoder.model
     if dtype is not None:
         model = model.to(DTYPES[dtype])
     out.mkdir(parents=True, exist_ok=True)
     model.save_pretrained(out)
     encoder.adapter.processor.save_pretrained(out)
-    hparams = meta.get("hyper_parameters") or {}
+    hparams = loaded.recipe.get("hyper_parameters") or {}
     lora = hparams.get("lora")
-    config = {
-        "format_version": FORMAT_VERSION,
-        "pooling": "last_token",
-        "normalize": encoder.normalize,
-        "family": encoder.adapter.family,
-        "max_length": encoder.adapter.max_length,
-        "dtype": str(model.dtype).removeprefix("torch."),
-        "instructions": {"query": query_instruction, "target": target_instruction},
-        "source": {
-            "checkpoint": str(ckpt.resolve()),
-            "global_step": meta.get("global_step"),
-            "backbone": str(hparams.get("backbone")),
-            "lora": dict(lora) if isinstance(lora, dict) else (vars(lora) if lora is not None else None),
-        },
+    source = {
+        "checkpoint": str(ckpt.resolve()),
+        "global_step": loaded.recipe.get("global_step"),
+        "backbone": str(hparams.get("backbone")),
+        "lora": dict(lora) if isinstance(lora, dict) else (vars(lora) if lora is not None else None),
     }
-    (out / CONFIG_NAME).write_text(json.dumps(config, indent=2, default=str) + "\n")
+    write_export_config(out, encoder, model.dtype, {"query": query_instruction, "target": target_instruction},
+                        source)
     return out
 
 

@@ -79,13 +79,13 @@ class GradCache:
 
     `backward(surrogate)` is called once per chunk and must accumulate parameter gradients (the default,
     `Tensor.backward`, does). `no_sync()`, if given, is entered around the forward AND backward of every
-    chunk but the last, so a DDP gradient all-reduce fires once per step. Both matter for plain DDP: the
-    reducer decides at the end of a module's forward whether the coming backward all-reduces, so a `no_sync`
-    entered only around the backward is too late. The last chunk runs outside it; its backward all-reduces
-    the gradients accumulated over all chunks. `encode` must therefore call the DDP-wrapped module.
-    Lightning's manual optimisation instead prepares the reducer in `manual_backward`, unless inside the
-    strategy's `block_backward_sync()`: there, that context is the `no_sync` to pass. Under FSDP2 it is
-    `mme5.sharding.gradient_sync_paused` (which acts at backward time): one reduce-scatter per step.
+    chunk but the last, so that gradients are reduced once per step, by the last chunk's backward:
+    - FSDP2: `mme5.sharding.gradient_sync_paused` (it acts at backward time); the training module uses
+      this, through `mme5.distributed.GradientSync`, for one reduce-scatter per step.
+    - Plain DDP used directly: `DistributedDataParallel.no_sync`, with `encode` calling the wrapped module
+      (its reducer decides at the end of a forward whether the coming backward all-reduces, hence the
+      forward inside `no_sync` too). The training module does not take this path: it keeps DDP's reducer
+      idle for the whole step and averages once, since ranks' chunks may reach different parameters.
     """
 
     def __init__(

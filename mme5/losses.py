@@ -10,12 +10,7 @@ import torch.distributed.nn.functional as dist_nn
 import torch.nn.functional as F
 from torch import Tensor, nn
 
-
-def rank_and_world() -> tuple[int, int]:
-    """(rank, world size) of the default process group; (0, 1) when torch.distributed is not initialised."""
-    if dist.is_available() and dist.is_initialized():
-        return dist.get_rank(), dist.get_world_size()
-    return 0, 1
+from mme5.distributed import rank_and_world
 
 
 def gather_with_grad(x: Tensor) -> Tensor:
@@ -40,6 +35,18 @@ def gather_with_grad(x: Tensor) -> Tensor:
     with warnings.catch_warnings():
         warnings.simplefilter("ignore", FutureWarning)
         return torch.cat(dist_nn.all_gather(x), dim=0)
+
+
+def scatter_negatives(flat: Tensor | None, mask: Tensor) -> Tensor | None:
+    """Place the real negatives' embeddings (N, D) into their (B, K, D) slots; empty slots hold zeros.
+
+    `mask` (B, K) bool marks the real slots, row-major: the order in which the negatives were embedded.
+    """
+    if flat is None or mask.shape[1] == 0:
+        return None
+    negatives = flat.new_zeros(*mask.shape, flat.shape[-1])  # (B, K, D)
+    negatives[mask.to(flat.device)] = flat
+    return negatives
 
 
 @dataclass

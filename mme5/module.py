@@ -8,7 +8,6 @@ from __future__ import annotations
 
 import math
 import time
-from contextlib import AbstractContextManager
 from dataclasses import asdict
 from pathlib import Path
 from typing import Any, Literal
@@ -18,47 +17,21 @@ import torch
 import torch.distributed as dist
 from lightning.pytorch.strategies import DDPStrategy, DeepSpeedStrategy, FSDPStrategy, SingleDeviceStrategy
 from torch import Tensor
-from torch.nn.parallel import DistributedDataParallel
 from torch.optim.lr_scheduler import LambdaLR
 
+from mme5 import checkpoint as ckpt_format
 from mme5.backbones import DTYPES, load_backbone, load_backbone_skeleton
+from mme5.contrastive import contrastive_step
 from mme5.data.collate import ContrastiveBatch
-from mme5.distributed import average_gradients, from_all_ranks
+from mme5.distributed import GradientSync, from_all_ranks
 from mme5.encoder import Encoder, LoraSettings
 from mme5.gradcache import GradCache
 from mme5.losses import ContrastiveOutput, InfoNCE
-from mme5.sharding import (
-    gradient_sync_paused,
-    is_sharded,
-    load_from_rank0,
-    shard_encoder,
-    shards_parameters,
-)
+from mme5.sharding import load_from_rank0, shard_encoder, shards_parameters
 
 
 class NonFiniteLossError(RuntimeError):
     """The loss became NaN or infinite; the last good state was saved before stopping."""
-
-
-def scatter_negatives(flat: Tensor | None, mask: Tensor) -> Tensor | None:
-    """Place the real negatives' embeddings (N, D) into their (B, K, D) slots; empty slots hold zeros."""
-    if flat is None or mask.shape[1] == 0:
-        return None
-    negatives = flat.new_zeros(*mask.shape, flat.shape[-1])  # (B, K, D)
-    negatives[mask] = flat
-    return negatives
-
-
-def _adapters_only(module: L.LightningModule, state_dict: dict[str, Any], prefix: str, metadata: Any) -> None:
-    """State-dict hook of a LoRA/DoRA run: keep the trainable weights, drop the frozen backbone's.
-
-    The backbone is reloaded from `backbone`, so an 11B run's checkpoints hold megabytes, not 22 GB, and can
-    be written often. Dropping the frozen weights here, not from the finished checkpoint, also spares FSDP
-    gathering them to rank 0 first.
-    """
-    trainable = {prefix + name for name, p in module.named_parameters() if p.requires_grad}
-    for key in [k for k in state_dict if k.startswith(prefix) and k not in trainable]:
-        del state_dict[key]
 
 
 def warmup_then_decay(step: int, warmup: int, total: int, schedule: str) -> float:
@@ -120,7 +93,7 @@ class EmbeddingModule(L.LightningModule):
         self.cache = GradCache(chunk_size, backward=self.manual_backward)
         self.encoder: Encoder | None = None
         self._last_step_end: float | None = None
-        self._step_sync: AbstractContextManager[Any] | None = None
+        self._sync = GradientSync()  # chosen in `on_fit_start`, once the strategy has wrapped the model
 
     def configure_model(self) -> None:
         """Load the backbone (once; Lightning calls this under the strategy's init context)."""
@@ -136,7 +109,7 @@ class EmbeddingModule(L.LightningModule):
         lora = LoraSettings(**hp.lora) if hp.lora is not None else None
         self.encoder = Encoder(adapter, lora, gradient_checkpointing=hp.gradient_checkpointing)
         if self.encoder.has_adapters:
-            self.register_state_dict_post_hook(_adapters_only)
+            self.register_state_dict_post_hook(ckpt_format.drop_frozen_weights)
             self.strict_loading = False  # the backbone's weights come from `backbone`, not the checkpoint
         self.encoder.train()  # from_pretrained returns eval mode; LoRA dropout must be active in training
         if mesh is not None:
@@ -149,11 +122,6 @@ class EmbeddingModule(L.LightningModule):
         shard_encoder(self.encoder, self.encoder.adapter.model, mesh, param_dtype=compute_dtype,
                       reshard_after_forward=hp.reshard_after_forward)
         load_from_rank0(self.encoder, full_state, mesh)
-        if self.encoder.has_adapters:
-            # Adapters' gradients are small: accumulate them unsharded over the chunks and reduce-scatter
-            # once per step. Full fine-tuning keeps reduce-scattering every chunk, so that no rank ever
-            # holds the whole model's gradient.
-            self.cache.no_sync = lambda: gradient_sync_paused(self.encoder)
 
     # ------------------------------------------------------------------ training
 
@@ -167,20 +135,8 @@ class EmbeddingModule(L.LightningModule):
                 f"trainer.strategy {type(strategy).__name__} is not supported by EmbeddingModule; use a "
                 "single device, 'ddp', or FSDP2 through lightning.pytorch.strategies.ModelParallelStrategy"
             )
-
-    def on_train_batch_start(self, batch: ContrastiveBatch, batch_idx: int) -> None:
-        # DDP must neither prepare nor run its own all-reduce in this step: `average_gradients` does it,
-        # once, after every backward pass. `no_sync` has to be entered before DDP's forward (the one that
-        # runs training_step), since that forward is where DDP arms its reducer.
-        model = self.trainer.strategy.model
-        if isinstance(model, DistributedDataParallel):
-            self._step_sync = model.no_sync()
-            self._step_sync.__enter__()
-
-    def on_train_batch_end(self, outputs: Any, batch: ContrastiveBatch, batch_idx: int) -> None:
-        if self._step_sync is not None:
-            self._step_sync.__exit__(None, None, None)
-            self._step_sync = None
+        self._sync = GradientSync.for_run(strategy.model, self.encoder, self.encoder.has_adapters)
+        self.cache.no_sync = self._sync.between_chunks
 
     def training_step(self, batch: ContrastiveBatch, batch_idx: int) -> Tensor:
         started = time.perf_counter()
@@ -188,27 +144,10 @@ class EmbeddingModule(L.LightningModule):
         optimizer, scheduler = self.optimizers(), self.lr_schedulers()
         optimizer.zero_grad(set_to_none=True)
 
-        groups = {"query": batch.query, "positive": batch.positive}
-        if batch.negatives:
-            groups["negatives"] = batch.negatives
-
-        def contrastive_loss(embeddings: dict[str, Tensor]) -> ContrastiveOutput:
-            negatives = scatter_negatives(embeddings.get("negatives"), batch.negative_mask.to(self.device))
-            return self.loss_fn(embeddings["query"], embeddings["positive"], negatives,
-                                batch.negative_mask.to(self.device) if negatives is not None else None)
-
-        if self.hparams.gradient_cache:
-            loss, output = self.cache.step(self.encoder, groups, contrastive_loss,
-                                           loss_parameters=[p for p in self.loss_fn.parameters()])
-        else:
-            output = contrastive_loss({name: self.encoder.encode_chunks(c) for name, c in groups.items()})
-            self.manual_backward(output.loss)
-            loss = output.loss.detach()
-        # Gradient under DDP: the mean over ranks of each rank's gradient, which with InfoNCE's sync-grad
-        # gather is the gradient of the global-batch mean loss (see mme5.losses.InfoNCE). FSDP's
-        # reduce-scatter averages the sharded parameters' gradients the same way; the rest (a learnable
-        # temperature) is replicated and averaged here.
-        average_gradients(p for p in self.parameters() if not is_sharded(p))
+        with self._sync.step(self.parameters()):  # leaves the global-batch gradient on every rank
+            loss, output = contrastive_step(
+                self.encoder.encode_chunk, batch.query, batch.positive, batch.negatives, batch.negative_mask,
+                self.loss_fn, self.cache if self.hparams.gradient_cache else None, self.manual_backward)
 
         self._stop_if_not_finite(loss)
         if self.hparams.grad_clip:
@@ -239,29 +178,18 @@ class EmbeddingModule(L.LightningModule):
         # Random state too, so a resumed run draws the same (LoRA) dropout masks as an uninterrupted one;
         # every rank's, since ranks draw differently (their chunks differ in number and content).
         cuda = torch.cuda.get_rng_state_all() if torch.cuda.is_available() else []
-        checkpoint["rng_states"] = from_all_ranks({"torch": torch.get_rng_state(), "cuda": cuda})
-        if self.encoder is not None and self.encoder.has_adapters:
-            checkpoint["adapter_only"] = True  # see `_adapters_only`
-            # Their names too: ModelParallelStrategy loads (and pops) the state dict before
-            # `on_load_checkpoint` sees it, so the check there needs them.
-            checkpoint["adapter_keys"] = sorted(self._trainable_names())
+        rng_states = from_all_ranks({"torch": torch.get_rng_state(), "cuda": cuda})
+        adapters = self._trainable_names() if self.encoder is not None and self.encoder.has_adapters else None
+        ckpt_format.add_training_state(checkpoint, rng_states, adapters)
 
     def _trainable_names(self) -> set[str]:
         return {name for name, p in self.named_parameters() if p.requires_grad}
 
     def on_load_checkpoint(self, checkpoint: dict[str, Any]) -> None:
-        if checkpoint.get("adapter_only"):
-            # Loading is then non-strict (the backbone's weights are absent): check the adapters match.
-            saved = set(checkpoint.get("state_dict") or checkpoint["adapter_keys"])
-            trainable = self._trainable_names()
-            if saved != trainable:
-                missing, unexpected = sorted(trainable - saved)[:5], sorted(saved - trainable)[:5]
-                raise ValueError(f"adapter-only checkpoint does not match this model's adapters: missing "
-                                 f"{missing}, unexpected {unexpected}")
-        states = checkpoint.get("rng_states")  # one per rank
-        if states:
-            rank, world = (self.trainer.global_rank, self.trainer.world_size) if self._trainer else (0, 1)
-            state = states[rank] if len(states) == world else states[0]  # another world size: rank 0's
+        ckpt_format.check_adapters(checkpoint, self._trainable_names())
+        rank, world = (self.trainer.global_rank, self.trainer.world_size) if self._trainer else (0, 1)
+        state = ckpt_format.rng_state_of_rank(checkpoint, rank, world)
+        if state is not None:
             torch.set_rng_state(state["torch"])
             if state["cuda"] and torch.cuda.is_available():
                 torch.cuda.set_rng_state_all(state["cuda"])

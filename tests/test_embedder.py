@@ -7,8 +7,8 @@ from test_export import perturbed_checkpoint
 
 import mme5
 from mme5.backbones import Item
+from mme5.checkpoint import load_encoder
 from mme5.encoder import LoraSettings
-from mme5.eval.loading import embedder, load_encoder
 from mme5.export import export
 
 TEXTS = [f"{'a long ' * (i % 5)}caption number {i} of a {['red', 'blue', 'green'][i % 3]} object"
@@ -36,7 +36,7 @@ def image_files(tmp_path_factory):
 def test_embeddings_equal_the_evaluation_path_in_input_order(exported, image_files):
     folder, _ = exported
     emb = mme5.Embedder.from_pretrained(folder, device="cpu")
-    reference = embedder(load_encoder(folder).encoder.eval())
+    reference = load_encoder(folder).encoder.eval().embed
     images = [Image.open(p).convert("RGB") for p in image_files]
     cases = [
         ({"texts": TEXTS}, [Item("Find:", t) for t in TEXTS]),

@@ -8,8 +8,7 @@ from mme5.data.shards import read_samples, shard_urls
 from mme5.data.stream import StreamBatch
 from mme5.encoder import PAPER_TARGET_MODULES, Encoder, LoraSettings, last_token_pool
 from mme5.gradcache import GradCache
-from mme5.losses import InfoNCE
-from mme5.module import scatter_negatives
+from mme5.losses import InfoNCE, scatter_negatives
 
 
 def test_last_token_pool_left_and_right_padding():
@@ -69,7 +68,7 @@ def test_gradient_cache_equals_full_batch_with_lora_dropout(tiny_mllama, checkpo
     loss = InfoNCE(temperature=0.05)
     chunk = 4
     data = items(10)
-    collate = lambda xs: [dict(adapter.collate(xs[i : i + chunk])) for i in range(0, len(xs), chunk)]  # noqa: E731
+    collate = lambda xs: adapter.chunks(xs, chunk)  # noqa: E731
     mask = torch.tensor([[True, True], [True, False], [False, False], [True, True], [True, False]] * 2)
     groups = {"query": collate(data), "positive": collate(data[::-1]),
               "negatives": collate([data[(3 * i) % 10] for i in range(int(mask.sum()))])}
@@ -85,13 +84,13 @@ def test_gradient_cache_equals_full_batch_with_lora_dropout(tiny_mllama, checkpo
     encoder.zero_grad(set_to_none=True)
 
     torch.manual_seed(7)
-    cached, _ = GradCache(chunk).step(encoder, groups, loss_fn)
+    cached, _ = GradCache(chunk).step(encoder.encode_chunk, groups, loss_fn)
     assert cached.item() == pytest.approx(plain.item(), rel=1e-6)
     assert relative_error([p.grad for p in params], expected) < 1e-5
 
     torch.manual_seed(8)  # other dropout masks: a different gradient (so the test can tell)
     encoder.zero_grad(set_to_none=True)
-    GradCache(chunk).step(encoder, groups, loss_fn)
+    GradCache(chunk).step(encoder.encode_chunk, groups, loss_fn)
     assert relative_error([p.grad for p in params], expected) > 1e-3
 
 
@@ -105,7 +104,7 @@ def test_lockstep_chunks_embed_exactly_like_plain_chunks(tiny_mllama, tiny_shard
     lockstep = ContrastiveCollator(adapter.collate, num_negatives=2, chunk_size=2, lockstep=True)(batch)
     # Chunk counts depend on the batch size only (ranks agree), and the vision tower runs in every chunk.
     assert [len(lockstep.query), len(lockstep.negatives)] == [4, 7]
-    assert all("pixel_values" in chunk for group in (lockstep.query, lockstep.negatives) for chunk in group)
+    assert all("pixel_values" in c.inputs for group in (lockstep.query, lockstep.negatives) for c in group)
     with torch.no_grad():
         for group in ("query", "positive", "negatives"):
             expected = encoder.encode_chunks(getattr(plain, group))

@@ -9,13 +9,13 @@ from lightning.pytorch.loggers import TensorBoardLogger
 from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
 
 from mme5.backbones import Item
+from mme5.checkpoint import load_encoder
 from mme5.data.datamodule import ShardDataModule
 from mme5.data.demo_world import WorldConfig, build_world
 from mme5.data.stream import Source
 from mme5.encoder import LoraSettings
 from mme5.eval.__main__ import main
 from mme5.eval.callbacks import MMEBEval, XTDEval
-from mme5.eval.loading import load_encoder
 from mme5.eval.registry import META_TASKS
 from mme5.module import EmbeddingModule
 

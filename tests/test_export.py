@@ -7,11 +7,12 @@ import torch
 from PIL import Image
 
 from mme5.backbones import Item, load_backbone
+from mme5.checkpoint import EXPORT_CONFIG as CONFIG_NAME
+from mme5.checkpoint import load_encoder
 from mme5.data.demo_world import WorldConfig, build_world
 from mme5.encoder import Encoder, LoraSettings
 from mme5.eval.__main__ import main as evaluate
-from mme5.eval.loading import embedder, load_encoder
-from mme5.export import CONFIG_NAME, main
+from mme5.export import main
 from mme5.module import EmbeddingModule
 
 ITEMS = [
@@ -46,7 +47,7 @@ def dora_export(tmp_path_factory, tiny_mllama):
 
 
 def embed(encoder: Encoder, items=ITEMS) -> torch.Tensor:
-    return embedder(encoder.eval())(items)
+    return encoder.eval().embed(items)
 
 
 def test_merged_folder_loads_as_a_plain_backbone_and_embeds_like_the_checkpoint(dora_export, tiny_mllama):
@@ -100,7 +101,7 @@ def test_eval_command_scores_an_export_like_its_checkpoint(dora_export, tmp_path
 
 
 def test_a_checkpoints_relative_backbone_is_found_from_its_run_directory(tmp_path, monkeypatch):
-    from mme5.eval.loading import _recorded_backbone
+    from mme5.checkpoint import _recorded_backbone
 
     (tmp_path / "runs" / "demo" / "backbone").mkdir(parents=True)
     (tmp_path / "runs" / "demo" / "backbone" / "config.json").write_text("{}")

@@ -117,7 +117,7 @@ def test_collator_masks_missing_negatives_and_chunks(tmp_path):
     counts = [len(s.negatives) for s in batch.samples]
     expected = torch.tensor([[k > j for j in range(2)] for k in counts])
     assert torch.equal(out.negative_mask, expected)
-    assert [c["n"].item() for c in out.query] == [4, 2]
+    assert [c.inputs["n"].item() for c in out.query] == [4, 2]
     flat_negatives = [item for chunk in seen[4:] for item in chunk]
     assert [i.text for i in flat_negatives] == [n.text for s in batch.samples for n in s.negatives[:2]]
 

@@ -14,16 +14,18 @@ from tensorboard.backend.event_processing.event_accumulator import EventAccumula
 
 import train
 from mme5.backbones.tiny import build_tiny
+from mme5.checkpoint import load_encoder
+from mme5.contrastive import contrastive_step
 from mme5.data.collate import ContrastiveCollator
 from mme5.data.datamodule import ShardDataModule
 from mme5.data.demo_world import WorldConfig, build_world
 from mme5.data.shards import read_samples, shard_urls
 from mme5.data.stream import StreamBatch
 from mme5.encoder import LoraSettings
-from mme5.eval.loading import embedder, load_encoder
 from mme5.eval.mmeb import MMEB
 from mme5.eval.run import evaluate
-from mme5.module import EmbeddingModule, NonFiniteLossError, scatter_negatives, warmup_then_decay
+from mme5.losses import scatter_negatives
+from mme5.module import EmbeddingModule, NonFiniteLossError, warmup_then_decay
 
 ROOT = Path(__file__).resolve().parents[1]
 
@@ -157,10 +159,8 @@ def full_batch_gradient(backbone, shards, record, chunk_size=3):
     collator = ContrastiveCollator(module.encoder.adapter.collate, num_negatives=2, chunk_size=chunk_size)
     batch = collator(StreamBatch(samples, 0, {}))
     module.loss_fn.gather = False
-    query = module.encoder.encode_chunks(batch.query)
-    positive = module.encoder.encode_chunks(batch.positive)
-    negatives = scatter_negatives(module.encoder.encode_chunks(batch.negatives), batch.negative_mask)
-    module.loss_fn(query, positive, negatives, batch.negative_mask).loss.backward()
+    contrastive_step(module.encoder.encode_chunk, batch.query, batch.positive, batch.negatives,
+                     batch.negative_mask, module.loss_fn)  # plain: one forward of everything, one backward
     return {n: p.grad for n, p in module.named_parameters() if p.requires_grad}
 
 
@@ -266,7 +266,7 @@ def test_evaluation_during_fsdp_training_equals_single_process_evaluation(tmp_pa
     module = EmbeddingModule(tiny_mllama, lora=LoraSettings(dropout=0.0), gradient_checkpointing=False)
     module.configure_model()
     module.load_state_dict(record["initial"], strict=False)
-    summary, _ = evaluate(MMEB(mmeb, max_queries=4), embedder(module.encoder.eval()), batch_size=3)
+    summary, _ = evaluate(MMEB(mmeb, max_queries=4), module.encoder.eval().embed, batch_size=3)
     scores = {key.removeprefix("eval/mmeb/"): value for key, value in record["eval"].items()}
     assert len(summary.scalars) > 10
     for key, value in summary.scalars.items():

@@ -6,7 +6,7 @@ from typing import Any
 import torch
 from transformers import AutoConfig
 
-from mme5.backbones.base import IMAGE_PLACEHOLDER, BackboneAdapter, Item
+from mme5.backbones.base import IMAGE_INSTRUCTION, IMAGE_PLACEHOLDER, BackboneAdapter, Chunk, Item
 from mme5.backbones.llava import LlavaAdapter
 from mme5.backbones.mllama import MllamaAdapter
 from mme5.backbones.qwen2_vl import Qwen2VLAdapter
@@ -58,8 +58,10 @@ def load_processing(path_or_id: str | Path, max_length: int = 256) -> BackboneAd
 __all__ = [
     "ADAPTERS",
     "DTYPES",
+    "IMAGE_INSTRUCTION",
     "IMAGE_PLACEHOLDER",
     "BackboneAdapter",
+    "Chunk",
     "Item",
     "adapter_for_model_type",
     "load_backbone",

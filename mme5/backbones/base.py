@@ -2,11 +2,17 @@
 
 A family adapter only declares its tokens (`image_prompt`, `text_prefix`) and overrides what its model does
 differently; nothing outside `mme5.backbones` knows a family's image token or prompt format.
+
+Batches are `Chunk`s. Under a sharded model (FSDP) every rank must run the same modules the same number of
+times, since each module's forward and backward are collectives: `collate_chunks(..., lockstep=True)` makes
+chunks uniform across ranks. A missing item becomes a placeholder row, and a chunk without any image gets a
+placeholder image row (so the vision tower runs in every chunk); `Chunk.keep` flags the real rows, and the
+encoder drops the others' embeddings.
 """
 
 import re
 from abc import ABC
-from collections.abc import Sequence
+from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, ClassVar
@@ -17,16 +23,79 @@ from torch import Tensor
 from transformers import AutoConfig, AutoModelForImageTextToText, AutoProcessor, BatchFeature, PreTrainedModel
 
 IMAGE_PLACEHOLDER = "<|image_1|>"  # the public data's (Phi-3-style) image token
+# The published data's instruction of a bare image (MMEB targets, XTD candidates, synthetic image sides).
+IMAGE_INSTRUCTION = "Represent the given image."
 _PLACEHOLDER_RE = re.compile(re.escape(IMAGE_PLACEHOLDER) + r"\s*")
 
 
 @dataclass(frozen=True)
 class Item:
-    """One thing to embed: an instruction plus optional text and optional RGB image."""
+    """One thing to embed: an instruction plus optional text and optional image.
+
+    Adapters take RGB PIL images; `Encoder.embed` also takes encoded bytes or a file path (decoded there,
+    one batch at a time).
+    """
 
     instruction: str = ""
     text: str | None = None
-    image: PIL.Image.Image | None = None
+    image: PIL.Image.Image | bytes | str | Path | None = None
+
+
+@dataclass
+class Chunk:
+    """One processor batch; under lockstep, `keep` (n,) bool flags the rows that are real items."""
+
+    inputs: dict[str, Tensor]
+    keep: Tensor | None = None
+
+
+# Lockstep padding rows: a one-word row stands for a missing item (not an empty one: a row without tokens
+# breaks e.g. Qwen2-VL's rope index); a blank image row makes a chunk run the vision path. Their embeddings
+# are dropped (`keep` False), so they only cost compute.
+PADDING_ROW = Item(text="none")
+PADDING_IMAGE_ROW = Item(text="none", image=PIL.Image.new("RGB", (32, 32)))
+
+Collate = Callable[[Sequence[Item]], Mapping[str, Tensor]]
+
+
+def lockstep_chunk(items: Sequence[Item | None], collate: Collate) -> Chunk:
+    """One chunk that runs the vision path too: None items become placeholder rows, `keep` False.
+
+    The image placeholder is appended when no item has an image, also when there are no items: a rank
+    with nothing left to embed still takes part in a sharded model's collectives.
+    """
+    keep = [item is not None for item in items]
+    rows = [item if item is not None else PADDING_ROW for item in items]
+    if all(item.image is None for item in rows):
+        rows, keep = [*rows, PADDING_IMAGE_ROW], [*keep, False]
+    return Chunk(dict(collate(rows)), torch.tensor(keep, dtype=torch.bool))
+
+
+def collate_chunks(items: Sequence[Item | None], size: int | None, collate: Collate,
+                   lockstep: bool = False) -> list[Chunk]:
+    """Chunks of `size` item slots (None: one chunk); no chunk when there are no slots.
+
+    A None slot is a missing item: left out of plain chunks, a placeholder row of a lockstep chunk, so
+    that lockstep chunk counts depend on the number of slots only (ranks agree).
+    """
+    if not lockstep:
+        items = [item for item in items if item is not None]
+    size = size or max(len(items), 1)
+    slices = [items[s : s + size] for s in range(0, len(items), size)]
+    return [lockstep_chunk(part, collate) if lockstep else Chunk(dict(collate(part))) for part in slices]
+
+
+def length_order(items: Sequence[Any]) -> list[int]:
+    """Indices of `items` longest first: image items together, then by characters of instruction + text.
+
+    Batches of similar length pad less, and the longest come first so that running out of memory shows
+    early. Works on anything with `instruction`, `text` and `image` attributes.
+    """
+    def key(i: int) -> tuple[bool, int]:
+        item = items[i]
+        return item.image is not None, len(item.instruction) + len(item.text or "")
+
+    return sorted(range(len(items)), key=key, reverse=True)
 
 
 def canonical_body(item: Item) -> str:
@@ -148,6 +217,11 @@ class BackboneAdapter(ABC):
             add_special_tokens=self.add_special_tokens,
             return_tensors="pt",
         )
+
+    def chunks(self, items: Sequence[Item | None], size: int | None = None,
+               lockstep: bool = False) -> list[Chunk]:
+        """`collate_chunks` with this adapter's processor (None items: missing slots)."""
+        return collate_chunks(items, size, self.collate, lockstep)
 
     @staticmethod
     def inner_model(model: Any) -> Any:

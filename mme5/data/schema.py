@@ -8,12 +8,13 @@ backbone adapter can format it its own way. Images travel as the encoded bytes t
 
 from __future__ import annotations
 
-import io
 from dataclasses import dataclass, field
 from enum import StrEnum
 from typing import Any
 
 from PIL import Image
+
+from mme5.images import load_rgb
 
 
 class SchemaError(ValueError):
@@ -79,7 +80,7 @@ class Side:
         if self.image is None:
             return None
         if self._decoded is None:
-            self._decoded = decode_image(self.image)
+            self._decoded = load_rgb(self.image)
         return self._decoded
 
 
@@ -131,13 +132,6 @@ class Sample:
             "language": self.language,
             "source": self.source,
         }
-
-
-def decode_image(data: bytes) -> Image.Image:
-    """Decode encoded image bytes fully (truncated files fail here, not in the collator)."""
-    with Image.open(io.BytesIO(data)) as image:
-        image.load()
-        return image.convert("RGB")
 
 
 def image_extension(data: bytes) -> str:

@@ -19,10 +19,13 @@ from pathlib import Path
 import torch
 import torch.distributed as dist
 
-from mme5.eval.encode import EmbeddingCache, world
-from mme5.eval.loading import DTYPES, embedder, load_encoder
+from mme5.backbones import DTYPES
+from mme5.checkpoint import load_encoder
+from mme5.distributed import rank_and_world
+from mme5.eval.encode import EmbeddingCache
 from mme5.eval.mmeb import MMEB
-from mme5.eval.run import Benchmark, evaluate, write_outputs
+from mme5.eval.report import write_outputs
+from mme5.eval.run import Benchmark, evaluate
 from mme5.eval.xtd import IMAGE_INSTRUCTION, TEXT_INSTRUCTION, XTD
 
 HEADLINE = ("Overall", "mean_r10", "mean_all_r10")  # printed at the end of a run
@@ -97,9 +100,9 @@ def main(argv: list[str] | None = None) -> None:
     summaries, results = {}, {}
     for benchmark in chosen:
         summaries[benchmark.name], results[benchmark.name] = evaluate(
-            benchmark, embedder(loaded.encoder), batch_size=args.batch_size, cache=cache, top_k=args.top_k,
+            benchmark, loaded.encoder.embed, batch_size=args.batch_size, cache=cache, top_k=args.top_k,
             progress=True)
-    if world()[0] == 0:
+    if rank_and_world()[0] == 0:
         write_outputs(args.out, loaded.description | {"fingerprint": loaded.fingerprint}, summaries, results)
         for name, summary in summaries.items():
             headline = [f"{k} {summary.scalars[k]:.1f}" for k in HEADLINE if k in summary.scalars]

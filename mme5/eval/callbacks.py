@@ -9,9 +9,9 @@
 
 Same code as the command (`mme5.eval.run.evaluate`), on the first `max_queries` queries of each data set,
 without the disk cache (the weights change between runs). Under DDP and FSDP every rank encodes a share of
-the items and gets all embeddings back (in lockstep under FSDP); rank 0 logs. Tags: `eval/mmeb/<Subset>`,
-`eval/mmeb/<Aggregate>`, `eval/xtd/<lang>_r10`, `eval/xtd/mean_r10`, ... (see the benchmarks'
-`summarize`), at the global step.
+the items and gets all embeddings back (`Encoder.embed` runs lockstep batches under FSDP); rank 0 logs.
+Tags: `eval/mmeb/<Subset>`, `eval/mmeb/<Aggregate>`, `eval/xtd/<lang>_r10`, `eval/xtd/mean_r10`, ... (see
+the benchmarks' `summarize`), at the global step.
 """
 
 from __future__ import annotations
@@ -24,12 +24,10 @@ from typing import Any
 import lightning as L
 from lightning.pytorch.utilities import rank_zero_info
 
-from mme5.eval.loading import embedder
 from mme5.eval.mmeb import MMEB
 from mme5.eval.retrieval import RetrievalSet
 from mme5.eval.run import Benchmark, evaluate
 from mme5.eval.xtd import IMAGE_INSTRUCTION, TEXT_INSTRUCTION, XTD
-from mme5.sharding import is_sharded_module
 
 
 class BenchmarkCallback(L.Callback, ABC):
@@ -79,9 +77,8 @@ class BenchmarkCallback(L.Callback, ABC):
         encoder.eval()
         try:
             with trainer.precision_plugin.forward_context():
-                summary, _ = evaluate(self._benchmark, embedder(encoder), sets=self._sets,
-                                      batch_size=self.batch_size, progress=self.progress,
-                                      lockstep=is_sharded_module(encoder))
+                summary, _ = evaluate(self._benchmark, encoder.embed, sets=self._sets,
+                                      batch_size=self.batch_size, progress=self.progress)
         finally:
             encoder.train(was_training)
         name = self._benchmark.name

@@ -10,7 +10,6 @@ from __future__ import annotations
 
 import hashlib
 import json
-import os
 import time
 import warnings
 from collections.abc import Callable, Iterator, Sequence
@@ -22,9 +21,11 @@ import torch.distributed as dist
 from torch import Tensor
 from tqdm import tqdm
 
-from mme5.backbones.base import Item
+from mme5.backbones.base import Item, length_order
+from mme5.distributed import rank_and_world
 from mme5.eval.images import load_image
 from mme5.eval.retrieval import ItemSpec
+from mme5.files import save_torch
 
 Embed = Callable[[list[Item]], Tensor]
 
@@ -34,13 +35,6 @@ def item_key(item: ItemSpec) -> str:
     image = item.image
     fields = [item.instruction, item.text, image and [image.archive, image.path, image.size]]
     return hashlib.sha1(json.dumps(fields, ensure_ascii=False).encode("utf-8")).hexdigest()
-
-
-def world() -> tuple[int, int]:
-    """(rank, world size) of the default process group, (0, 1) without one."""
-    if dist.is_available() and dist.is_initialized():
-        return dist.get_rank(), dist.get_world_size()
-    return 0, 1
 
 
 class EmbeddingCache:
@@ -73,15 +67,8 @@ class EmbeddingCache:
     def write(self, namespace: str, keys: list[str], embeddings: Tensor, rank: int = 0) -> None:
         folder = self._dir(namespace)
         folder.mkdir(parents=True, exist_ok=True)
-        name = f"part-{time.time_ns()}-r{rank}"
-        tmp = folder / f".{name}.tmp"
-        torch.save({"keys": keys, "embeddings": embeddings.float().cpu().contiguous()}, tmp)
-        os.replace(tmp, folder / f"{name}.pt")
-
-
-def _length(item: ItemSpec) -> tuple[bool, int]:
-    """Sort key: image items together, then by characters of text (a proxy for tokens)."""
-    return item.image is not None, len(item.instruction) + len(item.text or "")
+        save_torch(folder / f"part-{time.time_ns()}-r{rank}.pt",
+                   {"keys": keys, "embeddings": embeddings.float().cpu().contiguous()})
 
 
 def _loaded(batches: list[list[ItemSpec]], workers: int) -> Iterator[list[Item]]:
@@ -101,7 +88,7 @@ def _loaded(batches: list[list[ItemSpec]], workers: int) -> Iterator[list[Item]]
 
 def _agreed_missing(missing: list[int]) -> list[int]:
     """Items missing on ANY rank (caches may differ between nodes): every rank must split the same list."""
-    everyone: list[list[int]] = [[] for _ in range(world()[1])]
+    everyone: list[list[int]] = [[] for _ in range(rank_and_world()[1])]
     dist.all_gather_object(everyone, missing)
     return sorted(set().union(*everyone))
 
@@ -109,21 +96,21 @@ def _agreed_missing(missing: list[int]) -> list[int]:
 @torch.no_grad()
 def encode(items: Sequence[ItemSpec], embed: Embed, *, batch_size: int = 16,
            cache: EmbeddingCache | None = None, namespace: str = "", flush_every: int = 1024,
-           workers: int = 4, progress: bool = False, desc: str = "encode", lockstep: bool = False) -> Tensor:
+           workers: int = 4, progress: bool = False, desc: str = "encode") -> Tensor:
     """Embeddings (n, D) float32 on CPU of `items`, row i for item i; embed is called once per batch.
 
     Items must be distinct (a `SetBuilder` interns them). Every rank of an initialised process group
-    must call this with the same items; each returns all n rows. `lockstep`: every rank calls `embed`
-    equally often, a rank without a batch left calling `embed([])` (for a sharded model, whose every
-    forward is a collective: see `mme5.eval.loading.embedder`).
+    must call this with the same items; each returns all n rows. Every rank calls `embed` equally often, a
+    rank without a batch left calling `embed([])`: a sharded model's every forward is a collective (see
+    `Encoder.embed`).
     """
-    rank, size = world()
+    rank, size = rank_and_world()
     keys = [item_key(item) for item in items] if cache is not None else []
     known = cache.lookup(namespace, keys) if cache is not None else {}
     missing = [i for i in range(len(items)) if not keys or keys[i] not in known]
     if size > 1 and cache is not None:
         missing = _agreed_missing(missing)
-    order = sorted(missing, key=lambda i: _length(items[i]), reverse=True)  # longest first: OOM shows early
+    order = [missing[i] for i in length_order([items[i] for i in missing])]  # longest first: OOM shows early
     batches = [order[s : s + batch_size] for s in range(0, len(order), batch_size)]
     mine = batches[rank::size]  # interleaved, so every rank gets long and short batches alike
 
@@ -150,9 +137,8 @@ def encode(items: Sequence[ItemSpec], embed: Embed, *, batch_size: int = 16,
             bar.update(len(rows))
             if sum(len(r) for r, _ in unsaved) >= flush_every:
                 save()
-        if lockstep:
-            for _ in range(len(batches[0::size]) - len(mine)):  # as many rounds as rank 0, which has most
-                embed([])
+        for _ in range(len(batches[0::size]) - len(mine)):  # as many rounds as rank 0, which has most
+            embed([])
     finally:
         bar.close()
         save()  # keep what was computed, even when interrupted

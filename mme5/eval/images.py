@@ -9,13 +9,14 @@ a replaced file is re-encoded).
 
 from __future__ import annotations
 
-import io
 import zipfile
 from dataclasses import dataclass
 from functools import lru_cache
 from pathlib import Path
 
 from PIL import Image
+
+from mme5.images import load_rgb
 
 
 class MissingImageError(FileNotFoundError):
@@ -41,11 +42,8 @@ def _zip(path: str) -> tuple[zipfile.ZipFile, dict[str, zipfile.ZipInfo]]:
 def load_image(ref: ImageRef) -> Image.Image:
     """The image decoded to RGB."""
     if ref.archive is None:
-        data = Path(ref.path).read_bytes()
-    else:
-        data = _zip(ref.archive)[0].read(ref.path)
-    with Image.open(io.BytesIO(data)) as image:
-        return image.convert("RGB")
+        return load_rgb(ref.path)
+    return load_rgb(_zip(ref.archive)[0].read(ref.path), where=f"{ref.archive}!{ref.path}")
 
 
 class ImageStore:

@@ -1,13 +1,25 @@
-"""Markdown tables of a run, laid out like the MMEB leaderboard (and an XTD table by language)."""
+"""What an evaluation run leaves on disk, with Markdown tables laid out like the MMEB leaderboard (and an
+XTD table by language):
+    <out>/scores.json                      {"model": ..., "<benchmark>": scores, "scalars": {...}}
+    <out>/results.md                       leaderboard-style Markdown tables
+    <out>/predictions/<benchmark>/<ranking>.jsonl
+                                           one line a query: query index, gold rank, top-k candidate
+                                           indices (positions in the query's candidate list) and scores
+"""
 
 from __future__ import annotations
 
-from typing import TYPE_CHECKING, Any
+import json
+from collections.abc import Iterable
+from pathlib import Path
+from typing import Any
+
+import torch
 
 from mme5.eval.registry import META_TASKS, SPLITS
-
-if TYPE_CHECKING:
-    from mme5.eval.run import Summary
+from mme5.eval.retrieval import Ranked
+from mme5.eval.run import Summary
+from mme5.files import atomic_write, write_json
 
 HEADLINE = (*META_TASKS, *SPLITS, "Overall")
 XTD_ROWS = (("t2i", "text→image"), ("i2t", "image→text"))
@@ -63,3 +75,27 @@ def markdown(model: dict[str, Any], summaries: dict[str, Summary]) -> str:
     if "xtd" in summaries:
         lines += [*xtd_tables(summaries["xtd"].scores), ""]
     return "\n".join(lines)
+
+
+def prediction_lines(ranked: Ranked) -> Iterable[str]:
+    """JSONL of one ranking; padding columns (-inf) of short candidate lists are left out."""
+    for query, (gold_rank, top, scores) in enumerate(zip(ranked.ranks, ranked.top, ranked.top_scores,
+                                                         strict=True)):
+        keep = torch.isfinite(scores)
+        yield json.dumps({"query": query, "gold_rank": int(gold_rank), "top": top[keep].tolist(),
+                          "scores": [round(s, 6) for s in scores[keep].tolist()]}) + "\n"
+
+
+def write_outputs(out: str | Path, model: dict[str, Any], summaries: dict[str, Summary],
+                  results: dict[str, dict[str, Ranked]]) -> None:
+    """scores.json, results.md and the predictions of every benchmark run (see the module docstring)."""
+    out = Path(out)
+    payload = {"model": model} | {name: s.scores for name, s in summaries.items()}
+    payload["scalars"] = {f"{name}/{k}": v for name, s in summaries.items() for k, v in s.scalars.items()}
+    write_json(out / "scores.json", payload)
+    with atomic_write(out / "results.md") as file:
+        file.write(markdown(model, summaries))
+    for name, rankings in results.items():
+        for key, ranked in rankings.items():
+            with atomic_write(out / "predictions" / name / f"{key}.jsonl") as file:
+                file.writelines(prediction_lines(ranked))

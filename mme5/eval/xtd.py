@@ -22,15 +22,15 @@ from pathlib import Path
 
 import torch
 
+from mme5.backbones.base import IMAGE_INSTRUCTION
 from mme5.eval.images import ImageStore
 from mme5.eval.metrics import metrics_from_ranks
-from mme5.eval.mmeb import add_rows, parquet_files
 from mme5.eval.retrieval import Ranked, RetrievalSet, SetBuilder
+from mme5.eval.rows import add_rows, parquet_files
 from mme5.eval.run import Summary
 
 PAPER_LANGUAGES = ("es", "it", "ko", "pl", "ru", "tr", "zh")  # mmE5's XTD protocol
 TEXT_INSTRUCTION = "Find me an everyday image that matches the given caption:"
-IMAGE_INSTRUCTION = "Represent the given image."
 IMAGE_NAMES = "test_image_names.txt"
 CAPTIONS = "test_1kcaptions_"
 IMAGE_PREFIXES = ("", "images/", "train2014/", "val2014/")

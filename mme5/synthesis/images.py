@@ -10,7 +10,6 @@ pool's file list and the embedder's name, so a restarted or sharded run never em
 from __future__ import annotations
 
 import hashlib
-import io
 import json
 import os
 import random
@@ -22,12 +21,12 @@ from pathlib import Path
 import torch
 from torch import Tensor
 
+from mme5.backbones.base import IMAGE_INSTRUCTION, Item
 from mme5.data.schema import Modality
 from mme5.synthesis.plan import PlannedSample
 from mme5.synthesis.prompting import image_roles
 
 IMAGE_SUFFIXES = frozenset({".jpg", ".jpeg", ".png", ".webp", ".gif", ".bmp"})
-IMAGE_INSTRUCTION = "Represent the given image."
 
 Embed = Callable[[list[bytes]], Tensor]
 """Encoded images in, L2-normalised embeddings (n, D) out."""
@@ -194,25 +193,17 @@ def select_images(planned: PlannedSample, pool: ImagePool, index: NeighbourIndex
     return {role: chosen[role] for role in roles}
 
 
-def encoder_embedder(model_dir: str | os.PathLike, device: str | None = None) -> tuple[Embed, str]:
-    """The project's encoder on a model folder as an image embedder; returns (embed, cache name)."""
-    from PIL import Image
+def encoder_embedder(model: str | os.PathLike, device: str | None = None) -> tuple[Embed, str]:
+    """A model the project loads (backbone or exported folder, `.ckpt`) as an image embedder; returns
+    (embed, cache name). The cache name carries the model's fingerprint, so another model re-embeds."""
+    from mme5.checkpoint import load_encoder
 
-    from mme5.backbones import Item, load_backbone
-    from mme5.encoder import Encoder
+    loaded = load_encoder(model, device or "cpu")
 
-    encoder = Encoder(load_backbone(model_dir)).eval()
-    if device is not None:
-        encoder.to(device)
-
-    @torch.no_grad()
     def embed(images: list[bytes]) -> Tensor:
-        items = [Item(instruction=IMAGE_INSTRUCTION, image=Image.open(io.BytesIO(b)).convert("RGB"))
-                 for b in images]
-        batch = encoder.adapter.collate(items).to(encoder.device)
-        return encoder(batch)
+        return loaded.encoder.embed([Item(IMAGE_INSTRUCTION, image=data) for data in images])
 
-    return embed, f"encoder:{Path(model_dir).resolve()}"
+    return embed, f"encoder:{Path(model).resolve()}:{loaded.fingerprint}"
 
 
 def _band(band: Sequence[int], name: str) -> tuple[int, int]:

@@ -21,7 +21,7 @@ from lightning.pytorch.callbacks import ModelCheckpoint
 from lightning.pytorch.strategies import DDPStrategy, ModelParallelStrategy
 from torch.distributed.algorithms.ddp_comm_hooks.default_hooks import allreduce_hook
 
-import mme5.module
+import mme5.distributed
 from mme5.data.datamodule import ShardDataModule
 from mme5.encoder import LoraSettings
 from mme5.eval.callbacks import MMEBEval
@@ -46,8 +46,8 @@ def counting_reduce_scatter(*args, **kwargs):
     return reduce_scatter(*args, **kwargs)
 
 
-average_gradients = mme5.module.average_gradients
-mme5.module.average_gradients = counting_average
+average_gradients = mme5.distributed.average_gradients
+mme5.distributed.average_gradients = counting_average
 # FSDP2's collective (one call per FSDP unit whose gradients it reduces); its name varies with torch versions.
 REDUCE_SCATTER = next(n for n in ("reduce_scatter_single", "reduce_scatter_tensor") if hasattr(dist, n))
 reduce_scatter = getattr(dist, REDUCE_SCATTER)

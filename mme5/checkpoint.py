@@ -1,0 +1,208 @@
+"""The trained encoder on disk: the checkpoint and export formats, what writes them and every loader.
+
+Formats:
+- A Lightning checkpoint of `EmbeddingModule` (`.ckpt`): `hyper_parameters` (backbone, lora, dtype, ...),
+  `datamodule_hyper_parameters` (max_length), `state_dict` (`encoder.*`; only the adapters' weights when
+  `adapter_only`, the backbone then being reloaded from `backbone`), `adapter_keys` (their names),
+  `rng_states` (every rank's generators, for an exact resume).
+- An exported folder (`python -m mme5.export`): a transformers model folder with merged adapters plus
+  `mme5_embedding.json` (pooling, normalisation, max_length, instructions, source).
+- A plain backbone folder (zero-shot: last-token pooling, no adapters).
+
+`load_encoder` reads all three and returns the encoder with what it was loaded from.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+from collections.abc import Iterable, Mapping
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import torch
+from torch import nn
+
+from mme5.backbones import DTYPES, load_backbone
+from mme5.encoder import Encoder, LoraSettings
+from mme5.files import write_json
+
+ADAPTER_ONLY = "adapter_only"  # the state dict holds the trainable (adapter) weights only
+ADAPTER_KEYS = "adapter_keys"  # their names, for checks after a strategy popped the state dict
+RNG_STATES = "rng_states"  # one {"torch", "cuda"} per rank
+EXPORT_CONFIG = "mme5_embedding.json"  # marks an exported folder
+EXPORT_FORMAT_VERSION = 1
+DEFAULT_MAX_LENGTH = 256
+
+
+# ----------------------------------------------------------------------------- writing (training)
+
+
+def drop_frozen_weights(module: nn.Module, state_dict: dict[str, Any], prefix: str, metadata: Any) -> None:
+    """State-dict post hook of a LoRA/DoRA run: keep the trainable weights, drop the frozen backbone's.
+
+    The backbone is reloaded from `backbone`, so an 11B run's checkpoints hold megabytes, not 22 GB, and can
+    be written often. Dropping the frozen weights here, not from the finished checkpoint, also spares FSDP
+    gathering them to rank 0 first.
+    """
+    trainable = {prefix + name for name, p in module.named_parameters() if p.requires_grad}
+    for key in [k for k in state_dict if k.startswith(prefix) and k not in trainable]:
+        del state_dict[key]
+
+
+def add_training_state(checkpoint: dict[str, Any], rng_states: list[Any], adapter_names: Iterable[str] | None
+                       ) -> None:
+    """Record every rank's random state and, for an adapter-only run, the adapters' names."""
+    checkpoint[RNG_STATES] = rng_states
+    if adapter_names is not None:
+        checkpoint[ADAPTER_ONLY] = True  # see `drop_frozen_weights`
+        # Their names too: ModelParallelStrategy loads (and pops) the state dict before the module's
+        # `on_load_checkpoint` sees it, so the check there needs them.
+        checkpoint[ADAPTER_KEYS] = sorted(adapter_names)
+
+
+def check_adapters(checkpoint: dict[str, Any], trainable: set[str]) -> None:
+    """Refuse an adapter-only checkpoint whose adapters are not this model's (loading is non-strict)."""
+    if not checkpoint.get(ADAPTER_ONLY):
+        return
+    saved = set(checkpoint.get("state_dict") or checkpoint[ADAPTER_KEYS])
+    if saved != trainable:
+        missing, unexpected = sorted(trainable - saved)[:5], sorted(saved - trainable)[:5]
+        raise ValueError(f"adapter-only checkpoint does not match this model's adapters: missing "
+                         f"{missing}, unexpected {unexpected}")
+
+
+def rng_state_of_rank(checkpoint: dict[str, Any], rank: int, world: int) -> dict[str, Any] | None:
+    """This rank's saved random state; rank 0's when the checkpoint comes from another world size."""
+    states = checkpoint.get(RNG_STATES)
+    if not states:
+        return None
+    return states[rank] if len(states) == world else states[0]
+
+
+# ----------------------------------------------------------------------------- writing (export)
+
+
+def write_export_config(folder: Path, encoder: Encoder, dtype: torch.dtype, instructions: dict[str, str],
+                        source: dict[str, Any]) -> None:
+    """`mme5_embedding.json` of an exported folder: how to pool, normalise and prompt, and where from."""
+    write_json(folder / EXPORT_CONFIG, {
+        "format_version": EXPORT_FORMAT_VERSION,
+        "pooling": "last_token",
+        "normalize": encoder.normalize,
+        "family": encoder.adapter.family,
+        "max_length": encoder.adapter.max_length,
+        "dtype": str(dtype).removeprefix("torch."),
+        "instructions": instructions,
+        "source": source,
+    })
+
+
+def read_export_config(folder: Path) -> dict[str, Any]:
+    """An exported folder's settings, refused when they ask for what `Encoder` does not do."""
+    settings = json.loads((folder / EXPORT_CONFIG).read_text())
+    if settings.get("pooling", "last_token") != "last_token":
+        raise ValueError(f"{folder / EXPORT_CONFIG}: pooling {settings['pooling']!r} is not supported")
+    return settings
+
+
+# ----------------------------------------------------------------------------- loading
+
+
+@dataclass
+class LoadedModel:
+    """An encoder in eval mode and what it was loaded from."""
+
+    encoder: Encoder
+    fingerprint: str  # names the model in the embedding cache
+    description: dict[str, Any]  # what was loaded, for scores.json
+    # A .ckpt's hyper-parameters and step, an exported folder's config; empty for a backbone folder.
+    recipe: dict[str, Any] = field(default_factory=dict)
+
+
+def load_encoder(path: str | Path, device: str = "cpu", dtype: str | None = None,
+                 max_length: int | None = None, backbone: str | None = None) -> LoadedModel:
+    """The encoder of a checkpoint, exported folder or backbone folder, in eval mode on `device`.
+
+    dtype: weights' dtype ("float32", "bfloat16", "float16"; None: the checkpoint's own).
+    max_length: text tokens per item (None: the exported folder's or the training's, else 256).
+    backbone: folder to rebuild a `.ckpt`'s encoder from, when its recorded one has moved.
+    """
+    path = Path(path)
+    if path.is_file() and path.suffix == ".ckpt":
+        kind, files = "lightning-checkpoint", [path]
+        encoder, recipe = _from_checkpoint(path, dtype, max_length, backbone)
+    elif path.is_dir() and (path / "config.json").is_file():
+        exported = (path / EXPORT_CONFIG).is_file()
+        recipe = read_export_config(path) if exported else {}
+        model = load_backbone(path, DTYPES[dtype] if dtype else None,
+                              max_length=max_length or recipe.get("max_length") or DEFAULT_MAX_LENGTH)
+        kind = "exported" if exported else "backbone"
+        encoder = Encoder(model, normalize=recipe.get("normalize", True))
+        files = [f for f in path.iterdir() if f.is_file()]
+    else:
+        raise ValueError(f"{path}: expected a Lightning checkpoint (.ckpt), or an exported or backbone "
+                         "folder with config.json")
+    encoder.to(device).eval()
+    settings = {"dtype": dtype, "max_length": encoder.adapter.max_length, "kind": kind}
+    description = {"name": path.name, "path": str(path.resolve()), **settings,
+                   "family": encoder.adapter.family, "adapters": encoder.has_adapters}
+    return LoadedModel(encoder, fingerprint(files, **settings), description, recipe)
+
+
+def fingerprint(files: list[Path], **settings: Any) -> str:
+    """Identity of a model for the cache: its files' names, sizes and modification times, plus settings
+    that change embeddings (dtype, max_length). Cheap: no weights are hashed."""
+    stats = [[str(f.resolve()), f.stat().st_size, f.stat().st_mtime_ns] for f in sorted(files)]
+    payload = json.dumps({"files": stats, "settings": settings}, sort_keys=True, default=str)
+    return hashlib.sha1(payload.encode()).hexdigest()[:16]
+
+
+def _from_checkpoint(path: Path, dtype: str | None, max_length: int | None, backbone: str | None
+                     ) -> tuple[Encoder, dict[str, Any]]:
+    """An EmbeddingModule checkpoint's encoder and its recipe (everything in it but weights and states)."""
+    # Unpickling: our own checkpoints hold dataclasses in their hyper-parameters; load trusted files only.
+    checkpoint = torch.load(path, map_location="cpu", weights_only=False)
+    hparams = checkpoint.get("hyper_parameters") or {}
+    if "backbone" not in hparams or "state_dict" not in checkpoint:
+        raise ValueError(f"{path}: not an EmbeddingModule checkpoint (expected hyper_parameters.backbone and "
+                         f"a state_dict; found keys {sorted(checkpoint)})")
+    source = backbone or _recorded_backbone(path, hparams["backbone"])
+    dtype = dtype or hparams.get("dtype")
+    trained = (checkpoint.get("datamodule_hyper_parameters") or {}).get("max_length")
+    encoder = Encoder(load_backbone(source, DTYPES[dtype] if dtype else None,
+                                    max_length=max_length or trained or DEFAULT_MAX_LENGTH),
+                      _lora(hparams.get("lora")))
+    weights = {k.removeprefix("encoder."): v for k, v in checkpoint["state_dict"].items()
+               if k.startswith("encoder.")}
+    # An adapter-only checkpoint holds the trained adapters; the rest comes from the backbone just loaded.
+    result = encoder.load_state_dict(weights, strict=not checkpoint.get(ADAPTER_ONLY, False))
+    if result.unexpected_keys:
+        raise ValueError(f"{path}: weights that this encoder does not have: {result.unexpected_keys[:5]}")
+    recipe = {key: checkpoint.get(key) for key in ("hyper_parameters", "datamodule_hyper_parameters",
+                                                   "global_step", "epoch")}
+    return encoder, recipe
+
+
+def _lora(value: Any) -> LoraSettings | None:
+    """The checkpoint's `lora` hyper-parameter (a dataclass, a dict or a jsonargparse Namespace)."""
+    if value is None or isinstance(value, LoraSettings):
+        return value
+    return LoraSettings(**(dict(value) if isinstance(value, Mapping) else vars(value)))
+
+
+def _recorded_backbone(checkpoint: Path, recorded: str) -> str:
+    """The backbone a checkpoint was trained from: a hub id as is; a relative folder is looked up from the
+    working directory, then from the checkpoint's parent folders (a run directory moved as a whole)."""
+    candidate = Path(recorded)
+    if candidate.exists():
+        return recorded
+    if not candidate.is_absolute():
+        for parent in checkpoint.resolve().parents:
+            if (parent / candidate / "config.json").is_file():
+                return str(parent / candidate)
+    if candidate.is_absolute() or len(candidate.parts) != 2 or recorded.startswith("."):
+        raise FileNotFoundError(f"{checkpoint} was trained from backbone {recorded}, which does not exist "
+                                "here; pass its folder with --backbone")
+    return recorded  # "namespace/name": a hub id

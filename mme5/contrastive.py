@@ -1,0 +1,51 @@
+"""The contrastive training step: groups of chunks → embeddings → negatives in their slots → InfoNCE →
+backward, through the gradient cache or in one plain pass. The LightningModule, the benchmarks and the
+tests all take this one path."""
+
+from __future__ import annotations
+
+from collections.abc import Callable, Sequence
+from typing import Any
+
+import torch
+from torch import Tensor
+
+from mme5.gradcache import GradCache
+from mme5.losses import ContrastiveOutput, InfoNCE, scatter_negatives
+
+
+def contrastive_step(
+    encode: Callable[[Any], Tensor],
+    query: Sequence[Any],
+    positive: Sequence[Any],
+    negatives: Sequence[Any],
+    negative_mask: Tensor,
+    loss_fn: InfoNCE,
+    cache: GradCache | None = None,
+    backward: Callable[[Tensor], Any] = Tensor.backward,
+) -> tuple[Tensor, ContrastiveOutput]:
+    """Accumulate into `.grad` the gradient of InfoNCE over one batch; returns (detached loss, output).
+
+    query, positive, negatives: chunks that `encode` maps to (n, D) embeddings (B, B and N rows; N real
+    negatives, row-major in `negative_mask` (B, K) order). With `cache` the gradient cache encodes them
+    twice, one chunk's activations at a time (its own `backward` then applies); without it, one forward of
+    everything and one `backward`. Both give the same gradient.
+    """
+    groups = {"query": query, "positive": positive}
+    if negatives:
+        groups["negatives"] = negatives
+
+    def loss_of(embeddings: dict[str, Tensor]) -> ContrastiveOutput:
+        scattered = scatter_negatives(embeddings.get("negatives"), negative_mask)
+        mask = negative_mask.to(embeddings["query"].device) if scattered is not None else None
+        return loss_fn(embeddings["query"], embeddings["positive"], scattered, mask)
+
+    if cache is not None:
+        return cache.step(encode, groups, loss_of, loss_parameters=list(loss_fn.parameters()))
+    output = loss_of({name: _encode_all(encode, chunks) for name, chunks in groups.items()})
+    backward(output.loss)
+    return output.loss.detach(), output
+
+
+def _encode_all(encode: Callable[[Any], Tensor], chunks: Sequence[Any]) -> Tensor:
+    return torch.cat([encode(chunk) for chunk in chunks])
