@@ -93,9 +93,10 @@ def test_crash_leaves_no_partial_shard_and_resume_continues(tmp_path):
 
 def test_leftover_tmp_shard_is_discarded_on_resume(tmp_path):
     write(tmp_path, [make_sample(0)])
-    (tmp_path / "shard-000001.tar.tmp").write_bytes(b"half a tar")
+    (tmp_path / ".shard-000001.tar.k2j4f9.tmp").write_bytes(b"half a tar")
+    (tmp_path / "shard-000001.tar.tmp").write_bytes(b"half a tar, as earlier versions named it")
     ShardWriter(tmp_path, resume=True).close()
-    assert not list(tmp_path.glob("*.tmp"))
+    assert not list(tmp_path.glob("*.tmp")) and not list(tmp_path.glob(".*.tmp"))
 
 
 def corrupt_shard(tmp_path, mutate):

@@ -6,9 +6,10 @@ Record layout of one sample in a shard (all members share the key = the sample i
     <id>.pos.<ext>  positive image, if any
     <id>.neg<i>.<ext> hard-negative images, if any
 
-A shard is written to `<name>.tar.tmp` and renamed when complete, so a crash never leaves a truncated
-shard that reads as valid. The manifest (`manifest.json`) lists finished shards with their counts and a
-caller-defined resume cursor, so an interrupted conversion continues after the last finished shard.
+A shard is written under a temporary name (`mme5.files.AtomicFile`) and renamed when complete, so a crash
+never leaves a truncated shard that reads as valid. The manifest (`manifest.json`) lists finished shards
+with their counts and a caller-defined resume cursor, so an interrupted conversion continues after the last
+finished shard.
 """
 
 from __future__ import annotations
@@ -26,6 +27,7 @@ from typing import Any
 import webdataset as wds
 
 from mme5.data.schema import Sample, SchemaError, Side, image_extension
+from mme5.files import AtomicFile, remove_stale, write_json
 
 MANIFEST = "manifest.json"
 FORMAT = "mme5-shards/1"
@@ -148,7 +150,8 @@ class ShardWriter:
         self.extra = dict(extra or {})
         self.shards: list[ShardInfo] = []
         self.out_dir.mkdir(parents=True, exist_ok=True)
-        for stale in self.out_dir.glob(f"{prefix}-*.tar.tmp"):
+        remove_stale(self.out_dir)  # an interrupted shard or manifest write
+        for stale in self.out_dir.glob(f"{prefix}-*.tar.tmp"):  # the same, as written before mme5.files
             stale.unlink()
         if resume and (self.out_dir / MANIFEST).exists():
             manifest = read_manifest(self.out_dir)
@@ -206,21 +209,19 @@ class ShardWriter:
             self.close()
         elif self._tar is not None:  # keep finished shards, drop the partial one
             self._tar.close()
-            self._path.with_suffix(".tar.tmp").unlink(missing_ok=True)
+            self._file.discard()
             self._tar = None
 
     def _open_shard(self) -> None:
         self._path = self.out_dir / f"{self.prefix}-{len(self.shards):06d}.tar"
-        self._tar = tarfile.open(self._path.with_suffix(".tar.tmp"), "w", format=tarfile.USTAR_FORMAT)
+        self._file = AtomicFile(self._path, "wb")
+        self._tar = tarfile.open(fileobj=self._file.file, mode="w", format=tarfile.USTAR_FORMAT)
         self._count, self._bytes, self._counts, self._ids = 0, 0, {}, set()
 
     def _finish_shard(self) -> None:
         assert self._tar is not None
-        self._tar.close()
-        tmp = self._path.with_suffix(".tar.tmp")
-        with open(tmp, "rb+") as handle:
-            os.fsync(handle.fileno())
-        os.replace(tmp, self._path)
+        self._tar.close()  # writes the end-of-archive blocks; the file itself stays open
+        self._file.commit()
         counts = {key: dict(sorted(counter.items())) for key, counter in sorted(self._counts.items())}
         self.shards.append(ShardInfo(self._path.name, self._count, self._path.stat().st_size, self._cursor,
                                      counts))
@@ -240,7 +241,7 @@ class ShardWriter:
             "shards": [vars(info) for info in self.shards],
             "extra": self.extra,
         }
-        _write_json_atomic(self.out_dir / MANIFEST, manifest)
+        write_json(self.out_dir / MANIFEST, manifest)
         return manifest
 
 
@@ -254,12 +255,6 @@ def _add_member(tar: tarfile.TarFile, name: str, data: bytes) -> None:
     info.mode = 0o444
     info.mtime = 0
     tar.addfile(info, io.BytesIO(data))
-
-
-def _write_json_atomic(path: Path, payload: Any) -> None:
-    tmp = path.with_suffix(path.suffix + ".tmp")
-    tmp.write_text(json.dumps(payload, ensure_ascii=False, indent=2) + "\n", encoding="utf-8")
-    os.replace(tmp, path)
 
 
 def read_manifest(shard_dir: str | os.PathLike) -> dict[str, Any]:
