@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+from dataclasses import asdict
 from typing import Any
 
 import lightning as L
@@ -48,6 +49,10 @@ class ShardDataModule(L.LightningDataModule):
     ):
         super().__init__()
         self.sources = [s if isinstance(s, Source) else Source(**s) for s in sources]
+        # Into checkpoints as `datamodule_hyper_parameters` (evaluation and export read max_length there),
+        # as plain types, so that checkpoints load with torch.load(weights_only=True).
+        self.save_hyperparameters(ignore=["sources"])
+        self.hparams["sources"] = [asdict(source) for source in self.sources]
         self.backbone = backbone
         self.batch_size = batch_size
         self.num_negatives = num_negatives
