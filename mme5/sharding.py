@@ -6,7 +6,7 @@ optimiser state are sharded (over all ranks, or within each node: `sharding_mesh
 all-gathered just before it runs.
 
 Every rank must run the same units the same number of times in each step, since their all-gathers and
-reduce-scatters are collectives: the data module collates lockstep chunks for this (`mme5.data.collate`).
+reduce-scatters are collectives: lockstep chunks (`mme5.backbones.base.collate_chunks`) ensure it.
 """
 
 from __future__ import annotations
