@@ -15,12 +15,12 @@ from collections.abc import Mapping
 from dataclasses import dataclass
 from typing import Any
 
+from mme5.backbones.base import IMAGE_INSTRUCTION
 from mme5.data.schema import Modality, Sample, SchemaError, Side
 from mme5.synthesis.plan import PlannedSample
 from mme5.synthesis.prompting import response_schema
 
 SOURCE = "synthetic"
-IMAGE_TARGET_INSTRUCTION = "Represent the given image."
 """Targets holding an image get mmE5's fixed target instruction; text-only targets get none."""
 
 _FENCE = re.compile(r"```(?:json)?\s*(.*?)```", re.DOTALL | re.IGNORECASE)
@@ -98,7 +98,7 @@ def parse_answer(planned: PlannedSample, content: str, images: Mapping[str, byte
         return Side(instruction=instruction, text=revised[field] if "T" in part else None,
                     image=images.get(image_keys[field]) if "I" in part else None)
 
-    target_instruction = IMAGE_TARGET_INSTRUCTION if "I" in modality.target else ""
+    target_instruction = IMAGE_INSTRUCTION if "I" in modality.target else ""
     try:
         sample = Sample(id=planned.id, task=planned.task, modality=modality, language=planned.language,
                         source=SOURCE, query=side("query", revised["instruction"]),

@@ -14,6 +14,7 @@ import random
 from collections.abc import Callable, Iterator
 from dataclasses import dataclass
 
+from mme5.backbones.base import IMAGE_INSTRUCTION
 from mme5.data.demo import language as lang
 from mme5.data.demo.render import Painter
 from mme5.data.demo.scenes import ATTRIBUTES, COLOURS, NEW_PAIRS, SHAPES, VALUES, Scene, scenes_in, variants
@@ -36,7 +37,7 @@ EDIT_TO_CAPTION = "Given an image, find a caption describing it after the follow
 EDIT_TO_IMAGE = "Given an image, find a similar image with the following change:"
 EDIT_TO_TITLED = "Given an image, find a similar image with a title after the following change:"
 GROUND = "Select the portion of the image that isolates the object labeled as"
-IMAGE = "Represent the given image."
+IMAGE = IMAGE_INSTRUCTION
 TITLED = "Represent the given image with the following title:"
 CROP = "Represent the given cropped image of the object."
 FEWER_NEGATIVES = 0.2  # share of training samples with fewer hard negatives than the maximum
