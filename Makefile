@@ -23,7 +23,7 @@ demo: install demo-data demo-train demo-eval
 demo-data: $(DEMO)/world/world.json $(DEMO)/backbone/config.json
 
 $(DEMO)/world/world.json:
-	$(PY) -m mme5.data.demo_world --out $(DEMO)/world --seed $(SEED)
+	$(PY) -m mme5.demo --out $(DEMO)/world --seed $(SEED)
 
 $(DEMO)/backbone/config.json: $(DEMO)/world/world.json
 	$(PY) -m mme5.backbones.tiny --family mllama --preset demo --out $(DEMO)/backbone --seed $(SEED) \

@@ -18,7 +18,7 @@ from pathlib import Path
 
 from mme5.backbones.tiny import build_tiny
 from mme5.data.datamodule import ShardDataModule
-from mme5.data.demo_world import WorldConfig, build_world
+from mme5.demo.world import WorldConfig, build_world
 
 
 def samples_per_second(world: Path, backbone: Path, workers: int, args: argparse.Namespace) -> list[float]:

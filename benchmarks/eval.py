@@ -17,7 +17,7 @@ from pathlib import Path
 
 from mme5.backbones.tiny import build_tiny
 from mme5.checkpoint import load_encoder
-from mme5.data.demo_world import WorldConfig, build_world
+from mme5.demo.world import WorldConfig, build_world
 from mme5.eval.encode import encode
 from mme5.eval.mmeb import MMEB
 from mme5.eval.retrieval import RetrievalSet

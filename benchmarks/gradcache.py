@@ -36,9 +36,9 @@ from mme5.backbones import load_backbone
 from mme5.backbones.tiny import build_tiny
 from mme5.contrastive import contrastive_step
 from mme5.data.collate import ContrastiveCollator
-from mme5.data.demo_world import WorldConfig, build_world
 from mme5.data.shards import read_samples, shard_urls
 from mme5.data.stream import StreamBatch
+from mme5.demo.world import WorldConfig, build_world
 from mme5.encoder import Encoder
 from mme5.gradcache import GradCache
 from mme5.losses import InfoNCE

@@ -11,8 +11,8 @@ from tensorboard.backend.event_processing.event_accumulator import EventAccumula
 from mme5.backbones import Item
 from mme5.checkpoint import load_encoder
 from mme5.data.datamodule import ShardDataModule
-from mme5.data.demo_world import WorldConfig, build_world
 from mme5.data.stream import Source
+from mme5.demo.world import WorldConfig, build_world
 from mme5.encoder import LoraSettings
 from mme5.eval.__main__ import main
 from mme5.eval.callbacks import MMEBEval, XTDEval

@@ -162,7 +162,7 @@ def test_real_xtd10_caption_files():
 
 
 def test_demo_world_layout_reads(tmp_path):
-    from mme5.data.demo.xtd import build_xtd, write_xtd
+    from mme5.demo.xtd import build_xtd, write_xtd
 
     write_xtd(tmp_path, build_xtd(seed=0, num_images=5, image_size=16), ["en", "ko"])
     xtd = next(XTD(tmp_path).sets())

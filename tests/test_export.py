@@ -9,7 +9,7 @@ from PIL import Image
 from mme5.backbones import Item, load_backbone
 from mme5.checkpoint import EXPORT_CONFIG as CONFIG_NAME
 from mme5.checkpoint import load_encoder
-from mme5.data.demo_world import WorldConfig, build_world
+from mme5.demo.world import WorldConfig, build_world
 from mme5.encoder import Encoder, LoraSettings
 from mme5.eval.__main__ import main as evaluate
 from mme5.export import main

@@ -18,9 +18,9 @@ from mme5.checkpoint import load_encoder
 from mme5.contrastive import contrastive_step
 from mme5.data.collate import ContrastiveCollator
 from mme5.data.datamodule import ShardDataModule
-from mme5.data.demo_world import WorldConfig, build_world
 from mme5.data.shards import read_samples, shard_urls
 from mme5.data.stream import StreamBatch
+from mme5.demo.world import WorldConfig, build_world
 from mme5.encoder import LoraSettings
 from mme5.eval.mmeb import MMEB
 from mme5.eval.run import evaluate

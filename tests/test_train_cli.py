@@ -11,7 +11,7 @@ import yaml
 from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
 
 from mme5.checkpoint import load_encoder
-from mme5.data.demo_world import WorldConfig, build_world
+from mme5.demo.world import WorldConfig, build_world
 
 REPO = Path(__file__).resolve().parents[1]
 

@@ -15,9 +15,9 @@ from __future__ import annotations
 import random
 from pathlib import Path
 
-from mme5.data.demo import language as lang
-from mme5.data.demo.render import Painter
-from mme5.data.demo.scenes import Scene, scenes_in
+from mme5.demo import language as lang
+from mme5.demo.render import Painter
+from mme5.demo.scenes import Scene, scenes_in
 
 IMAGE_NAMES = "test_image_names.txt"
 IMAGE_FOLDER = "images"

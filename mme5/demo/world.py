@@ -1,16 +1,16 @@
 """The demo world: a procedural, multilingual image+text world, the project's embedded default data.
 
-    python -m mme5.data.demo_world --out data/demo --seed 0 [--train-samples N --eval-queries N ...]
+    python -m mme5.demo --out data/demo --seed 0 [--train-samples N --eval-queries N ...]
 
 writes, under --out:
     train/       training shards (mme5.data.shards): 4 tasks, 7 modality combinations, 11 languages,
                  up to --max-negatives hard negatives that each change exactly one scene attribute
-    mmeb/        an evaluation set in the MMEB-eval layout, with subsets.json (see mme5.data.demo.mmeb)
-    xtd/         multilingual text→image retrieval in the XTD10 layout (see mme5.data.demo.xtd)
+    mmeb/        an evaluation set in the MMEB-eval layout, with subsets.json (see mme5.demo.mmeb)
+    xtd/         multilingual text→image retrieval in the XTD10 layout (see mme5.demo.xtd)
     corpus.txt   every distinct text of the world, one a line (for training a tiny tokenizer)
     world.json   seed, sizes, languages and counts
 The same seed and sizes give byte-identical files. Training and evaluation scenes are disjoint for every
-seed (mme5.data.demo.scenes). `mmeb/` and `xtd/` are rewritten from scratch; `train/` is replaced.
+seed (mme5.demo.scenes). `mmeb/` and `xtd/` are rewritten from scratch; `train/` is replaced.
 The scenes are simple on purpose (big shapes, strong colours, 64 px): a ~1M-parameter model trained for a
 few minutes on CPU must beat chance clearly.
 """
@@ -26,13 +26,13 @@ from pathlib import Path
 
 from tqdm import tqdm
 
-from mme5.data.demo.language import DEFAULT_LANGUAGES, LANGUAGES
-from mme5.data.demo.mmeb import SUBSETS, build_subset, write_mmeb
-from mme5.data.demo.scenes import VALUES
-from mme5.data.demo.tasks import generate_training
-from mme5.data.demo.xtd import build_xtd, write_xtd
 from mme5.data.schema import Side
 from mme5.data.shards import ShardWriter, read_manifest
+from mme5.demo.language import DEFAULT_LANGUAGES, LANGUAGES
+from mme5.demo.mmeb import SUBSETS, build_subset, write_mmeb
+from mme5.demo.scenes import VALUES
+from mme5.demo.tasks import generate_training
+from mme5.demo.xtd import build_xtd, write_xtd
 
 FORMAT = "mme5-demo-world/1"
 
@@ -41,7 +41,7 @@ FORMAT = "mme5-demo-world/1"
 class WorldConfig:
     seed: int = 0
     train_samples: int = 10000
-    """Training samples, cycling over the (task, modality) recipes of mme5.data.demo.tasks."""
+    """Training samples, cycling over the (task, modality) recipes of mme5.demo.tasks."""
     max_negatives: int = 3
     """Hard negatives per training sample (a fifth of the samples get fewer, to exercise masking)."""
     eval_queries: int = 200
@@ -127,7 +127,7 @@ def _summary(world: dict, seconds: float) -> str:
 
 
 def main(argv: list[str] | None = None) -> None:
-    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    parser = argparse.ArgumentParser(prog="python -m mme5.demo", description=__doc__.split("\n\n")[0])
     parser.add_argument("--out", required=True, type=Path, help="output folder")
     for field in fields(WorldConfig):
         if field.name != "languages":
@@ -145,7 +145,3 @@ def main(argv: list[str] | None = None) -> None:
     start = time.perf_counter()
     world = build_world(out, config)
     print(_summary(world, time.perf_counter() - start))
-
-
-if __name__ == "__main__":
-    main()

@@ -20,10 +20,10 @@ from pathlib import Path
 import pyarrow as pa
 import pyarrow.parquet as pq
 
-from mme5.data.demo.render import Painter
-from mme5.data.demo.scenes import Scene, scenes_in, variants
-from mme5.data.demo.tasks import RECIPES, Context, draw_episode
 from mme5.data.schema import Side, Task, image_extension
+from mme5.demo.render import Painter
+from mme5.demo.scenes import Scene, scenes_in, variants
+from mme5.demo.tasks import RECIPES, Context, draw_episode
 
 IMAGE_TOKEN = "<|image_1|>\n"
 PARQUET = "test-00000-of-00001.parquet"

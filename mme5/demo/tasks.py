@@ -15,10 +15,10 @@ from collections.abc import Callable, Iterator
 from dataclasses import dataclass
 
 from mme5.backbones.base import IMAGE_INSTRUCTION
-from mme5.data.demo import language as lang
-from mme5.data.demo.render import Painter
-from mme5.data.demo.scenes import ATTRIBUTES, COLOURS, NEW_PAIRS, SHAPES, VALUES, Scene, scenes_in, variants
 from mme5.data.schema import Modality, Sample, Side, Task
+from mme5.demo import language as lang
+from mme5.demo.render import Painter
+from mme5.demo.scenes import ATTRIBUTES, COLOURS, NEW_PAIRS, SHAPES, VALUES, Scene, scenes_in, variants
 
 CLASSIFIED = ("shape", "colour", "count", "size")
 CLASSIFY = {

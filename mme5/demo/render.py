@@ -14,7 +14,7 @@ from functools import lru_cache
 
 from PIL import Image, ImageDraw
 
-from mme5.data.demo.scenes import Scene, stable_hash
+from mme5.demo.scenes import Scene, stable_hash
 
 RGB = {
     "red": (220, 30, 30),

@@ -8,15 +8,15 @@ import pyarrow as pa
 import pyarrow.parquet as pq
 import pytest
 
-from mme5.data.demo import language
-from mme5.data.demo.mmeb import IMAGE_TOKEN, META_TASKS, PARQUET, SUBSETS, build_subset
-from mme5.data.demo.render import crop, half_box, render
-from mme5.data.demo.scenes import ATTRIBUTES, SPLITS, VALUES, Scene, differing_attributes, scenes_in, split_of
-from mme5.data.demo.tasks import generate_training
-from mme5.data.demo.xtd import IMAGE_FOLDER, IMAGE_NAMES, build_xtd, caption_file
-from mme5.data.demo_world import WorldConfig, build_world, main
 from mme5.data.schema import Modality, Task
 from mme5.data.shards import read_manifest, read_samples, shard_urls
+from mme5.demo import language
+from mme5.demo.mmeb import IMAGE_TOKEN, META_TASKS, PARQUET, SUBSETS, build_subset
+from mme5.demo.render import crop, half_box, render
+from mme5.demo.scenes import ATTRIBUTES, SPLITS, VALUES, Scene, differing_attributes, scenes_in, split_of
+from mme5.demo.tasks import generate_training
+from mme5.demo.world import WorldConfig, build_world, main
+from mme5.demo.xtd import IMAGE_FOLDER, IMAGE_NAMES, build_xtd, caption_file
 
 SMALL = WorldConfig(seed=0, train_samples=80, eval_queries=6, eval_candidates=5, xtd_images=12, image_size=32)
 
@@ -35,7 +35,7 @@ def _files(root: Path) -> dict[str, bytes]:
 def test_same_seed_gives_identical_bytes_and_another_seed_differs(world, tmp_path):
     # A fresh process: no render cache shared with the fixture, and another str-hash salt.
     flags = [f"--{k.replace('_', '-')}={v}" for k, v in vars(SMALL).items() if k != "languages"]
-    subprocess.run([sys.executable, "-m", "mme5.data.demo_world", "--out", str(tmp_path / "again"), *flags],
+    subprocess.run([sys.executable, "-m", "mme5.demo", "--out", str(tmp_path / "again"), *flags],
                    check=True, capture_output=True)
     assert _files(tmp_path / "again") == _files(world)
     build_world(tmp_path / "other", WorldConfig(**{**vars(SMALL), "seed": 1}), progress=False)

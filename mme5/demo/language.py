@@ -13,7 +13,7 @@ phrase on its background. Codes follow XTD: `jp` is Japanese.
 
 from __future__ import annotations
 
-from mme5.data.demo.scenes import VALUES, Scene
+from mme5.demo.scenes import VALUES, Scene
 
 LANGUAGES: dict[str, dict] = {
     "en": {

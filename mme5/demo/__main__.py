@@ -1,0 +1,5 @@
+"""`python -m mme5.demo --out DIR --seed N`: build the demo world (see mme5.demo.world)."""
+
+from mme5.demo.world import main
+
+main()
