@@ -47,7 +47,8 @@ from test_synthesis_images import FakeEmbed, make_images  # noqa: E402
 from test_synthesis_pipeline import AnswerServer  # noqa: E402
 
 from mme5.data.shards import read_samples, shard_urls  # noqa: E402
-from mme5.synthesis.pipeline import SynthesisConfig, run  # noqa: E402
+from mme5.synthesis.config import SynthesisConfig  # noqa: E402
+from mme5.synthesis.pipeline import run  # noqa: E402
 
 KEY_ENV = "MME5_BENCH_SYNTH_KEY"
 

@@ -12,6 +12,7 @@ A crash leaves the old file (or none) plus at most a `.<name>.<random>.tmp` besi
 
 from __future__ import annotations
 
+import errno
 import json
 import os
 import tempfile
@@ -41,11 +42,13 @@ class AtomicFile:
                                        newline="\n" if text else None)
 
     def commit(self) -> Path:
-        """Flush to disk and rename over the target; returns the target."""
+        """Flush to disk and rename over the target, durably (the folder entry is synced too); returns the
+        target."""
         self.file.flush()
         os.fsync(self.file.fileno())
         self.file.close()
         os.replace(self.tmp, self.path)
+        fsync_dir(self.path.parent)
         return self.path
 
     def discard(self) -> None:
@@ -64,6 +67,19 @@ def atomic_write(path: str | os.PathLike, mode: str = "w", encoding: str = "utf-
         target.discard()
         raise
     target.commit()
+
+
+def fsync_dir(folder: str | os.PathLike) -> None:
+    """Make the renames and new names in `folder` durable (a crash after a rename can otherwise lose it).
+    Filesystems that cannot sync a folder (some network ones) are left as they are."""
+    fd = os.open(folder, os.O_RDONLY)
+    try:
+        os.fsync(fd)
+    except OSError as error:
+        if error.errno not in (errno.EINVAL, errno.ENOTSUP, errno.EBADF):
+            raise
+    finally:
+        os.close(fd)
 
 
 def write_json(path: str | os.PathLike, payload: Any, indent: int | None = 2) -> None:

@@ -16,7 +16,9 @@ from test_synthesis_images import FakeEmbed, make_images
 
 from mme5.data.shards import read_manifest, read_samples, sample_to_record, shard_urls
 from mme5.synthesis.__main__ import main as cli_main
-from mme5.synthesis.pipeline import STAGING, SynthesisConfig, commit_sample, read_staged, run
+from mme5.synthesis.config import SynthesisConfig
+from mme5.synthesis.pipeline import run
+from mme5.synthesis.workdir import STAGING, commit_sample, read_staged
 
 KEY = "sk-test-DO-NOT-LEAK-5e2b7d10"
 KEY_ENV = "MME5_TEST_SYNTH_KEY"
@@ -173,10 +175,10 @@ def test_failed_ids_are_skipped_on_resume_and_retried_on_request(tmp_path):
 
 @pytest.mark.parametrize("trouble", ["packer_error", "nothing_buffered"])
 def test_packing_during_the_run_falls_back_to_the_final_pack(tmp_path, monkeypatch, caplog, trouble):
-    import mme5.synthesis.pipeline as pipeline
+    import mme5.synthesis.workdir as workdir
 
     if trouble == "packer_error":  # the 15th shard write (in the packer thread) fails once
-        writes, original = [], pipeline.ShardWriter.write
+        writes, original = [], workdir.ShardWriter.write
 
         def flaky(self, sample, cursor=None):
             writes.append(sample.id)
@@ -184,9 +186,9 @@ def test_packing_during_the_run_falls_back_to_the_final_pack(tmp_path, monkeypat
                 raise OSError("disk hiccup")
             return original(self, sample, cursor)
 
-        monkeypatch.setattr(pipeline.ShardWriter, "write", flaky)
+        monkeypatch.setattr(workdir.ShardWriter, "write", flaky)
     else:  # every sample read back from its staging tar instead of memory
-        monkeypatch.setattr(pipeline._Packer.__init__, "__defaults__", (0,))
+        monkeypatch.setattr(workdir.Packer.__init__, "__defaults__", (0,))
     with AnswerServer() as server:
         config = settings(tmp_path, server)
         summary = run(config, embed=FakeEmbed())
@@ -211,7 +213,8 @@ KILLED_RUN = """
 import sys
 sys.path.insert(0, {tests!r})
 from test_synthesis_images import FakeEmbed
-from mme5.synthesis.pipeline import SynthesisConfig, run
+from mme5.synthesis.config import SynthesisConfig
+from mme5.synthesis.pipeline import run
 run(SynthesisConfig(**{values!r}), embed=FakeEmbed())
 """
 

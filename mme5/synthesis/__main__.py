@@ -9,7 +9,8 @@ import sys
 
 import yaml
 
-from mme5.synthesis.pipeline import SynthesisConfig, estimate, planned_samples, run
+from mme5.synthesis.config import SynthesisConfig, estimate, planned_samples
+from mme5.synthesis.pipeline import run
 from mme5.synthesis.plan import split, summary
 
 # flag → (section, key); section None: a top-level setting

@@ -14,7 +14,6 @@ import json
 import os
 import random
 import tarfile
-import tempfile
 from collections.abc import Callable, Sequence
 from pathlib import Path
 
@@ -23,6 +22,7 @@ from torch import Tensor
 
 from mme5.backbones.base import IMAGE_INSTRUCTION, Item
 from mme5.data.schema import Modality
+from mme5.files import save_torch
 from mme5.synthesis.plan import PlannedSample
 from mme5.synthesis.prompting import image_roles
 
@@ -128,7 +128,7 @@ class NeighbourIndex:
             self.embeddings = self._embed_all(embed, batch_size)
             if self.cache_path is not None:
                 payload = {"name": name, "keys": pool.keys, "embeddings": self.embeddings}
-                _save_atomic(payload, self.cache_path)
+                save_torch(self.cache_path, payload)
         self._order: dict[int, list[int]] = {}
 
     def _embed_all(self, embed: Embed, batch_size: int) -> Tensor:
@@ -211,15 +211,3 @@ def _band(band: Sequence[int], name: str) -> tuple[int, int]:
     if not 1 <= low <= high:
         raise ValueError(f"{name} must be [low, high] with 1 <= low <= high, found {list(band)}")
     return low, high
-
-
-def _save_atomic(payload: dict, path: Path) -> None:
-    path.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
-    os.close(fd)
-    try:
-        torch.save(payload, tmp)
-        os.replace(tmp, path)
-    except BaseException:
-        os.unlink(tmp)
-        raise

@@ -10,13 +10,13 @@ from __future__ import annotations
 import json
 import os
 import random
-import tempfile
 from collections import Counter
 from collections.abc import Iterable, Mapping
 from dataclasses import dataclass
 from pathlib import Path
 
 from mme5.data.schema import Modality, Task
+from mme5.files import atomic_write
 from mme5.synthesis.languages import LANGUAGES, default_language_weights
 
 # The paper's task × modality combinations (mmE5 §3.1): classification and VQA have a text target;
@@ -43,6 +43,11 @@ class PlannedSample:
     task: Task
     modality: Modality
     language: str  # ISO 639-1 code, a key of mme5.synthesis.languages.LANGUAGES
+
+    @property
+    def needs_images(self) -> bool:
+        """Whether the query or the target has an image (the request shows the MLLM neighbour images)."""
+        return "I" in self.modality.query or "I" in self.modality.target
 
     def to_json(self) -> str:
         return json.dumps(
@@ -103,20 +108,10 @@ def _validated(weights: dict, allowed: set, name: str) -> dict:
 
 def write_plan(plan: Iterable[PlannedSample], path: str | os.PathLike) -> Path:
     """Write the plan as JSONL atomically: readers see the old file or the complete new one."""
-    path = Path(path)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
-    try:
-        with os.fdopen(fd, "w", encoding="utf-8", newline="\n") as f:
-            for sample in plan:
-                f.write(sample.to_json() + "\n")
-            f.flush()
-            os.fsync(f.fileno())
-        os.replace(tmp, path)
-    except BaseException:
-        os.unlink(tmp)
-        raise
-    return path
+    with atomic_write(path) as f:
+        for sample in plan:
+            f.write(sample.to_json() + "\n")
+    return Path(path)
 
 
 def read_plan(path: str | os.PathLike) -> list[PlannedSample]:

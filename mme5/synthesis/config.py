@@ -1,0 +1,107 @@
+"""The settings of one synthesis run, the plan they make, and what that plan would cost."""
+
+from __future__ import annotations
+
+import json
+from dataclasses import dataclass, field, fields
+from pathlib import Path
+from typing import Any
+
+from mme5.data.schema import Modality, Task
+from mme5.synthesis.client import ClientConfig
+from mme5.synthesis.languages import default_language_weights
+from mme5.synthesis.plan import PlannedSample, make_plan, read_plan, write_plan
+from mme5.synthesis.prompting import build_request, image_roles
+
+PLAN = "plan.jsonl"
+
+
+@dataclass
+class SynthesisConfig:
+    """One synthesis run (see configs/synthesis/default.yaml). The API key is never part of it: the client
+    reads the environment variable named by `client.api_key_env`."""
+
+    out: str
+    images: str | None = None
+    embedder: str | None = None
+    """Model folder of the retrieval model that picks neighbour images (the project's encoder)."""
+    num_samples: int = 1000
+    seed: int = 0
+    english_share: float = 0.3
+    combination_weights: dict[str, float] | None = None
+    """"task/modality" → weight, e.g. {"retrieval/I2T": 2.0}; None: all combinations equally."""
+    shard_index: int = 0
+    num_shards: int = 1
+    use_response_format: bool = True
+    answer_retries: int = 2
+    """Extra calls for an answer that fails validation before the sample is recorded as failed."""
+    shard_size: int = 1000
+    positive_ranks: list[int] = field(default_factory=lambda: [1, 5])
+    negative_ranks: list[int] = field(default_factory=lambda: [10, 50])
+    embed_batch_size: int = 16
+    embedding_cache: str | None = None
+    """Folder of the pool-embedding cache; None: `<out>/cache`."""
+    estimated_output_tokens: int = 900
+    estimated_image_tokens: int = 800
+    progress: bool = True
+    retry_failed: bool = False
+    """Resume re-attempts the ids recorded in `failed.jsonl` (default: skip them, they cost money)."""
+    client: dict[str, Any] = field(default_factory=lambda: {"model": "gpt-4o"})
+
+    @classmethod
+    def from_dict(cls, values: dict[str, Any]) -> SynthesisConfig:
+        known = {f.name for f in fields(cls)}
+        unknown = sorted(set(values) - known)
+        if unknown:
+            raise ValueError(f"unknown synthesis settings {unknown}; known: {sorted(known)}")
+        return cls(**values)
+
+    def client_config(self) -> ClientConfig:
+        return ClientConfig(**self.client)
+
+    @property
+    def work_dir(self) -> Path:
+        """Where this job writes: the output folder, or a part folder of a job-array split."""
+        out = Path(self.out)
+        return out if self.num_shards == 1 else out / f"part-{self.shard_index:05d}-of-{self.num_shards:05d}"
+
+
+def planned_samples(config: SynthesisConfig) -> list[PlannedSample]:
+    """The full plan from the settings."""
+    combos = None
+    if config.combination_weights:
+        combos = {}
+        for name, weight in config.combination_weights.items():
+            task, modality = name.split("/")
+            combos[(Task(task), Modality(modality))] = weight
+    return make_plan(config.num_samples, config.seed, combos, default_language_weights(config.english_share))
+
+
+def load_or_write_plan(config: SynthesisConfig) -> list[PlannedSample]:
+    """Write the plan to `<out>/plan.jsonl`, or check that an existing one is the plan of these settings."""
+    plan = planned_samples(config)
+    path = Path(config.out) / PLAN
+    if path.exists():
+        if read_plan(path) != plan:
+            raise ValueError(f"{path} is the plan of other settings (num_samples, seed, weights); use a "
+                             "new output folder or the settings it was made with")
+    else:
+        write_plan(plan, path)
+    return plan
+
+
+def estimate(config: SynthesisConfig, plan: list[PlannedSample]) -> dict[str, Any]:
+    """Rough tokens and cost of synthesising `plan` (~4 characters a token, a fixed charge per image)."""
+    client = config.client_config()
+    input_tokens = 0
+    for planned in plan:
+        n_images = len(image_roles(planned.modality))
+        request = build_request(planned, n_images)
+        prompt = request.prompt if config.use_response_format else request.fallback_prompt
+        schema = len(json.dumps(request.schema)) if config.use_response_format else 0
+        input_tokens += (len(prompt) + len(request.system) + schema) // 4
+        input_tokens += n_images * config.estimated_image_tokens
+    output_tokens = len(plan) * config.estimated_output_tokens
+    cost = (input_tokens * client.input_usd_per_million + output_tokens * client.output_usd_per_million) / 1e6
+    return {"calls": len(plan), "input_tokens": input_tokens, "output_tokens": output_tokens,
+            "cost_usd": round(cost, 4)}
