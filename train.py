@@ -40,9 +40,10 @@ class TrainCLI(LightningCLI):
         )
 
     def add_arguments_to_parser(self, parser) -> None:
-        # One backbone and one chunk size for both: the data module collates with the model's processor,
-        # in chunks of the size the gradient cache encodes.
+        # One backbone, input format and chunk size for both: the data module collates with the model's
+        # processor and input format, in chunks of the size the gradient cache encodes.
         parser.link_arguments("model.backbone", "data.backbone")
+        parser.link_arguments("model.input_format", "data.input_format")
         parser.link_arguments("model.chunk_size", "data.chunk_size")
 
     def before_fit(self) -> None:

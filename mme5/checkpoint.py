@@ -1,12 +1,13 @@
 """The trained encoder on disk: the checkpoint and export formats, what writes them and every loader.
 
 Formats:
-- A Lightning checkpoint of `EmbeddingModule` (`.ckpt`): `hyper_parameters` (backbone, lora, dtype, ...),
-  `datamodule_hyper_parameters` (max_length), `state_dict` (`encoder.*`; only the adapters' weights when
-  `adapter_only`, the backbone then being reloaded from `backbone`), `adapter_keys` (their names),
+- A Lightning checkpoint of `EmbeddingModule` (`.ckpt`): `hyper_parameters` (backbone, input_format, lora,
+  dtype, ...), `datamodule_hyper_parameters` (sources, batch), `state_dict` (`encoder.*`; only the
+  adapters' weights when `adapter_only`, the backbone then being reloaded from `backbone`), `adapter_keys`
+  (their names),
   `rng_states` (every rank's generators, for an exact resume).
 - An exported folder (`python -m mme5.export`): a transformers model folder with merged adapters plus
-  `mme5_embedding.json` (pooling, normalisation, max_length, instructions, source).
+  `mme5_embedding.json` (pooling, normalisation, input format, instructions, source).
 - A plain backbone folder (zero-shot: last-token pooling, no adapters).
 
 `load_encoder` reads all three and returns the encoder with what it was loaded from.
@@ -17,14 +18,14 @@ from __future__ import annotations
 import hashlib
 import json
 from collections.abc import Iterable, Mapping
-from dataclasses import dataclass, field
+from dataclasses import asdict, dataclass, field, replace
 from pathlib import Path
 from typing import Any
 
 import torch
 from torch import nn
 
-from mme5.backbones import DTYPES, load_backbone
+from mme5.backbones import DTYPES, InputFormat, load_backbone
 from mme5.encoder import Encoder, LoraSettings
 from mme5.files import write_json
 
@@ -32,8 +33,7 @@ ADAPTER_ONLY = "adapter_only"  # the state dict holds the trainable (adapter) we
 ADAPTER_KEYS = "adapter_keys"  # their names, for checks after a strategy popped the state dict
 RNG_STATES = "rng_states"  # one {"torch", "cuda"} per rank
 EXPORT_CONFIG = "mme5_embedding.json"  # marks an exported folder
-EXPORT_FORMAT_VERSION = 1
-DEFAULT_MAX_LENGTH = 256
+EXPORT_FORMAT_VERSION = 2  # 2: the input format (published prompt rule, image token, resolution) recorded
 
 
 # ----------------------------------------------------------------------------- writing (training)
@@ -92,7 +92,7 @@ def write_export_config(folder: Path, encoder: Encoder, dtype: torch.dtype, inst
         "pooling": "last_token",
         "normalize": encoder.normalize,
         "family": encoder.adapter.family,
-        "max_length": encoder.adapter.max_length,
+        "input_format": asdict(encoder.adapter.input_format),
         "dtype": str(dtype).removeprefix("torch."),
         "instructions": instructions,
         "source": source,
@@ -104,6 +104,8 @@ def read_export_config(folder: Path) -> dict[str, Any]:
     settings = json.loads((folder / EXPORT_CONFIG).read_text())
     if settings.get("pooling", "last_token") != "last_token":
         raise ValueError(f"{folder / EXPORT_CONFIG}: pooling {settings['pooling']!r} is not supported")
+    if "input_format" not in settings and "max_length" in settings:  # format 1 recorded max_length alone
+        settings["input_format"] = {"max_length": settings["max_length"]}
     return settings
 
 
@@ -126,7 +128,7 @@ def load_encoder(path: str | Path, device: str = "cpu", dtype: str | None = None
     """The encoder of a checkpoint, exported folder or backbone folder, in eval mode on `device`.
 
     dtype: weights' dtype ("float32", "bfloat16", "float16"; None: the checkpoint's own).
-    max_length: text tokens per item (None: the exported folder's or the training's, else 256).
+    max_length: text tokens per item (None: the recorded input format's).
     backbone: folder to rebuild a `.ckpt`'s encoder from, when its recorded one has moved.
     """
     path = Path(path)
@@ -137,7 +139,7 @@ def load_encoder(path: str | Path, device: str = "cpu", dtype: str | None = None
         exported = (path / EXPORT_CONFIG).is_file()
         recipe = read_export_config(path) if exported else {}
         model = load_backbone(path, DTYPES[dtype] if dtype else None,
-                              max_length=max_length or recipe.get("max_length") or DEFAULT_MAX_LENGTH)
+                              input_format=_input_format(recipe.get("input_format"), max_length))
         kind = "exported" if exported else "backbone"
         encoder = Encoder(model, normalize=recipe.get("normalize", True))
         files = [f for f in path.iterdir() if f.is_file()]
@@ -145,7 +147,7 @@ def load_encoder(path: str | Path, device: str = "cpu", dtype: str | None = None
         raise ValueError(f"{path}: expected a Lightning checkpoint (.ckpt), or an exported or backbone "
                          "folder with config.json")
     encoder.to(device).eval()
-    settings = {"dtype": dtype, "max_length": encoder.adapter.max_length, "kind": kind}
+    settings = {"dtype": dtype, "input_format": asdict(encoder.adapter.input_format), "kind": kind}
     description = {"name": path.name, "path": str(path.resolve()), **settings,
                    "family": encoder.adapter.family, "adapters": encoder.has_adapters}
     return LoadedModel(encoder, fingerprint(files, **settings), description, recipe)
@@ -153,10 +155,16 @@ def load_encoder(path: str | Path, device: str = "cpu", dtype: str | None = None
 
 def fingerprint(files: list[Path], **settings: Any) -> str:
     """Identity of a model for the cache: its files' names, sizes and modification times, plus settings
-    that change embeddings (dtype, max_length). Cheap: no weights are hashed."""
+    that change embeddings (dtype, input format). Cheap: no weights are hashed."""
     stats = [[str(f.resolve()), f.stat().st_size, f.stat().st_mtime_ns] for f in sorted(files)]
     payload = json.dumps({"files": stats, "settings": settings}, sort_keys=True, default=str)
     return hashlib.sha1(payload.encode()).hexdigest()[:16]
+
+
+def _input_format(recorded: Any, max_length: int | None) -> InputFormat:
+    """The recorded input format (a dict, a dataclass or None: the defaults), `max_length` overriding."""
+    recorded = InputFormat.of(recorded)
+    return replace(recorded, max_length=max_length) if max_length else recorded
 
 
 def _from_checkpoint(path: Path, dtype: str | None, max_length: int | None, backbone: str | None
@@ -170,9 +178,8 @@ def _from_checkpoint(path: Path, dtype: str | None, max_length: int | None, back
                          f"a state_dict; found keys {sorted(checkpoint)})")
     source = backbone or _recorded_backbone(path, hparams["backbone"])
     dtype = dtype or hparams.get("dtype")
-    trained = (checkpoint.get("datamodule_hyper_parameters") or {}).get("max_length")
     encoder = Encoder(load_backbone(source, DTYPES[dtype] if dtype else None,
-                                    max_length=max_length or trained or DEFAULT_MAX_LENGTH),
+                                    input_format=_input_format(hparams.get("input_format"), max_length)),
                       _lora(hparams.get("lora")))
     weights = {k.removeprefix("encoder."): v for k, v in checkpoint["state_dict"].items()
                if k.startswith("encoder.")}

@@ -36,7 +36,7 @@ class Embedder:
         """Load an exported folder, a plain backbone folder (zero-shot) or an EmbeddingModule `.ckpt`.
 
         device: default cuda when available, else cpu. dtype: "float32", "bfloat16" or "float16" (default:
-        the weights' own). max_length: text tokens per item (default: the exported folder's, else 256).
+        the weights' own). max_length: text tokens per item (default: the recorded input format's).
         """
         device = device or ("cuda" if torch.cuda.is_available() else "cpu")
         loaded = load_encoder(path, device, dtype, max_length)

@@ -22,7 +22,7 @@ def export(ckpt: str | Path, out: str | Path, dtype: str | None = None, max_leng
     """Merge the checkpoint's adapters into its backbone and write the model folder `out`; returns it.
 
     dtype: weights' dtype of the export (None: the dtype the checkpoint was trained in).
-    max_length: text tokens per item (None: the training data module's, else 256).
+    max_length: text tokens per item (None: the training's input format's).
     backbone: folder to rebuild the encoder from, when the checkpoint's recorded one has moved.
     """
     ckpt, out = Path(ckpt), Path(out)

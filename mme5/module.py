@@ -20,7 +20,7 @@ from torch import Tensor
 from torch.optim.lr_scheduler import LambdaLR
 
 from mme5 import checkpoint as ckpt_format
-from mme5.backbones import DTYPES, load_backbone, load_backbone_skeleton
+from mme5.backbones import DTYPES, InputFormat, load_backbone, load_backbone_skeleton
 from mme5.contrastive import contrastive_step
 from mme5.data.collate import ContrastiveBatch
 from mme5.distributed import GradientSync, from_all_ranks
@@ -51,6 +51,10 @@ class EmbeddingModule(L.LightningModule):
 
     Args:
         backbone: model folder or hub id (loaded with `from_pretrained`).
+        input_format: how items become model inputs (max_length, image token, resolution); the data module
+            collates with the same (train.py links them), and checkpoints record it for evaluation.
+        attn_implementation: the backbone's attention kernel ("sdpa", "flash_attention_2", "eager"; null:
+            transformers' default).
         lora: LoRA/DoRA settings (the paper's by default); null trains the full backbone.
         dtype: weights' dtype when loading (null: the checkpoint's); mixed precision is the Trainer's.
         gradient_checkpointing: recompute activations in the backward (non-reentrant).
@@ -70,6 +74,8 @@ class EmbeddingModule(L.LightningModule):
     def __init__(
         self,
         backbone: str,
+        input_format: InputFormat | None = None,
+        attn_implementation: str | None = None,
         lora: LoraSettings | None = None,
         dtype: Literal["float32", "bfloat16", "float16"] | None = None,
         gradient_checkpointing: bool = True,
@@ -87,6 +93,7 @@ class EmbeddingModule(L.LightningModule):
         super().__init__()
         # Plain types in checkpoints: they then load with torch.load(weights_only=True).
         lora = asdict(lora) if isinstance(lora, LoraSettings) else lora  # noqa: F841 (saved below)
+        input_format = asdict(InputFormat.of(input_format))  # noqa: F841 (saved below)
         self.save_hyperparameters()
         self.automatic_optimization = False
         self.loss_fn = InfoNCE(temperature, learnable_temperature)
@@ -105,7 +112,8 @@ class EmbeddingModule(L.LightningModule):
         # Sharded, only rank 0 reads the weights; the other ranks build the architecture alone and receive
         # their shards from rank 0 (`load_from_rank0`).
         load = load_backbone_skeleton if mesh is not None and dist.get_rank() != 0 else load_backbone
-        adapter = load(hp.backbone, dtype)
+        options = {"attn_implementation": hp.attn_implementation} if hp.attn_implementation else {}
+        adapter = load(hp.backbone, dtype, input_format=InputFormat.of(hp.input_format), **options)
         lora = LoraSettings(**hp.lora) if hp.lora is not None else None
         self.encoder = Encoder(adapter, lora, gradient_checkpointing=hp.gradient_checkpointing)
         if self.encoder.has_adapters:

@@ -11,7 +11,7 @@ import pytest
 from mme5.data.schema import Modality, Task
 from mme5.data.shards import read_manifest, read_samples, shard_urls
 from mme5.demo import language
-from mme5.demo.mmeb import IMAGE_TOKEN, META_TASKS, PARQUET, SUBSETS, build_subset
+from mme5.demo.mmeb import META_TASKS, PARQUET, SUBSETS, build_subset
 from mme5.demo.render import crop, half_box, render
 from mme5.demo.scenes import ATTRIBUTES, SPLITS, VALUES, Scene, differing_attributes, scenes_in, split_of
 from mme5.demo.tasks import generate_training
@@ -19,6 +19,7 @@ from mme5.demo.world import WorldConfig, build_world, main
 from mme5.demo.xtd import IMAGE_FOLDER, IMAGE_NAMES, build_xtd, caption_file
 
 SMALL = WorldConfig(seed=0, train_samples=80, eval_queries=6, eval_candidates=5, xtd_images=12, image_size=32)
+IMAGE_TOKEN = "<|image_1|>\n"  # the published placeholder and its newline (mme5.md §3)
 
 
 @pytest.fixture(scope="module")
@@ -95,11 +96,15 @@ def test_mmeb_layout_matches_mmeb_eval(world):
         assert table.num_rows == entry["num_queries"] == SMALL.eval_queries
         for row in table.to_pylist():
             assert entry["instruction"] in row["qry_text"]
+            # the published format (mme5.md §3): placeholder + newline first on image sides, and every
+            # instruction-bearing side ends with a newline
             assert row["qry_text"].startswith(IMAGE_TOKEN) == bool(row["qry_img_path"])
+            assert row["qry_text"].endswith("\n") and not row["qry_text"].endswith("\n\n")
             assert len(row["tgt_text"]) == len(row["tgt_img_path"]) >= 2
             assert len(set(zip(row["tgt_text"], row["tgt_img_path"], strict=True))) == len(row["tgt_text"])
             for text, path in zip(row["tgt_text"], row["tgt_img_path"], strict=True):
                 assert text.startswith(IMAGE_TOKEN) == bool(path)
+                assert text.endswith("\n") == bool(path)  # image targets carry an instruction
             for path in [row["qry_img_path"], *row["tgt_img_path"]]:
                 assert not path or (path.startswith(f"eval_images/{name}/") and (root / path).is_file())
 

@@ -6,7 +6,14 @@ from typing import Any
 import torch
 from transformers import AutoConfig
 
-from mme5.backbones.base import IMAGE_INSTRUCTION, IMAGE_PLACEHOLDER, BackboneAdapter, Chunk, Item
+from mme5.backbones.base import (
+    IMAGE_INSTRUCTION,
+    IMAGE_PLACEHOLDER,
+    BackboneAdapter,
+    Chunk,
+    InputFormat,
+    Item,
+)
 from mme5.backbones.llava import LlavaAdapter
 from mme5.backbones.mllama import MllamaAdapter
 from mme5.backbones.qwen2_vl import Qwen2VLAdapter
@@ -42,17 +49,18 @@ def load_backbone(path_or_id: str | Path, dtype: torch.dtype | None = None, **kw
     return _adapter_of(path_or_id).from_pretrained(path_or_id, dtype=dtype, **kwargs)
 
 
-def load_backbone_skeleton(path_or_id: str | Path, dtype: torch.dtype | None = None) -> BackboneAdapter:
+def load_backbone_skeleton(path_or_id: str | Path, dtype: torch.dtype | None = None, **kwargs: Any
+                           ) -> BackboneAdapter:
     """The checkpoint's adapter with its model on the meta device (architecture only, no weights read)."""
-    return _adapter_of(path_or_id).skeleton(path_or_id, dtype=dtype)
+    return _adapter_of(path_or_id).skeleton(path_or_id, dtype=dtype, **kwargs)
 
 
-def load_processing(path_or_id: str | Path, max_length: int = 256) -> BackboneAdapter:
+def load_processing(path_or_id: str | Path, input_format: InputFormat | None = None) -> BackboneAdapter:
     """The checkpoint's adapter with its processor only (no weights loaded): `prompt` and `collate` work.
 
     Cheap to build and to send to dataloader workers, which must not carry a copy of the model.
     """
-    return _adapter_of(path_or_id).processing_only(path_or_id, max_length)
+    return _adapter_of(path_or_id).processing_only(path_or_id, input_format)
 
 
 __all__ = [
@@ -62,6 +70,7 @@ __all__ = [
     "IMAGE_PLACEHOLDER",
     "BackboneAdapter",
     "Chunk",
+    "InputFormat",
     "Item",
     "adapter_for_model_type",
     "load_backbone",

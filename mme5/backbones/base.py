@@ -1,7 +1,8 @@
 """What every MLLM family shares: the item to embed, prompt building, batching, last-layer hidden states.
 
-A family adapter only declares its tokens (`image_prompt`, `text_prefix`) and overrides what its model does
-differently; nothing outside `mme5.backbones` knows a family's image token or prompt format.
+An item's prompt is its published-format string (`mme5.published`); a family adapter only declares what
+replaces the image placeholder (`default_image_token`, or the recipe's `InputFormat.image_token`) and
+overrides what its model does differently; nothing outside `mme5.backbones` knows a family's image token.
 
 Batches are `Chunk`s. Under a sharded model (FSDP) every rank must run the same modules the same number of
 times, since each module's forward and backward are collectives: `collate_chunks(..., lockstep=True)` makes
@@ -10,7 +11,6 @@ placeholder image row (so the vision tower runs in every chunk); `Chunk.keep` fl
 encoder drops the others' embeddings.
 """
 
-import re
 from abc import ABC
 from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass
@@ -22,10 +22,52 @@ import torch
 from torch import Tensor
 from transformers import AutoConfig, AutoModelForImageTextToText, AutoProcessor, BatchFeature, PreTrainedModel
 
-IMAGE_PLACEHOLDER = "<|image_1|>"  # the public data's (Phi-3-style) image token
-# The published data's instruction of a bare image (MMEB targets, XTD candidates, synthetic image sides).
-IMAGE_INSTRUCTION = "Represent the given image."
-_PLACEHOLDER_RE = re.compile(re.escape(IMAGE_PLACEHOLDER) + r"\s*")
+from mme5 import published
+from mme5.images import fit_aspect_ratio
+
+IMAGE_PLACEHOLDER = published.PLACEHOLDER
+IMAGE_INSTRUCTION = published.IMAGE_INSTRUCTION
+
+
+@dataclass(frozen=True)
+class InputFormat:
+    """How items become model inputs. Part of the recipe and recorded with every checkpoint and export, so
+    that evaluation feeds a trained model what it was trained on.
+
+    max_length: text tokens per item (image tokens are neither counted nor cut).
+    image_token: what replaces the published placeholder (None: the family's default, the one its released
+        embedding checkpoints were trained with).
+    min_pixels, max_pixels: Qwen2-VL's image resolution bounds (None: the family's default).
+    image_size: (width, height) every image is first resized to (None: as given), as mmE5 does for
+        LLaVA-NeXT (512, 512).
+    max_aspect_ratio: longer over shorter side; a more extreme image is padded with white up to it
+        (Qwen2-VL's processor refuses ratios above 200).
+    """
+
+    max_length: int = 256
+    image_token: str | None = None
+    min_pixels: int | None = None
+    max_pixels: int | None = None
+    image_size: tuple[int, int] | None = None
+    max_aspect_ratio: float = 100.0
+
+    def __post_init__(self) -> None:
+        if self.max_length < 1:
+            raise ValueError(f"max_length must be at least 1, found {self.max_length}")
+        if self.max_aspect_ratio < 1:
+            raise ValueError(f"max_aspect_ratio must be at least 1, found {self.max_aspect_ratio}")
+
+    @classmethod
+    def of(cls, value: Any) -> "InputFormat":
+        """An InputFormat from itself, a dict or a jsonargparse Namespace (as checkpoints store it)."""
+        if value is None:
+            return cls()
+        if isinstance(value, cls):
+            return value
+        fields = dict(value) if isinstance(value, Mapping) else vars(value)
+        if fields.get("image_size") is not None:
+            fields["image_size"] = tuple(fields["image_size"])
+        return cls(**fields)
 
 
 @dataclass(frozen=True)
@@ -39,6 +81,16 @@ class Item:
     instruction: str = ""
     text: str | None = None
     image: PIL.Image.Image | bytes | str | Path | None = None
+    prompt: str | None = None
+    """The published string verbatim (a converted or MMEB-eval row, placeholder and trailing newline kept);
+    None: written from instruction and text by the published rule."""
+
+    def published(self) -> str:
+        """The item's published-format string, its placeholder agreeing with its image."""
+        has_image = self.image is not None
+        prompt = self.prompt if self.prompt is not None else published.render(self.instruction, self.text,
+                                                                              has_image)
+        return published.normalize(prompt, has_image)
 
 
 @dataclass
@@ -89,19 +141,15 @@ def length_order(items: Sequence[Any]) -> list[int]:
     """Indices of `items` longest first: image items together, then by characters of instruction + text.
 
     Batches of similar length pad less, and the longest come first so that running out of memory shows
-    early. Works on anything with `instruction`, `text` and `image` attributes.
+    early. Works on anything with `instruction`, `text`, `image` and `prompt` attributes.
     """
     def key(i: int) -> tuple[bool, int]:
         item = items[i]
+        if item.prompt is not None:
+            return item.image is not None, len(item.prompt)
         return item.image is not None, len(item.instruction) + len(item.text or "")
 
     return sorted(range(len(items)), key=key, reverse=True)
-
-
-def canonical_body(item: Item) -> str:
-    """Instruction and text joined by a space, without any image placeholder (the data has stray ones)."""
-    parts = (_PLACEHOLDER_RE.sub("", p).strip() for p in (item.instruction, item.text or ""))
-    return " ".join(p for p in parts if p)
 
 
 class BackboneAdapter(ABC):
@@ -109,46 +157,55 @@ class BackboneAdapter(ABC):
 
     family: ClassVar[str]
     model_types: ClassVar[tuple[str, ...]]  # HF `config.model_type` values this adapter handles
-    image_prompt: ClassVar[str]  # replaces IMAGE_PLACEHOLDER when the item has an image
-    text_prefix: ClassVar[str] = ""  # starts the prompt of an item without image
+    default_image_token: ClassVar[str]  # replaces the published placeholder (`InputFormat.image_token`)
     add_special_tokens: ClassVar[bool] = True  # False where the prompt already carries the bos token
     processor_class: ClassVar[Any] = AutoProcessor
 
-    def __init__(self, model: PreTrainedModel | None, processor: Any, max_length: int = 256):
+    def __init__(self, model: PreTrainedModel | None, processor: Any,
+                 input_format: InputFormat | None = None):
         """`model=None` makes a processing-only adapter (prompts and batches, no hidden states)."""
         self.model = model
         self.processor = processor
-        self.max_length = max_length
+        self.input_format = input_format or InputFormat()
+        self.image_token = self.input_format.image_token or self.default_image_token
         tok = processor.tokenizer
         tok.padding_side = "left"  # the last position is the last real token (callers must not rely on it)
         if tok.pad_token is None:
             tok.pad_token = tok.eos_token
+        self.configure_processor()
 
     @classmethod
-    def from_pretrained(
-        cls, path_or_id: str | Path, dtype: torch.dtype | None = None, max_length: int = 256, **kwargs: Any
-    ) -> "BackboneAdapter":
+    def from_pretrained(cls, path_or_id: str | Path, dtype: torch.dtype | None = None,
+                        input_format: InputFormat | None = None, **kwargs: Any) -> "BackboneAdapter":
         """Load model and processor from a folder or hub id; `kwargs` go to the model's from_pretrained.
 
         `dtype=None` keeps the checkpoint's own dtype (transformers' "auto").
         """
         model = AutoModelForImageTextToText.from_pretrained(path_or_id, dtype=dtype, **kwargs)
-        return cls(model, cls.processor_class.from_pretrained(path_or_id), max_length)
+        return cls(model, cls.processor_class.from_pretrained(path_or_id), input_format)
 
     @classmethod
     def skeleton(cls, path_or_id: str | Path, dtype: torch.dtype | None = None,
-                 max_length: int = 256) -> "BackboneAdapter":
+                 input_format: InputFormat | None = None, **kwargs: Any) -> "BackboneAdapter":
         """The adapter with its model built on the meta device: no weights are read (they come later, e.g.
         broadcast from rank 0 under FSDP). `dtype=None` takes the checkpoint's, as `from_pretrained` does."""
         config = AutoConfig.from_pretrained(path_or_id)
         with torch.device("meta"):
-            model = AutoModelForImageTextToText.from_config(config, dtype=dtype or config.dtype)
-        return cls(model, cls.processor_class.from_pretrained(path_or_id), max_length)
+            model = AutoModelForImageTextToText.from_config(config, dtype=dtype or config.dtype, **kwargs)
+        return cls(model, cls.processor_class.from_pretrained(path_or_id), input_format)
 
     @classmethod
-    def processing_only(cls, path_or_id: str | Path, max_length: int = 256) -> "BackboneAdapter":
+    def processing_only(cls, path_or_id: str | Path, input_format: InputFormat | None = None
+                        ) -> "BackboneAdapter":
         """The adapter with the checkpoint's processor and no model (e.g. for dataloader workers)."""
-        return cls(None, cls.processor_class.from_pretrained(path_or_id), max_length)
+        return cls(None, cls.processor_class.from_pretrained(path_or_id), input_format)
+
+    def configure_processor(self) -> None:  # noqa: B027 (an optional hook, not abstract)
+        """Apply the input format's processor settings (the family's resolution bounds); default: none."""
+
+    @property
+    def max_length(self) -> int:
+        return self.input_format.max_length
 
     @property
     def hidden_size(self) -> int:
@@ -159,19 +216,21 @@ class BackboneAdapter(ABC):
     def tokenizer(self) -> Any:
         return self.processor.tokenizer
 
-    def _head_and_body(self, item: Item) -> tuple[str, str]:
-        """Split the prompt into the family's fixed head (image tokens / bos) and the truncatable body.
-
-        Head + body is the canonical `<|image_1|>\\n{body}` (or bare `{body}`) with the placeholder rewritten.
-        """
-        body = canonical_body(item)
-        if item.image is None:
-            return self.text_prefix, body
-        return self.image_prompt, "\n" + body
-
     def prompt(self, item: Item) -> str:
-        """The full family-formatted prompt of one item."""
-        return "".join(self._head_and_body(item))
+        """The family's prompt string of one item: its published string with the placeholder replaced."""
+        return item.published().replace(IMAGE_PLACEHOLDER, self.image_token)
+
+    def head_markers(self) -> tuple[str, ...]:
+        """Strings that end the prompt's fixed head (never truncated)."""
+        return (self.image_token,)
+
+    def _head_and_body(self, item: Item) -> tuple[str, str]:
+        """Split the prompt after its last head marker (image token, bos): the head is kept whole, the body
+        may be truncated."""
+        text = self.prompt(item)
+        cut = max((text.rfind(marker) + len(marker) for marker in self.head_markers() if marker in text),
+                  default=0)
+        return text[:cut], text[cut:]
 
     def _count_text_tokens(self, head: str) -> int:
         """Tokens of `head` (with the tokenizer's own specials) that are not the model's image token."""
@@ -206,9 +265,16 @@ class BackboneAdapter(ABC):
         """The processor's `images` argument: a flat list with one image per image token (default)."""
         return [im for im in images if im is not None]
 
+    def prepare_image(self, image: PIL.Image.Image) -> PIL.Image.Image:
+        """The image as the processor gets it: resized to the input format's fixed size if it has one, and
+        padded with white to its maximum aspect ratio (and to at least 2 pixels a side)."""
+        if self.input_format.image_size is not None:
+            image = image.resize(tuple(self.input_format.image_size), PIL.Image.Resampling.BICUBIC)
+        return fit_aspect_ratio(image, self.input_format.max_aspect_ratio)
+
     def collate(self, items: Sequence[Item]) -> BatchFeature:
         """One processor batch of `items`; text-only and image items mix freely, rows stay in order."""
-        images = [it.image for it in items]
+        images = [self.prepare_image(it.image) if it.image is not None else None for it in items]
         has_image = any(im is not None for im in images)
         return self.processor(
             text=[self.truncated_prompt(it) for it in items],

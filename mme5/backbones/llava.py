@@ -6,8 +6,9 @@ from mme5.backbones.base import BackboneAdapter
 
 
 class LlavaAdapter(BackboneAdapter):
-    """`<image>` replaces the image placeholder; the tokenizer adds its own bos."""
+    """The mmE5/VLM2Vec rule: `<image>` replaces the placeholder, the rest is kept; the tokenizer adds its own
+    bos. mmE5 resizes LLaVA-NeXT inputs to 512×512: set `InputFormat.image_size` to do the same."""
 
     family: ClassVar[str] = "llava"
     model_types: ClassVar[tuple[str, ...]] = ("llava", "llava_next")
-    image_prompt: ClassVar[str] = "<image>"
+    default_image_token: ClassVar[str] = "<image>"

@@ -6,17 +6,28 @@ import PIL.Image
 from torch import Tensor
 from transformers import BatchFeature
 
-from mme5.backbones.base import BackboneAdapter
+from mme5.backbones.base import IMAGE_PLACEHOLDER, BackboneAdapter, Item
+
+BOS = "<|begin_of_text|>"
 
 
 class MllamaAdapter(BackboneAdapter):
-    """`<|image|><|begin_of_text|>` before an image item, `<|begin_of_text|>` before a text-only one."""
+    """The mmE5 collator's rule: `"<|image_1|>\n"` (the placeholder and its newline) becomes
+    `<|image|><|begin_of_text|>`; a prompt without image starts with `<|begin_of_text|>`; the rest is kept, so
+    the pooled token is the published trailing newline."""
 
     family: ClassVar[str] = "mllama"
     model_types: ClassVar[tuple[str, ...]] = ("mllama",)
-    image_prompt: ClassVar[str] = "<|image|><|begin_of_text|>"
-    text_prefix: ClassVar[str] = "<|begin_of_text|>"
+    default_image_token: ClassVar[str] = "<|image|>"
     add_special_tokens: ClassVar[bool] = False  # the prompt carries <|begin_of_text|>; don't add a second
+
+    def prompt(self, item: Item) -> str:
+        head = self.image_token + BOS
+        text = item.published().replace(IMAGE_PLACEHOLDER + "\n", head).replace(IMAGE_PLACEHOLDER, head)
+        return text if BOS in text else BOS + text  # as MllamaProcessor would add it
+
+    def head_markers(self) -> tuple[str, ...]:
+        return (self.image_token, BOS)
 
     def _images_arg(self, images: list[PIL.Image.Image | None]) -> Any:
         """Mllama's processor wants one list of images per row (`[]` for a text-only row)."""

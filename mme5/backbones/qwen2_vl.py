@@ -18,10 +18,26 @@ class Qwen2VLImageOnlyProcessor(Qwen2VLProcessor):
         super().__init__(image_processor, tokenizer, chat_template=chat_template, **kwargs)
 
 
+# VLM2Vec's resolution cap for Qwen2-VL (its v2 arguments), so that memory per item is bounded.
+VLM2VEC_MAX_PIXELS = 28 * 28 * 1280
+
+
 class Qwen2VLAdapter(BackboneAdapter):
-    """`<|vision_start|><|image_pad|><|vision_end|>` replaces the image placeholder."""
+    """VLM2Vec's rule: only the placeholder is replaced, by a bare `<|image_pad|>` (the token VLM2Vec's
+    released Qwen2-VL checkpoints were trained with; `InputFormat.image_token` may say
+    `<|vision_start|><|image_pad|><|vision_end|>`, Qwen2-VL's chat format). The processor expands it to one
+    token per merged patch."""
 
     family: ClassVar[str] = "qwen2_vl"
     model_types: ClassVar[tuple[str, ...]] = ("qwen2_vl",)
-    image_prompt: ClassVar[str] = "<|vision_start|><|image_pad|><|vision_end|>"
+    default_image_token: ClassVar[str] = "<|image_pad|>"
     processor_class: ClassVar[type] = Qwen2VLImageOnlyProcessor
+
+    def configure_processor(self) -> None:
+        """Resolution bounds: the input format's, else VLM2Vec's pixel cap."""
+        images = self.processor.image_processor
+        min_pixels = self.input_format.min_pixels or images.size["shortest_edge"]
+        max_pixels = self.input_format.max_pixels or VLM2VEC_MAX_PIXELS
+        if min_pixels > max_pixels:
+            raise ValueError(f"min_pixels={min_pixels} is above max_pixels={max_pixels}")
+        images.size = type(images.size)(shortest_edge=min_pixels, longest_edge=max_pixels)

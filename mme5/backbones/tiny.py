@@ -9,7 +9,6 @@ The folder loads back through `load_backbone(out)`, the code path of a real chec
 """
 
 import argparse
-import re
 from collections.abc import Callable
 from contextlib import nullcontext
 from dataclasses import dataclass
@@ -32,7 +31,6 @@ from transformers.models.clip.image_processing_pil_clip import CLIPImageProcesso
 from transformers.models.mllama.image_processing_pil_mllama import MllamaImageProcessorPil
 from transformers.models.qwen2_vl.image_processing_pil_qwen2_vl import Qwen2VLImageProcessorPil
 
-from mme5.backbones import ADAPTERS
 from mme5.backbones.qwen2_vl import Qwen2VLImageOnlyProcessor
 from mme5.backbones.tokenizer import BUILTIN_CORPUS, train_bpe
 
@@ -71,7 +69,7 @@ PRESETS = {
 
 @dataclass(frozen=True)
 class TokenizerSpec:
-    """The tokenizer-level special tokens of a family (prompt tokens come from its adapter)."""
+    """The special tokens of a family's real tokenizer that prompts use (bos, pad, image tokens, ...)."""
 
     bos: str | None
     eos: str
@@ -82,18 +80,21 @@ class TokenizerSpec:
 
 TOKENIZERS = {
     "mllama": TokenizerSpec(
-        "<|begin_of_text|>", "<|end_of_text|>", "<|finetune_right_pad_id|>", ("<|python_tag|>",), True
+        "<|begin_of_text|>", "<|end_of_text|>", "<|finetune_right_pad_id|>", ("<|python_tag|>", "<|image|>"),
+        True,
     ),
-    "qwen2_vl": TokenizerSpec(None, "<|im_end|>", "<|endoftext|>", ("<|im_start|>", "<|video_pad|>"), False),
-    "llava": TokenizerSpec("<s>", "</s>", "<pad>", ("<unk>",), True),
+    "qwen2_vl": TokenizerSpec(
+        None, "<|im_end|>", "<|endoftext|>",
+        ("<|im_start|>", "<|video_pad|>", "<|vision_start|>", "<|image_pad|>", "<|vision_end|>"), False,
+    ),
+    "llava": TokenizerSpec("<s>", "</s>", "<pad>", ("<unk>", "<image>"), True),
 }
 
 
 def tiny_tokenizer(family: str, vocab: int, texts: list[str]) -> PreTrainedTokenizerFast:
-    """Byte-level BPE; special tokens first: the family's tokenizer ones, then its adapter's prompt tokens."""
-    spec, adapter = TOKENIZERS[family], ADAPTERS[family]
-    prompt_tokens = re.findall(r"<[^<>\s]+>", adapter.image_prompt + adapter.text_prefix)
-    specials = [t for t in (spec.pad, spec.bos, spec.eos, *spec.extra) if t] + prompt_tokens
+    """Byte-level BPE with the family's special tokens."""
+    spec = TOKENIZERS[family]
+    specials = [t for t in (spec.pad, spec.bos, spec.eos, *spec.extra) if t]
     return train_bpe(
         texts, list(dict.fromkeys(specials)), vocab, spec.bos, spec.eos, spec.pad, add_bos=spec.add_bos
     )

@@ -47,7 +47,7 @@ class ContrastiveBatch:
 
 
 def side_item(side: Side) -> Item:
-    return Item(instruction=side.instruction, text=side.text, image=side.pil())
+    return Item(instruction=side.instruction, text=side.text, image=side.pil(), prompt=side.prompt)
 
 
 class ContrastiveCollator:

@@ -5,7 +5,8 @@
 Input rows, from parquet or JSONL, have `qry`, `qry_image_path`, `pos_text`, `pos_image_path` and
 optionally `neg_text`, `neg_image_path` (lists, or lists stringified by the reference pipeline) and
 `modality` (mmE5-synthetic), with image paths relative to the image root. Prompts in these rows carry the
-instruction and the content in one string with a `<|image_1|>` placeholder; `split_prompt` separates them.
+instruction and the content in one string with a `<|image_1|>` placeholder: each side keeps that string
+verbatim (what the model is fed, see `mme5.published`) and its split into instruction and text.
 
 Known quirks are repaired and counted, bad rows are skipped and named (file, row, field), and everything
 is summarised in a conversion report stored in the manifest. The conversion resumes after the last
@@ -19,11 +20,12 @@ import ast
 import hashlib
 import json
 import os
+import random
 import re
 import sys
 from collections import Counter
 from collections.abc import Iterator
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 from pathlib import Path
 from typing import Any
 
@@ -31,10 +33,10 @@ import pyarrow.parquet as pq
 from PIL import Image
 from tqdm import tqdm
 
+from mme5 import published
 from mme5.data.schema import Modality, Sample, SchemaError, Side, Task, image_extension
 from mme5.data.shards import MANIFEST, ShardWriter, SkipLog, read_manifest
 
-PLACEHOLDER = re.compile(r"<\|image_\d+\|>")
 INPUT_SUFFIXES = (".parquet", ".jsonl")
 
 # MMEB-train / mmE5-MMEB-hardneg subsets and their meta-task (mme5.md §4).
@@ -83,30 +85,6 @@ class ConversionReport(SkipLog):
 # ----------------------------------------------------------------------------- row parsing
 
 
-def split_prompt(prompt: str) -> tuple[str, str | None, bool]:
-    """Split a public-data prompt into (instruction, content text, had an image placeholder).
-
-    The public rows write `<|image_1|>\\n<instruction>: <content>`, `<instruction>: <content>`, an
-    instruction alone (`<|image_1|>\\nRepresent the given image.`) or bare content (`tench`). Rule: the
-    placeholder is removed; the first line up to its first colon is the instruction and the rest the
-    content; a first line without a colon followed by more lines is the instruction; a single line without
-    a colon is the instruction when it came with an image placeholder, and content otherwise.
-    """
-    had_placeholder = bool(PLACEHOLDER.search(prompt))
-    stripped = PLACEHOLDER.sub("", prompt).strip()
-    first, _, rest = stripped.partition("\n")
-    head, colon, tail = first.partition(":")
-    if colon and head.strip():
-        instruction, content = head.strip() + ":", (tail + "\n" + rest).strip()
-    elif rest.strip():
-        instruction, content = first.strip(), rest.strip()
-    elif had_placeholder:
-        instruction, content = stripped, ""
-    else:
-        instruction, content = "", stripped
-    return instruction, content or None, had_placeholder
-
-
 def parse_list(value: Any, field_name: str) -> list[str]:
     """Negatives as a real list, or as the reference pipeline's stringified list (parsed safely, no eval)."""
     if value is None:
@@ -139,7 +117,7 @@ class RowConverter:
     def convert(self, row: dict[str, Any], sample_id: str, task: Task, source: str) -> Sample:
         query = self.side(row.get("qry"), row.get("qry_image_path"), "qry", "qry_image_path")
         positive = self.side(row.get("pos_text"), row.get("pos_image_path"), "pos_text", "pos_image_path")
-        negatives = self.negatives(row, positive)
+        negatives = self.drop_positive_copies(self.negatives(row, positive.prompt, sample_id), positive)
         declared = row.get("modality")
         modality = Modality.of(query, positive) if not declared else self.declared_modality(declared)
         query = self.fit(query, modality.query, "qry")
@@ -162,30 +140,42 @@ class RowConverter:
             raise BadRow("modality", f"unknown modality {value!r}", "bad_modality") from None
 
     def side(self, prompt: Any, image_path: Any, text_field: str, image_field: str) -> Side:
-        instruction, text, had_placeholder = split_prompt(prompt or "")
+        """A side from its published string (kept verbatim) and image path; repairs are counted."""
+        prompt = "" if prompt is None else str(prompt)
+        instruction, text, had_placeholder = published.split(prompt)
         image = self.image(image_path, image_field) if image_path else None
         if had_placeholder and image is None:
             self.report.quirks["stray_image_token"] += 1
+        if image is not None and not had_placeholder:
+            self.report.quirks["missing_image_token"] += 1
         if not text and image is None and not instruction:
             kind = "empty_positive" if text_field == "pos_text" else "empty_side"
             raise BadRow(text_field, "empty text and no image", kind)
         if not text and image is None:  # an instruction alone is the content of a text-only side
             instruction, text = "", instruction
-        return Side(instruction=instruction, text=text, image=image)
+        if image is not None and not text and not instruction:  # an image without any instruction
+            self.report.quirks["image_instruction_added"] += 1
+            instruction = published.IMAGE_INSTRUCTION
+            prompt = published.render(instruction, None, has_image=True)
+        return Side(instruction=instruction, text=text, image=image, prompt=prompt)
 
     def fit(self, side: Side, kind: str, field_name: str) -> Side:
-        """Reconcile the prompt split with the declared side kind (text expected, or not expected)."""
+        """Reconcile the prompt split with the declared side kind (text expected, or not expected); the
+        published string stays as it is."""
         if "T" in kind and not side.text and side.instruction:
             self.report.quirks["instruction_as_text"] += 1
-            return Side(instruction="", text=side.instruction, image=side.image)
+            return replace(side, instruction="", text=side.instruction)
         if "T" not in kind and side.text and side.image is not None:
-            return Side(instruction=f"{side.instruction} {side.text}".strip(), text=None, image=side.image)
+            return replace(side, instruction=f"{side.instruction} {side.text}".strip(), text=None)
         if ("I" in kind) != (side.image is not None):
             expected = "an image" if "I" in kind else "no image"
             raise BadRow(field_name, f"the declared modality expects {expected}", "modality_mismatch")
         return side
 
-    def negatives(self, row: dict[str, Any], positive: Side) -> list[Side]:
+    def negatives(self, row: dict[str, Any], positive_prompt: str, sample_id: str) -> list[Side]:
+        """The row's hard negatives. An image negative without text gets a text by the reference rule: the
+        positive's string when all negative texts are equal (typically all empty), else one of the non-empty
+        negative texts (chosen by a generator seeded with the sample id, so conversion is reproducible)."""
         texts = parse_list(row.get("neg_text"), "neg_text")
         paths = parse_list(row.get("neg_image_path"), "neg_image_path")
         if isinstance(row.get("neg_text"), str) or isinstance(row.get("neg_image_path"), str):
@@ -195,17 +185,28 @@ class RowConverter:
                          "negative_length_mismatch")
         count = max(len(texts), len(paths))
         texts, paths = texts or [""] * count, paths or [""] * count
+        non_empty = [text for text in texts if text.strip()]
+        choose = random.Random(sample_id).choice
         sides = []
         for i, (text, path) in enumerate(zip(texts, paths, strict=True)):
             if not text.strip() and not path:
                 self.report.quirks["empty_negative_dropped"] += 1
                 continue
-            side = self.side(text, path, f"neg_text[{i}]", f"neg_image_path[{i}]")
+            if not text.strip():
+                self.report.quirks["negative_text_inherited"] += 1
+                text = positive_prompt if len(set(texts)) == 1 or not non_empty else choose(non_empty)
+            sides.append(self.side(text, path, f"neg_text[{i}]", f"neg_image_path[{i}]"))
+        return sides
+
+    def drop_positive_copies(self, negatives: list[Side], positive: Side) -> list[Side]:
+        """The negatives without copies of the positive (same string and image), at most `max_negatives`."""
+        kept = []
+        for side in negatives:
             if side == positive:
                 self.report.quirks["negative_equals_positive_dropped"] += 1
-                continue
-            sides.append(side)
-        return sides[: self.max_negatives] if self.max_negatives is not None else sides
+            else:
+                kept.append(side)
+        return kept[: self.max_negatives] if self.max_negatives is not None else kept
 
     def image(self, relative: Any, field_name: str) -> bytes:
         path = self.image_root / str(relative)

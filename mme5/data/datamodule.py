@@ -9,7 +9,7 @@ import lightning as L
 import torch
 from torch.utils.data import DataLoader
 
-from mme5.backbones import load_processing
+from mme5.backbones import InputFormat, load_processing
 from mme5.data.collate import ContrastiveBatch, ContrastiveCollator
 from mme5.data.stream import MixedShardStream, Source
 from mme5.distributed import from_all_ranks
@@ -25,7 +25,7 @@ class ShardDataModule(L.LightningDataModule):
         batch_size: samples per batch on each device (the contrastive pool is this × world size).
         num_negatives: hard negatives used per sample (K); samples with fewer are masked.
         chunk_size: items per processor batch; set to the gradient cache's chunk size (None = one chunk).
-        max_length: text tokens per item, image tokens not counted.
+        input_format: how items become model inputs (linked from `model.input_format` by train.py).
         num_workers: dataloader worker processes per device (each reads its own share of the shards).
         shuffle_buffer: samples held per worker and source for shuffling (1 = stream order).
         same_source_batches: draw each batch from one source (harder in-batch negatives).
@@ -40,7 +40,7 @@ class ShardDataModule(L.LightningDataModule):
         batch_size: int = 32,
         num_negatives: int = 3,
         chunk_size: int | None = None,
-        max_length: int = 256,
+        input_format: InputFormat | None = None,
         num_workers: int = 2,
         shuffle_buffer: int = 1000,
         same_source_batches: bool = False,
@@ -49,15 +49,16 @@ class ShardDataModule(L.LightningDataModule):
     ):
         super().__init__()
         self.sources = [s if isinstance(s, Source) else Source(**s) for s in sources]
-        # Into checkpoints as `datamodule_hyper_parameters` (evaluation and export read max_length there),
-        # as plain types, so that checkpoints load with torch.load(weights_only=True).
-        self.save_hyperparameters(ignore=["sources"])
+        # Into checkpoints as `datamodule_hyper_parameters`, as plain types, so that checkpoints load with
+        # torch.load(weights_only=True).
+        self.input_format = InputFormat.of(input_format)
+        self.save_hyperparameters(ignore=["sources", "input_format"])
         self.hparams["sources"] = [asdict(source) for source in self.sources]
+        self.hparams["input_format"] = asdict(self.input_format)
         self.backbone = backbone
         self.batch_size = batch_size
         self.num_negatives = num_negatives
         self.chunk_size = chunk_size
-        self.max_length = max_length
         self.num_workers = num_workers
         self.shuffle_buffer = shuffle_buffer
         self.same_source_batches = same_source_batches
@@ -77,7 +78,7 @@ class ShardDataModule(L.LightningDataModule):
         )
         # A sharded model needs chunks that make every rank run the same modules (see mme5.data.collate).
         lockstep = self.trainer is not None and shards_parameters(self.trainer.strategy)
-        collator = ContrastiveCollator(load_processing(self.backbone, self.max_length).collate,
+        collator = ContrastiveCollator(load_processing(self.backbone, self.input_format).collate,
                                        self.num_negatives, self.chunk_size, lockstep=lockstep)
         workers = self.num_workers
         # An own generator: creating the iterator must not draw from the global RNG, or a resumed run's

@@ -1,9 +1,9 @@
 """The one sample schema used everywhere: training shards, synthesis output and converters.
 
 A sample is a query side, a positive side and 0..k hard-negative sides. A side is an instruction plus
-optional text plus an optional image. The instruction is data kept apart from the content, so that each
-backbone adapter can format it its own way. Images travel as the encoded bytes they were given (JPEG, PNG,
-...); they are decoded only when a batch is collated.
+optional text plus an optional image; a side converted from the published data also keeps its published
+string verbatim (`prompt`), which is what the model is fed (see `mme5.published`). Images travel as the
+encoded bytes they were given (JPEG, PNG, ...); they are decoded only when a batch is collated.
 """
 
 from __future__ import annotations
@@ -62,6 +62,9 @@ class Side:
     instruction: str = ""
     text: str | None = None
     image: bytes | None = None  # encoded image file bytes, never a decoded array
+    prompt: str | None = None
+    """The published string verbatim (placeholder and trailing newline kept); None: written from
+    instruction and text by the published rule (`mme5.published.render`)."""
     _decoded: Image.Image | None = field(default=None, repr=False, compare=False)
 
     def __post_init__(self) -> None:

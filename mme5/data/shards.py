@@ -1,7 +1,7 @@
 """Samples in WebDataset tar shards: an atomic, resumable writer with a manifest, and a validating reader.
 
 Record layout of one sample in a shard (all members share the key = the sample id):
-    <id>.json       metadata + per-side instruction/text + image member names
+    <id>.json       metadata + per-side instruction/text/published prompt + image member names
     <id>.qry.<ext>  query image (encoded bytes as given: jpg, png, ...), if any
     <id>.pos.<ext>  positive image, if any
     <id>.neg<i>.<ext> hard-negative images, if any
@@ -30,7 +30,7 @@ from mme5.data.schema import Sample, SchemaError, Side, image_extension
 from mme5.files import AtomicFile, remove_stale, write_json
 
 MANIFEST = "manifest.json"
-FORMAT = "mme5-shards/1"
+FORMAT = "mme5-shards/2"  # 2: sides keep the published string (`prompt`) of converted rows
 COUNTED_FIELDS = ("task", "modality", "language", "source")
 
 
@@ -46,7 +46,8 @@ def sample_to_record(sample: Sample) -> dict[str, bytes]:
         if side.image is not None:
             image_member = f"{role}.{image_extension(side.image)}"
             members[image_member] = side.image
-        sides[role] = {"instruction": side.instruction, "text": side.text, "image": image_member}
+        sides[role] = {"instruction": side.instruction, "text": side.text, "prompt": side.prompt,
+                       "image": image_member}
     meta = sample.metadata() | {"num_negatives": len(sample.negatives), "sides": sides}
     members["json"] = json.dumps(meta, ensure_ascii=False, sort_keys=True).encode("utf-8")
     return members
@@ -108,7 +109,8 @@ def _read_side(sides: dict[str, Any], role: str, record: dict[str, Any]) -> Side
             raise SchemaError(f"field 'sides.{role}.image' names member '{member}', which is missing")
         image = record[member]
     try:
-        return Side(instruction=entry.get("instruction") or "", text=entry.get("text"), image=image)
+        return Side(instruction=entry.get("instruction") or "", text=entry.get("text"), image=image,
+                    prompt=entry.get("prompt"))
     except SchemaError as error:
         raise SchemaError(f"field 'sides.{role}': {error}") from None
 
@@ -264,7 +266,10 @@ def read_manifest(shard_dir: str | os.PathLike) -> dict[str, Any]:
     except FileNotFoundError:
         raise FileNotFoundError(f"{path}: no shard manifest (is this a directory written by mme5?)") from None
     if manifest.get("format") != FORMAT:
-        raise SchemaError(f"{path}: format {manifest.get('format')!r}, expected {FORMAT!r}")
+        raise SchemaError(
+            f"{path}: shard format {manifest.get('format')!r}, this version reads {FORMAT!r}; convert the "
+            "source again (python -m mme5.data.convert, or delete a demo world to rebuild it): format 2 "
+            "keeps the published prompt strings that the model is fed")
     return manifest
 
 

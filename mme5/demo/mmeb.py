@@ -4,9 +4,10 @@ Layout under the output folder (image paths in the parquet files are relative to
     <Subset>/test-00000-of-00001.parquet    qry_text, qry_img_path, tgt_text (list), tgt_img_path (list)
     eval_images/<Subset>/<nnnnn>.png
     subsets.json                            per subset: meta_task, split (IND/OOD), instruction, ...
-As in MMEB, the instruction is inside `qry_text`, prefixed by `<|image_1|>\\n` when the query has an image,
-the gold candidate is index 0, classification candidates are the whole label set, and other candidate lists
-are drawn from a pool of the subset's scenes. Queries are English, like MMEB's.
+As in MMEB, each side is one published string (`mme5.published.render`: the instruction inside, the
+`<|image_1|>\\n` placeholder first when the side has an image, the trailing newline kept), the gold
+candidate is index 0, classification candidates are the whole label set, and other candidate lists are
+drawn from a pool of the subset's scenes. Queries are English, like MMEB's.
 """
 
 from __future__ import annotations
@@ -20,12 +21,12 @@ from pathlib import Path
 import pyarrow as pa
 import pyarrow.parquet as pq
 
+from mme5 import published
 from mme5.data.schema import Side, Task, image_extension
 from mme5.demo.render import Painter
 from mme5.demo.scenes import Scene, scenes_in, variants
 from mme5.demo.tasks import RECIPES, Context, draw_episode
 
-IMAGE_TOKEN = "<|image_1|>\n"
 PARQUET = "test-00000-of-00001.parquet"
 REGISTRY = "subsets.json"
 SCHEMA = pa.schema([
@@ -115,9 +116,8 @@ def build_mmeb(seed: int, num_queries: int, num_candidates: int, image_size: int
 
 
 def mmeb_text(side: Side) -> str:
-    """A side as MMEB writes it: image token, then instruction and text."""
-    body = " ".join(part for part in (side.instruction, side.text) if part)
-    return (IMAGE_TOKEN if side.image is not None else "") + body
+    """A side as MMEB writes it (the published rule)."""
+    return published.render(side.instruction, side.text, side.image is not None)
 
 
 def write_subset(root: Path, subset: EvalSubset) -> None:

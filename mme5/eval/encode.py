@@ -31,9 +31,9 @@ Embed = Callable[[list[Item]], Tensor]
 
 
 def item_key(item: ItemSpec) -> str:
-    """Stable identity of an item: instruction, text, and the image's location and size."""
+    """Stable identity of an item: instruction, text, published prompt, and the image's location and size."""
     image = item.image
-    fields = [item.instruction, item.text, image and [image.archive, image.path, image.size]]
+    fields = [item.instruction, item.text, image and [image.archive, image.path, image.size], item.prompt]
     return hashlib.sha1(json.dumps(fields, ensure_ascii=False).encode("utf-8")).hexdigest()
 
 
@@ -76,7 +76,7 @@ def _loaded(batches: list[list[ItemSpec]], workers: int) -> Iterator[list[Item]]
 
     def load(specs: list[ItemSpec]) -> list[Item]:
         images = pool.map(lambda s: s.image and load_image(s.image), specs)
-        return [Item(s.instruction, s.text, image) for s, image in zip(specs, images, strict=True)]
+        return [Item(s.instruction, s.text, image, s.prompt) for s, image in zip(specs, images, strict=True)]
 
     with ThreadPoolExecutor(max(1, workers)) as pool, ThreadPoolExecutor(1) as ahead:
         pending = [ahead.submit(load, batch) for batch in batches[:1]]

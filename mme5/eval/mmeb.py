@@ -6,8 +6,9 @@ Layout (TIGER-Lab/MMEB-eval, and the demo world's copy of it):
 Images: an image path in the parquet is looked up under each image source (default: `<root>` and every
 `<root>/*.zip`, e.g. the published images zip, read without unpacking), first as written, then under
 `eval_images/` (published paths start below that folder; the demo world's include it).
-Texts are encoded as published (`Item(instruction="", text=qry_text)`): the instruction is inside the
-text and the adapter drops the `<|image_1|>` placeholder. Candidate lists may differ in length per query.
+Texts are encoded as published (`Item(prompt=qry_text)`): the instruction is inside the string, which the
+model gets verbatim, only the `<|image_1|>` placeholder replaced by the family's image token. Candidate
+lists may differ in length per query.
 """
 
 from __future__ import annotations

@@ -2,8 +2,8 @@
 
 MMEB (each query against its own list, gold at 0) and XTD (each caption against all images, and back)
 both become a `RetrievalSet`, so they share one encoding path and one scorer. Items are interned: each
-distinct (instruction, text, image) gets one row and is encoded once per set, however many rankings and
-candidate lists name it.
+distinct (instruction, text, published prompt, image) gets one row and is encoded once per set, however
+many rankings and candidate lists name it.
 """
 
 from __future__ import annotations
@@ -25,6 +25,7 @@ class ItemSpec:
     instruction: str = ""
     text: str | None = None
     image: ImageRef | None = None
+    prompt: str | None = None  # a published row's string, verbatim (see `Item.prompt`)
 
 
 @dataclass(frozen=True)
@@ -64,11 +65,13 @@ class SetBuilder:
     images: ImageStore | None = None
     items: list[ItemSpec] = field(default_factory=list)
     rankings: dict[str, Ranking] = field(default_factory=dict)
-    _rows: dict[tuple[str, str | None, str | None], int] = field(default_factory=dict)
+    _rows: dict[tuple[str, str | None, str | None, str | None], int] = field(default_factory=dict)
 
-    def item(self, instruction: str, text: str | None, image: str | None, where: str) -> int:
-        """Row of the item; `where` (e.g. "row 3, tgt_img_path[2]") names it in a missing-image error."""
-        key = (instruction, text or None, image or None)
+    def item(self, instruction: str, text: str | None, image: str | None, where: str,
+             prompt: str | None = None) -> int:
+        """Row of the item; `where` (e.g. "row 3, tgt_img_path[2]") names it in a missing-image error.
+        `prompt`: the published string of a row-format item, fed to the model verbatim."""
+        key = (instruction, text or None, image or None, prompt)
         row = self._rows.get(key)
         if row is None:
             ref = None
@@ -80,7 +83,7 @@ class SetBuilder:
                 except MissingImageError as error:
                     raise MissingImageError(f"{self.name}, {where}: {error}") from None
             row = self._rows[key] = len(self.items)
-            self.items.append(ItemSpec(instruction, text or None, ref))
+            self.items.append(ItemSpec(instruction, text or None, ref, prompt))
         return row
 
     def rank(self, key: str, queries: Sequence[int], candidates: Tensor | Sequence[Sequence[int]],

@@ -1,6 +1,7 @@
 """The published row format of retrieval sets (MMEB-eval parquet; XTD in its MMEB-style form): one row a
 query, `qry_text`, `qry_img_path` ("" if none), and its own candidates `tgt_text` / `tgt_img_path` (lists,
-gold first). MMEB and XTD read it with the same code."""
+gold first). MMEB and XTD read it with the same code. The texts are published strings: each item is fed
+to the model verbatim (`Item.prompt`), only the image placeholder replaced by the family's token."""
 
 from __future__ import annotations
 
@@ -45,7 +46,8 @@ def add_rows(builder: SetBuilder, key: str, files: Sequence[Path], max_rows: int
         if not texts or len(texts) != len(images):
             raise ValueError(f"{builder.name}, {where}: tgt_text has {len(texts)} entries and tgt_img_path "
                              f"{len(images)}; expected the same number, at least 1 (gold first)")
-        queries.append(builder.item("", row["qry_text"], row["qry_img_path"], f"{where}, qry_img_path"))
-        candidates.append([builder.item("", text, image, f"{where}, tgt_img_path[{j}]")
+        queries.append(builder.item("", None, row["qry_img_path"], f"{where}, qry_img_path",
+                                    prompt=row["qry_text"] or ""))
+        candidates.append([builder.item("", None, image, f"{where}, tgt_img_path[{j}]", prompt=text or "")
                            for j, (text, image) in enumerate(zip(texts, images, strict=True))])
     builder.rank(key, queries, candidates, [0] * len(queries))

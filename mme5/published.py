@@ -1,0 +1,74 @@
+"""The published data's prompt format: how MMEB and mmE5 rows write one side (instruction, text, image) as
+one string, which the released models were trained and evaluated on.
+
+    "<|image_1|>\\nRepresent the given image for classification\\n"       image, instruction only
+    "<|image_1|>\\nRepresent the given image with the following question: Why?\\n"   image + instruction: text
+    "Find me an everyday image that matches the given caption: A dog.\\n"    text, instruction: text
+    "<|image_1|>\\nRepresent the given image.\\n"                            image target
+    "tench"                                                                bare text target
+
+A side with an image starts with the Phi-3-style placeholder and its newline; an instruction-bearing or image
+side ends with "\\n" (the token the released models pool); a bare text is written as it is. Rows converted
+from the published sets keep their string verbatim (`Item.prompt`, `Side.prompt`); sides made here
+(synthesis, the demo world, API calls) are written by `render`, so a model trained here and the released
+ones see one format. A family adapter then replaces only the placeholder (`mme5.backbones`).
+"""
+
+from __future__ import annotations
+
+import re
+
+PLACEHOLDER = "<|image_1|>"
+"""The published rows' image token, replaced by each family's own."""
+IMAGE_INSTRUCTION = "Represent the given image."
+"""The published instruction of an image side without a task of its own (MMEB image targets, XTD
+candidates, synthetic image targets)."""
+
+_ANY_PLACEHOLDER = re.compile(r"<\|image_\d+\|>")
+_PLACEHOLDER_AND_SPACE = re.compile(r"<\|image_\d+\|>\s*")
+
+
+def render(instruction: str, text: str | None, has_image: bool) -> str:
+    """The published string of a side made of its parts (placeholders inside the parts are dropped)."""
+    parts = [_PLACEHOLDER_AND_SPACE.sub("", part).strip() for part in (instruction, text or "")]
+    body = " ".join(part for part in parts if part)
+    if not parts[0] and not has_image:
+        return body  # a bare text target
+    return (PLACEHOLDER + "\n" if has_image else "") + body + "\n"
+
+
+def normalize(prompt: str, has_image: bool) -> str:
+    """`prompt` with its placeholder agreeing with the side: added in front (with its newline) when the side
+    has an image and the string does not say so; removed (with the newline that follows it) when the side has
+    no image, as the mmE5 collator does by turning `"<|image_1|>\\n"` into nothing but the bos token."""
+    if has_image:
+        return prompt if PLACEHOLDER in prompt else PLACEHOLDER + "\n" + prompt
+    return prompt.replace(PLACEHOLDER + "\n", "").replace(PLACEHOLDER, "")
+
+
+def has_placeholder(prompt: str) -> bool:
+    return bool(_ANY_PLACEHOLDER.search(prompt))
+
+
+def split(prompt: str) -> tuple[str, str | None, bool]:
+    """Split a published string into (instruction, content text, had an image placeholder).
+
+    The inverse of `render` up to whitespace, for the converter's bookkeeping (side kinds, reports); the
+    string itself is kept verbatim for the model. Rule: the placeholder is removed; the first line up to
+    its first colon is the instruction and the rest the content; a first line without a colon followed by
+    more lines is the instruction; a single line without a colon is the instruction when it came with an
+    image placeholder, and content otherwise.
+    """
+    had_placeholder = has_placeholder(prompt)
+    stripped = _ANY_PLACEHOLDER.sub("", prompt).strip()
+    first, _, rest = stripped.partition("\n")
+    head, colon, tail = first.partition(":")
+    if colon and head.strip():
+        instruction, content = head.strip() + ":", (tail + "\n" + rest).strip()
+    elif rest.strip():
+        instruction, content = first.strip(), rest.strip()
+    elif had_placeholder:
+        instruction, content = stripped, ""
+    else:
+        instruction, content = "", stripped
+    return instruction, content or None, had_placeholder
