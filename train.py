@@ -16,6 +16,7 @@ import lightning as L
 from jsonargparse import set_parsing_settings
 from lightning.pytorch.callbacks import ModelCheckpoint
 from lightning.pytorch.cli import LightningCLI
+from lightning.pytorch.utilities import rank_zero_info
 
 from mme5.data.datamodule import ShardDataModule
 from mme5.module import EmbeddingModule
@@ -50,6 +51,19 @@ class TrainCLI(LightningCLI):
         config = self.config_init[self.subcommand]
         if config.get("ckpt_path") == "newest":
             config["ckpt_path"] = newest_checkpoint(self.trainer)
+        if self.trainer.max_steps == -1:
+            epochs = self.config[self.subcommand].trainer.max_epochs or 1
+            self.trainer.fit_loop.max_steps = steps_for_epochs(self.trainer, self.datamodule, epochs)
+
+
+def steps_for_epochs(trainer: L.Trainer, datamodule: ShardDataModule, epochs: int) -> int:
+    """`trainer.max_steps: -1`: as many steps as `epochs` passes over the sources take at the global batch
+    (the manifests' sample counts, each source capped at its max_samples), as the reference trains."""
+    world = trainer.world_size
+    steps = epochs * datamodule.steps_per_epoch(world)
+    rank_zero_info(f"max_steps = {steps}: {epochs} epoch(s) of {datamodule.samples_per_epoch()} samples at "
+                   f"{datamodule.batch_size} x {world} a step")
+    return steps
 
 
 def newest_checkpoint(trainer: L.Trainer) -> str | None:

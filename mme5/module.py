@@ -34,9 +34,16 @@ class NonFiniteLossError(RuntimeError):
     """The loss became NaN or infinite; the last good state was saved before stopping."""
 
 
-def warmup_then_decay(step: int, warmup: int, total: int, schedule: str) -> float:
-    """Learning-rate factor: linear warmup to 1, then linear or cosine decay to 0 at `total` steps."""
+def warmup_then_decay(step: int, warmup: int, total: int, schedule: str, warmup_shape: str = "linear"
+                      ) -> float:
+    """Learning-rate factor: warmup to 1, then linear or cosine decay to 0 at `total` steps.
+
+    Warmup "linear": (step + 1) / warmup. "log": log(step + 1) / log(warmup), DeepSpeed's WarmupDecayLR
+    default (the reference's scheduler; 0 at the first step).
+    """
     if step < warmup:
+        if warmup_shape == "log":
+            return math.log(step + 1) / math.log(warmup) if warmup > 1 else 1.0
         return (step + 1) / warmup
     progress = min(1.0, (step - warmup) / max(1, total - warmup))
     if schedule == "cosine":
@@ -65,8 +72,13 @@ class EmbeddingModule(L.LightningModule):
         lr: peak learning rate of AdamW.
         weight_decay: AdamW weight decay.
         warmup: warmup length, as a fraction of max_steps (< 1) or a number of steps (>= 1).
+        warmup_shape: "linear", or "log" as DeepSpeed's WarmupDecayLR (the reference's arithmetic).
         schedule: decay after warmup.
         grad_clip: maximum gradient norm (0 = no clipping).
+        gradient_scale: "global" (the gradient of the global-batch loss) or "per_rank" (the reference's
+            arithmetic: each rank's loss covers the global batch but only its own embeddings carry gradient,
+            and the ranks' gradients are averaged, so the gradient is the global one divided by the number
+            of ranks; this scales the learning rate, and clipping, by that factor).
         reshard_after_forward: under FSDP (`ModelParallelStrategy`), free each gathered block after its
             forward (least memory); false keeps it until its backward (less communication).
     """
@@ -86,8 +98,10 @@ class EmbeddingModule(L.LightningModule):
         lr: float = 1e-5,
         weight_decay: float = 0.0,
         warmup: float = 0.05,
+        warmup_shape: Literal["linear", "log"] = "linear",
         schedule: Literal["linear", "cosine", "constant"] = "linear",
         grad_clip: float = 5.0,
+        gradient_scale: Literal["global", "per_rank"] = "global",
         reshard_after_forward: bool = True,
     ):
         super().__init__()
@@ -158,6 +172,9 @@ class EmbeddingModule(L.LightningModule):
                 self.loss_fn, self.cache if self.hparams.gradient_cache else None, self.manual_backward)
 
         self._stop_if_not_finite(loss)
+        if self.hparams.gradient_scale == "per_rank" and self.trainer.world_size > 1:
+            grads = [p.grad for p in self.parameters() if p.grad is not None]
+            torch._foreach_mul_(grads, 1.0 / self.trainer.world_size)
         if self.hparams.grad_clip:
             self.clip_gradients(optimizer, gradient_clip_val=self.hparams.grad_clip,
                                 gradient_clip_algorithm="norm")
@@ -239,5 +256,5 @@ class EmbeddingModule(L.LightningModule):
             raise ValueError("set trainer.max_steps: the training stream is unbounded")
         warmup = int(hp.warmup * total) if hp.warmup < 1 else int(hp.warmup)
         scheduler = LambdaLR(optimizer, lambda step: warmup_then_decay(step, max(warmup, 1), int(total),
-                                                                       hp.schedule))
+                                                                       hp.schedule, hp.warmup_shape))
         return {"optimizer": optimizer, "lr_scheduler": {"scheduler": scheduler, "interval": "step"}}

@@ -13,6 +13,7 @@ from nbclient import NotebookClient
 from torch.utils.tensorboard import SummaryWriter
 
 from mme5 import analysis
+from mme5.data.shards import FORMAT
 from mme5.eval.report import HEADLINE
 
 matplotlib.use("Agg")
@@ -65,7 +66,7 @@ def make_run(root: Path, name: str, offset: float, num_samples: int, max_samples
     writer.close()
     shards = root / f"{name}-shards"
     shards.mkdir()
-    manifest = {"format": "mme5-shards/1", "complete": True, "num_samples": num_samples, "shards": []}
+    manifest = {"format": FORMAT, "complete": True, "num_samples": num_samples, "shards": []}
     (shards / "manifest.json").write_text(json.dumps(manifest))
     config = {"data": {"sources": [{"path": str(shards), "weight": None, "max_samples": max_samples}]}}
     (run / "tensorboard" / "config.yaml").write_text(yaml.safe_dump(config))

@@ -1,6 +1,7 @@
 """Backbone adapters on tiny random models of each family: prompts, mixed batches, truncation, loading."""
 
 import copy
+import io
 import pickle
 
 import numpy as np
@@ -11,6 +12,7 @@ from transformers import BertConfig
 
 from mme5.backbones import (
     ADAPTERS,
+    IMAGE_INSTRUCTION,
     IMAGE_PLACEHOLDER,
     InputFormat,
     Item,
@@ -20,6 +22,7 @@ from mme5.backbones import (
     load_processing,
 )
 from mme5.backbones.tiny import build_tiny
+from mme5.images import load_rgb
 
 FAMILIES = sorted(ADAPTERS)
 
@@ -163,3 +166,19 @@ def test_skeleton_has_the_architecture_and_no_weights(tiny_mllama):
     assert {name: (p.shape, p.dtype) for name, p in skeleton.model.named_parameters()} == shapes
     assert {p.device.type for p in skeleton.model.parameters()} == {"meta"}
     assert skeleton.prompt(Item("", "a caption")) == loaded.prompt(Item("", "a caption"))
+
+
+def test_transparent_and_extreme_images_go_through_every_family(adapter):
+    """A transparent PNG (decoded as training and evaluation decode it), a 300×1 and a 1×300 image."""
+    rgba = Image.new("RGBA", (24, 16), (0, 0, 0, 0))
+    rgba.paste((255, 0, 0, 255), (0, 0, 12, 16))
+    buffer = io.BytesIO()
+    rgba.save(buffer, format="PNG")
+    transparent = load_rgb(buffer.getvalue())
+    assert transparent.getpixel((20, 8)) == (255, 255, 255) and transparent.getpixel((2, 8)) == (255, 0, 0)
+    wide, tall = noise_image(7, (300, 1)), noise_image(8, (1, 300))
+    assert adapter.prepare_image(wide).size == (300, 3) and adapter.prepare_image(tall).size == (3, 300)
+    assert adapter.prepare_image(wide).crop((0, 1, 300, 2)).tobytes() == wide.tobytes()
+    items = [Item(IMAGE_INSTRUCTION, image=image) for image in (transparent, wide, tall)]
+    embeddings = embed(adapter, items)
+    assert embeddings.shape == (3, adapter.hidden_size) and torch.isfinite(embeddings).all()

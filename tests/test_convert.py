@@ -46,15 +46,6 @@ def write_parquet(path, rows):
     pq.write_table(pa.Table.from_pylist(rows), path)
 
 
-def test_split_prompt_rules():
-    assert conv.split_prompt("<|image_1|>\nRepresent the given image with the following question: Why?") == (
-        "Represent the given image with the following question:", "Why?", True)
-    assert conv.split_prompt("<|image_1|>\nRepresent the given image.") == ("Represent the given image.",
-                                                                           None, True)
-    assert conv.split_prompt("tench") == ("", "tench", False)
-    assert conv.split_prompt("Find an image\nA dog.") == ("Find an image", "A dog.", False)
-
-
 def test_parse_list_is_safe():
     assert conv.parse_list("['a', \"b\"]", "neg_text") == ["a", "b"]
     assert conv.parse_list(["a", None], "neg_text") == ["a", ""]

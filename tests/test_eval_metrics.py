@@ -1,7 +1,7 @@
 import pytest
 import torch
 
-from mme5.eval.metrics import RankingMetrics, metrics_from_ranks, pessimistic_ranks
+from mme5.eval.metrics import gold_ranks, metrics_from_ranks
 from mme5.eval.registry import META_TASKS, MMEB, aggregate, load_registry, save_registry
 
 
@@ -15,29 +15,36 @@ def test_ranks_match_brute_force_including_ties():
     scores = torch.randint(0, 4, (50, 7)).float()  # many exact ties
     gold = torch.randint(0, 7, (50,))
     expected = [brute_force_rank(scores[i].tolist(), int(gold[i])) for i in range(50)]
-    assert pessimistic_ranks(scores, gold).tolist() == expected
+    assert gold_ranks(scores, gold).tolist() == expected
+
+
+def reference_rank(row, gold):
+    """The reference's argmax, written out: position of the gold in a stable sort by descending score."""
+    order = sorted(range(len(row)), key=lambda j: -row[j])  # sorted() is stable: equal scores keep list order
+    return 1 + order.index(gold)
+
+
+def test_reference_tie_rule_is_the_first_maximum_in_list_order():
+    torch.manual_seed(1)
+    scores = torch.randint(0, 4, (50, 7)).float()
+    gold = torch.randint(0, 7, (50,))
+    expected = [reference_rank(scores[i].tolist(), int(gold[i])) for i in range(50)]
+    assert gold_ranks(scores, gold, ties="reference").tolist() == expected
+    constant = torch.zeros(3, 5)  # MMEB: gold at index 0, so a constant model is always right
+    assert gold_ranks(constant, torch.zeros(3, dtype=torch.long), ties="reference").tolist() == [1, 1, 1]
+    with pytest.raises(ValueError, match="ties must be one of"):
+        gold_ranks(constant, torch.zeros(3, dtype=torch.long), ties="optimistic")
 
 
 def test_ties_never_count_as_hits():
     constant = torch.zeros(4, 10)
-    ranks = pessimistic_ranks(constant, torch.zeros(4, dtype=torch.long))
+    ranks = gold_ranks(constant, torch.zeros(4, dtype=torch.long))
     assert ranks.tolist() == [10] * 4 and metrics_from_ranks(ranks)["precision@1"] == 0
     scores = torch.tensor([[0.9, 0.1, 0.9], [0.9, 0.1, 0.2], [0.1, 0.9, 0.0]])
-    ranks = pessimistic_ranks(scores, torch.zeros(3, dtype=torch.long))
+    ranks = gold_ranks(scores, torch.zeros(3, dtype=torch.long))
     assert ranks.tolist() == [2, 1, 2]
     padded = torch.tensor([[0.5, float("-inf"), float("-inf")]])
-    assert pessimistic_ranks(padded, torch.tensor([0])).tolist() == [1]
-
-
-def test_metric_accumulates_batches_and_computes_percentages():
-    metric = RankingMetrics(ks=(1, 2))
-    metric.update(torch.tensor([[1.0, 0.0, 0.5]]), torch.tensor([0]))  # rank 1
-    metric.update(torch.tensor([[0.0, 1.0, 0.5], [0.2, 0.3, 0.1]]), torch.tensor([2, 0]))  # ranks 2, 2
-    out = metric.compute()
-    assert out["precision@1"] == pytest.approx(100 / 3)
-    assert out["recall@2"] == pytest.approx(100.0)
-    assert out["mrr"] == pytest.approx(100 * (1 + 0.5 + 0.5) / 3)
-    assert out["queries"] == 3
+    assert gold_ranks(padded, torch.tensor([0])).tolist() == [1]
 
 
 def test_registry_has_the_36_mmeb_sets():

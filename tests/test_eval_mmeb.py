@@ -26,7 +26,8 @@ def vector(text, red):
 
 
 def fake_embed(items):
-    return torch.tensor([vector(it.text, None if it.image is None else it.image.getpixel((0, 0))[0])
+    """Embeds what the model is fed: MMEB items are published strings (`Item.prompt`)."""
+    return torch.tensor([vector(it.prompt, None if it.image is None else it.image.getpixel((0, 0))[0])
                          for it in items], dtype=torch.float32)
 
 
@@ -113,6 +114,11 @@ def test_ties_count_against_the_gold_and_items_are_encoded_once(tmp_path):
     # img0 and img3 have the same colour: a query whose gold is img0 ties with img3 when both are listed
     assert ranked.ranks.tolist() == brute_force_ranks(ROWS["MSCOCO_t2i"])
     assert ranked.ranks.tolist() != brute_force_ranks(ROWS["MSCOCO_t2i"], ties_against_gold=False)
+    # the reference's argmax (gold first): the tie is a hit, and the scores say which rule made them
+    summary, results = evaluate(MMEB(root, subsets=["MSCOCO_t2i"]), fake_embed, ties="reference")
+    argmax = brute_force_ranks(ROWS["MSCOCO_t2i"], ties_against_gold=False)
+    assert results["MSCOCO_t2i"].ranks.tolist() == argmax
+    assert summary.scores["ties"] == "reference"
 
 
 def test_summary_has_every_aggregate_and_overall_is_the_mean_over_data_sets(tmp_path):

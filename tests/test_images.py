@@ -5,7 +5,7 @@ import io
 import pytest
 from PIL import Image
 
-from mme5.images import ImageDecodeError, load_rgb
+from mme5.images import ImageDecodeError, fit_aspect_ratio, load_rgb
 
 
 def png_bytes(mode="RGB", size=(16, 12)) -> bytes:
@@ -35,3 +35,46 @@ def test_truncated_and_non_image_input_raise_a_named_error(tmp_path):
         load_rgb(b"garbage")
     with pytest.raises(FileNotFoundError):
         load_rgb(tmp_path / "missing.png")
+
+
+def transparent_images() -> dict[str, Image.Image]:
+    """A red pixel, a fully transparent one and a half-transparent red one, in each transparent mode."""
+    rgba = Image.new("RGBA", (3, 1))
+    rgba.putdata([(255, 0, 0, 255), (0, 0, 0, 0), (255, 0, 0, 128)])
+    la = Image.new("LA", (2, 1))
+    la.putdata([(0, 255), (0, 0)])  # black opaque, black transparent
+    palette = Image.new("P", (2, 1))
+    palette.putpalette([255, 0, 0, 0, 0, 0])  # index 0 red, index 1 black (transparent)
+    palette.putdata([0, 1])
+    palette.info["transparency"] = 1
+    return {"RGBA": rgba, "LA": la, "P": palette}
+
+
+def test_transparent_pixels_become_white_not_black():
+    images = transparent_images()
+    assert list(load_rgb(images["RGBA"]).getdata()) == [(255, 0, 0), (255, 255, 255), (255, 127, 127)]
+    assert list(load_rgb(images["LA"]).getdata()) == [(0, 0, 0), (255, 255, 255)]
+    assert list(load_rgb(images["P"]).getdata()) == [(255, 0, 0), (255, 255, 255)]
+    for image in images.values():  # the same through encoded bytes (what shards and files hold)
+        buffer = io.BytesIO()
+        image.save(buffer, format="PNG")
+        assert load_rgb(buffer.getvalue()).tobytes() == load_rgb(image).tobytes()
+
+
+@pytest.mark.parametrize("size", [(300, 1), (1, 300), (900, 2)])
+def test_extreme_aspect_ratios_are_padded_with_white_around_the_content(size):
+    image = Image.effect_noise(size, 64).convert("RGB")
+    fitted = fit_aspect_ratio(image, max_ratio=100)
+    width, height = fitted.size
+    assert max(width, height) / min(width, height) <= 100 and min(width, height) >= 2
+    assert max(width, height) == max(size)  # padded, never resized
+    left, top = (width - size[0]) // 2, (height - size[1]) // 2
+    assert fitted.crop((left, top, left + size[0], top + size[1])).tobytes() == image.tobytes()
+    white = Image.new("RGB", fitted.size, (255, 255, 255))
+    white.paste(image, (left, top))
+    assert fitted.tobytes() == white.tobytes()  # everything else is white
+
+
+def test_images_within_bounds_are_left_as_they_are():
+    image = Image.effect_noise((40, 30), 64).convert("RGB")
+    assert fit_aspect_ratio(image, max_ratio=100) is image

@@ -9,8 +9,6 @@ The expected token ids are what the real transformers processor classes make of 
 as the reference calls them; the project's ids must equal them id for id.
 """
 
-import json
-
 import numpy as np
 import pyarrow as pa
 import pyarrow.parquet as pq
@@ -191,5 +189,12 @@ def test_render_and_normalize_rules():
     assert published.render("", "a dog", has_image=True) == "<|image_1|>\na dog\n"
     assert published.normalize("Represent the given image.\n", has_image=True) == ROWS[3][1]
     assert published.normalize(ROWS[6][1], has_image=False) == ROWS[6][3]["qwen2_vl"]
-    assert json.dumps(published.split(ROWS[4][1])) == json.dumps(
-        ["Represent the given image with the following question:", "What is on the table?", True])
+
+
+def test_split_rules():
+    """The converter's bookkeeping split (side kinds, reports); the string itself is kept verbatim."""
+    assert published.split(ROWS[4][1]) == (
+        "Represent the given image with the following question:", "What is on the table?", True)
+    assert published.split(ROWS[3][1]) == ("Represent the given image.", None, True)
+    assert published.split("tench") == ("", "tench", False)
+    assert published.split("Find an image\nA dog.") == ("Find an image", "A dog.", False)

@@ -122,6 +122,25 @@ def test_collator_masks_missing_negatives_and_chunks(tmp_path):
     assert [i.text for i in flat_negatives] == [n.text for s in batch.samples for n in s.negatives[:2]]
 
 
+def test_reference_negative_padding_repeats_the_last_negative(tmp_path):
+    source = write_source(tmp_path / "a", 6, per_shard=6)
+    batch = take(MixedShardStream([source], batch_size=6, shuffle_buffer=1), 1)[0]
+    seen = []
+
+    def collate(items):
+        seen.append(list(items))
+        return {"n": torch.tensor([len(items)])}
+
+    out = ContrastiveCollator(collate, num_negatives=3, negative_padding="repeat")(batch)
+    counts = [len(s.negatives) for s in batch.samples]
+    assert out.negative_mask.tolist() == [[count > 0] * 3 for count in counts]  # none stays without
+    padded = [n.text for s in batch.samples if s.negatives
+              for n in s.negatives + [s.negatives[-1]] * (3 - len(s.negatives))]
+    assert [item.text for item in seen[2]] == padded
+    with pytest.raises(ValueError, match="negative_padding"):
+        ContrastiveCollator(collate, negative_padding="zeros")
+
+
 def test_a_folder_of_shard_directories_is_one_source(tmp_path):
     """E.g. the part-<i>-of-<N> folders of a synthesis job array, without a merge step."""
     root = tmp_path / "synthetic"
@@ -135,3 +154,38 @@ def test_a_folder_of_shard_directories_is_one_source(tmp_path):
     assert sorted(ids(batch)) == [f"a{i:04d}" for i in range(7)] + [f"b{i:04d}" for i in range(6)]
     with pytest.raises(FileNotFoundError, match="no shard manifest"):
         Source(str(tmp_path / "empty")).shard_plan()
+
+
+@pytest.mark.parametrize("lockstep", [False, True])
+def test_a_sample_the_processor_refuses_is_dropped_whole_and_named(tmp_path, lockstep):
+    """An injected processor fault on one sample's negative: that sample goes from every role, the others
+    keep their rows, and the skip names the shard and the sample."""
+    source = write_source(tmp_path / "a", 6, per_shard=6)
+    batch = take(MixedShardStream([source], batch_size=6, shuffle_buffer=1), 1)[0]
+    victim = next(s for s in batch.samples if len(s.negatives) == 2)
+    poison = victim.negatives[1].text
+
+    def collate(items):
+        if any(item is not None and item.text == poison for item in items):
+            raise ValueError("aspect ratio out of range")
+        return {"texts": [item.text for item in items]}
+
+    collator = ContrastiveCollator(collate, num_negatives=2, lockstep=lockstep)
+    out = collator(batch)
+    kept = [s for s in batch.samples if s.id != victim.id]
+    assert out.ids == [s.id for s in kept] and out.skipped == batch.skipped + 1
+
+    def real(chunk):  # the rows that are items (lockstep chunks also hold padding rows)
+        keep = chunk.keep.tolist() if chunk.keep is not None else [True] * len(chunk.inputs["texts"])
+        return [text for text, k in zip(chunk.inputs["texts"], keep, strict=True) if k]
+
+    assert real(out.query[0]) == [s.query.text for s in kept]
+    assert real(out.positive[0]) == [s.positive.text for s in kept]
+    assert real(out.negatives[0]) == [n.text for s in kept for n in s.negatives[:2]]
+    assert out.negative_mask.tolist() == [[k > j for j in range(2)] for k in (len(s.negatives) for s in kept)]
+    if lockstep:  # the victim's slots are padding rows: every rank still has B and B × K rows
+        assert out.query[0].keep.tolist() == [s.id != victim.id for s in batch.samples]
+        slots = [s.id != victim.id and k < len(s.negatives) for s in batch.samples for k in range(2)]
+        assert out.negatives[0].keep.tolist()[: 6 * 2] == slots
+    with pytest.raises(Exception, match=rf"shard-000000.tar: sample '{victim.id}': neg1"):
+        ContrastiveCollator(collate, num_negatives=2, lockstep=lockstep, strict=True)(batch)

@@ -1,6 +1,7 @@
 """The training entry point and module: recipes parse, the loss falls, resume is exact, NaN stops cleanly,
 and DDP and FSDP gradients equal the full-batch gradient."""
 
+import math
 import os
 import subprocess
 import sys
@@ -58,6 +59,11 @@ def test_schedule_warms_up_then_decays():
     assert warmup_then_decay(55, 10, 100, "linear") == pytest.approx(0.5)
     assert warmup_then_decay(55, 10, 100, "cosine") == pytest.approx(0.5)
     assert warmup_then_decay(100, 10, 100, "cosine") == pytest.approx(0.0)
+    # the reference's DeepSpeed WarmupDecayLR: log-shaped warmup, 0 at the first step, then linear decay
+    assert warmup_then_decay(0, 10, 100, "linear", "log") == 0.0
+    assert warmup_then_decay(4, 10, 100, "linear", "log") == pytest.approx(math.log(5) / math.log(10))
+    assert warmup_then_decay(9, 10, 100, "linear", "log") == pytest.approx(1.0)
+    assert warmup_then_decay(55, 10, 100, "linear", "log") == pytest.approx(0.5)
 
 
 def test_scatter_negatives_places_rows_in_their_slots():
@@ -200,6 +206,14 @@ def test_distributed_gradient_equals_the_full_batch_gradient(tmp_path, tiny_mlla
     trained = [key for key in last["state_dict"] if "lora_" in key or key.startswith("loss_fn.")]
     assert last["adapter_only"] and trained == list(last["state_dict"])  # no backbone weight
     assert_same_gradients(record, full_batch_gradient(tiny_mllama, tiny_shards, record))
+
+
+def test_reference_gradient_scale_is_the_full_batch_gradient_over_ranks(tmp_path, tiny_mllama, tiny_shards):
+    """`gradient_scale: per_rank` reproduces the reference's arithmetic: DeepSpeed averages the ranks'
+    gradients of losses whose embeddings carry gradient only locally, i.e. the true gradient / ranks."""
+    record = run_distributed(tmp_path, tiny_mllama, tiny_shards, "ddp", "--gradient-scale", "per_rank")
+    expected = full_batch_gradient(tiny_mllama, tiny_shards, record)
+    assert_same_gradients(record, {name: grad / 2 for name, grad in expected.items()})
 
 
 @pytest.mark.parametrize("family", ["qwen2_vl", "llava"])

@@ -23,9 +23,11 @@ def test_train_py_fit_runs_the_demo_recipe_end_to_end(tmp_path, tiny_mllama):
                                             languages=("en", "es", "zh")), progress=False)
     shutil.copytree(tiny_mllama, root / "backbone")
     command = [sys.executable, "train.py", "fit", "--config", "configs/demo.yaml",
-               "--trainer.default_root_dir", str(root), "--trainer.max_steps", "3",
-               "--trainer.log_every_n_steps", "1", "--trainer.enable_progress_bar", "false",
-               "--data.batch_size", "4", "--model.chunk_size", "2", "--data.num_workers", "0"]
+               "--trainer.default_root_dir", str(root), "--trainer.log_every_n_steps", "1",
+               "--trainer.enable_progress_bar", "false", "--data.batch_size", "16", "--model.chunk_size", "4",
+               "--data.num_workers", "0", "--model.input_format.max_length", "64",
+               # max_steps from the manifests: one pass over the 48 samples at 16 a step
+               "--trainer.max_steps", "-1"]
     result = subprocess.run(command, cwd=REPO, capture_output=True, text=True, timeout=900)
     assert result.returncode == 0, result.stderr[-4000:]
 
@@ -36,6 +38,7 @@ def test_train_py_fit_runs_the_demo_recipe_end_to_end(tmp_path, tiny_mllama):
     events.Reload()
     logged = {tag: [e.step for e in events.Scalars(tag)] for tag in events.Tags()["scalars"]}
     assert logged["train/loss"] == [0, 1, 2]
+    assert "max_steps = 3: 1 epoch(s) of 48 samples at 16 x 1 a step" in result.stderr + result.stdout
     assert logged["eval/mmeb/Overall"] == [0] and logged["eval/xtd/mean_r10"] == [0]  # the step-0 baseline
 
     checkpoint = torch.load(root / "checkpoints" / "last.ckpt", weights_only=True)  # plain types only
@@ -43,5 +46,8 @@ def test_train_py_fit_runs_the_demo_recipe_end_to_end(tmp_path, tiny_mllama):
     loaded = load_encoder(root / "checkpoints" / "last.ckpt")
     assert loaded.recipe["global_step"] == 3
     data = loaded.recipe["datamodule_hyper_parameters"]
-    assert data["batch_size"] == 4 and data["chunk_size"] == 2  # linked from model.chunk_size
+    assert data["batch_size"] == 16 and data["chunk_size"] == 4  # linked from model.chunk_size
+    # one input format for training collation, in-training evaluation and the loaded checkpoint
+    assert data["input_format"] == checkpoint["hyper_parameters"]["input_format"]
+    assert data["input_format"]["max_length"] == loaded.encoder.adapter.max_length == 64
     assert loaded.encoder.embed([]).shape == (0, loaded.encoder.dim)

@@ -3,7 +3,7 @@
 from __future__ import annotations
 
 from dataclasses import asdict
-from typing import Any
+from typing import Any, Literal
 
 import lightning as L
 import torch
@@ -24,6 +24,8 @@ class ShardDataModule(L.LightningDataModule):
         backbone: model folder or hub id whose processor formats and batches the items.
         batch_size: samples per batch on each device (the contrastive pool is this × world size).
         num_negatives: hard negatives used per sample (K); samples with fewer are masked.
+        negative_padding: "mask" (missing negatives leave the loss) or "repeat" (the reference: a shorter
+            list is padded with copies of its last negative).
         chunk_size: items per processor batch; set to the gradient cache's chunk size (None = one chunk).
         input_format: how items become model inputs (linked from `model.input_format` by train.py).
         num_workers: dataloader worker processes per device (each reads its own share of the shards).
@@ -39,6 +41,7 @@ class ShardDataModule(L.LightningDataModule):
         backbone: str,
         batch_size: int = 32,
         num_negatives: int = 3,
+        negative_padding: Literal["mask", "repeat"] = "mask",
         chunk_size: int | None = None,
         input_format: InputFormat | None = None,
         num_workers: int = 2,
@@ -58,6 +61,7 @@ class ShardDataModule(L.LightningDataModule):
         self.backbone = backbone
         self.batch_size = batch_size
         self.num_negatives = num_negatives
+        self.negative_padding = negative_padding
         self.chunk_size = chunk_size
         self.num_workers = num_workers
         self.shuffle_buffer = shuffle_buffer
@@ -79,13 +83,22 @@ class ShardDataModule(L.LightningDataModule):
         # A sharded model needs chunks that make every rank run the same modules (see mme5.data.collate).
         lockstep = self.trainer is not None and shards_parameters(self.trainer.strategy)
         collator = ContrastiveCollator(load_processing(self.backbone, self.input_format).collate,
-                                       self.num_negatives, self.chunk_size, lockstep=lockstep)
+                                       self.num_negatives, self.chunk_size, lockstep=lockstep,
+                                       strict=self.strict, negative_padding=self.negative_padding)
         workers = self.num_workers
         # An own generator: creating the iterator must not draw from the global RNG, or a resumed run's
         # dropout masks would shift by one draw against an uninterrupted run's.
         return DataLoader(stream, batch_size=None, collate_fn=collator, num_workers=workers,
                           persistent_workers=workers > 0, prefetch_factor=4 if workers else None,
                           generator=torch.Generator().manual_seed(self.seed))
+
+    def samples_per_epoch(self) -> int:
+        """Samples in one pass over every source (each capped at its `max_samples`), from the manifests."""
+        return sum(take for source in self.sources for _, take in source.shard_plan())
+
+    def steps_per_epoch(self, world_size: int) -> int:
+        """Optimizer steps in one pass over the sources at this global batch (the last one partial)."""
+        return -(-self.samples_per_epoch() // (self.batch_size * world_size))
 
     def on_before_batch_transfer(self, batch: ContrastiveBatch, dataloader_idx: int) -> ContrastiveBatch:
         # Called in the main process for each batch the step is about to consume.

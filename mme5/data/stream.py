@@ -100,6 +100,7 @@ class StreamBatch:
     position: dict[str, Any]
     skipped: int = 0
     skip_errors: list[str] = field(default_factory=list)
+    urls: list[str] = field(default_factory=list)  # the shard each sample came from
 
 
 class SourceReader:
@@ -202,13 +203,14 @@ class MixedShardStream(IterableDataset):
             rng = random.Random(f"{self.seed}/mix/{slot.index}/{batches}")
             if self.same_source_batches:
                 source = rng.choices(names, weights)[0]
-                samples = [next(streams[source]) for _ in range(self.batch_size)]
+                drawn = [next(streams[source]) for _ in range(self.batch_size)]
             else:
-                samples = [next(streams[rng.choices(names, weights)[0]]) for _ in range(self.batch_size)]
+                drawn = [next(streams[rng.choices(names, weights)[0]]) for _ in range(self.batch_size)]
             batches += 1
             position = {"slots": slot.count, "batches": batches,
                         "sources": {name: dict(reader.position) for name, reader in readers.items()}}
-            yield StreamBatch(samples, slot.index, position, stats.num_skipped, list(stats.errors[-5:]))
+            samples, urls = [sample for sample, _ in drawn], [url for _, url in drawn]
+            yield StreamBatch(samples, slot.index, position, stats.num_skipped, list(stats.errors[-5:]), urls)
 
     def shuffled(self, items: Iterator[T], rng: random.Random) -> Iterator[T]:
         """Shuffle an unbounded stream: hold `shuffle_buffer` items, emit a random one per arrival."""
@@ -220,7 +222,7 @@ class MixedShardStream(IterableDataset):
                 buffer[index], buffer[-1] = buffer[-1], buffer[index]
                 yield buffer.pop()
 
-    def decoded(self, items: Iterator[tuple[Sample, str]], stats: ReadStats) -> Iterator[Sample]:
+    def decoded(self, items: Iterator[tuple[Sample, str]], stats: ReadStats) -> Iterator[tuple[Sample, str]]:
         """Decode images only after shuffling (the buffer holds encoded bytes); skip and count broken ones."""
         for sample, url in items:
             try:
@@ -231,4 +233,4 @@ class MixedShardStream(IterableDataset):
                     raise CorruptSample(message) from None
                 stats.skip("record", message)
                 continue
-            yield sample
+            yield sample, url

@@ -23,6 +23,7 @@ from mme5.backbones import DTYPES
 from mme5.checkpoint import load_encoder
 from mme5.distributed import rank_and_world
 from mme5.eval.encode import EmbeddingCache
+from mme5.eval.metrics import TIE_RULES
 from mme5.eval.mmeb import MMEB
 from mme5.eval.report import write_outputs
 from mme5.eval.run import Benchmark, evaluate
@@ -52,7 +53,11 @@ def parse(argv: list[str] | None = None) -> argparse.Namespace:
                         help="default: cuda when available, else cpu")
     parser.add_argument("--dtype", choices=list(DTYPES), help="weights' dtype (default: the checkpoint's)")
     parser.add_argument("--max-length", type=int,
-                        help="text tokens per item (default: the exported model's or training's, else 256)")
+                        help="text tokens per item (default: the model's recorded input format's)")
+    parser.add_argument("--ties", choices=TIE_RULES, default="pessimistic",
+                        help="a candidate scoring exactly as the gold: 'pessimistic' ranks it above the gold "
+                             "(default), 'reference' lets the first in list order win, as the reference "
+                             "code's argmax (gold first in MMEB: a tie is a hit)")
     parser.add_argument("--top-k", type=int, default=10, help="candidates kept per prediction (default: 10)")
     parser.add_argument("--cache", type=Path, help="embedding cache folder (default: OUT/cache)")
     parser.add_argument("--no-cache", action="store_true", help="recompute every embedding")
@@ -101,7 +106,7 @@ def main(argv: list[str] | None = None) -> None:
     for benchmark in chosen:
         summaries[benchmark.name], results[benchmark.name] = evaluate(
             benchmark, loaded.encoder.embed, batch_size=args.batch_size, cache=cache, top_k=args.top_k,
-            progress=True)
+            progress=True, ties=args.ties)
     if rank_and_world()[0] == 0:
         write_outputs(args.out, loaded.description | {"fingerprint": loaded.fingerprint}, summaries, results)
         for name, summary in summaries.items():

@@ -23,6 +23,9 @@ from mme5.files import atomic_write, write_json
 
 HEADLINE = (*META_TASKS, *SPLITS, "Overall")
 XTD_ROWS = (("t2i", "text→image"), ("i2t", "image→text"))
+TIE_NOTES = {"pessimistic": "Ties: a candidate scoring exactly as the gold ranks above it (pessimistic).",
+             "reference": "Ties: the first maximum in list order wins, as the reference's argmax "
+                          "(`--ties reference`)."}
 
 
 def cell(value: float | None) -> str:
@@ -36,7 +39,8 @@ def table(header: list[str], rows: list[list[str]]) -> list[str]:
 
 def mmeb_tables(model: str, scores: dict[str, Any]) -> list[str]:
     """The leaderboard line (meta-tasks, IND, OOD, Overall), then every data set by meta-task."""
-    lines = ["## MMEB", "", f"Score: {scores['metric']} (%). Overall is the mean over all data sets.", ""]
+    lines = ["## MMEB", "", f"Score: {scores['metric']} (%). Overall is the mean over all data sets. "
+             f"{TIE_NOTES[scores.get('ties', 'pessimistic')]}", ""]
     lines += table(["Model", *HEADLINE], [[model, *(cell(scores.get(k)) for k in HEADLINE)]])
     rows = []
     for task in META_TASKS:
@@ -63,7 +67,7 @@ def xtd_tables(scores: dict[str, Any]) -> list[str]:
             if any(v is not None for v in values):
                 rows.append([label, f"R@{k}", *(cell(v) for v in values)])
     intro = ("Recall@k (%); P@1 = R@1. The paper reports text→image R@10 and its mean over "
-             "es it ko pl ru tr zh.")
+             f"es it ko pl ru tr zh. {TIE_NOTES[scores.get('ties', 'pessimistic')]}")
     return ["## XTD", "", intro, "", *table(header, rows)]
 
 

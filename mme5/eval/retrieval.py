@@ -15,7 +15,7 @@ import torch
 from torch import Tensor
 
 from mme5.eval.images import ImageRef, ImageStore, MissingImageError
-from mme5.eval.metrics import pessimistic_ranks
+from mme5.eval.metrics import gold_ranks
 
 
 @dataclass(frozen=True)
@@ -99,7 +99,7 @@ class SetBuilder:
 
 @dataclass(frozen=True)
 class Ranked:
-    """Outcome of one ranking: gold ranks (Q,) with ties counted against the gold, and the top-k
+    """Outcome of one ranking: gold ranks (Q,) under the run's tie rule, and the top-k
     candidate columns (Q, k) with their cosine scores, best first (order among exact ties unspecified)."""
 
     ranks: Tensor
@@ -107,11 +107,13 @@ class Ranked:
     top_scores: Tensor
 
 
-def rank(ranking: Ranking, embeddings: Tensor, top_k: int = 10, budget: int = 1 << 26) -> Ranked:
-    """Score each query against its own candidates only, `budget` floats of candidates at a time.
+def rank(ranking: Ranking, embeddings: Tensor, top_k: int = 10, budget: int = 1 << 26,
+         ties: str = "pessimistic") -> Ranked:
+    """Score each query against its own candidates only, `budget` floats of candidates at a time; `ties`:
+    how a candidate scoring exactly as the gold counts (`mme5.eval.metrics.TIE_RULES`).
 
     Scores are elementwise products summed over D (not a matmul): identical embeddings then get
-    bit-identical scores wherever they sit, which the pessimistic tie rule relies on.
+    bit-identical scores wherever they sit, which both tie rules rely on.
     """
     num_queries, width = ranking.candidates.shape
     step = max(1, budget // max(1, width * embeddings.shape[1]))
@@ -121,7 +123,7 @@ def rank(ranking: Ranking, embeddings: Tensor, top_k: int = 10, budget: int = 1 
         queries = embeddings[ranking.queries[start : start + step]]  # (q, D)
         scores = (embeddings[candidates.clamp(min=0)] * queries[:, None, :]).sum(-1)  # (q, C)
         scores = scores.masked_fill(candidates < 0, float("-inf"))
-        ranks.append(pessimistic_ranks(scores, ranking.gold[start : start + step]))
+        ranks.append(gold_ranks(scores, ranking.gold[start : start + step], ties))
         best = scores.topk(min(top_k, width), dim=1)
         tops.append(best.indices)
         top_scores.append(best.values)

@@ -35,10 +35,9 @@ class Benchmark(Protocol):
 
 def evaluate(benchmark: Benchmark, embed: Embed, *, sets: Iterable[RetrievalSet] | None = None,
              batch_size: int = 16, cache: EmbeddingCache | None = None, top_k: int = 10,
-             progress: bool = False) -> tuple[Summary, dict[str, Ranked]]:
-    """Scores of `benchmark` (its `sets()` unless given); results are keyed by ranking name.
-
-    """
+             progress: bool = False, ties: str = "pessimistic") -> tuple[Summary, dict[str, Ranked]]:
+    """Scores of `benchmark` (its `sets()` unless given); results are keyed by ranking name. `ties`: the
+    tie rule (`mme5.eval.metrics.TIE_RULES`), recorded in the scores."""
     results: dict[str, Ranked] = {}
     sets = benchmark.sets() if sets is None else sets
     quiet = not progress or rank_and_world()[0] != 0
@@ -47,5 +46,7 @@ def evaluate(benchmark: Benchmark, embed: Embed, *, sets: Iterable[RetrievalSet]
                             namespace=f"{benchmark.name}/{retrieval_set.name}", progress=progress,
                             desc=retrieval_set.name)
         for key, ranking in retrieval_set.rankings.items():
-            results[key] = rank(ranking, embeddings, top_k)
-    return benchmark.summarize(results), results
+            results[key] = rank(ranking, embeddings, top_k, ties=ties)
+    summary = benchmark.summarize(results)
+    summary.scores["ties"] = ties
+    return summary, results

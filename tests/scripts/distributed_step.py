@@ -2,7 +2,7 @@
 
     python tests/scripts/distributed_step.py BACKBONE SHARDS OUT [--strategy ddp|fsdp|hsdp] [--no-cache]
         [--paper-settings] [--bf16] [--steps N] [--stop-at N] [--resume CKPT] [--mmeb ROOT]
-        [--learnable-temperature] [--grad-clip NORM]
+        [--learnable-temperature] [--grad-clip NORM] [--gradient-scale global|per_rank]
 
 Checkpoints land in OUT/ckpt/ (last.ckpt). Rank 0 writes OUT/result.pt about the last step: the initial
 trainable weights, each rank's batch ids, the full gradients after the step's backward(s) (before the
@@ -116,6 +116,7 @@ def main() -> None:
     parser.add_argument("--mmeb", help="an MMEB folder to evaluate at train start (first 4 queries a set)")
     parser.add_argument("--learnable-temperature", action="store_true")
     parser.add_argument("--grad-clip", type=float, default=0.0)
+    parser.add_argument("--gradient-scale", choices=["global", "per_rank"], default="global")
     args = parser.parse_args()
     L.seed_everything(0)
     module = EmbeddingModule(args.backbone, lora=LoraSettings(dropout=0.1 if args.paper_settings else 0.0),
@@ -123,7 +124,7 @@ def main() -> None:
                              dtype="bfloat16" if args.bf16 else None,
                              gradient_cache=not args.no_cache, chunk_size=3, temperature=0.05, lr=1e-3,
                              learnable_temperature=args.learnable_temperature, warmup=1,
-                             grad_clip=args.grad_clip)
+                             grad_clip=args.grad_clip, gradient_scale=args.gradient_scale)
     data = ShardDataModule([{"path": args.shards}], args.backbone, batch_size=8, num_negatives=2,
                            chunk_size=3, num_workers=0, shuffle_buffer=1)
     evaluation = [MMEBEval(args.mmeb, max_queries=4, batch_size=3, at_train_start=True)] if args.mmeb else []
