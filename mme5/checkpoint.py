@@ -8,15 +8,19 @@ Formats:
   `rng_states` (every rank's generators, for an exact resume).
 - An exported folder (`python -m mme5.export`): a transformers model folder with merged adapters plus
   `mme5_embedding.json` (pooling, normalisation, input format, instructions, source).
-- A plain backbone folder (zero-shot: last-token pooling, no adapters).
+- A plain backbone folder (zero-shot: last-token pooling, no adapters), e.g. the released
+  `intfloat/mmE5-mllama-11b-instruct`.
 
-`load_encoder` reads all three and returns the encoder with what it was loaded from.
+`load_encoder` reads all three, from a path or a hub id (`namespace/name[@revision]`, through the local
+hub cache), and returns the encoder with what it was loaded from.
 """
 
 from __future__ import annotations
 
 import hashlib
 import json
+import os
+import re
 from collections.abc import Iterable, Mapping
 from dataclasses import asdict, dataclass, field, replace
 from pathlib import Path
@@ -29,6 +33,7 @@ from mme5.backbones import DTYPES, InputFormat, load_backbone
 from mme5.encoder import Encoder, LoraSettings
 from mme5.files import write_json
 
+_HUB_ID = re.compile(r"[A-Za-z0-9][\w.-]*/[\w.-]+")
 ADAPTER_ONLY = "adapter_only"  # the state dict holds the trainable (adapter) weights only
 ADAPTER_KEYS = "adapter_keys"  # their names, for checks after a strategy popped the state dict
 RNG_STATES = "rng_states"  # one {"torch", "cuda"} per rank
@@ -125,13 +130,14 @@ class LoadedModel:
 
 def load_encoder(path: str | Path, device: str = "cpu", dtype: str | None = None,
                  max_length: int | None = None, backbone: str | None = None) -> LoadedModel:
-    """The encoder of a checkpoint, exported folder or backbone folder, in eval mode on `device`.
+    """The encoder of a checkpoint, exported folder or backbone folder (a path or a hub id), in eval mode
+    on `device`.
 
     dtype: weights' dtype ("float32", "bfloat16", "float16"; None: the checkpoint's own).
     max_length: text tokens per item (None: the recorded input format's).
     backbone: folder to rebuild a `.ckpt`'s encoder from, when its recorded one has moved.
     """
-    path = Path(path)
+    path = local_model(path)
     if path.is_file() and path.suffix == ".ckpt":
         kind, files = "lightning-checkpoint", [path]
         encoder, recipe = _from_checkpoint(path, dtype, max_length, backbone)
@@ -151,6 +157,35 @@ def load_encoder(path: str | Path, device: str = "cpu", dtype: str | None = None
     description = {"name": path.name, "path": str(path.resolve()), **settings,
                    "family": encoder.adapter.family, "adapters": encoder.has_adapters}
     return LoadedModel(encoder, fingerprint(files, **settings), description, recipe)
+
+
+# Weights in other formats than the safetensors transformers loads (Llama's `original/*.pth`, ...).
+_HUB_IGNORE = ["original/*", "*.pth", "*.pt", "*.h5", "*.msgpack", "*.onnx", "*.gguf"]
+
+
+def local_model(path_or_id: str | Path) -> Path:
+    """`path_or_id` as a local path: an existing file or folder as is, a hub id (`namespace/name`, optionally
+    `@revision`) as its snapshot folder, downloaded or found in the hub cache (`HF_HUB_OFFLINE=1`: cache
+    only)."""
+    path = Path(path_or_id)
+    if path.exists():
+        return path
+    text = str(path_or_id)
+    repo_id, _, revision = text.partition("@")
+    if not _HUB_ID.fullmatch(repo_id):
+        raise FileNotFoundError(f"{text}: no such file or folder (nor a hub id namespace/name)")
+    from huggingface_hub import constants, snapshot_download
+    from huggingface_hub.errors import HfHubHTTPError, LocalEntryNotFoundError
+
+    try:
+        return Path(snapshot_download(repo_id, revision=revision or None, ignore_patterns=_HUB_IGNORE))
+    except (LocalEntryNotFoundError, HfHubHTTPError, OSError) as error:
+        offline = os.environ.get("HF_HUB_OFFLINE", "0")
+        raise FileNotFoundError(
+            f"{text}: not a local path, and the hub model could not be fetched nor found in the local hub "
+            f"cache (HF_HUB_OFFLINE={offline}, cache {constants.HF_HUB_CACHE}): {type(error).__name__}. "
+            f"Download it where there is network (`hf download {repo_id}`) and copy the cache, or pass the "
+            "model folder") from None
 
 
 def fingerprint(files: list[Path], **settings: Any) -> str:

@@ -1,5 +1,7 @@
 """The public embedder: same numbers as the evaluation path, whatever the batching and input kinds."""
 
+import shutil
+
 import pytest
 import torch
 from PIL import Image
@@ -69,6 +71,28 @@ def test_loads_a_checkpoint_and_a_backbone_folder(exported, tiny_mllama):
     zero_shot = mme5.Embedder.from_pretrained(tiny_mllama, dtype="float32", max_length=16)
     assert zero_shot.description["kind"] == "backbone" and zero_shot.encoder.adapter.max_length == 16
     assert zero_shot.encode(TEXTS[:2]).norm(dim=-1).allclose(torch.ones(2))
+
+
+def test_a_hub_id_loads_from_the_hub_cache_offline(exported, tmp_path, monkeypatch):
+    """`namespace/name` (as the released `intfloat/mmE5-mllama-11b-instruct`) through huggingface_hub's cache
+    layout, offline as on a cluster node; an id that is not cached is a clear error naming HF_HUB_OFFLINE."""
+    from huggingface_hub import constants
+
+    snapshot = tmp_path / "hub" / "models--someone--tiny-mme5" / "snapshots" / "0123abcd"
+    shutil.copytree(exported[0], snapshot)
+    (snapshot.parents[1] / "refs").mkdir()
+    (snapshot.parents[1] / "refs" / "main").write_text("0123abcd")
+    monkeypatch.setattr(constants, "HF_HUB_CACHE", str(tmp_path / "hub"))
+    monkeypatch.setattr(constants, "HF_HUB_OFFLINE", True)
+    monkeypatch.setenv("HF_HUB_OFFLINE", "1")
+    from_hub = load_encoder("someone/tiny-mme5")
+    assert from_hub.description["kind"] == "exported" and from_hub.description["path"] == str(snapshot)
+    expected = mme5.Embedder.from_pretrained(exported[0]).encode(TEXTS[:2])
+    torch.testing.assert_close(from_hub.encoder.embed([Item(text=t) for t in TEXTS[:2]]), expected)
+    with pytest.raises(FileNotFoundError, match=r"someone/absent: not a local path.*HF_HUB_OFFLINE=1"):
+        load_encoder("someone/absent")
+    with pytest.raises(FileNotFoundError, match="no such file or folder"):
+        load_encoder(tmp_path / "nowhere" / "model.ckpt")
 
 
 def test_rejects_bad_inputs(exported):
