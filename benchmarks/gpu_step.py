@@ -69,7 +69,7 @@ import PIL.Image
 import torch
 from torch.utils.flop_counter import FlopCounterMode, sdpa_flop_count
 
-from mme5.backbones import ADAPTERS, DTYPES, Item, load_backbone
+from mme5.backbones import ADAPTERS, DTYPES, InputFormat, Item, load_backbone
 from mme5.backbones.base import BackboneAdapter
 from mme5.backbones.tiny import PRESETS, Sizes, make_tiny
 from mme5.contrastive import contrastive_step
@@ -162,13 +162,13 @@ def cpu_peak_mb() -> float:
 def build_adapter(args: argparse.Namespace, device: torch.device) -> BackboneAdapter:
     """The backbone: `--backbone` loaded like a checkpoint, or a synthetic Mllama of `--size` on `device`."""
     dtype = DTYPES[args.dtype]
+    input_format = InputFormat(max_length=args.text_tokens)  # every item's text is cut to exactly this
     if args.backbone:
-        adapter = load_backbone(args.backbone, dtype=dtype)
+        adapter = load_backbone(args.backbone, dtype=dtype, input_format=input_format)
         adapter.model.to(device)
     else:
         model, processor = make_tiny("mllama", seed=0, sizes=SIZES[args.size], dtype=dtype, device=device)
-        adapter = ADAPTERS["mllama"](model, processor)
-    adapter.max_length = args.text_tokens  # every item's text is truncated to exactly this many tokens
+        adapter = ADAPTERS["mllama"](model, processor, input_format)
     return adapter
 
 
