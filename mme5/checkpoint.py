@@ -19,8 +19,6 @@ from __future__ import annotations
 
 import hashlib
 import json
-import os
-import re
 from collections.abc import Iterable, Mapping
 from dataclasses import asdict, dataclass, field, replace
 from pathlib import Path
@@ -32,8 +30,8 @@ from torch import nn
 from mme5.backbones import DTYPES, InputFormat, load_backbone
 from mme5.encoder import Encoder, LoraSettings
 from mme5.files import write_json
+from mme5.hub import local_model
 
-_HUB_ID = re.compile(r"[A-Za-z0-9][\w.-]*/[\w.-]+")
 ADAPTER_ONLY = "adapter_only"  # the state dict holds the trainable (adapter) weights only
 ADAPTER_KEYS = "adapter_keys"  # their names, for checks after a strategy popped the state dict
 RNG_STATES = "rng_states"  # one {"torch", "cuda"} per rank
@@ -157,35 +155,6 @@ def load_encoder(path: str | Path, device: str = "cpu", dtype: str | None = None
     description = {"name": path.name, "path": str(path.resolve()), **settings,
                    "family": encoder.adapter.family, "adapters": encoder.has_adapters}
     return LoadedModel(encoder, fingerprint(files, **settings), description, recipe)
-
-
-# Weights in other formats than the safetensors transformers loads (Llama's `original/*.pth`, ...).
-_HUB_IGNORE = ["original/*", "*.pth", "*.pt", "*.h5", "*.msgpack", "*.onnx", "*.gguf"]
-
-
-def local_model(path_or_id: str | Path) -> Path:
-    """`path_or_id` as a local path: an existing file or folder as is, a hub id (`namespace/name`, optionally
-    `@revision`) as its snapshot folder, downloaded or found in the hub cache (`HF_HUB_OFFLINE=1`: cache
-    only)."""
-    path = Path(path_or_id)
-    if path.exists():
-        return path
-    text = str(path_or_id)
-    repo_id, _, revision = text.partition("@")
-    if not _HUB_ID.fullmatch(repo_id):
-        raise FileNotFoundError(f"{text}: no such file or folder (nor a hub id namespace/name)")
-    from huggingface_hub import constants, snapshot_download
-    from huggingface_hub.errors import HfHubHTTPError, LocalEntryNotFoundError
-
-    try:
-        return Path(snapshot_download(repo_id, revision=revision or None, ignore_patterns=_HUB_IGNORE))
-    except (LocalEntryNotFoundError, HfHubHTTPError, OSError) as error:
-        offline = os.environ.get("HF_HUB_OFFLINE", "0")
-        raise FileNotFoundError(
-            f"{text}: not a local path, and the hub model could not be fetched nor found in the local hub "
-            f"cache (HF_HUB_OFFLINE={offline}, cache {constants.HF_HUB_CACHE}): {type(error).__name__}. "
-            f"Download it where there is network (`hf download {repo_id}`) and copy the cache, or pass the "
-            "model folder") from None
 
 
 def fingerprint(files: list[Path], **settings: Any) -> str:

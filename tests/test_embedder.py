@@ -8,7 +8,7 @@ from PIL import Image
 from test_export import perturbed_checkpoint
 
 import mme5
-from mme5.backbones import Item
+from mme5.backbones import Item, load_backbone
 from mme5.checkpoint import load_encoder
 from mme5.encoder import LoraSettings
 from mme5.export import export
@@ -89,8 +89,12 @@ def test_a_hub_id_loads_from_the_hub_cache_offline(exported, tmp_path, monkeypat
     assert from_hub.description["kind"] == "exported" and from_hub.description["path"] == str(snapshot)
     expected = mme5.Embedder.from_pretrained(exported[0]).encode(TEXTS[:2])
     torch.testing.assert_close(from_hub.encoder.embed([Item(text=t) for t in TEXTS[:2]]), expected)
-    with pytest.raises(FileNotFoundError, match=r"someone/absent: not a local path.*HF_HUB_OFFLINE=1"):
+    with pytest.raises(FileNotFoundError, match=r"someone/absent: no such folder here, and as a hub id.*"
+                                                r"HF_HUB_OFFLINE=1"):
         load_encoder("someone/absent")
+    # a backbone folder that is not there says so (not a hub connection error)
+    with pytest.raises(FileNotFoundError, match="nowhere/backbone: no such file or folder"):
+        load_backbone(tmp_path / "nowhere" / "backbone")
     with pytest.raises(FileNotFoundError, match="no such file or folder"):
         load_encoder(tmp_path / "nowhere" / "model.ckpt")
 

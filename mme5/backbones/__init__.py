@@ -17,6 +17,7 @@ from mme5.backbones.base import (
 from mme5.backbones.llava import LlavaAdapter
 from mme5.backbones.mllama import MllamaAdapter
 from mme5.backbones.qwen2_vl import Qwen2VLAdapter
+from mme5.hub import local_model
 
 # Weight dtypes by the names configs and command lines use.
 DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
@@ -35,24 +36,26 @@ def adapter_for_model_type(model_type: str) -> type[BackboneAdapter]:
     raise ValueError(f"no backbone adapter for model_type {model_type!r}; supported model types: {supported}")
 
 
-def _adapter_of(path_or_id: str | Path) -> type[BackboneAdapter]:
-    """The adapter class of a checkpoint, from its `config.json` model_type."""
-    model_type = AutoConfig.from_pretrained(path_or_id).model_type
+def _adapter_of(folder: Path) -> type[BackboneAdapter]:
+    """The adapter class of a model folder, from its `config.json` model_type."""
+    model_type = AutoConfig.from_pretrained(folder).model_type
     try:
         return adapter_for_model_type(model_type)
     except ValueError as err:
-        raise ValueError(f"{path_or_id}/config.json: {err}") from None
+        raise ValueError(f"{folder}/config.json: {err}") from None
 
 
 def load_backbone(path_or_id: str | Path, dtype: torch.dtype | None = None, **kwargs: Any) -> BackboneAdapter:
     """Load a checkpoint (folder or hub id), model and processor, with the adapter of its model_type."""
-    return _adapter_of(path_or_id).from_pretrained(path_or_id, dtype=dtype, **kwargs)
+    folder = local_model(path_or_id)
+    return _adapter_of(folder).from_pretrained(folder, dtype=dtype, **kwargs)
 
 
 def load_backbone_skeleton(path_or_id: str | Path, dtype: torch.dtype | None = None, **kwargs: Any
                            ) -> BackboneAdapter:
     """The checkpoint's adapter with its model on the meta device (architecture only, no weights read)."""
-    return _adapter_of(path_or_id).skeleton(path_or_id, dtype=dtype, **kwargs)
+    folder = local_model(path_or_id)
+    return _adapter_of(folder).skeleton(folder, dtype=dtype, **kwargs)
 
 
 def load_processing(path_or_id: str | Path, input_format: InputFormat | None = None) -> BackboneAdapter:
@@ -60,7 +63,8 @@ def load_processing(path_or_id: str | Path, input_format: InputFormat | None = N
 
     Cheap to build and to send to dataloader workers, which must not carry a copy of the model.
     """
-    return _adapter_of(path_or_id).processing_only(path_or_id, input_format)
+    folder = local_model(path_or_id)
+    return _adapter_of(folder).processing_only(folder, input_format)
 
 
 __all__ = [
