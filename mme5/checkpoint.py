@@ -182,8 +182,11 @@ def _from_checkpoint(path: Path, dtype: str | None, max_length: int | None, back
                          f"a state_dict; found keys {sorted(checkpoint)})")
     source = backbone or _recorded_backbone(path, hparams["backbone"])
     dtype = dtype or hparams.get("dtype")
+    # Checkpoints before the input format was recorded kept max_length in the data module's settings.
+    recorded = hparams.get("input_format") or {
+        "max_length": (checkpoint.get("datamodule_hyper_parameters") or {}).get("max_length", 256)}
     encoder = Encoder(load_backbone(source, DTYPES[dtype] if dtype else None,
-                                    input_format=_input_format(hparams.get("input_format"), max_length)),
+                                    input_format=_input_format(recorded, max_length)),
                       _lora(hparams.get("lora")))
     weights = {k.removeprefix("encoder."): v for k, v in checkpoint["state_dict"].items()
                if k.startswith("encoder.")}

@@ -6,7 +6,7 @@ import pytest
 import torch
 from PIL import Image
 
-from mme5.backbones import Item, load_backbone
+from mme5.backbones import InputFormat, Item, load_backbone
 from mme5.checkpoint import EXPORT_CONFIG as CONFIG_NAME
 from mme5.checkpoint import load_encoder
 from mme5.demo.world import WorldConfig, build_world
@@ -25,7 +25,8 @@ ITEMS = [
 
 def perturbed_checkpoint(backbone: str, path, lora: LoraSettings | None, step: int = 7):
     """A checkpoint as if trained: random adapter (or, without LoRA, all) weights moved off their init."""
-    module = EmbeddingModule(backbone=backbone, lora=lora, gradient_checkpointing=False)
+    module = EmbeddingModule(backbone=backbone, lora=lora, gradient_checkpointing=False,
+                             input_format=InputFormat(max_length=64))
     module.configure_model()
     generator = torch.Generator().manual_seed(0)
     with torch.no_grad():
@@ -33,8 +34,7 @@ def perturbed_checkpoint(backbone: str, path, lora: LoraSettings | None, step: i
             if lora is None or "lora_" in name or "magnitude" in name:
                 param.add_(0.05 * torch.randn(param.shape, generator=generator))
     torch.save({"state_dict": module.state_dict(), "adapter_only": lora is not None,  # as training saves
-                "hyper_parameters": dict(module.hparams), "global_step": step,
-                "datamodule_hyper_parameters": {"max_length": 64}}, path)
+                "hyper_parameters": dict(module.hparams), "global_step": step}, path)
     return path
 
 
@@ -54,13 +54,13 @@ def test_merged_folder_loads_as_a_plain_backbone_and_embeds_like_the_checkpoint(
     ckpt, out = dora_export
     checkpoint = load_encoder(ckpt).encoder
     assert checkpoint.has_adapters
-    merged = Encoder(load_backbone(out, max_length=64))
+    merged = Encoder(load_backbone(out, input_format=InputFormat(max_length=64)))
     torch.testing.assert_close(embed(merged), embed(checkpoint), atol=1e-5, rtol=0)
     assert not torch.allclose(embed(Encoder(load_backbone(tiny_mllama))), embed(checkpoint), atol=1e-3)
 
     config = json.loads((out / CONFIG_NAME).read_text())
     assert config["pooling"] == "last_token" and config["normalize"] is True
-    assert config["family"] == "mllama" and config["max_length"] == 64  # the training data module's
+    assert config["family"] == "mllama" and config["input_format"]["max_length"] == 64  # the training's
     assert config["instructions"] == {"query": "Find:", "target": ""}
     assert config["source"]["checkpoint"] == str(ckpt.resolve()) and config["source"]["global_step"] == 7
     assert not any("lora" in f.name for f in out.iterdir())  # no adapter files: weights are merged
