@@ -16,8 +16,9 @@ import lightning as L
 from jsonargparse import set_parsing_settings
 from lightning.pytorch.callbacks import ModelCheckpoint
 from lightning.pytorch.cli import LightningCLI
-from lightning.pytorch.utilities import rank_zero_info
+from lightning.pytorch.utilities import rank_zero_info, rank_zero_warn
 
+from mme5.checkpoint import checkpoint_problem
 from mme5.data.datamodule import ShardDataModule
 from mme5.module import EmbeddingModule
 
@@ -34,6 +35,8 @@ class TrainCLI(LightningCLI):
             EmbeddingModule,
             ShardDataModule,
             parser_kwargs={"parser_mode": "omegaconf+"},
+            # Checkpoints written beside their target and renamed: never a torn last.ckpt (see the class).
+            trainer_defaults={"plugins": [{"class_path": "mme5.checkpoint.AtomicCheckpointIO"}]},
             auto_configure_optimizers=False,  # AdamW + warmup/decay come from the model's own settings
             save_config_kwargs={"overwrite": True},
             args=args,
@@ -49,11 +52,12 @@ class TrainCLI(LightningCLI):
 
     def before_fit(self) -> None:
         config = self.config_init[self.subcommand]
-        if config.get("ckpt_path") == "newest":
-            config["ckpt_path"] = newest_checkpoint(self.trainer)
+        if config.get("ckpt_path") in ("newest", "last"):
+            config["ckpt_path"] = newest_checkpoint(self.trainer, prefer_last=config["ckpt_path"] == "last")
         if self.trainer.max_steps == -1:
             epochs = self.config[self.subcommand].trainer.max_epochs or 1
-            self.trainer.fit_loop.max_steps = steps_for_epochs(self.trainer, self.datamodule, epochs)
+            steps = steps_for_epochs(self.trainer, self.datamodule, epochs)
+            self.trainer.fit_loop.epoch_loop.max_steps = steps
 
 
 def steps_for_epochs(trainer: L.Trainer, datamodule: ShardDataModule, epochs: int) -> int:
@@ -66,19 +70,27 @@ def steps_for_epochs(trainer: L.Trainer, datamodule: ShardDataModule, epochs: in
     return steps
 
 
-def newest_checkpoint(trainer: L.Trainer) -> str | None:
-    """The most recently written checkpoint of this run, or None to start afresh.
+def newest_checkpoint(trainer: L.Trainer, prefer_last: bool = False) -> str | None:
+    """The most recently written loadable checkpoint of this run, or None to start afresh.
 
     Candidates: the `hpc_ckpt_<n>.ckpt` that Lightning writes on SLURM's warning signal and everything the
     ModelCheckpoint callbacks wrote. Lightning's own choice looks at one kind only (`hpc` when present,
     or `last`), so a job requeued after a node failure, with no fresh `hpc_ckpt`, would restart from an
-    older checkpoint or from step 0.
+    older checkpoint or from step 0. `prefer_last` (`--ckpt_path last`): `last*.ckpt` files first. A
+    candidate that is not a loadable checkpoint (torn, empty) is passed over with a warning naming it.
     """
     folders = {(Path(trainer.default_root_dir), "hpc_ckpt_*.ckpt")}
     folders |= {(Path(cb.dirpath), "*.ckpt") for cb in trainer.checkpoint_callbacks
                 if isinstance(cb, ModelCheckpoint) and cb.dirpath}
     found = [path for folder, pattern in folders for path in folder.glob(pattern) if path.is_file()]
-    return str(max(found, key=lambda path: path.stat().st_mtime)) if found else None
+    found.sort(key=lambda path: (prefer_last and path.name.startswith("last"), path.stat().st_mtime),
+               reverse=True)
+    for path in found:
+        problem = checkpoint_problem(path)
+        if problem is None:
+            return str(path)
+        rank_zero_warn(f"{path} is not a loadable checkpoint ({problem}); trying the next newest")
+    return None
 
 
 def main(args: list[str] | None = None) -> None:

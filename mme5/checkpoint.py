@@ -19,17 +19,19 @@ from __future__ import annotations
 
 import hashlib
 import json
+import zipfile
 from collections.abc import Iterable, Mapping
 from dataclasses import asdict, dataclass, field, replace
 from pathlib import Path
 from typing import Any
 
 import torch
+from lightning.fabric.plugins.io.torch_io import TorchCheckpointIO
 from torch import nn
 
 from mme5.backbones import DTYPES, InputFormat, load_backbone
 from mme5.encoder import Encoder, LoraSettings
-from mme5.files import write_json
+from mme5.files import remove_stale, save_torch, write_json
 from mme5.hub import local_model
 
 ADAPTER_ONLY = "adapter_only"  # the state dict holds the trainable (adapter) weights only
@@ -82,6 +84,36 @@ def rng_state_of_rank(checkpoint: dict[str, Any], rank: int, world: int) -> dict
     if not states:
         return None
     return states[rank] if len(states) == world else states[0]
+
+
+class AtomicCheckpointIO(TorchCheckpointIO):
+    """Lightning's checkpoint writer, atomic on the checkpoint's own filesystem.
+
+    Lightning stages a checkpoint in the system's temporary folder and moves it into place: across
+    filesystems (the usual cluster layout: /tmp local, checkpoints on shared storage) that move is a copy,
+    and a kill or a full disk during it leaves a torn `last.ckpt` in place of the good one. Here the file is
+    written beside its target, flushed, and renamed over it (`mme5.files.save_torch`).
+    """
+
+    def save_checkpoint(self, checkpoint: dict[str, Any], path: Any, storage_options: Any | None = None
+                        ) -> None:
+        if storage_options is not None:
+            raise TypeError(f"{type(self).__name__} takes no storage_options, got {storage_options!r}")
+        remove_stale(Path(path).parent)  # a killed write's temporary file
+        save_torch(path, checkpoint)
+
+
+def checkpoint_problem(path: Path) -> str | None:
+    """Why `path` is not a loadable checkpoint (cheaply: the archive's directory, not its tensors), or None.
+
+    torch.save writes a zip archive whose directory is at the end: a torn or 0-byte file has none."""
+    try:
+        with zipfile.ZipFile(path) as archive:
+            if not any(name.endswith("/data.pkl") or name == "data.pkl" for name in archive.namelist()):
+                return "no data.pkl in the archive"
+    except (zipfile.BadZipFile, OSError) as error:
+        return f"{type(error).__name__}: {error}" if str(error) else type(error).__name__
+    return None
 
 
 # ----------------------------------------------------------------------------- writing (export)

@@ -15,7 +15,7 @@ from tensorboard.backend.event_processing.event_accumulator import EventAccumula
 
 import train
 from mme5.backbones.tiny import build_tiny
-from mme5.checkpoint import load_encoder
+from mme5.checkpoint import AtomicCheckpointIO, checkpoint_problem, load_encoder
 from mme5.contrastive import contrastive_step
 from mme5.data.collate import ContrastiveCollator
 from mme5.data.datamodule import ShardDataModule
@@ -265,12 +265,53 @@ def test_newest_checkpoint_picks_the_latest_of_hpc_and_periodic_checkpoints(tmp_
     assert train.newest_checkpoint(trainer) is None  # a first submission starts afresh
     (tmp_path / "ckpt").mkdir()
     hpc, last = tmp_path / "hpc_ckpt_2.ckpt", tmp_path / "ckpt" / "last.ckpt"
-    for age, path in ((200, tmp_path / "hpc_ckpt_1.ckpt"), (100, hpc), (50, last)):
-        path.write_bytes(b"")
+    step = tmp_path / "ckpt" / "step=5.ckpt"
+    for age, path in ((200, tmp_path / "hpc_ckpt_1.ckpt"), (100, hpc), (60, step), (50, last)):
+        torch.save({"global_step": age}, path)
         os.utime(path, (time.time() - age, time.time() - age))
     assert train.newest_checkpoint(trainer) == str(last)  # requeued after a node failure: no fresh hpc
     os.utime(hpc)
     assert train.newest_checkpoint(trainer) == str(hpc)  # requeued on SLURM's warning signal
+    assert train.newest_checkpoint(trainer, prefer_last=True) == str(last)  # --ckpt_path last
+
+
+def test_a_torn_newest_checkpoint_is_passed_over_with_a_warning(tmp_path):
+    """A kill or a full disk during a write elsewhere left a truncated and an empty file: the next newest
+    loadable checkpoint is chosen, and each bad file is named."""
+    trainer = L.Trainer(default_root_dir=tmp_path, logger=False, enable_progress_bar=False,
+                        callbacks=[L.pytorch.callbacks.ModelCheckpoint(dirpath=tmp_path / "ckpt")])
+    (tmp_path / "ckpt").mkdir()
+    good, torn, empty = (tmp_path / "ckpt" / name for name in ("step=1.ckpt", "last.ckpt", "step=2.ckpt"))
+    torch.save({"state_dict": {"w": torch.ones(1000)}}, good)
+    torch.save({"state_dict": {"w": torch.ones(1000)}}, torn)
+    torn.write_bytes(torn.read_bytes()[:1500])
+    empty.write_bytes(b"")
+    for age, path in ((300, good), (200, empty), (100, torn)):
+        os.utime(path, (time.time() - age, time.time() - age))
+    with pytest.warns(UserWarning) as warned:
+        for prefer_last in (False, True):
+            assert train.newest_checkpoint(trainer, prefer_last=prefer_last) == str(good)
+    messages = " ".join(str(w.message) for w in warned)
+    assert f"{torn} is not a loadable checkpoint" in messages and f"{empty} is not a loadable" in messages
+
+
+def test_checkpoints_are_written_beside_their_target_and_renamed(tmp_path, monkeypatch):
+    """The checkpoint writer of train.py: a write that dies half-way leaves the previous checkpoint whole
+    (and its temporary file is cleared by the next write)."""
+    io_plugin, path = AtomicCheckpointIO(), tmp_path / "ckpt" / "last.ckpt"
+    io_plugin.save_checkpoint({"global_step": 1, "w": torch.ones(1000)}, path)
+
+    def dies_half_way(payload, file):
+        file.write(b"PK\x03\x04 half a checkpoint")
+        raise OSError(28, "No space left on device")
+
+    monkeypatch.setattr(torch, "save", dies_half_way)
+    with pytest.raises(OSError, match="No space left"):
+        io_plugin.save_checkpoint({"global_step": 2, "w": torch.zeros(1000)}, path)
+    monkeypatch.undo()
+    assert torch.load(path, weights_only=True)["global_step"] == 1 and checkpoint_problem(path) is None
+    io_plugin.save_checkpoint({"global_step": 3}, path)
+    assert sorted(p.name for p in path.parent.iterdir()) == ["last.ckpt"]
 
 
 def test_evaluation_during_fsdp_training_equals_single_process_evaluation(tmp_path, tiny_mllama, tiny_shards):

@@ -33,6 +33,7 @@ def test_train_py_fit_runs_the_demo_recipe_end_to_end(tmp_path, tiny_mllama):
 
     saved = yaml.safe_load((root / "tensorboard" / "config.yaml").read_text())
     assert saved["model"]["backbone"] == str(root / "backbone")  # the override reached the interpolations
+    assert saved["trainer"]["plugins"] == [{"class_path": "mme5.checkpoint.AtomicCheckpointIO"}]
 
     events = EventAccumulator(str(root / "tensorboard"))
     events.Reload()
