@@ -19,6 +19,7 @@ from __future__ import annotations
 
 import hashlib
 import json
+import pickle
 import zipfile
 from collections.abc import Iterable, Mapping
 from dataclasses import asdict, dataclass, field, replace
@@ -159,18 +160,21 @@ class LoadedModel:
 
 
 def load_encoder(path: str | Path, device: str = "cpu", dtype: str | None = None,
-                 max_length: int | None = None, backbone: str | None = None) -> LoadedModel:
+                 max_length: int | None = None, backbone: str | None = None,
+                 trust_checkpoint: bool = False) -> LoadedModel:
     """The encoder of a checkpoint, exported folder or backbone folder (a path or a hub id), in eval mode
     on `device`.
 
     dtype: weights' dtype ("float32", "bfloat16", "float16"; None: the checkpoint's own).
     max_length: text tokens per item (None: the recorded input format's).
     backbone: folder to rebuild a `.ckpt`'s encoder from, when its recorded one has moved.
+    trust_checkpoint: unpickle a `.ckpt` that holds more than tensors and plain types (runs code from the
+        file: only for files from a source you trust). The project's own checkpoints never need it.
     """
     path = local_model(path)
     if path.is_file() and path.suffix == ".ckpt":
         kind, files = "lightning-checkpoint", [path]
-        encoder, recipe = _from_checkpoint(path, dtype, max_length, backbone)
+        encoder, recipe = _from_checkpoint(path, dtype, max_length, backbone, trust_checkpoint)
     elif path.is_dir() and (path / "config.json").is_file():
         exported = (path / EXPORT_CONFIG).is_file()
         recipe = read_export_config(path) if exported else {}
@@ -203,11 +207,17 @@ def _input_format(recorded: Any, max_length: int | None) -> InputFormat:
     return replace(recorded, max_length=max_length) if max_length else recorded
 
 
-def _from_checkpoint(path: Path, dtype: str | None, max_length: int | None, backbone: str | None
-                     ) -> tuple[Encoder, dict[str, Any]]:
+def _from_checkpoint(path: Path, dtype: str | None, max_length: int | None, backbone: str | None,
+                     trust: bool = False) -> tuple[Encoder, dict[str, Any]]:
     """An EmbeddingModule checkpoint's encoder and its recipe (everything in it but weights and states)."""
-    # Unpickling: our own checkpoints hold dataclasses in their hyper-parameters; load trusted files only.
-    checkpoint = torch.load(path, map_location="cpu", weights_only=False)
+    # The module saves plain types only, so its checkpoints load without unpickling code (weights_only).
+    try:
+        checkpoint = torch.load(path, map_location="cpu", weights_only=not trust)
+    except pickle.UnpicklingError as error:
+        raise ValueError(
+            f"{path}: holds Python objects beyond tensors and plain types; loading it would run code from "
+            f"the file ({str(error).splitlines()[0]}). If you trust its source, pass --trust-checkpoint "
+            "(trust_checkpoint=True)") from None
     hparams = checkpoint.get("hyper_parameters") or {}
     if "backbone" not in hparams or "state_dict" not in checkpoint:
         raise ValueError(f"{path}: not an EmbeddingModule checkpoint (expected hyper_parameters.backbone and "

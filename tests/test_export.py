@@ -1,6 +1,8 @@
 """Exporting a checkpoint: merged weights load as a plain backbone and embed like the checkpoint."""
 
 import json
+import os
+from pathlib import Path
 
 import pytest
 import torch
@@ -113,3 +115,23 @@ def test_a_checkpoints_relative_backbone_is_found_from_its_run_directory(tmp_pat
     assert _recorded_backbone(ckpt, "meta-llama/Llama-3.2-11B-Vision") == "meta-llama/Llama-3.2-11B-Vision"
     with pytest.raises(FileNotFoundError, match="--backbone"):
         _recorded_backbone(ckpt, "runs/other/backbone")
+
+
+class Payload:
+    """What a crafted checkpoint would smuggle in: an object whose unpickling runs code."""
+
+    def __reduce__(self):
+        return (Path.touch, (Path(os.environ["MME5_PWNED"]),))
+
+
+def test_a_checkpoint_that_would_run_code_is_refused_unless_trusted(tmp_path, tiny_mllama, monkeypatch):
+    ckpt = perturbed_checkpoint(tiny_mllama, tmp_path / "crafted.ckpt", LoraSettings(r=2, alpha=4))
+    checkpoint = torch.load(ckpt, weights_only=True)  # the project's own: plain types only
+    marker = tmp_path / "pwned"
+    monkeypatch.setenv("MME5_PWNED", str(marker))
+    checkpoint["hyper_parameters"]["note"] = Payload()
+    torch.save(checkpoint, ckpt)
+    with pytest.raises(ValueError, match="would run code from the file.*--trust-checkpoint"):
+        load_encoder(ckpt)
+    assert not marker.exists()  # nothing ran
+    assert load_encoder(ckpt, trust_checkpoint=True).encoder.has_adapters and marker.exists()

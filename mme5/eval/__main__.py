@@ -58,6 +58,9 @@ def parse(argv: list[str] | None = None) -> argparse.Namespace:
                         help="a candidate scoring exactly as the gold: 'pessimistic' ranks it above the gold "
                              "(default), 'reference' lets the first in list order win, as the reference "
                              "code's argmax (gold first in MMEB: a tie is a hit)")
+    parser.add_argument("--trust-checkpoint", action="store_true",
+                        help="unpickle a .ckpt holding more than tensors and plain types (runs code from the "
+                             "file; the project's own checkpoints never need it)")
     parser.add_argument("--top-k", type=int, default=10, help="candidates kept per prediction (default: 10)")
     parser.add_argument("--cache", type=Path, help="embedding cache folder (default: OUT/cache)")
     parser.add_argument("--no-cache", action="store_true", help="recompute every embedding")
@@ -100,7 +103,8 @@ def main(argv: list[str] | None = None) -> None:
     args = parse(argv)
     chosen = benchmarks(args)  # reads registries and finds files: fails before the model loads
     device = init_distributed(args.device)
-    loaded = load_encoder(args.model, device, args.dtype, args.max_length, args.backbone)
+    loaded = load_encoder(args.model, device, args.dtype, args.max_length, args.backbone,
+                          trust_checkpoint=args.trust_checkpoint)
     cache = None if args.no_cache else EmbeddingCache(args.cache or args.out / "cache", loaded.fingerprint)
     summaries, results = {}, {}
     for benchmark in chosen:
