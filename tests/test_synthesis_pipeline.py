@@ -293,3 +293,24 @@ def test_cli_job_array_part_writes_its_share(tmp_path):
     saved = json.loads((part / "config.json").read_text())
     assert saved["client"]["max_concurrency"] == 2 and saved["client"]["api_key_env"] == KEY_ENV
     assert_no_key(Path(config.out))
+
+
+@pytest.mark.parametrize("where", ["client", "top"])
+def test_a_key_in_the_config_is_refused_before_anything_is_written(tmp_path, where):
+    out = tmp_path / "out"
+    values = {"out": str(out), "client": {"model": "m"}}
+    (values["client"] if where == "client" else values)["api_key"] = "sk-live-SECRET"
+    config_file = tmp_path / "synthesis.yaml"
+    config_file.write_text(json.dumps(values))
+    with pytest.raises(ValueError, match=r"\['api_key'\] look like credentials.*OPENAI_API_KEY") as error:
+        cli_main(["--config", str(config_file)])
+    assert "sk-live-SECRET" not in str(error.value) and not out.exists()
+
+
+@pytest.mark.parametrize("flag, value", [("--concurrency", "0"), ("--num-samples", "0"), ("--shard", "3")])
+def test_numeric_settings_are_checked_when_parsed(tmp_path, flag, value):
+    config_file = tmp_path / "synthesis.yaml"
+    config_file.write_text(json.dumps({"out": str(tmp_path / "out"), "client": {"model": "m"}}))
+    with pytest.raises(ValueError, match="must be"):  # not a run that hangs or writes nothing
+        cli_main(["--config", str(config_file), flag, value, "--num-shards", "2"])
+    assert not (tmp_path / "out").exists()

@@ -16,13 +16,14 @@ import os
 import random
 import time
 from collections.abc import Sequence
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, fields
 from typing import Any
 
 import httpx2
 import openai
 
 from mme5.data.schema import image_extension
+from mme5.settings import at_least, positive, unknown_settings
 
 log = logging.getLogger(__name__)
 
@@ -56,6 +57,21 @@ class ClientConfig:
     output_usd_per_million: float = 0.0
     max_tokens: int | None = None
     temperature: float | None = None
+
+    def __post_init__(self) -> None:
+        at_least(self, {"max_concurrency": 1, "max_attempts": 1, "max_tokens": 1})
+        positive(self, ("timeout_s", "requests_per_minute", "tokens_per_minute"))
+        at_least(self, {"backoff_base_s": 0, "backoff_max_s": 0, "max_retry_after_s": 0,
+                        "input_usd_per_million": 0, "output_usd_per_million": 0, "temperature": 0})
+
+    @classmethod
+    def from_dict(cls, values: dict[str, Any]) -> ClientConfig:
+        """Settings from a config section: unknown keys refused, a key that looks like a secret with the
+        advice to use the environment (nothing has been written yet when this raises)."""
+        unknown_settings(values, {f.name for f in fields(cls)}, "client",
+                         "export it in the environment variable named by client.api_key_env (default "
+                         "OPENAI_API_KEY)")
+        return cls(**values)
 
 
 @dataclass(frozen=True)

@@ -8,6 +8,7 @@ from pathlib import Path
 from typing import Any
 
 from mme5.data.schema import Modality, Task
+from mme5.settings import at_least, unknown_settings
 from mme5.synthesis.client import ClientConfig
 from mme5.synthesis.languages import default_language_weights
 from mme5.synthesis.plan import PlannedSample, make_plan, read_plan, write_plan
@@ -48,16 +49,27 @@ class SynthesisConfig:
     """Resume re-attempts the ids recorded in `failed.jsonl` (default: skip them, they cost money)."""
     client: dict[str, Any] = field(default_factory=lambda: {"model": "gpt-4o"})
 
+    def __post_init__(self) -> None:
+        """Every setting checked now, before a run writes anything (its config.json included)."""
+        self.client_config()
+        at_least(self, {"num_samples": 1, "num_shards": 1, "shard_index": 0, "answer_retries": 0,
+                        "shard_size": 1, "embed_batch_size": 1, "estimated_output_tokens": 0,
+                        "estimated_image_tokens": 0, "english_share": 0})
+        if self.english_share > 1:
+            raise ValueError(f"english_share must be at most 1, got {self.english_share}")
+        if self.shard_index >= self.num_shards:
+            raise ValueError(f"shard_index must be below num_shards={self.num_shards}, got "
+                             f"{self.shard_index}")
+
     @classmethod
     def from_dict(cls, values: dict[str, Any]) -> SynthesisConfig:
-        known = {f.name for f in fields(cls)}
-        unknown = sorted(set(values) - known)
-        if unknown:
-            raise ValueError(f"unknown synthesis settings {unknown}; known: {sorted(known)}")
+        unknown_settings(values, {f.name for f in fields(cls)}, "synthesis settings",
+                         "export it in the environment variable named by client.api_key_env (default "
+                         "OPENAI_API_KEY)")
         return cls(**values)
 
     def client_config(self) -> ClientConfig:
-        return ClientConfig(**self.client)
+        return ClientConfig.from_dict(dict(self.client))
 
     @property
     def work_dir(self) -> Path:
