@@ -3,6 +3,8 @@
 import json
 
 import lightning as L
+import pyarrow as pa
+import pyarrow.parquet as pq
 import pytest
 import torch
 from lightning.pytorch.loggers import TensorBoardLogger
@@ -16,7 +18,9 @@ from mme5.demo.world import WorldConfig, build_world
 from mme5.encoder import LoraSettings
 from mme5.eval.__main__ import main
 from mme5.eval.callbacks import MMEBEval, XTDEval
+from mme5.eval.mmeb import MMEB
 from mme5.eval.registry import META_TASKS
+from mme5.eval.run import evaluate
 from mme5.module import EmbeddingModule
 
 LANGUAGES = ("en", "es", "zh")
@@ -121,3 +125,18 @@ def test_command_errors_before_loading_the_model(tiny_world, tmp_path):
     with pytest.raises(ValueError, match="unknown MMEB data set"):
         main(["--model", "nowhere", "--benchmark", "mmeb", "--mmeb", str(tiny_world / "mmeb"), "--subsets",
               "ImageNet-1K", "--out", str(tmp_path)])
+
+
+def test_evaluating_nothing_is_an_error_not_a_nan_score(tiny_world, tmp_path, capsys):
+    with pytest.raises(SystemExit):
+        main(["--model", "nowhere", "--data", str(tiny_world), "--max-queries", "0", "--out", str(tmp_path)])
+    assert "--max-queries must be at least 1" in capsys.readouterr().err
+    empty = tmp_path / "mmeb" / "Empty"
+    empty.mkdir(parents=True)
+    pq.write_table(pa.table({"qry_text": pa.array([], pa.string()), "qry_img_path": pa.array([], pa.string()),
+                             "tgt_text": pa.array([], pa.list_(pa.string())),
+                             "tgt_img_path": pa.array([], pa.list_(pa.string()))}), empty / "test-0.parquet")
+    registry = {"Empty": {"meta_task": "Retrieval", "split": "IND", "instruction": ""}}
+    (tmp_path / "mmeb" / "subsets.json").write_text(json.dumps(registry))
+    with pytest.raises(ValueError, match="mmeb/Empty: no query to evaluate"):
+        evaluate(MMEB(tmp_path / "mmeb"), lambda items: torch.zeros(len(items), 4))

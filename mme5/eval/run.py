@@ -42,6 +42,11 @@ def evaluate(benchmark: Benchmark, embed: Embed, *, sets: Iterable[RetrievalSet]
     sets = benchmark.sets() if sets is None else sets
     quiet = not progress or rank_and_world()[0] != 0
     for retrieval_set in tqdm(sets, desc=benchmark.name, unit="set", disable=quiet):
+        empty = [key for key, ranking in retrieval_set.rankings.items() if len(ranking.queries) == 0]
+        if empty or not retrieval_set.rankings:
+            raise ValueError(f"{benchmark.name}/{retrieval_set.name}: no query to evaluate in "
+                             f"{empty or 'any ranking'} (an empty data set, or max_queries 0); a score of "
+                             "nothing would be NaN")
         embeddings = encode(retrieval_set.items, embed, batch_size=batch_size, cache=cache,
                             namespace=f"{benchmark.name}/{retrieval_set.name}", progress=progress,
                             desc=retrieval_set.name)
