@@ -55,6 +55,12 @@ class Embedder:
         """
         if texts is None and images is None:
             raise ValueError("give texts, images or both")
+        # A bare string is a sequence too (of characters): one embedding per character, silently.
+        if isinstance(texts, str):
+            raise TypeError(f"texts must be a list of strings, got the string {texts[:40]!r}: wrap it in "
+                            "[...]")
+        if isinstance(images, str | Path | PIL.Image.Image):
+            raise TypeError(f"images must be a list, got one {type(images).__name__}: wrap it in [...]")
         if texts is not None and images is not None and len(texts) != len(images):
             raise ValueError(f"texts and images pair up: got {len(texts)} texts and {len(images)} images")
         n = len(texts) if texts is not None else len(images)

@@ -1,6 +1,7 @@
 """The public embedder: same numbers as the evaluation path, whatever the batching and input kinds."""
 
 import shutil
+from pathlib import Path
 
 import pytest
 import torch
@@ -106,3 +107,8 @@ def test_rejects_bad_inputs(exported):
     with pytest.raises(ValueError, match="pair up"):
         emb.encode(texts=["a", "b"], images=[Image.new("RGB", (8, 8))])
     assert emb.encode(texts=[]).shape == (0, emb.dim)
+    with pytest.raises(TypeError, match="texts must be a list of strings.*wrap it"):
+        emb.encode(texts="a red circle")  # not 12 embeddings, one per character
+    for single in ("cat.png", Path("cat.png"), Image.new("RGB", (8, 8))):
+        with pytest.raises(TypeError, match="images must be a list"):
+            emb.encode(images=single)
