@@ -10,6 +10,8 @@ from __future__ import annotations
 
 import io
 import os
+from collections.abc import Iterator
+from contextlib import contextmanager
 from pathlib import Path
 
 from PIL import Image
@@ -18,30 +20,71 @@ ImageSource = bytes | str | os.PathLike | Image.Image
 
 
 class ImageDecodeError(OSError):
-    """Bytes or a file that are not a readable image (unidentified, truncated or corrupt).
+    """Bytes or a file that are not a readable image (unidentified, truncated, corrupt, or a decompression
+    bomb above the pixel cap).
 
     An OSError, as PIL's own errors are, so callers that count unreadable images keep catching them.
     """
 
 
+DEFAULT_MAX_PIXELS = 2 * 89_478_485  # PIL's own error threshold (twice its warning one)
+
+
+def max_pixels() -> int:
+    """The pixel cap: `MME5_MAX_IMAGE_PIXELS` from the environment, else PIL's decompression-bomb limit."""
+    return int(os.environ.get("MME5_MAX_IMAGE_PIXELS", DEFAULT_MAX_PIXELS))
+
+
 def load_rgb(source: ImageSource, where: str | None = None) -> Image.Image:
     """`source` (encoded bytes, a file path or a PIL image) decoded fully and converted to RGB.
 
-    Decoding is complete here, so a truncated file fails now and not later in a collator; `where` names the
-    image in the error (a path is named by itself).
+    Decoding is complete here, so a truncated file fails now and not later in a collator; any failure of
+    the decoder is an `ImageDecodeError` naming the image (`where`, or the path itself).
     """
     if isinstance(source, Image.Image):
         return to_rgb(source)
-    name = where or (str(source) if not isinstance(source, bytes) else "image bytes")
-    try:
-        data = source if isinstance(source, bytes) else Path(source).read_bytes()
-        with Image.open(io.BytesIO(data)) as image:
+    name, data = _read(source, where)
+    with _decoding(name):
+        with _open(data, name) as image:
             image.load()
             return to_rgb(image)
-    except FileNotFoundError:
+
+
+def check_image(source: bytes | str | os.PathLike, where: str | None = None) -> None:
+    """Raise `ImageDecodeError` unless `source` is an image within the pixel cap whose structure checks out
+    (PIL's `verify`: cheaper than decoding; for converters, which store the bytes as they are)."""
+    name, data = _read(source, where)
+    with _decoding(name):
+        with _open(data, name) as image:
+            image.verify()
+
+
+def _read(source: bytes | str | os.PathLike, where: str | None) -> tuple[str, bytes]:
+    if isinstance(source, bytes):
+        return where or "image bytes", source
+    return where or str(source), Path(source).read_bytes()
+
+
+def _open(data: bytes, name: str) -> Image.Image:
+    """The image's header, refused when it claims more pixels than the cap (before any pixel is decoded)."""
+    image = Image.open(io.BytesIO(data))
+    if image.width * image.height > max_pixels():
+        image.close()
+        raise ImageDecodeError(f"{name}: {image.width}x{image.height} pixels exceed the cap of "
+                               f"{max_pixels()} (a decompression bomb? raise MME5_MAX_IMAGE_PIXELS if real)")
+    return image
+
+
+@contextmanager
+def _decoding(name: str) -> Iterator[None]:
+    """Any failure of the decoder inside the block becomes an ImageDecodeError naming the image: PIL raises
+    OSError, SyntaxError, ValueError, DecompressionBombError and, on malformed files, others besides."""
+    try:
+        yield
+    except (ImageDecodeError, FileNotFoundError):
         raise
-    except (OSError, SyntaxError, ValueError) as error:  # PIL raises all three for broken files
-        raise ImageDecodeError(f"{name}: not a readable image ({error})") from None
+    except Exception as error:  # noqa: BLE001 - whatever the decoder raises, the image is unreadable
+        raise ImageDecodeError(f"{name}: not a readable image ({type(error).__name__}: {error})") from None
 
 
 WHITE = (255, 255, 255)

@@ -154,3 +154,66 @@ def test_cli(tmp_path, image_root, capsys):
     assert "2 samples in 1 shards from 2 rows" in capsys.readouterr().out
     samples = list(read_samples(shard_urls(tmp_path / "out")))
     assert samples[0].task == Task.VQA and len(samples[0].negatives) == 1
+
+
+def test_image_paths_that_leave_the_image_root_are_refused(tmp_path, image_root):
+    secret = tmp_path / "secret.jpg"
+    secret.write_bytes(image_bytes((1, 2, 3), fmt="JPEG"))
+    (image_root / "coco" / "link.jpg").symlink_to(secret)
+    escapes = ["../secret.jpg", str(secret), "coco/link.jpg"]
+    rows = [mmeb_rows()[0] | {"qry_image_path": path} for path in escapes] + [mmeb_rows()[1]]
+    write_parquet(tmp_path / "in" / "OK-VQA" / "train.parquet", rows)
+    manifest = conv.convert([str(tmp_path / "in")], image_root, tmp_path / "out", progress=False)
+    report = manifest["extra"]["report"]
+    assert manifest["num_samples"] == 1 and report["skipped"] == {"path_escape": 3}
+    assert all("leaves the image root" in error and "qry_image_path" in error for error in report["errors"])
+    allowed = conv.convert([str(tmp_path / "in")], image_root, tmp_path / "out2", progress=False,
+                           allow_outside_images=True)
+    assert allowed["num_samples"] == 4
+
+
+def test_bad_rows_are_named_not_fatal_to_the_file(tmp_path, image_root):
+    """A numeric qry, a non-UTF-8 byte, a row without qry: each one bad row, named; the rest converts."""
+    good = {"qry": "<|image_1|>\nFind the caption:", "qry_image_path": "coco/0.jpg", "pos_text": "a ball"}
+    no_qry = {"pos_text": "y", "qry_image_path": "coco/1.jpg"}
+    text_only = {"qry": "Find the answer:", "pos_text": "text only"}
+    lines = [json.dumps(good).encode(), json.dumps(good | {"qry": 7}).encode(),
+             b'{"qry": "caf\xe9", "pos_text": "x"}', json.dumps(no_qry).encode(), json.dumps(good).encode(),
+             json.dumps(text_only).encode()]
+    (tmp_path / "in").mkdir()
+    (tmp_path / "in" / "rows.jsonl").write_bytes(b"\n".join(lines) + b"\n")
+    manifest = conv.convert([str(tmp_path / "in" / "rows.jsonl")], image_root, tmp_path / "out", task="vqa",
+                            progress=False)
+    report = manifest["extra"]["report"]
+    assert manifest["num_samples"] == 2
+    assert report["skipped"] == {"bad_type": 1, "bad_encoding": 1, "missing_column": 1, "bad_modality": 1}
+    errors = "\n".join(report["errors"])
+    assert "rows.jsonl: row 1: field 'qry': expected a string, found int" in errors
+    assert "rows.jsonl: row 2" in errors and "not UTF-8" in errors
+    assert "rows.jsonl: row 3: field 'qry': column missing" in errors
+    assert "rows.jsonl: row 5" in errors and "T2T is not a multimodal combination" in errors
+
+
+def test_a_parquet_without_the_required_columns_is_named(tmp_path, image_root):
+    write_parquet(tmp_path / "in" / "OK-VQA" / "train.parquet",
+                  [{"question": "What?", "qry_image_path": "coco/0.jpg", "pos_text": "x"}])
+    with pytest.raises(ValueError, match=r"train.parquet: missing column\(s\) \['qry'\]"):
+        conv.convert([str(tmp_path / "in")], image_root, tmp_path / "out", progress=False)
+
+
+def test_nothing_converted_exits_non_zero(tmp_path, image_root, capsys):
+    write_parquet(tmp_path / "in" / "OK-VQA" / "train.parquet", mmeb_rows()[:2])
+    wrong_root = tmp_path / "elsewhere"
+    wrong_root.mkdir()
+    assert conv.main(["--input", str(tmp_path / "in"), "--images", str(wrong_root), "--out",
+                      str(tmp_path / "out")]) == 1
+    assert "no sample written from 2 rows (is --images the right folder?" in capsys.readouterr().err
+
+
+def test_decompression_bombs_are_corrupt_images_not_crashes(tmp_path, image_root, monkeypatch):
+    monkeypatch.setenv("MME5_MAX_IMAGE_PIXELS", "100")  # a 16x16 image is above this cap
+    write_parquet(tmp_path / "in" / "OK-VQA" / "train.parquet", mmeb_rows()[:2])
+    manifest = conv.convert([str(tmp_path / "in")], image_root, tmp_path / "out", progress=False)
+    report = manifest["extra"]["report"]
+    assert manifest["num_samples"] == 0 and report["skipped"] == {"corrupt_image": 2}
+    assert "exceed the cap of 100" in report["errors"][0] and "coco/0.jpg" in report["errors"][0]

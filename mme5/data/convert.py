@@ -30,14 +30,15 @@ from pathlib import Path
 from typing import Any
 
 import pyarrow.parquet as pq
-from PIL import Image
 from tqdm import tqdm
 
 from mme5 import published
 from mme5.data.schema import Modality, Sample, SchemaError, Side, Task, image_extension
 from mme5.data.shards import MANIFEST, ShardWriter, SkipLog, read_manifest
+from mme5.images import ImageDecodeError, check_image
 
 INPUT_SUFFIXES = (".parquet", ".jsonl")
+REQUIRED_COLUMNS = ("qry", "pos_text")  # image paths and negatives are optional
 
 # MMEB-train / mmE5-MMEB-hardneg subsets and their meta-task (mme5.md §4).
 SUBSET_TASKS: dict[str, Task] = {
@@ -107,19 +108,23 @@ class RowConverter:
     """Turns one public row into a Sample, reading its images from the image root."""
 
     def __init__(self, image_root: Path, report: ConversionReport, max_negatives: int | None = None,
-                 language: str = "en", verify_images: bool = True):
+                 language: str = "en", verify_images: bool = True, allow_outside_images: bool = False):
         self.image_root = image_root
+        self.allow_outside_images = allow_outside_images
         self.report = report
         self.max_negatives = max_negatives
         self.language = language
         self.verify_images = verify_images
 
     def convert(self, row: dict[str, Any], sample_id: str, task: Task, source: str) -> Sample:
+        missing = [name for name in REQUIRED_COLUMNS if name not in row]
+        if missing:
+            raise BadRow(missing[0], f"column missing (the row has {sorted(row)})", "missing_column")
         query = self.side(row.get("qry"), row.get("qry_image_path"), "qry", "qry_image_path")
         positive = self.side(row.get("pos_text"), row.get("pos_image_path"), "pos_text", "pos_image_path")
         negatives = self.drop_positive_copies(self.negatives(row, positive.prompt, sample_id), positive)
         declared = row.get("modality")
-        modality = Modality.of(query, positive) if not declared else self.declared_modality(declared)
+        modality = self.declared_modality(declared) if declared else self.modality_of(query, positive)
         query = self.fit(query, modality.query, "qry")
         positive = self.fit(positive, modality.target, "pos_text")
         negatives = [self.fit(n, modality.target, "neg_text") for n in negatives]
@@ -133,6 +138,13 @@ class RowConverter:
         except SchemaError as error:
             raise BadRow("modality", str(error), "modality_mismatch") from None
 
+    def modality_of(self, query: Side, positive: Side) -> Modality:
+        try:
+            return Modality.of(query, positive)
+        except ValueError:
+            raise BadRow("qry_image_path", f"{query.kind}2{positive.kind} is not a multimodal combination "
+                         f"({', '.join(m.value for m in Modality)})", "bad_modality") from None
+
     def declared_modality(self, value: Any) -> Modality:
         try:
             return Modality(str(value).upper().replace("->", "2"))
@@ -141,7 +153,10 @@ class RowConverter:
 
     def side(self, prompt: Any, image_path: Any, text_field: str, image_field: str) -> Side:
         """A side from its published string (kept verbatim) and image path; repairs are counted."""
-        prompt = "" if prompt is None else str(prompt)
+        prompt = "" if prompt is None else prompt
+        if not isinstance(prompt, str):
+            raise BadRow(text_field, f"expected a string, found {type(prompt).__name__} {prompt!r:.40}",
+                         "bad_type")
         instruction, text, had_placeholder = published.split(prompt)
         image = self.image(image_path, image_field) if image_path else None
         if had_placeholder and image is None:
@@ -209,7 +224,12 @@ class RowConverter:
         return kept[: self.max_negatives] if self.max_negatives is not None else kept
 
     def image(self, relative: Any, field_name: str) -> bytes:
-        path = self.image_root / str(relative)
+        if not isinstance(relative, str):
+            raise BadRow(field_name, f"expected an image path, found {type(relative).__name__}", "bad_type")
+        path = self.image_root / relative
+        if not self.allow_outside_images and not _inside(path, self.image_root):
+            raise BadRow(field_name, f"image path {relative!r} leaves the image root {self.image_root} "
+                         "(pass --allow-images-outside-root to follow it)", "path_escape")
         try:
             data = path.read_bytes()
         except OSError:
@@ -217,9 +237,8 @@ class RowConverter:
         try:
             image_extension(data)
             if self.verify_images:
-                with Image.open(path) as image:
-                    image.verify()
-        except (SchemaError, OSError, SyntaxError) as error:
+                check_image(data, where=str(path))
+        except (SchemaError, ImageDecodeError) as error:
             raise BadRow(field_name, f"image file {path} is corrupt: {error}", "corrupt_image") from None
         return data
 
@@ -260,19 +279,36 @@ def iter_rows(path: Path, start: int = 0) -> Iterator[tuple[int, dict[str, Any] 
                     yield index, row
                 index += 1
         return
-    with open(path, encoding="utf-8") as handle:
+    with open(path, "rb") as handle:  # decoded line by line: one bad byte is one bad row
         index = 0
-        for line in handle:
-            if not line.strip():
+        for raw in handle:
+            if not raw.strip():
                 continue
             if index >= start:
                 try:
-                    row = json.loads(line)
+                    row = json.loads(raw.decode("utf-8"))
                     yield index, row if isinstance(row, dict) else BadRow("(row)", "not a JSON object",
                                                                           "bad_json")
+                except UnicodeDecodeError as error:
+                    yield index, BadRow("(row)", f"not UTF-8 ({error})", "bad_encoding")
                 except json.JSONDecodeError as error:
                     yield index, BadRow("(row)", f"invalid JSON: {error}", "bad_json")
             index += 1
+
+
+def check_columns(path: Path) -> None:
+    """A parquet file must have the row format's required columns (named in the error when it has not)."""
+    if path.suffix != ".parquet":
+        return  # JSONL rows are checked one by one
+    names = pq.ParquetFile(path).schema_arrow.names
+    missing = [name for name in REQUIRED_COLUMNS if name not in names]
+    if missing:
+        raise ValueError(f"{path}: missing column(s) {missing} of the row format; it has {names}")
+
+
+def _inside(path: Path, root: Path) -> bool:
+    """Whether `path` stays under `root` once `..` and symbolic links are resolved."""
+    return path.resolve().is_relative_to(root.resolve())
 
 
 def task_for(path: Path, source: str, task: str | None) -> Task:
@@ -311,12 +347,18 @@ def convert(
     strict: bool = False,
     overwrite: bool = False,
     progress: bool = True,
+    allow_outside_images: bool = False,
 ) -> dict[str, Any]:
-    """Convert input files into shards under `out_dir`; returns the manifest (report under 'extra')."""
+    """Convert input files into shards under `out_dir`; returns the manifest (report under 'extra').
+
+    allow_outside_images: follow image paths that leave `image_root` (`..`, absolute, symbolic links out).
+    """
     files = find_inputs(inputs)
+    for path in files:
+        check_columns(path)
     out_dir = Path(out_dir)
     options = {"source": source, "task": task, "language": language, "max_negatives": max_negatives,
-               "shard_size": shard_size}
+               "shard_size": shard_size, "allow_outside_images": allow_outside_images}
     job = fingerprint(files, options)
     resume = False
     if (out_dir / MANIFEST).exists() and not overwrite:
@@ -332,7 +374,8 @@ def convert(
                          extra={"fingerprint": job, "inputs": [str(f) for f in files], "options": options})
     cursor = writer.resume_cursor or {"file": 0, "row": 0, "report": ConversionReport().snapshot()}
     report = ConversionReport.from_snapshot(cursor["report"])
-    converter = RowConverter(Path(image_root), report, max_negatives, language)
+    converter = RowConverter(Path(image_root), report, max_negatives, language,
+                             allow_outside_images=allow_outside_images)
     totals = [count_rows(f) for f in files]
     bar = tqdm(total=sum(totals), initial=sum(totals[: cursor["file"]]) + cursor["row"], unit="row",
                desc="convert", disable=not progress)
@@ -381,9 +424,12 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--shard-size", type=int, default=1000, help="samples per shard")
     parser.add_argument("--strict", action="store_true", help="stop at the first bad row")
     parser.add_argument("--overwrite", action="store_true", help="replace shards of another conversion")
+    parser.add_argument("--allow-images-outside-root", action="store_true",
+                        help="follow image paths that leave --images (.., absolute paths, symbolic links)")
     args = parser.parse_args(argv)
     manifest = convert(args.input, args.images, args.out, args.source, args.task, args.language,
-                       args.max_negatives, args.shard_size, args.strict, args.overwrite)
+                       args.max_negatives, args.shard_size, args.strict, args.overwrite,
+                       allow_outside_images=args.allow_images_outside_root)
     report = manifest["extra"]["report"]
     print(f"{args.out}: {manifest['num_samples']} samples in {len(manifest['shards'])} shards "
           f"from {report['rows']} rows")
@@ -391,6 +437,10 @@ def main(argv: list[str] | None = None) -> int:
     print(f"  skipped:  {report['skipped'] or 'nothing'}")
     for message in report["errors"][:10]:
         print(f"    {message}", file=sys.stderr)
+    if manifest["num_samples"] == 0:
+        print(f"error: no sample written from {report['rows']} rows (is --images the right folder? see the "
+              "skipped rows above)", file=sys.stderr)
+        return 1
     return 0
 
 
