@@ -172,9 +172,13 @@ def load_encoder(path: str | Path, device: str = "cpu", dtype: str | None = None
         file: only for files from a source you trust). The project's own checkpoints never need it.
     """
     path = local_model(path)
+    identity: dict[str, Any] = {}
     if path.is_file() and path.suffix == ".ckpt":
-        kind, files = "lightning-checkpoint", [path]
-        encoder, recipe = _from_checkpoint(path, dtype, max_length, backbone, trust_checkpoint)
+        kind = "lightning-checkpoint"
+        encoder, recipe, source = _from_checkpoint(path, dtype, max_length, backbone, trust_checkpoint)
+        # The weights that are not in the checkpoint are the backbone's: its files are part of the model.
+        files = [path, *(f for f in source.iterdir() if f.is_file())]
+        identity["backbone"] = str(source.resolve())
     elif path.is_dir() and (path / "config.json").is_file():
         exported = (path / EXPORT_CONFIG).is_file()
         recipe = read_export_config(path) if exported else {}
@@ -188,7 +192,7 @@ def load_encoder(path: str | Path, device: str = "cpu", dtype: str | None = None
                          "folder with config.json")
     encoder.to(device).eval()
     settings = {"dtype": dtype, "input_format": asdict(encoder.adapter.input_format), "kind": kind}
-    description = {"name": path.name, "path": str(path.resolve()), **settings,
+    description = {"name": path.name, "path": str(path.resolve()), **identity, **settings,
                    "family": encoder.adapter.family, "adapters": encoder.has_adapters}
     return LoadedModel(encoder, fingerprint(files, **settings), description, recipe)
 
@@ -208,8 +212,9 @@ def _input_format(recorded: Any, max_length: int | None) -> InputFormat:
 
 
 def _from_checkpoint(path: Path, dtype: str | None, max_length: int | None, backbone: str | None,
-                     trust: bool = False) -> tuple[Encoder, dict[str, Any]]:
-    """An EmbeddingModule checkpoint's encoder and its recipe (everything in it but weights and states)."""
+                     trust: bool = False) -> tuple[Encoder, dict[str, Any], Path]:
+    """An EmbeddingModule checkpoint's encoder, its recipe (everything in it but weights and states) and
+    the backbone folder it was rebuilt from."""
     # The module saves plain types only, so its checkpoints load without unpickling code (weights_only).
     try:
         checkpoint = torch.load(path, map_location="cpu", weights_only=not trust)
@@ -222,7 +227,7 @@ def _from_checkpoint(path: Path, dtype: str | None, max_length: int | None, back
     if "backbone" not in hparams or "state_dict" not in checkpoint:
         raise ValueError(f"{path}: not an EmbeddingModule checkpoint (expected hyper_parameters.backbone and "
                          f"a state_dict; found keys {sorted(checkpoint)})")
-    source = backbone or _recorded_backbone(path, hparams["backbone"])
+    source = local_model(backbone or _recorded_backbone(path, hparams["backbone"]))
     dtype = dtype or hparams.get("dtype")
     # Checkpoints before the input format was recorded kept max_length in the data module's settings.
     recorded = hparams.get("input_format") or {
@@ -238,7 +243,7 @@ def _from_checkpoint(path: Path, dtype: str | None, max_length: int | None, back
         raise ValueError(f"{path}: weights that this encoder does not have: {result.unexpected_keys[:5]}")
     recipe = {key: checkpoint.get(key) for key in ("hyper_parameters", "datamodule_hyper_parameters",
                                                    "global_step", "epoch")}
-    return encoder, recipe
+    return encoder, recipe, source
 
 
 def _lora(value: Any) -> LoraSettings | None:

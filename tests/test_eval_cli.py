@@ -101,6 +101,11 @@ def test_command_end_to_end_on_a_backbone_folder(tiny_world, tiny_mllama, tmp_pa
     assert {*META_TASKS, "IND", "OOD", "Overall", "datasets"} <= set(scores["mmeb"])
     assert set(scores["mmeb"]["datasets"]) == set(subsets)
     assert scores["model"]["kind"] == "backbone" and not scores["model"]["adapters"]
+    # what produced the numbers: the tie rule and the data's identity
+    assert scores["mmeb"]["ties"] == "pessimistic" and "Ties: a candidate scoring exactly" in \
+        (tmp_path / "results.md").read_text()
+    assert scores["mmeb"]["data"]["root"] == str((tiny_world / "mmeb").resolve())
+    assert len(scores["xtd"]["data"]["fingerprint"]) == 16
     xtd = scores["xtd"]
     assert set(xtd["languages"]) == set(LANGUAGES) and xtd["paper_languages"] == ["es", "zh"]
     assert {"mean", "mean_all"} <= set(xtd) and "xtd/mean_r10" in scores["scalars"]

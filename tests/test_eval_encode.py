@@ -1,3 +1,5 @@
+import os
+
 import pytest
 import torch
 import torch.distributed as dist
@@ -90,14 +92,15 @@ def test_cache_second_run_embeds_nothing_and_interrupted_run_resumes(tmp_path):
 def test_item_key_changes_with_any_field():
     from mme5.eval.retrieval import ItemSpec
 
-    base = ItemSpec("instr", "text", ImageRef(None, "/a.png", 10))
+    base = ItemSpec("instr", "text", ImageRef(None, "/a.png", "stat:10:1"))
     variants = [ItemSpec("instr2", "text", base.image), ItemSpec("instr", "text2", base.image),
-                ItemSpec("instr", "text", ImageRef(None, "/b.png", 10)),
-                ItemSpec("instr", "text", ImageRef(None, "/a.png", 11)),
-                ItemSpec("instr", "text", ImageRef("/z.zip", "/a.png", 10)), ItemSpec("instr", "text")]
+                ItemSpec("instr", "text", ImageRef(None, "/b.png", "stat:10:1")),
+                ItemSpec("instr", "text", ImageRef(None, "/a.png", "stat:10:2")),  # same size, rewritten
+                ItemSpec("instr", "text", ImageRef("/z.zip", "/a.png", "stat:10:1")),
+                ItemSpec("instr", "text"), ItemSpec("instr", "text", base.image, prompt="instr text\n")]
     keys = {item_key(v) for v in variants}
     assert len(keys) == len(variants) and item_key(base) not in keys
-    assert item_key(ItemSpec("instr", "text", ImageRef(None, "/a.png", 10))) == item_key(base)
+    assert item_key(ItemSpec("instr", "text", ImageRef(None, "/a.png", "stat:10:1"))) == item_key(base)
 
 
 def test_flush_every_writes_parts_while_running(tmp_path):
@@ -133,3 +136,23 @@ def test_two_processes_encode_disjoint_shares_and_equal_one_process(tmp_path):
     torch.testing.assert_close(out1, single)
     assert share0 and share1 and len(set(share0) | set(share1)) == len(share0) + len(share1) == len(items)
     assert again0 == again1 == 0  # both ranks' parts are read back
+
+
+def test_an_image_rewritten_with_other_content_of_the_same_size_is_encoded_again(tmp_path):
+    items, _ = make_items(tmp_path)
+    cache = EmbeddingCache(tmp_path / "cache", "m")
+    first = encode(items, fake_embed, batch_size=4, cache=cache, namespace="set")
+    red, blue = image_bytes((200, 10, 10)), image_bytes((10, 10, 200))
+    assert len(red) == len(blue)
+    (tmp_path / "3.png").write_bytes(red)
+    os.utime(tmp_path / "3.png", ns=(1, 1))
+    again_items, _ = make_items(tmp_path, write=False)
+    counting = Counting()
+    encode(again_items, counting, batch_size=4, cache=cache, namespace="set")
+    assert [item.image.getpixel((0, 0)) for item in counting.items] == [(200, 10, 10)]
+    (tmp_path / "3.png").write_bytes(blue)  # same size, new content (and a new modification time)
+    later_items, _ = make_items(tmp_path, write=False)
+    counting = Counting()
+    later = encode(later_items, counting, batch_size=4, cache=cache, namespace="set")
+    assert [item.image.getpixel((0, 0)) for item in counting.items] == [(10, 10, 200)]
+    assert not torch.equal(later, first)

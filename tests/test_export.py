@@ -2,6 +2,7 @@
 
 import json
 import os
+import shutil
 from pathlib import Path
 
 import pytest
@@ -135,3 +136,15 @@ def test_a_checkpoint_that_would_run_code_is_refused_unless_trusted(tmp_path, ti
         load_encoder(ckpt)
     assert not marker.exists()  # nothing ran
     assert load_encoder(ckpt, trust_checkpoint=True).encoder.has_adapters and marker.exists()
+
+
+def test_the_cache_fingerprint_covers_the_backbone_a_checkpoint_is_rebuilt_on(tmp_path, tiny_mllama):
+    """Re-evaluating a .ckpt with another --backbone must not reuse the first backbone's embeddings."""
+    ckpt = perturbed_checkpoint(tiny_mllama, tmp_path / "last.ckpt", LoraSettings(r=2, alpha=4))
+    other = tmp_path / "other-backbone"
+    shutil.copytree(tiny_mllama, other)
+    first, second = load_encoder(ckpt), load_encoder(ckpt, backbone=str(other))
+    assert first.fingerprint != second.fingerprint
+    assert first.description["backbone"] == str(Path(tiny_mllama).resolve())
+    assert second.description["backbone"] == str(other.resolve())
+    assert load_encoder(ckpt).fingerprint == first.fingerprint  # and stable when nothing changed

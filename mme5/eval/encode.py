@@ -31,9 +31,9 @@ Embed = Callable[[list[Item]], Tensor]
 
 
 def item_key(item: ItemSpec) -> str:
-    """Stable identity of an item: instruction, text, published prompt, and the image's location and size."""
+    """Stable identity of an item: instruction, text, published prompt, the image's location and content."""
     image = item.image
-    fields = [item.instruction, item.text, image and [image.archive, image.path, image.size], item.prompt]
+    fields = [item.instruction, item.text, image and [image.archive, image.path, image.identity], item.prompt]
     return hashlib.sha1(json.dumps(fields, ensure_ascii=False).encode("utf-8")).hexdigest()
 
 

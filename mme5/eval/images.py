@@ -3,8 +3,9 @@
 A data set names its images by relative paths. Published layouts disagree on the root those paths start
 from (MMEB-eval's parquet paths may or may not carry the `eval_images/` folder of its zip), so a store
 tries each of its sources (folders or .zip files) with each of its prefixes, in order, and keeps the
-first hit. A hit is an `ImageRef`: where the bytes are and how many there are (part of the cache key, so
-a replaced file is re-encoded).
+first hit. A hit is an `ImageRef`: where the bytes are and their content identity (part of the embedding
+cache key, so a replaced image is encoded again): a zip member's CRC-32 and size, a file's size and
+modification time.
 """
 
 from __future__ import annotations
@@ -29,7 +30,7 @@ class ImageRef:
 
     archive: str | None
     path: str
-    size: int  # bytes
+    identity: str  # "crc32:<hex>:<bytes>" (zip member) or "stat:<bytes>:<mtime ns>" (file)
 
 
 @lru_cache(maxsize=8)
@@ -72,11 +73,12 @@ class ImageStore:
                 if source.suffix == ".zip" and source.is_file():
                     info = _zip(str(source))[1].get(name)
                     if info is not None:
-                        return ImageRef(str(source), name, info.file_size)
+                        return ImageRef(str(source), name, f"crc32:{info.CRC:08x}:{info.file_size}")
                     tried.append(f"{source}!{name}")
                 else:
                     file = source / name
                     if file.is_file():
-                        return ImageRef(None, str(file), file.stat().st_size)
+                        stat = file.stat()
+                        return ImageRef(None, str(file), f"stat:{stat.st_size}:{stat.st_mtime_ns}")
                     tried.append(str(file))
         raise MissingImageError(f"image {path!r} not found; looked for: {', '.join(tried)}")

@@ -21,7 +21,7 @@ from mme5.eval.metrics import metrics_from_ranks
 from mme5.eval.registry import MMEB as MMEB_SETS
 from mme5.eval.registry import EvalSet, aggregate, load_registry
 from mme5.eval.retrieval import Ranked, RetrievalSet, SetBuilder
-from mme5.eval.rows import add_rows, parquet_files
+from mme5.eval.rows import add_rows, data_identity, parquet_files
 from mme5.eval.run import Summary
 
 REGISTRY_FILE = "subsets.json"
@@ -69,6 +69,12 @@ class MMEB:
             builder = SetBuilder(spec.name, self.images)
             add_rows(builder, spec.name, parquet_files(self.root / spec.name), self.max_queries)
             yield builder.build()
+
+    def identity(self) -> dict[str, str]:
+        """The data evaluated: the selected sets' row files and the registry."""
+        files = [f for spec in self.registry for f in parquet_files(self.root / spec.name)]
+        registry = self.root / REGISTRY_FILE
+        return data_identity(self.root, files + ([registry] if registry.is_file() else []))
 
     def summarize(self, results: dict[str, Ranked]) -> Summary:
         """Per data set metrics (P@1 is the score) and the leaderboard aggregates."""

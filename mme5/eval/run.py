@@ -30,6 +30,8 @@ class Benchmark(Protocol):
 
     def sets(self) -> Iterable[RetrievalSet]: ...
 
+    def identity(self) -> dict[str, str]: ...
+
     def summarize(self, results: dict[str, Ranked]) -> Summary: ...
 
 
@@ -54,4 +56,5 @@ def evaluate(benchmark: Benchmark, embed: Embed, *, sets: Iterable[RetrievalSet]
             results[key] = rank(ranking, embeddings, top_k, ties=ties)
     summary = benchmark.summarize(results)
     summary.scores["ties"] = ties
+    summary.scores["data"] = benchmark.identity()
     return summary, results

@@ -26,7 +26,7 @@ from mme5.backbones.base import IMAGE_INSTRUCTION
 from mme5.eval.images import ImageStore
 from mme5.eval.metrics import metrics_from_ranks
 from mme5.eval.retrieval import Ranked, RetrievalSet, SetBuilder
-from mme5.eval.rows import add_rows, parquet_files
+from mme5.eval.rows import add_rows, data_identity, parquet_files
 from mme5.eval.run import Summary
 
 PAPER_LANGUAGES = ("es", "it", "ko", "pl", "ru", "tr", "zh")  # mmE5's XTD protocol
@@ -159,6 +159,15 @@ class XTD:
             text_gallery, text_gold = _distinct(texts)
             builder.rank(f"{language}_t2i", texts, torch.tensor(image_gallery).expand(count, -1), image_gold)
             builder.rank(f"{language}_i2t", images, torch.tensor(text_gallery).expand(count, -1), text_gold)
+
+    def identity(self) -> dict[str, str]:
+        """The data evaluated: the XTD10 text files, or the row files, of the selected languages."""
+        if self.xtd10 is not None:
+            names, captions = self.xtd10
+            files = [names, *(captions[language] for language in self.languages)]
+        else:
+            files = [f for language in self.languages for f in parquet_files(self.root / language)]
+        return data_identity(self.root, files)
 
     def summarize(self, results: dict[str, Ranked]) -> Summary:
         """Recall@1/5/10 (P@1 = R@1) per language and direction; means over the paper's languages
