@@ -38,6 +38,7 @@ from mme5.hub import local_model
 ADAPTER_ONLY = "adapter_only"  # the state dict holds the trainable (adapter) weights only
 ADAPTER_KEYS = "adapter_keys"  # their names, for checks after a strategy popped the state dict
 RNG_STATES = "rng_states"  # one {"torch", "cuda"} per rank
+BACKBONE_IDENTITY = "backbone_identity"  # `backbone_identity` of the backbone trained on
 EXPORT_CONFIG = "mme5_embedding.json"  # marks an exported folder
 EXPORT_FORMAT_VERSION = 2  # 2: the input format (published prompt rule, image token, resolution) recorded
 
@@ -57,15 +58,45 @@ def drop_frozen_weights(module: nn.Module, state_dict: dict[str, Any], prefix: s
         del state_dict[key]
 
 
-def add_training_state(checkpoint: dict[str, Any], rng_states: list[Any], adapter_names: Iterable[str] | None
-                       ) -> None:
-    """Record every rank's random state and, for an adapter-only run, the adapters' names."""
+def add_training_state(checkpoint: dict[str, Any], rng_states: list[Any], adapter_names: Iterable[str] | None,
+                       backbone: dict[str, str]) -> None:
+    """Record every rank's random state, the backbone's identity and, for an adapter-only run, the
+    adapters' names."""
     checkpoint[RNG_STATES] = rng_states
+    checkpoint[BACKBONE_IDENTITY] = backbone
     if adapter_names is not None:
         checkpoint[ADAPTER_ONLY] = True  # see `drop_frozen_weights`
         # Their names too: ModelParallelStrategy loads (and pops) the state dict before the module's
         # `on_load_checkpoint` sees it, so the check there needs them.
         checkpoint[ADAPTER_KEYS] = sorted(adapter_names)
+
+
+def backbone_identity(folder: Path) -> dict[str, str]:
+    """What makes a backbone this one and not another of the same shape, cheaply and independent of where
+    it lies: its config and, per weight file, its size and first and last MiB (no full read of 22 GB)."""
+    digest = hashlib.sha1()
+    for file in sorted(p for p in folder.iterdir() if p.suffix in (".safetensors", ".bin")):
+        size = file.stat().st_size
+        with open(file, "rb") as handle:
+            head = handle.read(1 << 20)
+            handle.seek(max(0, size - (1 << 20)))
+            digest.update(f"{file.name}:{size}".encode() + head + handle.read())
+    config = hashlib.sha1((folder / "config.json").read_bytes()).hexdigest()[:16]
+    return {"config": config, "weights": digest.hexdigest()[:16], "path": str(folder.resolve())}
+
+
+def check_backbone(checkpoint: dict[str, Any], current: dict[str, str]) -> None:
+    """Refuse to resume a checkpoint on another backbone than the one it was trained on (adapters and the
+    optimiser state would silently continue on different weights)."""
+    recorded = checkpoint.get(BACKBONE_IDENTITY)
+    if recorded is None:
+        return  # written before identities were recorded
+    changed = [part for part in ("config", "weights") if recorded.get(part) != current.get(part)]
+    if changed:
+        raise ValueError(
+            f"this checkpoint was trained on the backbone at {recorded.get('path')}; the backbone now loaded "
+            f"({current.get('path')}) differs in its {' and '.join(changed)}. Resume with "
+            "--model.backbone set to the original one")
 
 
 def check_adapters(checkpoint: dict[str, Any], trainable: set[str]) -> None:

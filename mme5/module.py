@@ -26,6 +26,7 @@ from mme5.data.collate import ContrastiveBatch
 from mme5.distributed import GradientSync, from_all_ranks
 from mme5.encoder import Encoder, LoraSettings
 from mme5.gradcache import GradCache
+from mme5.hub import local_model
 from mme5.losses import ContrastiveOutput, InfoNCE
 from mme5.sharding import load_from_rank0, shard_encoder, shards_parameters
 
@@ -115,6 +116,7 @@ class EmbeddingModule(L.LightningModule):
         self.encoder: Encoder | None = None
         self._last_step_end: float | None = None
         self._sync = GradientSync()  # chosen in `on_fit_start`, once the strategy has wrapped the model
+        self._backbone: dict[str, str] | None = None  # its identity, read once
 
     def configure_model(self) -> None:
         """Load the backbone (once; Lightning calls this under the strategy's init context)."""
@@ -205,12 +207,18 @@ class EmbeddingModule(L.LightningModule):
         cuda = torch.cuda.get_rng_state_all() if torch.cuda.is_available() else []
         rng_states = from_all_ranks({"torch": torch.get_rng_state(), "cuda": cuda})
         adapters = self._trainable_names() if self.encoder is not None and self.encoder.has_adapters else None
-        ckpt_format.add_training_state(checkpoint, rng_states, adapters)
+        ckpt_format.add_training_state(checkpoint, rng_states, adapters, self._backbone_identity())
 
     def _trainable_names(self) -> set[str]:
         return {name for name, p in self.named_parameters() if p.requires_grad}
 
+    def _backbone_identity(self) -> dict[str, str]:
+        if self._backbone is None:
+            self._backbone = ckpt_format.backbone_identity(local_model(self.hparams.backbone))
+        return self._backbone
+
     def on_load_checkpoint(self, checkpoint: dict[str, Any]) -> None:
+        ckpt_format.check_backbone(checkpoint, self._backbone_identity())
         ckpt_format.check_adapters(checkpoint, self._trainable_names())
         rank, world = (self.trainer.global_rank, self.trainer.world_size) if self._trainer else (0, 1)
         state = ckpt_format.rng_state_of_rank(checkpoint, rank, world)

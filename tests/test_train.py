@@ -131,6 +131,13 @@ def test_fit_logs_and_resume_continues_the_same_run(tmp_path, tiny_mllama, tiny_
     for (name, a), b in zip(resumed.named_parameters(), straight.parameters(), strict=True):
         torch.testing.assert_close(a, b, atol=1e-6, rtol=1e-5, msg=name)
 
+    # The same adapters resumed on another backbone of the same shape: refused, both named.
+    other = str(build_tiny("mllama", tmp_path / "other-backbone", seed=1, preset="test"))
+    wrong_trainer, wrong, wrong_data = make_run(tmp_path / "d", other, tiny_shards, 6)
+    refused = rf"trained on the backbone at {tiny_mllama}.*differs in its weights"
+    with pytest.raises(ValueError, match=refused):
+        wrong_trainer.fit(wrong, datamodule=wrong_data, ckpt_path=tmp_path / "ckpt" / "last.ckpt")
+
 
 def test_non_finite_loss_stops_with_the_last_good_state(tmp_path, tiny_mllama, tiny_shards, monkeypatch):
     trainer, module, data = make_run(tmp_path, tiny_mllama, tiny_shards, max_steps=5)
