@@ -4,6 +4,7 @@ import base64
 import json
 import os
 import signal
+import socket
 import subprocess
 import sys
 import time
@@ -220,7 +221,8 @@ run(SynthesisConfig(**{values!r}), embed=FakeEmbed())
 
 
 def test_kill_9_and_resume_gives_no_duplicates(tmp_path):
-    with AnswerServer(latency_s=0.05) as server:
+    # 0.2 s an answer: the run lasts ~2 s, a wide window for the kill even on a loaded machine
+    with AnswerServer(latency_s=0.2) as server:
         config = settings(tmp_path, server, num_samples=40)
         out = Path(config.out)
         code = KILLED_RUN.format(tests=str(Path(__file__).parent), values=vars(config))
@@ -314,3 +316,70 @@ def test_numeric_settings_are_checked_when_parsed(tmp_path, flag, value):
     with pytest.raises(ValueError, match="must be"):  # not a run that hangs or writes nothing
         cli_main(["--config", str(config_file), flag, value, "--num-shards", "2"])
     assert not (tmp_path / "out").exists()
+
+
+def failed_lines(out: Path) -> list[str]:
+    path = out / "failed.jsonl"
+    return path.read_text().splitlines() if path.exists() else []
+
+
+def test_refused_credentials_stop_the_run_without_failing_any_id(tmp_path):
+    """A 401 is the service's answer to every request: the run stops (exit 2), no id is marked failed, and
+    a rerun with a working key writes everything."""
+    with AnswerServer() as server:
+        server.script.extend([Failure(401)] * 100)
+        config = settings(tmp_path, server)
+        summary = run(config, embed=FakeEmbed())
+        assert "authentication refused" in summary["stopped"] and summary["written"] == 0
+        assert failed_lines(Path(config.out)) == [] and len(server.requests) <= 4  # one wave at most
+        server.script.clear()
+        assert run(config, embed=FakeEmbed())["written"] == 24
+
+
+def test_an_unreachable_server_is_detected_across_requests_not_per_sample(tmp_path):
+    with socket.socket() as probe:  # a port with nothing listening
+        probe.bind(("127.0.0.1", 0))
+        port = probe.getsockname()[1]
+    with AnswerServer() as server:
+        config = settings(tmp_path, server)
+    config.client |= {"base_url": f"http://127.0.0.1:{port}/v1", "max_attempts": 6, "backoff_base_s": 0.2,
+                      "backoff_max_s": 1.0}
+    started = time.monotonic()
+    summary = run(config, embed=FakeEmbed())
+    assert "unreachable" in summary["stopped"] and failed_lines(Path(config.out)) == []
+    assert time.monotonic() - started < 20  # not 24 samples x 6 attempts of backoff
+
+
+def test_a_disk_error_while_committing_stops_the_run_and_loses_nothing(tmp_path, monkeypatch):
+    import mme5.synthesis.pipeline as pipeline
+
+    commits = []
+
+    def disk_fills_up(staging, record, sample_id, meta):
+        if len(commits) == 5:
+            raise OSError(28, "No space left on device")
+        commits.append(sample_id)
+        return commit_sample(staging, record, sample_id, meta)
+
+    with AnswerServer() as server:
+        config = settings(tmp_path, server, client=settings(tmp_path, server).client | {"max_concurrency": 1})
+        with monkeypatch.context() as patch:
+            patch.setattr(pipeline, "commit_sample", disk_fills_up)
+            summary = run(config, embed=FakeEmbed())
+        assert "No space left" in summary["stopped"] and failed_lines(Path(config.out)) == []
+        assert sorted(written_ids(Path(config.out))) == sorted(commits)  # what was committed is kept
+        assert run(config, embed=FakeEmbed())["written"] == 24
+
+
+def test_exit_codes_say_stopped_and_nothing_written(tmp_path, monkeypatch):
+    import mme5.synthesis.pipeline as pipeline
+
+    monkeypatch.setattr(pipeline, "encoder_embedder", lambda path: (FakeEmbed(), "fake"))
+    for name, failures, contents, expected in (("stopped", [Failure(403)] * 50, [], 2),
+                                               ("nothing", [], ["{not json"] * 50, 1)):
+        with AnswerServer(contents=contents) as server:
+            server.script.extend(failures)
+            config = settings(tmp_path / name, server, answer_retries=0, num_samples=4)
+            values = vars(config) | {"embedder": "unused"}
+            (tmp_path / f"{name}.yaml").write_text(json.dumps(values))
+            assert cli_main(["--config", str(tmp_path / f"{name}.yaml")]) == expected

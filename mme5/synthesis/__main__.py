@@ -63,6 +63,13 @@ def main(argv: list[str] | None = None) -> int:
         print(json.dumps(report, indent=2, ensure_ascii=False))
         return 0
     result = run(config)
+    if "stopped" in result:  # the service or the disk failed: resume once it is fixed
+        print(f"error: synthesis stopped: {result['stopped']}", file=sys.stderr)
+        return 2
+    if result["written"] == 0:
+        print(f"error: no sample written ({result['failed']} failed: {result['failed_by_reason']})",
+              file=sys.stderr)
+        return 1
     return 0 if result["written"] + result["failed"] == result["planned"] else 1
 
 

@@ -57,9 +57,13 @@ class ClientConfig:
     output_usd_per_million: float = 0.0
     max_tokens: int | None = None
     temperature: float | None = None
+    unreachable_after: int = 8
+    """Consecutive failed connection attempts, across all requests and with no response in between, after
+    which the server counts as unreachable and every call raises `ServiceError` (not minutes of retries per
+    sample). At least two per concurrent slot, so that one wave of dropped connections is not enough."""
 
     def __post_init__(self) -> None:
-        at_least(self, {"max_concurrency": 1, "max_attempts": 1, "max_tokens": 1})
+        at_least(self, {"max_concurrency": 1, "max_attempts": 1, "max_tokens": 1, "unreachable_after": 1})
         positive(self, ("timeout_s", "requests_per_minute", "tokens_per_minute"))
         at_least(self, {"backoff_base_s": 0, "backoff_max_s": 0, "max_retry_after_s": 0,
                         "input_usd_per_million": 0, "output_usd_per_million": 0, "temperature": 0})
@@ -103,6 +107,15 @@ class ChatError(RuntimeError):
         super().__init__(message)
         self.status_code = status_code
         self.attempts = attempts
+
+
+class ServiceError(ChatError):
+    """The service, not this request, is at fault: credentials or access refused (401, 403), an unknown
+    model or endpoint (404), or the server unreachable. Every other call would fail the same way, so a
+    caller stops instead of recording the request's sample as failed."""
+
+
+SERVICE_STATUSES = {401: "authentication refused", 403: "access refused", 404: "unknown model or endpoint"}
 
 
 @dataclass
@@ -175,6 +188,8 @@ class ChatClient:
             for _ in range(n_pools)]
         self._next_pool = 0
         self._slots = asyncio.Semaphore(config.max_concurrency)
+        self._connection_failures = 0  # consecutive, across requests; reset by any response
+        self._unreachable: str | None = None
         self._requests = TokenBucket(config.requests_per_minute) if config.requests_per_minute else None
         self._tokens = TokenBucket(config.tokens_per_minute) if config.tokens_per_minute else None
         self.total = Usage()
@@ -224,6 +239,8 @@ class ChatClient:
         estimate = _estimate_tokens(prompt, system, len(images), self.config.max_tokens)
         start = time.monotonic()
         for attempt in range(1, self.config.max_attempts + 1):
+            if self._unreachable is not None:
+                raise ServiceError(self._unreachable, attempts=attempt - 1)
             try:
                 async with self._slots:
                     if self._requests:
@@ -241,6 +258,7 @@ class ChatClient:
                     data = await self._pools[self._next_pool].post("/chat/completions", body=request,
                                                                    cast_to=object)
                     latency = time.monotonic() - sent
+                self._connection_failures = 0
                 content, usage = _content_and_usage(data)
             except Exception as e:  # classified by _retry_wait; kinds it does not know are re-raised
                 wait = self._retry_wait(e, attempt)
@@ -261,6 +279,12 @@ class ChatClient:
         """
         status = getattr(error, "status_code", None)
         if isinstance(error, openai.APIStatusError):
+            self._connection_failures = 0
+            if status in SERVICE_STATUSES:
+                raise ServiceError(f"chat completion to model {self.config.model!r} at "
+                                   f"{self.config.base_url or 'the default endpoint'}: "
+                                   f"{SERVICE_STATUSES[status]} ({_describe(error)})",
+                                   status_code=status, attempts=attempt) from error
             retryable = status == 429 or status >= 500
         else:
             # Timeouts, dropped connections, and 200s whose body is not a chat completion (a proxy hiccup).
@@ -268,6 +292,15 @@ class ChatClient:
                                    | ValueError | LookupError | AttributeError | TypeError)
             if not retryable:
                 return None
+            if isinstance(error, openai.APIConnectionError):
+                self._connection_failures += 1
+                if self._connection_failures >= max(self.config.unreachable_after,
+                                                    2 * self.config.max_concurrency):
+                    self._unreachable = (
+                        f"server {self.config.base_url or 'at the default endpoint'} unreachable: "
+                        f"{self._connection_failures} connection attempts in a row failed across requests "
+                        f"(last: {_describe(error)})")
+                    raise ServiceError(self._unreachable, attempts=attempt) from error
         if not retryable or attempt >= self.config.max_attempts:
             why = "not retryable" if not retryable else f"gave up after {attempt} attempts"
             raise ChatError(f"chat completion to model {self.config.model!r} failed ({why}): "

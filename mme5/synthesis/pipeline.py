@@ -11,6 +11,7 @@ from __future__ import annotations
 import asyncio
 import functools
 import json
+import logging
 import time
 from collections import Counter
 from dataclasses import asdict, dataclass, field
@@ -21,7 +22,7 @@ from tqdm import tqdm
 
 from mme5.data.shards import sample_to_record
 from mme5.files import write_json
-from mme5.synthesis.client import ChatClient, ChatError, Usage
+from mme5.synthesis.client import ChatClient, ChatError, ServiceError, Usage
 from mme5.synthesis.config import SynthesisConfig, load_or_write_plan
 from mme5.synthesis.images import Embed, ImagePool, NeighbourIndex, encoder_embedder, select_images
 from mme5.synthesis.plan import PlannedSample, split
@@ -40,6 +41,8 @@ from mme5.synthesis.workdir import (
     summarise,
 )
 
+log = logging.getLogger(__name__)
+
 
 @dataclass
 class _Stats:
@@ -49,9 +52,9 @@ class _Stats:
 
 
 async def _synthesise(config: SynthesisConfig, todo: list[PlannedSample], pool: ImagePool | None,
-                      index: NeighbourIndex | None, work: Path, client: ChatClient, bar: tqdm,
-                      retried: frozenset[str] = frozenset(), packer: Packer | None = None) -> _Stats:
-    stats = _Stats()
+                      index: NeighbourIndex | None, work: Path, client: ChatClient, bar: tqdm, stats: _Stats,
+                      retried: frozenset[str] = frozenset(), packer: Packer | None = None) -> None:
+    """Synthesise `todo` into `work`, counting into `stats`; a service or disk failure propagates."""
     # Recent pool images, so a neighbour image used by many samples is read (and base64-encoded, see
     # client.data_url) once rather than per request.
     read_image = functools.lru_cache(maxsize=32)(pool.read) if pool is not None else None
@@ -79,25 +82,31 @@ async def _synthesise(config: SynthesisConfig, todo: list[PlannedSample], pool: 
                 except InvalidAnswer:
                     if attempts > config.answer_retries:
                         raise
-            # Usage: every call this sample cost (invalid answers included), committed with the sample so
-            # that the total over resumed runs survives kill -9 (see total_usage).
-            meta = {**parsed.metadata, "images": keys, "attempts": attempts, "calls": attempts,
-                    "usage": asdict(usage)}
-            # In a thread: the fsyncs must not stall the event loop that keeps the other requests going.
-            record = sample_to_record(parsed.sample)
-            await asyncio.to_thread(commit_sample, work / STAGING, record, planned.id, meta)
-            if packer is not None:
-                packer.committed(planned.id, record, meta)
-            stats.written += 1
-            stats.retried_written += planned.id in retried
+        except ServiceError:
+            raise  # the service, not this sample: the run stops and nothing is recorded against the id
         except InvalidAnswer as e:
             await _fail(planned, e.reason, e.detail, attempts, attempts, usage)
+            return
         except ChatError as e:
             reason = f"chat_http_{e.status_code}" if e.status_code is not None else "chat_error"
             # the last call got no answer; the earlier ones did (answers that failed validation)
             await _fail(planned, reason, str(e), attempts, attempts - 1, usage)
+            return
         except Exception as e:  # one bad sample (unreadable image, ...) must not stop the run
             await _fail(planned, type(e).__name__, str(e)[:500], attempts, max(0, attempts - 1), usage)
+            return
+        # Usage: every call this sample cost (invalid answers included), committed with the sample so that
+        # the total over resumed runs survives kill -9 (see total_usage). A failed commit (a full disk) is
+        # the run's failure, not the sample's: it propagates and stops the run.
+        meta = {**parsed.metadata, "images": keys, "attempts": attempts, "calls": attempts,
+                "usage": asdict(usage)}
+        record = sample_to_record(parsed.sample)
+        # In a thread: the fsyncs must not stall the event loop that keeps the other requests going.
+        await asyncio.to_thread(commit_sample, work / STAGING, record, planned.id, meta)
+        if packer is not None:
+            packer.committed(planned.id, record, meta)
+        stats.written += 1
+        stats.retried_written += planned.id in retried
         bar.update(1)
 
     async def _fail(planned: PlannedSample, reason: str, detail: str, attempts: int, calls: int,
@@ -108,14 +117,21 @@ async def _synthesise(config: SynthesisConfig, todo: list[PlannedSample], pool: 
         if packer is not None:
             packer.failed(planned.id)
         stats.failed[reason] += 1
+        bar.update(1)
 
     async def worker() -> None:
         while not queue.empty():
             await one(queue.get_nowait())
 
+    # The first error that escapes a worker (a service or disk failure) cancels the others at once.
     workers = max(1, min(client.config.max_concurrency, len(todo)))
-    await asyncio.gather(*(worker() for _ in range(workers)))
-    return stats
+    tasks = [asyncio.create_task(worker()) for _ in range(workers)]
+    done, pending = await asyncio.wait(tasks, return_when=asyncio.FIRST_EXCEPTION)
+    for task in pending:
+        task.cancel()
+    await asyncio.gather(*pending, return_exceptions=True)
+    for task in done:
+        task.result()  # re-raises a worker's error
 
 
 def run(config: SynthesisConfig, embed: Embed | None = None, embed_name: str | None = None) -> dict[str, Any]:
@@ -151,20 +167,29 @@ def run(config: SynthesisConfig, embed: Embed | None = None, embed_name: str | N
                                config.embed_batch_size, config.positive_ranks, config.negative_ranks)
 
     packer: Packer | None = None
+    client: ChatClient | None = None
+    stats = _Stats()
 
-    async def main() -> tuple[_Stats, Any, int]:
-        nonlocal packer
+    async def main() -> None:
+        nonlocal packer, client
         async with ChatClient(config.client_config()) as client:
             packer = Packer(work, [s.id for s in todo], config.shard_size)
             try:
                 with tqdm(total=len(todo), desc="synthesis", unit="sample",
                           disable=not config.progress) as bar:
-                    stats = await _synthesise(config, todo, pool, index, work, client, bar, retried, packer)
+                    await _synthesise(config, todo, pool, index, work, client, bar, stats, retried, packer)
             finally:
                 await asyncio.to_thread(packer.close)
-            return stats, client.total, client.calls
 
-    stats, usage, calls = asyncio.run(main()) if todo else (_Stats(), Usage(), 0)
+    stopped = None
+    try:
+        if todo:
+            asyncio.run(main())
+    except (ServiceError, OSError) as error:  # the service or the disk, not a sample: stop, say why
+        stopped = f"{type(error).__name__}: {error}"
+        log.error("synthesis stopped: %s (nothing recorded against the ids in flight; fix it and run "
+                  "the same command again to resume)", stopped)
+    usage, calls = (client.total, client.calls) if client is not None else (Usage(), 0)
     # The packer finished: every id is known without reading the shards back; otherwise pack reads them.
     packed = None if packer is not None and packer.error is not None else \
         written | set(packer.packed if packer is not None else ())
@@ -176,6 +201,8 @@ def run(config: SynthesisConfig, embed: Embed | None = None, embed_name: str | N
         "failed_by_reason": dict(stats.failed.most_common()), "calls": calls,
         "input_tokens": usage.input_tokens, "output_tokens": usage.output_tokens,
         "cost_usd": round(usage.cost_usd, 6), "wall_s": round(time.monotonic() - start, 3)}
+    if stopped is not None:
+        summary["stopped"] = stopped
     write_json(work / SUMMARY, summary)
     print(json.dumps(summary, indent=2))
     return summary
