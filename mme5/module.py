@@ -16,6 +16,7 @@ import lightning as L
 import torch
 import torch.distributed as dist
 from lightning.pytorch.strategies import DDPStrategy, DeepSpeedStrategy, FSDPStrategy, SingleDeviceStrategy
+from lightning.pytorch.utilities import rank_zero_warn
 from torch import Tensor
 from torch.optim.lr_scheduler import LambdaLR
 
@@ -25,10 +26,13 @@ from mme5.contrastive import contrastive_step
 from mme5.data.collate import ContrastiveBatch
 from mme5.distributed import GradientSync, from_all_ranks
 from mme5.encoder import Encoder, LoraSettings
+from mme5.files import write_json
 from mme5.gradcache import GradCache
 from mme5.hub import local_model
 from mme5.losses import ContrastiveOutput, InfoNCE
 from mme5.sharding import load_from_rank0, shard_encoder, shards_parameters
+
+DATA_REPORT = "data_report.json"
 
 
 class NonFiniteLossError(RuntimeError):
@@ -200,6 +204,18 @@ class EmbeddingModule(L.LightningModule):
             f"loss is {loss.item()} at global step {self.global_step}; the state before this step is saved "
             f"in {path}. Resume with --ckpt_path {path} after lowering the learning rate or checking the data"
         )
+
+    def on_train_end(self) -> None:
+        """The data's skip report beside the run's logs (`data_report.json`), every rank's counts."""
+        datamodule = getattr(self.trainer, "datamodule", None)
+        if datamodule is None or not hasattr(datamodule, "skip_report"):
+            return
+        report = datamodule.skip_report()
+        if self.trainer.is_global_zero:
+            write_json(Path(self.trainer.default_root_dir) / DATA_REPORT, report)
+            if report["skipped_samples"]:
+                rank_zero_warn(f"{report['skipped_samples']} training samples were skipped or lost; see "
+                               f"{Path(self.trainer.default_root_dir) / DATA_REPORT}")
 
     def on_save_checkpoint(self, checkpoint: dict[str, Any]) -> None:
         # Random state too, so a resumed run draws the same (LoRA) dropout masks as an uninterrupted one;

@@ -46,6 +46,7 @@ class ContrastiveBatch:
     slot: int = 0
     position: dict[str, Any] = field(default_factory=dict)
     skipped: int = 0
+    skip_errors: list[str] = field(default_factory=list)  # the slot's latest skip messages
 
     @property
     def size(self) -> int:
@@ -81,6 +82,7 @@ class ContrastiveCollator:
         self.lockstep = lockstep
         self.strict = strict
         self.unprocessable = 0  # samples dropped so far by this worker's collator
+        self.unprocessable_errors: list[str] = []
 
     def __call__(self, batch: StreamBatch) -> ContrastiveBatch:
         try:
@@ -95,6 +97,7 @@ class ContrastiveCollator:
         for text in problems.values():
             log.warning("skipped: %s", text)
         self.unprocessable += len(problems)
+        self.unprocessable_errors += problems.values()
         return self._collate(batch, frozenset(problems))
 
     def _unprocessable(self, batch: StreamBatch) -> dict[int, str]:
@@ -147,4 +150,5 @@ class ContrastiveCollator:
             slot=batch.slot,
             position=batch.position,
             skipped=batch.skipped + self.unprocessable,
+            skip_errors=batch.skip_errors + self.unprocessable_errors[-5:],
         )

@@ -15,6 +15,8 @@ from mme5.data.stream import MixedShardStream, Source
 from mme5.distributed import from_all_ranks
 from mme5.sharding import shards_parameters
 
+MAX_REPORTED_ERRORS = 50
+
 
 class ShardDataModule(L.LightningDataModule):
     """Streams training batches from several shard sources mixed by weight.
@@ -69,7 +71,8 @@ class ShardDataModule(L.LightningDataModule):
         self.seed = seed
         self.strict = strict
         self.positions: dict[int, dict[str, Any]] = {}  # newest stream position of each slot
-        self.skipped: dict[int, int] = {}  # corrupt samples skipped so far, per slot
+        self.skipped: dict[int, int] = {}  # corrupt or lost samples skipped so far, per slot
+        self.skip_errors: list[str] = []  # the first messages seen (shard, key, reason)
 
     def train_dataloader(self) -> DataLoader:
         for source in self.sources:
@@ -104,11 +107,22 @@ class ShardDataModule(L.LightningDataModule):
         # Called in the main process for each batch the step is about to consume.
         self.positions[batch.slot] = batch.position
         self.skipped[batch.slot] = batch.skipped
+        for message in batch.skip_errors:
+            if message not in self.skip_errors and len(self.skip_errors) < MAX_REPORTED_ERRORS:
+                self.skip_errors.append(message)
         return batch
 
     @property
     def num_skipped(self) -> int:
         return sum(self.skipped.values())
+
+    def skip_report(self) -> dict[str, Any]:
+        """Samples skipped or lost over the run, every rank's (a collective: call it on all ranks)."""
+        gathered = from_all_ranks((self.skipped, self.skip_errors))
+        skipped = {slot: n for part, _ in gathered for slot, n in part.items()}
+        errors = list(dict.fromkeys(message for _, part in gathered for message in part))
+        return {"skipped_samples": sum(skipped.values()), "by_slot": skipped,
+                "first_errors": errors[:MAX_REPORTED_ERRORS]}
 
     def state_dict(self) -> dict[str, Any]:
         """Every rank's slot positions (each rank only sees its own slots, so gather them)."""

@@ -16,6 +16,7 @@ from __future__ import annotations
 
 import io
 import json
+import logging
 import os
 import tarfile
 from collections import Counter
@@ -28,6 +29,8 @@ import webdataset as wds
 
 from mme5.data.schema import Sample, SchemaError, Side, image_extension
 from mme5.files import AtomicFile, remove_stale, write_json
+
+log = logging.getLogger(__name__)
 
 MANIFEST = "manifest.json"
 FORMAT = "mme5-shards/2"  # 2: sides keep the published string (`prompt`) of converted rows
@@ -290,17 +293,26 @@ class SkipLog:
     errors: list[str] = field(default_factory=list)
     max_errors: int = 100
 
-    def skip(self, kind: str, message: str) -> None:
-        self.skipped[kind] += 1
+    def skip(self, kind: str, message: str, count: int = 1) -> None:
+        self.skipped[kind] += count
         if len(self.errors) < self.max_errors:
             self.errors.append(message)
 
 
 @dataclass
 class ReadStats(SkipLog):
-    """What a reader read and skipped, and why (messages name shard, key and reason)."""
+    """What a reader read and skipped, and why (messages name shard, key and reason). The first
+    `log_first` skips are logged as warnings, then one in a hundred, so a bad source shows in the run's
+    log without flooding it."""
 
     samples: int = 0
+    log_first: int = 10
+
+    def skip(self, kind: str, message: str, count: int = 1) -> None:
+        super().skip(kind, message, count)
+        seen = self.num_skipped
+        if seen <= self.log_first or seen % 100 < count:
+            log.warning("skipped %d sample(s) (%d so far): %s", count, seen, message)
 
     @property
     def num_skipped(self) -> int:

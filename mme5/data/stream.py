@@ -152,6 +152,17 @@ class SourceReader:
             if index % stride != self.slot.index % stride:
                 continue
             yield from decode([record])
+        # The shard ended before the manifest's count (truncated, or unreadable from some point on): the
+        # records never read are lost samples, counted as such (a tar error alone would count 1).
+        mine = self.slot.index % stride
+        lost = sum(1 for index in range(self.position["read"], take) if index % stride == mine)
+        if lost:
+            message = (f"{url}: {lost} sample(s) lost: the manifest lists {take} records, the shard ended "
+                       f"after {self.position['read']}")
+            if self.strict:
+                raise CorruptSample(message)
+            self.stats.skip("lost", message, lost)
+        self.position["read"] = take
 
 
 class MixedShardStream(IterableDataset):
