@@ -8,6 +8,7 @@ import torch
 from PIL import Image
 
 from mme5.data.schema import Modality, Task
+from mme5.images import load_rgb
 from mme5.synthesis.images import ImagePool, NeighbourIndex, encoder_embedder, select_images
 from mme5.synthesis.plan import PlannedSample
 
@@ -37,8 +38,7 @@ class FakeEmbed:
 
     def __call__(self, images: list[bytes]) -> torch.Tensor:
         self.calls += 1
-        rows = [torch.tensor(Image.open(io.BytesIO(b)).convert("RGB").getpixel((0, 0)), dtype=torch.float)
-                for b in images]
+        rows = [torch.tensor(load_rgb(b).getpixel((0, 0)), dtype=torch.float) for b in images]
         return torch.nn.functional.normalize(torch.stack(rows) + 1.0, dim=-1)
 
 
@@ -48,7 +48,6 @@ def test_pool_is_recursive_sorted_and_reads_list_files(tmp_path):
     assert pool.keys == sorted(pool.keys) and len(pool) == 6
     assert pool.keys[0] == "a/img001.png" and all(k.endswith(".png") for k in pool.keys)
     assert pool.read("b/img000.png") == png(0)
-    assert pool.choose("syn-0-1") == pool.choose("syn-0-1")
     listing = tmp_path / "list.txt"
     listing.write_text("imgs/b/img002.png\n\nimgs/a/img003.png\n")
     listed = ImagePool(listing)
@@ -110,11 +109,11 @@ def test_small_pool_clips_bands_and_select_images_follows_the_roles(tmp_path):
     def planned(modality):
         return PlannedSample("syn-0-7", Task.RETRIEVAL, modality, "en")
 
-    assert select_images(planned(Modality.IT2T), pool, index) == {"query": pool.choose("syn-0-7")}
+    assert select_images(planned(Modality.IT2T), pool, index) == {"query": index.choose("syn-0-7")}
     both = select_images(planned(Modality.IT2I), pool, index)
     assert list(both) == ["query", "positive", "negative"] and len(set(both.values())) == 3
     text_query = select_images(planned(Modality.T2I), pool, index)
-    assert list(text_query) == ["positive", "negative"] and text_query["positive"] == pool.choose("syn-0-7")
+    assert list(text_query) == ["positive", "negative"] and text_query["positive"] == index.choose("syn-0-7")
     assert select_images(PlannedSample("s", Task.RETRIEVAL, Modality.T2IT, "en"), pool, index).keys() == {
         "positive", "negative"}
 
@@ -127,3 +126,17 @@ def test_default_encoder_embedder_on_a_tiny_model(tmp_path, tiny_mllama):
     assert torch.allclose(index.embeddings.norm(dim=-1), torch.ones(4), atol=1e-4)
     assert index.embed_calls == 2
     assert NeighbourIndex(pool, embed, name, cache_dir=tmp_path / "cache").embed_calls == 0
+
+
+def test_an_unreadable_pool_image_is_left_out_not_fatal(tmp_path, caplog):
+    make_images(tmp_path / "imgs", 8)
+    (tmp_path / "imgs" / "a" / "img003.png").write_bytes(b"\x89PNG\r\n\x1a\n truncated")
+    pool = ImagePool(tmp_path / "imgs")
+    bad = pool.index("a/img003.png")
+    index = NeighbourIndex(pool, FakeEmbed(), "fake", tmp_path / "cache", batch_size=4,
+                           positive_ranks=(1, 2), negative_ranks=(3, 5))
+    assert index.unreadable == {bad} and "a/img003.png" in caplog.text
+    assert all("a/img003.png" not in index.ranked(key) for key in pool.keys if key != "a/img003.png")
+    assert all(index.choose(f"syn-{i}") != "a/img003.png" for i in range(50))
+    cached = NeighbourIndex(pool, FakeEmbed(), "fake", tmp_path / "cache")  # from the cache, same view
+    assert cached.unreadable == {bad} and cached.embed_calls == 0

@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import hashlib
 import json
+import logging
 import os
 import random
 import tarfile
@@ -23,8 +24,11 @@ from torch import Tensor
 from mme5.backbones.base import IMAGE_INSTRUCTION, Item
 from mme5.data.schema import Modality
 from mme5.files import save_torch
+from mme5.images import ImageDecodeError
 from mme5.synthesis.plan import PlannedSample
 from mme5.synthesis.prompting import image_roles
+
+log = logging.getLogger(__name__)
 
 IMAGE_SUFFIXES = frozenset({".jpg", ".jpeg", ".png", ".webp", ".gif", ".bmp"})
 
@@ -97,17 +101,14 @@ class ImagePool:
     def _size(self, key: str) -> int:
         return self._members[key][2] if key in self._members else (self.root / key).stat().st_size
 
-    def choose(self, seed: str) -> str:
-        """A key drawn deterministically from `seed`."""
-        return random.Random(f"{seed}|anchor").choice(self.keys)
-
 
 class NeighbourIndex:
     """Nearest-neighbour positive and hard-negative picks over an `ImagePool`.
 
     Rank r is the r-th most similar *other* image (cosine similarity, ties by pool order); bands are
     inclusive and clipped to the pool. A negative band beyond the pool falls back to the least similar
-    images past the positive band.
+    images past the positive band. A pool image that does not decode is left out (logged with its key and
+    counted in `unreadable`), as anchor and as neighbour.
     """
 
     def __init__(self, pool: ImagePool, embed: Embed, name: str, cache_dir: str | os.PathLike | None = None,
@@ -121,26 +122,51 @@ class NeighbourIndex:
         self.embed_calls = 0
         key = hashlib.sha256(f"{name}\n{pool.fingerprint()}".encode()).hexdigest()[:20]
         self.cache_path = Path(cache_dir) / f"embeddings-{key}.pt" if cache_dir is not None else None
+        self.unreadable: set[int] = set()
         if self.cache_path is not None and self.cache_path.exists():
             cached = torch.load(self.cache_path, map_location="cpu", weights_only=True)
             self.embeddings = cached["embeddings"]
+            self.unreadable = set(cached.get("unreadable", []))
         else:
             self.embeddings = self._embed_all(embed, batch_size)
             if self.cache_path is not None:
-                payload = {"name": name, "keys": pool.keys, "embeddings": self.embeddings}
+                payload = {"name": name, "keys": pool.keys, "embeddings": self.embeddings,
+                           "unreadable": sorted(self.unreadable)}
                 save_torch(self.cache_path, payload)
+        self.usable = [k for i, k in enumerate(pool.keys) if i not in self.unreadable]
+        if len(self.usable) < 3:
+            raise ValueError(f"a neighbour index needs at least 3 readable images, the pool has "
+                             f"{len(self.usable)} of {len(pool)}")
         self._order: dict[int, list[int]] = {}
 
     def _embed_all(self, embed: Embed, batch_size: int) -> Tensor:
         chunks = []
         for start in range(0, len(self.pool), batch_size):
             keys = self.pool.keys[start:start + batch_size]
-            self.embed_calls += 1
-            chunks.append(embed([self.pool.read(k) for k in keys]).detach().float().cpu())
+            chunks.append(self._embed_batch(embed, start, keys))
         embeddings = torch.cat(chunks)
         if embeddings.shape[0] != len(self.pool):
             raise ValueError(f"the embedder returned {embeddings.shape[0]} rows for {len(self.pool)} images")
         return torch.nn.functional.normalize(embeddings, dim=-1)
+
+    def _embed_batch(self, embed: Embed, start: int, keys: list[str]) -> Tensor:
+        """One batch's embeddings; when an image does not decode, the batch again image by image, the
+        unreadable ones getting a zero row (and a place in `unreadable`)."""
+        self.embed_calls += 1
+        try:
+            return embed([self.pool.read(k) for k in keys]).detach().float().cpu()
+        except ImageDecodeError:
+            rows = []
+            for offset, key in enumerate(keys):
+                self.embed_calls += 1
+                try:
+                    rows.append(embed([self.pool.read(key)]).detach().float().cpu())
+                except ImageDecodeError as error:
+                    log.warning("image pool %s: %s left out (%s)", self.pool.root, key, error)
+                    self.unreadable.add(start + offset)
+                    rows.append(None)
+            width = next((row.shape[1] for row in rows if row is not None), 1)
+            return torch.cat([row if row is not None else torch.zeros(1, width) for row in rows])
 
     def ranked(self, key: str) -> list[str]:
         """The other images, most similar first: element r-1 is rank r."""
@@ -149,8 +175,13 @@ class NeighbourIndex:
     def _ranked(self, i: int) -> list[int]:
         if i not in self._order:
             sims = (self.embeddings @ self.embeddings[i]).tolist()
-            self._order[i] = sorted((j for j in range(len(sims)) if j != i), key=lambda j: (-sims[j], j))
+            others = (j for j in range(len(sims)) if j != i and j not in self.unreadable)
+            self._order[i] = sorted(others, key=lambda j: (-sims[j], j))
         return self._order[i]
+
+    def choose(self, seed: str) -> str:
+        """An anchor key drawn deterministically from `seed`, among the readable images."""
+        return random.Random(f"{seed}|anchor").choice(self.usable)
 
     def pick(self, key: str, seed: str) -> tuple[str, str]:
         """(positive, hard negative) for query image `key`, drawn from their rank bands by `seed`."""
@@ -182,7 +213,7 @@ def select_images(planned: PlannedSample, pool: ImagePool, index: NeighbourIndex
     roles = image_roles(Modality(planned.modality))
     if not roles:
         return {}
-    anchor = pool.choose(planned.id)
+    anchor = index.choose(planned.id)
     chosen: dict[str, str] = {}
     if "query" in roles:
         chosen["query"] = anchor
