@@ -104,15 +104,26 @@ def test_corrupt_samples_are_skipped_without_misaligning(tmp_path):
         take(MixedShardStream([Source(str(path))], batch_size=5, shuffle_buffer=1, strict=True), 1)
 
 
-def test_collator_masks_missing_negatives_and_chunks(tmp_path):
+def six_samples(tmp_path):
+    """One stream batch of 6 samples holding 0, 1 and 2 hard negatives."""
     source = write_source(tmp_path / "a", 6, per_shard=6)
-    batch = take(MixedShardStream([source], batch_size=6, shuffle_buffer=1), 1)[0]
+    return take(MixedShardStream([source], batch_size=6, shuffle_buffer=1), 1)[0]
+
+
+def recording_collate():
+    """A collate function that keeps the items of each call and returns their number."""
     seen = []
 
     def collate(items):
         seen.append(list(items))
         return {"n": torch.tensor([len(items)])}
 
+    return collate, seen
+
+
+def test_collator_masks_missing_negatives_and_chunks(tmp_path):
+    batch = six_samples(tmp_path)
+    collate, seen = recording_collate()
     out = ContrastiveCollator(collate, num_negatives=2, chunk_size=4)(batch)
     counts = [len(s.negatives) for s in batch.samples]
     expected = torch.tensor([[k > j for j in range(2)] for k in counts])
@@ -123,14 +134,8 @@ def test_collator_masks_missing_negatives_and_chunks(tmp_path):
 
 
 def test_reference_negative_padding_repeats_the_last_negative(tmp_path):
-    source = write_source(tmp_path / "a", 6, per_shard=6)
-    batch = take(MixedShardStream([source], batch_size=6, shuffle_buffer=1), 1)[0]
-    seen = []
-
-    def collate(items):
-        seen.append(list(items))
-        return {"n": torch.tensor([len(items)])}
-
+    batch = six_samples(tmp_path)
+    collate, seen = recording_collate()
     out = ContrastiveCollator(collate, num_negatives=3, negative_padding="repeat")(batch)
     counts = [len(s.negatives) for s in batch.samples]
     assert out.negative_mask.tolist() == [[count > 0] * 3 for count in counts]  # none stays without
@@ -160,8 +165,7 @@ def test_a_folder_of_shard_directories_is_one_source(tmp_path):
 def test_a_sample_the_processor_refuses_is_dropped_whole_and_named(tmp_path, lockstep):
     """An injected processor fault on one sample's negative: that sample goes from every role, the others
     keep their rows, and the skip names the shard and the sample."""
-    source = write_source(tmp_path / "a", 6, per_shard=6)
-    batch = take(MixedShardStream([source], batch_size=6, shuffle_buffer=1), 1)[0]
+    batch = six_samples(tmp_path)
     victim = next(s for s in batch.samples if len(s.negatives) == 2)
     poison = victim.negatives[1].text
 
