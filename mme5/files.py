@@ -92,8 +92,16 @@ def save_torch(path: str | os.PathLike, payload: Any) -> None:
     """`torch.save(payload)` atomically."""
     import torch  # here: the rest of this module is used by processes that never load torch
 
-    with atomic_write(path, "wb") as file:
-        torch.save(payload, file)
+    try:
+        with atomic_write(path, "wb") as file:
+            torch.save(payload, file)
+    except RuntimeError as error:
+        # A full disk surfaces as the zip writer's "unexpected pos" RuntimeError, the OSError (ENOSPC,
+        # EIO) only in its context: raise the disk's own error, which says what happened.
+        cause = error.__cause__ or error.__context__
+        if isinstance(cause, OSError):
+            raise cause from None
+        raise
 
 
 def remove_stale(folder: str | os.PathLike) -> int:
