@@ -32,7 +32,7 @@ from torch import nn
 
 from mme5.backbones import DTYPES, InputFormat, load_backbone
 from mme5.encoder import Encoder, LoraSettings
-from mme5.files import remove_stale, save_torch, write_json
+from mme5.files import files_fingerprint, remove_stale, save_torch, write_json
 from mme5.hub import local_model
 
 ADAPTER_ONLY = "adapter_only"  # the state dict holds the trainable (adapter) weights only
@@ -225,15 +225,9 @@ def load_encoder(path: str | Path, device: str = "cpu", dtype: str | None = None
     settings = {"dtype": dtype, "input_format": asdict(encoder.adapter.input_format), "kind": kind}
     description = {"name": path.name, "path": str(path.resolve()), **identity, **settings,
                    "family": encoder.adapter.family, "adapters": encoder.has_adapters}
-    return LoadedModel(encoder, fingerprint(files, **settings), description, recipe)
-
-
-def fingerprint(files: list[Path], **settings: Any) -> str:
-    """Identity of a model for the cache: its files' names, sizes and modification times, plus settings
-    that change embeddings (dtype, input format). Cheap: no weights are hashed."""
-    stats = [[str(f.resolve()), f.stat().st_size, f.stat().st_mtime_ns] for f in sorted(files)]
-    payload = json.dumps({"files": stats, "settings": settings}, sort_keys=True, default=str)
-    return hashlib.sha1(payload.encode()).hexdigest()[:16]
+    # Names the model in the embedding cache: its files (a .ckpt's backbone's too) and the settings that
+    # change embeddings (dtype, input format).
+    return LoadedModel(encoder, files_fingerprint(files, **settings), description, recipe)
 
 
 def _input_format(recorded: Any, max_length: int | None) -> InputFormat:

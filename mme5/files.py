@@ -13,6 +13,7 @@ A crash leaves the old file (or none) plus at most a `.<name>.<random>.tmp` besi
 from __future__ import annotations
 
 import errno
+import hashlib
 import json
 import os
 import tempfile
@@ -102,6 +103,14 @@ def save_torch(path: str | os.PathLike, payload: Any) -> None:
         if isinstance(cause, OSError):
             raise cause from None
         raise
+
+
+def files_fingerprint(files: list[Path], **settings: Any) -> str:
+    """Identity of a set of files (resolved paths, sizes, modification times) plus `settings`: cheap, no
+    content read; a replaced or moved file changes it."""
+    stats = [[str(f.resolve()), f.stat().st_size, f.stat().st_mtime_ns] for f in sorted(files)]
+    payload = json.dumps({"files": stats, "settings": settings}, sort_keys=True, default=str)
+    return hashlib.sha1(payload.encode()).hexdigest()[:16]
 
 
 def remove_stale(folder: str | os.PathLike) -> int:

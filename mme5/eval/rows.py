@@ -5,14 +5,13 @@ to the model verbatim (`Item.prompt`), only the image placeholder replaced by th
 
 from __future__ import annotations
 
-import hashlib
-import json
 from collections.abc import Iterator, Sequence
 from pathlib import Path
 
 import pyarrow.parquet as pq
 
 from mme5.eval.retrieval import SetBuilder
+from mme5.files import files_fingerprint
 
 COLUMNS = ("qry_text", "qry_img_path", "tgt_text", "tgt_img_path")
 
@@ -20,9 +19,7 @@ COLUMNS = ("qry_text", "qry_img_path", "tgt_text", "tgt_img_path")
 def data_identity(root: Path, files: Sequence[Path]) -> dict[str, str]:
     """Where a benchmark's data is and a fingerprint of its files (names, sizes, modification times), for
     `scores.json`: two score files with the same fingerprint were computed on the same rows."""
-    stats = [[str(f.resolve()), f.stat().st_size, f.stat().st_mtime_ns] for f in sorted(files)]
-    digest = hashlib.sha1(json.dumps(stats).encode()).hexdigest()[:16]
-    return {"root": str(root.resolve()), "fingerprint": digest}
+    return {"root": str(root.resolve()), "fingerprint": files_fingerprint(list(files))}
 
 
 def parquet_files(folder: Path) -> list[Path]:
