@@ -100,15 +100,75 @@ def test_a_hub_id_loads_from_the_hub_cache_offline(exported, tmp_path, monkeypat
         load_encoder(tmp_path / "nowhere" / "model.ckpt")
 
 
-def test_rejects_bad_inputs(exported):
+def test_rejects_bad_inputs(exported, image_files, tmp_path):
     emb = mme5.Embedder.from_pretrained(exported[0], device="cpu")
-    with pytest.raises(ValueError, match="give texts"):
+    with pytest.raises(ValueError, match="give inputs, texts"):
         emb.encode()
     with pytest.raises(ValueError, match="pair up"):
         emb.encode(texts=["a", "b"], images=[Image.new("RGB", (8, 8))])
+    with pytest.raises(ValueError, match="not both"):
+        emb.encode(["a"], texts=["b"])
     assert emb.encode(texts=[]).shape == (0, emb.dim)
+    assert emb.encode([]).shape == (0, emb.dim)
     with pytest.raises(TypeError, match="texts must be a list of strings.*wrap it"):
         emb.encode(texts="a red circle")  # not 12 embeddings, one per character
+    with pytest.raises(TypeError, match="inputs must be a list, got one str"):
+        emb.encode("a red circle")
     for single in ("cat.png", Path("cat.png"), Image.new("RGB", (8, 8))):
         with pytest.raises(TypeError, match="images must be a list"):
             emb.encode(images=single)
+    not_an_image = tmp_path / "notes.png"
+    not_an_image.write_text("just text")
+    bad = [
+        (["ok", None], TypeError, r"inputs\[1\]: expected a string.*got NoneType None"),
+        (["ok", "fine", Path(tmp_path / "missing.png")], FileNotFoundError,
+         r"inputs\[2\]: image file '.*missing.png' does not exist"),
+        ([{"image": str(not_an_image)}], OSError, r"inputs\[0\] \(.*notes.png\): not a readable image"),
+        ([{"text": "a", "img": "x.png"}], ValueError, r"inputs\[0\]: a dict input has the keys"),
+        ([{"text": 3}], TypeError, r"inputs\[0\]: 'text' must be a string"),
+        ([{"text": None, "image": None}], ValueError, r"inputs\[0\]: both 'text' and 'image' are None"),
+        ([image_files[0], {"image": "http://127.0.0.1:9/cat.png"}], ConnectionError,
+         r"inputs\[1\]: could not download image http://127.0.0.1:9/cat.png .*offline"),
+    ]
+    for inputs, error, message in bad:
+        with pytest.raises(error, match=message):
+            emb.encode(inputs)
+
+
+def test_mixed_inputs_in_one_call_equal_the_same_items_alone(exported, image_files):
+    """Strings, PIL images, paths and dicts in one list (Mllama batches text-only and image rows together);
+    each row equals its item embedded alone, and equals the texts=/images= spelling."""
+    emb = mme5.Embedder.from_pretrained(exported[0], device="cpu")
+    picture = Image.open(image_files[1]).convert("RGB")
+    inputs = [TEXTS[0], picture, image_files[2], {"text": TEXTS[3], "image": str(image_files[3])},
+              {"text": TEXTS[4]}, {"image": image_files[5]}]
+    got = emb.encode(inputs, instruction="Find:", batch_size=4)
+    alone = [emb.encode([value], instruction="Find:")[0] for value in inputs]
+    torch.testing.assert_close(got, torch.stack(alone), atol=1e-5, rtol=0)
+    torch.testing.assert_close(got[3], emb.encode(texts=[TEXTS[3]], images=[image_files[3]],
+                                                   instruction="Find:")[0], atol=1e-5, rtol=0)
+    torch.testing.assert_close(got[1], emb.encode(images=[picture], prompt="Find:")[0], atol=1e-5, rtol=0)
+
+
+def test_query_and_document_instructions_numpy_and_unnormalised(exported, tmp_path):
+    folder, ckpt = exported
+    with_instructions = export(ckpt, tmp_path / "instructed", query_instruction="Find a caption:",
+                               target_instruction="Represent the given image.")
+    emb = mme5.Embedder.from_pretrained(with_instructions, device="cpu")
+    assert emb.instructions == {"query": "Find a caption:", "target": "Represent the given image."}
+    torch.testing.assert_close(emb.encode_query(TEXTS[:2]),
+                               emb.encode(TEXTS[:2], instruction="Find a caption:"))
+    torch.testing.assert_close(emb.encode_document(TEXTS[:2]),
+                               emb.encode(TEXTS[:2], instruction="Represent the given image."))
+    torch.testing.assert_close(emb.encode_query(TEXTS[:2], prompt="Other:"),
+                               emb.encode(TEXTS[:2], prompt="Other:"))
+    assert not torch.allclose(emb.encode_query(TEXTS[:2]), emb.encode(TEXTS[:2]))  # the instruction is used
+    as_numpy = emb.encode(TEXTS[:3], convert_to_numpy=True, show_progress_bar=True)
+    assert as_numpy.dtype == "float32" and as_numpy.shape == (3, emb.dim)
+    raw = emb.encode(TEXTS[:3], normalize_embeddings=False)
+    assert not torch.allclose(raw.norm(dim=-1), torch.ones(3))
+    torch.testing.assert_close(torch.nn.functional.normalize(raw, dim=-1), torch.from_numpy(as_numpy))
+    assert emb.encoder.normalize  # restored
+    scores = emb.similarity(as_numpy, raw)
+    torch.testing.assert_close(scores, torch.from_numpy(as_numpy) @ torch.from_numpy(as_numpy).T)
+    assert emb.similarity(raw[0], raw).shape == (1, 3)

@@ -44,7 +44,8 @@ def trained(tmp_path_factory, tiny_world, tiny_mllama):
                            num_negatives=1, chunk_size=8, num_workers=0, shuffle_buffer=1)
     callbacks = [MMEBEval(str(tiny_world / "mmeb"), max_queries=2, every_n_steps=1),
                  XTDEval(str(tiny_world / "xtd"), max_queries=4, every_n_steps=2)]
-    trainer = L.Trainer(max_steps=2, accelerator="cpu", logger=TensorBoardLogger(out, name="tb", version=""),
+    trainer = L.Trainer(max_steps=2, accelerator="cpu", default_root_dir=out,
+                        logger=TensorBoardLogger(out, name="tb", version=""),
                         callbacks=callbacks, enable_checkpointing=False, enable_progress_bar=False,
                         enable_model_summary=False)
     trainer.fit(module, data)
@@ -66,6 +67,8 @@ def test_callbacks_log_the_baseline_and_every_n_steps(trained, tiny_world):
         assert set(logged[f"eval/mmeb/{name}"]) == {0, 1, 2}, name
     for tag in ["en_r10", "es_r1", "zh_i2t_r10", "mean_r10", "mean_all_r10"]:
         assert set(logged[f"eval/xtd/{tag}"]) == {0, 2}, tag
+    # the data's skip report lands in the run folder (never in the working directory)
+    assert json.loads((out / "data_report.json").read_text())["skipped_samples"] == 0
     module.encoder.train()
     trainer.callbacks[0].run(trainer, module)
     assert module.encoder.training  # eval mode only while evaluating
