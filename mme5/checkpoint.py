@@ -8,10 +8,13 @@ Formats:
   `rng_states` (every rank's generators, for an exact resume).
 - An exported folder (`python -m mme5.export`): a transformers model folder with merged adapters plus
   `mme5_embedding.json` (pooling, normalisation, input format, instructions, source).
+- A PEFT adapter folder (`adapter_config.json`, no `config.json`): LoRA/DoRA weights applied to the base
+  model its config names (`--adapter-only` exports, or e.g. VLM2Vec's released Qwen2-VL adapters); with
+  `mme5_embedding.json` when it is an export of ours.
 - A plain backbone folder (zero-shot: last-token pooling, no adapters), e.g. the released
   `intfloat/mmE5-mllama-11b-instruct`.
 
-`load_encoder` reads all three, from a path or a hub id (`namespace/name[@revision]`, through the local
+`load_encoder` reads all four, from a path or a hub id (`namespace/name[@revision]`, through the local
 hub cache), and returns the encoder with what it was loaded from.
 """
 
@@ -40,6 +43,7 @@ ADAPTER_KEYS = "adapter_keys"  # their names, for checks after a strategy popped
 RNG_STATES = "rng_states"  # one {"torch", "cuda"} per rank
 BACKBONE_IDENTITY = "backbone_identity"  # `backbone_identity` of the backbone trained on
 EXPORT_CONFIG = "mme5_embedding.json"  # marks an exported folder
+PEFT_CONFIG = "adapter_config.json"  # marks a PEFT adapter folder
 EXPORT_FORMAT_VERSION = 2  # 2: the input format (published prompt rule, image token, resolution) recorded
 
 
@@ -166,6 +170,17 @@ def write_export_config(folder: Path, encoder: Encoder, dtype: torch.dtype, inst
     })
 
 
+def save_model_folder(folder: Path, encoder: Encoder, instructions: dict[str, str], source: dict[str, Any],
+                      model: nn.Module | None = None) -> None:
+    """Write an exported folder: `model`'s weights (default: the encoder's own; a PEFT model writes its
+    adapters only), the processor and `mme5_embedding.json`."""
+    model = encoder.model if model is None else model
+    folder.mkdir(parents=True, exist_ok=True)
+    model.save_pretrained(folder)
+    encoder.adapter.processor.save_pretrained(folder)
+    write_export_config(folder, encoder, model.dtype, instructions, source)
+
+
 def read_export_config(folder: Path) -> dict[str, Any]:
     """An exported folder's settings, refused when they ask for what `Encoder` does not do."""
     settings = json.loads((folder / EXPORT_CONFIG).read_text())
@@ -210,6 +225,15 @@ def load_encoder(path: str | Path, device: str = "cpu", dtype: str | None = None
         # The weights that are not in the checkpoint are the backbone's: its files are part of the model.
         files = [path, *(f for f in source.iterdir() if f.is_file())]
         identity["backbone"] = str(source.resolve())
+    elif path.is_dir() and (path / PEFT_CONFIG).is_file() and not (path / "config.json").is_file():
+        kind = "adapter"
+        recipe = read_export_config(path) if (path / EXPORT_CONFIG).is_file() else {}
+        base = local_model(backbone or _peft_base(path))
+        model = load_backbone(base, DTYPES[dtype] if dtype else None,
+                              input_format=_input_format(recipe.get("input_format"), max_length))
+        encoder = Encoder(model, normalize=recipe.get("normalize", True), peft_folder=path)
+        files = [*(f for f in path.iterdir() if f.is_file()), *(f for f in base.iterdir() if f.is_file())]
+        identity["backbone"] = str(base.resolve())
     elif path.is_dir() and (path / "config.json").is_file():
         exported = (path / EXPORT_CONFIG).is_file()
         recipe = read_export_config(path) if exported else {}
@@ -219,8 +243,8 @@ def load_encoder(path: str | Path, device: str = "cpu", dtype: str | None = None
         encoder = Encoder(model, normalize=recipe.get("normalize", True))
         files = [f for f in path.iterdir() if f.is_file()]
     else:
-        raise ValueError(f"{path}: expected a Lightning checkpoint (.ckpt), or an exported or backbone "
-                         "folder with config.json")
+        raise ValueError(f"{path}: expected a Lightning checkpoint (.ckpt), an exported or backbone folder "
+                         "with config.json, or a PEFT adapter folder with adapter_config.json")
     encoder.to(device).eval()
     settings = {"dtype": dtype, "input_format": asdict(encoder.adapter.input_format), "kind": kind}
     description = {"name": path.name, "path": str(path.resolve()), **identity, **settings,
@@ -269,6 +293,15 @@ def _from_checkpoint(path: Path, dtype: str | None, max_length: int | None, back
     recipe = {key: checkpoint.get(key) for key in ("hyper_parameters", "datamodule_hyper_parameters",
                                                    "global_step", "epoch")}
     return encoder, recipe, source
+
+
+def _peft_base(folder: Path) -> str:
+    """The base model a PEFT adapter folder was trained on (its `base_model_name_or_path`)."""
+    base = json.loads((folder / PEFT_CONFIG).read_text()).get("base_model_name_or_path")
+    if not base:
+        raise ValueError(f"{folder / PEFT_CONFIG} names no base_model_name_or_path: pass the base model's "
+                         "folder or hub id with --backbone")
+    return base
 
 
 def _lora(value: Any) -> LoraSettings | None:

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 from collections.abc import Mapping, Sequence
 from dataclasses import dataclass, field, replace
+from pathlib import Path
 
 import PIL.Image
 import torch
@@ -68,7 +69,9 @@ class Encoder(nn.Module):
     """Maps a processor batch to L2-normalised embeddings (B, D) in float32."""
 
     def __init__(self, adapter: BackboneAdapter, lora: LoraSettings | None = None,
-                 gradient_checkpointing: bool = False, normalize: bool = True):
+                 gradient_checkpointing: bool = False, normalize: bool = True,
+                 peft_folder: str | Path | None = None):
+        """lora: new adapters to train; peft_folder: trained adapters to load (a PEFT adapter folder)."""
         super().__init__()
         self.adapter = adapter
         self.normalize = normalize
@@ -76,8 +79,12 @@ class Encoder(nn.Module):
         if gradient_checkpointing:
             # Non-reentrant: the reentrant variant breaks with PEFT (frozen inputs get no gradient).
             model.activation_checkpointing_enable(activation_checkpointing_kwargs={"use_reentrant": False})
+        if lora is not None and peft_folder is not None:
+            raise ValueError("give lora (new adapters) or peft_folder (trained ones), not both")
         if lora is not None:
             model = get_peft_model(model, lora.peft_config())
+        if peft_folder is not None:
+            model = PeftModel.from_pretrained(model, peft_folder)
         self.model = model
 
     @property
@@ -123,7 +130,7 @@ class Encoder(nn.Module):
         out = torch.empty(len(order), self.dim)
         for round_ in tqdm(range(rounds), desc="embed", unit="batch", disable=not progress):
             rows = batches[round_] if round_ < len(batches) else []
-            batch = [_decoded(items[i]) for i in rows]
+            batch = [decoded(items[i]) for i in rows]
             if lockstep:
                 out[rows] = self.encode_chunk(lockstep_chunk(batch, self.adapter.collate)).float().cpu()
             elif batch:
@@ -139,7 +146,7 @@ class Encoder(nn.Module):
         return isinstance(self.model, PeftModel)
 
 
-def _decoded(item: Item) -> Item:
+def decoded(item: Item) -> Item:
     """The item with its image as an RGB PIL image (decoded from bytes or a path if needed)."""
     if item.image is None or (isinstance(item.image, PIL.Image.Image) and item.image.mode == "RGB"):
         return item

@@ -15,6 +15,11 @@ HUB_ID = re.compile(r"[A-Za-z0-9][\w.-]*/[\w.-]+")
 _HUB_IGNORE = ["original/*", "*.pth", "*.pt", "*.h5", "*.msgpack", "*.onnx", "*.gguf"]
 
 
+def is_hub_id(value: str | None) -> bool:
+    """`value` names a hub repository (`namespace/name`), not a path that exists here."""
+    return bool(value) and bool(HUB_ID.fullmatch(value)) and not Path(value).exists()
+
+
 def local_model(path_or_id: str | Path) -> Path:
     """`path_or_id` as a local path: an existing file or folder as is, a hub id (`namespace/name`, optionally
     `@revision`) as its snapshot folder, downloaded or found in the hub cache (`HF_HUB_OFFLINE=1`: cache

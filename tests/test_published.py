@@ -198,3 +198,26 @@ def test_split_rules():
     assert published.split(ROWS[3][1]) == ("Represent the given image.", None, True)
     assert published.split("tench") == ("", "tench", False)
     assert published.split("Find an image\nA dog.") == ("Find an image", "A dog.", False)
+
+
+def test_the_exported_chat_template_renders_the_project_prompt(adapter):
+    """What vLLM makes of an embedding request's messages (system = instruction, user = text and image) is
+    the project's prompt string, character for character, for every kind of side."""
+    from mme5.integrations.vllm import chat_template
+
+    if adapter.family == "mllama":
+        pytest.skip("current vLLM does not serve Mllama: its exports carry no chat template")
+    template = chat_template(adapter.image_token)
+    sides = [("Represent the given image for classification", None, True), ("", "tench", False),
+             ("Find me an everyday image that matches the given caption:", " A man on a moped. ", False),
+             ("Represent the given image.", None, True),
+             ("Represent the given image with the following question:", "What is on the table?", True),
+             ("", "A cat.", True), ("Retrieve it", "", False)]
+    for instruction, text, has_image in sides:
+        content = [{"type": "image"}] if has_image else []
+        content += [{"type": "text", "text": text}] if text else []
+        messages = ([{"role": "system", "content": instruction}] if instruction else []) + [
+            {"role": "user", "content": content}]
+        rendered = adapter.tokenizer.apply_chat_template(messages, chat_template=template, tokenize=False)
+        expected = adapter.prompt(Item(instruction, text, IMAGE if has_image else None))
+        assert rendered == expected, (instruction, text, has_image)
