@@ -9,13 +9,17 @@ It loads through `mme5.checkpoint.load_encoder` and embeds with `Encoder.embed`,
 evaluation's (and those of the sentence-transformers module an export ships). Items are batched longest
 first (less padding); results come back in input order.
 
-An input is a string (text), a PIL image or a `pathlib.Path` (an image), or a dict with "text" and/or
-"image" (a PIL image, a file path or an http(s) URL). A plain string is always text: give an image file as
-a `Path` or as `{"image": "cube.png"}`.
+An input is a string, a PIL image or a `pathlib.Path` (an image), or a dict with "text" and/or "image" (a PIL
+image, a file path or an http(s) URL). As in sentence-transformers, a string is an image when it names an
+existing image file, is an http(s) URL ending in an image extension, or is a `data:image/` URI; any other
+string is text.
 """
 
 from __future__ import annotations
 
+import base64
+import os
+import urllib.parse
 import urllib.request
 from collections.abc import Iterator, Mapping, Sequence
 from contextlib import contextmanager
@@ -37,6 +41,7 @@ ImageLike = PIL.Image.Image | str | Path
 Input = str | PIL.Image.Image | Path | Mapping[str, Any]
 
 URL_TIMEOUT_S = 30
+IMAGE_EXTENSIONS = (".jpg", ".jpeg", ".png", ".gif", ".bmp", ".tiff", ".webp")
 
 
 class Embedder:
@@ -149,9 +154,9 @@ def _pairs(texts: Sequence[str] | None, images: Sequence[ImageLike] | None) -> l
 
 def to_item(value: Input, where: str, instruction: str = "") -> Item:
     """One input as an `Item`, refused with a message naming `where` (e.g. "inputs[3]") and the value."""
-    if isinstance(value, str):
+    if isinstance(value, str) and not names_an_image(value):
         return Item(instruction, value)
-    if isinstance(value, PIL.Image.Image | Path):
+    if isinstance(value, PIL.Image.Image | Path | str):
         return Item(instruction, None, _image(value, where))
     if isinstance(value, Mapping):
         unknown = set(value) - {"text", "image"}
@@ -167,11 +172,27 @@ def to_item(value: Input, where: str, instruction: str = "") -> Item:
                     f"{type(value).__name__} {value!r:.60}")
 
 
+def names_an_image(text: str) -> bool:
+    """sentence-transformers' rule: an existing image file, an image URL or an image data URI."""
+    if text.startswith("data:image/"):
+        return True
+    if text.startswith(("http://", "https://")) and " " not in text:
+        return urllib.parse.urlparse(text).path.lower().endswith(IMAGE_EXTENSIONS)
+    return text.lower().endswith(IMAGE_EXTENSIONS) and os.path.isfile(text)
+
+
 def _image(value: Any, where: str) -> PIL.Image.Image | bytes | Path:
     """An image input checked now (a missing or unreadable file fails before any batch runs); files are
     decoded later, one batch at a time."""
     if isinstance(value, PIL.Image.Image):
         return value
+    if isinstance(value, str) and value.startswith("data:image/"):
+        try:
+            data = base64.b64decode(value.partition(",")[2], validate=True)
+        except ValueError as error:
+            raise ValueError(f"{where}: a data:image URI that is not base64 ({error})") from None
+        check_image(data, f"{where} (data URI)")
+        return data
     if isinstance(value, str) and value.startswith(("http://", "https://")):
         data = _download(value, where)
         check_image(data, f"{where} ({value})")

@@ -150,6 +150,20 @@ def test_mixed_inputs_in_one_call_equal_the_same_items_alone(exported, image_fil
     torch.testing.assert_close(got[1], emb.encode(images=[picture], prompt="Find:")[0], atol=1e-5, rtol=0)
 
 
+def test_strings_naming_images_are_images_as_in_sentence_transformers(exported, image_files):
+    """An existing image file's path and a data:image URI are images; other strings (a missing file's name
+    too) are text."""
+    import base64
+
+    emb = mme5.Embedder.from_pretrained(exported[0], device="cpu")
+    data_uri = "data:image/png;base64," + base64.b64encode(image_files[0].read_bytes()).decode()
+    got = emb.encode([str(image_files[0]), data_uri, "nowhere/cat.png"])
+    expected = emb.encode([image_files[0], image_files[0], {"text": "nowhere/cat.png"}])
+    torch.testing.assert_close(got, expected, atol=1e-5, rtol=0)
+    with pytest.raises(ValueError, match=r"inputs\[0\]: a data:image URI that is not base64"):
+        emb.encode(["data:image/png;base64,@@@"])
+
+
 def test_query_and_document_instructions_numpy_and_unnormalised(exported, tmp_path):
     folder, ckpt = exported
     with_instructions = export(ckpt, tmp_path / "instructed", query_instruction="Find a caption:",
