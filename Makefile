@@ -6,7 +6,7 @@ PY := $(VENV)/bin/python
 DEMO := runs/demo
 SEED ?= 0
 
-.PHONY: install demo demo-data demo-train demo-eval test test-fast lint clean-demo
+.PHONY: install demo demo-data demo-train demo-eval demo-export test test-fast lint clean-demo
 
 install: $(VENV)/.installed
 
@@ -17,8 +17,9 @@ $(VENV)/.installed: pyproject.toml
 	touch $@
 
 # The embedded default: build the demo world and a tiny random Mllama, train it with the gradient cache
-# (MMEB/XTD scores logged to TensorBoard during training), then score the untrained and trained models.
-demo: install demo-data demo-train demo-eval
+# (MMEB/XTD scores logged to TensorBoard during training), score the untrained and trained models, and export
+# the trained one (model card with its scores; loads with Embedder, sentence-transformers and mteb).
+demo: install demo-data demo-train demo-eval demo-export
 
 demo-data: $(DEMO)/world/world.json $(DEMO)/backbone/config.json
 
@@ -37,6 +38,11 @@ demo-eval:
 	$(PY) -m mme5.eval --model $(DEMO)/backbone --data $(DEMO)/world --out $(DEMO)/eval/untrained
 	$(PY) -m mme5.eval --model $(DEMO)/checkpoints/last.ckpt --data $(DEMO)/world --out $(DEMO)/eval/trained
 	$(PY) -m mme5.eval.compare $(DEMO)/eval/untrained $(DEMO)/eval/trained
+
+demo-export:
+	$(PY) -m mme5.export --ckpt $(DEMO)/checkpoints/last.ckpt --out $(DEMO)/exported --scores $(DEMO)/eval/trained \
+		--query-instruction "Find me an everyday image that matches the given caption:" \
+		--target-instruction "Represent the given image."
 
 test: install
 	$(PY) -m pytest -q

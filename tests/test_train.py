@@ -43,6 +43,35 @@ def test_every_recipe_parses(config):
     assert cli.config.model.chunk_size == cli.config.data.chunk_size
 
 
+# recipe → (tiny family, module-name parts that must be adapted, parts that must stay frozen)
+RECIPE_TARGETS = {
+    "mme5_llama32v_11b.yaml": ("mllama", ["language_model", "cross_attn", "vision_model", "down_proj"],
+                               ["multi_modal_projector", "lm_head"]),
+    "qwen2vl_7b.yaml": ("qwen2_vl", ["language_model", "visual.blocks", "down_proj"],
+                        ["patch_embed", "merger", "lm_head"]),
+    "llava_next_7b.yaml": ("llava", ["language_model", "vision_tower", "out_proj", "down_proj"],
+                           ["multi_modal_projector", "patch_embedding", "lm_head"]),
+}
+
+
+@pytest.mark.parametrize("recipe", sorted(RECIPE_TARGETS))
+def test_recipe_adapters_reach_the_language_and_vision_attention(recipe, tmp_path):
+    """Each recipe's LoRA targets, applied to a tiny model of its family, adapt the language model's and the
+    vision tower's attention (as the paper's recipe) and leave the projector and embeddings frozen."""
+    from mme5.backbones import load_backbone
+    from mme5.encoder import Encoder
+
+    family, adapted, frozen = RECIPE_TARGETS[recipe]
+    cli = ParseOnly(args=["--config", str(ROOT / "configs" / recipe)], run=False)
+    lora = LoraSettings(**vars(cli.config.model.lora))
+    encoder = Encoder(load_backbone(build_tiny(family, tmp_path / family)), lora)
+    names = [name for name, _ in encoder.named_parameters() if "lora_A" in name]
+    for part in adapted:
+        assert any(part in name for name in names), (recipe, part)
+    for part in frozen:
+        assert not any(part in name for name in names), (recipe, part)
+
+
 def test_command_line_overrides_reach_interpolated_paths():
     cli = ParseOnly(args=["--config", str(ROOT / "configs" / "demo.yaml"), "--trainer.default_root_dir",
                           "runs/other"], run=False)
