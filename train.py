@@ -21,6 +21,7 @@ from lightning.pytorch.utilities import rank_zero_info, rank_zero_warn
 from mme5.checkpoint import checkpoint_problem
 from mme5.data.datamodule import ShardDataModule
 from mme5.module import EmbeddingModule
+from mme5.preemption import SlurmRequeue
 
 
 class TrainCLI(LightningCLI):
@@ -51,6 +52,8 @@ class TrainCLI(LightningCLI):
         parser.link_arguments("model.chunk_size", "data.chunk_size")
 
     def before_fit(self) -> None:
+        # Under SLURM the warning signal checkpoints at a step boundary and requeues (inert elsewhere).
+        self.trainer.callbacks.append(SlurmRequeue())
         config = self.config_init[self.subcommand]
         if config.get("ckpt_path") in ("newest", "last"):
             config["ckpt_path"] = newest_checkpoint(self.trainer, prefer_last=config["ckpt_path"] == "last")

@@ -1,0 +1,76 @@
+"""Preemption under SLURM: the warning signal saves a checkpoint at a step boundary, then requeues the job.
+
+Lightning's own handler saves `hpc_ckpt_<n>.ckpt` from inside the signal handler, wherever each rank happens
+to be: in the middle of a step (a state no uninterrupted run ever has) and, under DDP/FSDP, possibly while
+another rank waits in a collective. Here the handler only notes the signal; at the end of the current step
+every rank agrees (one boolean all-reduce a step), the checkpoint is written where periodic checkpoints are
+(so a resume continues exactly as an uninterrupted run), rank 0 requeues the job and training stops. The
+requeued job resumes through `train.py --ckpt_path newest`.
+"""
+
+from __future__ import annotations
+
+import os
+import signal
+import subprocess
+from typing import Any
+
+import lightning as L
+from lightning.pytorch.plugins.environments import SLURMEnvironment
+from lightning.pytorch.utilities import rank_zero_info, rank_zero_warn
+
+
+class SlurmRequeue(L.Callback):
+    """Checkpoint-and-requeue on SLURM's warning signal (`#SBATCH --signal=SIGUSR1@120`, `scancel -s USR1`).
+
+    Inert outside SLURM and when Lightning's auto-requeue is off. Signal: the environment's `requeue_signal`
+    (SIGUSR1 by default).
+    """
+
+    def __init__(self) -> None:
+        self._signalled = False
+        self._environment: SLURMEnvironment | None = None
+
+    def setup(self, trainer: L.Trainer, pl_module: L.LightningModule, stage: str) -> None:
+        environment = getattr(trainer.strategy, "cluster_environment", None)
+        if stage != "fit" or not isinstance(environment, SLURMEnvironment) or not environment.auto_requeue:
+            return
+        environment.auto_requeue = False  # Lightning registers its own handler only when this is on
+        self._environment = environment
+
+    def on_train_start(self, trainer: L.Trainer, pl_module: L.LightningModule) -> None:
+        if self._environment is not None:
+            signal.signal(self._environment.requeue_signal, self._note)
+            name = self._environment.requeue_signal.name
+            rank_zero_info(f"SLURM: {name} checkpoints at the next step boundary and requeues")
+
+    def _note(self, signum: int, frame: Any) -> None:
+        self._signalled = True
+
+    def on_train_batch_end(self, trainer: L.Trainer, *args: Any) -> None:
+        if self._environment is None:
+            return
+        if not trainer.strategy.reduce_boolean_decision(self._signalled, all=False):
+            return
+        path = trainer._checkpoint_connector.hpc_save_path(trainer.default_root_dir)
+        trainer.save_checkpoint(path)
+        rank_zero_info(f"SLURM warning signal: saved {path} at global step {trainer.global_step}; requeueing")
+        if trainer.is_global_zero:
+            requeue()
+        trainer.should_stop = True
+
+    def teardown(self, trainer: L.Trainer, pl_module: L.LightningModule, stage: str) -> None:
+        if self._environment is not None:
+            signal.signal(self._environment.requeue_signal, signal.SIG_DFL)
+            self._environment.auto_requeue = True
+            self._environment = None
+
+
+def requeue() -> None:
+    """`scontrol requeue` this job (this array task)."""
+    array_job = os.environ.get("SLURM_ARRAY_JOB_ID")
+    job = f"{array_job}_{os.environ['SLURM_ARRAY_TASK_ID']}" if array_job else os.environ["SLURM_JOB_ID"]
+    result = subprocess.run(["scontrol", "requeue", job], capture_output=True, text=True)
+    if result.returncode != 0:
+        rank_zero_warn(f"scontrol requeue {job} failed ({result.returncode}): {result.stderr.strip()}; "
+                       "resubmit the job to resume from the checkpoint")
