@@ -25,7 +25,10 @@ sys.path.insert(0, str(ROOT / "slurm" / "local"))
 import cluster as local_cluster  # noqa: E402
 
 pytestmark = pytest.mark.slurm
-CPU = ["--cpus-per-task", "1", "--mem", "3G", "--time", "15"]  # what the 2-core nodes have
+# The resources the local cluster's 2-core nodes have, as each script's usage header writes them.
+LOCAL = {"train.sbatch": "--nodes 2 --ntasks-per-node 1 --gpus-per-node 1 --cpus-per-task 1 --mem 3G",
+         "eval.sbatch": "--gpus-per-node 2 --cpus-per-task 1 --mem 3G",
+         "synthesize.sbatch": "--array 0-3 --cpus-per-task 1 --mem 2G"}
 STEPS = 12
 FINAL_STATES = ("COMPLETED", "FAILED", "CANCELLED", "TIMEOUT", "NODE_FAIL", "OUT_OF_MEMORY")
 
@@ -148,7 +151,7 @@ def test_training_spans_two_nodes_and_resumes_exactly_after_preemption(slurm, in
     interrupted runs resume by themselves (SLURM_RESTART_COUNT=1) and end with the uninterrupted run's
     weights."""
     root, recipe = inputs
-    options = ["--nodes", "2", "--ntasks-per-node", "1", "--gpus-per-node", "1", *CPU]
+    options = LOCAL["train.sbatch"].split()
     runs = {name: root / name for name in ("straight", "signalled", "requeued")}
     jobs = {name: sbatch(slurm, "train.sbatch", ["--job-name", f"mme5-{name}", "--output", f"{run}.log",
                                                  *options], ["--trainer.default_root_dir", str(run)],
@@ -187,7 +190,7 @@ def test_eval_sbatch_scores_equal_the_single_process_command(slurm, inputs, tmp_
     root, _ = inputs
     out = tmp_path / "sbatch-eval"
     job_id = sbatch(slurm, "eval.sbatch", ["--job-name", "mme5-eval", "--output", f"{out}.log",
-                                           "--gpus-per-node", "2", *CPU],
+                                           *LOCAL["eval.sbatch"].split()],
                     ["--device", "cpu", "--dtype", "float32", "--max-queries", "4"],
                     {"MODEL": root / "backbone", "MMEB": root / "world" / "mmeb",
                      "XTD": root / "world" / "xtd", "OUT": out})
@@ -199,3 +202,48 @@ def test_eval_sbatch_scores_equal_the_single_process_command(slurm, inputs, tmp_
     sbatch_scores = json.loads((out / "scores.json").read_text())["scalars"]
     local_scores = json.loads((tmp_path / "local" / "scores.json").read_text())["scalars"]
     assert sbatch_scores == pytest.approx(local_scores, abs=1e-6)
+
+
+def test_synthesis_array_with_a_requeued_task_reads_back_as_one_source(slurm, inputs, tmp_path):
+    """slurm/synthesize.sbatch as a 4-task array against the local chat server; task 2 is requeued while it
+    works. The parts read back as one training source: every planned id once, none twice, no key written."""
+    from test_synthesis_pipeline import KEY, KEY_ENV, AnswerServer, assert_no_key, settings
+
+    from mme5.data.shards import read_samples, shard_urls
+    from mme5.data.stream import Source
+    from mme5.synthesis.config import PLAN
+    from mme5.synthesis.plan import read_plan
+
+    root, _ = inputs
+    with AnswerServer(latency_s=0.5) as server:
+        config = settings(tmp_path, server, num_samples=24, shard_size=4)
+        values = vars(config) | {"client": config.client | {"base_url": None, "max_concurrency": 1}}
+        config_file = tmp_path / "synthesis.yaml"
+        config_file.write_text(json.dumps(values))  # JSON is YAML
+        out = Path(config.out)
+        array = sbatch(slurm, "synthesize.sbatch",
+                       ["--job-name", "mme5-synth", "--output", f"{tmp_path}/synth-%a.log",
+                        *LOCAL["synthesize.sbatch"].split()],
+                       ["--base-url", server.base_url, "--embedder", str(root / "backbone")],
+                       {"CONFIG": config_file, KEY_ENV: KEY})
+        wait_for(out / "part-00002-of-00004" / "staging" / "*.tar")
+        subprocess.run(["scontrol", "requeue", f"{array}_2"], env=slurm, check=True)
+        tasks = [wait_done(slurm, f"{array}_{i}") for i in range(4)]
+        requests = len(server.requests)
+    logs = [Path(f"{tmp_path}/synth-{i}.log").read_text() for i in range(4)]
+    assert [task["JobState"] for task in tasks] == ["COMPLETED"] * 4, logs
+    assert [task["Restarts"] for task in tasks] == ["0", "0", "1", "0"]
+    planned = [row.id for row in read_plan(out / PLAN)]
+    source = Source(str(out))
+    assert len(source.shard_dirs()) == 4
+    ids = [sample.id for folder in source.shard_dirs() for sample in read_samples(shard_urls(folder))]
+    assert sorted(ids) == sorted(planned) and len(set(ids)) == len(ids) == 24
+    assert requests <= 24 + 1  # the requeued task asked only for what it had not committed (+1 in flight)
+    assert_no_key(out)
+
+
+@pytest.mark.parametrize("script", sorted(LOCAL))
+def test_each_script_header_shows_the_local_cluster_command_the_tests_run(script):
+    header = [line for line in (ROOT / "slurm" / script).read_text().splitlines() if line.startswith("#")]
+    assert any("slurm/local/cluster.py" in line for line in header), script
+    assert any(LOCAL[script] in line for line in header), (script, LOCAL[script])
