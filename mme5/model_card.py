@@ -21,6 +21,7 @@ from mme5.hub import is_hub_id
 PAPER = "https://arxiv.org/abs/2502.08468"
 RECIPE_KEYS = ("lr", "temperature", "warmup", "schedule", "gradient_cache", "chunk_size", "dtype")
 DATA_KEYS = ("batch_size", "num_negatives", "negative_padding")
+HUB_LANGUAGE = {"jp": "ja"}  # XTD10 (and the demo world) write Japanese as "jp"; the Hub wants ISO 639-1
 
 
 def model_card(*, name: str, family: str, backbone: str, recipe: dict[str, Any], instructions: dict[str, str],
@@ -167,7 +168,7 @@ def _languages(sources: list[str]) -> list[str]:
             continue
         for manifest in sorted(Path(source).glob("**/manifest.json")):
             counts.update((json.loads(manifest.read_text()).get("counts") or {}).get("language") or {})
-    return [language for language, _ in counts.most_common()]
+    return [HUB_LANGUAGE.get(language, language) for language, _ in counts.most_common()]
 
 
 def _licence(backbone_folder: Path) -> str | None:

@@ -210,3 +210,60 @@ def test_a_truncated_shard_counts_every_lost_sample_and_names_it(tmp_path, caplo
     assert stats.skipped["lost"] + stats.skipped["record"] == 9
     assert any("shard-000000.tar" in message and "lost" in message for message in stats.errors)
     assert "shard-000000.tar" in caplog.text and "skipped" in caplog.text
+
+
+def read_tagged(reader, count):
+    """`count` samples of a reader as (epoch, id): the epoch the reader was in when it read the sample."""
+    out = []
+    for sample, _ in itertools.islice(reader, count):
+        out.append((reader.position["epoch"], sample.id))
+    return out
+
+
+@pytest.mark.parametrize("old, new, per_shard", [(2, 1, 5), (1, 2, 5), (2, 3, 5), (4, 3, 5), (3, 2, 12)])
+def test_a_resume_on_another_number_of_slots_reads_each_sample_of_an_epoch_once(tmp_path, old, new,
+                                                                                per_shard):
+    """Old slots stop at uneven points (one already in its next epoch); the new slots finish those epochs:
+    over old and new reads, every epoch holds every sample exactly once. per_shard 12: fewer shards than
+    slots (strided shards)."""
+    source = write_source(tmp_path / "a", 23, per_shard=per_shard)
+    everything = sorted(f"s{i:04d}" for i in range(23))
+    tagged, saved = [], {}
+    for index in range(old):
+        reader = SourceReader(source, Slot(index, old), seed=5, stats=ReadStats(), strict=True)
+        tagged += read_tagged(reader, [30, 3, 0, 5][index])  # slot 0 reads past its first epoch
+        saved[index] = dict(reader.position) if index != 2 else None  # slot 2 never produced a batch
+    high = max(epoch for epoch, _ in tagged)
+    for index in range(new):
+        reader = SourceReader(source, Slot(index, new), seed=5, stats=ReadStats(), strict=True)
+        reader.position = reader.resplit(saved, old)
+        for sample, _ in reader:
+            if reader.position["epoch"] > high + 1:
+                break
+            tagged.append((reader.position["epoch"], sample.id))
+    for epoch in range(high + 2):
+        assert sorted(i for e, i in tagged if e == epoch) == everything, epoch
+
+
+def test_the_stream_resumes_on_fewer_slots_without_repeating_a_sample(tmp_path):
+    """Two ranks stop; one rank resumes: the rest of the epoch of each source comes first, each sample once;
+    a stream resumed on one slot from the same positions draws the same batches again (deterministic)."""
+    sources = [write_source(tmp_path / "a", 23, prefix="a"), write_source(tmp_path / "b", 17, prefix="b")]
+    consumed, positions = [], {}
+    for rank, steps in ((0, 3), (1, 2)):
+        stream = MixedShardStream(sources, batch_size=4, rank=rank, world_size=2, shuffle_buffer=1, seed=3)
+        batches = take(stream, steps)
+        consumed += [i for batch in batches for i in ids(batch)]
+        positions[rank] = batches[-1].position
+    resumed = take(MixedShardStream(sources, batch_size=4, shuffle_buffer=1, seed=3, resume=positions), 12)
+    drawn = [i for batch in resumed for i in ids(batch)]
+    for prefix, size in (("a", 23), ("b", 17)):
+        old = [i for i in consumed if i.startswith(prefix)]
+        rest = [i for i in drawn if i.startswith(prefix)][: size - len(old)]
+        assert sorted(old + rest) == sorted(f"{prefix}{i:04d}" for i in range(size)), prefix
+    again = take(MixedShardStream(sources, batch_size=4, shuffle_buffer=1, seed=3, resume=positions), 12)
+    assert [ids(b) for b in again] == [ids(b) for b in resumed]
+    # and the new positions resume on the new slot count like any other
+    continued = take(MixedShardStream(sources, batch_size=4, shuffle_buffer=1, seed=3,
+                                      resume={0: resumed[5].position}), 6)
+    assert [ids(b) for b in continued] == [ids(b) for b in resumed[6:]]

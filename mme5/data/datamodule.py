@@ -7,6 +7,7 @@ from typing import Any, Literal
 
 import lightning as L
 import torch
+from lightning.pytorch.utilities import rank_zero_info, rank_zero_warn
 from torch.utils.data import DataLoader
 
 from mme5.backbones import InputFormat, load_processing
@@ -78,6 +79,8 @@ class ShardDataModule(L.LightningDataModule):
         for source in self.sources:
             source.shard_plan()  # fail here, in the main process, on a missing or empty source
         rank, world = (self.trainer.global_rank, self.trainer.world_size) if self.trainer else (0, 1)
+        if self.positions:
+            self._say_how_the_stream_resumes(world * max(self.num_workers, 1))
         stream = MixedShardStream(
             self.sources, self.batch_size, rank=rank, world_size=world, seed=self.seed,
             shuffle_buffer=self.shuffle_buffer, same_source_batches=self.same_source_batches,
@@ -94,6 +97,19 @@ class ShardDataModule(L.LightningDataModule):
         return DataLoader(stream, batch_size=None, collate_fn=collator, num_workers=workers,
                           persistent_workers=workers > 0, prefetch_factor=4 if workers else None,
                           generator=torch.Generator().manual_seed(self.seed))
+
+    def _say_how_the_stream_resumes(self, slots: int) -> None:
+        """What a resume does with the saved stream positions, said at start when it is not exact."""
+        saved = {position.get("slots") for position in self.positions.values()}
+        if saved != {slots}:
+            rank_zero_info(f"data: resuming on {slots} stream slots (ranks × workers) after {sorted(saved)}: "
+                           "the rest of each epoch is split over the new slots, no sample read twice or "
+                           "skipped")
+        if self.shuffle_buffer > 1:
+            rank_zero_warn(f"data: resuming with shuffle_buffer={self.shuffle_buffer}: the samples that were "
+                           "waiting in the shuffle buffers when the checkpoint was saved are skipped this "
+                           "epoch (up to shuffle_buffer per slot and source); shuffle_buffer: 1 resumes "
+                           "exactly")
 
     def samples_per_epoch(self) -> int:
         """Samples in one pass over every source (each capped at its `max_samples`), from the manifests."""

@@ -8,7 +8,14 @@ out it starts the next epoch: the stream never ends and training is driven by `m
 
 Resuming: each batch carries its slot's stream position (per source: epoch, shard, records read). Saving
 the newest position of every slot and handing it back restarts each slot where it stopped; the samples
-that were waiting in a slot's shuffle buffer are not replayed.
+that were waiting in a slot's shuffle buffer are not replayed (exact with `shuffle_buffer=1`).
+
+A resume on another number of slots (more or fewer ranks or workers) continues the same epochs: what every
+old slot had left of its epoch (and of any later epoch it had not reached) is pooled, in shard units, and
+split over the new slots; later epochs are split over the new slots as usual. No sample of an epoch is read
+twice or skipped. A slot's work for an epoch is a list of units, (shard url, first record, records, stride,
+member): the default split needs none stored, a re-split stores them in the position ("units" for the
+current epoch, "carry" for later ones).
 """
 
 from __future__ import annotations
@@ -103,66 +110,108 @@ class StreamBatch:
     urls: list[str] = field(default_factory=list)  # the shard each sample came from
 
 
+Unit = list  # [shard url, first record, records to read, stride, member]: records i with i % stride == member
+
+
 class SourceReader:
     """Reads one source for one slot, epoch after epoch, from a saved position."""
 
     def __init__(self, source: Source, slot: Slot, seed: int, stats: ReadStats, strict: bool,
-                 position: dict[str, int] | None = None):
+                 position: dict[str, Any] | None = None):
         self.source, self.slot, self.seed, self.stats, self.strict = source, slot, seed, stats, strict
         self.plan = source.shard_plan()
         self.position = dict(position or {"epoch": 0, "shard": 0, "read": 0})
 
-    def assignment(self, epoch: int) -> list[tuple[str, int, int]]:
-        """(url, records to read, sample stride) for this slot in this epoch; stride > 1 splits a shard."""
+    def default_units(self, epoch: int, slot: Slot) -> list[Unit]:
+        """`slot`'s share of an epoch: whole shards of the reshuffled list, or every shard strided when
+        there are fewer shards than slots."""
         plan = list(self.plan)
         random.Random(f"{self.seed}/{self.source.name}/{epoch}").shuffle(plan)
-        if len(plan) >= self.slot.count:
-            return [(url, take, 1) for url, take in plan[self.slot.index :: self.slot.count]]
-        return [(url, take, self.slot.count) for url, take in plan]
+        if len(plan) >= slot.count:
+            return [[url, 0, take, 1, 0] for url, take in plan[slot.index :: slot.count]]
+        return [[url, 0, take, slot.count, slot.index] for url, take in plan]
 
     def __iter__(self) -> Iterator[tuple[Sample, str]]:
         empty_epochs = 0
         while True:
-            shards = self.assignment(self.position["epoch"])
+            carried = "units" in self.position
+            epoch = self.position["epoch"]
+            units = self.position["units"] if carried else self.default_units(epoch, self.slot)
             produced = False
-            while self.position["shard"] < len(shards):
-                url, take, stride = shards[self.position["shard"]]
-                for sample in self.read_shard(url, take, stride):
+            while self.position["shard"] < len(units):
+                for sample in self.read_shard(*units[self.position["shard"]]):
                     produced = True
-                    yield sample, url
+                    yield sample, units[self.position["shard"]][0]
                 self.position["shard"] += 1
                 self.position["read"] = 0
-            empty_epochs = 0 if produced else empty_epochs + 1
+            if not carried:  # a re-split may leave a slot nothing of an epoch; the default split may not
+                empty_epochs = 0 if produced else empty_epochs + 1
             if empty_epochs >= 2:
                 raise ValueError(f"source {self.source.name}: slot {self.slot.index} of {self.slot.count} "
                                  "gets no valid sample; use fewer workers or check the shards")
-            self.position = {"epoch": self.position["epoch"] + 1, "shard": 0, "read": 0}
+            self.position = self._next_epoch()
 
-    def read_shard(self, url: str, take: int, stride: int) -> Iterator[Sample]:
-        """Parse this slot's records of one shard, after the ones already read (images stay encoded)."""
+    def _next_epoch(self) -> dict[str, Any]:
+        epoch = self.position["epoch"] + 1
+        carry = dict(self.position.get("carry", {}))
+        position: dict[str, Any] = {"epoch": epoch, "shard": 0, "read": 0}
+        units = carry.pop(str(epoch), None)
+        if units is not None:
+            position["units"] = units
+        if carry:
+            position["carry"] = carry
+        return position
+
+    def read_shard(self, url: str, first: int, take: int, stride: int, member: int) -> Iterator[Sample]:
+        """Parse this unit's records of one shard, after the ones already read (images stay encoded)."""
         handler = tar_error_handler(self.stats, self.strict)
         records = wds.tarfile_to_samples(handler=handler)(iter([{"url": url}]))
         decode = decode_samples(self.stats, self.strict, decode_images=False)
+        begin = max(first, self.position["read"])
         for index, record in enumerate(records):
             if index >= take:
                 return
-            if index < self.position["read"]:
+            if index < begin:
                 continue
             self.position["read"] = index + 1
-            if index % stride != self.slot.index % stride:
+            if index % stride != member:
                 continue
             yield from decode([record])
         # The shard ended before the manifest's count (truncated, or unreadable from some point on): the
         # records never read are lost samples, counted as such (a tar error alone would count 1).
-        mine = self.slot.index % stride
-        lost = sum(1 for index in range(self.position["read"], take) if index % stride == mine)
+        start = max(begin, self.position["read"])
+        lost = sum(1 for index in range(start, take) if index % stride == member)
         if lost:
             message = (f"{url}: {lost} sample(s) lost: the manifest lists {take} records, the shard ended "
-                       f"after {self.position['read']}")
+                       f"after {start}")
             if self.strict:
                 raise CorruptSample(message)
             self.stats.skip("lost", message, lost)
         self.position["read"] = take
+
+    def resplit(self, saved: dict[int, dict[str, Any] | None], old_count: int) -> dict[str, Any]:
+        """This slot's position after a run on `old_count` slots saved `saved` (old slot → its position in
+        this source; missing: the slot had consumed nothing): the old slots' unread work, epoch by epoch,
+        split over the current slots."""
+        states = [saved.get(k) or {"epoch": 0, "shard": 0, "read": 0} for k in range(old_count)]
+        low = min(state["epoch"] for state in states)
+        high = max(max([state["epoch"], *map(int, state.get("carry", {}))]) for state in states)
+        pending: dict[int, list[Unit]] = {epoch: [] for epoch in range(low, high + 1)}
+        for index, state in enumerate(states):
+            old_slot = Slot(index, old_count)
+            current = state["units"] if "units" in state else self.default_units(state["epoch"], old_slot)
+            rest = [list(unit) for unit in current[state["shard"] :]]
+            if rest:
+                rest[0][1] = max(rest[0][1], state["read"])
+            pending[state["epoch"]] += rest
+            for epoch in range(state["epoch"] + 1, high + 1):
+                carried = state.get("carry", {}).get(str(epoch))
+                pending[epoch] += carried if carried is not None else self.default_units(epoch, old_slot)
+        mine = {epoch: units[self.slot.index :: self.slot.count] for epoch, units in pending.items()}
+        position: dict[str, Any] = {"epoch": low, "shard": 0, "read": 0, "units": mine[low]}
+        if high > low:
+            position["carry"] = {str(epoch): mine[epoch] for epoch in range(low + 1, high + 1)}
+        return position
 
 
 class MixedShardStream(IterableDataset):
@@ -194,14 +243,16 @@ class MixedShardStream(IterableDataset):
 
     def __iter__(self) -> Iterator[StreamBatch]:
         slot = self.slot()
-        saved = self.resume.get(slot.index, {})
-        if saved and saved.get("slots") != slot.count:
-            saved = {}  # a different number of ranks/workers: positions do not carry over
         stats = ReadStats()
-        positions = saved.get("sources", {})
-        readers = {s.name: SourceReader(s, slot, self.seed, stats, self.strict, positions.get(s.name))
-                   for s in self.sources}
-        batches = saved.get("batches", 0)
+        old_counts = {position.get("slots") for position in self.resume.values()}
+        if self.resume and old_counts != {slot.count}:
+            readers, batches = self.resplit_readers(slot, stats)
+        else:
+            saved = self.resume.get(slot.index, {})
+            positions = saved.get("sources", {})
+            readers = {s.name: SourceReader(s, slot, self.seed, stats, self.strict, positions.get(s.name))
+                       for s in self.sources}
+            batches = saved.get("batches", 0)
         streams = {}
         for name, reader in readers.items():
             shuffle_rng = random.Random(f"{self.seed}/{name}/{slot.index}/{batches}")
@@ -222,6 +273,23 @@ class MixedShardStream(IterableDataset):
                         "sources": {name: dict(reader.position) for name, reader in readers.items()}}
             samples, urls = [sample for sample, _ in drawn], [url for _, url in drawn]
             yield StreamBatch(samples, slot.index, position, stats.num_skipped, list(stats.errors[-5:]), urls)
+
+    def resplit_readers(self, slot: Slot, stats: ReadStats) -> tuple[dict[str, SourceReader], int]:
+        """Readers continuing a run saved on another number of slots (see the module docstring)."""
+        old_counts = {position.get("slots") for position in self.resume.values()}
+        if len(old_counts) != 1 or not isinstance(next(iter(old_counts)), int):
+            raise ValueError("saved stream positions disagree on the number of slots: "
+                             f"{sorted(map(str, old_counts))}")
+        old_count = old_counts.pop()
+        readers = {}
+        for source in self.sources:
+            reader = SourceReader(source, slot, self.seed, stats, self.strict)
+            saved = {index: position.get("sources", {}).get(source.name)
+                     for index, position in self.resume.items()}
+            reader.position = reader.resplit(saved, old_count)
+            readers[source.name] = reader
+        # Batch seeds continue past the old run's (a fresh 0 would repeat its first batches' draws).
+        return readers, max(position.get("batches", 0) for position in self.resume.values())
 
     def shuffled(self, items: Iterator[T], rng: random.Random) -> Iterator[T]:
         """Shuffle an unbounded stream: hold `shuffle_buffer` items, emit a random one per arrival."""
