@@ -247,3 +247,30 @@ def test_each_script_header_shows_the_local_cluster_command_the_tests_run(script
     header = [line for line in (ROOT / "slurm" / script).read_text().splitlines() if line.startswith("#")]
     assert any("slurm/local/cluster.py" in line for line in header), script
     assert any(LOCAL[script] in line for line in header), (script, LOCAL[script])
+
+
+@pytest.mark.parametrize("before, after", [(2, 1), (1, 2)], ids=["2to1", "1to2"])
+def test_a_requeue_onto_another_number_of_nodes_continues_the_epoch(slurm, inputs, before, after):
+    """Train 8 steps on `before` nodes, resubmit the same run on `after` nodes: the second job finishes the
+    epoch (160 samples) with the samples the first did not see, each sample trained on exactly once."""
+    from mme5.data.shards import read_samples, shard_urls
+
+    root, recipe = inputs
+    run = root / f"nodes-{before}to{after}"
+    batch = 4  # data.batch_size in the recipe: per rank
+    first_steps, total = 8, 8 + (160 - 8 * batch * before) // (batch * after)
+    env = {"CONFIG": recipe, "PYTHONPATH": ROOT / "tests"}
+    for nodes, steps in ((before, first_steps), (after, total)):
+        options = LOCAL["train.sbatch"].replace("--nodes 2", f"--nodes {nodes}").split()
+        args = ["--trainer.default_root_dir", str(run), "--trainer.max_steps", str(steps),
+                "--trainer.callbacks+=record_ids.RecordIds"]
+        job_id = sbatch(slurm, "train.sbatch", ["--job-name", "mme5-resize", "--output", f"{run}.log",
+                                                *options], args, env)
+        fields = wait_done(slurm, job_id)
+        assert fields["JobState"] == "COMPLETED", Path(f"{run}.log").read_text()[-3000:]
+    trained = [i for path in sorted(run.glob("ids-*.jsonl")) for line in path.read_text().splitlines()
+               for i in json.loads(line)["ids"]]
+    everything = [sample.id for sample in read_samples(shard_urls(root / "world" / "train"))]
+    assert len(everything) == 160 and len(trained) == 160
+    assert sorted(trained) == sorted(everything)  # each sample once, none skipped
+    assert "resuming on" in Path(f"{run}.log").read_text()  # the run said what it does

@@ -220,12 +220,13 @@ def read_tagged(reader, count):
     return out
 
 
-@pytest.mark.parametrize("old, new, per_shard", [(2, 1, 5), (1, 2, 5), (2, 3, 5), (4, 3, 5), (3, 2, 12)])
+@pytest.mark.parametrize("old, new, per_shard",
+                         [(2, 1, 5), (1, 2, 5), (2, 3, 5), (4, 3, 5), (3, 2, 12), (1, 2, 30), (2, 3, 30)])
 def test_a_resume_on_another_number_of_slots_reads_each_sample_of_an_epoch_once(tmp_path, old, new,
                                                                                 per_shard):
     """Old slots stop at uneven points (one already in its next epoch); the new slots finish those epochs:
     over old and new reads, every epoch holds every sample exactly once. per_shard 12: fewer shards than
-    slots (strided shards)."""
+    slots (strided shards); 30: one shard, split strided over the new slots."""
     source = write_source(tmp_path / "a", 23, per_shard=per_shard)
     everything = sorted(f"s{i:04d}" for i in range(23))
     tagged, saved = [], {}

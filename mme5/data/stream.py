@@ -12,7 +12,8 @@ that were waiting in a slot's shuffle buffer are not replayed (exact with `shuff
 
 A resume on another number of slots (more or fewer ranks or workers) continues the same epochs: what every
 old slot had left of its epoch (and of any later epoch it had not reached) is pooled, in shard units, and
-split over the new slots; later epochs are split over the new slots as usual. No sample of an epoch is read
+split over the new slots (units round robin, or every unit strided when there are fewer units than slots);
+later epochs are split over the new slots as usual. No sample of an epoch is read
 twice or skipped. A slot's work for an epoch is a list of units, (shard url, first record, records, stride,
 member): the default split needs none stored, a re-split stores them in the position ("units" for the
 current epoch, "carry" for later ones).
@@ -207,11 +208,20 @@ class SourceReader:
             for epoch in range(state["epoch"] + 1, high + 1):
                 carried = state.get("carry", {}).get(str(epoch))
                 pending[epoch] += carried if carried is not None else self.default_units(epoch, old_slot)
-        mine = {epoch: units[self.slot.index :: self.slot.count] for epoch, units in pending.items()}
+        mine = {epoch: self._share(units) for epoch, units in pending.items()}
         position: dict[str, Any] = {"epoch": low, "shard": 0, "read": 0, "units": mine[low]}
         if high > low:
             position["carry"] = {str(epoch): mine[epoch] for epoch in range(low + 1, high + 1)}
         return position
+
+    def _share(self, units: list[Unit]) -> list[Unit]:
+        """This slot's share of pooled units: every count-th unit, or, with fewer units than slots, a strided
+        part of every unit (as the default split does with fewer shards than slots)."""
+        index, count = self.slot.index, self.slot.count
+        if len(units) >= count:
+            return units[index::count]
+        return [[url, first, take, stride * count, member + index * stride]
+                for url, first, take, stride, member in units]
 
 
 class MixedShardStream(IterableDataset):
