@@ -23,13 +23,15 @@ def contrastive_step(
     loss_fn: InfoNCE,
     cache: GradCache | None = None,
     backward: Callable[[Tensor], Any] = Tensor.backward,
+    positive_keys: Tensor | None = None,
 ) -> tuple[Tensor, ContrastiveOutput]:
     """Accumulate into `.grad` the gradient of InfoNCE over one batch; returns (detached loss, output).
 
     query, positive, negatives: chunks that `encode` maps to (n, D) embeddings (B, B and N rows; N real
     negatives, row-major in `negative_mask` (B, K) order). With `cache` the gradient cache encodes them
     twice, one chunk's activations at a time (its own `backward` then applies); without it, one forward of
-    everything and one `backward`. Both give the same gradient.
+    everything and one `backward`. Both give the same gradient. `positive_keys` (B,): the positives' content
+    keys, for a loss that masks false negatives.
     """
     groups = {"query": query, "positive": positive}
     if negatives:
@@ -38,7 +40,7 @@ def contrastive_step(
     def loss_of(embeddings: dict[str, Tensor]) -> ContrastiveOutput:
         scattered = scatter_negatives(embeddings.get("negatives"), negative_mask)
         mask = negative_mask.to(embeddings["query"].device) if scattered is not None else None
-        return loss_fn(embeddings["query"], embeddings["positive"], scattered, mask)
+        return loss_fn(embeddings["query"], embeddings["positive"], scattered, mask, positive_keys)
 
     if cache is not None:
         return cache.step(encode, groups, loss_of, loss_parameters=list(loss_fn.parameters()))

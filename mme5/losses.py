@@ -37,6 +37,16 @@ def gather_with_grad(x: Tensor) -> Tensor:
         return torch.cat(dist_nn.all_gather(x), dim=0)
 
 
+def gather_keys(keys: Tensor) -> Tensor:
+    """All ranks' (B,) integer keys, rank-major (no gradient; equal sizes, as `gather_with_grad` checks)."""
+    world = rank_and_world()[1]
+    if world == 1:
+        return keys
+    parts = [torch.empty_like(keys) for _ in range(world)]
+    dist.all_gather(parts, keys)
+    return torch.cat(parts)
+
+
 def scatter_negatives(flat: Tensor | None, mask: Tensor) -> Tensor | None:
     """Place the real negatives' embeddings (N, D) into their (B, K, D) slots; empty slots hold zeros.
 
@@ -58,6 +68,7 @@ class ContrastiveOutput:
     labels: Tensor  # (B,) column of each query's positive
     accuracy: Tensor  # () fraction of local queries whose positive strictly beats every other candidate
     temperature: Tensor  # () effective temperature used
+    false_negatives: Tensor | None = None  # () in-batch candidates masked per query (mean), when masking
 
 
 class InfoNCE(nn.Module):
@@ -70,6 +81,11 @@ class InfoNCE(nn.Module):
     with a sync-grad all-gather, so rank r's backward yields d(sum_s L_s)/d(theta) through rank r's own
     embeddings; DDP's average over the W ranks then equals exactly the gradient of the mean loss over all
     W * B queries of the global batch (as one process computing the loss on the concatenated batch would).
+
+    `mask_false_negatives`: an in-batch candidate (another sample's positive, from any rank) with the same
+    content as the query's own positive (`positive_keys`, e.g. the label text "dog" of many classification
+    samples) is not a negative: it is masked out of that query's softmax. The query's own positive never is.
+    Off reproduces the reference, which counts such duplicates as negatives.
     """
 
     def __init__(
@@ -78,9 +94,11 @@ class InfoNCE(nn.Module):
         learnable_temperature: bool = False,
         gather: bool = True,
         min_temperature: float = 0.01,
+        mask_false_negatives: bool = False,
     ) -> None:
         """`min_temperature` bounds a learnable temperature from below (CLIP's bound is 0.01)."""
         super().__init__()
+        self.mask_false_negatives = mask_false_negatives
         if not 0 < min_temperature <= temperature:
             raise ValueError(f"need 0 < min_temperature <= temperature, got {min_temperature}, {temperature}")
         self.gather = gather
@@ -98,11 +116,15 @@ class InfoNCE(nn.Module):
         positive: Tensor,
         negatives: Tensor | None = None,
         negative_mask: Tensor | None = None,
+        positive_keys: Tensor | None = None,
     ) -> ContrastiveOutput:
-        """query, positive: (B, D); negatives: (B, K, D) or None; negative_mask: (B, K) bool, True = real.
+        """query, positive: (B, D); negatives: (B, K, D) or None; negative_mask: (B, K) bool, True = real;
+        positive_keys: (B,) integer content keys of the positives (needed with `mask_false_negatives`).
 
         Missing negatives are masked out (logit -inf, zero gradient), never filled with copies.
         """
+        if self.mask_false_negatives and positive_keys is None:
+            raise ValueError("mask_false_negatives needs positive_keys (the positives' content keys)")
         if query.shape != positive.shape:
             raise ValueError(f"query {tuple(query.shape)} and positive {tuple(positive.shape)} differ")
         with torch.autocast(device_type=query.device.type, enabled=False):
@@ -110,10 +132,15 @@ class InfoNCE(nn.Module):
             scale = self._scale(query.device)  # ()
             candidates = gather_with_grad(positive) if self.gather else positive  # (B_global, D)
             logits = scale * (query @ candidates.T)  # (B, B_global)
-            if negatives is not None and negatives.shape[1] > 0:
-                logits = torch.cat([logits, self._negative_logits(query, negatives, negative_mask, scale)], 1)
             rank = rank_and_world()[0] if self.gather else 0
             labels = rank * query.shape[0] + torch.arange(query.shape[0], device=query.device)  # (B,)
+            false_negatives = None
+            if self.mask_false_negatives:
+                duplicates = self._duplicates(positive_keys.to(query.device), labels)  # (B, B_global)
+                logits = logits.masked_fill(duplicates, float("-inf"))  # after scaling, as below
+                false_negatives = duplicates.sum(1).float().mean()
+            if negatives is not None and negatives.shape[1] > 0:
+                logits = torch.cat([logits, self._negative_logits(query, negatives, negative_mask, scale)], 1)
             loss = F.cross_entropy(logits, labels)
         return ContrastiveOutput(
             loss=loss,
@@ -121,7 +148,16 @@ class InfoNCE(nn.Module):
             labels=labels,
             accuracy=_ranking_accuracy(logits.detach(), labels),
             temperature=(1 / scale).detach(),
+            false_negatives=false_negatives,
         )
+
+    def _duplicates(self, keys: Tensor, labels: Tensor) -> Tensor:
+        """(B, B_global) True where an in-batch candidate's content equals the query's own positive's, the
+        positive itself excepted."""
+        candidates = gather_keys(keys) if self.gather else keys
+        same = keys[:, None] == candidates[None, :]
+        same[torch.arange(keys.shape[0], device=keys.device), labels] = False
+        return same
 
     def _scale(self, device: torch.device) -> Tensor:
         """1 / tau as a float32 scalar; a learnable one is clamped to 1 / min_temperature."""

@@ -71,6 +71,9 @@ class EmbeddingModule(L.LightningModule):
         dtype: weights' dtype when loading (null: the checkpoint's); mixed precision is the Trainer's.
         gradient_checkpointing: recompute activations in the backward (non-reentrant).
         temperature: InfoNCE temperature (the paper's 0.02).
+        mask_false_negatives: leave out of each query's softmax the in-batch candidates (any rank's) whose
+            content equals its own positive's, e.g. the same label text; false (the reference) counts them as
+            negatives.
         learnable_temperature: learn log(1/temperature), starting from `temperature`.
         gradient_cache: chunked two-pass backward; memory bounded by `chunk_size` for any batch size.
         chunk_size: items per encoder forward (the data module collates chunks of this size).
@@ -98,6 +101,7 @@ class EmbeddingModule(L.LightningModule):
         gradient_checkpointing: bool = True,
         temperature: float = 0.02,
         learnable_temperature: bool = False,
+        mask_false_negatives: bool = False,
         gradient_cache: bool = True,
         chunk_size: int = 16,
         lr: float = 1e-5,
@@ -115,7 +119,7 @@ class EmbeddingModule(L.LightningModule):
         input_format = asdict(InputFormat.of(input_format))  # noqa: F841 (saved below)
         self.save_hyperparameters()
         self.automatic_optimization = False
-        self.loss_fn = InfoNCE(temperature, learnable_temperature)
+        self.loss_fn = InfoNCE(temperature, learnable_temperature, mask_false_negatives=mask_false_negatives)
         self.cache = GradCache(chunk_size, backward=self.manual_backward)
         self.encoder: Encoder | None = None
         self._last_step_end: float | None = None
@@ -175,7 +179,8 @@ class EmbeddingModule(L.LightningModule):
         with self._sync.step(self.parameters()):  # leaves the global-batch gradient on every rank
             loss, output = contrastive_step(
                 self.encoder.encode_chunk, batch.query, batch.positive, batch.negatives, batch.negative_mask,
-                self.loss_fn, self.cache if self.hparams.gradient_cache else None, self.manual_backward)
+                self.loss_fn, self.cache if self.hparams.gradient_cache else None, self.manual_backward,
+                batch.positive_keys)
 
         self._stop_if_not_finite(loss)
         if self.hparams.gradient_scale == "per_rank" and self.trainer.world_size > 1:
@@ -261,6 +266,8 @@ class EmbeddingModule(L.LightningModule):
             "train/data_wait_sec": data_wait,
             "train/step_sec": elapsed,
         }
+        if output.false_negatives is not None:
+            metrics["train/false_negatives"] = output.false_negatives  # masked in-batch candidates a query
         self.log_dict(metrics, prog_bar=False, on_step=True, on_epoch=False, batch_size=batch.size)
         self.log("loss", loss, prog_bar=True, on_step=True, on_epoch=False, logger=False,
                  batch_size=batch.size)

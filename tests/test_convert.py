@@ -1,4 +1,5 @@
 import json
+from pathlib import Path
 
 import pyarrow as pa
 import pyarrow.parquet as pq
@@ -56,7 +57,7 @@ def test_parse_list_is_safe():
 def test_mmeb_hardneg_parquet(tmp_path, image_root):
     write_parquet(tmp_path / "in" / "VQA_toy" / "train-00000-of-00001.parquet", mmeb_rows())
     manifest = conv.convert([str(tmp_path / "in")], image_root, tmp_path / "out", task="vqa", progress=False)
-    samples = list(read_samples(shard_urls(tmp_path / "out"), strict=True))
+    samples = sorted(read_samples(shard_urls(tmp_path / "out"), strict=True), key=lambda s: s.id)
     assert [s.id for s in samples] == ["VQA_toy-000-00000000", "VQA_toy-000-00000001"]
     first, second = samples
     assert first.modality == Modality.IT2T and first.task == Task.VQA and first.source == "VQA_toy"
@@ -217,3 +218,51 @@ def test_decompression_bombs_are_corrupt_images_not_crashes(tmp_path, image_root
     report = manifest["extra"]["report"]
     assert manifest["num_samples"] == 0 and report["skipped"] == {"corrupt_image": 2}
     assert "exceed the cap of 100" in report["errors"][0] and "coco/0.jpg" in report["errors"][0]
+
+
+def split_rows(split: str, count: int) -> list[dict]:
+    return [{"qry": f"{split} query {i}", "qry_image_path": f"coco/{i % 6}.jpg",
+             "pos_text": f"{split} answer {i}"} for i in range(count)]
+
+
+def test_a_hub_layout_folder_converts_one_split_and_records_it(tmp_path, image_root):
+    """A folder laid out like TIGER-Lab/MMEB-train (original, diverse_instruction, train files): the train
+    split by default, as the reference; --split chooses; a missing split is an error naming the others."""
+    folder = tmp_path / "in" / "ImageNet_1K"
+    for split, count in (("original", 5), ("diverse_instruction", 7), ("train", 6)):
+        write_parquet(folder / f"{split}-00000-of-00001.parquet", split_rows(split, count))
+    manifest = conv.convert([str(tmp_path / "in")], image_root, tmp_path / "train", progress=False)
+    texts = {s.query.text for s in read_samples(shard_urls(tmp_path / "train"))}
+    assert texts == {f"train query {i}" for i in range(6)}
+    assert manifest["extra"]["options"]["split"] == "train"
+    assert [Path(f).name for f in manifest["extra"]["inputs"]] == ["train-00000-of-00001.parquet"]
+    original = conv.convert([str(tmp_path / "in")], image_root, tmp_path / "original", split="original",
+                            progress=False)
+    assert original["num_samples"] == 5
+    assert conv.convert([str(tmp_path / "in")], image_root, tmp_path / "all", split="all",
+                        progress=False)["num_samples"] == 18
+    with pytest.raises(FileNotFoundError, match=r"ImageNet_1K: no 'test' split; its files hold "
+                                                r"\['diverse_instruction', 'original', 'train'\]"):
+        conv.convert([str(tmp_path / "in")], image_root, tmp_path / "none", split="test", progress=False)
+
+
+def test_rows_are_written_in_a_seeded_global_permutation(tmp_path, image_root):
+    """Two ordered files become one seeded permutation (same seed, same order; another seed, another);
+    --no-shuffle keeps file order; the order is recorded. (An interrupted permuted conversion resumes into
+    the same shards: test_resume_after_interruption_gives_the_same_shards, which converts permuted.)"""
+    for name in ("a", "b"):
+        write_parquet(tmp_path / "in" / "Set" / f"{name}.parquet", split_rows(name, 20))
+
+    def order(out, **kwargs):
+        manifest = conv.convert([str(tmp_path / "in")], image_root, tmp_path / out, task="retrieval",
+                                shard_size=7, progress=False, **kwargs)
+        return [s.query.text for s in read_samples(shard_urls(tmp_path / out))], manifest
+
+    file_order = [f"{name} query {i}" for name in ("a", "b") for i in range(20)]
+    first, manifest = order("s0")
+    assert sorted(first) == sorted(file_order) and first != file_order
+    assert manifest["extra"]["options"]["order"] == "permuted, seed 0"
+    assert order("s0-again")[0] == first
+    assert order("s1", seed=1)[0] not in (first, file_order)
+    kept, manifest = order("kept", seed=None)
+    assert kept == file_order and manifest["extra"]["options"]["order"] == "file order"

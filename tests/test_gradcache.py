@@ -41,15 +41,17 @@ def make_batch(batch_size: int, seed: int = 0) -> dict[str, torch.Tensor]:
         "positive": torch.randn(batch_size, D_IN, generator=g),
         "negatives": torch.randn(batch_size * K, D_IN, generator=g),  # (B * K, D_IN)
         "mask": mask,
+        "keys": torch.arange(batch_size) % 3,  # (B,) positives' content keys: duplicates, across ranks too
     }
 
 
-def contrastive(loss: InfoNCE, mask: torch.Tensor):
-    """The loss on {group: embeddings}, negatives reshaped to (B, K, D)."""
+def contrastive(loss: InfoNCE, mask: torch.Tensor, keys: torch.Tensor | None = None):
+    """The loss on {group: embeddings}, negatives reshaped to (B, K, D); `keys`: the positives' content
+    keys (for a loss that masks false negatives)."""
 
     def loss_fn(emb: dict[str, torch.Tensor]):
         negatives = emb["negatives"].view(mask.shape[0], K, -1)
-        return loss(emb["query"], emb["positive"], negatives, mask)
+        return loss(emb["query"], emb["positive"], negatives, mask, keys)
 
     return loss_fn
 
@@ -219,6 +221,7 @@ def local_batch(full: dict[str, torch.Tensor], rank: int) -> dict[str, torch.Ten
         "positive": full["positive"][rows],
         "negatives": full["negatives"][negative_rows],
         "mask": full["mask"][rows],
+        "keys": full["keys"][rows],
     }
 
 
@@ -256,6 +259,11 @@ def _ddp_worker(rank: int, out_dir: str) -> None:
     results["calls_without_no_sync"] = calls["allreduce"]
     grads(ddp)
 
+    masking = contrastive(InfoNCE(temperature=0.05, mask_false_negatives=True), batch["mask"], batch["keys"])
+    torch.manual_seed(SEED + rank)
+    cache_step(ddp, batch, masking, CHUNK, no_sync=ddp.no_sync)
+    results["masked"] = grads(ddp)
+
     try:
         gather_with_grad(torch.zeros(2 + rank, 3))
     except ValueError as error:
@@ -267,7 +275,7 @@ def _ddp_worker(rank: int, out_dir: str) -> None:
     os._exit(0)
 
 
-def _single_process_reference(chunk_size: int) -> list[torch.Tensor]:
+def _single_process_reference(chunk_size: int, mask_false_negatives: bool = False) -> list[torch.Tensor]:
     """Gradient of the mean loss over the concatenated global batch, each rank's slice encoded as it was."""
     torch.manual_seed(0)
     model, full = Encoder(), make_batch(WORLD * LOCAL_B)
@@ -277,7 +285,8 @@ def _single_process_reference(chunk_size: int) -> list[torch.Tensor]:
         local = local_batch(full, rank)
         for name in GROUPS:
             emb[name] += [model(c) for c in split_batch(local[name], chunk_size)]
-    loss_fn = contrastive(InfoNCE(temperature=0.05, gather=False), full["mask"])
+    loss_fn = contrastive(InfoNCE(temperature=0.05, gather=False, mask_false_negatives=mask_false_negatives),
+                          full["mask"], full["keys"])
     loss_fn({name: torch.cat(chunks) for name, chunks in emb.items()}).loss.backward()
     return grads(model)
 
@@ -287,7 +296,10 @@ def test_ddp_gathered_loss_equals_single_process_global_batch(tmp_path):
     results = [torch.load(tmp_path / f"rank{rank}.pt") for rank in range(WORLD)]
     plain_reference = _single_process_reference(LOCAL_B * K)
     cache_reference = _single_process_reference(CHUNK)
+    masked_reference = _single_process_reference(CHUNK, mask_false_negatives=True)
+    assert any((m - c).norm() > 1e-4 for m, c in zip(masked_reference, cache_reference, strict=True))
     for r in results:
+        assert_rel_close(r["masked"], masked_reference, 1e-5)  # (d) false negatives masked across ranks
         assert_rel_close(r["plain"], plain_reference, 1e-5)  # (a) sync-grad gather + DDP average
         assert_rel_close(r["cache"], cache_reference, 1e-5)  # (b) the same through the gradient cache
         # (c) one all-reduce per step (per bucket) with no_sync, versus one per chunk without it

@@ -13,12 +13,15 @@ def unit(*shape: int, seed: int = 0) -> torch.Tensor:
     return F.normalize(torch.randn(*shape, generator=torch.Generator().manual_seed(seed)), dim=-1)
 
 
-def brute_force(q, p, n, mask, logit_scale):
-    """Mean over queries of -log softmax, candidate by candidate in float64 (own negatives only)."""
+def brute_force(q, p, n, mask, logit_scale, keys=None):
+    """Mean over queries of -log softmax, candidate by candidate in float64 (own negatives only); with
+    `keys`, another positive with the query's own positive's key is no candidate."""
     scale = logit_scale.double().exp()
     losses, correct = [], 0
     for i in range(q.shape[0]):
-        scores = [scale * torch.dot(q[i].double(), p[j].double()) for j in range(p.shape[0])]
+        excluded = torch.tensor(float("-inf"), dtype=torch.float64)
+        scores = [scale * torch.dot(q[i].double(), p[j].double())
+                  if keys is None or j == i or keys[j] != keys[i] else excluded for j in range(p.shape[0])]
         for k in range(0 if n is None else n.shape[1]):
             if mask is None or mask[i, k]:
                 scores.append(scale * torch.dot(q[i].double(), n[i, k].double()))
@@ -118,3 +121,24 @@ def test_rejects_mismatched_shapes():
         InfoNCE(gather=False)(unit(2, 4), unit(2, 4), unit(2, 3, 4), torch.ones(2, 2, dtype=torch.bool))
     with pytest.raises(ValueError, match="query"):
         InfoNCE(gather=False)(unit(2, 4), unit(3, 4))
+
+
+def test_false_negatives_are_masked_as_a_brute_force_leaves_them_out():
+    """Positives with the same content as a query's own positive are no candidates of that query; its own
+    positive always is, even when every positive of the batch is the same."""
+    q, p, n = unit(6, 8, seed=1), unit(6, 8, seed=2), unit(6, 2, 8, seed=3)
+    mask = torch.tensor([[1, 1], [1, 0], [0, 0], [1, 1], [0, 1], [1, 0]]).bool()
+    for keys in ([7, 8, 7, 9, 8, 7], [5] * 6, list(range(6))):
+        keys = torch.tensor(keys)
+        out = InfoNCE(temperature=0.05, gather=False, mask_false_negatives=True)(q, p, n, mask, keys)
+        expected, accuracy = brute_force(q, p, n, mask, torch.tensor(math.log(20.0)), keys.tolist())
+        assert out.loss.item() == pytest.approx(expected.item(), rel=1e-5)
+        assert out.accuracy.item() == pytest.approx(accuracy)
+        assert torch.isfinite(out.logits[torch.arange(6), out.labels]).all()  # the own positive stays
+        duplicates = sum(int((keys == keys[i]).sum()) - 1 for i in range(6)) / 6
+        assert out.false_negatives.item() == pytest.approx(duplicates)
+    unmasked = InfoNCE(temperature=0.05, gather=False)(q, p, n, mask, torch.tensor([5] * 6))
+    reference = brute_force(q, p, n, mask, torch.tensor(math.log(20.0)))[0]
+    assert unmasked.loss.item() == pytest.approx(reference.item(), rel=1e-5)  # off: duplicates stay negatives
+    with pytest.raises(ValueError, match="needs positive_keys"):
+        InfoNCE(mask_false_negatives=True, gather=False)(q, p)

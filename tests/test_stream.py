@@ -133,6 +133,29 @@ def test_collator_masks_missing_negatives_and_chunks(tmp_path):
     assert [i.text for i in flat_negatives] == [n.text for s in batch.samples for n in s.negatives[:2]]
 
 
+def test_positive_content_keys_are_equal_exactly_for_equal_inputs(tmp_path):
+    """The collator's positive keys (false-negative masking): the same published string and image bytes
+    give the same key, written verbatim or made by the published rule; any difference gives another."""
+    from helpers import image_bytes
+
+    from mme5.data.schema import Side
+
+    dog, red, blue = Side(text="dog"), image_bytes((200, 0, 0)), image_bytes((0, 0, 200))
+    assert dog.content_key() == Side(text="dog", prompt="dog").content_key() == Side(text="dog").content_key()
+    assert dog.content_key() != Side(text="cat").content_key()
+    instruction = "Represent the given image."
+    pictured = Side(instruction=instruction, image=red)
+    verbatim = Side(image=red, prompt=f"<|image_1|>\n{instruction}\n")
+    assert pictured.content_key() == verbatim.content_key()
+    assert pictured.content_key() != Side(instruction=instruction, image=blue).content_key()
+    assert pictured.content_key() != Side(instruction=instruction, text="x", image=red).content_key()
+    batch = six_samples(tmp_path)
+    collate, _ = recording_collate()
+    out = ContrastiveCollator(collate, num_negatives=2, chunk_size=4)(batch)
+    assert out.positive_keys.tolist() == [s.positive.content_key() for s in batch.samples]
+    assert out.positive_keys.dtype == torch.long and (out.positive_keys >= 0).all()
+
+
 def test_reference_negative_padding_repeats_the_last_negative(tmp_path):
     batch = six_samples(tmp_path)
     collate, seen = recording_collate()

@@ -47,6 +47,7 @@ class ContrastiveBatch:
     position: dict[str, Any] = field(default_factory=dict)
     skipped: int = 0
     skip_errors: list[str] = field(default_factory=list)  # the slot's latest skip messages
+    positive_keys: Tensor | None = None  # (B,) int64 content keys of the positives (false-negative masking)
 
     @property
     def size(self) -> int:
@@ -144,6 +145,7 @@ class ContrastiveCollator:
             negatives=chunks(negatives),
             negative_mask=mask,
             ids=[s.id for s in kept],
+            positive_keys=torch.tensor([s.positive.content_key() for s in kept], dtype=torch.long),
             sources=[s.source for s in kept],
             tasks=[str(s.task) for s in kept],
             languages=[s.language for s in kept],

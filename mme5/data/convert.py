@@ -8,9 +8,18 @@ optionally `neg_text`, `neg_image_path` (lists, or lists stringified by the refe
 instruction and the content in one string with a `<|image_1|>` placeholder: each side keeps that string
 verbatim (what the model is fed, see `mme5.published`) and its split into instruction and text.
 
+Split: Hugging Face folders name their files `<split>-00000-of-00001.parquet`; `TIGER-Lab/MMEB-train` subsets
+hold `original`, `diverse_instruction` and `train` files, of which the reference trains on `train`. Only
+the `--split` (default `train`) of such folders is read (`--split all`: every file); files without a split
+in their name are always read. Order: the rows of all inputs are written in a seeded global permutation
+(`--seed`, default 0; `--no-shuffle` keeps file order and streams with constant memory), so that an ordered
+file (by class, five captions per image) does not fill batches with near-duplicates through a training
+shuffle buffer; permuting loads the inputs' rows (text and image paths) into memory.
+
 Known quirks are repaired and counted, bad rows are skipped and named (file, row, field), and everything
-is summarised in a conversion report stored in the manifest. The conversion resumes after the last
-finished shard when interrupted, and a finished conversion of the same input is left as it is.
+is summarised in a conversion report stored in the manifest (with the files read, the split and the
+order). The conversion resumes after the last finished shard when interrupted, and a finished conversion
+of the same input is left as it is.
 """
 
 from __future__ import annotations
@@ -38,6 +47,8 @@ from mme5.data.shards import MANIFEST, ShardWriter, SkipLog, read_manifest
 from mme5.images import ImageDecodeError, check_image
 
 INPUT_SUFFIXES = (".parquet", ".jsonl")
+SPLIT_FILE = re.compile(r"(?P<split>[A-Za-z_]+)-\d{5}-of-\d{5}")  # Hugging Face's parquet file names
+DEFAULT_SPLIT = "train"  # what the reference trains on (`train[:50000]`)
 REQUIRED_COLUMNS = ("qry", "pos_text")  # image paths and negatives are optional
 
 # MMEB-train / mmE5-MMEB-hardneg subsets and their meta-task (mme5.md §4).
@@ -246,13 +257,14 @@ class RowConverter:
 # ----------------------------------------------------------------------------- input files
 
 
-def find_inputs(paths: list[str]) -> list[Path]:
-    """Input files in a stable order: files as given, directories searched recursively."""
+def find_inputs(paths: list[str], split: str = DEFAULT_SPLIT) -> list[Path]:
+    """Input files in a stable order: files as given, directories searched recursively, keeping only the
+    `split` files of a folder that names its files by split ("all": every file)."""
     found: list[Path] = []
     for name in paths:
         path = Path(name)
         if path.is_dir():
-            found += sorted(p for p in path.rglob("*") if p.suffix in INPUT_SUFFIXES)
+            found += select_split(sorted(p for p in path.rglob("*") if p.suffix in INPUT_SUFFIXES), split)
         elif path.suffix in INPUT_SUFFIXES and path.is_file():
             found.append(path)
         else:
@@ -262,11 +274,55 @@ def find_inputs(paths: list[str]) -> list[Path]:
     return found
 
 
+def select_split(files: list[Path], split: str) -> list[Path]:
+    """The files of `split`, folder by folder; a folder whose files name no split keeps them all."""
+    if split == "all":
+        return files
+    chosen: list[Path] = []
+    for folder in dict.fromkeys(f.parent for f in files):
+        here = [f for f in files if f.parent == folder]
+        splits = {f: match["split"] for f in here if (match := SPLIT_FILE.fullmatch(f.stem))}
+        if not splits:
+            chosen += here
+            continue
+        if split not in splits.values():
+            held = sorted(set(splits.values()))
+            raise FileNotFoundError(f"{folder}: no '{split}' split; its files hold {held} (pick --split, "
+                                    "or --split all)")
+        chosen += [f for f in here if splits.get(f, split) == split]
+    return chosen
+
+
 def count_rows(path: Path) -> int:
     if path.suffix == ".parquet":
         return pq.ParquetFile(path).metadata.num_rows
     with open(path, "rb") as handle:
         return sum(1 for line in handle if line.strip())
+
+
+def ordered_rows(files: list[Path], totals: list[int], seed: int | None, start: int
+                 ) -> Iterator[tuple[int, int, int, dict[str, Any] | BadRow]]:
+    """(position, file index, row index, row) from `start`: every row of `files` once, in file order
+    (`seed` None, streamed) or in the permutation that `seed` draws (rows loaded per file when first met)."""
+    if seed is None:
+        position = 0
+        for file_index, path in enumerate(files):
+            skip = min(max(start - position, 0), totals[file_index])
+            position += skip
+            if skip == totals[file_index]:
+                continue
+            for row_index, row in iter_rows(path, skip):
+                yield position, file_index, row_index, row
+                position += 1
+        return
+    order = [(f, r) for f, n in enumerate(totals) for r in range(n)]
+    random.Random(seed).shuffle(order)
+    loaded: dict[int, list[dict[str, Any] | BadRow]] = {}
+    for position in range(start, len(order)):
+        file_index, row_index = order[position]
+        if file_index not in loaded:
+            loaded[file_index] = [row for _, row in iter_rows(files[file_index])]
+        yield position, file_index, row_index, loaded[file_index][row_index]
 
 
 def iter_rows(path: Path, start: int = 0) -> Iterator[tuple[int, dict[str, Any] | BadRow]]:
@@ -348,17 +404,22 @@ def convert(
     overwrite: bool = False,
     progress: bool = True,
     allow_outside_images: bool = False,
+    split: str = DEFAULT_SPLIT,
+    seed: int | None = 0,
 ) -> dict[str, Any]:
     """Convert input files into shards under `out_dir`; returns the manifest (report under 'extra').
 
     allow_outside_images: follow image paths that leave `image_root` (`..`, absolute, symbolic links out).
+    split: which split of folders that name their files by split ("all": every file).
+    seed: the seed of the rows' global permutation; None keeps file order.
     """
-    files = find_inputs(inputs)
+    files = find_inputs(inputs, split)
     for path in files:
         check_columns(path)
     out_dir = Path(out_dir)
     options = {"source": source, "task": task, "language": language, "max_negatives": max_negatives,
-               "shard_size": shard_size, "allow_outside_images": allow_outside_images}
+               "shard_size": shard_size, "allow_outside_images": allow_outside_images, "split": split,
+               "order": "file order" if seed is None else f"permuted, seed {seed}"}
     job = fingerprint(files, options)
     resume = False
     if (out_dir / MANIFEST).exists() and not overwrite:
@@ -372,36 +433,33 @@ def convert(
 
     writer = ShardWriter(out_dir, max_count=shard_size, resume=resume,
                          extra={"fingerprint": job, "inputs": [str(f) for f in files], "options": options})
-    cursor = writer.resume_cursor or {"file": 0, "row": 0, "report": ConversionReport().snapshot()}
+    cursor = writer.resume_cursor or {"position": 0, "report": ConversionReport().snapshot()}
     report = ConversionReport.from_snapshot(cursor["report"])
     converter = RowConverter(Path(image_root), report, max_negatives, language,
                              allow_outside_images=allow_outside_images)
     totals = [count_rows(f) for f in files]
-    bar = tqdm(total=sum(totals), initial=sum(totals[: cursor["file"]]) + cursor["row"], unit="row",
-               desc="convert", disable=not progress)
+    # A cursor of a file-order conversion before positions existed: the rows before (file, row).
+    start = cursor.get("position", sum(totals[: cursor.get("file", 0)]) + cursor.get("row", 0))
+    bar = tqdm(total=sum(totals), initial=start, unit="row", desc="convert", disable=not progress)
     with writer:
-        for file_index in range(cursor["file"], len(files)):
+        for position, file_index, row_index, row in ordered_rows(files, totals, seed, start):
             path = files[file_index]
             name = source or path.parent.name
-            row_task = task_for(path, name, task)
-            start = cursor["row"] if file_index == cursor["file"] else 0
-            for row_index, row in iter_rows(path, start):
-                bar.update(1)
-                report.rows += 1
-                try:
-                    if isinstance(row, BadRow):
-                        raise row
-                    sample = converter.convert(row, f"{_slug(name)}-{file_index:03d}-{row_index:08d}",
-                                               row_task, name)
-                except BadRow as error:
-                    message = f"{path}: row {row_index}: {error}"
-                    if strict:
-                        raise ValueError(message) from None
-                    report.skip(error.kind, message)
-                    continue
-                report.written += 1
-                writer.write(sample, cursor={"file": file_index, "row": row_index + 1,
-                                             "report": report.snapshot()})
+            bar.update(1)
+            report.rows += 1
+            try:
+                if isinstance(row, BadRow):
+                    raise row
+                sample = converter.convert(row, f"{_slug(name)}-{file_index:03d}-{row_index:08d}",
+                                           task_for(path, name, task), name)
+            except BadRow as error:
+                message = f"{path}: row {row_index}: {error}"
+                if strict:
+                    raise ValueError(message) from None
+                report.skip(error.kind, message)
+                continue
+            report.written += 1
+            writer.write(sample, cursor={"position": position + 1, "report": report.snapshot()})
         writer.extra["report"] = report.snapshot()
     bar.close()
     return read_manifest(out_dir)
@@ -424,12 +482,19 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--shard-size", type=int, default=1000, help="samples per shard")
     parser.add_argument("--strict", action="store_true", help="stop at the first bad row")
     parser.add_argument("--overwrite", action="store_true", help="replace shards of another conversion")
+    parser.add_argument("--split", default=DEFAULT_SPLIT,
+                        help="split of folders naming their files <split>-00000-of-00001 (default: "
+                             "%(default)s, as the reference trains; 'all': every file)")
+    parser.add_argument("--seed", type=int, default=0, help="seed of the rows' global permutation")
+    parser.add_argument("--no-shuffle", action="store_true",
+                        help="keep the inputs' row order (streams with constant memory)")
     parser.add_argument("--allow-images-outside-root", action="store_true",
                         help="follow image paths that leave --images (.., absolute paths, symbolic links)")
     args = parser.parse_args(argv)
     manifest = convert(args.input, args.images, args.out, args.source, args.task, args.language,
                        args.max_negatives, args.shard_size, args.strict, args.overwrite,
-                       allow_outside_images=args.allow_images_outside_root)
+                       allow_outside_images=args.allow_images_outside_root, split=args.split,
+                       seed=None if args.no_shuffle else args.seed)
     report = manifest["extra"]["report"]
     print(f"{args.out}: {manifest['num_samples']} samples in {len(manifest['shards'])} shards "
           f"from {report['rows']} rows")

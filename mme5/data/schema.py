@@ -8,12 +8,14 @@ encoded bytes they were given (JPEG, PNG, ...); they are decoded only when a bat
 
 from __future__ import annotations
 
+import hashlib
 from dataclasses import dataclass, field
 from enum import StrEnum
 from typing import Any
 
 from PIL import Image
 
+from mme5 import published
 from mme5.images import load_rgb
 
 
@@ -77,6 +79,16 @@ class Side:
     def kind(self) -> str:
         """ "I", "T" or "IT": which content the side holds."""
         return ("I" if self.image is not None else "") + ("T" if self.text else "")
+
+    def content_key(self) -> int:
+        """A 63-bit hash of what the model is fed for this side (its published string and image bytes):
+        equal keys, equal inputs (e.g. the label text "dog" of many classification samples)."""
+        has_image = self.image is not None
+        prompt = self.prompt if self.prompt is not None else published.render(self.instruction, self.text,
+                                                                              has_image)
+        digest = hashlib.blake2b(published.normalize(prompt, has_image).encode("utf-8"), digest_size=8)
+        digest.update(b"\0" + (self.image or b""))
+        return int.from_bytes(digest.digest(), "big") >> 1
 
     def pil(self) -> Image.Image | None:
         """The image decoded to RGB (decoded once, then cached)."""
