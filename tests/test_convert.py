@@ -266,3 +266,45 @@ def test_rows_are_written_in_a_seeded_global_permutation(tmp_path, image_root):
     assert order("s1", seed=1)[0] not in (first, file_order)
     kept, manifest = order("kept", seed=None)
     assert kept == file_order and manifest["extra"]["options"]["order"] == "file order"
+
+
+def test_pairs_from_csv_and_jsonl_with_mapped_columns_and_named_bad_rows(tmp_path, image_root):
+    """Your own pairs/triplets: columns mapped, sides rendered in the published format with the default
+    or per-row instruction, list cells parsed, a bad row named by file, row and column."""
+    from mme5.data.pairs import PairFormat
+
+    (tmp_path / "in").mkdir()
+    with open(tmp_path / "in" / "mine.csv", "w", newline="") as handle:
+        handle.write("caption,file,negs,neg_files\n"
+                     "a red cup,coco/0.jpg,\"['a blue cup']\",\"['coco/1.jpg']\"\n"
+                     "a hat,coco/2.jpg,,\n"
+                     ",coco/3.jpg,,\n")  # no caption: an empty query, skipped and named
+    rows = [{"caption": "a dog", "file": "coco/4.jpg", "query_instruction": "Find the picture:"},
+            {"file": "coco/5.jpg"},  # no caption column: refused, named
+            {"caption": "a cat", "file": "missing.jpg"}]
+    (tmp_path / "in" / "more.jsonl").write_text("".join(json.dumps(row) + "\n" for row in rows))
+    pairs = PairFormat.parse(["query=caption", "positive_image=file", "negatives=negs",
+                              "negative_images=neg_files"], query_instruction="Find me an image:")
+    manifest = conv.convert([str(tmp_path / "in")], image_root, tmp_path / "out", task="retrieval",
+                            pairs=pairs, seed=None, progress=False)
+    samples = {s.query.prompt: s for s in read_samples(shard_urls(tmp_path / "out"))}
+    assert set(samples) == {"Find me an image: a red cup\n", "Find me an image: a hat\n",
+                            "Find the picture: a dog\n"}
+    cup = samples["Find me an image: a red cup\n"]
+    assert cup.positive.prompt == "<|image_1|>\nRepresent the given image.\n"
+    assert cup.positive.image == (image_root / "coco" / "0.jpg").read_bytes()
+    assert [n.prompt for n in cup.negatives] == ["<|image_1|>\na blue cup\n"]
+    assert cup.negatives[0].image == (image_root / "coco" / "1.jpg").read_bytes()
+    report = manifest["extra"]["report"]
+    assert report["skipped"] == {"missing_column": 1, "missing_image": 1, "empty_side": 1}
+    errors = "\n".join(report["errors"])
+    assert "more.jsonl: row 1: field 'caption': column missing" in errors
+    assert "mine.csv: row 2: field 'qry': empty text and no image" in errors
+    assert manifest["extra"]["options"]["format"]["pairs"]["query"] == "caption"
+    with pytest.raises(ValueError, match=r"missing column\(s\) \['caption'\] of the pairs format"):
+        (tmp_path / "bad").mkdir()
+        (tmp_path / "bad" / "x.csv").write_text("text,file\nhello,coco/0.jpg\n")
+        conv.convert([str(tmp_path / "bad")], image_root, tmp_path / "out2", task="retrieval", pairs=pairs,
+                     progress=False)
+    with pytest.raises(ValueError, match="expected NAME=COLUMN"):
+        PairFormat.parse(["qry=caption"])

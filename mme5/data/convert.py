@@ -26,6 +26,7 @@ from __future__ import annotations
 
 import argparse
 import ast
+import csv
 import hashlib
 import json
 import os
@@ -42,11 +43,12 @@ import pyarrow.parquet as pq
 from tqdm import tqdm
 
 from mme5 import published
+from mme5.data.pairs import PairFormat
 from mme5.data.schema import Modality, Sample, SchemaError, Side, Task, image_extension
 from mme5.data.shards import MANIFEST, ShardWriter, SkipLog, read_manifest
 from mme5.images import ImageDecodeError, check_image
 
-INPUT_SUFFIXES = (".parquet", ".jsonl")
+INPUT_SUFFIXES = (".parquet", ".jsonl", ".csv")
 SPLIT_FILE = re.compile(r"(?P<split>[A-Za-z_]+)-\d{5}-of-\d{5}")  # Hugging Face's parquet file names
 DEFAULT_SPLIT = "train"  # what the reference trains on (`train[:50000]`)
 REQUIRED_COLUMNS = ("qry", "pos_text")  # image paths and negatives are optional
@@ -296,6 +298,9 @@ def select_split(files: list[Path], split: str) -> list[Path]:
 def count_rows(path: Path) -> int:
     if path.suffix == ".parquet":
         return pq.ParquetFile(path).metadata.num_rows
+    if path.suffix == ".csv":
+        with open(path, newline="", encoding="utf-8") as handle:
+            return sum(1 for _ in csv.DictReader(handle))
     with open(path, "rb") as handle:
         return sum(1 for line in handle if line.strip())
 
@@ -335,6 +340,12 @@ def iter_rows(path: Path, start: int = 0) -> Iterator[tuple[int, dict[str, Any] 
                     yield index, row
                 index += 1
         return
+    if path.suffix == ".csv":
+        with open(path, newline="", encoding="utf-8") as handle:
+            for index, row in enumerate(csv.DictReader(handle)):
+                if index >= start:
+                    yield index, row
+        return
     with open(path, "rb") as handle:  # decoded line by line: one bad byte is one bad row
         index = 0
         for raw in handle:
@@ -352,14 +363,28 @@ def iter_rows(path: Path, start: int = 0) -> Iterator[tuple[int, dict[str, Any] 
             index += 1
 
 
-def check_columns(path: Path) -> None:
-    """A parquet file must have the row format's required columns (named in the error when it has not)."""
-    if path.suffix != ".parquet":
+def check_columns(path: Path, pairs: PairFormat | None = None) -> None:
+    """A parquet or CSV file must have the format's required columns (named in the error when it has not)."""
+    if path.suffix == ".parquet":
+        names = pq.ParquetFile(path).schema_arrow.names
+    elif path.suffix == ".csv":
+        with open(path, newline="", encoding="utf-8") as handle:
+            names = next(csv.reader(handle), [])
+    else:
         return  # JSONL rows are checked one by one
-    names = pq.ParquetFile(path).schema_arrow.names
-    missing = [name for name in REQUIRED_COLUMNS if name not in names]
+    missing = missing_columns(names, pairs)
     if missing:
-        raise ValueError(f"{path}: missing column(s) {missing} of the row format; it has {names}")
+        raise ValueError(f"{path}: missing column(s) {missing} of the {'pairs' if pairs else 'row'} format; "
+                         f"it has {names}")
+
+
+def missing_columns(names: Any, pairs: PairFormat | None) -> list[str]:
+    """Required columns absent from `names`: the published row's, or a pair's query and positive (a text or
+    an image column each)."""
+    if pairs is None:
+        return [name for name in REQUIRED_COLUMNS if name not in names]
+    return [pairs.column(text) for text, image in (("query", "query_image"), ("positive", "positive_image"))
+            if pairs.column(text) not in names and pairs.column(image) not in names]
 
 
 def _inside(path: Path, root: Path) -> bool:
@@ -406,20 +431,23 @@ def convert(
     allow_outside_images: bool = False,
     split: str = DEFAULT_SPLIT,
     seed: int | None = 0,
+    pairs: PairFormat | None = None,
 ) -> dict[str, Any]:
     """Convert input files into shards under `out_dir`; returns the manifest (report under 'extra').
 
     allow_outside_images: follow image paths that leave `image_root` (`..`, absolute, symbolic links out).
     split: which split of folders that name their files by split ("all": every file).
     seed: the seed of the rows' global permutation; None keeps file order.
+    pairs: read pair/triplet rows (`mme5.data.pairs`) instead of the published row format.
     """
     files = find_inputs(inputs, split)
     for path in files:
-        check_columns(path)
+        check_columns(path, pairs)
     out_dir = Path(out_dir)
     options = {"source": source, "task": task, "language": language, "max_negatives": max_negatives,
                "shard_size": shard_size, "allow_outside_images": allow_outside_images, "split": split,
-               "order": "file order" if seed is None else f"permuted, seed {seed}"}
+               "order": "file order" if seed is None else f"permuted, seed {seed}",
+               "format": "published" if pairs is None else pairs.description()}
     job = fingerprint(files, options)
     resume = False
     if (out_dir / MANIFEST).exists() and not overwrite:
@@ -450,6 +478,11 @@ def convert(
             try:
                 if isinstance(row, BadRow):
                     raise row
+                if pairs is not None:
+                    if missing := missing_columns(row, pairs):
+                        raise BadRow(missing[0], f"column missing (the row has {sorted(row)})",
+                                     "missing_column")
+                    row = pairs.row(row, parse_list)
                 sample = converter.convert(row, f"{_slug(name)}-{file_index:03d}-{row_index:08d}",
                                            task_for(path, name, task), name)
             except BadRow as error:
@@ -488,13 +521,22 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--seed", type=int, default=0, help="seed of the rows' global permutation")
     parser.add_argument("--no-shuffle", action="store_true",
                         help="keep the inputs' row order (streams with constant memory)")
+    parser.add_argument("--format", choices=["published", "pairs"], default="published",
+                        help="published rows (qry, pos_text, ...) or your own pairs/triplets (query, "
+                             "query_image, positive, positive_image, negatives, ...: see mme5.data.pairs)")
+    parser.add_argument("--map", nargs="+", default=[], metavar="NAME=COLUMN",
+                        help="pairs: the column holding a field, e.g. query=caption positive_image=file")
+    parser.add_argument("--query-instruction", default="", help="pairs: instruction of every query")
+    parser.add_argument("--positive-instruction", default="", help="pairs: instruction of every positive")
     parser.add_argument("--allow-images-outside-root", action="store_true",
                         help="follow image paths that leave --images (.., absolute paths, symbolic links)")
     args = parser.parse_args(argv)
     manifest = convert(args.input, args.images, args.out, args.source, args.task, args.language,
                        args.max_negatives, args.shard_size, args.strict, args.overwrite,
                        allow_outside_images=args.allow_images_outside_root, split=args.split,
-                       seed=None if args.no_shuffle else args.seed)
+                       seed=None if args.no_shuffle else args.seed,
+                       pairs=PairFormat.parse(args.map, args.query_instruction, args.positive_instruction)
+                       if args.format == "pairs" else None)
     report = manifest["extra"]["report"]
     print(f"{args.out}: {manifest['num_samples']} samples in {len(manifest['shards'])} shards "
           f"from {report['rows']} rows")

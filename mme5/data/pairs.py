@@ -1,0 +1,85 @@
+"""Your own pairs or triplets as published rows: a query, a positive and optional negatives, each a text, an
+image path or both, written in the published format the converter reads (`mme5.data.convert --format pairs`).
+
+Columns (renamed with `--map NAME=COLUMN`): `query`, `query_image`, `positive`, `positive_image`, and
+optionally `negatives` / `negative_images` (lists, or JSON / Python list strings in CSV cells),
+`query_instruction` and `positive_instruction` (per row, else the `--query-instruction` /
+`--positive-instruction` defaults). Each side is rendered by the published rule (`mme5.published.render`),
+so a model trained on them sees the format the released models see.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable, Mapping, Sequence
+from dataclasses import dataclass, field
+from typing import Any
+
+from mme5 import published
+
+FIELDS = ("query", "query_image", "positive", "positive_image", "negatives", "negative_images",
+          "query_instruction", "positive_instruction")
+
+
+@dataclass(frozen=True)
+class PairFormat:
+    """Which column holds each field, and the default instructions."""
+
+    columns: Mapping[str, str] = field(default_factory=dict)  # field → column (default: the field's name)
+    query_instruction: str = ""
+    positive_instruction: str = ""
+
+    @classmethod
+    def parse(cls, mappings: Sequence[str], query_instruction: str = "", positive_instruction: str = ""
+              ) -> PairFormat:
+        """From `NAME=COLUMN` strings (the command line's --map)."""
+        columns = {}
+        for mapping in mappings:
+            name, sep, column = mapping.partition("=")
+            if not sep or name not in FIELDS or not column:
+                raise ValueError(f"--map {mapping!r}: expected NAME=COLUMN, NAME one of {', '.join(FIELDS)}")
+            columns[name] = column
+        return cls(columns, query_instruction, positive_instruction)
+
+    def description(self) -> dict[str, Any]:
+        """What a manifest records of the format."""
+        return {"pairs": dict(self.columns), "query_instruction": self.query_instruction,
+                "positive_instruction": self.positive_instruction}
+
+    def column(self, name: str) -> str:
+        return self.columns.get(name, name)
+
+    @property
+    def required(self) -> tuple[str, ...]:
+        return self.column("query"), self.column("positive")
+
+    def row(self, row: Mapping[str, Any], parse_list: Callable[[Any, str], list[str]]) -> dict[str, Any]:
+        """The published row (qry, qry_image_path, pos_text, pos_image_path, neg_text, neg_image_path) of a
+        pair row; `parse_list(value, column)` reads a list cell (the converter's: it names bad ones)."""
+        def get(name: str) -> Any:
+            value = row.get(self.column(name))
+            return None if value == "" else value
+
+        query_instruction = get("query_instruction") or self.query_instruction
+        positive_instruction = get("positive_instruction") or self.positive_instruction
+        negatives = parse_list(get("negatives"), self.column("negatives"))
+        negative_images = parse_list(get("negative_images"), self.column("negative_images"))
+        if negative_images and not negatives:
+            negatives = [""] * len(negative_images)  # image negatives: the converter gives them a text
+        negative_images = negative_images or [""] * len(negatives)
+        return {
+            "qry": self._render(query_instruction, get("query"), get("query_image")),
+            "qry_image_path": get("query_image") or "",
+            "pos_text": self._render(positive_instruction, get("positive"), get("positive_image")),
+            "pos_image_path": get("positive_image") or "",
+            "neg_text": [self._render(positive_instruction, text, image) if text else ""
+                         for text, image in zip(negatives, negative_images, strict=False)],
+            "neg_image_path": negative_images,
+        }
+
+    @staticmethod
+    def _render(instruction: str, text: Any, image: Any) -> Any:
+        if text is not None and not isinstance(text, str):
+            return text  # the converter names the field and its type
+        if not text and not image:
+            return ""
+        return published.render(instruction, text, has_image=bool(image))
