@@ -33,3 +33,14 @@ def make_sample(index: int, modality: Modality = Modality.IT2T, negatives: int =
         positive=side(modality.target, "positive"),
         negatives=[side(modality.target, f"negative{k}") for k in range(negatives)],
     )
+
+
+def write_pngs(folder, colors, width: int = 20, step: int = 3) -> list:
+    """One PNG a colour, `folder/<i>.png`, each a different width (different shapes batch together)."""
+    from PIL import Image
+
+    paths = []
+    for i, color in enumerate(colors):
+        paths.append(folder / f"{i}.png")
+        Image.new("RGB", (width + step * i, 24), color).save(paths[-1])
+    return paths

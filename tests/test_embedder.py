@@ -5,6 +5,7 @@ from pathlib import Path
 
 import pytest
 import torch
+from helpers import write_pngs
 from PIL import Image
 from test_export import perturbed_checkpoint
 
@@ -28,12 +29,7 @@ def exported(tmp_path_factory, tiny_mllama):
 
 @pytest.fixture(scope="module")
 def image_files(tmp_path_factory):
-    root = tmp_path_factory.mktemp("images")
-    paths = []
-    for i, color in enumerate(COLORS):
-        paths.append(root / f"{i}.png")
-        Image.new("RGB", (20 + 3 * i, 24), color).save(paths[-1])
-    return paths
+    return write_pngs(tmp_path_factory.mktemp("images"), COLORS)
 
 
 def test_embeddings_equal_the_evaluation_path_in_input_order(exported, image_files):

@@ -8,6 +8,7 @@ import shutil
 import pytest
 import torch
 import yaml
+from helpers import write_pngs
 from PIL import Image
 from test_export import perturbed_checkpoint
 
@@ -40,12 +41,7 @@ def exported(request, tmp_path_factory):
 
 @pytest.fixture(scope="module")
 def images(tmp_path_factory):
-    root = tmp_path_factory.mktemp("pictures")
-    paths = []
-    for i, color in enumerate(COLORS):
-        paths.append(root / f"{i}.png")
-        Image.new("RGB", (28 + 4 * i, 24), color).save(paths[-1])
-    return paths
+    return write_pngs(tmp_path_factory.mktemp("pictures"), COLORS, width=28, step=4)
 
 
 def mixed_inputs(images):
