@@ -25,6 +25,7 @@ from mme5.backbones.base import IMAGE_INSTRUCTION, Item
 from mme5.data.schema import Modality
 from mme5.files import save_torch
 from mme5.images import ImageDecodeError
+from mme5.retrieval import nearest
 from mme5.synthesis.plan import PlannedSample
 from mme5.synthesis.prompting import image_roles
 
@@ -174,9 +175,9 @@ class NeighbourIndex:
 
     def _ranked(self, i: int) -> list[int]:
         if i not in self._order:
-            sims = (self.embeddings @ self.embeddings[i]).tolist()
-            others = (j for j in range(len(sims)) if j != i and j not in self.unreadable)
-            self._order[i] = sorted(others, key=lambda j: (-sims[j], j))
+            banned = [i, *self.unreadable]
+            _, order = nearest(self.embeddings[i : i + 1], self.embeddings, len(self.embeddings), [banned])
+            self._order[i] = [j for j in order[0].tolist() if j >= 0]
         return self._order[i]
 
     def choose(self, seed: str) -> str:
