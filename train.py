@@ -13,6 +13,7 @@ against all of those positives plus its own `data.num_negatives` hard negatives.
 from pathlib import Path
 
 import lightning as L
+import torch
 from jsonargparse import set_parsing_settings
 from lightning.pytorch.callbacks import ModelCheckpoint
 from lightning.pytorch.cli import LightningCLI
@@ -98,6 +99,10 @@ def newest_checkpoint(trainer: L.Trainer, prefer_last: bool = False) -> str | No
 
 def main(args: list[str] | None = None) -> None:
     TrainCLI(args)
+    # Tear the process group down while the interpreter is whole: left to destructors at exit, gloo's threads
+    # can die with "terminate called without an active exception" (SIGABRT), failing a finished SLURM job.
+    if torch.distributed.is_available() and torch.distributed.is_initialized():
+        torch.distributed.destroy_process_group()
 
 
 if __name__ == "__main__":
