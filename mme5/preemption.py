@@ -52,6 +52,8 @@ class SlurmRequeue(L.Callback):
             return
         if not trainer.strategy.reduce_boolean_decision(self._signalled, all=False):
             return
+        for logger in trainer.loggers:  # the requeue kills the job: metrics still buffered would be lost
+            logger.finalize("finished")
         path = trainer._checkpoint_connector.hpc_save_path(trainer.default_root_dir)
         trainer.save_checkpoint(path)
         rank_zero_info(f"SLURM warning signal: saved {path} at global step {trainer.global_step}; requeueing")
