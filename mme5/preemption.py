@@ -30,6 +30,7 @@ class SlurmRequeue(L.Callback):
     def __init__(self) -> None:
         self._signalled = False
         self._environment: SLURMEnvironment | None = None
+        self._previous: Any = None  # the handler this one replaced, restored at teardown
 
     def setup(self, trainer: L.Trainer, pl_module: L.LightningModule, stage: str) -> None:
         environment = getattr(trainer.strategy, "cluster_environment", None)
@@ -40,7 +41,7 @@ class SlurmRequeue(L.Callback):
 
     def on_train_start(self, trainer: L.Trainer, pl_module: L.LightningModule) -> None:
         if self._environment is not None:
-            signal.signal(self._environment.requeue_signal, self._note)
+            self._previous = signal.signal(self._environment.requeue_signal, self._note)
             name = self._environment.requeue_signal.name
             rank_zero_info(f"SLURM: {name} checkpoints at the next step boundary and requeues")
 
@@ -63,7 +64,8 @@ class SlurmRequeue(L.Callback):
 
     def teardown(self, trainer: L.Trainer, pl_module: L.LightningModule, stage: str) -> None:
         if self._environment is not None:
-            signal.signal(self._environment.requeue_signal, signal.SIG_DFL)
+            if self._previous is not None:
+                signal.signal(self._environment.requeue_signal, self._previous)
             self._environment.auto_requeue = True
             self._environment = None
 
