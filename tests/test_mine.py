@@ -102,6 +102,11 @@ def test_mining_resumes_without_embedding_again(tmp_path, monkeypatch):
     for a, b in zip(shard_urls(tmp_path / "ref"), shard_urls(tmp_path / "out"), strict=True):
         assert open(a, "rb").read() == open(b, "rb").read()
     assert resumed["num_samples"] == reference["num_samples"] == N
+    replaced = mining.mine(tmp_path / "src", tmp_path / "replaced", fake_embed([]), "fake",
+                           mining.MiningSettings((1, 5), 2, 0.99, replace=True), 3)
+    assert replaced["extra"]["mined"]["replace"] is True
+    three = {s.id: [n.text for n in s.negatives] for s in read_samples(shard_urls(tmp_path / "replaced"))}
+    assert three["s00003"] and "negative0 3" not in three["s00003"]  # its own negative is gone
     with pytest.raises(FileExistsError, match="another mining run"):
         mining.mine(tmp_path / "src", tmp_path / "out", fake_embed([]), "other model", settings, 3)
 

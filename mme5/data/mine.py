@@ -44,11 +44,13 @@ WORK = ".mining"
 class MiningSettings:
     """rank_band: 1-based ranks (inclusive) among a query's candidates, its own positive excluded.
     max_negatives: mined negatives added per sample. margin: a candidate scoring at least margin × the
-    positive's score is taken for a false negative and dropped."""
+    positive's score is taken for a false negative and dropped. replace: mined negatives replace the
+    sample's own (they are appended otherwise)."""
 
     rank_band: tuple[int, int] = (10, 50)
     max_negatives: int = 3
     margin: float = 0.95
+    replace: bool = False  # the mined negatives replace the sample's own instead of following them
 
     def __post_init__(self) -> None:
         low, high = self.rank_band
@@ -77,13 +79,15 @@ def mine(shards: str | Path, out: str | Path, embed: Embed, model_name: str, set
                          extra={"job": job, "source": str(shards), "mined": {
                              "model": model_name, "rank_band": list(settings.rank_band),
                              "max_negatives": settings.max_negatives, "margin": settings.margin,
+                             "replace": settings.replace,
                              "counts": dict(counts)}})
     start = writer.resume_cursor or 0
     with writer:
         for index in range(start, len(samples)):
             sample = samples[index]
             mined = [candidates[j] for j in chosen[index]]
-            writer.write(replace(sample, negatives=[*sample.negatives, *mined]), cursor=index + 1)
+            own = [] if settings.replace else sample.negatives
+            writer.write(replace(sample, negatives=[*own, *mined]), cursor=index + 1)
     return read_manifest(out)
 
 
@@ -170,13 +174,15 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--max-negatives", type=int, default=3, help="mined negatives per sample")
     parser.add_argument("--margin", type=float, default=0.95,
                         help="drop a neighbour scoring at least this times the positive's score")
+    parser.add_argument("--replace", action="store_true",
+                        help="mined negatives replace the samples' own (default: appended after them)")
     parser.add_argument("--batch-size", type=int, default=32)
     parser.add_argument("--device", default="cpu")
     parser.add_argument("--dtype", help="float32, bfloat16 or float16 (default: the weights')")
     parser.add_argument("--shard-size", type=int, default=1000)
     args = parser.parse_args(argv)
     low, _, high = args.rank_band.partition(":")
-    settings = MiningSettings((int(low), int(high or low)), args.max_negatives, args.margin)
+    settings = MiningSettings((int(low), int(high or low)), args.max_negatives, args.margin, args.replace)
     from mme5.checkpoint import load_encoder
 
     loaded = load_encoder(args.model, args.device, args.dtype)
