@@ -15,6 +15,16 @@ HUB_ID = re.compile(r"[A-Za-z0-9][\w.-]*/[\w.-]+")
 _HUB_IGNORE = ["original/*", "*.pth", "*.pt", "*.h5", "*.msgpack", "*.onnx", "*.gguf"]
 
 
+def card_licence(folder: Path) -> str | None:
+    """The `license:` of a hub card's front matter (`folder/README.md`: a model's or a data set's), if any."""
+    card = folder / "README.md"
+    if not card.is_file():
+        return None
+    parts = card.read_text(encoding="utf-8", errors="replace").split("---")
+    match = re.search(r"^license:\s*(\S+)\s*$", parts[1] if len(parts) > 2 else "", re.MULTILINE)
+    return match.group(1).strip("\"'") if match else None
+
+
 def is_hub_id(value: str | None) -> bool:
     """`value` names a hub repository (`namespace/name`), not a path that exists here."""
     return bool(value) and bool(HUB_ID.fullmatch(value)) and not Path(value).exists()

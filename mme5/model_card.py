@@ -10,13 +10,12 @@ said so, never guessed.
 from __future__ import annotations
 
 import json
-import re
 from collections import Counter
 from pathlib import Path
 from typing import Any
 
 from mme5.eval.registry import META_TASKS, SPLITS
-from mme5.hub import is_hub_id
+from mme5.hub import card_licence, is_hub_id
 
 PAPER = "https://arxiv.org/abs/2502.08468"
 RECIPE_KEYS = ("lr", "temperature", "warmup", "schedule", "gradient_cache", "chunk_size", "dtype")
@@ -34,7 +33,7 @@ def model_card(*, name: str, family: str, backbone: str, recipe: dict[str, Any],
     data = recipe.get("datamodule_hyper_parameters") or {}
     sources = [source.get("path") for source in data.get("sources") or [] if isinstance(source, dict)]
     languages = _languages(sources)
-    licence = _licence(backbone_folder) if backbone_folder else None
+    licence = card_licence(backbone_folder) if backbone_folder else None
     meta = {
         "library_name": "sentence-transformers",
         "pipeline_tag": "feature-extraction",
@@ -169,13 +168,3 @@ def _languages(sources: list[str]) -> list[str]:
         for manifest in sorted(Path(source).glob("**/manifest.json")):
             counts.update((json.loads(manifest.read_text()).get("counts") or {}).get("language") or {})
     return [HUB_LANGUAGE.get(language, language) for language, _ in counts.most_common()]
-
-
-def _licence(backbone_folder: Path) -> str | None:
-    """The `license:` of the backbone's own card front matter, if it has one."""
-    card = backbone_folder / "README.md"
-    if not card.is_file():
-        return None
-    front = card.read_text(encoding="utf-8", errors="replace").split("---")
-    match = re.search(r"^license:\s*(\S+)\s*$", front[1] if len(front) > 2 else "", re.MULTILINE)
-    return match.group(1).strip("\"'") if match else None

@@ -135,3 +135,10 @@ def test_nearest_equals_a_brute_force_with_ties_and_exclusions():
         assert got == expected, q
     assert indices[0].tolist()[:2] == [3, 7]
     assert indices[4].tolist()[2:] == [-1] * 8 and torch.isinf(scores[4, 2:]).all()
+
+
+@pytest.mark.parametrize("band", ["abc", "50:10", "0:5"])
+def test_a_bad_rank_band_is_a_usage_error_before_any_work(band, capsys):
+    with pytest.raises(SystemExit) as exit_info:
+        mining.main(["--model", "unused", "--shards", "unused", "--out", "unused", "--rank-band", band])
+    assert exit_info.value.code == 2 and "--rank-band" in capsys.readouterr().err

@@ -21,6 +21,7 @@ from dataclasses import dataclass
 from pathlib import Path
 
 from mme5.files import atomic_write
+from mme5.hub import card_licence
 
 ARCHIVES = (".zip", ".tar", ".tar.gz", ".tgz")
 
@@ -109,14 +110,8 @@ def _check_inside(target: Path, member: str, archive: Path) -> None:
 
 
 def licence(folder: Path) -> str:
-    """The `license:` of the dataset card's front matter, or a note that the card does not say."""
-    card = folder / "README.md"
-    if card.is_file():
-        parts = card.read_text(encoding="utf-8", errors="replace").split("---")
-        for line in (parts[1] if len(parts) > 2 else "").splitlines():
-            if line.strip().startswith("license:"):
-                return line.split(":", 1)[1].strip().strip("\"'")
-    return "not stated in the dataset card: check it before use"
+    """The dataset card's licence, or a note that the card does not say."""
+    return card_licence(folder) or "not stated in the dataset card: check it before use"
 
 
 def next_steps(name: str, folder: Path) -> list[str]:

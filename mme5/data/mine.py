@@ -182,7 +182,10 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--shard-size", type=int, default=1000)
     args = parser.parse_args(argv)
     low, _, high = args.rank_band.partition(":")
-    settings = MiningSettings((int(low), int(high or low)), args.max_negatives, args.margin, args.replace)
+    try:
+        settings = MiningSettings((int(low), int(high or low)), args.max_negatives, args.margin, args.replace)
+    except ValueError as error:
+        parser.error(f"--rank-band {args.rank_band!r} / --max-negatives: {error}")
     from mme5.checkpoint import load_encoder
 
     loaded = load_encoder(args.model, args.device, args.dtype)
