@@ -1,4 +1,5 @@
 import json
+import re
 from pathlib import Path
 
 import pyarrow as pa
@@ -299,7 +300,7 @@ def test_pairs_from_csv_and_jsonl_with_mapped_columns_and_named_bad_rows(tmp_pat
     assert report["skipped"] == {"missing_column": 1, "missing_image": 1, "empty_side": 1}
     errors = "\n".join(report["errors"])
     assert "more.jsonl: row 1: field 'caption': column missing" in errors
-    assert "mine.csv: row 2: field 'qry': empty text and no image" in errors
+    assert "mine.csv: row 2: field 'caption': empty text and no image" in errors
     assert manifest["extra"]["options"]["format"]["pairs"]["query"] == "caption"
     with pytest.raises(ValueError, match=r"missing column\(s\) \['caption'\] of the pairs format"):
         (tmp_path / "bad").mkdir()
@@ -308,3 +309,75 @@ def test_pairs_from_csv_and_jsonl_with_mapped_columns_and_named_bad_rows(tmp_pat
                      progress=False)
     with pytest.raises(ValueError, match="expected NAME=COLUMN"):
         PairFormat.parse(["qry=caption"])
+
+
+def test_a_saved_datasets_dataset_with_image_columns_converts_without_an_image_root(tmp_path):
+    """A `datasets` folder (save_to_disk) of pairs with image columns: its train split by default, images
+    stored as the bytes the dataset holds (a JPEG stays that JPEG), a list-of-images column as negatives,
+    a bad row named by the dataset, row and the user's column; --split picks another split."""
+    datasets = pytest.importorskip("datasets")
+    jpegs = [image_bytes((60 * i, 20, 200), fmt="JPEG") for i in range(4)]
+    train = datasets.Dataset.from_dict({
+        "caption": ["a red kite", "a blue boat", None, "a green hat"],
+        "photo": [{"bytes": jpeg, "path": None} for jpeg in jpegs],
+        "others": [[{"bytes": jpegs[1], "path": None}], [], [], []],
+    }).cast_column("photo", datasets.Image()).cast_column("others", datasets.List(datasets.Image()))
+    test = datasets.Dataset.from_dict({"caption": ["a test cup"], "others": [[]],
+                                       "photo": [{"bytes": jpegs[0], "path": None}]})
+    test = test.cast(train.features)
+    datasets.DatasetDict({"train": train, "test": test}).save_to_disk(str(tmp_path / "saved"))
+    from mme5.data.pairs import PairFormat
+
+    pairs = PairFormat.parse(["query=caption", "positive_image=photo", "negative_images=others"],
+                             query_instruction="Find me an image:")
+    manifest = conv.convert([str(tmp_path / "saved")], None, tmp_path / "out", task="retrieval", pairs=pairs,
+                            progress=False)
+    samples = {s.query.text: s for s in read_samples(shard_urls(tmp_path / "out"))}
+    assert set(samples) == {"a red kite", "a blue boat", "a green hat"}
+    kite = samples["a red kite"]
+    assert kite.query.prompt == "Find me an image: a red kite\n"
+    assert kite.positive.image == jpegs[0]
+    assert kite.positive.prompt == "<|image_1|>\nRepresent the given image.\n"
+    assert [n.image for n in kite.negatives] == [jpegs[1]]
+    assert samples["a green hat"].positive.image == jpegs[3]
+    assert manifest["extra"]["inputs"] == [f"{tmp_path / 'saved'}[train]"]
+    assert manifest["extra"]["report"]["errors"] == [
+        f"{tmp_path / 'saved'}[train]: row 2: field 'caption': empty text and no image"]
+    other = conv.convert([str(tmp_path / "saved")], None, tmp_path / "test", task="retrieval", pairs=pairs,
+                         split="test", progress=False)
+    assert other["num_samples"] == 1
+    with pytest.raises(FileNotFoundError, match=r"no 'validation' split; it holds \['train', 'test'\]"):
+        conv.convert([str(tmp_path / "saved")], None, tmp_path / "v", pairs=pairs, split="validation",
+                     progress=False)
+
+
+def test_a_saved_dataset_in_the_published_format_reads_image_paths_under_the_root(tmp_path, image_root):
+    """MMEB-train loaded with `datasets` and saved: published rows whose images are paths under --images;
+    without --images such a row is named, not guessed."""
+    datasets = pytest.importorskip("datasets")
+    datasets.Dataset.from_list(split_rows("train", 4)).save_to_disk(str(tmp_path / "ImageNet_1K"))
+    manifest = conv.convert([str(tmp_path / "ImageNet_1K")], image_root, tmp_path / "out", progress=False)
+    assert manifest["num_samples"] == 4
+    sample = next(iter(read_samples(shard_urls(tmp_path / "out"))))
+    assert sample.task == Task.CLASSIFICATION and sample.source == "ImageNet_1K"  # from the folder name
+    assert sample.query.image == (image_root / "coco" / f"{sample.query.text.split()[-1]}.jpg").read_bytes()
+    rootless = conv.convert([str(tmp_path / "ImageNet_1K")], None, tmp_path / "rootless", progress=False)
+    assert rootless["num_samples"] == 0
+    assert re.search(r"ImageNet_1K: row \d: field 'qry_image_path': image path 'coco/\d.jpg' but no image "
+                     r"root \(pass --images\)", rootless["extra"]["report"]["errors"][0])
+
+
+def test_an_unreachable_hub_dataset_fails_at_once_with_what_to_do(tmp_path):
+    """A hub dataset id offline: a clear error, exit status 2, nothing written."""
+    import subprocess
+    import sys
+
+    pytest.importorskip("datasets")
+    env = {**__import__("os").environ, "HF_HUB_OFFLINE": "1", "HF_HOME": str(tmp_path / "hf")}
+    result = subprocess.run([sys.executable, "-m", "mme5.data.convert", "--input",
+                             "TIGER-Lab/MMEB-train:ImageNet_1K", "--out", str(tmp_path / "out")],
+                            capture_output=True, text=True, env=env, timeout=120)
+    assert result.returncode == 2, result.stderr
+    assert "error: TIGER-Lab/MMEB-train:ImageNet_1K: not a local path, and the Hugging Face Hub cannot be " \
+           "reached" in result.stderr
+    assert "Traceback" not in result.stderr and not (tmp_path / "out").exists()

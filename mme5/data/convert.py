@@ -2,19 +2,22 @@
 
     python -m mme5.data.convert --input DIR_OR_FILES --images IMAGE_ROOT --out SHARD_DIR
 
-Input rows, from parquet or JSONL, have `qry`, `qry_image_path`, `pos_text`, `pos_image_path` and
-optionally `neg_text`, `neg_image_path` (lists, or lists stringified by the reference pipeline) and
-`modality` (mmE5-synthetic), with image paths relative to the image root. Prompts in these rows carry the
-instruction and the content in one string with a `<|image_1|>` placeholder: each side keeps that string
-verbatim (what the model is fed, see `mme5.published`) and its split into instruction and text.
+Input rows, from parquet, JSONL or CSV files or a Hugging Face `datasets` dataset (a `save_to_disk` folder or
+a hub id, see `mme5.data.inputs`), have `qry`, `qry_image_path`, `pos_text`, `pos_image_path` and optionally
+`neg_text`, `neg_image_path` (lists, or lists stringified by the reference pipeline) and `modality`
+(mmE5-synthetic), with image paths relative to the image root; an image may also be the image value of a
+`datasets` image column (its bytes). `--format pairs` reads your own pairs (`mme5.data.pairs`). Prompts in
+these rows carry the instruction and the content in one string with a `<|image_1|>` placeholder: each side
+keeps that string verbatim (what the model is fed, see `mme5.published`) and its split into instruction and
+text.
 
 Split: Hugging Face folders name their files `<split>-00000-of-00001.parquet`; `TIGER-Lab/MMEB-train` subsets
-hold `original`, `diverse_instruction` and `train` files, of which the reference trains on `train`. Only
-the `--split` (default `train`) of such folders is read (`--split all`: every file); files without a split
-in their name are always read. Order: the rows of all inputs are written in a seeded global permutation
-(`--seed`, default 0; `--no-shuffle` keeps file order and streams with constant memory), so that an ordered
-file (by class, five captions per image) does not fill batches with near-duplicates through a training
-shuffle buffer; permuting loads the inputs' rows (text and image paths) into memory.
+hold `original`, `diverse_instruction` and `train` files, of which the reference trains on `train`. Only the
+`--split` (default `train`) of such folders and of `datasets` is read (`--split all`: every one); files
+without a split in their name are always read. Order: the rows of all inputs are written in a seeded global
+permutation (`--seed`, default 0; `--no-shuffle` keeps file order and streams with constant memory), so that
+an ordered file (by class, five captions per image) does not fill batches with near-duplicates through a
+training shuffle buffer; permuting loads the inputs' rows (text and image paths) into memory.
 
 Known quirks are repaired and counted, bad rows are skipped and named (file, row, field), and everything
 is summarised in a conversion report stored in the manifest (with the files read, the split and the
@@ -26,7 +29,6 @@ from __future__ import annotations
 
 import argparse
 import ast
-import csv
 import hashlib
 import json
 import os
@@ -34,23 +36,20 @@ import random
 import re
 import sys
 from collections import Counter
-from collections.abc import Iterator
+from collections.abc import Iterator, Sequence
 from dataclasses import dataclass, field, replace
 from pathlib import Path
 from typing import Any
 
-import pyarrow.parquet as pq
 from tqdm import tqdm
 
 from mme5 import published
+from mme5.data.inputs import DEFAULT_SPLIT, BadRow, Row, Table, find_tables
 from mme5.data.pairs import PairFormat
 from mme5.data.schema import Modality, Sample, SchemaError, Side, Task, image_extension
 from mme5.data.shards import MANIFEST, ShardWriter, SkipLog, read_manifest
 from mme5.images import ImageDecodeError, check_image
 
-INPUT_SUFFIXES = (".parquet", ".jsonl", ".csv")
-SPLIT_FILE = re.compile(r"(?P<split>[A-Za-z_]+)-\d{5}-of-\d{5}")  # Hugging Face's parquet file names
-DEFAULT_SPLIT = "train"  # what the reference trains on (`train[:50000]`)
 REQUIRED_COLUMNS = ("qry", "pos_text")  # image paths and negatives are optional
 
 # MMEB-train / mmE5-MMEB-hardneg subsets and their meta-task (mme5.md §4).
@@ -67,15 +66,6 @@ SUBSET_TASKS: dict[str, Task] = {
     ),
     "MSCOCO": Task.GROUNDING,
 }
-
-
-class BadRow(ValueError):
-    """A row that cannot become a sample; `field` names the column at fault."""
-
-    def __init__(self, field_name: str, reason: str, kind: str):
-        super().__init__(f"field '{field_name}': {reason}")
-        self.field = field_name
-        self.kind = kind
 
 
 @dataclass
@@ -99,8 +89,9 @@ class ConversionReport(SkipLog):
 # ----------------------------------------------------------------------------- row parsing
 
 
-def parse_list(value: Any, field_name: str) -> list[str]:
-    """Negatives as a real list, or as the reference pipeline's stringified list (parsed safely, no eval)."""
+def parse_list(value: Any, field_name: str, images: bool = False) -> list[Any]:
+    """Negatives as a real list, or as the reference pipeline's stringified list (parsed safely, no eval):
+    strings, or with `images` also image values (`datasets` image dicts, bytes)."""
     if value is None:
         return []
     if isinstance(value, str):
@@ -112,15 +103,24 @@ def parse_list(value: Any, field_name: str) -> list[str]:
             raise BadRow(field_name, f"not a list literal: {value[:80]!r}", "bad_list") from None
     if hasattr(value, "tolist"):
         value = value.tolist()
-    if not isinstance(value, (list, tuple)) or not all(isinstance(v, str) or v is None for v in value):
-        raise BadRow(field_name, f"expected a list of strings, found {type(value).__name__}", "bad_list")
+    allowed = (str, dict, bytes) if images else str
+    if not isinstance(value, (list, tuple)) or not all(isinstance(v, allowed) or v is None for v in value):
+        what = "strings or images" if images else "strings"
+        raise BadRow(field_name, f"expected a list of {what}, found {_describe(value)}", "bad_list")
     return [v or "" for v in value]
 
 
-class RowConverter:
-    """Turns one public row into a Sample, reading its images from the image root."""
+def _describe(value: Any) -> str:
+    if isinstance(value, (list, tuple)):
+        return f"a {type(value).__name__} of {sorted({type(v).__name__ for v in value})}"
+    return type(value).__name__
 
-    def __init__(self, image_root: Path, report: ConversionReport, max_negatives: int | None = None,
+
+class RowConverter:
+    """Turns one public row into a Sample, reading its images from the image root (None: rows must carry
+    their images, as `datasets` image columns do)."""
+
+    def __init__(self, image_root: Path | None, report: ConversionReport, max_negatives: int | None = None,
                  language: str = "en", verify_images: bool = True, allow_outside_images: bool = False):
         self.image_root = image_root
         self.allow_outside_images = allow_outside_images
@@ -205,7 +205,7 @@ class RowConverter:
         positive's string when all negative texts are equal (typically all empty), else one of the non-empty
         negative texts (chosen by a generator seeded with the sample id, so conversion is reproducible)."""
         texts = parse_list(row.get("neg_text"), "neg_text")
-        paths = parse_list(row.get("neg_image_path"), "neg_image_path")
+        paths = parse_list(row.get("neg_image_path"), "neg_image_path", images=True)
         if isinstance(row.get("neg_text"), str) or isinstance(row.get("neg_image_path"), str):
             self.report.quirks["stringified_negatives"] += 1
         if texts and paths and len(texts) != len(paths):
@@ -236,146 +236,58 @@ class RowConverter:
                 kept.append(side)
         return kept[: self.max_negatives] if self.max_negatives is not None else kept
 
-    def image(self, relative: Any, field_name: str) -> bytes:
-        if not isinstance(relative, str):
-            raise BadRow(field_name, f"expected an image path, found {type(relative).__name__}", "bad_type")
+    def image(self, value: Any, field_name: str) -> bytes:
+        """An image's bytes, checked: from a path under the image root, or from a `datasets` image value
+        (its bytes, or the file it names, as `datasets` itself would open it)."""
+        if isinstance(value, str):
+            return self.read(self.under_root(value, field_name), field_name)
+        if isinstance(value, bytes):
+            return self.checked(value, field_name, f"the image in {field_name}")
+        if isinstance(value, dict) and value.get("bytes"):
+            return self.checked(value["bytes"], field_name, f"the image in {field_name}")
+        if isinstance(value, dict) and value.get("path"):
+            return self.read(Path(value["path"]), field_name)
+        raise BadRow(field_name, f"expected an image path or image, found {_describe(value)}", "bad_type")
+
+    def under_root(self, relative: str, field_name: str) -> Path:
+        if self.image_root is None:
+            raise BadRow(field_name, f"image path {relative!r} but no image root (pass --images)",
+                         "missing_image")
         path = self.image_root / relative
         if not self.allow_outside_images and not _inside(path, self.image_root):
             raise BadRow(field_name, f"image path {relative!r} leaves the image root {self.image_root} "
                          "(pass --allow-images-outside-root to follow it)", "path_escape")
+        return path
+
+    def read(self, path: Path, field_name: str) -> bytes:
         try:
             data = path.read_bytes()
         except OSError:
             raise BadRow(field_name, f"image file {path} is missing or unreadable", "missing_image") from None
+        return self.checked(data, field_name, f"image file {path}")
+
+    def checked(self, data: bytes, field_name: str, what: str) -> bytes:
         try:
             image_extension(data)
             if self.verify_images:
-                check_image(data, where=str(path))
+                check_image(data, where=what)
         except (SchemaError, ImageDecodeError) as error:
-            raise BadRow(field_name, f"image file {path} is corrupt: {error}", "corrupt_image") from None
+            raise BadRow(field_name, f"{what} is corrupt: {error}", "corrupt_image") from None
         return data
 
 
 # ----------------------------------------------------------------------------- input files
 
 
-def find_inputs(paths: list[str], split: str = DEFAULT_SPLIT) -> list[Path]:
-    """Input files in a stable order: files as given, directories searched recursively, keeping only the
-    `split` files of a folder that names its files by split ("all": every file)."""
-    found: list[Path] = []
-    for name in paths:
-        path = Path(name)
-        if path.is_dir():
-            found += select_split(sorted(p for p in path.rglob("*") if p.suffix in INPUT_SUFFIXES), split)
-        elif path.suffix in INPUT_SUFFIXES and path.is_file():
-            found.append(path)
-        else:
-            raise FileNotFoundError(f"{path}: not a parquet/JSONL file or a directory holding them")
-    if not found:
-        raise FileNotFoundError(f"no .parquet or .jsonl files under {paths}")
-    return found
-
-
-def select_split(files: list[Path], split: str) -> list[Path]:
-    """The files of `split`, folder by folder; a folder whose files name no split keeps them all."""
-    if split == "all":
-        return files
-    chosen: list[Path] = []
-    for folder in dict.fromkeys(f.parent for f in files):
-        here = [f for f in files if f.parent == folder]
-        splits = {f: match["split"] for f in here if (match := SPLIT_FILE.fullmatch(f.stem))}
-        if not splits:
-            chosen += here
-            continue
-        if split not in splits.values():
-            held = sorted(set(splits.values()))
-            raise FileNotFoundError(f"{folder}: no '{split}' split; its files hold {held} (pick --split, "
-                                    "or --split all)")
-        chosen += [f for f in here if splits.get(f, split) == split]
-    return chosen
-
-
-def count_rows(path: Path) -> int:
-    if path.suffix == ".parquet":
-        return pq.ParquetFile(path).metadata.num_rows
-    if path.suffix == ".csv":
-        with open(path, newline="", encoding="utf-8") as handle:
-            return sum(1 for _ in csv.DictReader(handle))
-    with open(path, "rb") as handle:
-        return sum(1 for line in handle if line.strip())
-
-
-def ordered_rows(files: list[Path], totals: list[int], seed: int | None, start: int
-                 ) -> Iterator[tuple[int, int, int, dict[str, Any] | BadRow]]:
-    """(position, file index, row index, row) from `start`: every row of `files` once, in file order
-    (`seed` None, streamed) or in the permutation that `seed` draws (rows loaded per file when first met)."""
-    if seed is None:
-        position = 0
-        for file_index, path in enumerate(files):
-            skip = min(max(start - position, 0), totals[file_index])
-            position += skip
-            if skip == totals[file_index]:
-                continue
-            for row_index, row in iter_rows(path, skip):
-                yield position, file_index, row_index, row
-                position += 1
-        return
-    order = [(f, r) for f, n in enumerate(totals) for r in range(n)]
-    random.Random(seed).shuffle(order)
-    loaded: dict[int, list[dict[str, Any] | BadRow]] = {}
-    for position in range(start, len(order)):
-        file_index, row_index = order[position]
-        if file_index not in loaded:
-            loaded[file_index] = [row for _, row in iter_rows(files[file_index])]
-        yield position, file_index, row_index, loaded[file_index][row_index]
-
-
-def iter_rows(path: Path, start: int = 0) -> Iterator[tuple[int, dict[str, Any] | BadRow]]:
-    """(row index, row) pairs from `start`; an unparsable JSONL line yields a BadRow in its place."""
-    if path.suffix == ".parquet":
-        index = 0
-        for batch in pq.ParquetFile(path).iter_batches(batch_size=512):
-            for row in batch.to_pylist():
-                if index >= start:
-                    yield index, row
-                index += 1
-        return
-    if path.suffix == ".csv":
-        with open(path, newline="", encoding="utf-8") as handle:
-            for index, row in enumerate(csv.DictReader(handle)):
-                if index >= start:
-                    yield index, row
-        return
-    with open(path, "rb") as handle:  # decoded line by line: one bad byte is one bad row
-        index = 0
-        for raw in handle:
-            if not raw.strip():
-                continue
-            if index >= start:
-                try:
-                    row = json.loads(raw.decode("utf-8"))
-                    yield index, row if isinstance(row, dict) else BadRow("(row)", "not a JSON object",
-                                                                          "bad_json")
-                except UnicodeDecodeError as error:
-                    yield index, BadRow("(row)", f"not UTF-8 ({error})", "bad_encoding")
-                except json.JSONDecodeError as error:
-                    yield index, BadRow("(row)", f"invalid JSON: {error}", "bad_json")
-            index += 1
-
-
-def check_columns(path: Path, pairs: PairFormat | None = None) -> None:
-    """A parquet or CSV file must have the format's required columns (named in the error when it has not)."""
-    if path.suffix == ".parquet":
-        names = pq.ParquetFile(path).schema_arrow.names
-    elif path.suffix == ".csv":
-        with open(path, newline="", encoding="utf-8") as handle:
-            names = next(csv.reader(handle), [])
-    else:
+def check_columns(table: Table, pairs: PairFormat | None = None) -> None:
+    """A table with a header must have the format's required columns (named in the error when it has not)."""
+    names = table.columns()
+    if names is None:
         return  # JSONL rows are checked one by one
     missing = missing_columns(names, pairs)
     if missing:
-        raise ValueError(f"{path}: missing column(s) {missing} of the {'pairs' if pairs else 'row'} format; "
-                         f"it has {names}")
+        raise ValueError(f"{table.name}: missing column(s) {missing} of the {'pairs' if pairs else 'row'} "
+                         f"format; it has {names}")
 
 
 def missing_columns(names: Any, pairs: PairFormat | None) -> list[str]:
@@ -387,29 +299,53 @@ def missing_columns(names: Any, pairs: PairFormat | None) -> list[str]:
             if pairs.column(text) not in names and pairs.column(image) not in names]
 
 
+def ordered_rows(tables: list[Table], seed: int | None, start: int) -> Iterator[tuple[int, int, int, Row]]:
+    """(position, table index, row index, row) from `start`: every row of `tables` once, in their order
+    (`seed` None, streamed) or in the permutation that `seed` draws (a table loaded when first met)."""
+    totals = [len(table) for table in tables]
+    if seed is None:
+        position = 0
+        for table_index, table in enumerate(tables):
+            skip = min(max(start - position, 0), totals[table_index])
+            position += skip
+            if skip == totals[table_index]:
+                continue
+            for row_index, row in table.rows(skip):
+                yield position, table_index, row_index, row
+                position += 1
+        return
+    order = [(t, r) for t, n in enumerate(totals) for r in range(n)]
+    random.Random(seed).shuffle(order)
+    loaded: dict[int, Sequence[Row]] = {}
+    for position in range(start, len(order)):
+        table_index, row_index = order[position]
+        if table_index not in loaded:
+            loaded[table_index] = tables[table_index].load()
+        yield position, table_index, row_index, loaded[table_index][row_index]
+
+
 def _inside(path: Path, root: Path) -> bool:
     """Whether `path` stays under `root` once `..` and symbolic links are resolved."""
     return path.resolve().is_relative_to(root.resolve())
 
 
-def task_for(path: Path, source: str, task: str | None) -> Task:
+def task_for(table: Table, source: str, task: str | None) -> Task:
     if task:
         return Task(task.lower())
     if source in SUBSET_TASKS:
         return SUBSET_TASKS[source]
-    for name in (source, path.parent.name, path.stem.split("-")[0]):
+    for name in (source, *table.task_hints):
         if name.lower() in {t.value for t in Task}:
             return Task(name.lower())
-    raise ValueError(f"{path}: cannot tell the task of source '{source}'; pass --task "
+    raise ValueError(f"{table.name}: cannot tell the task of source '{source}'; pass --task "
                      f"({', '.join(t.value for t in Task)})")
 
 
-def fingerprint(files: list[Path], options: dict[str, Any]) -> str:
-    """Identifies one conversion job: same files (names, sizes, mtimes) and options → same fingerprint."""
+def fingerprint(tables: list[Table], options: dict[str, Any]) -> str:
+    """Identifies one conversion job: same inputs (files: names, sizes, mtimes) and options → same one."""
     digest = hashlib.sha256(json.dumps(options, sort_keys=True).encode())
-    for path in files:
-        stat = path.stat()
-        digest.update(f"{path.resolve()}|{stat.st_size}|{stat.st_mtime_ns}".encode())
+    for table in tables:
+        digest.update(table.identity().encode())
     return digest.hexdigest()[:16]
 
 
@@ -418,7 +354,7 @@ def fingerprint(files: list[Path], options: dict[str, Any]) -> str:
 
 def convert(
     inputs: list[str],
-    image_root: str | os.PathLike,
+    image_root: str | os.PathLike | None,
     out_dir: str | os.PathLike,
     source: str | None = None,
     task: str | None = None,
@@ -440,15 +376,15 @@ def convert(
     seed: the seed of the rows' global permutation; None keeps file order.
     pairs: read pair/triplet rows (`mme5.data.pairs`) instead of the published row format.
     """
-    files = find_inputs(inputs, split)
-    for path in files:
-        check_columns(path, pairs)
+    tables = find_tables(inputs, split)
+    for table in tables:
+        check_columns(table, pairs)
     out_dir = Path(out_dir)
     options = {"source": source, "task": task, "language": language, "max_negatives": max_negatives,
                "shard_size": shard_size, "allow_outside_images": allow_outside_images, "split": split,
                "order": "file order" if seed is None else f"permuted, seed {seed}",
                "format": "published" if pairs is None else pairs.description()}
-    job = fingerprint(files, options)
+    job = fingerprint(tables, options)
     resume = False
     if (out_dir / MANIFEST).exists() and not overwrite:
         manifest = read_manifest(out_dir)
@@ -460,19 +396,21 @@ def convert(
         resume = True
 
     writer = ShardWriter(out_dir, max_count=shard_size, resume=resume,
-                         extra={"fingerprint": job, "inputs": [str(f) for f in files], "options": options})
+                         extra={"fingerprint": job, "inputs": [t.name for t in tables], "options": options})
     cursor = writer.resume_cursor or {"position": 0, "report": ConversionReport().snapshot()}
     report = ConversionReport.from_snapshot(cursor["report"])
-    converter = RowConverter(Path(image_root), report, max_negatives, language,
-                             allow_outside_images=allow_outside_images)
-    totals = [count_rows(f) for f in files]
-    # A cursor of a file-order conversion before positions existed: the rows before (file, row).
-    start = cursor.get("position", sum(totals[: cursor.get("file", 0)]) + cursor.get("row", 0))
-    bar = tqdm(total=sum(totals), initial=start, unit="row", desc="convert", disable=not progress)
+    converter = RowConverter(None if image_root is None else Path(image_root), report, max_negatives,
+                             language, allow_outside_images=allow_outside_images)
+    if "position" in cursor:
+        start = cursor["position"]
+    else:  # a cursor of a file-order conversion before positions existed: the rows before (file, row)
+        start = sum(len(t) for t in tables[: cursor.get("file", 0)]) + cursor.get("row", 0)
+    bar = tqdm(total=sum(len(t) for t in tables), initial=start, unit="row", desc="convert",
+               disable=not progress)
     with writer:
-        for position, file_index, row_index, row in ordered_rows(files, totals, seed, start):
-            path = files[file_index]
-            name = source or path.parent.name
+        for position, table_index, row_index, row in ordered_rows(tables, seed, start):
+            table = tables[table_index]
+            name = source or table.source
             bar.update(1)
             report.rows += 1
             try:
@@ -483,10 +421,12 @@ def convert(
                         raise BadRow(missing[0], f"column missing (the row has {sorted(row)})",
                                      "missing_column")
                     row = pairs.row(row, parse_list)
-                sample = converter.convert(row, f"{_slug(name)}-{file_index:03d}-{row_index:08d}",
-                                           task_for(path, name, task), name)
+                sample = converter.convert(row, f"{_slug(name)}-{table_index:03d}-{row_index:08d}",
+                                           task_for(table, name, task), name)
             except BadRow as error:
-                message = f"{path}: row {row_index}: {error}"
+                if pairs is not None:
+                    error = error.renamed(pairs.user_field(error.field))
+                message = f"{table.name}: row {row_index}: {error}"
                 if strict:
                     raise ValueError(message) from None
                 report.skip(error.kind, message)
@@ -504,8 +444,11 @@ def _slug(name: str) -> str:
 
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
-    parser.add_argument("--input", nargs="+", required=True, help="parquet/JSONL files or directories")
-    parser.add_argument("--images", required=True, help="root that the rows' image paths are relative to")
+    parser.add_argument("--input", nargs="+", required=True,
+                        help="parquet/JSONL/CSV files or folders of them, `datasets` folders (save_to_disk), "
+                             "hub dataset ids (namespace/name[@revision][:config])")
+    parser.add_argument("--images", help="root that the rows' image paths are relative to (not needed when "
+                                         "images come in a `datasets` image column)")
     parser.add_argument("--out", required=True, help="output shard directory")
     parser.add_argument("--source", help="source data set name (default: each file's parent directory)")
     parser.add_argument("--task", choices=[t.value for t in Task],
@@ -531,12 +474,16 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--allow-images-outside-root", action="store_true",
                         help="follow image paths that leave --images (.., absolute paths, symbolic links)")
     args = parser.parse_args(argv)
-    manifest = convert(args.input, args.images, args.out, args.source, args.task, args.language,
-                       args.max_negatives, args.shard_size, args.strict, args.overwrite,
-                       allow_outside_images=args.allow_images_outside_root, split=args.split,
-                       seed=None if args.no_shuffle else args.seed,
-                       pairs=PairFormat.parse(args.map, args.query_instruction, args.positive_instruction)
-                       if args.format == "pairs" else None)
+    try:
+        manifest = convert(args.input, args.images, args.out, args.source, args.task, args.language,
+                           args.max_negatives, args.shard_size, args.strict, args.overwrite,
+                           allow_outside_images=args.allow_images_outside_root, split=args.split,
+                           seed=None if args.no_shuffle else args.seed,
+                           pairs=PairFormat.parse(args.map, args.query_instruction, args.positive_instruction)
+                           if args.format == "pairs" else None)
+    except (OSError, ValueError, ImportError) as error:  # missing inputs, offline hub, bad columns, --strict
+        print(f"error: {error}", file=sys.stderr)
+        return 2
     report = manifest["extra"]["report"]
     print(f"{args.out}: {manifest['num_samples']} samples in {len(manifest['shards'])} shards "
           f"from {report['rows']} rows")

@@ -19,6 +19,11 @@ from mme5 import published
 FIELDS = ("query", "query_image", "positive", "positive_image", "negatives", "negative_images",
           "query_instruction", "positive_instruction")
 
+# The published row's field made from each pair field (PairFormat.row).
+PUBLISHED_FIELDS = {"qry": "query", "qry_image_path": "query_image", "pos_text": "positive",
+                    "pos_image_path": "positive_image", "neg_text": "negatives",
+                    "neg_image_path": "negative_images"}
+
 
 @dataclass(frozen=True)
 class PairFormat:
@@ -52,9 +57,10 @@ class PairFormat:
     def required(self) -> tuple[str, ...]:
         return self.column("query"), self.column("positive")
 
-    def row(self, row: Mapping[str, Any], parse_list: Callable[[Any, str], list[str]]) -> dict[str, Any]:
+    def row(self, row: Mapping[str, Any], parse_list: Callable[..., list[Any]]) -> dict[str, Any]:
         """The published row (qry, qry_image_path, pos_text, pos_image_path, neg_text, neg_image_path) of a
-        pair row; `parse_list(value, column)` reads a list cell (the converter's: it names bad ones)."""
+        pair row; `parse_list(value, column, images=False)` reads a list cell (the converter's: it names bad
+        ones). An image is a path, or the value of a `datasets` image column."""
         def get(name: str) -> Any:
             value = row.get(self.column(name))
             return None if value == "" else value
@@ -62,7 +68,7 @@ class PairFormat:
         query_instruction = get("query_instruction") or self.query_instruction
         positive_instruction = get("positive_instruction") or self.positive_instruction
         negatives = parse_list(get("negatives"), self.column("negatives"))
-        negative_images = parse_list(get("negative_images"), self.column("negative_images"))
+        negative_images = parse_list(get("negative_images"), self.column("negative_images"), images=True)
         if negative_images and not negatives:
             negatives = [""] * len(negative_images)  # image negatives: the converter gives them a text
         negative_images = negative_images or [""] * len(negatives)
@@ -75,6 +81,13 @@ class PairFormat:
                          for text, image in zip(negatives, negative_images, strict=False)],
             "neg_image_path": negative_images,
         }
+
+    def user_field(self, published_field: str) -> str:
+        """The column behind a published row's field (`neg_text[1]` → `negatives[1]`, mapped): what a
+        message about a bad pair row names."""
+        name, bracket, index = published_field.partition("[")
+        pair_field = PUBLISHED_FIELDS.get(name)
+        return self.column(pair_field) + bracket + index if pair_field else published_field
 
     @staticmethod
     def _render(instruction: str, text: Any, image: Any) -> Any:
