@@ -381,3 +381,26 @@ def test_an_unreachable_hub_dataset_fails_at_once_with_what_to_do(tmp_path):
     assert "error: TIGER-Lab/MMEB-train:ImageNet_1K: not a local path, and the Hugging Face Hub cannot be " \
            "reached" in result.stderr
     assert "Traceback" not in result.stderr and not (tmp_path / "out").exists()
+
+
+def test_a_hub_dataset_id_maps_to_load_dataset_with_its_revision_config_and_split(tmp_path, image_root,
+                                                                                 monkeypatch):
+    """`namespace/name@revision:config` → datasets.load_dataset(name, config, revision, split); the config
+    names the source (an MMEB subset tells its task); a missing file with a table suffix is no hub id."""
+    datasets = pytest.importorskip("datasets")
+    calls = []
+
+    def load_dataset(repo, config, revision=None, split=None):
+        calls.append((repo, config, revision, split))
+        return datasets.Dataset.from_list(split_rows(split, 3))
+
+    monkeypatch.setattr(datasets, "load_dataset", load_dataset)
+    manifest = conv.convert(["TIGER-Lab/MMEB-train@v1:ImageNet_1K"], image_root, tmp_path / "out",
+                            progress=False)
+    assert calls == [("TIGER-Lab/MMEB-train", "ImageNet_1K", "v1", "train")]
+    assert manifest["extra"]["inputs"] == ["TIGER-Lab/MMEB-train@v1:ImageNet_1K[train]"]
+    sample = next(iter(read_samples(shard_urls(tmp_path / "out"))))
+    assert (sample.source, sample.task) == ("ImageNet_1K", Task.CLASSIFICATION)
+    with pytest.raises(FileNotFoundError, match="my-data/pairs.jsonl: not a parquet/JSONL/CSV file"):
+        conv.convert(["my-data/pairs.jsonl"], image_root, tmp_path / "none", progress=False)
+    assert len(calls) == 1

@@ -207,7 +207,7 @@ def find_tables(inputs: list[str], split: str = DEFAULT_SPLIT) -> list[Table]:
             tables += [FileTable(f) for f in select_split(files, split)]
         elif path.suffix in FILE_SUFFIXES and path.is_file():
             tables.append(FileTable(path))
-        elif not path.exists() and HUB_DATASET.fullmatch(name):
+        elif not path.exists() and path.suffix not in FILE_SUFFIXES and HUB_DATASET.fullmatch(name):
             tables += hub_dataset(name, split)
         else:
             raise FileNotFoundError(f"{path}: not a parquet/JSONL/CSV file, a folder holding them, a "
