@@ -12,8 +12,8 @@ the data stream's seed):
   mined-s<seed>  shards mined from the same training shards by plain-s<seed>'s last checkpoint (`--replace`,
                  one per sample: the world's own designed negatives are not used), `data.num_negatives 1`.
 The world's designed negatives (the demo itself, `<demo>/eval/trained`) are shown as a reference when
-present. Every step is skipped when its output exists, so an interrupted run continues; the table is
-`mme5.eval.compare`'s.
+present. Every step is skipped when its output exists, so an interrupted run continues; scores go to
+`<out>/scores/<arm>`, and the table is `mme5.eval.compare`'s (one row per arm).
 """
 
 from __future__ import annotations
@@ -73,7 +73,7 @@ def main() -> None:
     for seed in args.seeds:
         plain = arm_folder(out, f"plain-s{seed}", demo)
         plain_checkpoint = train(plain, seed, args.steps, "--data.num_negatives", "0")
-        scored.append(evaluate(plain_checkpoint, demo, plain / "eval"))
+        scored.append(evaluate(plain_checkpoint, demo, out / "scores" / plain.name))
         mined = arm_folder(out, f"mined-s{seed}", demo)
         shards = mined / "shards"  # a finished mining run is left as it is
         run("-m", "mme5.data.mine", "--model", str(plain_checkpoint), "--shards",
@@ -82,7 +82,7 @@ def main() -> None:
         sources = json.dumps([{"path": str(shards)}])
         mined_checkpoint = train(mined, seed, args.steps, "--data.sources", sources,
                                  "--data.num_negatives", "1")
-        scored.append(evaluate(mined_checkpoint, demo, mined / "eval"))
+        scored.append(evaluate(mined_checkpoint, demo, out / "scores" / mined.name))
     reference = demo / "eval" / "trained" / "scores.json"
     if reference.exists():
         scored.append(reference.parent)

@@ -157,3 +157,20 @@ def test_notebook_runs_end_to_end(runs, monkeypatch):
     assert len(images) == 6  # training, MMEB, XTD t2i and i2t, XTD per language, score vs size
     text = "".join(output.get("text", "") for output in outputs)
     assert "small: 123 synthetic samples" in text and "large: 1000 synthetic samples" in text
+
+
+def test_compare_keeps_one_row_per_run_when_folders_share_a_name(tmp_path, capsys):
+    """Runs whose score folders are all called `eval` each keep their row, named by their parents."""
+    from mme5.eval import compare
+
+    runs = []
+    for name, overall in (("plain", 20.0), ("mined", 30.0), ("demo/trained", 40.0)):
+        folder = tmp_path / name / ("eval" if "/" not in name else "")
+        folder.mkdir(parents=True, exist_ok=True)
+        (folder / "scores.json").write_text(json.dumps(_scores(overall)))
+        runs.append(str(folder))
+    compare.main(runs)
+    rows = [line.split(" | ")[0].strip("| ") for line in capsys.readouterr().out.splitlines()[2:]]
+    assert rows == ["plain/eval", "mined/eval", "trained"]
+    with pytest.raises(SystemExit):
+        compare.main([*runs[:2], "--names", "a", "a"])

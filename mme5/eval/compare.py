@@ -41,14 +41,32 @@ def comparison(runs: dict[str, dict[str, Any]]) -> str:
     return "\n".join(table(header, [row(name, scores) for name, scores in runs.items()]))
 
 
+def distinct_names(runs: list[str]) -> list[str]:
+    """Each run's folder name, the alike ones extended by their parent folders until they differ
+    (`a/eval`, `b/eval`, `x/trained` → `a/eval`, `b/eval`, `trained`)."""
+    folders = [Path(r).resolve() if Path(r).is_dir() else Path(r).resolve().parent for r in runs]
+    depths = [1] * len(folders)
+    while True:
+        names = ["/".join(folder.parts[-depth:]) for folder, depth in zip(folders, depths, strict=True)]
+        alike = [i for i, name in enumerate(names)
+                 if names.count(name) > 1 and depths[i] < len(folders[i].parts)]
+        if not alike:
+            return names
+        for i in alike:
+            depths[i] += 1
+
+
 def main(argv: list[str] | None = None) -> None:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("runs", nargs="+", help="scores.json files or folders holding one")
-    parser.add_argument("--names", nargs="+", help="row names (default: the folder names)")
+    parser.add_argument("--names", nargs="+",
+                        help="row names (default: the folder names, with their parents where two are alike)")
     args = parser.parse_args(argv)
-    names = args.names or [Path(r).name if Path(r).is_dir() else Path(r).parent.name for r in args.runs]
+    names = args.names or distinct_names(args.runs)
     if len(names) != len(args.runs):
         parser.error(f"{len(names)} names for {len(args.runs)} runs")
+    if len(set(names)) != len(names):
+        parser.error(f"row names must differ: {names}")
     print(comparison({name: load_scores(run) for name, run in zip(names, args.runs, strict=True)}))
 
 
