@@ -20,9 +20,13 @@ from __future__ import annotations
 
 import argparse
 import json
+import statistics
 import subprocess
 import sys
 from pathlib import Path
+
+from mme5.eval.compare import COLUMNS, figures, load_scores
+from mme5.eval.report import table
 
 ROOT = Path(__file__).resolve().parents[1]
 
@@ -87,6 +91,22 @@ def main() -> None:
     if reference.exists():
         scored.append(reference.parent)
     run("-m", "mme5.eval.compare", *map(str, scored))
+    print(paired_gain({seed: (out / "scores" / f"plain-s{seed}", out / "scores" / f"mined-s{seed}")
+                       for seed in args.seeds}))
+
+
+def paired_gain(arms: dict[int, tuple[Path, Path]]) -> str:
+    """Mined minus plain, seed by seed: the mean, the standard deviation and the seeds where it is > 0."""
+    differences: dict[str, list[float]] = {}
+    for plain, mined in arms.values():
+        before, after = figures(load_scores(plain)), figures(load_scores(mined))
+        for column in COLUMNS:
+            if before[column] is not None and after[column] is not None:
+                differences.setdefault(column, []).append(after[column] - before[column])
+    rows = [[column, f"{statistics.mean(d):+.1f}", f"{statistics.stdev(d):.1f}" if len(d) > 1 else "–",
+             f"{sum(x > 0 for x in d)}/{len(d)}"] for column, d in differences.items()]
+    return "\n".join(["", f"mined − plain over seeds {sorted(arms)}:",
+                      *table(["Score", "mean", "sd", "seeds where mined > plain"], rows)])
 
 
 if __name__ == "__main__":

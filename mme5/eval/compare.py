@@ -27,18 +27,22 @@ def load_scores(path: str | Path) -> dict[str, Any]:
         raise SystemExit(f"{path}: cannot read scores: {error}") from None
 
 
-def row(name: str, scores: dict[str, Any]) -> list[str]:
+COLUMNS = (*HEADLINE, *(label for _, label in XTD_COLUMNS))
+
+
+def figures(scores: dict[str, Any]) -> dict[str, float | None]:
+    """The comparison's columns of one `scores.json` (None where the run has no such score)."""
     mmeb = scores.get("mmeb", {})
     xtd = scores.get("xtd", {})
-    cells = [cell(mmeb.get(key)) for key in HEADLINE]
-    for group, _ in XTD_COLUMNS:
-        cells.append(cell(((xtd.get(group) or {}).get("t2i") or {}).get("recall@10")))
-    return [name, *cells]
+    values = {key: mmeb.get(key) for key in HEADLINE}
+    for group, label in XTD_COLUMNS:
+        values[label] = ((xtd.get(group) or {}).get("t2i") or {}).get("recall@10")
+    return values
 
 
 def comparison(runs: dict[str, dict[str, Any]]) -> str:
-    header = ["Run", *HEADLINE, *(label for _, label in XTD_COLUMNS)]
-    return "\n".join(table(header, [row(name, scores) for name, scores in runs.items()]))
+    rows = [[name, *map(cell, figures(scores).values())] for name, scores in runs.items()]
+    return "\n".join(table(["Run", *COLUMNS], rows))
 
 
 def distinct_names(runs: list[str]) -> list[str]:
