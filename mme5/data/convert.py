@@ -17,7 +17,8 @@ hold `original`, `diverse_instruction` and `train` files, of which the reference
 without a split in their name are always read. Order: the rows of all inputs are written in a seeded global
 permutation (`--seed`, default 0; `--no-shuffle` keeps file order and streams with constant memory), so that
 an ordered file (by class, five captions per image) does not fill batches with near-duplicates through a
-training shuffle buffer; permuting loads the inputs' rows (text and image paths) into memory.
+training shuffle buffer; permuting loads a file's rows (text and image paths) into memory, while a `datasets`
+dataset is read in place.
 
 Known quirks are repaired and counted, bad rows are skipped and named (file, row, field), and everything
 is summarised in a conversion report stored in the manifest (with the files read, the split and the
