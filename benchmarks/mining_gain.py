@@ -3,14 +3,15 @@ negatives mined with that first model (an ANCE-style second round), per seed; bo
 world's MMEB and XTD.
 
     python benchmarks/mining_gain.py --demo runs/demo [--seeds 0 1] [--steps 600] [--out runs/mining-gain]
-        [--rank-band 10:50] [--margin 0.95]
+        [--rank-band 10:50] [--margin 0.95] [--within task language]
 
 Arms, each from the demo's untrained backbone with `configs/demo.yaml` (the seed sets `seed_everything` and
 the data stream's seed):
   plain-s<seed>  the training shards with `data.num_negatives 0`: in-batch negatives only, as a user's
                  pairs without negatives would train;
   mined-s<seed>  shards mined from the same training shards by plain-s<seed>'s last checkpoint (`--replace`,
-                 one per sample: the world's own designed negatives are not used), `data.num_negatives 1`.
+                 one per sample: the world's own designed negatives are not used), `data.num_negatives 1`
+                 (`--within F...`: mined among samples sharing those fields, arm mined-F...-s<seed>).
 The world's designed negatives (the demo itself, `<demo>/eval/trained`) are shown as a reference when
 present. Every step is skipped when its output exists, so an interrupted run continues; scores go to
 `<out>/scores/<arm>`, and the table is `mme5.eval.compare`'s (one row per arm).
@@ -71,6 +72,7 @@ def main() -> None:
     parser.add_argument("--steps", type=int, default=600)
     parser.add_argument("--rank-band", default="10:50")
     parser.add_argument("--margin", default="0.95")
+    parser.add_argument("--within", nargs="+", default=[], help="mine --within these fields (task, ...)")
     args = parser.parse_args()
     demo, out = args.demo.resolve(), args.out.resolve()
     scored: list[Path] = []
@@ -78,11 +80,12 @@ def main() -> None:
         plain = arm_folder(out, f"plain-s{seed}", demo)
         plain_checkpoint = train(plain, seed, args.steps, "--data.num_negatives", "0")
         scored.append(evaluate(plain_checkpoint, demo, out / "scores" / plain.name))
-        mined = arm_folder(out, f"mined-s{seed}", demo)
+        mined = arm_folder(out, "-".join(["mined", *args.within, f"s{seed}"]), demo)
         shards = mined / "shards"  # a finished mining run is left as it is
         run("-m", "mme5.data.mine", "--model", str(plain_checkpoint), "--shards",
             str(demo / "world" / "train"), "--out", str(shards), "--replace", "--max-negatives", "1",
-            "--rank-band", args.rank_band, "--margin", args.margin)
+            "--rank-band", args.rank_band, "--margin", args.margin,
+            *(["--within", *args.within] if args.within else []))
         sources = json.dumps([{"path": str(shards)}])
         mined_checkpoint = train(mined, seed, args.steps, "--data.sources", sources,
                                  "--data.num_negatives", "1")
@@ -91,7 +94,8 @@ def main() -> None:
     if reference.exists():
         scored.append(reference.parent)
     run("-m", "mme5.eval.compare", *map(str, scored))
-    print(paired_gain({seed: (out / "scores" / f"plain-s{seed}", out / "scores" / f"mined-s{seed}")
+    print(paired_gain({seed: (out / "scores" / f"plain-s{seed}",
+                              out / "scores" / "-".join(["mined", *args.within, f"s{seed}"]))
                        for seed in args.seeds}))
 
 

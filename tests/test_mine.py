@@ -142,3 +142,22 @@ def test_a_bad_rank_band_is_a_usage_error_before_any_work(band, capsys):
     with pytest.raises(SystemExit) as exit_info:
         mining.main(["--model", "unused", "--shards", "unused", "--out", "unused", "--rank-band", band])
     assert exit_info.value.code == 2 and "--rank-band" in capsys.readouterr().err
+
+
+def test_within_keeps_candidates_to_samples_sharing_the_fields(tmp_path):
+    """`within=("language",)`: a query's candidates are the positives of samples in its own language, and
+    the picks equal the brute force restricted to them; the setting is recorded; unknown fields refused."""
+    with ShardWriter(tmp_path / "src", max_count=4) as writer:
+        for i in range(N):
+            writer.write(make_sample(i, Modality.IT2T, negatives=0, language="de" if i % 2 else "en"))
+    settings = mining.MiningSettings((1, 3), 2, 2.0, within=("language",))
+    manifest = mining.mine(tmp_path / "src", tmp_path / "out", fake_embed([]), "fake", settings)
+    for sample in read_samples(shard_urls(tmp_path / "out")):
+        i = int(sample.id[1:])
+        query = angle(f"query {i}")
+        same = [j for j in range(N) if j != i and j % 2 == i % 2]
+        ranked = sorted(same, key=lambda j: (-math.cos(query - angle(f"positive {j}")), j))
+        assert [n.text for n in sample.negatives] == [f"positive {j}" for j in ranked[:2]], i
+    assert manifest["extra"]["mined"]["within"] == ["language"]
+    with pytest.raises(ValueError, match=r"within: unknown field\(s\) \['colour'\]"):
+        mining.MiningSettings(within=("colour",))

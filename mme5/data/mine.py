@@ -1,10 +1,12 @@
 """Mine hard negatives for a converted source with any model the project loads (a plain backbone too).
 
     python -m mme5.data.mine --model M --shards data/shards/mine --out data/shards/mine-hardneg \\
-        [--rank-band 10:50] [--max-negatives 3] [--margin 0.95]
+        [--rank-band 10:50] [--max-negatives 3] [--margin 0.95] [--within task language]
 
 The candidates are the source's distinct positives (by content: published string and image bytes) of the
-sample's own target kind (text, image or image+text, so mined sides fit its modality). Every
+sample's own target kind (text, image or image+text, so mined sides fit its modality) and, with `--within`,
+of samples sharing its task, language or source (a mixed source mines each data set's negatives from that
+data set, as the published hard negatives are). Every
 query is embedded with its own side, every candidate with its; each query's neighbours among the candidates
 (`mme5.retrieval.nearest`, the synthesis image index's component) are taken from the rank band, its own
 positive and anything with its own or its positive's content left out, and a neighbour scoring at least
@@ -38,6 +40,7 @@ from mme5.retrieval import nearest
 
 Embed = Callable[[list[Item]], Tensor]
 WORK = ".mining"
+GROUP_FIELDS = ("source", "task", "language")  # what `--within` may keep candidates to
 
 
 @dataclass(frozen=True)
@@ -45,17 +48,22 @@ class MiningSettings:
     """rank_band: 1-based ranks (inclusive) among a query's candidates, its own positive excluded.
     max_negatives: mined negatives added per sample. margin: a candidate scoring at least margin × the
     positive's score is taken for a false negative and dropped. replace: mined negatives replace the
-    sample's own (they are appended otherwise)."""
+    sample's own (they are appended otherwise). within: only samples sharing these fields with the query's
+    give candidates."""
 
     rank_band: tuple[int, int] = (10, 50)
     max_negatives: int = 3
     margin: float = 0.95
     replace: bool = False  # the mined negatives replace the sample's own instead of following them
+    within: tuple[str, ...] = ()  # fields (GROUP_FIELDS) a candidate's sample shares with the query's
 
     def __post_init__(self) -> None:
         low, high = self.rank_band
         if not 1 <= low <= high:
             raise ValueError(f"rank_band must be low:high with 1 <= low <= high, got {low}:{high}")
+        if unknown := set(self.within) - set(GROUP_FIELDS):
+            raise ValueError(f"within: unknown field(s) {sorted(unknown)}; choose from "
+                             f"{', '.join(GROUP_FIELDS)}")
         if self.max_negatives < 1:
             raise ValueError(f"max_negatives must be at least 1, got {self.max_negatives}")
 
@@ -79,7 +87,7 @@ def mine(shards: str | Path, out: str | Path, embed: Embed, model_name: str, set
                          extra={"job": job, "source": str(shards), "mined": {
                              "model": model_name, "rank_band": list(settings.rank_band),
                              "max_negatives": settings.max_negatives, "margin": settings.margin,
-                             "replace": settings.replace,
+                             "replace": settings.replace, "within": list(settings.within),
                              "counts": dict(counts)}})
     start = writer.resume_cursor or 0
     with writer:
@@ -109,13 +117,17 @@ def choose_negatives(queries: Tensor, pool: Tensor, samples: Sequence[Sample], c
                      positive_of: Sequence[int], settings: MiningSettings) -> tuple[list[list[int]], Counter]:
     """Per sample, the candidate indices mined as negatives (best first), and what was counted on the way.
 
-    A sample's candidates are the positives of its own target kind (an image target takes image negatives),
-    so the mined sides fit its modality."""
+    A sample's candidates are the positives of the samples of its own group: its target kind (an image
+    target takes image negatives, so the mined sides fit its modality) and the `settings.within` fields."""
     chosen: list[list[int]] = [[] for _ in samples]
     counts: Counter = Counter(samples=len(samples))
-    for kind in sorted({sample.modality.target for sample in samples}):
-        rows = [i for i, sample in enumerate(samples) if sample.modality.target == kind]
-        kept = [j for j, side in enumerate(candidates) if side.kind == kind]
+    groups: dict[tuple[str, ...], list[int]] = {}
+    for i, sample in enumerate(samples):
+        key = (sample.modality.target, *(str(getattr(sample, name)) for name in settings.within))
+        groups.setdefault(key, []).append(i)
+    for key in sorted(groups):
+        rows = groups[key]
+        kept = sorted({positive_of[i] for i in rows})
         for row, picks in zip(rows, _choose(queries[rows], pool[kept], [samples[i] for i in rows],
                                             [candidates[j] for j in kept], kept,
                                             [positive_of[i] for i in rows], settings, counts), strict=True):
@@ -126,7 +138,7 @@ def choose_negatives(queries: Tensor, pool: Tensor, samples: Sequence[Sample], c
 def _choose(queries: Tensor, pool: Tensor, samples: Sequence[Sample], candidates: Sequence[Side],
             original: Sequence[int], positive_of: Sequence[int], settings: MiningSettings,
             counts: Counter) -> list[list[int]]:
-    """`choose_negatives` within one target kind: `original` maps this pool's rows to candidate indices."""
+    """`choose_negatives` within one group: `original` maps this pool's rows to candidate indices."""
     local = {j: row for row, j in enumerate(original)}
     index_of = {side.content_key(): row for row, side in enumerate(candidates)}
     excluded = []
@@ -176,6 +188,9 @@ def main(argv: list[str] | None = None) -> int:
                         help="drop a neighbour scoring at least this times the positive's score")
     parser.add_argument("--replace", action="store_true",
                         help="mined negatives replace the samples' own (default: appended after them)")
+    parser.add_argument("--within", nargs="+", default=[], choices=GROUP_FIELDS, metavar="FIELD",
+                        help="mine only among samples sharing these fields (source, task, language): "
+                             "negatives from the query's own data set, as the published hard negatives")
     parser.add_argument("--batch-size", type=int, default=32)
     parser.add_argument("--device", default="cpu")
     parser.add_argument("--dtype", help="float32, bfloat16 or float16 (default: the weights')")
@@ -183,7 +198,8 @@ def main(argv: list[str] | None = None) -> int:
     args = parser.parse_args(argv)
     low, _, high = args.rank_band.partition(":")
     try:
-        settings = MiningSettings((int(low), int(high or low)), args.max_negatives, args.margin, args.replace)
+        settings = MiningSettings((int(low), int(high or low)), args.max_negatives, args.margin, args.replace,
+                                  tuple(args.within))
     except ValueError as error:
         parser.error(f"--rank-band {args.rank_band!r} / --max-negatives: {error}")
     from mme5.checkpoint import load_encoder
