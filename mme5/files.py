@@ -119,3 +119,293 @@ def remove_stale(folder: str | os.PathLike) -> int:
     for path in stale:
         path.unlink(missing_ok=True)
     return len(stale)
+
+
+# ----------------------------------------------------------------------------- output folders: one owner each
+
+OWNER_RECORD = ".mme5-owner.json"  # in an output folder: what produced it
+OWNER_FORMAT = 1
+
+
+class OutputFolderError(Exception):
+    """An output folder cannot be claimed: held by another process, or holding another output."""
+
+
+class FolderInUse(OutputFolderError):
+    """Another live process holds the folder's lock."""
+
+
+class FolderHoldsOtherOutput(OutputFolderError):
+    """The folder holds the output of another command or of other settings."""
+
+
+def path_fingerprint(*paths: str | os.PathLike) -> str:
+    """Identity of files and folders (every file below a folder) by path, size and modification time."""
+    files: list[Path] = []
+    for path in map(Path, paths):
+        files += [f for f in path.rglob("*") if f.is_file()] if path.is_dir() else [path]
+    return files_fingerprint([f for f in files if f.exists()], missing=[str(p) for p in files
+                                                                       if not p.exists()])
+
+
+def comparable(value: Any) -> Any:
+    """`value` as its JSON form, so that a tuple and a list, or a Path and its string, compare equal."""
+    return json.loads(json.dumps(value, sort_keys=True, default=str))
+
+
+def identity_changes(recorded: dict[str, Any], current: dict[str, Any]) -> dict[str, tuple[Any, Any]]:
+    """{key: (recorded value, current value)} for every key whose value differs (a missing key is None)."""
+    recorded, current = comparable(recorded), comparable(current)
+    return {key: (recorded.get(key), current.get(key)) for key in sorted(set(recorded) | set(current))
+            if recorded.get(key) != current.get(key)}
+
+
+def describe_changes(changes: dict[str, tuple[Any, Any]], limit: int = 120) -> str:
+    """`key: old → new` for each change, long values shortened."""
+    def short(value: Any) -> str:
+        text = json.dumps(value, ensure_ascii=False, default=str)
+        return text if len(text) <= limit else text[: limit - 3] + "..."
+    return "; ".join(f"{key}: {short(old)} (recorded) → {short(new)} (now)"
+                     for key, (old, new) in changes.items())
+
+
+class FolderLock:
+    """An exclusive, non-blocking lock on an output folder: `.<name>.lock` beside it (so that it survives the
+    folder being swapped for its replacement), held with `flock` and naming its holder.
+
+    The kernel releases a dead process's `flock`, so a lock left by a killed run is free again; its file
+    still names the dead holder, which the next owner reports as a stale lock taken over.
+    """
+
+    def __init__(self, folder: Path):
+        self.folder = folder
+        self.path = folder.parent / f".{folder.name}.lock"
+        self.fd: int | None = None
+        self.stale: dict[str, Any] | None = None  # the holder a taken-over lock named
+
+    def acquire(self, command: str) -> None:
+        import fcntl
+
+        self.path.parent.mkdir(parents=True, exist_ok=True)
+        while True:
+            fd = os.open(self.path, os.O_RDWR | os.O_CREAT, 0o644)
+            try:
+                fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+            except BlockingIOError:
+                holder = _read_holder(fd)
+                os.close(fd)
+                raise FolderInUse(f"{self.folder} is being written by {describe_holder(holder)}; wait for it "
+                                  f"to finish, or stop it (its lock: {self.path})") from None
+            # The file may have been removed (a release) between our open and our lock: lock the one in place.
+            try:
+                same = os.stat(self.path).st_ino == os.fstat(fd).st_ino
+            except FileNotFoundError:
+                same = False
+            if same:
+                break
+            os.close(fd)
+        previous = _read_holder(fd)
+        if previous.get("pid"):
+            self.stale = previous
+        os.ftruncate(fd, 0)
+        os.pwrite(fd, json.dumps(_this_holder(command)).encode(), 0)
+        self.fd = fd
+
+    def release(self) -> None:
+        """Free the lock (its file is removed first, so no one reads a holder that is gone)."""
+        if self.fd is None:
+            return
+        self.path.unlink(missing_ok=True)
+        os.close(self.fd)
+        self.fd = None
+
+
+def _this_holder(command: str) -> dict[str, Any]:
+    import datetime
+    import socket
+
+    return {"pid": os.getpid(), "host": socket.gethostname(), "command": command,
+            "started": datetime.datetime.now().astimezone().isoformat(timespec="seconds"),
+            "slurm_job": os.environ.get("SLURM_JOB_ID")}
+
+
+def _read_holder(fd: int) -> dict[str, Any]:
+    try:
+        return json.loads(os.pread(fd, 1 << 16, 0) or b"{}")
+    except ValueError:
+        return {}
+
+
+def describe_holder(holder: dict[str, Any]) -> str:
+    """`pid 12 on host h since <time> (command)`, as far as the lock file says."""
+    if not holder:
+        return "another process (its lock names no holder yet)"
+    job = f", SLURM job {holder['slurm_job']}" if holder.get("slurm_job") else ""
+    return (f"pid {holder.get('pid')} on host {holder.get('host')} since {holder.get('started')} "
+            f"({holder.get('command')}{job})")
+
+
+class OutputFolder:
+    """The claim of one command on one output folder: its lock, and the record of what produced it.
+
+        with claim_folder(out, "mme5.eval", {"model": ..., "data": ...}, overwrite=args.overwrite) as folder:
+            write(folder.work)      # the folder itself, or a sibling that replaces it when complete
+            folder.complete()
+
+    state: "new" (nothing there), "resume" (the same command and identity: carry on) or "replace" (another
+    output, `overwrite` given: `work` is a fresh sibling folder, swapped in by `complete`, so the folder
+    holds the old output or the new one, never a mix). With `outputs` (globs of what the command writes in a
+    folder that holds other things too, e.g. a run folder beside its data) there is no sibling: replacing
+    removes those outputs at the claim.
+    """
+
+    def __init__(self, path: Path, command: str, identity: dict[str, Any], overwrite: bool,
+                 ways_out: str, outputs: tuple[str, ...] | None):
+        self.path, self.command, self.identity = path, command, comparable(identity)
+        self.outputs = outputs
+        self.lock = FolderLock(path)
+        self.lock.acquire(command)
+        try:
+            self.state, self.work, self.record = self._decide(overwrite, ways_out)
+        except BaseException:
+            self.lock.release()
+            raise
+        self._write_record(complete=False)
+
+    # -- the decision
+
+    def _decide(self, overwrite: bool, ways_out: str) -> tuple[str, Path, dict[str, Any]]:
+        _recover_swap(self.path)
+        recorded = read_owner(self.path)
+        present = self._present()
+        if recorded is None and not present:
+            return "new", self.path, {}
+        problem = self._mismatch(recorded, present)
+        if problem is None:
+            return "resume", self.path, recorded or {}
+        if not overwrite:
+            ways_out = ways_out or "pass --overwrite to replace it, or choose another folder"
+            raise FolderHoldsOtherOutput(f"{problem}; {ways_out}")
+        if self.outputs is not None:
+            for path in present:
+                remove_path(path)
+            (self.path / OWNER_RECORD).unlink(missing_ok=True)
+            return "replace", self.path, {}
+        staging = self.path.parent / f".{self.path.name}.replacing"
+        staged = read_owner(staging)
+        if staged is not None and self._mismatch(staged, [staging]) is None:
+            return "replace", staging, staged  # an interrupted replacement, resumed
+        remove_path(staging)
+        return "replace", staging, {}
+
+    def _present(self) -> list[Path]:
+        """The command's outputs found in the folder (every entry but the owner record, without `outputs`)."""
+        if not self.path.is_dir():
+            return []
+        if self.outputs is None:
+            return [p for p in self.path.iterdir() if p.name != OWNER_RECORD]
+        return sorted({p for pattern in self.outputs for p in self.path.glob(pattern)})
+
+    def _mismatch(self, recorded: dict[str, Any] | None, present: list[Path]) -> str | None:
+        if recorded is None:
+            names = ", ".join(sorted(p.name for p in present)[:5])
+            return (f"{self.path} holds files that no mme5 command recorded as its output ({names}"
+                    f"{', ...' if len(present) > 5 else ''})")
+        if recorded.get("command") != self.command:
+            return f"{self.path} holds the output of `{recorded.get('command')}`, not of `{self.command}`"
+        changes = identity_changes(recorded.get("identity", {}), self.identity)
+        if changes:
+            return (f"{self.path} holds the output of `{self.command}` with other settings: "
+                    f"{describe_changes(changes)}")
+        return None
+
+    # -- the record
+
+    def _write_record(self, complete: bool, **extra: Any) -> None:
+        import datetime
+        import sys
+
+        now = datetime.datetime.now().astimezone().isoformat(timespec="seconds")
+        self.record = {**self.record, "format": OWNER_FORMAT, "command": self.command,
+                       "identity": self.identity, "argv": sys.argv, "updated": now, "complete": complete,
+                       "created": self.record.get("created", now), **extra}
+        write_json(self.work / OWNER_RECORD, self.record)
+
+    def complete(self, **extra: Any) -> None:
+        """Mark the output complete (`extra`: facts to record, e.g. counts) and swap a replacement in."""
+        self._write_record(complete=True, **extra)
+        if self.work != self.path:
+            swap_in(self.work, self.path)
+            self.work = self.path
+
+    def release(self) -> None:
+        self.lock.release()
+
+    def __enter__(self) -> OutputFolder:
+        return self
+
+    def __exit__(self, *exc: Any) -> None:
+        self.release()
+
+
+def claim_folder(path: str | os.PathLike, command: str, identity: dict[str, Any], *, overwrite: bool = False,
+                 ways_out: str = "", outputs: tuple[str, ...] | None = None) -> OutputFolder:
+    """Lock `path` for `command` and check that it is new or holds this command's output of `identity`.
+
+    Refused (before anything is written): a folder another live process holds (`FolderInUse`, naming the
+    holder), or one holding another output (`FolderHoldsOtherOutput`, naming the keys that differ and
+    `ways_out`) unless `overwrite`. A lock whose holder died is taken over with a warning.
+    """
+    import warnings
+
+    folder = OutputFolder(Path(path), command, identity, overwrite, ways_out, outputs)
+    if folder.lock.stale:
+        warnings.warn(f"{folder.path}: took over the lock of {describe_holder(folder.lock.stale)}, which no "
+                      "longer runs (it was stopped before it finished)", stacklevel=2)
+    return folder
+
+
+def read_owner(path: Path) -> dict[str, Any] | None:
+    """The owner record of an output folder, or None; an unreadable one is named."""
+    record = path / OWNER_RECORD
+    if not record.is_file():
+        return None
+    try:
+        return json.loads(record.read_text(encoding="utf-8"))
+    except (ValueError, UnicodeDecodeError) as error:
+        raise OutputFolderError(f"{record}: unreadable owner record ({error}); remove it to let the command "
+                                "decide afresh") from None
+
+
+def swap_in(new: Path, target: Path) -> None:
+    """Replace folder `target` by folder `new` (two renames; `_recover_swap` finishes one cut in between)."""
+    old = target.parent / f".{target.name}.replaced"
+    remove_path(old)
+    if target.exists():
+        os.replace(target, old)
+    os.replace(new, target)
+    fsync_dir(target.parent)
+    remove_path(old)
+
+
+def _recover_swap(target: Path) -> None:
+    """A swap killed between its renames left `target` missing: put the complete replacement in, else the
+    old output back."""
+    old, new = target.parent / f".{target.name}.replaced", target.parent / f".{target.name}.replacing"
+    if target.exists() or not old.exists():
+        if target.exists():
+            remove_path(old)  # the swap finished; only removing the old output was cut
+        return
+    staged = read_owner(new) if new.exists() else None
+    os.replace(new if staged and staged.get("complete") else old, target)
+    remove_path(old)
+
+
+def remove_path(path: Path) -> None:
+    """Remove a file or a folder tree, if present."""
+    import shutil
+
+    if path.is_dir() and not path.is_symlink():
+        shutil.rmtree(path)
+    elif path.exists() or path.is_symlink():
+        path.unlink()

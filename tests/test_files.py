@@ -5,7 +5,19 @@ import os
 
 import pytest
 
-from mme5.files import AtomicFile, atomic_write, files_fingerprint, remove_stale, write_json
+from mme5.files import (
+    AtomicFile,
+    FolderHoldsOtherOutput,
+    FolderInUse,
+    atomic_write,
+    claim_folder,
+    files_fingerprint,
+    path_fingerprint,
+    read_owner,
+    remove_path,
+    remove_stale,
+    write_json,
+)
 
 
 def test_a_failed_write_leaves_the_old_file_and_no_temporary(tmp_path):
@@ -41,3 +53,131 @@ def test_files_fingerprint_changes_with_a_rewritten_file_or_other_settings(tmp_p
     a.write_bytes(b"abcd")  # same size, rewritten
     os.utime(a, ns=(1, 1))
     assert files_fingerprint([a, b], dtype="float32") != first
+
+
+# ----------------------------------------------------------------------------- output folders
+
+def _claim(path, identity, **kwargs):
+    return claim_folder(path, "mme5.test", identity, **kwargs)
+
+
+def test_the_same_identity_resumes_and_another_is_refused_naming_the_keys(tmp_path):
+    out = tmp_path / "out"
+    with _claim(out, {"model": "a", "subsets": ["x", "y"]}) as folder:
+        assert folder.state == "new" and folder.work == out
+        (out / "part.txt").write_text("half")
+    with _claim(out, {"model": "a", "subsets": ("x", "y")}) as folder:  # a tuple is the same list
+        assert folder.state == "resume" and (out / "part.txt").read_text() == "half"
+    with pytest.raises(FolderHoldsOtherOutput, match=r"model: \"a\" \(recorded\) → \"b\" \(now\)") as error:
+        _claim(out, {"model": "b", "subsets": ["x", "y"]}, ways_out="pass --overwrite, or another --out")
+    assert "subsets" not in str(error.value) and "another --out" in str(error.value)
+    assert (out / "part.txt").read_text() == "half"  # nothing touched
+    with pytest.raises(FolderHoldsOtherOutput, match="not of `mme5.other`"):
+        claim_folder(out, "mme5.other", {"model": "a", "subsets": ["x", "y"]})
+    assert not (tmp_path / ".out.lock").exists()  # every refusal released the lock
+
+
+def test_a_folder_of_unrecorded_files_is_refused_and_an_empty_one_taken(tmp_path):
+    (tmp_path / "mine").mkdir()
+    (tmp_path / "mine" / "notes.txt").write_text("my own")
+    with pytest.raises(FolderHoldsOtherOutput, match=r"no mme5 command recorded .*notes.txt"):
+        _claim(tmp_path / "mine", {})
+    (tmp_path / "empty").mkdir()
+    with _claim(tmp_path / "empty", {}) as folder:
+        assert folder.state == "new"
+
+
+def test_overwrite_writes_beside_and_swaps_in_only_when_complete(tmp_path):
+    out = tmp_path / "out"
+    with _claim(out, {"v": 1}) as folder:
+        (out / "result.txt").write_text("one")
+        folder.complete()
+    with _claim(out, {"v": 2}, overwrite=True) as folder:
+        assert folder.state == "replace" and folder.work != out
+        (folder.work / "result.txt").write_text("two, half written")
+    # Stopped before complete: the old output is whole, the replacement waits beside it.
+    assert (out / "result.txt").read_text() == "one" and read_owner(out)["identity"] == {"v": 1}
+    with _claim(out, {"v": 2}, overwrite=True) as folder:  # resumes the replacement
+        assert (folder.work / "result.txt").read_text() == "two, half written"
+        (folder.work / "result.txt").write_text("two")
+        folder.complete(count=1)
+    assert (out / "result.txt").read_text() == "two"
+    record = read_owner(out)
+    assert record["identity"] == {"v": 2} and record["complete"] and record["count"] == 1
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["out"]
+
+
+def test_a_swap_cut_between_its_renames_is_finished_or_undone(tmp_path):
+    out = tmp_path / "out"
+    for complete, expected in ((True, "new"), (False, "old")):
+        remove_path(out)
+        with _claim(out, {"v": "old"}) as folder:
+            (out / "r").write_text("old")
+            folder.complete()
+        with _claim(out, {"v": "new"}, overwrite=True) as folder:
+            (folder.work / "r").write_text("new")
+            if complete:
+                folder._write_record(complete=True)
+        os.replace(out, tmp_path / ".out.replaced")  # the first rename of the swap, then the kill
+        with _claim(out, {"v": expected}) as folder:
+            assert folder.state == "resume" and (out / "r").read_text() == expected
+        assert not (tmp_path / ".out.replaced").exists()
+
+
+def test_train_style_outputs_are_removed_on_overwrite_and_the_rest_kept(tmp_path):
+    run = tmp_path / "run"
+    (run / "world").mkdir(parents=True)  # another command's output inside the run folder
+    with _claim(run, {"lr": 1}, outputs=("checkpoints", "config.yaml")) as folder:
+        assert folder.state == "new"
+        (run / "checkpoints").mkdir()
+        (run / "config.yaml").write_text("lr: 1")
+    with pytest.raises(FolderHoldsOtherOutput, match="lr"):
+        _claim(run, {"lr": 2}, outputs=("checkpoints", "config.yaml"))
+    with _claim(run, {"lr": 2}, outputs=("checkpoints", "config.yaml"), overwrite=True) as folder:
+        assert folder.state == "replace" and folder.work == run
+    assert sorted(p.name for p in run.iterdir()) == [".mme5-owner.json", "world"]
+
+
+HOLDER = """
+import sys, time
+from pathlib import Path
+from mme5.files import claim_folder
+folder = claim_folder(sys.argv[1], "mme5.holder", {})
+Path(sys.argv[2]).write_text("held")
+time.sleep(60)
+"""
+
+
+def test_a_live_holder_is_named_and_a_dead_ones_lock_taken_over(tmp_path):
+    import subprocess
+    import sys
+    import time
+
+    out, ready = tmp_path / "out", tmp_path / "ready"
+    holder = subprocess.Popen([sys.executable, "-c", HOLDER, str(out), str(ready)])
+    try:
+        for _ in range(300):
+            if ready.exists():
+                break
+            time.sleep(0.05)
+        with pytest.raises(FolderInUse, match=rf"pid {holder.pid} on host .* since .*mme5.holder"):
+            claim_folder(out, "mme5.holder", {})
+    finally:
+        holder.kill()
+        holder.wait()
+    with pytest.warns(UserWarning, match=rf"took over the lock of pid {holder.pid} .* no longer runs"):
+        folder = claim_folder(out, "mme5.holder", {})
+    assert folder.state == "resume"
+    folder.release()
+    with claim_folder(out, "mme5.holder", {}):  # a released lock is no stale one
+        pass
+
+
+def test_path_fingerprint_follows_the_files_below_a_folder(tmp_path):
+    (tmp_path / "m").mkdir()
+    (tmp_path / "m" / "w.bin").write_bytes(b"1")
+    first = path_fingerprint(tmp_path / "m")
+    assert path_fingerprint(tmp_path / "m") == first
+    (tmp_path / "m" / "w.bin").write_bytes(b"22")
+    assert path_fingerprint(tmp_path / "m") != first
+    assert path_fingerprint(tmp_path / "gone") != path_fingerprint(tmp_path / "gone2")
