@@ -252,21 +252,21 @@ class OutputFolder:
             write(folder.work)      # the folder itself, or a sibling that replaces it when complete
             folder.complete()
 
-    state: "new" (nothing there), "resume" (the same command and identity: carry on) or "replace" (another
-    output, `overwrite` given: `work` is a fresh sibling folder, swapped in by `complete`, so the folder
+    state: "new" (nothing there), "resume" (the same command and identity: carry on) or "replace" (an
+    output there, `overwrite` given: `work` is a fresh sibling folder, swapped in by `complete`, so the folder
     holds the old output or the new one, never a mix). With `outputs` (globs of what the command writes in a
     folder that holds other things too, e.g. a run folder beside its data) there is no sibling: replacing
     removes those outputs at the claim.
     """
 
-    def __init__(self, path: Path, command: str, identity: dict[str, Any], overwrite: bool,
+    def __init__(self, path: Path, command: str, identity: dict[str, Any], overwrite: bool, resume: bool,
                  ways_out: str, outputs: tuple[str, ...] | None):
         self.path, self.command, self.identity = path, command, comparable(identity)
         self.outputs = outputs
         self.lock = FolderLock(path)
         self.lock.acquire(command)
         try:
-            self.state, self.work, self.record = self._decide(overwrite, ways_out)
+            self.state, self.work, self.record = self._decide(overwrite, resume, ways_out)
         except BaseException:
             self.lock.release()
             raise
@@ -274,15 +274,17 @@ class OutputFolder:
 
     # -- the decision
 
-    def _decide(self, overwrite: bool, ways_out: str) -> tuple[str, Path, dict[str, Any]]:
+    def _decide(self, overwrite: bool, resume: bool, ways_out: str) -> tuple[str, Path, dict[str, Any]]:
         _recover_swap(self.path)
         recorded = read_owner(self.path)
         present = self._present()
         if recorded is None and not present:
             return "new", self.path, {}
         problem = self._mismatch(recorded, present)
-        if problem is None:
-            return "resume", self.path, recorded or {}
+        if problem is None and not overwrite:
+            if resume:
+                return "resume", self.path, recorded or {}
+            problem = f"{self.path} holds an earlier output of `{self.command}`"
         if not overwrite:
             ways_out = ways_out or "pass --overwrite to replace it, or choose another folder"
             raise FolderHoldsOtherOutput(f"{problem}; {ways_out}")
@@ -349,16 +351,19 @@ class OutputFolder:
 
 
 def claim_folder(path: str | os.PathLike, command: str, identity: dict[str, Any], *, overwrite: bool = False,
-                 ways_out: str = "", outputs: tuple[str, ...] | None = None) -> OutputFolder:
+                 resume: bool = True, ways_out: str = "", outputs: tuple[str, ...] | None = None
+                 ) -> OutputFolder:
     """Lock `path` for `command` and check that it is new or holds this command's output of `identity`.
 
     Refused (before anything is written): a folder another live process holds (`FolderInUse`, naming the
     holder), or one holding another output (`FolderHoldsOtherOutput`, naming the keys that differ and
-    `ways_out`) unless `overwrite`. A lock whose holder died is taken over with a warning.
+    `ways_out`) unless `overwrite`. `resume=False` (a command that starts afresh) refuses its own earlier
+    output too. `overwrite` replaces whatever output is there, even an equal one. A lock whose holder died
+    is taken over with a warning.
     """
     import warnings
 
-    folder = OutputFolder(Path(path), command, identity, overwrite, ways_out, outputs)
+    folder = OutputFolder(Path(path), command, identity, overwrite, resume, ways_out, outputs)
     if folder.lock.stale:
         warnings.warn(f"{folder.path}: took over the lock of {describe_holder(folder.lock.stale)}, which no "
                       "longer runs (it was stopped before it finished)", stacklevel=2)

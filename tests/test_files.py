@@ -181,3 +181,12 @@ def test_path_fingerprint_follows_the_files_below_a_folder(tmp_path):
     (tmp_path / "m" / "w.bin").write_bytes(b"22")
     assert path_fingerprint(tmp_path / "m") != first
     assert path_fingerprint(tmp_path / "gone") != path_fingerprint(tmp_path / "gone2")
+
+
+def test_a_command_that_starts_afresh_refuses_its_own_earlier_output_unless_overwrite(tmp_path):
+    with _claim(tmp_path / "out", {"v": 1}) as folder:
+        (folder.work / "r").write_text("1")
+    with pytest.raises(FolderHoldsOtherOutput, match="holds an earlier output of `mme5.test`; start anew"):
+        _claim(tmp_path / "out", {"v": 1}, resume=False, ways_out="start anew")
+    with _claim(tmp_path / "out", {"v": 1}, resume=False, overwrite=True) as folder:
+        assert folder.state == "replace" and not (folder.work / "r").exists()
