@@ -140,10 +140,12 @@ class FolderHoldsOtherOutput(OutputFolderError):
 
 
 def path_fingerprint(*paths: str | os.PathLike) -> str:
-    """Identity of files and folders (every file below a folder) by path, size and modification time."""
+    """Identity of files and folders (every file below a folder) by path, size and modification time.
+    Owner records are left out: they say who wrote a folder, and change when it is claimed again."""
     files: list[Path] = []
     for path in map(Path, paths):
-        files += [f for f in path.rglob("*") if f.is_file()] if path.is_dir() else [path]
+        files += [f for f in path.rglob("*") if f.is_file() and f.name != OWNER_RECORD] if path.is_dir() \
+            else [path]
     return files_fingerprint([f for f in files if f.exists()], missing=[str(p) for p in files
                                                                        if not p.exists()])
 

@@ -190,3 +190,15 @@ def test_a_command_that_starts_afresh_refuses_its_own_earlier_output_unless_over
         _claim(tmp_path / "out", {"v": 1}, resume=False, ways_out="start anew")
     with _claim(tmp_path / "out", {"v": 1}, resume=False, overwrite=True) as folder:
         assert folder.state == "replace" and not (folder.work / "r").exists()
+
+
+def test_path_fingerprint_ignores_the_owner_record(tmp_path):
+    """Claiming a folder again rewrites its record; the output it fingerprints (e.g. an exported model that
+    an evaluation names) is the same."""
+    with _claim(tmp_path / "m", {}) as folder:
+        (tmp_path / "m" / "w.bin").write_bytes(b"1")
+        folder.complete()
+    first = path_fingerprint(tmp_path / "m")
+    with _claim(tmp_path / "m", {}) as folder:
+        folder.complete(note="again")
+    assert path_fingerprint(tmp_path / "m") == first
