@@ -3,7 +3,8 @@ files or PIL images into the RGB images the processors take, and the padding tha
 processable.
 
 Transparent images (RGBA, LA, P with transparency) are composited onto white, as the reference processors
-do (`Image.convert("RGB")` alone would make transparent pixels black).
+do (`Image.convert("RGB")` alone would make transparent pixels black). 16-bit greyscale images (PNG, TIFF)
+are scaled to 8 bits (`convert("RGB")` alone clips every value above 255, turning them almost white).
 """
 
 from __future__ import annotations
@@ -88,12 +89,15 @@ def _decoding(name: str) -> Iterator[None]:
 
 
 WHITE = (255, 255, 255)
+SIXTEEN_BIT_MODES = ("I;16", "I;16L", "I;16B", "I;16N")  # how PIL opens 16-bit greyscale PNG and TIFF
 
 
 def to_rgb(image: Image.Image) -> Image.Image:
-    """`image` in RGB, transparent pixels composited onto white."""
+    """`image` in RGB, transparent pixels composited onto white, 16-bit values scaled to 8 bits."""
     if image.mode == "RGB":
         return image
+    if image.mode in SIXTEEN_BIT_MODES:  # 0..65535 → 0..255 (the high byte), not clipped at 255
+        return image.convert("I").point(lambda value: value / 256).convert("L").convert("RGB")
     transparent = image.mode in ("RGBA", "LA", "PA", "RGBa", "La") or (
         image.mode == "P" and "transparency" in image.info)
     if not transparent:

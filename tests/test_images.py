@@ -78,3 +78,20 @@ def test_extreme_aspect_ratios_are_padded_with_white_around_the_content(size):
 def test_images_within_bounds_are_left_as_they_are():
     image = Image.effect_noise((40, 30), 64).convert("RGB")
     assert fit_aspect_ratio(image, max_ratio=100) is image
+
+
+@pytest.mark.parametrize("fmt", ["PNG", "TIFF"])
+def test_16_bit_greyscale_files_keep_their_content(fmt):
+    """A 16-bit ramp written by PIL (what a scanner or microscope saves) decodes to the same ramp in 8 bits,
+    not to the near-white image that clipping at 255 gives."""
+    import numpy as np
+
+    ramp = np.linspace(0, 65535, 32 * 32).reshape(32, 32).astype(np.uint16)
+    buffer = io.BytesIO()
+    Image.fromarray(ramp).save(buffer, format=fmt)
+    assert Image.open(io.BytesIO(buffer.getvalue())).mode == "I;16"  # the mode the fix is about
+    rgb = np.asarray(load_rgb(buffer.getvalue()))
+    assert rgb.shape == (32, 32, 3)
+    assert (rgb[..., 0] == ramp >> 8).all() and (rgb[..., 0] == rgb[..., 2]).all()
+    big_endian = Image.frombytes("I;16B", (32, 32), ramp.astype(">u2").tobytes())
+    assert (np.asarray(load_rgb(big_endian))[..., 0] == ramp >> 8).all()
