@@ -52,3 +52,14 @@ def local_model(path_or_id: str | Path) -> Path:
             f"hub cache (HF_HUB_OFFLINE={offline}, cache {constants.HF_HUB_CACHE}): {type(error).__name__}. "
             f"Download it where there is network (`hf download {repo_id}`) and copy the cache, or pass the "
             "model folder") from None
+
+
+def model_identity(path_or_id: str | Path) -> dict[str, str]:
+    """What names a model before it is loaded or downloaded, for an output folder's identity: a local file or
+    folder by its resolved path and its files' fingerprint, a hub id (`@revision` included) as written."""
+    from mme5.files import path_fingerprint
+
+    path = Path(path_or_id)
+    if path.exists():
+        return {"model": str(path.resolve()), "model_files": path_fingerprint(path)}
+    return {"model": str(path_or_id)}
