@@ -35,13 +35,13 @@ from torch import Tensor
 from mme5.backbones import Item
 from mme5.checkpoint import load_encoder
 from mme5.encoder import Encoder
-from mme5.images import check_image
+from mme5.images import IMAGE_SUFFIXES, check_image
 
 ImageLike = PIL.Image.Image | str | Path
 Input = str | PIL.Image.Image | Path | Mapping[str, Any]
 
 URL_TIMEOUT_S = 30
-IMAGE_EXTENSIONS = (".jpg", ".jpeg", ".png", ".gif", ".bmp", ".tiff", ".webp")
+IMAGE_EXTENSIONS = tuple(sorted(IMAGE_SUFFIXES))  # str.endswith takes a tuple
 
 
 class Embedder:

@@ -28,6 +28,11 @@ class ImageDecodeError(OSError):
     """
 
 
+# The raster formats Pillow decodes by itself: a file name with one of these suffixes names an image.
+IMAGE_SUFFIXES = frozenset({".jpg", ".jpeg", ".jpe", ".jfif", ".png", ".apng", ".gif", ".bmp", ".dib", ".tif",
+                            ".tiff", ".webp", ".ico", ".ppm", ".pgm", ".pbm", ".pnm", ".tga", ".qoi", ".jp2",
+                            ".j2k", ".avif"})
+
 DEFAULT_MAX_PIXELS = 2 * 89_478_485  # PIL's own error threshold (twice its warning one)
 
 
@@ -58,6 +63,17 @@ def check_image(source: bytes | str | os.PathLike, where: str | None = None) -> 
     with _decoding(name):
         with _open(data, name) as image:
             image.verify()
+
+
+def format_suffix(data: bytes) -> str | None:
+    """The file suffix of encoded image bytes in the format PIL identifies from their header (".tif"), or
+    None when PIL reads no such format."""
+    try:
+        with Image.open(io.BytesIO(data)) as image:
+            name = image.format
+    except Exception:  # noqa: BLE001 - whatever the identification raises, the format is unknown
+        return None
+    return next((suffix for suffix, held in Image.registered_extensions().items() if held == name), None)
 
 
 def _read(source: bytes | str | os.PathLike, where: str | None) -> tuple[str, bytes]:

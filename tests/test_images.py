@@ -95,3 +95,18 @@ def test_16_bit_greyscale_files_keep_their_content(fmt):
     assert (rgb[..., 0] == ramp >> 8).all() and (rgb[..., 0] == rgb[..., 2]).all()
     big_endian = Image.frombytes("I;16B", (32, 32), ramp.astype(">u2").tobytes())
     assert (np.asarray(load_rgb(big_endian))[..., 0] == ramp >> 8).all()
+
+
+def test_every_image_suffix_is_a_format_pil_opens_and_names_an_image(tmp_path):
+    """`.tif` and the other raster formats PIL decodes are images wherever a name is judged (the embedder's
+    sentence-transformers rule), and their bytes get their own extension in shards."""
+    from mme5.data.schema import image_extension
+    from mme5.embedder import names_an_image
+    from mme5.images import IMAGE_SUFFIXES
+
+    Image.init()
+    openable = {suffix for suffix, name in Image.registered_extensions().items() if name in Image.OPEN}
+    assert IMAGE_SUFFIXES <= openable and {".tif", ".tiff", ".bmp", ".webp"} <= IMAGE_SUFFIXES
+    Image.effect_noise((8, 8), 64).save(tmp_path / "scan.tif")
+    assert names_an_image(str(tmp_path / "scan.tif"))
+    assert image_extension((tmp_path / "scan.tif").read_bytes()) == "tif"

@@ -16,7 +16,7 @@ from typing import Any
 from PIL import Image
 
 from mme5 import published
-from mme5.images import load_rgb
+from mme5.images import format_suffix, load_rgb
 
 
 class SchemaError(ValueError):
@@ -150,7 +150,8 @@ class Sample:
 
 
 def image_extension(data: bytes) -> str:
-    """The file extension that matches encoded image bytes, from their magic number."""
+    """The file extension that matches encoded image bytes: from their magic number for the common formats,
+    else from the format PIL identifies (TIFF, ICO, ...)."""
     if data[:3] == b"\xff\xd8\xff":
         return "jpg"
     if data[:8] == b"\x89PNG\r\n\x1a\n":
@@ -161,7 +162,10 @@ def image_extension(data: bytes) -> str:
         return "gif"
     if data[:2] == b"BM":
         return "bmp"
-    raise SchemaError("image bytes are not JPEG, PNG, WebP, GIF or BMP")
+    suffix = format_suffix(data)
+    if suffix is None:
+        raise SchemaError("image bytes are in no format PIL reads (JPEG, PNG, WebP, GIF, BMP, TIFF, ...)")
+    return suffix[1:]
 
 
 IMAGE_EXTENSIONS = ("jpg", "png", "webp", "gif", "bmp")
