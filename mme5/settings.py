@@ -3,7 +3,9 @@ so that a bad value is one clear message and not a hang, a raw TypeError or a se
 
 from __future__ import annotations
 
+import argparse
 import re
+from collections.abc import Callable
 from typing import Any
 
 SECRET_NAME = re.compile(r"(api[_-]?key|secret|password|token|credential)s?$", re.IGNORECASE)
@@ -35,3 +37,16 @@ def positive(settings: Any, names: tuple[str, ...]) -> None:
         value = getattr(settings, name)
         if value is not None and value <= 0:
             raise ValueError(f"{name} must be above 0, got {value!r}")
+
+
+def number_at_least(bound: float, kind: type = int) -> Callable[[str], Any]:
+    """An argparse `type`: a number of `kind` refused at parse time when below `bound` (`--shard-size 0`,
+    `--max-negatives -1` would otherwise fail, or quietly do something else, mid-run)."""
+    def parse(text: str) -> Any:
+        value = kind(text)  # a ValueError: argparse says "invalid int value"
+        if value < bound:
+            raise argparse.ArgumentTypeError(f"must be at least {bound}, got {value}")
+        return value
+
+    parse.__name__ = kind.__name__  # the name argparse gives the type in its messages
+    return parse
