@@ -9,8 +9,11 @@ import torch
 from helpers import make_sample
 
 from mme5.data import mine as mining
+from mme5.data.collate import ContrastiveCollator
 from mme5.data.schema import Modality, Side
 from mme5.data.shards import ShardWriter, read_samples, shard_urls
+from mme5.data.stream import StreamBatch
+from mme5.files import FolderHoldsOtherOutput
 from mme5.retrieval import nearest
 
 N = 14
@@ -61,9 +64,9 @@ def test_mined_negatives_equal_a_brute_force(tmp_path, band, margin, max_negativ
     samples = sorted(read_samples(shard_urls(tmp_path / "out")), key=lambda s: s.id)
     assert [s.id for s in samples] == [f"s{i:05d}" for i in range(N)]
     for i, sample in enumerate(samples):
-        own = [n.text for n in sample.negatives[: 1 if i == 3 else 0]]
-        assert own == (["negative0 3"] if i == 3 else [])  # the sample's own negatives come first, kept
-        mined = [n.text for n in sample.negatives[len(own):]]
+        mined = [n.text for n in sample.negatives if n.text.startswith("positive")]
+        own = [n.text for n in sample.negatives[len(mined):]]
+        assert own == (["negative0 3"] if i == 3 else [])  # the sample's own negatives follow, kept
         assert mined == [f"positive {j}" for j in brute_force(i, band, margin)[:max_negatives]], i
     counts = manifest["extra"]["mined"]["counts"]
     assert counts["samples"] == N and counts["mined"] == sum(len(s.negatives) for s in samples) - 1
@@ -102,23 +105,144 @@ def test_mining_resumes_without_embedding_again(tmp_path, monkeypatch):
     for a, b in zip(shard_urls(tmp_path / "ref"), shard_urls(tmp_path / "out"), strict=True):
         assert open(a, "rb").read() == open(b, "rb").read()
     assert resumed["num_samples"] == reference["num_samples"] == N
+    assert mining.mine(tmp_path / "src", tmp_path / "out", None, "fake", settings, 3) == resumed  # complete
     replaced = mining.mine(tmp_path / "src", tmp_path / "replaced", fake_embed([]), "fake",
-                           mining.MiningSettings((1, 5), 2, 0.99, replace=True), 3)
-    assert replaced["extra"]["mined"]["replace"] is True
+                           mining.MiningSettings((1, 5), 2, 0.99, placement="replace"), 3)
+    assert replaced["extra"]["mined"]["placement"] == "replace"
     three = {s.id: [n.text for n in s.negatives] for s in read_samples(shard_urls(tmp_path / "replaced"))}
     assert three["s00003"] and "negative0 3" not in three["s00003"]  # its own negative is gone
-    with pytest.raises(FileExistsError, match="another mining run"):
-        mining.mine(tmp_path / "src", tmp_path / "out", fake_embed([]), "other model", settings, 3)
 
 
-def test_the_command_mines_with_a_tiny_backbone(tmp_path, tiny_mllama, tiny_shards, capsys):
-    assert mining.main(["--model", tiny_mllama, "--shards", tiny_shards, "--out", str(tmp_path / "out"),
-                        "--rank-band", "2:6", "--max-negatives", "2", "--margin", "1.5"]) == 0
-    report = json.loads(capsys.readouterr().out.strip().splitlines()[-1])
+def test_other_mining_into_the_same_out_is_refused_unless_overwrite_which_swaps_it_in(tmp_path):
+    settings = mining.MiningSettings((1, 5), 2, 0.99)
+    mining.mine(source(tmp_path / "src"), tmp_path / "out", fake_embed([]), "fake", settings, 3)
+    before = {p.name: p.read_bytes() for p in (tmp_path / "out").glob("*.tar")}
+    other = mining.MiningSettings((1, 5), 1, 0.99)
+    with pytest.raises(FolderHoldsOtherOutput, match=r"model: \"fake\" \(recorded\) → \"other\"") as error:
+        mining.mine(tmp_path / "src", tmp_path / "out", fake_embed([]), "other", settings, 3)
+    assert "--overwrite" in str(error.value)
+    with pytest.raises(FolderHoldsOtherOutput, match=r"max_negatives: 2 \(recorded\) → 1 \(now\)"):
+        mining.mine(tmp_path / "src", tmp_path / "out", fake_embed([]), "fake", other, 3)
+    assert {p.name: p.read_bytes() for p in (tmp_path / "out").glob("*.tar")} == before  # nothing touched
+    manifest = mining.mine(tmp_path / "src", tmp_path / "out", fake_embed([]), "fake", other, 3,
+                           overwrite=True)
+    assert manifest["extra"]["mined"]["max_negatives"] == 1
+    assert all(len(s.negatives) <= 1 + (s.id == "s00003") for s in read_samples(shard_urls(tmp_path / "out")))
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["out", "src"]  # no replacement left beside it
+
+
+def test_mined_negatives_are_the_ones_the_collator_reads(tmp_path):
+    """Case 7: every sample already has 3 negatives of its own; with `data.num_negatives` 1 or 3 the training
+    batch holds the mined ones (placed first), and the manifest says how many land within the first K."""
+    with ShardWriter(tmp_path / "src", max_count=4) as writer:
+        for i in range(N):
+            writer.write(make_sample(i, Modality.IT2T, negatives=3))
+    manifest = mining.mine(tmp_path / "src", tmp_path / "out", fake_embed([]), "fake",
+                           mining.MiningSettings((1, 13), 3, 2.0))
+    samples = sorted(read_samples(shard_urls(tmp_path / "out")), key=lambda s: s.id)
+    for k in (1, 3):
+        seen = []
+
+        def collate(items, seen=seen):
+            seen.append(list(items))
+            return {}
+
+        batch = ContrastiveCollator(collate, num_negatives=k)(StreamBatch(samples, slot=0, position={}))
+        assert batch.negative_mask.all()
+        read = [item.text for item in seen[2]]  # query, positive, then the negatives, sample by sample
+        mined = [f"positive {j}" for i in range(N) for j in brute_force(i, (1, 13), 2.0)[:k]]
+        assert read == mined, k
+        assert mining.mined_within(manifest, k) == k * N
+    assert manifest["extra"]["mined"]["positions"] == {"0": N, "1": N, "2": N}
+    appended = mining.mine(tmp_path / "src", tmp_path / "appended", fake_embed([]), "fake",
+                           mining.MiningSettings((1, 13), 3, 2.0, placement="append"))
+    assert mining.mined_within(appended, 3) == 0 and mining.mined_within(appended, 6) == 3 * N
+
+
+def test_the_command_mines_with_a_tiny_backbone(tmp_path, tiny_mllama, tiny_shards, capsys, monkeypatch):
+    command = ["--model", tiny_mllama, "--shards", tiny_shards, "--out", str(tmp_path / "out"),
+               "--rank-band", "2:6", "--max-negatives", "2", "--margin", "1.5"]
+    assert mining.main([*command, "--num-negatives", "1"]) == 0
+    printed = capsys.readouterr()
+    report = json.loads(printed.out.strip().splitlines()[-1])
     before = {s.id: len(s.negatives) for s in read_samples(shard_urls(tiny_shards))}
     after = {s.id: len(s.negatives) for s in read_samples(shard_urls(tmp_path / "out"))}
     assert before.keys() == after.keys() and report["samples"] == len(before)
     assert sum(after.values()) - sum(before.values()) == report["counts"]["mined"] > 0
+    # One slot a sample: the first mined negative of each sample that got one is read, the second is not.
+    assert report["read_by_training"] == {"num_negatives": 1, "mined": sum(n > b for n, b in zip(
+        after.values(), before.values(), strict=True))}
+    assert f"reads {report['read_by_training']['mined']} of the {report['counts']['mined']}" in printed.err
+
+    import mme5.checkpoint
+
+    monkeypatch.setattr(mme5.checkpoint, "load_encoder", lambda *a, **k: pytest.fail("complete: not loaded"))
+    assert mining.main(command) == 0  # the same mining again: complete, the model is not even loaded
+    assert json.loads(capsys.readouterr().out.strip().splitlines()[-1])["counts"] == report["counts"]
+    assert mining.main([*command[:-1], "1.2"]) == 2  # another margin: refused, naming it and the way out
+    error = capsys.readouterr().err
+    assert error.startswith("error: ") and "margin: 1.5 (recorded) → 1.2 (now)" in error
+    assert "--overwrite" in error
+
+
+def test_an_out_overlapping_the_source_is_refused(tmp_path, capsys):
+    src = source(tmp_path / "src")
+    for out in (src, src / "mined", tmp_path):
+        with pytest.raises(ValueError, match="overlap"):
+            mining.mine(src, out, fake_embed([]), "fake", mining.MiningSettings())
+    assert mining.main(["--model", "unused", "--shards", str(src), "--out", str(src)]) == 2
+    assert "overlap" in capsys.readouterr().err
+    assert sorted(p.name for p in src.iterdir()) == sorted(["manifest.json", *(
+        f"shard-{i:06d}.tar" for i in range(4))])  # nothing written into the source
+
+
+def _truncate(path):
+    path.write_bytes(path.read_bytes()[:1536])
+
+
+def _garble(path):
+    path.write_bytes(b"x" * path.stat().st_size)
+
+
+def _drop_last_sample(path):
+    """Cut the shard after its first three samples (a clean tar boundary) and make the manifest's size agree,
+    as a hand-edited or half-copied source would: only the count shows the loss."""
+    import tarfile
+
+    with tarfile.open(path) as tar:
+        members = tar.getmembers()
+    keep = [m for m in members if not m.name.startswith(members[-1].name.split(".")[0])]
+    end = keep[-1].offset_data + (keep[-1].size + 511) // 512 * 512
+    path.write_bytes(path.read_bytes()[:end])
+    manifest_path = path.parent / "manifest.json"
+    manifest = json.loads(manifest_path.read_text())
+    for info in manifest["shards"]:
+        if info["file"] == path.name:
+            info["bytes"] = end
+    manifest_path.write_text(json.dumps(manifest))
+
+
+@pytest.mark.parametrize("damage, message", [
+    (lambda p: p.unlink(), "is missing"), (_truncate, "the manifest records"), (_garble, "cannot be read"),
+    (_drop_last_sample, "3 samples read, the manifest counts 4")])
+def test_a_damaged_source_shard_stops_mining_naming_it(tmp_path, damage, message):
+    """Case 10: a source shard that is gone, truncated, unreadable or short of samples is an error naming
+    the shard, never a mining run that drops its samples silently."""
+    src = source(tmp_path / "src")
+    damage(src / "shard-000001.tar")
+    with pytest.raises(ValueError, match=message) as error:
+        mining.mine(src, tmp_path / "out", fake_embed([]), "fake", mining.MiningSettings((1, 3), 1, 2.0))
+    assert "shard-000001.tar" in str(error.value)
+    assert not list((tmp_path / "out").glob("*.tar"))
+
+
+def test_a_source_whose_conversion_did_not_finish_is_refused(tmp_path):
+    src = source(tmp_path / "src")
+    manifest = json.loads((src / "manifest.json").read_text())
+    (src / "manifest.json").write_text(json.dumps({**manifest, "complete": False}))
+    with pytest.raises(ValueError, match="not marked complete"):
+        mining.mine(src, tmp_path / "out", fake_embed([]), "fake", mining.MiningSettings())
+    assert not (tmp_path / "out").exists()
 
 
 def test_nearest_equals_a_brute_force_with_ties_and_exclusions():

@@ -1,7 +1,8 @@
 """Mine hard negatives for a converted source with any model the project loads (a plain backbone too).
 
     python -m mme5.data.mine --model M --shards data/shards/mine --out data/shards/mine-hardneg \\
-        [--rank-band 10:50] [--max-negatives 3] [--margin 0.95] [--within task language]
+        [--rank-band 10:50] [--max-negatives 3] [--margin 0.95] [--within task language] \\
+        [--append | --replace] [--num-negatives 3] [--overwrite]
 
 The candidates are the source's distinct positives (by content: published string and image bytes) of the
 sample's own target kind (text, image or image+text, so mined sides fit its modality) and, with `--within`,
@@ -11,20 +12,25 @@ query is embedded with its own side, every candidate with its; each query's neig
 (`mme5.retrieval.nearest`, the synthesis image index's component) are taken from the rank band, its own
 positive and anything with its own or its positive's content left out, and a neighbour scoring at least
 `margin` × the positive's score is dropped as a likely false negative. Up to `max_negatives` mined sides are
-appended to the sample's own negatives, and the samples are written to new shards with the mining settings
-and counts in the manifest.
+put before the sample's own negatives (training reads the first `data.num_negatives` of the list:
+`--append` puts them after, `--replace` drops the sample's own), and the samples are written to new shards
+with the mining settings, the counts and the list positions the mined sides took in the manifest.
 
-Resumable: the embeddings are saved under `<out>/.mining/` once computed, and the shards resume after the
-last finished one. The source's distinct positives are held in memory.
+`--out` is claimed (`mme5.files.claim_folder`): a rerun of the same mining (source files, model, settings)
+resumes, the embeddings saved under `<out>/.mining/` once computed and the shards after the last finished
+one; other mining is refused unless `--overwrite` (written beside, swapped in when complete). A source with a
+missing, truncated or unreadable shard stops the run naming the shard. The source's distinct positives are
+held in memory.
 """
 
 from __future__ import annotations
 
 import argparse
 import json
+import sys
 from collections import Counter
 from collections.abc import Callable, Sequence
-from dataclasses import dataclass, replace
+from dataclasses import asdict, dataclass, replace
 from pathlib import Path
 from typing import Any
 
@@ -34,27 +40,30 @@ from torch import Tensor
 from mme5.backbones import Item
 from mme5.data.collate import side_item
 from mme5.data.schema import Sample, Side
-from mme5.data.shards import MANIFEST, ShardWriter, read_manifest, read_samples, shard_urls
-from mme5.files import files_fingerprint, save_torch
+from mme5.data.shards import MANIFEST, CorruptSample, ShardWriter, read_manifest, read_samples, shard_urls
+from mme5.files import OutputFolderError, claim_folder, files_fingerprint, save_torch
+from mme5.hub import model_identity
 from mme5.retrieval import nearest
 
 Embed = Callable[[list[Item]], Tensor]
 WORK = ".mining"
 GROUP_FIELDS = ("source", "task", "language")  # what `--within` may keep candidates to
+PLACEMENTS = ("first", "append", "replace")  # where mined negatives go in a sample's list
+COMMAND = "mme5.data.mine"
 
 
 @dataclass(frozen=True)
 class MiningSettings:
     """rank_band: 1-based ranks (inclusive) among a query's candidates, its own positive excluded.
     max_negatives: mined negatives added per sample. margin: a candidate scoring at least margin × the
-    positive's score is taken for a false negative and dropped. replace: mined negatives replace the
-    sample's own (they are appended otherwise). within: only samples sharing these fields with the query's
-    give candidates."""
+    positive's score is taken for a false negative and dropped. placement: "first" (before the sample's own
+    negatives, where the collator reads), "append" (after them) or "replace" (instead of them). within: only
+    samples sharing these fields with the query's give candidates."""
 
     rank_band: tuple[int, int] = (10, 50)
     max_negatives: int = 3
     margin: float = 0.95
-    replace: bool = False  # the mined negatives replace the sample's own instead of following them
+    placement: str = "first"  # one of PLACEMENTS
     within: tuple[str, ...] = ()  # fields (GROUP_FIELDS) a candidate's sample shares with the query's
 
     def __post_init__(self) -> None:
@@ -66,37 +75,108 @@ class MiningSettings:
                              f"{', '.join(GROUP_FIELDS)}")
         if self.max_negatives < 1:
             raise ValueError(f"max_negatives must be at least 1, got {self.max_negatives}")
+        if self.placement not in PLACEMENTS:
+            raise ValueError(f"placement must be one of {', '.join(PLACEMENTS)}, got {self.placement!r}")
+
+    def place(self, own: list[Side], mined: list[Side]) -> tuple[list[Side], range]:
+        """A sample's negatives after mining, and the list positions the mined ones take."""
+        if self.placement == "append":
+            return [*own, *mined], range(len(own), len(own) + len(mined))
+        return [*mined, *(own if self.placement == "first" else [])], range(len(mined))
 
 
-def mine(shards: str | Path, out: str | Path, embed: Embed, model_name: str, settings: MiningSettings,
-         shard_size: int = 1000) -> dict[str, Any]:
-    """Write `shards`' samples with mined negatives to `out`; returns the new manifest."""
+def mining_identity(shards: Path, model: str | dict[str, Any], settings: MiningSettings,
+                    shard_size: int) -> dict[str, Any]:
+    """What defines a mining output (its folder's identity): the source's files, the model, the settings;
+    flat, so that a refusal names the one key that differs."""
+    return {"source": str(shards.resolve()), "source_files": files_fingerprint(source_files(shards)),
+            **(model if isinstance(model, dict) else {"model": model}), **asdict(settings),
+            "shard_size": shard_size}
+
+
+def mine(shards: str | Path, out: str | Path, embed: Embed, model: str | dict[str, Any],
+         settings: MiningSettings, shard_size: int = 1000, overwrite: bool = False) -> dict[str, Any]:
+    """Write `shards`' samples with mined negatives to `out`; returns the new manifest.
+
+    `model` names the model in the folder's identity (`mme5.hub.model_identity`); `embed` is called only when
+    embeddings are not saved yet, so a resumed or complete output never loads the model."""
     shards, out = Path(shards), Path(out)
-    samples = list(read_samples(shard_urls(shards), strict=True))
-    candidates, positive_of = _candidates(samples)
-    job = files_fingerprint([shards / MANIFEST, *map(Path, shard_urls(shards))], model=model_name,
-                            settings=repr(settings))
-    if (out / MANIFEST).exists() and read_manifest(out).get("extra", {}).get("job") != job:
-        raise FileExistsError(f"{out} holds shards of another mining run; choose another --out")
-    if (out / MANIFEST).exists() and read_manifest(out)["complete"]:
-        return read_manifest(out)
-    queries = _embedded(out / WORK / f"queries-{job}.pt", embed, [side_item(s.query) for s in samples])
-    pool = _embedded(out / WORK / f"candidates-{job}.pt", embed, [side_item(side) for side in candidates])
-    chosen, counts = choose_negatives(queries, pool, samples, candidates, positive_of, settings)
-    writer = ShardWriter(out, max_count=shard_size, resume=(out / MANIFEST).exists(),
-                         extra={"job": job, "source": str(shards), "mined": {
-                             "model": model_name, "rank_band": list(settings.rank_band),
-                             "max_negatives": settings.max_negatives, "margin": settings.margin,
-                             "replace": settings.replace, "within": list(settings.within),
-                             "counts": dict(counts)}})
-    start = writer.resume_cursor or 0
-    with writer:
-        for index in range(start, len(samples)):
-            sample = samples[index]
-            mined = [candidates[j] for j in chosen[index]]
-            own = [] if settings.replace else sample.negatives
-            writer.write(replace(sample, negatives=[*own, *mined]), cursor=index + 1)
+    check_separate(shards, out)
+    check_source(shards)
+    identity = mining_identity(shards, model, settings, shard_size)
+    with claim_folder(out, COMMAND, identity, overwrite=overwrite,
+                      ways_out="pass --overwrite to mine it again, or choose another --out") as folder:
+        work = folder.work
+        if (work / MANIFEST).exists() and read_manifest(work)["complete"]:
+            folder.complete()
+            return read_manifest(work)
+        samples = read_source(shards)
+        candidates, positive_of = _candidates(samples)
+        queries = _embedded(work / WORK / "queries.pt", embed, [side_item(s.query) for s in samples])
+        pool = _embedded(work / WORK / "candidates.pt", embed, [side_item(side) for side in candidates])
+        chosen, counts = choose_negatives(queries, pool, samples, candidates, positive_of, settings)
+        placed = [settings.place(s.negatives, [candidates[j] for j in picks])
+                  for s, picks in zip(samples, chosen, strict=True)]
+        # {list position: mined negatives there}: training reads the positions below `data.num_negatives`
+        positions = Counter(k for _, slots in placed for k in slots)
+        writer = ShardWriter(work, max_count=shard_size, resume=True, extra={"source": str(shards), "mined": {
+            "model": model, **asdict(settings), "counts": dict(counts),
+            "positions": {str(k): positions[k] for k in sorted(positions)}}})
+        with writer:
+            for index in range(writer.resume_cursor or 0, len(samples)):
+                writer.write(replace(samples[index], negatives=placed[index][0]), cursor=index + 1)
+        folder.complete(samples=len(samples), mined=counts["mined"])
     return read_manifest(out)
+
+
+def mined_within(manifest: dict[str, Any], num_negatives: int) -> int:
+    """The mined negatives that a training reading the first `num_negatives` of each list uses."""
+    return sum(n for k, n in manifest["extra"]["mined"]["positions"].items() if int(k) < num_negatives)
+
+
+def source_files(shards: Path) -> list[Path]:
+    """A source's manifest and shards (what mining reads)."""
+    return [shards / MANIFEST, *map(Path, shard_urls(shards))]
+
+
+def check_separate(shards: Path, out: Path) -> None:
+    """Refuse an `out` that is, holds or lies inside the source: writing it would change what is read."""
+    source, target = shards.resolve(), out.resolve()
+    if source == target or source in target.parents or target in source.parents:
+        raise ValueError(f"--out {out} and --shards {shards} overlap; mine into a folder of its own")
+
+
+def check_source(shards: Path) -> None:
+    """Refuse, before anything is claimed, a source whose manifest is not complete or whose shards are missing
+    or of another size than the manifest records (truncated or replaced)."""
+    manifest = read_manifest(shards)
+    if not manifest.get("complete"):
+        raise ValueError(f"{shards}: the source's manifest is not marked complete (its conversion was "
+                         "stopped before the end?); finish it first")
+    for info in manifest["shards"]:
+        path = shards / info["file"]
+        if not path.is_file():
+            raise ValueError(f"{path}: shard listed in the manifest is missing")
+        if info.get("bytes") is not None and path.stat().st_size != info["bytes"]:
+            raise ValueError(f"{path}: {path.stat().st_size} bytes, the manifest records {info['bytes']} "
+                             "(truncated or replaced); convert the source again")
+
+
+def read_source(shards: Path) -> list[Sample]:
+    """Every sample of the source, shard by shard; an unreadable shard or one holding fewer samples than its
+    manifest counts stops the run naming it (a mining run never drops samples silently)."""
+    samples: list[Sample] = []
+    for info in read_manifest(shards)["shards"]:
+        path = shards / info["file"]
+        try:
+            read = list(read_samples([str(path)], strict=True))
+        except CorruptSample as error:
+            raise ValueError(f"{path}: cannot be read ({error}); convert the source again") from None
+        if len(read) != info["count"]:
+            raise ValueError(f"{path}: {len(read)} samples read, the manifest counts {info['count']}; "
+                             "convert the source again")
+        samples += read
+    return samples
 
 
 def _candidates(samples: Sequence[Sample]) -> tuple[list[Side], list[int]]:
@@ -186,8 +266,17 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--max-negatives", type=int, default=3, help="mined negatives per sample")
     parser.add_argument("--margin", type=float, default=0.95,
                         help="drop a neighbour scoring at least this times the positive's score")
-    parser.add_argument("--replace", action="store_true",
-                        help="mined negatives replace the samples' own (default: appended after them)")
+    placement = parser.add_mutually_exclusive_group()
+    placement.add_argument("--append", dest="placement", action="store_const", const="append",
+                           default="first",
+                           help="put mined negatives after the samples' own (default: before them, where "
+                                "training reads its first data.num_negatives)")
+    placement.add_argument("--replace", dest="placement", action="store_const", const="replace",
+                           help="mined negatives replace the samples' own")
+    parser.add_argument("--num-negatives", type=int, default=3, metavar="K",
+                        help="report how many mined negatives a training with data.num_negatives K reads "
+                             "(default: 3, the paper recipes'; configs/demo.yaml: 1)")
+    parser.add_argument("--overwrite", action="store_true", help="replace another output in --out")
     parser.add_argument("--within", nargs="+", default=[], choices=GROUP_FIELDS, metavar="FIELD",
                         help="mine only among samples sharing these fields (source, task, language): "
                              "negatives from the query's own data set, as the published hard negatives")
@@ -198,23 +287,41 @@ def main(argv: list[str] | None = None) -> int:
     args = parser.parse_args(argv)
     low, _, high = args.rank_band.partition(":")
     try:
-        settings = MiningSettings((int(low), int(high or low)), args.max_negatives, args.margin, args.replace,
-                                  tuple(args.within))
+        settings = MiningSettings((int(low), int(high or low)), args.max_negatives, args.margin,
+                                  args.placement, tuple(args.within))
     except ValueError as error:
         parser.error(f"--rank-band {args.rank_band!r} / --max-negatives: {error}")
-    from mme5.checkpoint import load_encoder
+    try:
+        model = {**model_identity(args.model), "dtype": args.dtype}
+        manifest = mine(args.shards, args.out, lazy_embed(args), model, settings, args.shard_size,
+                        args.overwrite)
+    except (OutputFolderError, OSError, ValueError) as error:
+        print(f"error: {error}", file=sys.stderr)
+        return 2
+    counts = manifest["extra"]["mined"]["counts"]
+    used = mined_within(manifest, args.num_negatives)
+    print(json.dumps({"out": str(args.out), "samples": manifest["num_samples"], "counts": counts,
+                      "read_by_training": {"num_negatives": args.num_negatives, "mined": used}}))
+    if used < counts["mined"]:
+        print(f"note: a training with data.num_negatives {args.num_negatives} reads {used} of the "
+              f"{counts['mined']} mined negatives (it reads the first {args.num_negatives} of each sample's "
+              "list; see the manifest's extra.mined.positions)", file=sys.stderr)
+    return 0
 
-    loaded = load_encoder(args.model, args.device, args.dtype)
-    encoder = loaded.encoder
+
+def lazy_embed(args: argparse.Namespace) -> Embed:
+    """`embed` with the model loaded at the first call: a resumed mining whose embeddings are saved, or a
+    complete one, never loads (nor downloads) it."""
+    encoders = []
 
     def embed(items: list[Item]) -> Tensor:
-        return encoder.embed(items, args.batch_size, progress=True)
+        if not encoders:
+            from mme5.checkpoint import load_encoder
 
-    name = f"{args.model}:{loaded.fingerprint}"
-    manifest = mine(args.shards, args.out, embed, name, settings, args.shard_size)
-    print(json.dumps({"out": str(args.out), "samples": manifest["num_samples"],
-                      "counts": manifest["extra"]["mined"]["counts"]}))
-    return 0
+            encoders.append(load_encoder(args.model, args.device, args.dtype).encoder)
+        return encoders[0].embed(items, args.batch_size, progress=True)
+
+    return embed
 
 
 if __name__ == "__main__":
