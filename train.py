@@ -3,26 +3,44 @@
     python train.py fit --config configs/demo.yaml                 # the embedded default, on CPU
     python train.py fit --config configs/demo.yaml --ckpt_path last   # resume the latest run
     python train.py fit --config ... --ckpt_path newest   # resume from this run's newest checkpoint, if any
+    python train.py fit --config configs/demo.yaml --overwrite   # a new run in a folder that holds one
     python train.py fit --config configs/mme5_llama32v_11b.yaml    # the paper's recipe (GPUs)
+
+The run folder (`trainer.default_root_dir`) belongs to one recipe and one process at a time (mme5.resume): a
+fresh run where checkpoints exist, or a resume with another recipe, is refused naming what differs; settings
+that may change on resume (learning rate, steps, ...) are applied and listed. The last step is always
+checkpointed; SIGTERM/SIGINT checkpoint at a step boundary and exit with 128 + the signal's number.
 
 Global contrastive batch = data.batch_size × trainer.devices × trainer.num_nodes; every query is scored
 against all of those positives plus its own `data.num_negatives` hard negatives. The gradient cache
 (model.gradient_cache) keeps memory at one chunk of `model.chunk_size` items whatever the batch size.
 """
 
+import atexit
+import sys
 from pathlib import Path
 
 import lightning as L
 import torch
-from jsonargparse import set_parsing_settings
+from jsonargparse import ActionYesNo, set_parsing_settings
 from lightning.pytorch.callbacks import ModelCheckpoint
 from lightning.pytorch.cli import LightningCLI
 from lightning.pytorch.utilities import rank_zero_info, rank_zero_warn
 
 from mme5.checkpoint import checkpoint_problem
 from mme5.data.datamodule import ShardDataModule
+from mme5.files import OutputFolder, OutputFolderError, claim_folder, describe_changes
 from mme5.module import EmbeddingModule
-from mme5.preemption import SlurmRequeue
+from mme5.preemption import FinalCheckpoint, SlurmRequeue, StopOnSignal
+from mme5.resume import (
+    COMMAND,
+    ResumeRefused,
+    check_recipe,
+    read_recipe,
+    resume_changes,
+    run_identity,
+    run_outputs,
+)
 
 
 class TrainCLI(LightningCLI):
@@ -51,17 +69,62 @@ class TrainCLI(LightningCLI):
         parser.link_arguments("model.backbone", "data.backbone")
         parser.link_arguments("model.input_format", "data.input_format")
         parser.link_arguments("model.chunk_size", "data.chunk_size")
+        parser.add_argument("--overwrite", action=ActionYesNo, default=False,
+                            help="start a new run in a run folder that holds one (without --ckpt_path): its "
+                                 "checkpoints, TensorBoard logs and saved config are removed first")
 
     def before_fit(self) -> None:
-        # Under SLURM the warning signal checkpoints at a step boundary and requeues (inert elsewhere).
-        self.trainer.callbacks.append(SlurmRequeue())
+        # Under SLURM the warning signal checkpoints at a step boundary and requeues (inert elsewhere);
+        # SIGTERM/SIGINT checkpoint and stop; the final step is always checkpointed.
+        self.stop = StopOnSignal()
+        self.trainer.callbacks += [SlurmRequeue(), self.stop, FinalCheckpoint()]
         config = self.config_init[self.subcommand]
-        if config.get("ckpt_path") in ("newest", "last"):
-            config["ckpt_path"] = newest_checkpoint(self.trainer, prefer_last=config["ckpt_path"] == "last")
+        overwrite, requested = config.get("overwrite"), config.get("ckpt_path")
+        self.config[self.subcommand].overwrite = False  # never saved into the run's config.yaml as true
+        if overwrite and requested:
+            raise ResumeRefused(f"--overwrite starts a new run and --ckpt_path {requested} resumes one")
+        if requested in ("newest", "last"):
+            config["ckpt_path"] = newest_checkpoint(self.trainer, prefer_last=requested == "last")
+            if config["ckpt_path"] is None:
+                rank_zero_info(f"--ckpt_path {requested}: no checkpoint in this run folder; starting afresh")
+                overwrite = True  # what is there (logs of a run stopped before its first checkpoint) goes
+        self.run_folder = self._claim_run_folder(config["ckpt_path"], overwrite)
+        if config["ckpt_path"] is not None:
+            self._check_resume(config["ckpt_path"])
         if self.trainer.max_steps == -1:
             epochs = self.config[self.subcommand].trainer.max_epochs or 1
             steps = steps_for_epochs(self.trainer, self.datamodule, epochs)
             self.trainer.fit_loop.epoch_loop.max_steps = steps
+
+    def _claim_run_folder(self, ckpt_path: str | None, overwrite: bool) -> OutputFolder | None:
+        """Global rank 0 locks the run folder and checks its recipe (`mme5.resume`); None on other ranks."""
+        if self.trainer.global_rank != 0:
+            return None
+        root = Path(self.trainer.default_root_dir)
+        identity = run_identity(dict(self.model.hparams), self.model.backbone_identity())
+        ways_out = ("resume it with --ckpt_path last, start a new run here with --overwrite (removes its "
+                    "checkpoints, TensorBoard logs and saved config), or choose another "
+                    "--trainer.default_root_dir") if ckpt_path is None else (
+                    "resume with the settings it was trained with, or start a new run in another "
+                    "--trainer.default_root_dir")
+        folder = claim_folder(root, COMMAND, identity, overwrite=overwrite, resume=ckpt_path is not None,
+                              ways_out=ways_out, outputs=run_outputs(self.trainer))
+        atexit.register(folder.release)  # also when training raises; a killed run's lock is freed by the OS
+        return folder
+
+    def _check_resume(self, ckpt_path: str) -> None:
+        """Refuse a checkpoint of another recipe; list the settings that change on resume."""
+        recorded = read_recipe(ckpt_path)
+        hparams = dict(self.model.hparams)
+        check_recipe(ckpt_path, recorded, hparams, self.model.backbone_identity())
+        changes = resume_changes(recorded, hparams, dict(self.datamodule.hparams))
+        said = describe_changes(changes) if changes else "none"
+        rank_zero_info(f"resuming {ckpt_path} at global step {recorded['global_step']}; settings changed "
+                       f"since it was written (applied): {said}")
+
+    def after_fit(self) -> None:
+        if self.run_folder is not None and self.stop.exit_status == 0:
+            self.run_folder.complete(global_step=self.trainer.global_step)
 
 
 def steps_for_epochs(trainer: L.Trainer, datamodule: ShardDataModule, epochs: int) -> int:
@@ -97,13 +160,21 @@ def newest_checkpoint(trainer: L.Trainer, prefer_last: bool = False) -> str | No
     return None
 
 
-def main(args: list[str] | None = None) -> None:
-    TrainCLI(args)
+def main(args: list[str] | None = None) -> int:
+    """Runs the CLI; returns the exit status (128 + the signal's number when a signal stopped training, 2
+    when the run folder or the checkpoint refused the run)."""
+    try:
+        cli = TrainCLI(args)
+    except OutputFolderError as error:
+        print(f"error: {error}", file=sys.stderr)
+        return 2
     # Tear the process group down while the interpreter is whole: left to destructors at exit, gloo's threads
     # can die with "terminate called without an active exception" (SIGABRT), failing a finished SLURM job.
     if torch.distributed.is_available() and torch.distributed.is_initialized():
         torch.distributed.destroy_process_group()
+    stop = getattr(cli, "stop", None)
+    return stop.exit_status if stop is not None else 0
 
 
 if __name__ == "__main__":
-    main()
+    raise SystemExit(main())

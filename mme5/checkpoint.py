@@ -139,6 +139,14 @@ class AtomicCheckpointIO(TorchCheckpointIO):
         save_torch(path, checkpoint)
 
 
+def run_checkpoint_dir(trainer: Any) -> Path:
+    """Where a run's checkpoints go: the first ModelCheckpoint's folder, else `<root>/checkpoints`."""
+    callback = trainer.checkpoint_callback
+    if callback is not None and getattr(callback, "dirpath", None):
+        return Path(callback.dirpath)
+    return Path(trainer.default_root_dir) / "checkpoints"
+
+
 def checkpoint_problem(path: Path) -> str | None:
     """Why `path` is not a loadable checkpoint (cheaply: the archive's directory, not its tensors), or None.
 

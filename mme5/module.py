@@ -170,6 +170,24 @@ class EmbeddingModule(L.LightningModule):
         self._sync = GradientSync.for_run(strategy.model, self.encoder, self.encoder.has_adapters)
         self.cache.no_sync = self._sync.between_chunks
 
+    def on_train_start(self) -> None:
+        self._apply_optimiser_settings()
+
+    def _apply_optimiser_settings(self) -> None:
+        """Make the optimiser and scheduler follow this run's `lr` and `weight_decay`.
+
+        A resumed run restores both from its checkpoint, including the learning rate the checkpoint was
+        trained with: without this, `--ckpt_path last --model.lr 1e-5` would go on at the old rate. The
+        schedule's position (`last_epoch`) is kept; the rate at this step is recomputed from the new peak.
+        """
+        optimizer, scheduler = self.optimizers(), self.lr_schedulers()
+        optimizer = getattr(optimizer, "optimizer", optimizer)  # Lightning's wrapper
+        scheduler.base_lrs = [self.hparams.lr] * len(optimizer.param_groups)
+        for group, factor in zip(optimizer.param_groups, scheduler.lr_lambdas, strict=True):
+            group["initial_lr"] = self.hparams.lr
+            group["weight_decay"] = self.hparams.weight_decay
+            group["lr"] = self.hparams.lr * factor(scheduler.last_epoch)
+
     def training_step(self, batch: ContrastiveBatch, batch_idx: int) -> Tensor:
         started = time.perf_counter()
         data_wait = started - self._last_step_end if self._last_step_end is not None else 0.0
@@ -203,7 +221,7 @@ class EmbeddingModule(L.LightningModule):
             return
         # The optimiser has not stepped yet: weights, optimiser and scheduler are the last good state.
         self.optimizers().zero_grad(set_to_none=True)
-        path = self._checkpoint_dir() / "last-good.ckpt"
+        path = ckpt_format.run_checkpoint_dir(self.trainer) / "last-good.ckpt"
         self.trainer.save_checkpoint(path)
         raise NonFiniteLossError(
             f"loss is {loss.item()} at global step {self.global_step}; the state before this step is saved "
@@ -228,18 +246,18 @@ class EmbeddingModule(L.LightningModule):
         cuda = torch.cuda.get_rng_state_all() if torch.cuda.is_available() else []
         rng_states = from_all_ranks({"torch": torch.get_rng_state(), "cuda": cuda})
         adapters = self._trainable_names() if self.encoder is not None and self.encoder.has_adapters else None
-        ckpt_format.add_training_state(checkpoint, rng_states, adapters, self._backbone_identity())
+        ckpt_format.add_training_state(checkpoint, rng_states, adapters, self.backbone_identity())
 
     def _trainable_names(self) -> set[str]:
         return {name for name, p in self.named_parameters() if p.requires_grad}
 
-    def _backbone_identity(self) -> dict[str, str]:
+    def backbone_identity(self) -> dict[str, str]:
         if self._backbone is None:
             self._backbone = ckpt_format.backbone_identity(local_model(self.hparams.backbone))
         return self._backbone
 
     def on_load_checkpoint(self, checkpoint: dict[str, Any]) -> None:
-        ckpt_format.check_backbone(checkpoint, self._backbone_identity())
+        ckpt_format.check_backbone(checkpoint, self.backbone_identity())
         ckpt_format.check_adapters(checkpoint, self._trainable_names())
         rank, world = (self.trainer.global_rank, self.trainer.world_size) if self._trainer else (0, 1)
         state = ckpt_format.rng_state_of_rank(checkpoint, rank, world)
@@ -247,12 +265,6 @@ class EmbeddingModule(L.LightningModule):
             torch.set_rng_state(state["torch"])
             if state["cuda"] and torch.cuda.is_available():
                 torch.cuda.set_rng_state_all(state["cuda"])
-
-    def _checkpoint_dir(self) -> Path:
-        callback = self.trainer.checkpoint_callback
-        if callback is not None and getattr(callback, "dirpath", None):
-            return Path(callback.dirpath)
-        return Path(self.trainer.default_root_dir) / "checkpoints"
 
     def _log_step(self, batch: ContrastiveBatch, loss: Tensor, output: ContrastiveOutput, data_wait: float,
                   elapsed: float) -> None:

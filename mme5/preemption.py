@@ -1,4 +1,14 @@
-"""Preemption under SLURM: the warning signal saves a checkpoint at a step boundary, then requeues the job.
+"""How a run stops: always with its last step checkpointed, and with an exit status that says whether it
+finished.
+
+- The end (`max_steps`): `FinalCheckpoint` saves `last.ckpt` at the final step unless a checkpoint was
+  written at that step already (a run of 5 steps saved every 2 would otherwise end with step 4).
+- SIGTERM or SIGINT (`kill`, Ctrl-C, `scancel`): `StopOnSignal` checkpoints at the next step boundary and
+  stops; `train.py` then exits with 128 + the signal's number, so `train && export` and `sbatch
+  --dependency=afterok` do not go on with a partial model. A second Ctrl-C interrupts at once.
+- SLURM's warning signal: `SlurmRequeue` (below).
+
+Preemption under SLURM: the warning signal saves a checkpoint at a step boundary, then requeues the job.
 
 Lightning's own handler saves `hpc_ckpt_<n>.ckpt` from inside the signal handler, wherever each rank happens
 to be: in the middle of a step (a state no uninterrupted run ever has) and, under DDP/FSDP, possibly while
@@ -18,6 +28,73 @@ from typing import Any
 import lightning as L
 from lightning.pytorch.plugins.environments import SLURMEnvironment
 from lightning.pytorch.utilities import rank_zero_info, rank_zero_warn
+
+from mme5.checkpoint import run_checkpoint_dir
+
+LAST = "last.ckpt"
+
+
+class FinalCheckpoint(L.Callback):
+    """Saves `last.ckpt` (in the run's checkpoint folder) at the run's final step when no checkpoint was
+    written at that step: `ModelCheckpoint(every_n_train_steps=n)` saves only at multiples of n."""
+
+    def __init__(self) -> None:
+        self._saved_at: int | None = None
+
+    def on_save_checkpoint(self, trainer: L.Trainer, pl_module: L.LightningModule, checkpoint: dict) -> None:
+        self._saved_at = trainer.global_step
+
+    def on_train_end(self, trainer: L.Trainer, pl_module: L.LightningModule) -> None:
+        done = trainer.global_step == 0 or self._saved_at == trainer.global_step
+        if done or not trainer.checkpoint_callbacks:  # no ModelCheckpoint: checkpointing is off
+            return
+        path = run_checkpoint_dir(trainer) / LAST
+        trainer.save_checkpoint(path)
+        rank_zero_info(f"saved the final step ({trainer.global_step}) in {path}")
+
+
+class StopOnSignal(L.Callback):
+    """SIGTERM and SIGINT stop training at the next step boundary with `last.ckpt` saved (see the module).
+
+    Replaces Lightning's SIGTERM handling, which ends the run at once with exit status 0 and no checkpoint.
+    Every rank agrees at each step end (one boolean all-reduce), so a signal to rank 0 alone stops them all.
+    """
+
+    SIGNALS = (signal.SIGTERM, signal.SIGINT)
+
+    def __init__(self) -> None:
+        self.received: signal.Signals | None = None  # the signal that stopped the run
+        self._previous: dict[signal.Signals, Any] = {}
+
+    def on_train_start(self, trainer: L.Trainer, pl_module: L.LightningModule) -> None:
+        self._previous = {signum: signal.signal(signum, self._note) for signum in self.SIGNALS}
+
+    def _note(self, signum: int, frame: Any) -> None:
+        if self.received == signal.SIGINT and signum == signal.SIGINT:
+            raise KeyboardInterrupt  # a second Ctrl-C: stop now, without a checkpoint
+        self.received = signal.Signals(signum)
+        print(f"received {self.received.name}: saving a checkpoint at the end of this step, then stopping",
+              flush=True)
+
+    def on_train_batch_end(self, trainer: L.Trainer, *args: Any) -> None:
+        if not trainer.strategy.reduce_boolean_decision(self.received is not None, all=False):
+            return
+        self.received = self.received or signal.SIGTERM  # another rank's signal
+        path = run_checkpoint_dir(trainer) / LAST
+        trainer.save_checkpoint(path)
+        rank_zero_warn(f"{self.received.name}: stopped at global step {trainer.global_step} of "
+                       f"{trainer.max_steps}; saved {path} (resume with --ckpt_path last)")
+        trainer.should_stop = True
+
+    def teardown(self, trainer: L.Trainer, pl_module: L.LightningModule, stage: str) -> None:
+        for signum, handler in self._previous.items():
+            signal.signal(signum, handler)
+        self._previous = {}
+
+    @property
+    def exit_status(self) -> int:
+        """0 when no signal stopped the run, else 128 + its number (the shell's convention)."""
+        return 0 if self.received is None else 128 + int(self.received)
 
 
 class SlurmRequeue(L.Callback):

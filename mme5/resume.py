@@ -1,0 +1,78 @@
+"""What a training run folder is, and what may change when a run is resumed.
+
+A run folder (`trainer.default_root_dir`) is owned by one recipe: the settings that define the model being
+trained (`RECIPE_KEYS`) and the backbone's identity. Resuming it, or starting from a checkpoint of another
+run, with another recipe is refused naming the keys; every other setting (learning rate, schedule, steps,
+chunking, data loading) may change on resume and is applied and listed in the log.
+"""
+
+from __future__ import annotations
+
+from pathlib import Path
+from typing import Any
+
+import torch
+
+from mme5.checkpoint import BACKBONE_IDENTITY
+from mme5.files import OutputFolderError, comparable, describe_changes, identity_changes
+
+COMMAND = "train.py fit"
+# The module settings that define what is trained: a checkpoint of another value is another model.
+RECIPE_KEYS = ("lora", "dtype", "input_format", "temperature", "learnable_temperature",
+               "mask_false_negatives", "gradient_scale")
+# What a run writes in its folder besides the checkpoint folders and the logger's folder.
+RUN_FILES = ("hpc_ckpt_*.ckpt", "data_report.json")
+
+
+class ResumeRefused(OutputFolderError):
+    """The run asked for cannot start: a checkpoint of another recipe, or contradictory flags."""
+
+
+def run_identity(hparams: dict[str, Any], backbone: dict[str, str]) -> dict[str, Any]:
+    """The identity of a run folder: its recipe and the backbone's content (not its path)."""
+    return {**{f"model.{key}": hparams.get(key) for key in RECIPE_KEYS},
+            "backbone": {part: backbone.get(part) for part in ("config", "weights")}}
+
+
+def run_outputs(trainer: Any) -> tuple[str, ...]:
+    """The run's own outputs inside its folder, as globs relative to it: checkpoint folders, the logger's
+    folder (TensorBoard events and the saved config.yaml) and `RUN_FILES`. Other things there (the demo's
+    world and backbone, your data) are not the run's."""
+    root = Path(trainer.default_root_dir).resolve()
+    folders = [Path(cb.dirpath) for cb in trainer.checkpoint_callbacks if getattr(cb, "dirpath", None)]
+    folders += [Path(logger.log_dir) for logger in trainer.loggers if getattr(logger, "log_dir", None)]
+    inside = [f.resolve().relative_to(root) for f in folders if f.resolve().is_relative_to(root)]
+    return tuple(sorted({str(path) for path in inside if str(path) != "."})) + RUN_FILES
+
+
+def read_recipe(path: str | Path) -> dict[str, Any]:
+    """A checkpoint's hyper-parameters, data settings, step and backbone identity, without reading its
+    tensors into memory (memory-mapped)."""
+    checkpoint = torch.load(path, map_location="cpu", weights_only=True, mmap=True)
+    return {"hyper_parameters": dict(checkpoint.get("hyper_parameters") or {}),
+            "datamodule_hyper_parameters": dict(checkpoint.get("datamodule_hyper_parameters") or {}),
+            "global_step": checkpoint.get("global_step"),
+            BACKBONE_IDENTITY: checkpoint.get(BACKBONE_IDENTITY)}
+
+
+def check_recipe(path: str | Path, recorded: dict[str, Any], hparams: dict[str, Any],
+                 backbone: dict[str, str]) -> None:
+    """Refuse to resume from a checkpoint of another recipe or another backbone, naming what differs."""
+    old_backbone = recorded.get(BACKBONE_IDENTITY) or backbone  # none recorded: checked when loading
+    changes = identity_changes(run_identity(recorded["hyper_parameters"], old_backbone),
+                               run_identity(hparams, backbone))
+    if changes:
+        raise ResumeRefused(
+            f"--ckpt_path {path} was trained with another recipe: {describe_changes(changes)}. Resume with "
+            "its settings, or start a new run from the backbone (another trainer.default_root_dir, or "
+            "--overwrite without --ckpt_path)")
+
+
+def resume_changes(recorded: dict[str, Any], hparams: dict[str, Any], data_hparams: dict[str, Any]
+                   ) -> dict[str, tuple[Any, Any]]:
+    """The settings that differ from the checkpoint's, as {"model.lr": (old, new), "data.batch_size": ...}."""
+    changes = {f"model.{key}": change for key, change in
+               identity_changes(recorded["hyper_parameters"], comparable(hparams)).items()}
+    changes |= {f"data.{key}": change for key, change in
+                identity_changes(recorded["datamodule_hyper_parameters"], comparable(data_hparams)).items()}
+    return changes
