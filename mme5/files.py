@@ -272,6 +272,9 @@ class OutputFolder:
         except BaseException:
             self.lock.release()
             raise
+        # Read before the record below marks the folder in progress: a command resuming its complete output
+        # can say so instead of doing the work again.
+        self.was_complete = self.state == "resume" and bool(self.record.get("complete"))
         self._write_record(complete=False)
 
     # -- the decision

@@ -68,6 +68,10 @@ def test_the_same_identity_resumes_and_another_is_refused_naming_the_keys(tmp_pa
         (out / "part.txt").write_text("half")
     with _claim(out, {"model": "a", "subsets": ("x", "y")}) as folder:  # a tuple is the same list
         assert folder.state == "resume" and (out / "part.txt").read_text() == "half"
+        assert not folder.was_complete
+        folder.complete()
+    with _claim(out, {"model": "a", "subsets": ["x", "y"]}) as folder:
+        assert folder.state == "resume" and folder.was_complete
     with pytest.raises(FolderHoldsOtherOutput, match=r"model: \"a\" \(recorded\) → \"b\" \(now\)") as error:
         _claim(out, {"model": "b", "subsets": ["x", "y"]}, ways_out="pass --overwrite, or another --out")
     assert "subsets" not in str(error.value) and "another --out" in str(error.value)
