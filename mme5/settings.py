@@ -5,6 +5,8 @@ from __future__ import annotations
 
 import argparse
 import re
+import types
+import typing
 from collections.abc import Callable
 from typing import Any
 
@@ -50,3 +52,53 @@ def number_at_least(bound: float, kind: type = int) -> Callable[[str], Any]:
 
     parse.__name__ = kind.__name__  # the name argparse gives the type in its messages
     return parse
+
+
+def check_types(values: dict[Any, Any], cls: type, where: str) -> None:
+    """Each value must fit the type its field of dataclass `cls` declares (`int`, `float`, `str`, `bool`,
+    `X | None`, `list[X]`, `dict[K, V]`, `Any`), so that a config saying `num_samples: ten` or giving a
+    mapping for a list is named with `where` (e.g. its file) and key, not a TypeError deep in a run.
+    Unknown keys are left to `unknown_settings`."""
+    hints = typing.get_type_hints(cls)
+    for name, value in values.items():
+        if not isinstance(name, str):
+            raise ValueError(f"{where}: setting names are words, found {name!r}")
+        if name in hints and not _fits(value, hints[name]):
+            raise ValueError(f"{where}: {name}: expected {_describe(hints[name])}, found "
+                             f"{type(value).__name__} {value!r}")
+
+
+def _fits(value: Any, expected: Any) -> bool:
+    origin, args = typing.get_origin(expected), typing.get_args(expected)
+    if expected is Any:
+        return True
+    if origin in (typing.Union, types.UnionType):
+        return any(_fits(value, arg) for arg in args)
+    if origin is list:
+        return isinstance(value, list) and all(_fits(item, args[0]) for item in value)
+    if origin is dict:
+        return isinstance(value, dict) and all(_fits(key, args[0]) and _fits(item, args[1])
+                                               for key, item in value.items())
+    if expected is float:  # YAML writes 2.0 as 2
+        return isinstance(value, int | float) and not isinstance(value, bool)
+    if expected is int:
+        return isinstance(value, int) and not isinstance(value, bool)
+    return isinstance(value, expected)
+
+
+def _describe(expected: Any, plural: bool = False) -> str:
+    """`an integer`, `a list of integers`, `a mapping of strings to numbers or null`, ..."""
+    origin, args = typing.get_origin(expected), typing.get_args(expected)
+    if origin in (typing.Union, types.UnionType):
+        return " or ".join(_describe(arg, plural) for arg in args)
+    if origin is list:
+        return f"{'lists' if plural else 'a list'} of {_describe(args[0], True)}"
+    if origin is dict:
+        mapping = "mappings" if plural else "a mapping"
+        return f"{mapping} of {_describe(args[0], True)} to {_describe(args[1], True)}"
+    names = {int: ("an integer", "integers"), float: ("a number", "numbers"), str: ("a string", "strings"),
+             bool: ("true or false", "true or false"), type(None): ("null", "null"),
+             Any: ("anything", "values")}
+    name = getattr(expected, "__name__", str(expected))
+    return names.get(expected, (name, name))[plural]
+

@@ -3,6 +3,7 @@
 import base64
 import json
 import os
+import re
 import signal
 import socket
 import subprocess
@@ -16,6 +17,7 @@ from chat_server import ChatServer, Failure
 from test_synthesis_images import FakeEmbed, make_images
 
 from mme5.data.shards import read_manifest, read_samples, sample_to_record, shard_urls
+from mme5.files import FolderHoldsOtherOutput
 from mme5.synthesis.__main__ import main as cli_main
 from mme5.synthesis.config import SynthesisConfig
 from mme5.synthesis.pipeline import run
@@ -203,11 +205,12 @@ def test_packing_during_the_run_falls_back_to_the_final_pack(tmp_path, monkeypat
     assert ("the final pack takes over" in caplog.text) == (trouble == "packer_error")
 
 
-def test_plan_of_other_settings_is_refused(tmp_path):
+def test_plan_of_other_settings_is_refused_before_any_call(tmp_path):
     with AnswerServer() as server:
         run(settings(tmp_path, server, num_samples=2), embed=FakeEmbed())
-        with pytest.raises(ValueError, match="plan of other settings"):
+        with pytest.raises(FolderHoldsOtherOutput, match=r"num_samples: 2 \(recorded\) → 3 \(now\)"):
             run(settings(tmp_path, server, num_samples=3), embed=FakeEmbed())
+        assert len(server.requests) == 2
 
 
 KILLED_RUN = """
@@ -236,7 +239,8 @@ def test_kill_9_and_resume_gives_no_duplicates(tmp_path):
         staged = {p.stem for p in (out / STAGING).glob("*.tar")}
         assert 8 <= len(staged) < 40
         calls_before = len(server.requests)
-        summary = run(config, embed=FakeEmbed())
+        with pytest.warns(UserWarning, match=rf"took over the lock of pid {child.pid} "):
+            summary = run(config, embed=FakeEmbed())
     assert summary["written"] == 40 and summary["failed"] == 0
     assert summary["this_run"]["calls"] == len(server.requests) - calls_before <= 40 - len(staged)
     # usage over both runs: the killed run's committed samples (one call each) plus this run's calls;
@@ -287,7 +291,7 @@ def test_cli_job_array_part_writes_its_share(tmp_path):
         pipeline.encoder_embedder = lambda path: (FakeEmbed(), "fake")
         try:
             code = cli_main(["--config", str(config_file), "--base-url", server.base_url, "--shard", "0",
-                             "--num-shards", "2", "--concurrency", "2", "--embedder", "unused"])
+                             "--num-shards", "2", "--concurrency", "2", "--embedder", str(tmp_path / "imgs")])
         finally:
             pipeline.encoder_embedder = original
     part = Path(config.out) / "part-00000-of-00002"
@@ -298,24 +302,25 @@ def test_cli_job_array_part_writes_its_share(tmp_path):
 
 
 @pytest.mark.parametrize("where", ["client", "top"])
-def test_a_key_in_the_config_is_refused_before_anything_is_written(tmp_path, where):
+def test_a_key_in_the_config_is_refused_before_anything_is_written(tmp_path, capsys, where):
     out = tmp_path / "out"
     values = {"out": str(out), "client": {"model": "m"}}
     (values["client"] if where == "client" else values)["api_key"] = "sk-live-SECRET"
     config_file = tmp_path / "synthesis.yaml"
     config_file.write_text(json.dumps(values))
-    with pytest.raises(ValueError, match=r"\['api_key'\] look like credentials.*OPENAI_API_KEY") as error:
-        cli_main(["--config", str(config_file)])
-    assert "sk-live-SECRET" not in str(error.value) and not out.exists()
+    assert cli_main(["--config", str(config_file)]) == 2
+    error = capsys.readouterr().err
+    assert re.search(r"\['api_key'\] look like credentials.*OPENAI_API_KEY", error), error
+    assert "sk-live-SECRET" not in error and not out.exists()
 
 
 @pytest.mark.parametrize("flag, value", [("--concurrency", "0"), ("--num-samples", "0"), ("--shard", "3")])
-def test_numeric_settings_are_checked_when_parsed(tmp_path, flag, value):
+def test_numeric_settings_are_checked_when_parsed(tmp_path, capsys, flag, value):
     config_file = tmp_path / "synthesis.yaml"
     config_file.write_text(json.dumps({"out": str(tmp_path / "out"), "client": {"model": "m"}}))
-    with pytest.raises(ValueError, match="must be"):  # not a run that hangs or writes nothing
-        cli_main(["--config", str(config_file), flag, value, "--num-shards", "2"])
-    assert not (tmp_path / "out").exists()
+    # not a run that hangs or writes nothing: a message and exit status 2
+    assert cli_main(["--config", str(config_file), flag, value, "--num-shards", "2"]) == 2
+    assert "must be" in capsys.readouterr().err and not (tmp_path / "out").exists()
 
 
 def failed_lines(out: Path) -> list[str]:
@@ -380,6 +385,6 @@ def test_exit_codes_say_stopped_and_nothing_written(tmp_path, monkeypatch):
         with AnswerServer(contents=contents) as server:
             server.script.extend(failures)
             config = settings(tmp_path / name, server, answer_retries=0, num_samples=4)
-            values = vars(config) | {"embedder": "unused"}
+            values = vars(config) | {"embedder": str(tmp_path)}  # an existing path: the model is patched
             (tmp_path / f"{name}.yaml").write_text(json.dumps(values))
             assert cli_main(["--config", str(tmp_path / f"{name}.yaml")]) == expected

@@ -1,5 +1,5 @@
 """python -m mme5.synthesis --config configs/synthesis/default.yaml [overrides] [--retry-failed]
-[--dry-run]"""
+[--allow-model-change] [--overwrite] [--dry-run]"""
 
 from __future__ import annotations
 
@@ -7,9 +7,8 @@ import argparse
 import json
 import sys
 
-import yaml
-
-from mme5.synthesis.config import SynthesisConfig, estimate, planned_samples
+from mme5.files import OutputFolderError
+from mme5.synthesis.config import SynthesisConfig, estimate, planned_samples, read_settings
 from mme5.synthesis.pipeline import run
 from mme5.synthesis.plan import split, summary
 
@@ -38,14 +37,19 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     parser.add_argument("--num-shards", type=int, help="jobs in the job-array split")
     parser.add_argument("--retry-failed", action="store_true", default=None,
                         help="re-attempt the ids recorded in failed.jsonl (a plain resume skips them)")
+    parser.add_argument("--allow-model-change", action="store_true",
+                        help="resume a folder with another --model than the one it was started with (each "
+                             "answer row names its model)")
+    parser.add_argument("--overwrite", action="store_true",
+                        help="replace a folder holding other output (its samples are lost once this run "
+                             "completes); not for job-array parts")
     parser.add_argument("--dry-run", action="store_true",
                         help="print the plan's mix and a token/cost estimate")
     return parser.parse_args(argv)
 
 
 def load_config(args: argparse.Namespace) -> SynthesisConfig:
-    with open(args.config, encoding="utf-8") as f:
-        values = yaml.safe_load(f) or {}
+    values = read_settings(args.config)
     values["client"] = dict(values.get("client") or {})
     for flag, (section, key) in OVERRIDES.items():
         value = getattr(args, flag)
@@ -56,13 +60,18 @@ def load_config(args: argparse.Namespace) -> SynthesisConfig:
 
 def main(argv: list[str] | None = None) -> int:
     args = parse_args(argv)
-    config = load_config(args)
-    if args.dry_run:
-        plan = split(planned_samples(config), config.num_shards, config.shard_index)
-        report = {"mix": summary(plan), "estimate": estimate(config, plan), "model": config.client["model"]}
-        print(json.dumps(report, indent=2, ensure_ascii=False))
-        return 0
-    result = run(config)
+    try:
+        config = load_config(args)
+        if args.dry_run:
+            plan = split(planned_samples(config), config.num_shards, config.shard_index)
+            report = {"mix": summary(plan), "estimate": estimate(config, plan),
+                      "model": config.client["model"]}
+            print(json.dumps(report, indent=2, ensure_ascii=False))
+            return 0
+        result = run(config, overwrite=args.overwrite, allow_model_change=args.allow_model_change)
+    except (OSError, ValueError, OutputFolderError) as error:  # bad settings or inputs, a folder refused
+        print(f"error: {error}", file=sys.stderr)
+        return 2
     if "stopped" in result:  # the service or the disk failed: resume once it is fixed
         print(f"error: synthesis stopped: {result['stopped']}", file=sys.stderr)
         return 2

@@ -7,11 +7,13 @@ from dataclasses import dataclass, field, fields
 from pathlib import Path
 from typing import Any
 
+import yaml
+
 from mme5.data.schema import Modality, Task
-from mme5.settings import at_least, unknown_settings
+from mme5.settings import at_least, check_types, unknown_settings
 from mme5.synthesis.client import ClientConfig
 from mme5.synthesis.languages import default_language_weights
-from mme5.synthesis.plan import PlannedSample, make_plan, read_plan, write_plan
+from mme5.synthesis.plan import COMBINATIONS, PlannedSample, make_plan, read_plan, write_plan
 from mme5.synthesis.prompting import build_request, image_roles
 
 PLAN = "plan.jsonl"
@@ -71,11 +73,42 @@ class SynthesisConfig:
     def client_config(self) -> ClientConfig:
         return ClientConfig.from_dict(dict(self.client))
 
+    def output_identity(self, images: str | None, embedder: str | None) -> dict[str, Any]:
+        """What defines the samples an output folder holds, the keys a resume must keep: the plan (its size,
+        seed and mix, and its split into `num_shards` parts), how each sample is asked for (prompt form,
+        neighbour ranks, model) and its inputs (`images`: the pool's fingerprint, `embedder`: the retrieval
+        model's). How the calls are made (server, concurrency, retries, limits, prices, sampling) may change
+        between runs; so may `shard_index`, which the part folder's name carries."""
+        return {"num_samples": self.num_samples, "seed": self.seed, "english_share": self.english_share,
+                "combination_weights": self.combination_weights, "num_shards": self.num_shards,
+                "use_response_format": self.use_response_format, "positive_ranks": self.positive_ranks,
+                "negative_ranks": self.negative_ranks, "model": self.client["model"], "images": images,
+                "embedder": embedder}
+
     @property
     def work_dir(self) -> Path:
         """Where this job writes: the output folder, or a part folder of a job-array split."""
         out = Path(self.out)
         return out if self.num_shards == 1 else out / f"part-{self.shard_index:05d}-of-{self.num_shards:05d}"
+
+
+def read_settings(path: str | Path) -> dict[str, Any]:
+    """The settings of a synthesis YAML, checked for shape and types (top level and `client`), so that a
+    list, a word where a number belongs or a mapping where a list belongs is named with the file and key."""
+    try:
+        with open(path, encoding="utf-8") as f:
+            values = yaml.safe_load(f)
+    except yaml.YAMLError as error:
+        raise ValueError(f"{path}: not valid YAML: {error}") from None
+    except UnicodeDecodeError as error:
+        raise ValueError(f"{path}: not UTF-8 text ({error})") from None
+    values = {} if values is None else values
+    if not isinstance(values, dict):
+        raise ValueError(f"{path}: expected a mapping of settings (key: value, as in "
+                         f"configs/synthesis/default.yaml), found a {type(values).__name__}")
+    check_types(values, SynthesisConfig, str(path))
+    check_types(values.get("client") or {}, ClientConfig, f"{path}: client")
+    return values
 
 
 def planned_samples(config: SynthesisConfig) -> list[PlannedSample]:
@@ -84,15 +117,17 @@ def planned_samples(config: SynthesisConfig) -> list[PlannedSample]:
     if config.combination_weights:
         combos = {}
         for name, weight in config.combination_weights.items():
-            task, modality = name.split("/")
-            combos[(Task(task), Modality(modality))] = weight
+            try:
+                task, modality = name.split("/")
+                combos[(Task(task), Modality(modality))] = weight
+            except ValueError:
+                known = [f"{task}/{modality}" for task, modality in COMBINATIONS]
+                raise ValueError(f"combination_weights: {name!r} is not one of {known}") from None
     return make_plan(config.num_samples, config.seed, combos, default_language_weights(config.english_share))
 
 
-def load_or_write_plan(config: SynthesisConfig) -> list[PlannedSample]:
-    """Write the plan to `<out>/plan.jsonl`, or check that an existing one is the plan of these settings."""
-    plan = planned_samples(config)
-    path = Path(config.out) / PLAN
+def load_or_write_plan(plan: list[PlannedSample], path: Path) -> list[PlannedSample]:
+    """Write `plan` to `path`, or check that the plan already there is the same."""
     if path.exists():
         if read_plan(path) != plan:
             raise ValueError(f"{path} is the plan of other settings (num_samples, seed, weights); use a "

@@ -1,9 +1,9 @@
 """The synthesis run: plan → images → one MLLM call per sample → validated samples in shards.
 
-The plan is on disk before any call (`config.load_or_write_plan`); every finished sample and every failure
-is committed to the work folder at once and packed into shards while the calls go on (`workdir`), so a
-run killed at any point resumes from what is on disk. Failed ids are skipped on resume unless
-`retry_failed`.
+The folder is claimed first (`owner`) and the plan is on disk before any call (`config.load_or_write_plan`);
+every finished sample and every failure is committed to the work folder at once and packed into shards
+while the calls go on (`workdir`), so a run killed at any point resumes from what is on disk. Failed ids
+are skipped on resume unless `retry_failed`.
 """
 
 from __future__ import annotations
@@ -21,10 +21,11 @@ from typing import Any
 from tqdm import tqdm
 
 from mme5.data.shards import sample_to_record
-from mme5.files import write_json
+from mme5.files import OutputFolder, path_fingerprint, remove_path, write_json
 from mme5.synthesis.client import ChatClient, ChatError, ServiceError, Usage
-from mme5.synthesis.config import SynthesisConfig, load_or_write_plan
+from mme5.synthesis.config import PLAN, SynthesisConfig, load_or_write_plan, planned_samples
 from mme5.synthesis.images import Embed, ImagePool, NeighbourIndex, encoder_embedder, select_images
+from mme5.synthesis.owner import claim_output
 from mme5.synthesis.plan import PlannedSample, split
 from mme5.synthesis.prompting import build_request
 from mme5.synthesis.validation import InvalidAnswer, parse_answer
@@ -99,7 +100,7 @@ async def _synthesise(config: SynthesisConfig, todo: list[PlannedSample], pool: 
         # the total over resumed runs survives kill -9 (see total_usage). A failed commit (a full disk) is
         # the run's failure, not the sample's: it propagates and stops the run.
         meta = {**parsed.metadata, "images": keys, "attempts": attempts, "calls": attempts,
-                "usage": asdict(usage)}
+                "usage": asdict(usage), "model": client.config.model}
         record = sample_to_record(parsed.sample)
         # In a thread: the fsyncs must not stall the event loop that keeps the other requests going.
         await asyncio.to_thread(commit_sample, work / STAGING, record, planned.id, meta)
@@ -112,7 +113,7 @@ async def _synthesise(config: SynthesisConfig, todo: list[PlannedSample], pool: 
     async def _fail(planned: PlannedSample, reason: str, detail: str, attempts: int, calls: int,
                     usage: Usage) -> None:
         row = {"id": planned.id, "reason": reason, "detail": detail, "attempts": attempts, "calls": calls,
-               "usage": asdict(usage)}
+               "usage": asdict(usage), "model": client.config.model}
         await asyncio.to_thread(record_failure, work, row)
         if packer is not None:
             packer.failed(planned.id)
@@ -134,37 +135,76 @@ async def _synthesise(config: SynthesisConfig, todo: list[PlannedSample], pool: 
         task.result()  # re-raises a worker's error
 
 
-def run(config: SynthesisConfig, embed: Embed | None = None, embed_name: str | None = None) -> dict[str, Any]:
+def run(config: SynthesisConfig, embed: Embed | None = None, embed_name: str | None = None, *,
+        overwrite: bool = False, allow_model_change: bool = False) -> dict[str, Any]:
     """Synthesise this job's share of the plan into `config.work_dir`; returns the summary.
 
-    Resume: ids already written are skipped; ids recorded as failed are skipped too unless
-    `config.retry_failed`, which re-attempts them (with the ids never attempted). `embed` replaces the
-    encoder named by `config.embedder` (for tests, or another retrieval model).
+    The folder is claimed first (`owner.claim_output`): another identity (plan, model, images, embedder)
+    is refused before anything is written or paid, unless `overwrite` (start afresh) or, for the model
+    alone, `allow_model_change`. Resume: ids already written are skipped; ids recorded as failed are
+    skipped too unless `config.retry_failed`, which re-attempts them (with the ids never attempted).
+    `embed` replaces the encoder named by `config.embedder` (for tests, or another retrieval model).
     """
     start = time.monotonic()
-    plan = split(load_or_write_plan(config), config.num_shards, config.shard_index)
-    work = config.work_dir
-    prepare(work)
-    write_json(work / "config.json", asdict(config))
-    pack(work, plan, config.shard_size)  # a killed run's staged samples first
-    written = set(packed_ids(work))
-    failed_before = set(failed_rows(work)) - written
-    skip = written if config.retry_failed else written | failed_before
-    todo = [s for s in plan if s.id not in skip]
-    retried = frozenset(s.id for s in todo if s.id in failed_before)
+    plan = planned_samples(config)
+    pool = _image_pool(config, split(plan, config.num_shards, config.shard_index))
+    identity = config.output_identity(None, None) if pool is None else \
+        config.output_identity(pool.fingerprint(), _embedder_identity(config, embed, embed_name))
+    with claim_output(config, identity, overwrite=overwrite, allow_model_change=allow_model_change) as folder:
+        summary = _run(config, folder, plan, pool, embed, embed_name, start)
+        if "stopped" not in summary and summary["written"] + summary["failed"] == summary["planned"]:
+            folder.complete(**{key: summary[key] for key in ("planned", "written", "failed",
+                                                             "written_by_model")})
+    return summary
 
-    pool = index = None
-    if any(s.needs_images for s in todo):
-        if config.images is None:
-            raise ValueError("the plan has samples with images: set `images` (a folder or list of images)")
-        pool = ImagePool(config.images)
-        if embed is None:
-            if config.embedder is None:
-                raise ValueError("set `embedder` (a model folder) to pick neighbour images")
-            embed, embed_name = encoder_embedder(config.embedder)
-        index = NeighbourIndex(pool, embed, embed_name or getattr(embed, "name", "embedder"),
-                               config.embedding_cache or Path(config.out) / "cache",
-                               config.embed_batch_size, config.positive_ranks, config.negative_ranks)
+
+def _image_pool(config: SynthesisConfig, share: list[PlannedSample]) -> ImagePool | None:
+    """The pool a share with images draws from (read before the claim: its fingerprint is in the identity)."""
+    if not any(s.needs_images for s in share):
+        return None
+    if config.images is None:
+        raise ValueError("the plan has samples with images: set `images` (a folder or list of images)")
+    return ImagePool(config.images)
+
+
+def _embedder_identity(config: SynthesisConfig, embed: Embed | None, embed_name: str | None) -> str:
+    """The retrieval model's identity without loading it: `embed`'s name, or the model files' fingerprint."""
+    if embed is not None:
+        return embed_name or getattr(embed, "name", "embedder")
+    if config.embedder is None:
+        raise ValueError("set `embedder` (a model folder) to pick neighbour images")
+    if not Path(config.embedder).exists():
+        raise FileNotFoundError(f"embedder {config.embedder}: no such model folder or file")
+    return path_fingerprint(config.embedder)
+
+
+def _run(config: SynthesisConfig, folder: OutputFolder, full_plan: list[PlannedSample],
+         pool: ImagePool | None, embed: Embed | None, embed_name: str | None, start: float) -> dict[str, Any]:
+    """`run` in its claimed folder."""
+    work = folder.work
+    shared = work if config.num_shards == 1 else Path(config.out)  # the plan and cache of every part
+    try:
+        plan = split(load_or_write_plan(full_plan, shared / PLAN), config.num_shards, config.shard_index)
+        prepare(work)
+        write_json(work / "config.json", asdict(config))
+        pack(work, plan, config.shard_size)  # a killed run's staged samples first
+        written = set(packed_ids(work))
+        failed_before = set(failed_rows(work)) - written
+        skip = written if config.retry_failed else written | failed_before
+        todo = [s for s in plan if s.id not in skip]
+        retried = frozenset(s.id for s in todo if s.id in failed_before)
+        index = None
+        if pool is not None and any(s.needs_images for s in todo):
+            if embed is None:
+                embed, embed_name = encoder_embedder(config.embedder)
+            index = NeighbourIndex(pool, embed, embed_name or getattr(embed, "name", "embedder"),
+                                   config.embedding_cache or shared / "cache", config.embed_batch_size,
+                                   config.positive_ranks, config.negative_ranks)
+    except BaseException:
+        if folder.state == "new":  # nothing was there and nothing was paid for: leave nothing behind,
+            for path in work.iterdir():  # so that the corrected command is not refused as another output
+                remove_path(path)
+        raise
 
     packer: Packer | None = None
     client: ChatClient | None = None
@@ -200,7 +240,10 @@ def run(config: SynthesisConfig, embed: Embed | None = None, embed_name: str | N
         "written": stats.written, "failed": sum(stats.failed.values()),
         "failed_by_reason": dict(stats.failed.most_common()), "calls": calls,
         "input_tokens": usage.input_tokens, "output_tokens": usage.output_tokens,
-        "cost_usd": round(usage.cost_usd, 6), "wall_s": round(time.monotonic() - start, 3)}
+        "cost_usd": round(usage.cost_usd, 6), "wall_s": round(time.monotonic() - start, 3),
+        "model": config.client["model"]}
+    if folder.identity["model"] != config.client["model"]:  # --allow-model-change
+        summary["this_run"]["folder_model"] = folder.identity["model"]
     if stopped is not None:
         summary["stopped"] = stopped
     write_json(work / SUMMARY, summary)

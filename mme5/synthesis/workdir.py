@@ -118,12 +118,12 @@ def usage_of(row: dict[str, Any]) -> dict[str, float]:
             "output_tokens": usage.get("output_tokens") or 0, "cost_usd": usage.get("cost_usd") or 0.0}
 
 
-def total_usage(work: Path) -> dict[str, Any]:
-    """Calls, tokens and cost over every run of this folder: each written sample's answer row (all its
-    calls, invalid answers included) plus every failure row ever appended (superseded ones too: they were
-    paid for). Read after packing, when every committed sample has its row in `answers.jsonl`."""
+def total_usage(answers: list[dict[str, Any]], failures: list[dict[str, Any]]) -> dict[str, Any]:
+    """Calls, tokens and cost over every run of a folder: each written sample's answer row (all its calls,
+    invalid answers included) plus every failure row ever appended (superseded ones too: they were paid
+    for). Read after packing, when every committed sample has its row in `answers.jsonl`."""
     total = Counter()
-    for row in jsonl_rows(work / ANSWERS) + jsonl_rows(work / FAILED):
+    for row in answers + failures:
         total.update(usage_of(row))
     return {"calls": int(total["calls"]), "input_tokens": int(total["input_tokens"]),
             "output_tokens": int(total["output_tokens"]), "cost_usd": round(total["cost_usd"], 6)}
@@ -142,15 +142,19 @@ def packed_ids(work: Path) -> list[str]:
 
 
 def summarise(work: Path, plan: list[PlannedSample], packed: set[str] | None = None) -> dict[str, Any]:
-    """The state of `work` on disk: planned, written, failed (the latest outcome per id: an id written
-    since it failed is not failed), and the calls, tokens and cost over all runs (`total`). `packed`: the
-    ids in the shards, if known (default: read from the shards)."""
+    """The state of `work` on disk: planned, written (and by which model: rows from before models were
+    recorded count as "unrecorded"), failed (the latest outcome per id: an id written since it failed is not
+    failed), and the calls, tokens and cost over all runs (`total`). `packed`: the ids in the shards, if
+    known (default: read from the shards)."""
     written = read_manifest(work)["num_samples"] if (work / MANIFEST).exists() else 0
     packed = set(packed_ids(work)) if packed is None else packed
-    failures = Counter(row["reason"] for sample_id, row in failed_rows(work).items()
-                       if sample_id not in packed)
+    answers, failure_rows = jsonl_rows(work / ANSWERS), jsonl_rows(work / FAILED)
+    latest = {row["id"]: row for row in failure_rows}
+    failures = Counter(row["reason"] for sample_id, row in latest.items() if sample_id not in packed)
+    by_model = Counter(row.get("model", "unrecorded") for row in answers)
     return {"planned": len(plan), "written": written, "failed": sum(failures.values()),
-            "failed_by_reason": dict(failures.most_common()), "total": total_usage(work)}
+            "failed_by_reason": dict(failures.most_common()),
+            "written_by_model": dict(by_model.most_common()), "total": total_usage(answers, failure_rows)}
 
 
 class PackedOutput:
