@@ -14,7 +14,8 @@ from collections import Counter
 from pathlib import Path
 from typing import Any
 
-from mme5.eval.registry import META_TASKS, SPLITS
+from mme5.eval.registry import META_TASKS, SPLITS, mean_over_sets
+from mme5.eval.xtd import paper_mean_label
 from mme5.hub import card_licence, is_hub_id
 
 PAPER = "https://arxiv.org/abs/2502.08468"
@@ -139,17 +140,20 @@ def _scores(scores: dict[str, Any]) -> list[str]:
     lines = ["## Evaluation", ""]
     mmeb = scores.get("mmeb")
     if mmeb:
-        header = [*META_TASKS, *SPLITS, "Overall"]
+        label, mean = mean_over_sets(mmeb)  # "Overall" only when every set was evaluated
+        header = [*META_TASKS, *SPLITS, label]
+        values = [*(mmeb.get(k) for k in (*META_TASKS, *SPLITS)), mean]
         metric, ties = mmeb.get("metric", "precision@1"), mmeb.get("ties", "pessimistic")
         lines += [f"MMEB ({metric}, %, ties {ties}):", "",
                   "| " + " | ".join(header) + " |", "|" + "---|" * len(header),
-                  "| " + " | ".join(_cell(mmeb.get(k)) for k in header) + " |", ""]
+                  "| " + " | ".join(map(_cell, values)) + " |", ""]
     xtd = scores.get("xtd")
     if xtd:
         languages = list(xtd.get("languages", {}))
         values = [xtd["languages"][code].get("t2i", {}).get("recall@10") for code in languages]
         paper = (xtd.get("mean") or {}).get("t2i", {}).get("recall@10")
-        lines += ["XTD text→image Recall@10 (%):", "", "| " + " | ".join([*languages, "mean (paper)"]) + " |",
+        lines += ["XTD text→image Recall@10 (%):", "",
+                  "| " + " | ".join([*languages, paper_mean_label(xtd)]) + " |",
                   "|" + "---|" * (len(languages) + 1),
                   "| " + " | ".join(_cell(v) for v in [*values, paper]) + " |", ""]
     return lines

@@ -1,6 +1,7 @@
 """End to end on a tiny demo world: the training callbacks, the checkpoint loader and the command."""
 
 import json
+import os
 
 import lightning as L
 import pyarrow as pa
@@ -114,7 +115,7 @@ def test_command_end_to_end_on_a_backbone_folder(tiny_world, tiny_mllama, tmp_pa
     assert {"mean", "mean_all"} <= set(xtd) and "xtd/mean_r10" in scores["scalars"]
     report = (tmp_path / "results.md").read_text()
     assert "| Model | Classification | VQA | Retrieval | Grounding | IND | OOD | Overall |" in report
-    assert "text→image" in report and "mean (2 paper)" in report
+    assert "text→image" in report and "mean over 2 of 7 paper languages" in report  # not the paper's mean
     lines = (tmp_path / "predictions" / "mmeb" / "Shape.jsonl").read_text().splitlines()
     first = json.loads(lines[0])
     assert len(lines) == 3 and set(first) == {"query", "gold_rank", "top", "scores"}
@@ -148,3 +149,73 @@ def test_evaluating_nothing_is_an_error_not_a_nan_score(tiny_world, tmp_path, ca
     (tmp_path / "mmeb" / "subsets.json").write_text(json.dumps(registry))
     with pytest.raises(ValueError, match="mmeb/Empty: no query to evaluate"):
         evaluate(MMEB(tmp_path / "mmeb"), lambda items: torch.zeros(len(items), 4))
+
+
+def test_out_belongs_to_one_evaluation(tiny_world, tiny_mllama, tmp_path, monkeypatch, capsys):
+    """Same model, data and settings: resumed. Other settings: refused before the model loads, naming the
+    key; --overwrite replaces. A second process on the same --out: refused at once, naming the holder."""
+    import mme5.eval.__main__ as command
+    from mme5.files import claim_folder, read_owner
+
+    out = tmp_path / "eval"
+    args = ["--model", tiny_mllama, "--benchmark", "mmeb", "--data", str(tiny_world), "--subsets", "Shape",
+            "--max-queries", "2", "--out", str(out), "--device", "cpu"]
+    main(args)
+    first = json.loads((out / "scores.json").read_text())
+    assert read_owner(out)["complete"] and read_owner(out)["identity"]["mmeb.sets"] == ["Shape"]
+    assert first["model"]["files"] == read_owner(out)["identity"]["model_files"]
+    main(args)  # resumed: same scores
+    assert json.loads((out / "scores.json").read_text())["scalars"] == first["scalars"]
+
+    def no_load(*args, **kwargs):
+        raise AssertionError("the model was loaded")
+
+    monkeypatch.setattr(command, "load_encoder", no_load)
+    other = args[:-5] + ["3", *args[-4:]]  # --max-queries 3
+    with pytest.raises(SystemExit) as exit_:
+        main(other)
+    error = capsys.readouterr().err
+    assert exit_.value.code == 2 and "max_queries: 2 (recorded) → 3 (now)" in error and "--overwrite" in error
+    with pytest.raises(SystemExit):
+        main([*args[:1], str(tmp_path / "another-model"), *args[2:]])
+    assert "model_files" in capsys.readouterr().err
+    with claim_folder(out, "mme5.eval", {}, overwrite=True), pytest.raises(SystemExit):
+        main(args)  # another process holds it
+    assert f"is being written by pid {os.getpid()}" in capsys.readouterr().err
+    assert json.loads((out / "scores.json").read_text()) == first  # nothing refused touched it
+
+    monkeypatch.undo()
+    main([*other, "--overwrite"])
+    replaced = json.loads((out / "scores.json").read_text())
+    assert replaced["mmeb"]["datasets"]["Shape"]["queries"] == 3
+    assert read_owner(out)["identity"]["max_queries"] == 3
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["eval"]  # no sibling nor lock left
+
+
+def test_overall_only_when_every_set_is_evaluated_and_repeated_subsets_count_once(tiny_world, tiny_mllama,
+                                                                                  tmp_path, capsys):
+    from mme5.eval.compare import comparison, figures
+
+    every = len(json.loads((tiny_world / "mmeb" / "subsets.json").read_text()))
+    args = ["--model", tiny_mllama, "--benchmark", "mmeb", "--data", str(tiny_world), "--max-queries", "2",
+            "--device", "cpu"]
+    with pytest.warns(UserWarning, match=r"MMEB data set\(s\) \['Shape'\] listed more than once"):
+        main([*args, "--subsets", "Shape", "Count", "Shape", "--out", str(tmp_path / "two")])
+    label = f"mean over 2 of {every} sets"
+    assert f"mmeb: {label}" in capsys.readouterr().out
+    scores = json.loads((tmp_path / "two" / "scores.json").read_text())
+    mmeb = scores["mmeb"]
+    assert "Overall" not in mmeb and "mmeb/Overall" not in scores["scalars"]
+    assert mmeb["sets"] == {"evaluated": 2, "in_benchmark": every}
+    assert set(mmeb["datasets"]) == {"Shape", "Count"}
+    per_set = [mmeb["datasets"][name]["precision@1"] for name in ("Shape", "Count")]
+    assert mmeb["mean_over_sets"] == pytest.approx(sum(per_set) / 2)  # Shape once, not twice
+    report = (tmp_path / "two" / "results.md").read_text()
+    assert f"| IND | OOD | {label} |" in report and "no Overall" in report
+
+    main([*args, "--out", str(tmp_path / "all")])
+    complete = json.loads((tmp_path / "all" / "scores.json").read_text())
+    assert "Overall" in complete["mmeb"] and "mmeb: Overall" in capsys.readouterr().out
+    assert figures(scores)["Overall"] is None and figures(complete)["Overall"] == complete["mmeb"]["Overall"]
+    table = comparison({"two": scores, "all": complete})
+    assert f"{mmeb['mean_over_sets']:.1f} ({label})" in table

@@ -10,7 +10,7 @@ from mme5.eval.encode import encode
 from mme5.eval.images import MissingImageError
 from mme5.eval.retrieval import rank
 from mme5.eval.run import evaluate
-from mme5.eval.xtd import PAPER_LANGUAGES, TEXT_INSTRUCTION, XTD, read_lines, read_xtd10
+from mme5.eval.xtd import PAPER_LANGUAGES, TEXT_INSTRUCTION, XTD, paper_mean_label, read_lines, read_xtd10
 
 REAL_XTD10 = Path(__file__).resolve().parents[2] / "shared" / "data" / "xtd10"
 NAMES = [f"COCO_train2014_{i:012d}.jpg" for i in range(6)]
@@ -111,6 +111,26 @@ def test_caption_count_mismatch_names_the_file(tmp_path):
     with pytest.raises(ValueError, match=r"MIC/test_1kcaptions_de.txt: 5 captions, but .* lists 6 images"):
         read_xtd10(root)
     read_xtd10(root, languages=["en"])  # other languages still read
+
+
+def test_a_caption_file_in_another_encoding_is_refused_naming_it(tmp_path):
+    """STAIR captions saved as Shift-JIS (a common copy): an error naming the file, line and byte, not a
+    bare UnicodeDecodeError nor mojibake captions."""
+    root = write_xtd10(tmp_path)
+    (root / "STAIR" / "test_1kcaptions_jp.txt").write_bytes("\n".join(CAPTIONS["jp"]).encode("shift_jis"))
+    with pytest.raises(ValueError, match=r"STAIR/test_1kcaptions_jp.txt: not UTF-8 \(byte 0x[0-9a-f]{2} at "
+                                         r"offset 0, line 1\).*iconv"):
+        read_xtd10(root)
+    assert read_xtd10(root, languages=["de"])[1]["de"] == CAPTIONS["de"]  # other languages still read
+
+
+def test_repeated_languages_count_once_and_the_paper_mean_says_over_how_many(tmp_path):
+    with pytest.warns(UserWarning, match=r"XTD language\(s\) \['es'\] listed more than once"):
+        benchmark = XTD(write_xtd10(tmp_path), languages=["es", "en", "es"])
+    assert benchmark.languages == ["es", "en"] and benchmark.identity()["languages"] == ["es", "en"]
+    summary, _ = evaluate(benchmark, fake_embed)
+    assert paper_mean_label(summary.scores) == "mean over 1 of 7 paper languages"
+    assert paper_mean_label({"paper_languages": list(PAPER_LANGUAGES)}) == "mean (7 paper languages)"
 
 
 def test_missing_image_names_the_list_line(tmp_path):

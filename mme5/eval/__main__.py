@@ -8,13 +8,20 @@
 Data: `--data DIR` is the parent of `mmeb/` and `xtd/` (as the demo world writes); `--mmeb DIR` and
 `--xtd DIR` name either folder directly and win over `--data`. Embeddings are cached under
 `<out>/cache/<model fingerprint>/` (or --cache), so a rerun or an interrupted run does not recompute.
+
+`--out` belongs to one evaluation (`mme5.files.claim_folder`; its identity: `identity` below): a rerun of
+the same model, data and settings resumes from the cache; another model or other settings are refused
+before the model loads (`--overwrite` replaces the folder's content once the new scores are complete); a
+second process on the same `--out` is refused at once.
 """
 
 from __future__ import annotations
 
 import argparse
 import os
+import sys
 from pathlib import Path
+from typing import Any
 
 import torch
 import torch.distributed as dist
@@ -25,11 +32,13 @@ from mme5.distributed import rank_and_world
 from mme5.eval.encode import EmbeddingCache
 from mme5.eval.metrics import TIE_RULES
 from mme5.eval.mmeb import MMEB
+from mme5.eval.registry import mean_over_sets
 from mme5.eval.report import write_outputs
-from mme5.eval.run import Benchmark, evaluate
-from mme5.eval.xtd import IMAGE_INSTRUCTION, TEXT_INSTRUCTION, XTD
+from mme5.eval.run import Benchmark, Summary, evaluate
+from mme5.eval.xtd import IMAGE_INSTRUCTION, TEXT_INSTRUCTION, XTD, paper_mean_label
+from mme5.files import OutputFolder, OutputFolderError, claim_folder, path_fingerprint
 
-HEADLINE = ("Overall", "mean_r10", "mean_all_r10")  # printed at the end of a run
+COMMAND = "mme5.eval"
 
 
 def parse(argv: list[str] | None = None) -> argparse.Namespace:
@@ -44,8 +53,13 @@ def parse(argv: list[str] | None = None) -> argparse.Namespace:
                         "(default: the MMEB folder and its .zip files)")
     parser.add_argument("--xtd-images", type=Path, nargs="+", help="image folders or .zip files "
                         "(default: the XTD folder and its .zip files)")
-    parser.add_argument("--out", required=True, type=Path, help="output folder")
-    parser.add_argument("--subsets", nargs="+", help="MMEB data sets (default: all of the registry)")
+    parser.add_argument("--out", required=True, type=Path,
+                        help="output folder; a rerun with the same model, data and settings resumes")
+    parser.add_argument("--overwrite", action="store_true",
+                        help="replace what --out holds (another model's or other settings' scores, or this "
+                             "run's own, recomputed); the old content stays until the new one is complete")
+    parser.add_argument("--subsets", nargs="+", help="MMEB data sets (default: all of the registry; with "
+                        "fewer, no Overall: a mean over the sets evaluated)")
     parser.add_argument("--languages", nargs="+", help="XTD languages (default: all present)")
     parser.add_argument("--max-queries", type=int, help="first N queries of each data set")
     parser.add_argument("--batch-size", type=int, default=16, help="items per forward (default: 16)")
@@ -90,6 +104,60 @@ def benchmarks(args: argparse.Namespace) -> list[Benchmark]:
     return out
 
 
+def local_reference(model: str | Path) -> str:
+    """A model as the identity names it: a local path resolved, a hub id as given."""
+    return str(Path(model).resolve()) if Path(model).exists() else str(model)
+
+
+def identity(args: argparse.Namespace, chosen: list[Benchmark]) -> dict[str, Any]:
+    """What `--out` holds the scores of: the model's files, the data evaluated and the settings that change
+    scores or predictions. Batch size, device and the cache change neither (the cache is keyed by model)."""
+    keys: dict[str, Any] = {
+        "model": local_reference(args.model), "model_files": path_fingerprint(args.model),
+        "backbone": args.backbone and local_reference(args.backbone),
+        "backbone_files": args.backbone and path_fingerprint(args.backbone),
+        **{name: getattr(args, name) for name in ("max_queries", "dtype", "max_length", "ties", "top_k")}}
+    for benchmark in chosen:
+        keys |= {f"{benchmark.name}.{key}": value for key, value in benchmark.identity().items()}
+        images = {"mmeb": args.mmeb_images, "xtd": args.xtd_images}[benchmark.name]
+        keys[f"{benchmark.name}.images"] = images and [str(Path(p).resolve()) for p in images]
+    if any(benchmark.name == "xtd" for benchmark in chosen):
+        keys["xtd.instructions"] = [args.text_instruction, args.image_instruction]
+    return keys
+
+
+def claim_out(args: argparse.Namespace, chosen: list[Benchmark]) -> tuple[OutputFolder | None, Path]:
+    """Rank 0 claims `--out`; every rank learns the folder to write into (a replacement's sibling under
+    --overwrite). A refusal ends every rank with rank 0's message (exit 2)."""
+    folder, problem = None, None
+    if rank_and_world()[0] == 0:
+        try:
+            folder = claim_folder(args.out, COMMAND, identity(args, chosen), overwrite=args.overwrite,
+                                  ways_out="pass --overwrite to replace it, or choose another --out")
+        except OutputFolderError as error:
+            problem = str(error)
+    shared = [folder.work if folder else None, problem]
+    if dist.is_initialized():
+        dist.broadcast_object_list(shared, src=0)
+    if shared[1]:
+        if dist.is_initialized():
+            dist.destroy_process_group()
+        print(f"error: {shared[1]}", file=sys.stderr)
+        sys.exit(2)
+    return folder, shared[0]
+
+
+def headline(name: str, summary: Summary) -> str:
+    """The line printed at the end of a run: MMEB's Overall (or a partial run's labelled mean), XTD's R@10
+    means."""
+    if name == "mmeb":
+        label, mean = mean_over_sets(summary.scores)
+        return f"{label} {mean:.1f}"
+    paper, every = summary.scalars.get("mean_r10"), summary.scalars.get("mean_all_r10")
+    means = [f"{paper_mean_label(summary.scores)} R@10 {paper:.1f}"] if paper is not None else []
+    return ", ".join([*means, f"mean ({len(summary.scores['languages'])} languages) R@10 {every:.1f}"])
+
+
 def init_distributed(device: str) -> str:
     """Join the process group that torchrun describes (if any); returns this rank's device."""
     if int(os.environ.get("WORLD_SIZE", "1")) <= 1 or dist.is_initialized():
@@ -106,20 +174,29 @@ def main(argv: list[str] | None = None) -> None:
     args = parse(argv)
     chosen = benchmarks(args)  # reads registries and finds files: fails before the model loads
     device = init_distributed(args.device)
-    loaded = load_encoder(args.model, device, args.dtype, args.max_length, args.backbone,
-                          trust_checkpoint=args.trust_checkpoint)
-    cache = None if args.no_cache else EmbeddingCache(args.cache or args.out / "cache", loaded.fingerprint)
-    summaries, results = {}, {}
-    for benchmark in chosen:
-        summaries[benchmark.name], results[benchmark.name] = evaluate(
-            benchmark, loaded.encoder.embed, batch_size=args.batch_size, cache=cache, top_k=args.top_k,
-            progress=True, ties=args.ties)
-    if rank_and_world()[0] == 0:
-        write_outputs(args.out, loaded.description | {"fingerprint": loaded.fingerprint}, summaries, results)
-        for name, summary in summaries.items():
-            headline = [f"{k} {summary.scalars[k]:.1f}" for k in HEADLINE if k in summary.scalars]
-            print(f"{name}: {', '.join(headline)}")
-        print(f"wrote {args.out / 'scores.json'}, {args.out / 'results.md'} and {args.out / 'predictions'}/")
+    folder, work = claim_out(args, chosen)  # before the model loads: a refusal costs nothing
+    try:
+        loaded = load_encoder(args.model, device, args.dtype, args.max_length, args.backbone,
+                              trust_checkpoint=args.trust_checkpoint)
+        cache = None if args.no_cache else EmbeddingCache(args.cache or work / "cache", loaded.fingerprint)
+        summaries, results = {}, {}
+        for benchmark in chosen:
+            summaries[benchmark.name], results[benchmark.name] = evaluate(
+                benchmark, loaded.encoder.embed, batch_size=args.batch_size, cache=cache, top_k=args.top_k,
+                progress=True, ties=args.ties)
+        if folder is not None:  # rank 0
+            # "files": what `mme5.export --scores` compares with the checkpoint it exports
+            model = loaded.description | {"fingerprint": loaded.fingerprint,
+                                          "files": folder.identity["model_files"]}
+            write_outputs(work, model, summaries, results)
+            folder.complete()
+            for name, summary in summaries.items():
+                print(f"{name}: {headline(name, summary)}")
+            print(f"wrote {args.out / 'scores.json'}, {args.out / 'results.md'} and "
+                  f"{args.out / 'predictions'}/")
+    finally:
+        if folder is not None:
+            folder.release()
     if dist.is_initialized():
         dist.destroy_process_group()
 

@@ -3,7 +3,8 @@
     python -m mme5.eval.compare runs/demo/eval/untrained runs/demo/eval/trained
 
 Each argument is a `scores.json` or the folder holding it. Columns: the MMEB meta-tasks, IND, OOD and
-Overall, then XTD text→image Recall@10 averaged over the paper's languages and over all languages.
+Overall, then XTD text→image Recall@10 averaged over the paper's languages and over all languages. A run of
+fewer MMEB sets or paper languages has no Overall or paper mean: its partial mean stands there, labelled.
 """
 
 from __future__ import annotations
@@ -13,7 +14,9 @@ import json
 from pathlib import Path
 from typing import Any
 
+from mme5.eval.registry import OVERALL, mean_over_sets
 from mme5.eval.report import HEADLINE, cell, table
+from mme5.eval.xtd import covers_paper_languages, paper_mean_label
 
 XTD_COLUMNS = (("mean", "XTD R@10 (paper langs)"), ("mean_all", "XTD R@10 (all)"))
 
@@ -30,18 +33,35 @@ def load_scores(path: str | Path) -> dict[str, Any]:
 COLUMNS = (*HEADLINE, *(label for _, label in XTD_COLUMNS))
 
 
+def _xtd_r10(xtd: dict[str, Any], group: str) -> float | None:
+    return ((xtd.get(group) or {}).get("t2i") or {}).get("recall@10")
+
+
 def figures(scores: dict[str, Any]) -> dict[str, float | None]:
-    """The comparison's columns of one `scores.json` (None where the run has no such score)."""
+    """The comparison's columns of one `scores.json` (None where the run has no such score: a partial run
+    has no Overall, nor a mean over the paper's languages)."""
     mmeb = scores.get("mmeb", {})
     xtd = scores.get("xtd", {})
     values = {key: mmeb.get(key) for key in HEADLINE}
     for group, label in XTD_COLUMNS:
-        values[label] = ((xtd.get(group) or {}).get("t2i") or {}).get("recall@10")
+        values[label] = _xtd_r10(xtd, group) if group != "mean" or covers_paper_languages(xtd) else None
     return values
 
 
+def row(scores: dict[str, Any]) -> list[str]:
+    """One run's cells; a partial run's means, labelled, where its Overall and paper mean would be."""
+    cells = {key: cell(value) for key, value in figures(scores).items()}
+    mmeb, xtd = scores.get("mmeb"), scores.get("xtd")
+    if mmeb and OVERALL not in mmeb:
+        label, mean = mean_over_sets(mmeb)
+        cells[OVERALL] = f"{cell(mean)} ({label})"
+    if xtd and not covers_paper_languages(xtd):
+        cells[XTD_COLUMNS[0][1]] = f"{cell(_xtd_r10(xtd, 'mean'))} ({paper_mean_label(xtd)})"
+    return list(cells.values())
+
+
 def comparison(runs: dict[str, dict[str, Any]]) -> str:
-    rows = [[name, *map(cell, figures(scores).values())] for name, scores in runs.items()]
+    rows = [[name, *row(scores)] for name, scores in runs.items()]
     return "\n".join(table(["Run", *COLUMNS], rows))
 
 

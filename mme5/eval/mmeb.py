@@ -15,11 +15,12 @@ from __future__ import annotations
 
 from collections.abc import Iterator, Sequence
 from pathlib import Path
+from typing import Any
 
 from mme5.eval.images import ImageStore
 from mme5.eval.metrics import metrics_from_ranks
 from mme5.eval.registry import MMEB as MMEB_SETS
-from mme5.eval.registry import EvalSet, aggregate, load_registry
+from mme5.eval.registry import EvalSet, aggregate, load_registry, once_each
 from mme5.eval.retrieval import Ranked, RetrievalSet, SetBuilder
 from mme5.eval.rows import add_rows, data_identity, parquet_files
 from mme5.eval.run import Summary
@@ -40,7 +41,8 @@ class MMEB:
 
     Args:
         root: folder holding one sub-folder per data set.
-        subsets: data sets to evaluate (default: every one of the registry; each must be in it).
+        subsets: data sets to evaluate (default: every one of the registry; each must be in it; a repeat is
+            dropped, with a warning).
         images: image sources, folders or .zip files (default: `root` and its .zip files).
         max_queries: first N queries of each data set (a deterministic subset, e.g. during training).
     """
@@ -50,7 +52,9 @@ class MMEB:
     def __init__(self, root: str | Path, subsets: Sequence[str] | None = None,
                  images: Sequence[str | Path] | None = None, max_queries: int | None = None):
         self.root = Path(root)
-        registry = {s.name: s for s in registry_of(self.root)}
+        self.benchmark = registry_of(self.root)  # every set: Overall needs them all
+        registry = {s.name: s for s in self.benchmark}
+        subsets = once_each(subsets, "MMEB data set(s)")
         unknown = [name for name in subsets or [] if name not in registry]
         if unknown:
             raise ValueError(f"unknown MMEB data set(s) {unknown}: not in the registry of {self.root} "
@@ -70,19 +74,22 @@ class MMEB:
             add_rows(builder, spec.name, parquet_files(self.root / spec.name), self.max_queries)
             yield builder.build()
 
-    def identity(self) -> dict[str, str]:
-        """The data evaluated: the selected sets' row files and the registry."""
+    def identity(self) -> dict[str, Any]:
+        """The data evaluated: the selected sets, and (fingerprint) their row files and the registry."""
         files = [f for spec in self.registry for f in parquet_files(self.root / spec.name)]
         registry = self.root / REGISTRY_FILE
-        return data_identity(self.root, files + ([registry] if registry.is_file() else []))
+        return data_identity(self.root, files + ([registry] if registry.is_file() else [])) | {
+            "sets": [s.name for s in self.registry]}
 
     def summarize(self, results: dict[str, Ranked]) -> Summary:
-        """Per data set metrics (P@1 is the score) and the leaderboard aggregates."""
+        """Per data set metrics (P@1 is the score), the leaderboard aggregates (an Overall only when every set
+        of the benchmark was evaluated) and how many sets were."""
         datasets = {s.name: {"meta_task": s.meta_task, "split": s.split}
                     | metrics_from_ranks(results[s.name].ranks) for s in self.registry if s.name in results}
         scores = {name: entry[SCORE] for name, entry in datasets.items()}
-        aggregates = aggregate(scores, self.registry)
+        aggregates = aggregate(scores, self.benchmark)
+        counts = {"evaluated": len(datasets), "in_benchmark": len(self.benchmark)}
         return Summary(
-            scores={"metric": SCORE, "datasets": datasets, **aggregates},
+            scores={"metric": SCORE, "datasets": datasets, "sets": counts, **aggregates},
             scalars=scores | {k: v for k, v in aggregates.items() if v is not None},
         )

@@ -1,6 +1,6 @@
 """The MMEB data sets (36 image tasks) with meta-task, IND/OOD membership and instruction, and the
 leaderboard's aggregation: meta-task, IND and OOD means, and Overall = the mean over ALL data sets (not
-the mean of the four meta-task means).
+the mean of the four meta-task means; a run of fewer sets has a "mean over N of M sets", never an Overall).
 
 Instructions are informational: MMEB-eval's `qry_text` already carries its instruction, and the evaluator
 encodes the text as published.
@@ -9,8 +9,11 @@ encodes the text as published.
 from __future__ import annotations
 
 import json
+import warnings
+from collections.abc import Sequence
 from dataclasses import asdict, dataclass
 from pathlib import Path
+from typing import Any
 
 META_TASKS = ("Classification", "VQA", "Retrieval", "Grounding")
 SPLITS = ("IND", "OOD")
@@ -106,15 +109,32 @@ def save_registry(sets: tuple[EvalSet, ...] | list[EvalSet], path: str | Path) -
     Path(path).write_text(json.dumps(payload, indent=2, ensure_ascii=False) + "\n", encoding="utf-8")
 
 
+def once_each(names: Sequence[str] | None, what: str) -> list[str] | None:
+    """`names` with repeats dropped (first order kept), saying so: a set listed twice must count once in
+    every mean."""
+    if names is None:
+        return None
+    distinct = list(dict.fromkeys(names))
+    if len(distinct) < len(names):
+        repeated = sorted({name for name in names if names.count(name) > 1})
+        warnings.warn(f"{what} {repeated} listed more than once: each is evaluated once", stacklevel=3)
+    return distinct
+
+
 def _mean(values: list[float]) -> float | None:
     return sum(values) / len(values) if values else None
+
+
+OVERALL = "Overall"  # the mean over every data set of the benchmark
+PARTIAL_MEAN = "mean_over_sets"  # a partial run's mean over the sets it evaluated: not the Overall
 
 
 def aggregate(scores: dict[str, float], sets: tuple[EvalSet, ...] | list[EvalSet]) -> dict[str, float | None]:
     """Leaderboard aggregates of per-data-set scores: each meta-task, IND, OOD and Overall.
 
-    Only data sets present in `scores` count (a partial run aggregates what it has); an aggregate with no
-    data set is None.
+    `sets`: the benchmark's full registry. Only data sets present in `scores` count (a partial run aggregates
+    what it has; an aggregate with no data set is None), and the mean over them is called Overall only when
+    every set of the registry is present; a partial run's is `PARTIAL_MEAN`, which no leaderboard compares.
     """
     present = [s for s in sets if s.name in scores]
     out: dict[str, float | None] = {}
@@ -122,5 +142,15 @@ def aggregate(scores: dict[str, float], sets: tuple[EvalSet, ...] | list[EvalSet
         out[task] = _mean([scores[s.name] for s in present if s.meta_task == task])
     for split in SPLITS:
         out[split] = _mean([scores[s.name] for s in present if s.split == split])
-    out["Overall"] = _mean([scores[s.name] for s in present])
+    out[OVERALL if len(present) == len(sets) else PARTIAL_MEAN] = _mean([scores[s.name] for s in present])
     return out
+
+
+def mean_over_sets(scores: dict[str, Any]) -> tuple[str, float | None]:
+    """The label and value of MMEB scores' mean over data sets: ("Overall", x) when every set of the
+    benchmark was evaluated, else ("mean over N of M sets", x)."""
+    if OVERALL in scores:
+        return OVERALL, scores[OVERALL]
+    sets = scores.get("sets") or {}
+    return f"mean over {sets.get('evaluated', '?')} of {sets.get('in_benchmark', '?')} sets", \
+        scores.get(PARTIAL_MEAN)

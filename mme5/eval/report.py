@@ -16,12 +16,13 @@ from typing import Any
 
 import torch
 
-from mme5.eval.registry import META_TASKS, SPLITS
+from mme5.eval.registry import META_TASKS, OVERALL, SPLITS, mean_over_sets
 from mme5.eval.retrieval import Ranked
 from mme5.eval.run import Summary
+from mme5.eval.xtd import paper_mean_label
 from mme5.files import atomic_write, write_json
 
-HEADLINE = (*META_TASKS, *SPLITS, "Overall")
+HEADLINE = (*META_TASKS, *SPLITS, OVERALL)
 XTD_ROWS = (("t2i", "text→image"), ("i2t", "image→text"))
 TIE_NOTES = {"pessimistic": "Ties: a candidate scoring exactly as the gold ranks above it (pessimistic).",
              "reference": "Ties: the first maximum in list order wins, as the reference's argmax "
@@ -38,10 +39,16 @@ def table(header: list[str], rows: list[list[str]]) -> list[str]:
 
 
 def mmeb_tables(model: str, scores: dict[str, Any]) -> list[str]:
-    """The leaderboard line (meta-tasks, IND, OOD, Overall), then every data set by meta-task."""
-    lines = ["## MMEB", "", f"Score: {scores['metric']} (%). Overall is the mean over all data sets. "
+    """The leaderboard line (meta-tasks, IND, OOD, Overall or a partial run's labelled mean), then every
+    data set by meta-task."""
+    label, mean = mean_over_sets(scores)
+    means = ("Overall is the mean over all data sets." if label == OVERALL else
+             f"Not every data set was evaluated: no Overall; the {label} and the meta-task, IND and OOD "
+             "means are over the sets evaluated.")
+    lines = ["## MMEB", "", f"Score: {scores['metric']} (%). {means} "
              f"{TIE_NOTES[scores.get('ties', 'pessimistic')]}", ""]
-    lines += table(["Model", *HEADLINE], [[model, *(cell(scores.get(k)) for k in HEADLINE)]])
+    columns = HEADLINE[:-1]
+    lines += table(["Model", *columns, label], [[model, *(cell(scores.get(k)) for k in columns), cell(mean)]])
     rows = []
     for task in META_TASKS:
         entries = [(name, e) for name, e in scores["datasets"].items() if e["meta_task"] == task]
@@ -55,8 +62,7 @@ def mmeb_tables(model: str, scores: dict[str, Any]) -> list[str]:
 def xtd_tables(scores: dict[str, Any]) -> list[str]:
     """Recall@1/5/10 per language and direction, with the means over the paper's and all languages."""
     languages = list(scores["languages"])
-    groups = [("mean", f"mean ({len(scores['paper_languages'])} paper)"),
-              ("mean_all", f"mean ({len(languages)})")]
+    groups = [("mean", paper_mean_label(scores)), ("mean_all", f"mean ({len(languages)})")]
     header = ["Direction", "Metric", *languages, *(label for _, label in groups)]
     rows = []
     for direction, label in XTD_ROWS:

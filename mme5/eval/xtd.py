@@ -19,12 +19,14 @@ from __future__ import annotations
 
 from collections.abc import Iterator, Sequence
 from pathlib import Path
+from typing import Any
 
 import torch
 
 from mme5.backbones.base import IMAGE_INSTRUCTION
 from mme5.eval.images import ImageStore
 from mme5.eval.metrics import metrics_from_ranks
+from mme5.eval.registry import once_each
 from mme5.eval.retrieval import Ranked, RetrievalSet, SetBuilder
 from mme5.eval.rows import add_rows, data_identity, parquet_files
 from mme5.eval.run import Summary
@@ -38,8 +40,17 @@ KS = (1, 5, 10)
 
 
 def read_lines(path: Path) -> list[str]:
-    """Non-final-newline-safe lines of a UTF-8 text file (LF or CRLF), each stripped."""
-    lines = path.read_text(encoding="utf-8-sig").replace("\r\n", "\n").split("\n")
+    """Non-final-newline-safe lines of a UTF-8 text file (LF or CRLF), each stripped; another encoding is
+    refused naming the file, the line and the byte (decoding it as something else would score mojibake)."""
+    data = path.read_bytes()
+    try:
+        text = data.decode("utf-8-sig")
+    except UnicodeDecodeError as error:
+        line = data[: error.start].count(b"\n") + 1
+        raise ValueError(f"{path}: not UTF-8 (byte 0x{data[error.start]:02x} at offset {error.start}, line "
+                         f"{line}); XTD caption files are UTF-8: convert it, e.g. `iconv -f <encoding> -t "
+                         "UTF-8`") from None
+    lines = text.replace("\r\n", "\n").split("\n")
     if lines[-1] == "":
         lines.pop()
     return [line.strip() for line in lines]
@@ -87,10 +98,23 @@ def _select(languages: Sequence[str] | None, available: dict[str, object], root:
     if not available:
         raise FileNotFoundError(f"{root}: no XTD language found ({CAPTIONS}<lang>.txt, or "
                                 "<lang>/test-*.parquet)")
+    languages = once_each(languages, "XTD language(s)")
     unknown = [code for code in languages or [] if code not in available]
     if unknown:
         raise ValueError(f"{root}: no XTD data for language(s) {unknown}; found {sorted(available)}")
     return list(languages) if languages else sorted(available)
+
+
+def covers_paper_languages(scores: dict[str, Any]) -> bool:
+    """XTD scores' "mean" is the paper's: every one of its languages was evaluated."""
+    return set(PAPER_LANGUAGES) <= set(scores.get("paper_languages", []))
+
+
+def paper_mean_label(scores: dict[str, Any]) -> str:
+    """What XTD scores' "mean" is: over the paper's languages, or over those of them evaluated (N of 7)."""
+    total = len(PAPER_LANGUAGES)
+    return f"mean ({total} paper languages)" if covers_paper_languages(scores) else \
+        f"mean over {len(scores.get('paper_languages', []))} of {total} paper languages"
 
 
 def _distinct(rows: list[int]) -> tuple[list[int], list[int]]:
@@ -160,14 +184,15 @@ class XTD:
             builder.rank(f"{language}_t2i", texts, torch.tensor(image_gallery).expand(count, -1), image_gold)
             builder.rank(f"{language}_i2t", images, torch.tensor(text_gallery).expand(count, -1), text_gold)
 
-    def identity(self) -> dict[str, str]:
-        """The data evaluated: the XTD10 text files, or the row files, of the selected languages."""
+    def identity(self) -> dict[str, Any]:
+        """The data evaluated: the selected languages, and the XTD10 text files or the row files of them
+        (fingerprint)."""
         if self.xtd10 is not None:
             names, captions = self.xtd10
             files = [names, *(captions[language] for language in self.languages)]
         else:
             files = [f for language in self.languages for f in parquet_files(self.root / language)]
-        return data_identity(self.root, files)
+        return data_identity(self.root, files) | {"languages": list(self.languages)}
 
     def summarize(self, results: dict[str, Ranked]) -> Summary:
         """Recall@1/5/10 (P@1 = R@1) per language and direction; means over the paper's languages
