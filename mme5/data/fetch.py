@@ -4,26 +4,35 @@
     python -m mme5.data.fetch --dataset mmeb-eval --out data/MMEB-eval
 
 Files come through `huggingface_hub.snapshot_download` into `--out` (resumable: a rerun fetches only what is
-missing; `--subset` narrows it to the paths naming those subsets, plus the dataset card). Archives of
-training images (.zip, .tar, .tar.gz, .tgz) are unpacked beside themselves once (a `<archive>.unpacked`
-marker records it; members that would land outside the folder are refused); evaluation sets keep their
-zips, which `mme5.eval` reads directly. The licence is read from the dataset card. Offline (no network, or
-`HF_HUB_OFFLINE=1`) it stops at once and says how to bring the files over.
+missing; `--subset` narrows it to the paths naming those subsets, plus the dataset card; a subset naming no
+file is an error). Archives of training images (.zip, .tar, .tar.gz, .tgz) are unpacked beside themselves
+once (a `<archive>.unpacked` marker records it; members that would land outside the folder are refused);
+evaluation sets keep their zips, which `mme5.eval` reads directly. The licence is read from the dataset card.
+
+`--out` is claimed for one data set and revision (`mme5.files.claim_folder`): fetching more subsets of it
+into the same folder adds them; another data set or revision is refused unless `--overwrite`. Success is
+said only when every requested file is there at the size the hub lists (recorded in the folder's owner
+record). Offline (no network, or `HF_HUB_OFFLINE=1`) a request that an earlier fetch completed and whose
+files are all still there succeeds, saying it was not checked against the hub; any other stops at once and
+says how to bring the files over.
 """
 
 from __future__ import annotations
 
 import argparse
+import fnmatch
 import sys
 import tarfile
 import zipfile
 from dataclasses import dataclass
 from pathlib import Path
 
-from mme5.files import atomic_write
+from mme5.files import OutputFolder, OutputFolderError, atomic_write, claim_folder
 from mme5.hub import card_licence
 
 ARCHIVES = (".zip", ".tar", ".tar.gz", ".tgz")
+COMMAND = "mme5.data.fetch"
+ALL = "*"  # the subsets recorded for a fetch of the whole data set
 
 
 @dataclass(frozen=True)
@@ -50,29 +59,106 @@ DATASETS = {
 }
 
 
-def fetch(name: str, out: str | Path, subsets: list[str] | None = None, revision: str | None = None,
-          token: str | None = None) -> Path:
-    """Download data set `name` into `out` (only `subsets` if given), unpack its training archives; returns
-    `out`. Raises ConnectionError with what to do when the hub cannot be reached."""
-    from huggingface_hub import snapshot_download
-    from huggingface_hub.errors import LocalEntryNotFoundError
+@dataclass
+class Fetched:
+    """What a fetch left: the folder, and whether it was checked against the hub (not when offline)."""
 
-    published = DATASETS[name]
-    out = Path(out)
-    patterns = [*(f"*{subset}*" for subset in subsets), "README.md"] if subsets else None
-    try:
-        snapshot_download(published.repo_id, repo_type="dataset", local_dir=out, allow_patterns=patterns,
-                          revision=revision, token=token)
-    except LocalEntryNotFoundError as error:
-        reason = str(error).splitlines()[0]
+    folder: Path
+    online: bool
+
+
+def fetch_identity(name: str, revision: str | None) -> dict[str, str | None]:
+    """What an output folder of `fetch` holds: one data set at one revision (its subsets may grow)."""
+    return {"dataset": DATASETS[name].repo_id, "revision": revision}
+
+
+def fetch(name: str, out: str | Path, subsets: list[str] | None = None, revision: str | None = None,
+          token: str | None = None, overwrite: bool = False) -> Fetched:
+    """Download data set `name` into `out` (only `subsets` if given) and unpack its training archives.
+
+    Raises ConnectionError (with what to do) when the hub cannot be reached and the request was not
+    completed before, ValueError for a subset that names no file, OutputFolderError for a folder that holds
+    another output."""
+    subsets = sorted(set(subsets)) if subsets else None
+    with claim_folder(out, COMMAND, fetch_identity(name, revision), overwrite=overwrite,
+                      ways_out="pass --overwrite to replace it, or choose another --out") as folder:
+        online = True
+        try:
+            files = download(name, folder.work, subsets, revision, token)
+        except ConnectionError:
+            if not completed_before(folder, subsets):
+                raise
+            online, files = False, {}
+        if DATASETS[name].unpack:
+            for archive in archives(folder.work):
+                unpack(archive)
+        folder.complete(files={**folder.record.get("files", {}), **files},
+                        subsets=merged_subsets(folder.record.get("subsets"), subsets))
+    return Fetched(Path(out), online)
+
+
+def download(name: str, folder: Path, subsets: list[str] | None, revision: str | None,
+             token: str | None) -> dict[str, int | None]:
+    """Fetch the requested files into `folder`; returns {path: size} of every one, each checked present at
+    the size the hub lists (huggingface_hub alone returns a non-empty folder as it is when offline)."""
+    from huggingface_hub import snapshot_download
+    from huggingface_hub.errors import DryRunError, LocalEntryNotFoundError
+
+    repo_id, patterns = DATASETS[name].repo_id, request_patterns(subsets)
+    try:  # the listing first: it fails when the hub cannot be reached, whatever the folder holds
+        listing = snapshot_download(repo_id, repo_type="dataset", local_dir=folder, allow_patterns=patterns,
+                                    revision=revision, token=token, dry_run=True)
+    except (DryRunError, LocalEntryNotFoundError) as error:
+        cause = error.__cause__ or error
+        reason = f"{type(cause).__name__}: {(str(cause) or 'no detail').splitlines()[0]}"
         raise ConnectionError(
-            f"{published.repo_id}: the Hugging Face Hub cannot be reached from here ({reason}). Fetch it on "
-            f"a machine with internet (same command), copy {out} here, and rerun: files already there are "
-            "kept") from None
-    if published.unpack:
-        for archive in archives(out):
-            unpack(archive)
-    return out
+            f"{repo_id}: the Hugging Face Hub cannot be reached from here ({reason}). Fetch it on a machine "
+            "with internet (same command), copy the folder here, and rerun: files already there are kept"
+        ) from None
+    files = {info.filename: info.file_size for info in listing}
+    unmatched = [s for s in subsets or [] if not any(requested(path, [s]) and path != "README.md"
+                                                     for path in files)]
+    if unmatched:
+        raise ValueError(f"{repo_id}: --subset {' '.join(unmatched)} names no file of the data set (subsets "
+                         "are folder and file names of the repository, e.g. ImageNet_1K)")
+    commit = listing[0].commit_hash if listing else revision
+    snapshot_download(repo_id, repo_type="dataset", local_dir=folder, allow_patterns=patterns,
+                      revision=commit, token=token)
+    if missing := incomplete(folder, files):
+        raise OSError(f"{folder}: the download left {len(missing)} file(s) missing or short: "
+                      f"{', '.join(missing[:5])}; delete them and rerun to fetch them again")
+    return files
+
+
+def incomplete(folder: Path, files: dict[str, int | None]) -> list[str]:
+    """The listed files that are not in `folder` at their listed size (a size the hub does not give is not
+    compared)."""
+    return [path for path, size in sorted(files.items()) if not (folder / path).is_file()
+            or (size is not None and (folder / path).stat().st_size != size)]
+
+
+def merged_subsets(recorded: str | list[str] | None, subsets: list[str] | None) -> str | list[str]:
+    """The subsets fetched completely so far, this request's added (ALL: the whole data set)."""
+    return ALL if recorded == ALL or subsets is None else sorted({*(recorded or []), *subsets})
+
+
+def request_patterns(subsets: list[str] | None) -> list[str] | None:
+    """The hub paths a request takes: those naming a subset, and the card (None: every path)."""
+    return [*(f"*{subset}*" for subset in subsets), "README.md"] if subsets else None
+
+
+def requested(path: str, subsets: list[str] | None) -> bool:
+    return subsets is None or any(fnmatch.fnmatch(path, pattern) for pattern in request_patterns(subsets))
+
+
+def completed_before(folder: OutputFolder, subsets: list[str] | None) -> bool:
+    """Whether an earlier fetch into `folder` completed this request and its files are all still there at
+    their sizes: what an offline rerun may call done."""
+    recorded = folder.record.get("subsets")
+    if not (recorded == ALL or (subsets is not None and set(subsets) <= set(recorded or []))):
+        return False
+    files = {path: size for path, size in folder.record.get("files", {}).items() if requested(path, subsets)}
+    return not incomplete(folder.work, files)
 
 
 def archives(folder: Path) -> list[Path]:
@@ -134,12 +220,18 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--out", required=True, type=Path, help="folder to download into")
     parser.add_argument("--subset", nargs="+", help="only these subsets (e.g. ImageNet_1K MSCOCO_t2i)")
     parser.add_argument("--revision", help="a branch, tag or commit of the data set")
+    parser.add_argument("--overwrite", action="store_true",
+                        help="replace what --out holds (another data set or revision)")
     args = parser.parse_args(argv)
     try:
-        folder = fetch(args.dataset, args.out, args.subset, args.revision)
-    except ConnectionError as error:
+        fetched = fetch(args.dataset, args.out, args.subset, args.revision, overwrite=args.overwrite)
+    except (OutputFolderError, OSError, ValueError) as error:  # OSError: offline, unknown repo or revision
         print(f"error: {error}", file=sys.stderr)
         return 2
+    folder = fetched.folder
+    if not fetched.online:
+        print(f"note: the hub cannot be reached; every requested file was fetched into {folder} before and "
+              "is there at its listed size (not checked for a newer revision)", file=sys.stderr)
     print(f"{DATASETS[args.dataset].repo_id} → {folder} (licence: {licence(folder)})")
     print("next:")
     for command in next_steps(args.dataset, folder):
