@@ -10,6 +10,7 @@ from helpers import image_bytes
 from mme5.data import convert as conv
 from mme5.data.schema import Modality, Task
 from mme5.data.shards import read_manifest, read_samples, shard_urls
+from mme5.files import OutputFolderError
 
 
 @pytest.fixture
@@ -145,7 +146,7 @@ def test_resume_after_interruption_gives_the_same_shards(tmp_path, image_root, m
     for a, b in zip(shard_urls(tmp_path / "ref"), shard_urls(tmp_path / "out"), strict=True):
         assert open(a, "rb").read() == open(b, "rb").read()
     assert conv.convert(out_dir=tmp_path / "out", **args) == resumed  # finished: nothing redone
-    with pytest.raises(FileExistsError, match="--overwrite"):
+    with pytest.raises(OutputFolderError, match=r"shard_size: 2 \(recorded\) → 3 \(now\).*--overwrite"):
         conv.convert(out_dir=tmp_path / "out", **dict(args, shard_size=3))
 
 
@@ -175,13 +176,15 @@ def test_image_paths_that_leave_the_image_root_are_refused(tmp_path, image_root)
 
 
 def test_bad_rows_are_named_not_fatal_to_the_file(tmp_path, image_root):
-    """A numeric qry, a non-UTF-8 byte, a row without qry: each one bad row, named; the rest converts."""
+    """A numeric qry, a JSON escape of a lone surrogate (text no UTF-8 shard can hold), a row without qry:
+    each one bad row, named; the rest converts. (A non-UTF-8 byte refuses the whole file: see
+    test_text_files_in_another_encoding_are_refused_naming_the_byte.)"""
     good = {"qry": "<|image_1|>\nFind the caption:", "qry_image_path": "coco/0.jpg", "pos_text": "a ball"}
     no_qry = {"pos_text": "y", "qry_image_path": "coco/1.jpg"}
     text_only = {"qry": "Find the answer:", "pos_text": "text only"}
     lines = [json.dumps(good).encode(), json.dumps(good | {"qry": 7}).encode(),
-             b'{"qry": "caf\xe9", "pos_text": "x"}', json.dumps(no_qry).encode(), json.dumps(good).encode(),
-             json.dumps(text_only).encode()]
+             b'{"qry": "caf\\udce9", "pos_text": "x"}', json.dumps(no_qry).encode(),
+             json.dumps(good).encode(), json.dumps(text_only).encode()]
     (tmp_path / "in").mkdir()
     (tmp_path / "in" / "rows.jsonl").write_bytes(b"\n".join(lines) + b"\n")
     manifest = conv.convert([str(tmp_path / "in" / "rows.jsonl")], image_root, tmp_path / "out", task="vqa",
@@ -191,7 +194,7 @@ def test_bad_rows_are_named_not_fatal_to_the_file(tmp_path, image_root):
     assert report["skipped"] == {"bad_type": 1, "bad_encoding": 1, "missing_column": 1, "bad_modality": 1}
     errors = "\n".join(report["errors"])
     assert "rows.jsonl: row 1: field 'qry': expected a string, found int" in errors
-    assert "rows.jsonl: row 2" in errors and "not UTF-8" in errors
+    assert "rows.jsonl: row 2: field 'qry': a lone surrogate" in errors
     assert "rows.jsonl: row 3: field 'qry': column missing" in errors
     assert "rows.jsonl: row 5" in errors and "T2T is not a multimodal combination" in errors
 
@@ -404,3 +407,232 @@ def test_a_hub_dataset_id_maps_to_load_dataset_with_its_revision_config_and_spli
     with pytest.raises(FileNotFoundError, match="my-data/pairs.jsonl: not a parquet/JSONL/CSV file"):
         conv.convert(["my-data/pairs.jsonl"], image_root, tmp_path / "none", progress=False)
     assert len(calls) == 1
+
+
+# ----------------------------------------------------------------------------- issue 21: the output folder
+
+
+def cli_args(tmp_path, image_root, *extra):
+    return ["--input", str(tmp_path / "in"), "--images", str(image_root), "--out", str(tmp_path / "out"),
+            *extra]
+
+
+def shard_bytes(folder):
+    return {Path(url).name: Path(url).read_bytes() for url in shard_urls(folder)}
+
+
+def test_a_complete_conversion_run_again_does_nothing_and_other_settings_are_refused_naming_them(
+        tmp_path, image_root, capsys):
+    write_parquet(tmp_path / "in" / "OK-VQA" / "train.parquet", mmeb_rows()[:2])
+    assert conv.main(cli_args(tmp_path, image_root)) == 0
+    before = {p.name: p.stat().st_mtime_ns for p in (tmp_path / "out").iterdir()}
+    capsys.readouterr()
+    assert conv.main(cli_args(tmp_path, image_root)) == 0
+    out = capsys.readouterr().out
+    assert "already holds this conversion, complete; nothing to do" in out and "2 samples" in out
+    after = {p.name: p.stat().st_mtime_ns for p in (tmp_path / "out").iterdir()}
+    assert {k: v for k, v in after.items() if k != ".mme5-owner.json"} == \
+        {k: v for k, v in before.items() if k != ".mme5-owner.json"}
+    assert conv.main(cli_args(tmp_path, image_root, "--max-negatives", "1")) == 2
+    err = capsys.readouterr().err
+    assert "error:" in err and "max_negatives: null (recorded) → 1 (now)" in err and "--overwrite" in err
+    assert "Traceback" not in err
+
+
+def test_overwrite_writes_beside_and_swaps_in_only_when_complete(tmp_path, image_root, monkeypatch):
+    """An interrupted --overwrite leaves the old conversion whole (never a mix of two conversions' shards);
+    the next --overwrite finishes and swaps the new one in, with none of the old shards left."""
+    rows = [dict(mmeb_rows()[0], qry_image_path=f"coco/{i % 6}.jpg") for i in range(9)]
+    write_parquet(tmp_path / "in" / "OK-VQA" / "train.parquet", rows)
+    args = dict(inputs=[str(tmp_path / "in")], image_root=image_root, out_dir=tmp_path / "out",
+                progress=False)
+    old = conv.convert(shard_size=2, **args)
+    old_shards = shard_bytes(tmp_path / "out")
+    assert len(old_shards) == 5
+
+    calls = {"n": 0}
+    original = conv.RowConverter.convert
+
+    def dying(self, *a, **k):
+        calls["n"] += 1
+        if calls["n"] == 5:
+            raise KeyboardInterrupt
+        return original(self, *a, **k)
+
+    monkeypatch.setattr(conv.RowConverter, "convert", dying)
+    with pytest.raises(KeyboardInterrupt):
+        conv.convert(shard_size=3, overwrite=True, **args)
+    assert read_manifest(tmp_path / "out") == old and shard_bytes(tmp_path / "out") == old_shards
+    monkeypatch.setattr(conv.RowConverter, "convert", original)
+    new = conv.convert(shard_size=3, overwrite=True, **args)
+    assert new["extra"]["options"]["shard_size"] == 3 and new["num_samples"] == 9
+    assert sorted(shard_bytes(tmp_path / "out")) == [f"shard-00000{i}.tar" for i in range(3)]
+    assert [p.name for p in tmp_path.iterdir() if p.name.startswith(".out")] == []  # no staging left
+
+
+def test_a_second_conversion_into_a_folder_being_written_is_refused_at_once_naming_the_first(
+        tmp_path, image_root, capsys):
+    """Two converts into one --out (issue 21 case 16): the second stops at once, naming the first's pid;
+    the first's folder is untouched."""
+    import subprocess
+    import sys
+
+    write_parquet(tmp_path / "in" / "OK-VQA" / "train.parquet", mmeb_rows()[:2])
+    holder = subprocess.Popen(
+        [sys.executable, "-c", "import sys, time; from mme5.files import claim_folder; "
+         "folder = claim_folder(sys.argv[1], 'mme5.data.convert', {}); print('held', flush=True); "
+         "time.sleep(60)", str(tmp_path / "out")], stdout=subprocess.PIPE, text=True)
+    try:
+        assert holder.stdout.readline().strip() == "held"
+        assert conv.main(cli_args(tmp_path, image_root)) == 2
+        err = capsys.readouterr().err
+        assert f"is being written by pid {holder.pid} on host" in err and "mme5.data.convert" in err
+        assert not list((tmp_path / "out").glob("shard-*"))
+    finally:
+        holder.kill()
+        holder.wait()
+    with pytest.warns(UserWarning, match=f"took over the lock of pid {holder.pid}"):  # it died holding it
+        assert conv.main(cli_args(tmp_path, image_root, "--overwrite")) == 0
+
+
+# ----------------------------------------------------------------------------- issue 21: inputs named
+
+
+def test_unknown_pair_columns_are_refused_naming_the_known_ones(tmp_path, image_root):
+    """A misspelt pairs column (`negative_image`, `querry_instruction`) would leave every sample without
+    its negatives or instruction: refused, with the columns the format reads and the ways out."""
+    from mme5.data.pairs import PairFormat
+
+    (tmp_path / "in").mkdir()
+    row = {"query": "a red cup", "positive_image": "coco/0.jpg", "negative_image": ["coco/1.jpg"]}
+    (tmp_path / "in" / "pairs.jsonl").write_text(json.dumps(row) + "\n")
+    run = dict(image_root=image_root, task="retrieval", pairs=PairFormat(), progress=False)
+    with pytest.raises(ValueError, match=r"pairs.jsonl: unknown column\(s\) 'negative_image' \(did you mean "
+                                         r"'negative_images'\?\); the pairs format reads \['query', .*--map"):
+        conv.convert([str(tmp_path / "in")], out_dir=tmp_path / "out", **run)
+    assert not (tmp_path / "out").exists()  # refused before the folder is claimed
+    (tmp_path / "in" / "pairs.jsonl").unlink()
+    (tmp_path / "in" / "pairs.csv").write_text("query,positive_image,querry_instruction,note\n"
+                                               "a red cup,coco/0.jpg,Find it:,mine\n")
+    with pytest.raises(ValueError, match=r"'querry_instruction' \(did you mean 'query_instruction'\?\), "
+                                         r"'note'"):
+        conv.convert([str(tmp_path / "in")], out_dir=tmp_path / "out", **run)
+    manifest = conv.convert([str(tmp_path / "in")], out_dir=tmp_path / "out",
+                            ignore_columns=["querry_instruction", "note"], **run)
+    assert manifest["num_samples"] == 1
+    assert list(manifest["extra"]["unread_columns"].values()) == [["querry_instruction", "note"]]
+
+
+def test_published_rows_refuse_misspelt_columns_and_list_the_extra_ones_they_leave_unread(
+        tmp_path, image_root, capsys):
+    """Published files carry columns of their own (left unread as the reference does, and listed); a near
+    miss of a known column (`neg_texts`) is refused, since its negatives would be lost."""
+    write_parquet(tmp_path / "in" / "OK-VQA" / "train.parquet",
+                  [row | {"neg_texts": row["neg_text"]} for row in mmeb_rows()[:2]])
+    with pytest.raises(ValueError, match=r"'neg_texts' \(did you mean 'neg_text'\?\).*--ignore-columns"):
+        conv.convert([str(tmp_path / "in")], image_root, tmp_path / "out", progress=False)
+    write_parquet(tmp_path / "in" / "OK-VQA" / "train.parquet",
+                  [row | {"__index_level_0__": i} for i, row in enumerate(mmeb_rows()[:2])])
+    assert conv.main(cli_args(tmp_path, image_root)) == 0
+    assert "unread columns of" in capsys.readouterr().out
+    manifest = read_manifest(tmp_path / "out")
+    assert list(manifest["extra"]["unread_columns"].values()) == [["__index_level_0__"]]
+
+
+def test_a_byte_order_mark_is_read_in_jsonl_and_csv(tmp_path, image_root):
+    """Excel and Notepad start UTF-8 files with a BOM: the first JSONL row was lost as bad JSON, the first
+    CSV column named '\\ufeffquery'."""
+    from mme5.data.pairs import PairFormat
+
+    (tmp_path / "in").mkdir()
+    rows = [{"query": f"a cup {i}", "positive_image": f"coco/{i}.jpg"} for i in range(2)]
+    jsonl = "".join(json.dumps(row) + "\n" for row in rows).encode()
+    (tmp_path / "in" / "a.jsonl").write_bytes(b"\xef\xbb\xbf" + jsonl)
+    (tmp_path / "in" / "b.csv").write_bytes(b"\xef\xbb\xbfquery,positive_image\na hat,coco/2.jpg\n")
+    manifest = conv.convert([str(tmp_path / "in")], image_root, tmp_path / "out", task="retrieval",
+                            pairs=PairFormat(), progress=False)
+    assert manifest["num_samples"] == 3 and manifest["extra"]["report"]["skipped"] == {}
+
+
+def test_text_files_in_another_encoding_are_refused_naming_the_byte(tmp_path, image_root):
+    from mme5.data.inputs import check_utf8
+
+    (tmp_path / "in").mkdir()
+    latin1 = "query,positive_image\nun café,coco/0.jpg\n".encode("latin-1")
+    (tmp_path / "in" / "pairs.csv").write_bytes(latin1)
+    with pytest.raises(ValueError, match=r"pairs.csv: not UTF-8: byte 27 \(line 2, 0xe9\)"):
+        conv.convert([str(tmp_path / "in")], image_root, tmp_path / "out", progress=False)
+    assert not (tmp_path / "out").exists()
+    text = tmp_path / "t.txt"  # chunks that cut a character in two, then a bad byte after a cut
+    text.write_bytes("aé\né\n".encode())
+    check_utf8(text, chunk_size=2)
+    text.write_bytes("aé\né\n".encode() + b"\xff")
+    with pytest.raises(ValueError, match=r"byte 7 \(line 3, 0xff\)"):
+        check_utf8(text, chunk_size=3)
+    text.write_bytes("aé".encode()[:2])  # a file ending inside a character
+    with pytest.raises(ValueError, match=r"byte 1 \(line 1, 0xc3\)"):
+        check_utf8(text, chunk_size=3)
+
+
+def test_a_split_that_no_input_holds_is_an_error(tmp_path, image_root):
+    """Files without a split in their name are read whatever --split says; a --split given that none holds
+    (a typo) is refused, not silently ignored."""
+    write_parquet(tmp_path / "in" / "OK-VQA" / "rows.parquet", mmeb_rows()[:2])
+    run = dict(inputs=[str(tmp_path / "in")], image_root=image_root, out_dir=tmp_path / "out", progress=False)
+    with pytest.raises(FileNotFoundError, match=r"--split tset: no input holds that split \(the inputs hold "
+                                                r"no named split\)"):
+        conv.convert(split="tset", **run)
+    assert conv.convert(**run)["num_samples"] == 2
+
+
+@pytest.mark.parametrize("flag,value,message", [("--max-negatives", "-1", "must be at least 0, got -1"),
+                                                ("--shard-size", "0", "must be at least 1, got 0"),
+                                                ("--shard-size", "ten", "invalid int value: 'ten'")])
+def test_negative_counts_are_refused_at_parse_time(tmp_path, image_root, capsys, flag, value, message):
+    write_parquet(tmp_path / "in" / "OK-VQA" / "train.parquet", mmeb_rows()[:2])
+    with pytest.raises(SystemExit) as stop:
+        conv.main(cli_args(tmp_path, image_root, flag, value))
+    assert stop.value.code == 2 and f"argument {flag}: {message}" in capsys.readouterr().err
+    assert not (tmp_path / "out").exists()
+
+
+def test_tiff_images_convert_and_16_bit_ones_keep_their_content(tmp_path, image_root):
+    """A `.tif` image (here a 16-bit greyscale scan) is stored with its own bytes and extension, and
+    decodes to its content, not to white."""
+    import numpy as np
+    from PIL import Image
+
+    ramp = np.linspace(0, 65535, 24 * 24).reshape(24, 24).astype(np.uint16)
+    Image.fromarray(ramp).save(image_root / "coco" / "scan.tif")
+    write_parquet(tmp_path / "in" / "OK-VQA" / "train.parquet",
+                  [mmeb_rows()[0] | {"qry_image_path": "coco/scan.tif"}])
+    manifest = conv.convert([str(tmp_path / "in")], image_root, tmp_path / "out", progress=False)
+    assert manifest["num_samples"] == 1
+    sample = next(iter(read_samples(shard_urls(tmp_path / "out"))))
+    assert sample.query.image == (image_root / "coco" / "scan.tif").read_bytes()
+    assert (np.asarray(sample.query.pil())[..., 0] == ramp >> 8).all()
+
+
+def test_an_input_given_twice_is_read_once(tmp_path, image_root):
+    write_parquet(tmp_path / "in" / "OK-VQA" / "train.parquet", mmeb_rows()[:2])
+    twice = [str(tmp_path / "in"), str(tmp_path / "in" / "OK-VQA" / "train.parquet"),
+             str(tmp_path / "in" / "OK-VQA" / ".." / "OK-VQA" / "train.parquet")]
+    manifest = conv.convert(twice, image_root, tmp_path / "out", progress=False)
+    assert manifest["num_samples"] == 2 and len(manifest["extra"]["inputs"]) == 1
+
+
+def test_paths_that_are_not_utf8_are_refused_before_anything_is_written(tmp_path, image_root, capsys):
+    """A file name in another encoding (an input found in a folder, or any path on the command line) would
+    crash the manifest write after the work: refused up front, named with its bad bytes escaped."""
+    import os
+
+    write_parquet(tmp_path / "in" / "OK-VQA" / "train.parquet", mmeb_rows()[:2])
+    latin1 = tmp_path / "in" / "OK-VQA" / os.fsdecode(b"caf\xe9.parquet")
+    write_parquet(tmp_path / "in" / "OK-VQA" / "cafe.parquet", mmeb_rows()[:2])
+    os.rename(tmp_path / "in" / "OK-VQA" / "cafe.parquet", os.fsencode(latin1))
+    with pytest.raises(ValueError, match=r"caf\\udce9.parquet: the file name is not UTF-8"):
+        conv.convert([str(tmp_path / "in")], image_root, tmp_path / "out", progress=False)
+    os.unlink(os.fsencode(latin1))
+    out = str(tmp_path / os.fsdecode(b"sortie-\xe9"))
+    assert conv.main(["--input", str(tmp_path / "in"), "--images", str(image_root), "--out", out]) == 2
+    assert "not UTF-8" in capsys.readouterr().err and not os.path.exists(out)

@@ -20,24 +20,34 @@ an ordered file (by class, five captions per image) does not fill batches with n
 training shuffle buffer; permuting loads a file's rows (text and image paths) into memory, while a `datasets`
 dataset is read in place.
 
+Columns: a column the format does not read is refused when it is likely a misspelling (`neg_texts`,
+`qry_img_path`), since its content would be lost without a word; other extra columns of published files
+(the published sets carry some of their own, which the reference ignores too) are left unread and listed
+in the manifest and the summary. In `--format pairs` every column is the user's own, so any column the
+format does not read is refused, naming the ones it reads; `--ignore-columns` leaves named columns unread.
+
 Known quirks are repaired and counted, bad rows are skipped and named (file, row, field), and everything
 is summarised in a conversion report stored in the manifest (with the files read, the split and the
-order). The conversion resumes after the last finished shard when interrupted, and a finished conversion
-of the same input is left as it is.
+order).
+
+The output folder has one owner (`mme5.files.claim_folder`): its identity is the conversion's options and
+its inputs (`conversion_identity`). The same conversion resumes after the last finished shard when
+interrupted, and a complete one is left as it is; a folder holding another conversion's shards is refused,
+naming what differs, unless `--overwrite`, whose shards are written beside it and swapped in when complete;
+a second conversion into a folder being written is refused at once, naming the first.
 """
 
 from __future__ import annotations
 
 import argparse
 import ast
-import hashlib
-import json
+import difflib
 import os
 import random
 import re
 import sys
 from collections import Counter
-from collections.abc import Iterator, Sequence
+from collections.abc import Callable, Iterator, Sequence
 from dataclasses import dataclass, field, replace
 from pathlib import Path
 from typing import Any
@@ -45,13 +55,19 @@ from typing import Any
 from tqdm import tqdm
 
 from mme5 import published
-from mme5.data.inputs import DEFAULT_SPLIT, BadRow, Row, Table, find_tables
+from mme5.data.inputs import DEFAULT_SPLIT, BadRow, Row, Table, encodable, find_tables, printable
 from mme5.data.pairs import PairFormat
 from mme5.data.schema import Modality, Sample, SchemaError, Side, Task, image_extension
 from mme5.data.shards import MANIFEST, ShardWriter, SkipLog, read_manifest
+from mme5.files import OutputFolderError, claim_folder
 from mme5.images import ImageDecodeError, check_image
+from mme5.settings import number_at_least
 
+COMMAND = "mme5.data.convert"
 REQUIRED_COLUMNS = ("qry", "pos_text")  # image paths and negatives are optional
+PUBLISHED_COLUMNS = (*REQUIRED_COLUMNS, "qry_image_path", "pos_image_path", "neg_text", "neg_image_path",
+                     "modality", "language")
+NEAR_MISS = 0.66  # difflib ratio above which an unknown column is taken for a misspelt known one
 
 # MMEB-train / mmE5-MMEB-hardneg subsets and their meta-task (mme5.md §4).
 SUBSET_TASKS: dict[str, Task] = {
@@ -280,15 +296,26 @@ class RowConverter:
 # ----------------------------------------------------------------------------- input files
 
 
-def check_columns(table: Table, pairs: PairFormat | None = None) -> None:
-    """A table with a header must have the format's required columns (named in the error when it has not)."""
+def check_columns(table: Table, pairs: PairFormat | None = None, ignore: Sequence[str] = ()) -> list[str]:
+    """Refuse a table that lacks the format's required columns, or holds a column the format does not read
+    (pairs: any not in `ignore`; published: a near miss of a known name); returns the columns left unread."""
     names = table.columns()
-    if names is None:
-        return  # JSONL rows are checked one by one
     missing = missing_columns(names, pairs)
     if missing:
         raise ValueError(f"{table.name}: missing column(s) {missing} of the {'pairs' if pairs else 'row'} "
                          f"format; it has {names}")
+    known = PUBLISHED_COLUMNS if pairs is None else pairs.known_columns()
+    unread = [name for name in names if name not in known]
+    near = {name: difflib.get_close_matches(name, known, 1, NEAR_MISS) for name in unread}
+    refused = [name for name in unread if name not in ignore and (pairs is not None or near[name])]
+    if refused:
+        named = ", ".join(repr(name) + (f" (did you mean {near[name][0]!r}?)" if near[name] else "")
+                          for name in refused)
+        way = "name the field a column holds with --map FIELD=COLUMN" if pairs else (
+            "rename the column (or read the file with --format pairs and --map)")
+        raise ValueError(f"{table.name}: unknown column(s) {named}; the {'pairs' if pairs else 'published'} "
+                         f"format reads {known}: {way}, or leave a column unread with --ignore-columns")
+    return unread
 
 
 def missing_columns(names: Any, pairs: PairFormat | None) -> list[str]:
@@ -342,12 +369,19 @@ def task_for(table: Table, source: str, task: str | None) -> Task:
                      f"({', '.join(t.value for t in Task)})")
 
 
-def fingerprint(tables: list[Table], options: dict[str, Any]) -> str:
-    """Identifies one conversion job: same inputs (files: names, sizes, mtimes) and options → same one."""
-    digest = hashlib.sha256(json.dumps(options, sort_keys=True).encode())
-    for table in tables:
-        digest.update(table.identity().encode())
-    return digest.hexdigest()[:16]
+def conversion_identity(tables: list[Table], options: dict[str, Any]) -> dict[str, Any]:
+    """What defines a conversion's output, the identity its folder is claimed with: the options and the
+    inputs (files by path, size and modification time; `datasets` by their fingerprint)."""
+    return {**options, "inputs": [table.identity() for table in tables]}
+
+
+def check_split(tables: list[Table], split: str | None) -> None:
+    """A `--split` given explicitly must be held by some input (files without one are read whatever it is, so
+    a misspelt `--split tset` would otherwise convert them all without a word)."""
+    if split not in (None, "all") and not any(table.split == split for table in tables):
+        held = sorted({table.split for table in tables if table.split})
+        raise FileNotFoundError(f"--split {split}: no input holds that split (the inputs hold "
+                                f"{held or 'no named split'}); leave --split out to read every file given")
 
 
 # ----------------------------------------------------------------------------- driver
@@ -366,46 +400,74 @@ def convert(
     overwrite: bool = False,
     progress: bool = True,
     allow_outside_images: bool = False,
-    split: str = DEFAULT_SPLIT,
+    split: str | None = None,
     seed: int | None = 0,
     pairs: PairFormat | None = None,
+    ignore_columns: Sequence[str] = (),
 ) -> dict[str, Any]:
     """Convert input files into shards under `out_dir`; returns the manifest (report under 'extra').
 
+    Everything that can be checked before a row is converted is checked before `out_dir` is claimed: the
+    inputs, their encoding and columns, the split. A complete conversion of the same inputs and options is
+    left as it is (its manifest returned); an interrupted one resumes.
+
+    progress: show a progress bar and say what happens to `out_dir` (resumed, replaced, already complete).
     allow_outside_images: follow image paths that leave `image_root` (`..`, absolute, symbolic links out).
-    split: which split of folders that name their files by split ("all": every file).
+    split: which split of folders that name their files by split ("all": every file; None: the default,
+    `train`, without requiring that any input holds it).
     seed: the seed of the rows' global permutation; None keeps file order.
     pairs: read pair/triplet rows (`mme5.data.pairs`) instead of the published row format.
+    ignore_columns: columns to leave unread instead of refusing them as unknown.
     """
-    tables = find_tables(inputs, split)
-    for table in tables:
-        check_columns(table, pairs)
-    out_dir = Path(out_dir)
+    tables = find_tables(inputs, split or DEFAULT_SPLIT)
+    check_split(tables, split)
+    unread = {table.name: names for table in tables if (names := check_columns(table, pairs, ignore_columns))}
     options = {"source": source, "task": task, "language": language, "max_negatives": max_negatives,
-               "shard_size": shard_size, "allow_outside_images": allow_outside_images, "split": split,
+               "shard_size": shard_size, "allow_outside_images": allow_outside_images,
+               "split": split or DEFAULT_SPLIT,
                "order": "file order" if seed is None else f"permuted, seed {seed}",
                "format": "published" if pairs is None else pairs.description()}
-    job = fingerprint(tables, options)
-    resume = False
-    if (out_dir / MANIFEST).exists() and not overwrite:
-        manifest = read_manifest(out_dir)
-        if manifest.get("extra", {}).get("fingerprint") != job:
-            raise FileExistsError(f"{out_dir} holds shards of another conversion; "
-                                  "pass --overwrite to replace them")
-        if manifest["complete"]:
-            return manifest
-        resume = True
+    say = print if progress else _quiet
+    with claim_folder(out_dir, COMMAND, conversion_identity(tables, options), overwrite=overwrite,
+                      ways_out="pass --overwrite to replace them (the new shards are written beside and "
+                               "swapped in when complete), or choose another --out") as folder:
+        done = read_manifest(folder.work) if (folder.work / MANIFEST).exists() else None
+        if done is not None and done["complete"]:
+            folder.complete(num_samples=done["num_samples"])  # a run stopped just before this
+            say(f"{out_dir}: already holds this conversion, complete; nothing to do")
+            return read_manifest(out_dir)
+        if folder.state == "replace":
+            say(f"{out_dir}: holds another conversion; writing the new one beside it ({folder.work}), "
+                "swapped in when complete")
+        writer = ShardWriter(folder.work, max_count=shard_size, resume=done is not None,
+                             extra={"inputs": [t.name for t in tables], "options": options,
+                                    "unread_columns": unread})
+        _write(writer, tables, image_root, options, seed=seed, pairs=pairs, strict=strict, progress=progress,
+               say=say)
+        folder.complete(num_samples=writer.num_written)
+    return read_manifest(out_dir)
 
-    writer = ShardWriter(out_dir, max_count=shard_size, resume=resume,
-                         extra={"fingerprint": job, "inputs": [t.name for t in tables], "options": options})
+
+def _quiet(*_: Any) -> None:
+    """`print` for a conversion asked to say nothing."""
+
+
+def _write(writer: ShardWriter, tables: list[Table], image_root: str | os.PathLike | None,
+           options: dict[str, Any], *, seed: int | None, pairs: PairFormat | None, strict: bool,
+           progress: bool, say: Callable[[str], Any]) -> None:
+    """Convert the rows of `tables` into `writer`, from where its last finished shard ends."""
+    source, task, max_negatives = options["source"], options["task"], options["max_negatives"]
     cursor = writer.resume_cursor or {"position": 0, "report": ConversionReport().snapshot()}
     report = ConversionReport.from_snapshot(cursor["report"])
     converter = RowConverter(None if image_root is None else Path(image_root), report, max_negatives,
-                             language, allow_outside_images=allow_outside_images)
+                             options["language"], allow_outside_images=options["allow_outside_images"])
     if "position" in cursor:
         start = cursor["position"]
     else:  # a cursor of a file-order conversion before positions existed: the rows before (file, row)
         start = sum(len(t) for t in tables[: cursor.get("file", 0)]) + cursor.get("row", 0)
+    if start:
+        say(f"{writer.out_dir}: resuming an interrupted conversion after row {start} ({writer.num_written} "
+            f"samples in {len(writer.shards)} shards)")
     bar = tqdm(total=sum(len(t) for t in tables), initial=start, unit="row", desc="convert",
                disable=not progress)
     with writer:
@@ -436,7 +498,6 @@ def convert(
             writer.write(sample, cursor={"position": position + 1, "report": report.snapshot()})
         writer.extra["report"] = report.snapshot()
     bar.close()
-    return read_manifest(out_dir)
 
 
 def _slug(name: str) -> str:
@@ -455,13 +516,16 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--task", choices=[t.value for t in Task],
                         help="task (default: from the MMEB subset name or the parent directory)")
     parser.add_argument("--language", default="en", help="language of rows without a 'language' column")
-    parser.add_argument("--max-negatives", type=int, help="keep at most this many hard negatives a sample")
-    parser.add_argument("--shard-size", type=int, default=1000, help="samples per shard")
+    parser.add_argument("--max-negatives", type=number_at_least(0),
+                        help="keep at most this many hard negatives a sample")
+    parser.add_argument("--shard-size", type=number_at_least(1), default=1000, help="samples per shard")
     parser.add_argument("--strict", action="store_true", help="stop at the first bad row")
-    parser.add_argument("--overwrite", action="store_true", help="replace shards of another conversion")
-    parser.add_argument("--split", default=DEFAULT_SPLIT,
+    parser.add_argument("--overwrite", action="store_true",
+                        help="replace the shards of another conversion in --out (written beside them, "
+                             "swapped in when complete)")
+    parser.add_argument("--split",
                         help="split of folders naming their files <split>-00000-of-00001 (default: "
-                             "%(default)s, as the reference trains; 'all': every file)")
+                             f"{DEFAULT_SPLIT}, as the reference trains; 'all': every file)")
     parser.add_argument("--seed", type=int, default=0, help="seed of the rows' global permutation")
     parser.add_argument("--no-shuffle", action="store_true",
                         help="keep the inputs' row order (streams with constant memory)")
@@ -470,10 +534,18 @@ def main(argv: list[str] | None = None) -> int:
                              "query_image, positive, positive_image, negatives, ...: see mme5.data.pairs)")
     parser.add_argument("--map", nargs="+", default=[], metavar="NAME=COLUMN",
                         help="pairs: the column holding a field, e.g. query=caption positive_image=file")
+    parser.add_argument("--ignore-columns", nargs="+", default=[], metavar="COLUMN",
+                        help="columns to leave unread (an unknown column is refused otherwise: in pairs any, "
+                             "in published rows one that looks like a misspelt known column)")
     parser.add_argument("--query-instruction", default="", help="pairs: instruction of every query")
     parser.add_argument("--positive-instruction", default="", help="pairs: instruction of every positive")
     parser.add_argument("--allow-images-outside-root", action="store_true",
                         help="follow image paths that leave --images (.., absolute paths, symbolic links)")
+    argv = sys.argv[1:] if argv is None else argv
+    if undecodable := [printable(arg) for arg in argv if not encodable(arg)]:
+        print(f"error: {undecodable} not UTF-8 (a path in another encoding?): shards and reports name their "
+              "inputs in UTF-8; rename the file or folder (e.g. with convmv)", file=sys.stderr)
+        return 2
     args = parser.parse_args(argv)
     try:
         manifest = convert(args.input, args.images, args.out, args.source, args.task, args.language,
@@ -481,15 +553,17 @@ def main(argv: list[str] | None = None) -> int:
                            allow_outside_images=args.allow_images_outside_root, split=args.split,
                            seed=None if args.no_shuffle else args.seed,
                            pairs=PairFormat.parse(args.map, args.query_instruction, args.positive_instruction)
-                           if args.format == "pairs" else None)
-    except (OSError, ValueError, ImportError) as error:  # missing inputs, offline hub, bad columns, --strict
-        print(f"error: {error}", file=sys.stderr)
+                           if args.format == "pairs" else None, ignore_columns=args.ignore_columns)
+    except (OSError, ValueError, ImportError, OutputFolderError) as error:  # missing inputs, offline hub, bad
+        print(f"error: {error}", file=sys.stderr)  # columns or encoding, --strict, --out held or not ours
         return 2
     report = manifest["extra"]["report"]
     print(f"{args.out}: {manifest['num_samples']} samples in {len(manifest['shards'])} shards "
           f"from {report['rows']} rows")
     print(f"  repaired: {report['quirks'] or 'nothing'}")
     print(f"  skipped:  {report['skipped'] or 'nothing'}")
+    for table, names in manifest["extra"].get("unread_columns", {}).items():
+        print(f"  unread columns of {table}: {names}")
     for message in report["errors"][:10]:
         print(f"    {message}", file=sys.stderr)
     if manifest["num_samples"] == 0:

@@ -4,8 +4,10 @@ image path or both, written in the published format the converter reads (`mme5.d
 Columns (renamed with `--map NAME=COLUMN`): `query`, `query_image`, `positive`, `positive_image`, and
 optionally `negatives` / `negative_images` (lists, or JSON / Python list strings in CSV cells),
 `query_instruction` and `positive_instruction` (per row, else the `--query-instruction` /
-`--positive-instruction` defaults). Each side is rendered by the published rule (`mme5.published.render`),
-so a model trained on them sees the format the released models see.
+`--positive-instruction` defaults) and `language` (per row, else `--language`). Each side is rendered by the
+published rule (`mme5.published.render`), so a model trained on them sees the format the released models see.
+Any other column is refused (a misspelt `negative_image` would otherwise leave every sample without its
+negatives), unless the converter is told to ignore it.
 """
 
 from __future__ import annotations
@@ -17,7 +19,7 @@ from typing import Any
 from mme5 import published
 
 FIELDS = ("query", "query_image", "positive", "positive_image", "negatives", "negative_images",
-          "query_instruction", "positive_instruction")
+          "query_instruction", "positive_instruction", "language")
 
 # The published row's field made from each pair field (PairFormat.row).
 PUBLISHED_FIELDS = {"qry": "query", "qry_image_path": "query_image", "pos_text": "positive",
@@ -53,6 +55,10 @@ class PairFormat:
     def column(self, name: str) -> str:
         return self.columns.get(name, name)
 
+    def known_columns(self) -> list[str]:
+        """The columns this format reads: each field's (mapped) column."""
+        return [self.column(name) for name in FIELDS]
+
     @property
     def required(self) -> tuple[str, ...]:
         return self.column("query"), self.column("positive")
@@ -80,6 +86,7 @@ class PairFormat:
             "neg_text": [self._render(positive_instruction, text, image) if text else ""
                          for text, image in zip(negatives, negative_images, strict=False)],
             "neg_image_path": negative_images,
+            "language": get("language"),
         }
 
     def user_field(self, published_field: str) -> str:
