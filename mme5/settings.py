@@ -4,6 +4,7 @@ so that a bad value is one clear message and not a hang, a raw TypeError or a se
 from __future__ import annotations
 
 import argparse
+import dataclasses
 import re
 import types
 import typing
@@ -52,6 +53,15 @@ def number_at_least(bound: float, kind: type = int) -> Callable[[str], Any]:
 
     parse.__name__ = kind.__name__  # the name argparse gives the type in its messages
     return parse
+
+
+def required_settings(values: dict[str, Any], cls: type, section: str) -> None:
+    """Refuse `values` that leave out a field of dataclass `cls` without a default (a clear message instead of
+    `__init__()`'s TypeError)."""
+    missing = [f.name for f in dataclasses.fields(cls) if f.name not in values
+               and f.default is dataclasses.MISSING and f.default_factory is dataclasses.MISSING]
+    if missing:
+        raise ValueError(f"{section}: missing settings {missing}")
 
 
 def check_types(values: dict[Any, Any], cls: type, where: str) -> None:

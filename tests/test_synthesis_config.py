@@ -1,5 +1,7 @@
 """Synthesis settings files: every shipped one parses, and a malformed one is named with its file and key."""
 
+import re
+
 import pytest
 
 from mme5.synthesis.__main__ import main as cli_main
@@ -47,6 +49,16 @@ def test_a_missing_or_undecodable_file_is_a_message(tmp_path, capsys):
     assert "latin.yaml: not UTF-8" in capsys.readouterr().err
 
 
+@pytest.mark.parametrize("text, message", [("seed: 1\n", r"synthesis settings: missing settings \['out'\]"),
+                                           ("out: x\nclient: {timeout_s: 5}\n",
+                                            r"client: missing settings \['model'\]")])
+def test_a_missing_required_setting_is_named(tmp_path, capsys, text, message):
+    config_file = tmp_path / "synthesis.yaml"
+    config_file.write_text(text)
+    assert cli_main(["--config", str(config_file)]) == 2
+    assert re.search(message, capsys.readouterr().err)
+
+
 def test_an_unknown_combination_names_the_known_ones(tmp_path):
     config = SynthesisConfig(out=str(tmp_path), combination_weights={"retrieval": 1.0})
     with pytest.raises(ValueError, match=r"combination_weights: 'retrieval' is not one of .*'retrieval/I2T'"):
@@ -55,7 +67,7 @@ def test_an_unknown_combination_names_the_known_ones(tmp_path):
 
 def test_settings_of_the_right_types_pass(tmp_path):
     config_file = tmp_path / "ok.yaml"
-    config_file.write_text("english_share: 1\nimages: null\ncombination_weights: {retrieval/I2T: 2}\n"
+    config_file.write_text("out: x\nenglish_share: 1\nimages: null\ncombination_weights: {retrieval/I2T: 2}\n"
                            "client: {model: m, temperature: 0, max_tokens: null}\n")
     values = read_settings(config_file)
     assert SynthesisConfig.from_dict(values).combination_weights == {"retrieval/I2T": 2}

@@ -23,7 +23,7 @@ import httpx2
 import openai
 
 from mme5.data.schema import image_extension
-from mme5.settings import at_least, positive, unknown_settings
+from mme5.settings import at_least, positive, required_settings, unknown_settings
 
 log = logging.getLogger(__name__)
 
@@ -75,6 +75,7 @@ class ClientConfig:
         unknown_settings(values, {f.name for f in fields(cls)}, "client",
                          "export it in the environment variable named by client.api_key_env (default "
                          "OPENAI_API_KEY)")
+        required_settings(values, cls, "client")
         return cls(**values)
 
 

@@ -10,7 +10,7 @@ from typing import Any
 import yaml
 
 from mme5.data.schema import Modality, Task
-from mme5.settings import at_least, check_types, unknown_settings
+from mme5.settings import at_least, check_types, required_settings, unknown_settings
 from mme5.synthesis.client import ClientConfig
 from mme5.synthesis.languages import default_language_weights
 from mme5.synthesis.plan import COMBINATIONS, PlannedSample, make_plan, read_plan, write_plan
@@ -68,6 +68,7 @@ class SynthesisConfig:
         unknown_settings(values, {f.name for f in fields(cls)}, "synthesis settings",
                          "export it in the environment variable named by client.api_key_env (default "
                          "OPENAI_API_KEY)")
+        required_settings(values, cls, "synthesis settings")
         return cls(**values)
 
     def client_config(self) -> ClientConfig:
