@@ -35,7 +35,7 @@ from torch import nn
 
 from mme5.backbones import DTYPES, InputFormat, load_backbone
 from mme5.encoder import Encoder, LoraSettings
-from mme5.files import files_fingerprint, remove_stale, save_torch, write_json
+from mme5.files import OWNER_RECORD, files_fingerprint, remove_stale, save_torch, write_json
 from mme5.hub import local_model
 
 ADAPTER_ONLY = "adapter_only"  # the state dict holds the trainable (adapter) weights only
@@ -231,7 +231,7 @@ def load_encoder(path: str | Path, device: str = "cpu", dtype: str | None = None
         kind = "lightning-checkpoint"
         encoder, recipe, source = _from_checkpoint(path, dtype, max_length, backbone, trust_checkpoint)
         # The weights that are not in the checkpoint are the backbone's: its files are part of the model.
-        files = [path, *(f for f in source.iterdir() if f.is_file())]
+        files = [path, *model_files(source)]
         identity["backbone"] = str(source.resolve())
     elif path.is_dir() and (path / PEFT_CONFIG).is_file() and not (path / "config.json").is_file():
         kind = "adapter"
@@ -240,7 +240,7 @@ def load_encoder(path: str | Path, device: str = "cpu", dtype: str | None = None
         model = load_backbone(base, DTYPES[dtype] if dtype else None,
                               input_format=_input_format(recipe.get("input_format"), max_length))
         encoder = Encoder(model, normalize=recipe.get("normalize", True), peft_folder=path)
-        files = [*(f for f in path.iterdir() if f.is_file()), *(f for f in base.iterdir() if f.is_file())]
+        files = [*model_files(path), *model_files(base)]
         identity["backbone"] = str(base.resolve())
     elif path.is_dir() and (path / "config.json").is_file():
         exported = (path / EXPORT_CONFIG).is_file()
@@ -249,7 +249,7 @@ def load_encoder(path: str | Path, device: str = "cpu", dtype: str | None = None
                               input_format=_input_format(recipe.get("input_format"), max_length))
         kind = "exported" if exported else "backbone"
         encoder = Encoder(model, normalize=recipe.get("normalize", True))
-        files = [f for f in path.iterdir() if f.is_file()]
+        files = model_files(path)
     else:
         raise ValueError(f"{path}: expected a Lightning checkpoint (.ckpt), an exported or backbone folder "
                          "with config.json, or a PEFT adapter folder with adapter_config.json")
@@ -260,6 +260,12 @@ def load_encoder(path: str | Path, device: str = "cpu", dtype: str | None = None
     # Names the model in the embedding cache: its files (a .ckpt's backbone's too) and the settings that
     # change embeddings (dtype, input format).
     return LoadedModel(encoder, files_fingerprint(files, **settings), description, recipe)
+
+
+def model_files(folder: Path) -> list[Path]:
+    """The files of a model folder that its fingerprint covers: all but the owner record of the command
+    that wrote it (rewritten whenever the folder is claimed again, the model unchanged)."""
+    return [f for f in folder.iterdir() if f.is_file() and f.name != OWNER_RECORD]
 
 
 def _input_format(recorded: Any, max_length: int | None) -> InputFormat:

@@ -148,3 +148,92 @@ def test_the_cache_fingerprint_covers_the_backbone_a_checkpoint_is_rebuilt_on(tm
     assert first.description["backbone"] == str(Path(tiny_mllama).resolve())
     assert second.description["backbone"] == str(other.resolve())
     assert load_encoder(ckpt).fingerprint == first.fingerprint  # and stable when nothing changed
+
+
+def test_out_belongs_to_one_export(tmp_path, tiny_mllama, monkeypatch, capsys):
+    """The same export again writes nothing; another checkpoint or other settings are refused before the
+    checkpoint loads, naming the keys; --overwrite swaps the new export in. The owner record changes
+    neither what loads nor the model's fingerprint."""
+    import mme5.export as command
+    from mme5.files import OWNER_RECORD, read_owner
+
+    ckpt = perturbed_checkpoint(tiny_mllama, tmp_path / "last.ckpt", LoraSettings(r=2, alpha=4))
+    out = tmp_path / "exported"
+    main(["--ckpt", str(ckpt), "--out", str(out)])
+    assert read_owner(out)["complete"] and (out / OWNER_RECORD).is_file()
+    weights = {p.name: p.stat().st_mtime_ns for p in out.iterdir() if p.name != OWNER_RECORD}
+    fingerprint = load_encoder(out).fingerprint
+
+    def no_load(*args, **kwargs):
+        raise AssertionError("the checkpoint was loaded")
+
+    monkeypatch.setattr(command, "load_encoder", no_load)
+    main(["--ckpt", str(ckpt), "--out", str(out)])  # the same export: nothing to write
+    assert "already holds this export" in capsys.readouterr().out
+    assert {p.name: p.stat().st_mtime_ns for p in out.iterdir() if p.name != OWNER_RECORD} == weights
+    assert read_owner(out)["complete"]
+    with pytest.raises(SystemExit) as exit_:
+        main(["--ckpt", str(ckpt), "--out", str(out), "--dtype", "bfloat16"])
+    error = capsys.readouterr().err
+    assert exit_.value.code == 2 and "--overwrite" in error
+    assert 'dtype: null (recorded) → "bfloat16" (now)' in error
+    other = perturbed_checkpoint(tiny_mllama, tmp_path / "other.ckpt", LoraSettings(r=2, alpha=4), step=9)
+    with pytest.raises(SystemExit):
+        main(["--ckpt", str(other), "--out", str(out)])
+    assert "checkpoint_files" in capsys.readouterr().err
+
+    monkeypatch.undo()
+    assert load_encoder(out).fingerprint == fingerprint  # claims rewrote the record, not the model
+    main(["--ckpt", str(other), "--out", str(out), "--overwrite"])
+    assert json.loads((out / CONFIG_NAME).read_text())["source"]["global_step"] == 9
+    assert read_owner(out)["identity"]["checkpoint"] == str(other.resolve())
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["exported", "last.ckpt", "other.ckpt"]
+
+
+def test_a_failed_first_export_leaves_no_folder(tmp_path, tiny_mllama, capsys):
+    full = perturbed_checkpoint(tiny_mllama, tmp_path / "full.ckpt", None)
+    with pytest.raises(SystemExit):
+        main(["--ckpt", str(full), "--out", str(tmp_path / "out"), "--adapter-only"])
+    assert "trained without adapters" in capsys.readouterr().err
+    assert not (tmp_path / "out").exists()  # so the corrected command is not refused as "other settings"
+
+
+def test_scores_must_be_the_exported_checkpoints(tmp_path, tiny_mllama, capsys):
+    """Scores name the model file they were computed on: another checkpoint's, or this path's before it
+    was retrained, are refused naming both (the card would credit this model with them); a partial MMEB
+    run goes into the card as the mean over its sets, never as Overall."""
+    from mme5.files import path_fingerprint
+
+    ckpt = perturbed_checkpoint(tiny_mllama, tmp_path / "last.ckpt", LoraSettings(r=2, alpha=4))
+    other = perturbed_checkpoint(tiny_mllama, tmp_path / "other.ckpt", LoraSettings(r=2, alpha=4))
+    mmeb = {"metric": "precision@1", "datasets": {}, "sets": {"evaluated": 2, "in_benchmark": 36},
+            "Classification": 40.0, "VQA": None, "Retrieval": 60.0, "Grounding": None, "IND": 50.0,
+            "OOD": None, "mean_over_sets": 50.0}
+
+    def scores_of(model, folder):
+        folder.mkdir()
+        scored = {"path": str(model.resolve()), "files": path_fingerprint(model)}
+        (folder / "scores.json").write_text(json.dumps({"model": scored, "mmeb": mmeb}))
+        return folder
+
+    foreign = scores_of(other, tmp_path / "eval-other")
+    with pytest.raises(SystemExit):
+        main(["--ckpt", str(ckpt), "--out", str(tmp_path / "out"), "--scores", str(foreign)])
+    error = capsys.readouterr().err
+    assert f"computed on {other.resolve()}" in error and f"being exported, {ckpt.resolve()}" in error
+    assert "--scores-of-other-model" in error and not (tmp_path / "out").exists()
+
+    own = scores_of(ckpt, tmp_path / "eval")
+    main(["--ckpt", str(ckpt), "--out", str(tmp_path / "out"), "--scores", str(own)])
+    card = (tmp_path / "out" / "README.md").read_text()
+    assert "| IND | OOD | mean over 2 of 36 sets |" in card and "Overall" not in card
+    assert "| 40.0 | – | 60.0 | – | 50.0 | – | 50.0 |" in card
+
+    perturbed_checkpoint(tiny_mllama, ckpt, LoraSettings(r=2, alpha=4), step=8)  # retrained in place
+    os.utime(ckpt, ns=(1, 1))  # another mtime even on a coarse clock
+    with pytest.raises(SystemExit):
+        main(["--ckpt", str(ckpt), "--out", str(tmp_path / "out2"), "--scores", str(own)])
+    assert "not on the checkpoint being exported" in capsys.readouterr().err
+    main(["--ckpt", str(ckpt), "--out", str(tmp_path / "out2"), "--scores", str(foreign),
+          "--scores-of-other-model"])
+    assert "mean over 2 of 36 sets" in (tmp_path / "out2" / "README.md").read_text()

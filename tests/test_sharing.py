@@ -19,6 +19,7 @@ from mme5.demo.world import WorldConfig, build_world
 from mme5.encoder import LoraSettings
 from mme5.eval.__main__ import main as evaluate
 from mme5.export import export, main
+from mme5.files import OWNER_RECORD
 
 st = pytest.importorskip("sentence_transformers")
 
@@ -190,12 +191,15 @@ def test_push_to_hub_uploads_the_written_folder_and_fails_clearly_offline(tmp_pa
                                                         "repo_type": "model"})
     assert calls[1][1]["folder_path"] == str(tmp_path / "out")
     assert calls[1][1]["repo_id"] == "someone/tiny-mme5"
+    assert calls[1][1]["ignore_patterns"] == [OWNER_RECORD]  # who wrote the folder stays local
+    assert (tmp_path / "out" / OWNER_RECORD).is_file()
     assert "\n# someone/tiny-mme5\n" in card_meta(tmp_path / "out")[1]  # the card names the repository
 
     monkeypatch.undo()
     monkeypatch.setenv("HF_HUB_OFFLINE", "1")
     monkeypatch.setattr("huggingface_hub.constants.HF_HUB_OFFLINE", True)
-    with pytest.raises(SystemExit, match=r"could not push .*out2 to someone/tiny-mme5.*complete.*hf upload"):
+    with pytest.raises(SystemExit, match=r"could not push .*out2 to someone/tiny-mme5.*complete.*hf upload"
+                                         rf".*--exclude {OWNER_RECORD}"):
         main(["--ckpt", str(ckpt), "--out", str(tmp_path / "out2"), "--push-to-hub", "someone/tiny-mme5"])
     assert load_encoder(tmp_path / "out2").description["kind"] == "exported"  # written before the push
 
