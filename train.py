@@ -16,7 +16,6 @@ against all of those positives plus its own `data.num_negatives` hard negatives.
 (model.gradient_cache) keeps memory at one chunk of `model.chunk_size` items whatever the batch size.
 """
 
-import atexit
 import sys
 from pathlib import Path
 
@@ -73,6 +72,12 @@ class TrainCLI(LightningCLI):
                             help="start a new run in a run folder that holds one (without --ckpt_path): its "
                                  "checkpoints, TensorBoard logs and saved config are removed first")
 
+    def _parse_ckpt_path(self) -> None:
+        """Keep the settings given. LightningCLI replaces the whole `model.*` config by the checkpoint's
+        hyper-parameters here, silently undoing `--model.lr` on resume and turning a checkpoint of another
+        recipe into this run's recipe; `before_fit` checks and reports instead (`mme5.resume`). Lightning has
+        no public switch for this, hence the override of its private step."""
+
     def before_fit(self) -> None:
         # Under SLURM the warning signal checkpoints at a step boundary and requeues (inert elsewhere);
         # SIGTERM/SIGINT checkpoint and stop; the final step is always checkpointed.
@@ -89,12 +94,16 @@ class TrainCLI(LightningCLI):
                 rank_zero_info(f"--ckpt_path {requested}: no checkpoint in this run folder; starting afresh")
                 overwrite = True  # what is there (logs of a run stopped before its first checkpoint) goes
         self.run_folder = self._claim_run_folder(config["ckpt_path"], overwrite)
-        if config["ckpt_path"] is not None:
-            self._check_resume(config["ckpt_path"])
-        if self.trainer.max_steps == -1:
-            epochs = self.config[self.subcommand].trainer.max_epochs or 1
-            steps = steps_for_epochs(self.trainer, self.datamodule, epochs)
-            self.trainer.fit_loop.epoch_loop.max_steps = steps
+        try:
+            if config["ckpt_path"] is not None:
+                self._check_resume(config["ckpt_path"])
+            if self.trainer.max_steps == -1:
+                epochs = self.config[self.subcommand].trainer.max_epochs or 1
+                steps = steps_for_epochs(self.trainer, self.datamodule, epochs)
+                self.trainer.fit_loop.epoch_loop.max_steps = steps
+        except BaseException:
+            self._release_run_folder()
+            raise
 
     def _claim_run_folder(self, ckpt_path: str | None, overwrite: bool) -> OutputFolder | None:
         """Global rank 0 locks the run folder and checks its recipe (`mme5.resume`); None on other ranks."""
@@ -109,8 +118,13 @@ class TrainCLI(LightningCLI):
                     "--trainer.default_root_dir")
         folder = claim_folder(root, COMMAND, identity, overwrite=overwrite, resume=ckpt_path is not None,
                               ways_out=ways_out, outputs=run_outputs(self.trainer))
-        atexit.register(folder.release)  # also when training raises; a killed run's lock is freed by the OS
+        # Released when fit ends or raises (a killed run's lock is freed by the OS, and taken over).
+        self.trainer.callbacks.append(ReleaseOnException(folder))
         return folder
+
+    def _release_run_folder(self) -> None:
+        if self.run_folder is not None:
+            self.run_folder.release()
 
     def _check_resume(self, ckpt_path: str) -> None:
         """Refuse a checkpoint of another recipe; list the settings that change on resume."""
@@ -125,6 +139,17 @@ class TrainCLI(LightningCLI):
     def after_fit(self) -> None:
         if self.run_folder is not None and self.stop.exit_status == 0:
             self.run_folder.complete(global_step=self.trainer.global_step)
+        self._release_run_folder()
+
+
+class ReleaseOnException(L.Callback):
+    """Frees the run folder's lock when training raises (the CLI's `after_fit` frees it otherwise)."""
+
+    def __init__(self, folder: OutputFolder):
+        self.folder = folder
+
+    def on_exception(self, trainer: L.Trainer, *args: object) -> None:
+        self.folder.release()
 
 
 def steps_for_epochs(trainer: L.Trainer, datamodule: ShardDataModule, epochs: int) -> int:

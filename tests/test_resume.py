@@ -1,0 +1,143 @@
+"""How `train.py fit` ends and resumes (issue 21 §2), run in-process through the real CLI on a tiny model:
+the final step is checkpointed, a run folder belongs to one recipe and one process, a signal checkpoints and
+exits non-zero, and settings changed on resume are applied or refused, never ignored."""
+
+import logging
+import os
+import signal
+
+import lightning as L
+import pytest
+import torch
+import yaml
+
+import train
+from mme5.files import claim_folder, read_owner
+
+
+class SignalAt(L.Callback):
+    """Sends this process `signum` once, at the end of step `step` (as `kill` from outside would)."""
+
+    def __init__(self, step: int, signum: int = int(signal.SIGTERM)):
+        self.step, self.signum = step, signum
+
+    def on_train_batch_end(self, trainer, *args):
+        if trainer.global_step == self.step:
+            os.kill(os.getpid(), self.signum)
+
+
+def write_recipe(root, backbone, shards, every=2):
+    """A small recipe in the shape of configs/demo.yaml (no evaluation callbacks)."""
+    recipe = {
+        "seed_everything": 0,
+        "trainer": {
+            "accelerator": "cpu", "devices": 1, "max_steps": 5, "default_root_dir": str(root),
+            "enable_progress_bar": False, "enable_model_summary": False, "log_every_n_steps": 1,
+            "logger": {"class_path": "lightning.pytorch.loggers.TensorBoardLogger",
+                       "init_args": {"save_dir": str(root), "name": "tensorboard", "version": ""}},
+            "callbacks": [{"class_path": "lightning.pytorch.callbacks.ModelCheckpoint",
+                           "init_args": {"dirpath": str(root / "checkpoints"), "save_last": True,
+                                         "every_n_train_steps": every, "enable_version_counter": False}}],
+        },
+        "model": {"backbone": backbone, "lora": None, "gradient_checkpointing": False, "chunk_size": 4,
+                  "lr": 1e-3, "warmup": 1, "temperature": 0.05},
+        "data": {"sources": [{"path": shards}], "batch_size": 8, "num_negatives": 1, "num_workers": 0,
+                 "shuffle_buffer": 1},
+    }
+    path = root.parent / f"{root.name}.yaml"
+    path.write_text(yaml.safe_dump(recipe))
+    return path
+
+
+def fit(recipe, *args):
+    return train.main(["fit", "--config", str(recipe), *args])
+
+
+def step_of(path):
+    return torch.load(path, weights_only=False, map_location="cpu")["global_step"]
+
+
+@pytest.fixture
+def run(tmp_path, tiny_mllama, tiny_shards):
+    root = tmp_path / "run"
+    return root, write_recipe(root, tiny_mllama, tiny_shards)
+
+
+def test_the_final_step_is_checkpointed_and_the_folder_records_its_recipe(run):
+    root, recipe = run
+    assert fit(recipe) == 0
+    assert step_of(root / "checkpoints" / "last.ckpt") == 5  # saved every 2: Lightning alone ends at 4
+    record = read_owner(root)
+    assert record["command"] == "train.py fit" and record["complete"] and record["global_step"] == 5
+    assert record["identity"]["model.temperature"] == 0.05
+
+
+def test_a_fresh_fit_where_a_run_is_is_refused_and_overwrite_starts_anew(run, capsys):
+    root, recipe = run
+    assert fit(recipe, "--trainer.max_steps", "2") == 0
+    before = sorted(p.name for p in (root / "tensorboard").iterdir()), (root / "checkpoints" / "last.ckpt"
+                                                                         ).stat().st_mtime_ns
+    assert fit(recipe, "--trainer.max_steps", "2") == 2
+    error = capsys.readouterr().err
+    assert "holds an earlier output of `train.py fit`" in error and "--ckpt_path last" in error
+    assert "--overwrite" in error
+    after = sorted(p.name for p in (root / "tensorboard").iterdir()), (root / "checkpoints" / "last.ckpt"
+                                                                        ).stat().st_mtime_ns
+    assert after == before  # nothing written: no second event file, no overwritten checkpoint
+    assert fit(recipe, "--overwrite", "--ckpt_path", "last") == 2
+    assert "--overwrite starts a new run" in capsys.readouterr().err
+
+    (root / "checkpoints" / "epoch=0-step=2.ckpt").rename(root / "checkpoints" / "old-run.ckpt")
+    assert fit(recipe, "--trainer.max_steps", "1", "--overwrite") == 0
+    assert sorted(p.name for p in (root / "checkpoints").iterdir()) == ["last.ckpt"]  # the old run's gone
+    assert step_of(root / "checkpoints" / "last.ckpt") == 1
+    assert len(list((root / "tensorboard").glob("events.*"))) == 1  # one run's curves, not two mixed
+    assert (root / "tensorboard" / "config.yaml").is_file()
+    assert "overwrite: false" in (root / "tensorboard" / "config.yaml").read_text()  # never saved as true
+
+
+def test_sigterm_checkpoints_at_the_step_and_exits_non_zero_then_resume_finishes(run):
+    root, recipe = run
+    stop = {"class_path": "test_resume.SignalAt", "init_args": {"step": 3}}
+    assert fit(recipe, "--trainer.max_steps", "30", "--trainer.callbacks+", yaml.safe_dump(stop)) == 143
+    assert step_of(root / "checkpoints" / "last.ckpt") == 3
+    assert signal.getsignal(signal.SIGTERM) is signal.SIG_DFL or callable(signal.getsignal(signal.SIGTERM))
+    assert fit(recipe, "--trainer.max_steps", "4", "--ckpt_path", "last") == 0
+    assert step_of(root / "checkpoints" / "last.ckpt") == 4
+
+
+def test_a_changed_learning_rate_is_applied_on_resume_and_said(run, caplog):
+    root, recipe = run
+    assert fit(recipe, "--trainer.max_steps", "3") == 0
+    caplog.set_level(logging.INFO)
+    assert fit(recipe, "--trainer.max_steps", "4", "--ckpt_path", "last", "--model.lr", "1e-5") == 0
+    assert "model.lr: 0.001 (recorded) → 1e-05 (now)" in caplog.text
+    saved = torch.load(root / "checkpoints" / "last.ckpt", weights_only=False)
+    group = saved["optimizer_states"][0]["param_groups"][0]
+    assert group["initial_lr"] == 1e-5 and saved["lr_schedulers"][0]["base_lrs"] == [1e-5]
+    assert group["lr"] < 1e-5  # the schedule's factor at step 4 applied to the new peak, not to 1e-3
+
+
+@pytest.mark.parametrize(("change", "key"), [(["--model.temperature", "0.1"], "model.temperature"),
+                                              (["--model.lora", "{}"], "model.lora")])
+def test_a_checkpoint_of_another_recipe_is_refused_naming_the_keys(run, tmp_path, tiny_mllama, tiny_shards,
+                                                                    capsys, change, key):
+    root, recipe = run
+    assert fit(recipe, "--trainer.max_steps", "2") == 0
+    other = write_recipe(tmp_path / "other", tiny_mllama, tiny_shards)
+    checkpoint = str(root / "checkpoints" / "last.ckpt")
+    assert fit(other, "--ckpt_path", checkpoint, *change) == 2
+    error = capsys.readouterr().err
+    assert f"--ckpt_path {checkpoint} was trained with another recipe" in error and f"{key}:" in error
+    assert not (tmp_path / "other" / "checkpoints").exists()
+    # In its own folder the folder's record refuses it too, before the checkpoint is read.
+    assert fit(recipe, "--ckpt_path", "last", *change) == 2
+    assert "with other settings" in capsys.readouterr().err
+
+
+def test_a_run_folder_held_by_another_process_is_refused_naming_it(run, capsys):
+    root, recipe = run
+    with claim_folder(root, "train.py fit", {}):  # an own lock: flock excludes another open file too
+        assert fit(recipe) == 2
+    assert f"is being written by pid {os.getpid()}" in capsys.readouterr().err
+    assert not (root / "checkpoints").exists()
