@@ -17,6 +17,7 @@ from mme5.demo.scenes import ATTRIBUTES, SPLITS, VALUES, Scene, differing_attrib
 from mme5.demo.tasks import generate_training
 from mme5.demo.world import WorldConfig, build_world, main
 from mme5.demo.xtd import IMAGE_FOLDER, IMAGE_NAMES, build_xtd, caption_file
+from mme5.files import OWNER_RECORD
 
 SMALL = WorldConfig(seed=0, train_samples=80, eval_queries=6, eval_candidates=5, xtd_images=12, image_size=32)
 IMAGE_TOKEN = "<|image_1|>\n"  # the published placeholder and its newline (mme5.md §3)
@@ -30,7 +31,9 @@ def world(tmp_path_factory) -> Path:
 
 
 def _files(root: Path) -> dict[str, bytes]:
-    return {str(p.relative_to(root)): p.read_bytes() for p in sorted(root.rglob("*")) if p.is_file()}
+    """The world's files (not the command's owner record, which holds times)."""
+    return {str(p.relative_to(root)): p.read_bytes() for p in sorted(root.rglob("*"))
+            if p.is_file() and p.name != OWNER_RECORD}
 
 
 def test_same_seed_gives_identical_bytes_and_another_seed_differs(world, tmp_path):
@@ -176,6 +179,41 @@ def test_cli_writes_a_world_and_rejects_unknown_languages(tmp_path, capsys):
     assert world["languages"] == ["en", "pl"] and world["sizes"]["image_size"] == 16
     with pytest.raises(SystemExit):
         main(args[:-1] + ["en,xx"])
+
+
+def test_cli_rerun_says_the_world_is_there_other_settings_are_refused_unless_overwrite(tmp_path, capsys,
+                                                                                       monkeypatch):
+    """`make demo` runs the command again: the same settings leave the world as it is; another seed (a
+    `make demo SEED=1` on an old folder) is refused, not mixed in; --overwrite swaps a new world in."""
+    out = tmp_path / "world"
+    args = ["--out", str(out), "--train-samples", "13", "--eval-queries", "2", "--eval-candidates", "3",
+            "--xtd-images", "3", "--image-size", "16", "--languages", "en,pl"]
+    assert main(args) == 0
+    first, stamp = _files(out), (out / "world.json").stat().st_mtime_ns
+    capsys.readouterr()
+    assert main(args) == 0
+    assert "already holds the demo world" in capsys.readouterr().out
+    assert (out / "world.json").stat().st_mtime_ns == stamp and _files(out) == first
+    assert main([*args, "--seed", "1"]) == 2
+    error = capsys.readouterr().err
+    assert "seed: 0 (recorded) → 1 (now)" in error and "--overwrite" in error and _files(out) == first
+    assert main([*args, "--seed", "1", "--overwrite"]) == 0
+    assert json.loads((out / "world.json").read_text())["seed"] == 1 and _files(out) != first
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["world"]  # swapped in, nothing beside it
+
+    import mme5.demo.world as world_module
+
+    def stopped(folder, config):
+        (folder / "world.json").parent.mkdir(parents=True, exist_ok=True)
+        (folder / "corpus.txt").write_text("half")
+        raise KeyboardInterrupt
+
+    monkeypatch.setattr(world_module, "build_world", stopped)
+    with pytest.raises(KeyboardInterrupt):
+        main([*args[:1], str(tmp_path / "cut"), *args[2:]])
+    monkeypatch.undo()
+    assert main([*args[:1], str(tmp_path / "cut"), *args[2:]]) == 0  # a stopped build is built again
+    assert _files(tmp_path / "cut") == first
 
 
 def test_unseen_pairs_cover_every_shape_and_colour():

@@ -76,3 +76,38 @@ def test_corpus_file_drives_the_bpe(tmp_path):
     corpus.write_text("the zebrafish swims\n" * 50, encoding="utf-8")
     assert make_tiny("llava", corpus=corpus)[1].tokenizer.tokenize(" zebrafish") == ["Ġzebrafish"]
     assert len(make_tiny("llava")[1].tokenizer.tokenize(" zebrafish")) > 1  # the built-in corpus lacks it
+
+
+def test_cli_claims_out_a_rerun_says_it_is_there_other_settings_refused(tmp_path, capsys, monkeypatch):
+    corpus = tmp_path / "corpus.txt"
+    corpus.write_text("the zebrafish swims\n" * 50, encoding="utf-8")
+    out, command = tmp_path / "backbone", ["--family", "llava", "--corpus", str(corpus)]
+    assert main([*command, "--out", str(out)]) == 0
+    weights = (out / "model.safetensors").read_bytes()
+    stamp = (out / "model.safetensors").stat().st_mtime_ns
+    corpus.write_text("the zebrafish swims\n" * 50, encoding="utf-8")  # rewritten, same text: a rebuilt world
+    capsys.readouterr()
+    assert main([*command, "--out", str(out)]) == 0
+    assert "already holds" in capsys.readouterr().out
+    assert (out / "model.safetensors").stat().st_mtime_ns == stamp  # not built again
+
+    assert main([*command, "--out", str(out), "--seed", "1"]) == 2
+    error = capsys.readouterr().err
+    assert "seed: 0 (recorded) → 1 (now)" in error and "--overwrite" in error
+    assert (out / "model.safetensors").read_bytes() == weights
+    assert main([*command, "--out", str(out), "--seed", "1", "--overwrite"]) == 0
+    assert (out / "model.safetensors").read_bytes() != weights
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["backbone", "corpus.txt"]  # swapped in
+
+    import mme5.backbones.tiny as tiny
+
+    def dies(family, out_dir, **kwargs):
+        (out_dir / "config.json").write_text("{}")  # a build stopped half-way
+        raise KeyboardInterrupt
+
+    monkeypatch.setattr(tiny, "build_tiny", dies)
+    with pytest.raises(KeyboardInterrupt):
+        main([*command, "--out", str(tmp_path / "cut")])
+    monkeypatch.undo()
+    assert main([*command, "--out", str(tmp_path / "cut")]) == 0  # not complete: built, not "already there"
+    assert (tmp_path / "cut" / "model.safetensors").read_bytes() == weights

@@ -2,16 +2,20 @@
 
     python -m mme5.backbones.tiny --family mllama --out runs/tiny-mllama --seed 0 --preset demo
 
-The folder loads back through `load_backbone(out)`, the code path of a real checkpoint. Presets:
+The folder loads back through `load_backbone(out)`, the code path of a real checkpoint. `--out` is claimed
+(`mme5.files.claim_folder`): the same family, preset, seed and corpus again says the backbone is there (an
+interrupted build is built again), other settings are refused unless `--overwrite`. Presets:
 "test" is as small as possible (unit tests); "demo" is the tiny Mllama that learned best on 2 CPU cores
 (shared/reference/stack.md: 1 tile of 64 px, patch 8, vision 128 wide with 2 local + 1 global layers, text
 128 wide with 4 layers, cross-attention at layers 1 and 3), the same sizes for the other families.
 """
 
 import argparse
+import hashlib
+import sys
 from collections.abc import Callable
 from contextlib import nullcontext
-from dataclasses import dataclass
+from dataclasses import asdict, dataclass
 from pathlib import Path
 from typing import Any
 
@@ -33,6 +37,9 @@ from transformers.models.qwen2_vl.image_processing_pil_qwen2_vl import Qwen2VLIm
 
 from mme5.backbones.qwen2_vl import Qwen2VLImageOnlyProcessor
 from mme5.backbones.tokenizer import BUILTIN_CORPUS, train_bpe
+from mme5.files import OutputFolderError, claim_folder
+
+COMMAND = "mme5.backbones.tiny"
 
 
 @dataclass(frozen=True)
@@ -220,7 +227,16 @@ def build_tiny(
     return out
 
 
-def main() -> None:
+def tiny_identity(family: str, seed: int, preset: str, corpus: Path | None) -> dict[str, Any]:
+    """What defines a tiny backbone folder: family, seed, the preset's sizes and the BPE corpus (by content,
+    so a corpus rewritten with the same text, as a rebuilt demo world's, is the same)."""
+    text = corpus.read_bytes() if corpus else BUILTIN_CORPUS.encode("utf-8")
+    return {"family": family, "seed": seed, "preset": preset, **asdict(PRESETS[preset]),
+            "corpus": str(corpus.resolve()) if corpus else "built-in",
+            "corpus_sha1": hashlib.sha1(text).hexdigest()[:16]}
+
+
+def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(
         description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter
     )
@@ -229,9 +245,23 @@ def main() -> None:
     parser.add_argument("--seed", type=int, default=0)
     parser.add_argument("--preset", default="test", choices=sorted(PRESETS))
     parser.add_argument("--corpus", type=Path, help="UTF-8 text, one sentence a line, to train the BPE on")
-    args = parser.parse_args()
-    build_tiny(args.family, args.out, seed=args.seed, preset=args.preset, corpus=args.corpus)
+    parser.add_argument("--overwrite", action="store_true", help="replace a backbone of other settings")
+    args = parser.parse_args(argv)
+    try:
+        identity = tiny_identity(args.family, args.seed, args.preset, args.corpus)
+        with claim_folder(args.out, COMMAND, identity, overwrite=args.overwrite,
+                          ways_out="pass --overwrite to build it again, or choose another --out") as folder:
+            if folder.was_complete:
+                folder.complete()
+                print(f"{args.out} already holds the tiny {args.family} of these settings: nothing to do")
+                return 0
+            build_tiny(args.family, folder.work, seed=args.seed, preset=args.preset, corpus=args.corpus)
+            folder.complete()
+    except (OutputFolderError, OSError) as error:  # OSError: an unreadable --corpus
+        print(f"error: {error}", file=sys.stderr)
+        return 2
+    return 0
 
 
 if __name__ == "__main__":
-    main()
+    raise SystemExit(main())

@@ -2,4 +2,4 @@
 
 from mme5.demo.world import main
 
-main()
+raise SystemExit(main())

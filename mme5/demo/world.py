@@ -10,7 +10,9 @@ writes, under --out:
     corpus.txt   every distinct text of the world, one a line (for training a tiny tokenizer)
     world.json   seed, sizes, languages and counts
 The same seed and sizes give byte-identical files. Training and evaluation scenes are disjoint for every
-seed (mme5.demo.scenes). `mmeb/` and `xtd/` are rewritten from scratch; `train/` is replaced.
+seed (mme5.demo.scenes). `mmeb/` and `xtd/` are rewritten from scratch; `train/` is replaced. The command
+claims --out (mme5.files.claim_folder): the same settings again say the world is there (a world whose build
+was stopped is built again), other settings are refused unless --overwrite (built beside, swapped in).
 The scenes are simple on purpose (big shapes, strong colours, 64 px): a ~1M-parameter model trained for a
 few minutes on CPU must beat chance clearly.
 """
@@ -20,6 +22,7 @@ from __future__ import annotations
 import argparse
 import json
 import shutil
+import sys
 import time
 from dataclasses import asdict, dataclass, fields
 from pathlib import Path
@@ -33,8 +36,10 @@ from mme5.demo.mmeb import SUBSETS, build_subset, write_mmeb
 from mme5.demo.scenes import VALUES
 from mme5.demo.tasks import generate_training
 from mme5.demo.xtd import build_xtd, write_xtd
+from mme5.files import OutputFolderError, claim_folder
 
 FORMAT = "mme5-demo-world/1"
+COMMAND = "mme5.demo"
 
 
 @dataclass(frozen=True)
@@ -126,9 +131,15 @@ def _summary(world: dict, seconds: float) -> str:
     return "\n".join(lines)
 
 
-def main(argv: list[str] | None = None) -> None:
+def world_identity(config: WorldConfig) -> dict:
+    """What defines a demo world folder: the format and every setting (the same give byte-identical files)."""
+    return {"format": FORMAT, **asdict(config)}
+
+
+def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(prog="python -m mme5.demo", description=__doc__.split("\n\n")[0])
     parser.add_argument("--out", required=True, type=Path, help="output folder")
+    parser.add_argument("--overwrite", action="store_true", help="replace a world of other settings in --out")
     for field in fields(WorldConfig):
         if field.name != "languages":
             flag = "--" + field.name.replace("_", "-")
@@ -136,12 +147,25 @@ def main(argv: list[str] | None = None) -> None:
     parser.add_argument("--languages", default=",".join(DEFAULT_LANGUAGES),
                         help=f"comma-separated codes among {', '.join(LANGUAGES)}")
     args = vars(parser.parse_args(argv))
-    out = args.pop("out")
+    out, overwrite = args.pop("out"), args.pop("overwrite")
     args["languages"] = tuple(code.strip() for code in args["languages"].split(",") if code.strip())
     try:
         config = WorldConfig(**args)
     except ValueError as error:
         parser.error(str(error))
-    start = time.perf_counter()
-    world = build_world(out, config)
+    try:
+        with claim_folder(out, COMMAND, world_identity(config), overwrite=overwrite,
+                          ways_out="pass --overwrite to build it with these settings, or another --out"
+                          ) as folder:
+            if folder.was_complete:
+                folder.complete()
+                print(f"{out} already holds the demo world of these settings (seed {config.seed})")
+                return 0
+            start = time.perf_counter()
+            world = build_world(folder.work, config)
+            folder.complete()
+    except OutputFolderError as error:
+        print(f"error: {error}", file=sys.stderr)
+        return 2
     print(_summary(world, time.perf_counter() - start))
+    return 0
