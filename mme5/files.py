@@ -281,10 +281,10 @@ class OutputFolder:
 
     def _decide(self, overwrite: bool, resume: bool, ways_out: str) -> tuple[str, Path, dict[str, Any]]:
         _recover_swap(self.path)
-        recorded = read_owner(self.path)
         present = self._present()
-        if recorded is None and not present:
+        if not present:  # nothing there (at most the record of a claim that wrote nothing, or outputs removed)
             return "new", self.path, {}
+        recorded = read_owner(self.path)
         problem = self._mismatch(recorded, present)
         if problem is None and not overwrite:
             if resume:
