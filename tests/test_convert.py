@@ -512,8 +512,8 @@ def test_unknown_pair_columns_are_refused_naming_the_known_ones(tmp_path, image_
         conv.convert([str(tmp_path / "in")], out_dir=tmp_path / "out", **run)
     assert not (tmp_path / "out").exists()  # refused before the folder is claimed
     (tmp_path / "in" / "pairs.jsonl").unlink()
-    (tmp_path / "in" / "pairs.csv").write_text("query,positive_image,querry_instruction,note\n"
-                                               "a red cup,coco/0.jpg,Find it:,mine\n")
+    (tmp_path / "in" / "pairs.csv").write_text("query,positive_image,querry_instruction,note,language\n"
+                                               "a red cup,coco/0.jpg,Find it:,mine,de\n")
     with pytest.raises(ValueError, match=r"'querry_instruction' \(did you mean 'query_instruction'\?\), "
                                          r"'note'"):
         conv.convert([str(tmp_path / "in")], out_dir=tmp_path / "out", **run)
@@ -521,6 +521,7 @@ def test_unknown_pair_columns_are_refused_naming_the_known_ones(tmp_path, image_
                             ignore_columns=["querry_instruction", "note"], **run)
     assert manifest["num_samples"] == 1
     assert list(manifest["extra"]["unread_columns"].values()) == [["querry_instruction", "note"]]
+    assert next(iter(read_samples(shard_urls(tmp_path / "out")))).language == "de"  # a pairs field now
 
 
 def test_published_rows_refuse_misspelt_columns_and_list_the_extra_ones_they_leave_unread(

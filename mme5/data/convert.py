@@ -437,8 +437,8 @@ def convert(
             say(f"{out_dir}: already holds this conversion, complete; nothing to do")
             return read_manifest(out_dir)
         if folder.state == "replace":
-            say(f"{out_dir}: holds another conversion; writing the new one beside it ({folder.work}), "
-                "swapped in when complete")
+            say(f"{out_dir}: replacing what it holds (--overwrite): the conversion is written beside it "
+                f"({folder.work}) and swapped in when complete")
         writer = ShardWriter(folder.work, max_count=shard_size, resume=done is not None,
                              extra={"inputs": [t.name for t in tables], "options": options,
                                     "unread_columns": unread})
