@@ -30,19 +30,24 @@ $(DEMO)/backbone/config.json: $(DEMO)/world/world.json
 	$(PY) -m mme5.backbones.tiny --family mllama --preset demo --out $(DEMO)/backbone --seed $(SEED) \
 		--corpus $(DEMO)/world/corpus.txt
 
+# A new run each time (--overwrite: the previous run's checkpoints, logs and config go; world and backbone stay).
 demo-train: demo-data
-	rm -rf $(DEMO)/checkpoints $(DEMO)/tensorboard
-	$(PY) train.py fit --config configs/demo.yaml
+	$(PY) train.py fit --config configs/demo.yaml --overwrite
 
-demo-eval:
-	$(PY) -m mme5.eval --model $(DEMO)/backbone --data $(DEMO)/world --out $(DEMO)/eval/untrained
-	$(PY) -m mme5.eval --model $(DEMO)/checkpoints/last.ckpt --data $(DEMO)/world --out $(DEMO)/eval/trained
+# demo-train makes a new checkpoint each time: its scores and export replace the previous ones (--overwrite).
+demo-eval: $(DEMO)/eval/untrained/scores.json
+	$(PY) -m mme5.eval --model $(DEMO)/checkpoints/last.ckpt --data $(DEMO)/world --out $(DEMO)/eval/trained \
+		--overwrite
 	$(PY) -m mme5.eval.compare $(DEMO)/eval/untrained $(DEMO)/eval/trained
+
+# The untrained model's scores change only with the backbone (rebuilt with the world): then replaced.
+$(DEMO)/eval/untrained/scores.json: $(DEMO)/backbone/config.json
+	$(PY) -m mme5.eval --model $(DEMO)/backbone --data $(DEMO)/world --out $(DEMO)/eval/untrained --overwrite
 
 demo-export:
 	$(PY) -m mme5.export --ckpt $(DEMO)/checkpoints/last.ckpt --out $(DEMO)/exported --scores $(DEMO)/eval/trained \
 		--query-instruction "Find me an everyday image that matches the given caption:" \
-		--target-instruction "Represent the given image."
+		--target-instruction "Represent the given image." --overwrite
 
 test: install
 	$(PY) -m pytest -q
