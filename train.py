@@ -133,8 +133,12 @@ class TrainCLI(LightningCLI):
         check_recipe(ckpt_path, recorded, hparams, self.model.backbone_identity())
         changes = resume_changes(recorded, hparams, dict(self.datamodule.hparams))
         said = describe_changes(changes) if changes else "none"
-        rank_zero_info(f"resuming {ckpt_path} at global step {recorded['global_step']}; settings changed "
-                       f"since it was written (applied): {said}")
+        step = recorded["global_step"]
+        rank_zero_info(f"resuming {ckpt_path} at global step {step}; settings changed since it was written "
+                       f"(applied): {said}")
+        if 0 < self.trainer.max_steps <= step:
+            rank_zero_warn(f"trainer.max_steps is {self.trainer.max_steps} and {ckpt_path} is at step "
+                           f"{step}: nothing is left to train; raise --trainer.max_steps to train further")
 
     def after_fit(self) -> None:
         if self.run_folder is not None and self.stop.exit_status == 0:

@@ -13,7 +13,7 @@ from typing import Any
 
 import torch
 
-from mme5.checkpoint import BACKBONE_IDENTITY
+from mme5.checkpoint import BACKBONE_IDENTITY, checkpoint_problem
 from mme5.files import OutputFolderError, comparable, describe_changes, identity_changes
 
 COMMAND = "train.py fit"
@@ -48,7 +48,14 @@ def run_outputs(trainer: Any) -> tuple[str, ...]:
 def read_recipe(path: str | Path) -> dict[str, Any]:
     """A checkpoint's hyper-parameters, data settings, step and backbone identity, without reading its
     tensors into memory (memory-mapped)."""
+    if not Path(path).is_file():
+        raise ResumeRefused(f"--ckpt_path {path}: no such file")
+    if problem := checkpoint_problem(Path(path)):
+        raise ResumeRefused(f"--ckpt_path {path} is not a loadable checkpoint ({problem})")
     checkpoint = torch.load(path, map_location="cpu", weights_only=True, mmap=True)
+    if "hyper_parameters" not in checkpoint:
+        raise ResumeRefused(f"--ckpt_path {path} is not a checkpoint of train.py (no hyper_parameters); "
+                            "to start from a model's weights, give its folder as model.backbone")
     return {"hyper_parameters": dict(checkpoint.get("hyper_parameters") or {}),
             "datamodule_hyper_parameters": dict(checkpoint.get("datamodule_hyper_parameters") or {}),
             "global_step": checkpoint.get("global_step"),

@@ -141,3 +141,16 @@ def test_a_run_folder_held_by_another_process_is_refused_naming_it(run, capsys):
         assert fit(recipe) == 2
     assert f"is being written by pid {os.getpid()}" in capsys.readouterr().err
     assert not (root / "checkpoints").exists()
+
+
+def test_a_missing_torn_or_foreign_checkpoint_is_refused_by_name(run, tmp_path, capsys):
+    root, recipe = run
+    torn = tmp_path / "torn.ckpt"
+    torn.write_bytes(b"PK\x03\x04 half a zip")
+    foreign = tmp_path / "foreign.ckpt"
+    torch.save({"state_dict": {}}, foreign)
+    for path, reason in ((tmp_path / "gone.ckpt", "no such file"), (torn, "not a loadable checkpoint"),
+                         (foreign, "not a checkpoint of train.py")):
+        assert fit(recipe, "--ckpt_path", str(path)) == 2
+        assert f"--ckpt_path {path}" in (error := capsys.readouterr().err) and reason in error
+    assert not (root / "checkpoints").exists()
