@@ -1,6 +1,7 @@
 """Who owns a synthesis output folder: a run's --out, or one job-array part (mme5.synthesis.owner)."""
 
 import json
+import shutil
 from pathlib import Path
 
 import pytest
@@ -44,7 +45,7 @@ def test_another_model_is_refused_unless_asked_for_and_every_row_names_its_model
     failed = [json.loads(line) for line in (out / "failed.jsonl").read_text().splitlines()]
     assert [row["model"] for row in failed] == ["test-mllm"]
     record = read_owner(out)
-    assert record["identity"]["model"] == "test-mllm" and "--allow-model-change" not in record["argv"]
+    assert record["identity"]["model"] == "test-mllm"  # the folder's model; the rows say who wrote what
     assert record["complete"] and record["written_by_model"] == summary["written_by_model"]
     with pytest.raises(FolderHoldsOtherOutput, match="model"):  # each run with the other model says so
         run(other, embed=FakeEmbed())
@@ -93,6 +94,10 @@ def test_parts_of_one_array_hold_their_own_locks(tmp_path):
             claim_output(parts[0], identity)  # the same part twice at once
     with pytest.raises(OutputFolderError, match="--overwrite replaces one folder.*remove"):
         claim_output(parts[0], identity, overwrite=True)
+    shutil.rmtree(tmp_path / "out")
+    (tmp_path / "out").write_text("a file")
+    with pytest.raises(OutputFolderError, match="out is a file; name a folder"):
+        claim_output(parts[0], identity)
 
 
 def test_other_images_are_refused_and_overwrite_starts_afresh(tmp_path):

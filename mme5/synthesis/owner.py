@@ -28,9 +28,9 @@ from mme5.files import (
 from mme5.synthesis.config import SynthesisConfig
 
 COMMAND = "mme5.synthesis"
-WAYS_OUT = ("resume with the settings recorded, pass --allow-model-change to go on with another model (each "
-            "answer row names its model), pass --overwrite to start afresh (what was written is lost), or "
-            "choose another --out")
+WAYS_OUT = ("resume with the settings recorded, choose another --out, or pass --overwrite to replace what it "
+            "holds (that is lost); a change of model alone goes on with --allow-model-change (each answer "
+            "row names its model)")
 PART = re.compile(r"part-(\d+)-of-(\d+)")
 
 log = logging.getLogger(__name__)
@@ -42,6 +42,8 @@ def claim_output(config: SynthesisConfig, identity: dict[str, Any], *, overwrite
     checking that the other folders of `config.out` hold the same plan. Raises `OutputFolderError` before
     anything is written."""
     out, work = Path(config.out), config.work_dir
+    if out.exists() and not out.is_dir():
+        raise OutputFolderError(f"--out {out} is a file; name a folder")
     if overwrite and work != out:
         raise OutputFolderError(f"--overwrite replaces one folder, and the parts of a job array share {out} "
                                 f"(its plan.jsonl): remove {out}, or choose another --out")
