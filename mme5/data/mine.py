@@ -44,6 +44,7 @@ from mme5.data.shards import MANIFEST, CorruptSample, ShardWriter, read_manifest
 from mme5.files import OutputFolderError, claim_folder, files_fingerprint, save_torch
 from mme5.hub import model_identity
 from mme5.retrieval import nearest
+from mme5.settings import number_at_least
 
 Embed = Callable[[list[Item]], Tensor]
 WORK = ".mining"
@@ -273,7 +274,7 @@ def main(argv: list[str] | None = None) -> int:
                                 "training reads its first data.num_negatives)")
     placement.add_argument("--replace", dest="placement", action="store_const", const="replace",
                            help="mined negatives replace the samples' own")
-    parser.add_argument("--num-negatives", type=int, default=3, metavar="K",
+    parser.add_argument("--num-negatives", type=number_at_least(0), default=3, metavar="K",
                         help="report how many mined negatives a training with data.num_negatives K reads "
                              "(default: 3, the paper recipes'; configs/demo.yaml: 1)")
     parser.add_argument("--overwrite", action="store_true", help="replace another output in --out")
