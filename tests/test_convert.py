@@ -615,11 +615,14 @@ def test_tiff_images_convert_and_16_bit_ones_keep_their_content(tmp_path, image_
 
 
 def test_an_input_given_twice_is_read_once(tmp_path, image_root):
+    """Once, where it first appears (the order of the inputs stays as given)."""
     write_parquet(tmp_path / "in" / "OK-VQA" / "train.parquet", mmeb_rows()[:2])
-    twice = [str(tmp_path / "in"), str(tmp_path / "in" / "OK-VQA" / "train.parquet"),
+    write_parquet(tmp_path / "other" / "OK-VQA" / "more.parquet", mmeb_rows()[:1])
+    twice = [str(tmp_path / "in"), str(tmp_path / "other"), str(tmp_path / "in" / "OK-VQA" / "train.parquet"),
              str(tmp_path / "in" / "OK-VQA" / ".." / "OK-VQA" / "train.parquet")]
     manifest = conv.convert(twice, image_root, tmp_path / "out", progress=False)
-    assert manifest["num_samples"] == 2 and len(manifest["extra"]["inputs"]) == 1
+    assert manifest["num_samples"] == 3
+    assert [Path(name).name for name in manifest["extra"]["inputs"]] == ["train.parquet", "more.parquet"]
 
 
 def test_paths_that_are_not_utf8_are_refused_before_anything_is_written(tmp_path, image_root, capsys):

@@ -286,7 +286,10 @@ def find_tables(inputs: list[str], split: str = DEFAULT_SPLIT) -> list[Table]:
                                     "(namespace/name[:config])")
     if not tables:
         raise FileNotFoundError(f"no .parquet, .jsonl or .csv files under {inputs}")
-    return list({table.identity(): table for table in reversed(tables)}.values())[::-1]
+    unique: dict[str, Table] = {}
+    for table in tables:
+        unique.setdefault(table.identity(), table)
+    return list(unique.values())
 
 
 def select_split(files: list[Path], split: str) -> list[Path]:
