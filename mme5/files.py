@@ -17,7 +17,7 @@ import hashlib
 import json
 import os
 import tempfile
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from contextlib import contextmanager
 from pathlib import Path
 from typing import IO, Any
@@ -262,29 +262,32 @@ class OutputFolder:
     """
 
     def __init__(self, path: Path, command: str, identity: dict[str, Any], overwrite: bool, resume: bool,
-                 ways_out: str, outputs: tuple[str, ...] | None):
+                 ways_out: str, outputs: tuple[str, ...] | None, adopt: Callable[[Path], bool] | None):
         self.path, self.command, self.identity = path, command, comparable(identity)
         self.outputs = outputs
         self.lock = FolderLock(path)
         self.lock.acquire(command)
         try:
-            self.state, self.work, self.record = self._decide(overwrite, resume, ways_out)
+            self.state, self.work, self.record = self._decide(overwrite, resume, ways_out, adopt)
+            # Read before the record below marks the folder in progress: a command resuming its complete
+            # output can say so instead of doing the work again.
+            self.was_complete = self.state == "resume" and bool(self.record.get("complete"))
+            self._write_record(complete=False)
         except BaseException:
             self.lock.release()
             raise
-        # Read before the record below marks the folder in progress: a command resuming its complete output
-        # can say so instead of doing the work again.
-        self.was_complete = self.state == "resume" and bool(self.record.get("complete"))
-        self._write_record(complete=False)
 
     # -- the decision
 
-    def _decide(self, overwrite: bool, resume: bool, ways_out: str) -> tuple[str, Path, dict[str, Any]]:
+    def _decide(self, overwrite: bool, resume: bool, ways_out: str, adopt: Callable[[Path], bool] | None
+                ) -> tuple[str, Path, dict[str, Any]]:
         _recover_swap(self.path)
         present = self._present()
-        if not present:  # nothing there (at most the record of a claim that wrote nothing, or outputs removed)
+        if not present:  # nothing there (at most the record of a claim that wrote nothing; outputs removed)
             return "new", self.path, {}
         recorded = read_owner(self.path)
+        if recorded is None and adopt is not None and adopt(self.path):
+            recorded = {"command": self.command, "identity": self.identity, "adopted": True}
         problem = self._mismatch(recorded, present)
         if problem is None and not overwrite:
             if resume:
@@ -336,7 +339,9 @@ class OutputFolder:
         self.record = {**self.record, "format": OWNER_FORMAT, "command": self.command,
                        "identity": self.identity, "argv": sys.argv, "updated": now, "complete": complete,
                        "created": self.record.get("created", now), **extra}
-        write_json(self.work / OWNER_RECORD, self.record)
+        # ASCII JSON: a path or argument that is not valid UTF-8 (a surrogate escape) is recorded escaped.
+        with atomic_write(self.work / OWNER_RECORD) as file:
+            file.write(json.dumps(self.record, indent=2, default=str) + "\n")
 
     def complete(self, **extra: Any) -> None:
         """Mark the output complete (`extra`: facts to record, e.g. counts) and swap a replacement in."""
@@ -356,19 +361,20 @@ class OutputFolder:
 
 
 def claim_folder(path: str | os.PathLike, command: str, identity: dict[str, Any], *, overwrite: bool = False,
-                 resume: bool = True, ways_out: str = "", outputs: tuple[str, ...] | None = None
-                 ) -> OutputFolder:
+                 resume: bool = True, ways_out: str = "", outputs: tuple[str, ...] | None = None,
+                 adopt: Callable[[Path], bool] | None = None) -> OutputFolder:
     """Lock `path` for `command` and check that it is new or holds this command's output of `identity`.
 
     Refused (before anything is written): a folder another live process holds (`FolderInUse`, naming the
     holder), or one holding another output (`FolderHoldsOtherOutput`, naming the keys that differ and
     `ways_out`) unless `overwrite`. `resume=False` (a command that starts afresh) refuses its own earlier
     output too. `overwrite` replaces whatever output is there, even an equal one. A lock whose holder died
-    is taken over with a warning.
+    is taken over with a warning. `adopt(path)` recognises this command's own output of `identity` written
+    before owner records existed (no record): it is resumed as such instead of refused.
     """
     import warnings
 
-    folder = OutputFolder(Path(path), command, identity, overwrite, resume, ways_out, outputs)
+    folder = OutputFolder(Path(path), command, identity, overwrite, resume, ways_out, outputs, adopt)
     if folder.lock.stale:
         warnings.warn(f"{folder.path}: took over the lock of {describe_holder(folder.lock.stale)}, which no "
                       "longer runs (it was stopped before it finished)", stacklevel=2)

@@ -206,3 +206,30 @@ def test_path_fingerprint_ignores_the_owner_record(tmp_path):
     with _claim(tmp_path / "m", {}) as folder:
         folder.complete(note="again")
     assert path_fingerprint(tmp_path / "m") == first
+
+
+def test_an_output_from_before_owner_records_is_adopted_when_recognised(tmp_path):
+    out = tmp_path / "out"
+    out.mkdir()
+    (out / "manifest.json").write_text('{"fingerprint": "abc"}')
+    recognised = lambda path: json.loads((path / "manifest.json").read_text())["fingerprint"] == "abc"  # noqa: E731
+    with _claim(out, {"v": 1}, adopt=recognised) as folder:
+        assert folder.state == "resume" and read_owner(out)["identity"] == {"v": 1}
+    (out / ".mme5-owner.json").unlink()
+    with pytest.raises(FolderHoldsOtherOutput, match="no mme5 command recorded"):
+        _claim(out, {"v": 1}, adopt=lambda path: False)
+
+
+def test_a_path_that_is_not_utf8_is_recorded_escaped_and_the_lock_never_left(tmp_path):
+    import sys
+
+    name = os.fsdecode(b"caf\xe9")  # Latin-1 bytes: a surrogate escape in Python's str
+    argv = sys.argv
+    sys.argv = ["mme5.test", "--out", name]
+    try:
+        with _claim(tmp_path / name, {"out": name}) as folder:
+            assert folder.state == "new"
+    finally:
+        sys.argv = argv
+    assert read_owner(tmp_path / name)["identity"] == {"out": name}
+    assert [p.name for p in tmp_path.iterdir()] == [name]  # no lock file left behind
