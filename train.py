@@ -16,6 +16,7 @@ against all of those positives plus its own `data.num_negatives` hard negatives.
 (model.gradient_cache) keeps memory at one chunk of `model.chunk_size` items whatever the batch size.
 """
 
+import signal
 import sys
 from pathlib import Path
 
@@ -25,6 +26,7 @@ from jsonargparse import ActionYesNo, set_parsing_settings
 from lightning.pytorch.callbacks import ModelCheckpoint
 from lightning.pytorch.cli import LightningCLI
 from lightning.pytorch.utilities import rank_zero_info, rank_zero_warn
+from lightning.pytorch.utilities.exceptions import SIGTERMException
 
 from mme5.checkpoint import checkpoint_problem
 from mme5.data.datamodule import ShardDataModule
@@ -197,6 +199,9 @@ def main(args: list[str] | None = None) -> int:
     except OutputFolderError as error:
         print(f"error: {error}", file=sys.stderr)
         return 2
+    except SIGTERMException:  # Lightning's handler: SIGTERM before training started (its exit status is 0)
+        print("error: stopped by SIGTERM before training started", file=sys.stderr)
+        return 128 + signal.SIGTERM
     # Tear the process group down while the interpreter is whole: left to destructors at exit, gloo's threads
     # can die with "terminate called without an active exception" (SIGABRT), failing a finished SLURM job.
     if torch.distributed.is_available() and torch.distributed.is_initialized():

@@ -68,6 +68,8 @@ class StopOnSignal(L.Callback):
 
     def on_train_start(self, trainer: L.Trainer, pl_module: L.LightningModule) -> None:
         self._previous = {signum: signal.signal(signum, self._note) for signum in self.SIGNALS}
+        if trainer.received_sigterm:  # noted by Lightning's handler while the run was being set up
+            self.received = signal.SIGTERM
 
     def _note(self, signum: int, frame: Any) -> None:
         if self.received == signal.SIGINT and signum == signal.SIGINT:

@@ -21,6 +21,10 @@ class SignalAt(L.Callback):
     def __init__(self, step: int, signum: int = int(signal.SIGTERM)):
         self.step, self.signum = step, signum
 
+    def on_train_start(self, trainer, *args):
+        if self.step == -1:  # while the run is being set up, before the project's handler is in place
+            os.kill(os.getpid(), self.signum)
+
     def on_train_batch_end(self, trainer, *args):
         if trainer.global_step == self.step:
             os.kill(os.getpid(), self.signum)
@@ -154,3 +158,10 @@ def test_a_missing_torn_or_foreign_checkpoint_is_refused_by_name(run, tmp_path, 
         assert fit(recipe, "--ckpt_path", str(path)) == 2
         assert f"--ckpt_path {path}" in (error := capsys.readouterr().err) and reason in error
     assert not (root / "checkpoints").exists()
+
+
+def test_sigterm_while_the_run_is_set_up_stops_after_the_first_step_with_a_checkpoint(run):
+    root, recipe = run
+    stop = {"class_path": "test_resume.SignalAt", "init_args": {"step": -1}}
+    assert fit(recipe, "--trainer.max_steps", "30", "--trainer.callbacks+", yaml.safe_dump(stop)) == 143
+    assert step_of(root / "checkpoints" / "last.ckpt") == 1
