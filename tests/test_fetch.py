@@ -174,3 +174,18 @@ def test_subsets_accumulate_and_another_data_set_or_revision_is_refused(tmp_path
     record = json.loads((out / ".mme5-owner.json").read_text())
     assert record["identity"]["dataset"] == "intfloat/mmE5-MMEB-hardneg" and record["subsets"] == ["B"]
     assert not (out / "A").exists()  # the old output was replaced as a whole
+
+
+def test_a_folder_fetched_before_owner_records_is_resumed_not_downloaded_again(tmp_path, monkeypatch):
+    out, calls = tmp_path / "raw", []
+    monkeypatch.setattr(huggingface_hub, "snapshot_download", fake_hub(calls, TRAIN_FILES))
+    assert fetch.main(["--dataset", "mmeb-train", "--out", str(out), "--subset", "A"]) == 0
+    (out / ".mme5-owner.json").unlink()  # as an earlier version of fetch left it
+    (out / ".cache" / "huggingface").mkdir(parents=True)  # the hub client's local-dir cache
+    kept = {p: p.stat().st_mtime_ns for p in out.rglob("*") if p.is_file()}
+    assert fetch.main(["--dataset", "mmeb-train", "--out", str(out), "--subset", "A"]) == 0
+    assert {p: p.stat().st_mtime_ns for p in kept} == kept  # nothing fetched or unpacked again
+    assert json.loads((out / ".mme5-owner.json").read_text())["adopted"]
+    (out / ".mme5-owner.json").unlink()
+    (out / ".cache" / "huggingface").rmdir()  # a folder of other files: refused, not written into
+    assert fetch.main(["--dataset", "mmeb-train", "--out", str(out), "--subset", "A"]) == 2

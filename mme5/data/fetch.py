@@ -80,7 +80,7 @@ def fetch(name: str, out: str | Path, subsets: list[str] | None = None, revision
     completed before, ValueError for a subset that names no file, OutputFolderError for a folder that holds
     another output."""
     subsets = sorted(set(subsets)) if subsets else None
-    with claim_folder(out, COMMAND, fetch_identity(name, revision), overwrite=overwrite,
+    with claim_folder(out, COMMAND, fetch_identity(name, revision), overwrite=overwrite, adopt=fetched_before,
                       ways_out="pass --overwrite to replace it, or choose another --out") as folder:
         online = True
         try:
@@ -95,6 +95,12 @@ def fetch(name: str, out: str | Path, subsets: list[str] | None = None, revision
         folder.complete(files={**folder.record.get("files", {}), **files},
                         subsets=merged_subsets(folder.record.get("subsets"), subsets))
     return Fetched(Path(out), online)
+
+
+def fetched_before(folder: Path) -> bool:
+    """A folder that huggingface_hub downloaded into before fetch recorded its owner (its local-dir cache is
+    there): resumed, every file checked against the hub's listing, instead of downloaded again."""
+    return (folder / ".cache" / "huggingface").is_dir()
 
 
 def download(name: str, folder: Path, subsets: list[str] | None, revision: str | None,
