@@ -2,6 +2,7 @@
 
 import json
 import os
+import shutil
 
 import lightning as L
 import pyarrow as pa
@@ -128,12 +129,16 @@ def test_command_end_to_end_on_a_backbone_folder(tiny_world, tiny_mllama, tmp_pa
     assert json.loads((tmp_path / "scores.json").read_text())["scalars"] == scores["scalars"]
 
 
-def test_command_errors_before_loading_the_model(tiny_world, tmp_path):
+def test_command_errors_before_loading_the_model(tiny_world, tmp_path, capsys):
     with pytest.raises(SystemExit):
-        main(["--model", "nowhere", "--out", str(tmp_path)])  # no --data nor --mmeb/--xtd
+        main(["--model", str(tmp_path), "--out", str(tmp_path)])  # no --data nor --mmeb/--xtd
     with pytest.raises(ValueError, match="unknown MMEB data set"):
-        main(["--model", "nowhere", "--benchmark", "mmeb", "--mmeb", str(tiny_world / "mmeb"), "--subsets",
-              "ImageNet-1K", "--out", str(tmp_path)])
+        main(["--model", str(tmp_path), "--benchmark", "mmeb", "--mmeb", str(tiny_world / "mmeb"),
+              "--subsets", "ImageNet-1K", "--out", str(tmp_path)])
+    with pytest.raises(SystemExit):  # a missing model, before --out is claimed
+        main(["--model", str(tmp_path / "gone.ckpt"), "--data", str(tiny_world), "--out",
+              str(tmp_path / "o")])
+    assert "gone.ckpt: no such file or folder" in capsys.readouterr().err and not (tmp_path / "o").exists()
 
 
 def test_evaluating_nothing_is_an_error_not_a_nan_score(tiny_world, tmp_path, capsys):
@@ -176,8 +181,9 @@ def test_out_belongs_to_one_evaluation(tiny_world, tiny_mllama, tmp_path, monkey
         main(other)
     error = capsys.readouterr().err
     assert exit_.value.code == 2 and "max_queries: 2 (recorded) → 3 (now)" in error and "--overwrite" in error
+    another = shutil.copytree(tiny_mllama, tmp_path / "another-model")
     with pytest.raises(SystemExit):
-        main([*args[:1], str(tmp_path / "another-model"), *args[2:]])
+        main([*args[:1], str(another), *args[2:]])
     assert "model_files" in capsys.readouterr().err
     with claim_folder(out, "mme5.eval", {}, overwrite=True), pytest.raises(SystemExit):
         main(args)  # another process holds it
@@ -189,7 +195,7 @@ def test_out_belongs_to_one_evaluation(tiny_world, tiny_mllama, tmp_path, monkey
     replaced = json.loads((out / "scores.json").read_text())
     assert replaced["mmeb"]["datasets"]["Shape"]["queries"] == 3
     assert read_owner(out)["identity"]["max_queries"] == 3
-    assert sorted(p.name for p in tmp_path.iterdir()) == ["eval"]  # no sibling nor lock left
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["another-model", "eval"]  # no sibling nor lock left
 
 
 def test_overall_only_when_every_set_is_evaluated_and_repeated_subsets_count_once(tiny_world, tiny_mllama,

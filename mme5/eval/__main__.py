@@ -37,6 +37,7 @@ from mme5.eval.report import write_outputs
 from mme5.eval.run import Benchmark, Summary, evaluate
 from mme5.eval.xtd import IMAGE_INSTRUCTION, TEXT_INSTRUCTION, XTD, paper_mean_label
 from mme5.files import OutputFolder, OutputFolderError, claim_folder, path_fingerprint
+from mme5.hub import is_hub_id
 
 COMMAND = "mme5.eval"
 
@@ -86,6 +87,8 @@ def parse(argv: list[str] | None = None) -> argparse.Namespace:
     for name in ("max_queries", "batch_size", "top_k"):
         if getattr(args, name) is not None and getattr(args, name) < 1:
             parser.error(f"--{name.replace('_', '-')} must be at least 1, got {getattr(args, name)}")
+    if not Path(args.model).exists() and not is_hub_id(args.model):
+        parser.error(f"--model {args.model}: no such file or folder (nor a hub id namespace/name)")
     for name in ("mmeb", "xtd"):
         if args.benchmark in (name, "all") and getattr(args, name) is None:
             if args.data is None:
