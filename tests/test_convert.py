@@ -149,6 +149,13 @@ def test_resume_after_interruption_gives_the_same_shards(tmp_path, image_root, m
     with pytest.raises(OutputFolderError, match=r"shard_size: 2 \(recorded\) → 3 \(now\).*--overwrite"):
         conv.convert(out_dir=tmp_path / "out", **dict(args, shard_size=3))
 
+    # Shards of an earlier version of the converter (no owner record): the same conversion is adopted
+    # and resumed, another is refused.
+    (tmp_path / "out" / ".mme5-owner.json").unlink()
+    with pytest.raises(OutputFolderError, match="no mme5 command recorded"):
+        conv.convert(out_dir=tmp_path / "out", **dict(args, shard_size=3))
+    assert conv.convert(out_dir=tmp_path / "out", **args) == resumed
+
 
 def test_cli(tmp_path, image_root, capsys):
     write_parquet(tmp_path / "in" / "OK-VQA" / "train.parquet", mmeb_rows()[:2])

@@ -375,6 +375,16 @@ def conversion_identity(tables: list[Table], options: dict[str, Any]) -> dict[st
     return {**options, "inputs": [table.identity() for table in tables]}
 
 
+def converted_before(folder: Path, tables: list[Table], options: dict[str, Any]) -> bool:
+    """Shards of this conversion written before the converter recorded its owner: the manifest names the
+    same inputs and options (the files' sizes and times were kept in a hash only: not compared)."""
+    try:
+        extra = read_manifest(folder).get("extra", {})
+    except (OSError, ValueError):
+        return False
+    return extra.get("inputs") == [t.name for t in tables] and extra.get("options") == options
+
+
 def check_out(out_dir: str | os.PathLike, inputs: list[str], image_root: str | os.PathLike | None) -> None:
     """Refuse an `out_dir` that is a file, or is or holds an input or the image root: replacing it
     (`--overwrite`) would delete them. (Shards inside an input folder are fine: they are no input format.)"""
@@ -443,6 +453,7 @@ def convert(
                "format": "published" if pairs is None else pairs.description()}
     say = print if progress else _quiet
     with claim_folder(out_dir, COMMAND, conversion_identity(tables, options), overwrite=overwrite,
+                      adopt=lambda folder: converted_before(folder, tables, options),
                       ways_out="pass --overwrite to replace them (the new shards are written beside and "
                                "swapped in when complete), or choose another --out") as folder:
         done = read_manifest(folder.work) if (folder.work / MANIFEST).exists() else None
