@@ -17,7 +17,7 @@ import hashlib
 import json
 import os
 import tempfile
-from collections.abc import Callable, Iterator
+from collections.abc import Callable, Iterable, Iterator
 from contextlib import contextmanager
 from pathlib import Path
 from typing import IO, Any
@@ -362,7 +362,8 @@ class OutputFolder:
 
 def claim_folder(path: str | os.PathLike, command: str, identity: dict[str, Any], *, overwrite: bool = False,
                  resume: bool = True, ways_out: str = "", outputs: tuple[str, ...] | None = None,
-                 adopt: Callable[[Path], bool] | None = None) -> OutputFolder:
+                 adopt: Callable[[Path], bool] | None = None, inputs: Iterable[str | os.PathLike] = ()
+                 ) -> OutputFolder:
     """Lock `path` for `command` and check that it is new or holds this command's output of `identity`.
 
     Refused (before anything is written): a folder another live process holds (`FolderInUse`, naming the
@@ -370,15 +371,29 @@ def claim_folder(path: str | os.PathLike, command: str, identity: dict[str, Any]
     `ways_out`) unless `overwrite`. `resume=False` (a command that starts afresh) refuses its own earlier
     output too. `overwrite` replaces whatever output is there, even an equal one. A lock whose holder died
     is taken over with a warning. `adopt(path)` recognises this command's own output of `identity` written
-    before owner records existed (no record): it is resumed as such instead of refused.
+    before owner records existed (no record): it is resumed as such instead of refused. `inputs`: the paths
+    the command reads; a folder that is or holds one is refused (replacing it would delete them).
     """
     import warnings
 
+    check_apart(Path(path), inputs)
     folder = OutputFolder(Path(path), command, identity, overwrite, resume, ways_out, outputs, adopt)
     if folder.lock.stale:
         warnings.warn(f"{folder.path}: took over the lock of {describe_holder(folder.lock.stale)}, which no "
                       "longer runs (it was stopped before it finished)", stacklevel=2)
     return folder
+
+
+def check_apart(out: Path, inputs: Iterable[str | os.PathLike]) -> None:
+    """Refuse an output folder that is a file, or is or holds one of the command's `inputs`."""
+    if out.exists() and not out.is_dir():
+        raise OutputFolderError(f"{out} is a file; the output goes into a folder")
+    target = out.resolve()
+    for name in inputs:
+        path = Path(name).resolve()
+        if Path(name).exists() and (path == target or target in path.parents):
+            raise OutputFolderError(f"{out} is or holds the input {name}: writing or replacing it would "
+                                    "change what is read; write into a folder of its own")
 
 
 def read_owner(path: Path) -> dict[str, Any] | None:

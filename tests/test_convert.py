@@ -653,7 +653,7 @@ def test_paths_that_are_not_utf8_are_refused_before_anything_is_written(tmp_path
 def test_an_out_folder_that_is_or_holds_an_input_is_refused(tmp_path, image_root, out):
     """--out equal to (or above) an input or the image root: --overwrite would swap the inputs away."""
     write_parquet(tmp_path / "in" / "OK-VQA" / "train.parquet", mmeb_rows()[:2])
-    with pytest.raises(ValueError, match="is or holds the input|is a file"):
+    with pytest.raises(OutputFolderError, match="is or holds the input|is a file"):
         conv.convert([str(tmp_path / "in")], image_root, tmp_path / out, overwrite=True, progress=False)
     assert (tmp_path / "in" / "OK-VQA" / "train.parquet").is_file()
     assert (image_root / "coco" / "0.jpg").is_file()

@@ -1,4 +1,5 @@
-"""Atomic writes: the target is the old file or the whole new one, never a part; leftovers are cleared."""
+"""Files on disk: atomic writes (the target is the old file or the whole new one, never a part; leftovers are
+cleared) and output folders with one owner (lock, record, resume or refuse, swap-in)."""
 
 import json
 import os
@@ -9,6 +10,7 @@ from mme5.files import (
     AtomicFile,
     FolderHoldsOtherOutput,
     FolderInUse,
+    OutputFolderError,
     atomic_write,
     claim_folder,
     files_fingerprint,
@@ -233,3 +235,14 @@ def test_a_path_that_is_not_utf8_is_recorded_escaped_and_the_lock_never_left(tmp
         sys.argv = argv
     assert read_owner(tmp_path / name)["identity"] == {"out": name}
     assert [p.name for p in tmp_path.iterdir()] == [name]  # no lock file left behind
+
+
+def test_an_output_folder_that_is_a_file_or_holds_an_input_is_refused(tmp_path):
+    (tmp_path / "data" / "set").mkdir(parents=True)
+    (tmp_path / "data" / "set" / "rows.jsonl").write_text("{}\n")
+    for out in (tmp_path / "data", tmp_path / "data" / "set", tmp_path / "data" / "set" / "rows.jsonl"):
+        with pytest.raises(OutputFolderError, match="is or holds the input|is a file"):
+            _claim(out, {}, overwrite=True, inputs=[tmp_path / "data" / "set"])
+    assert (tmp_path / "data" / "set" / "rows.jsonl").read_text() == "{}\n"
+    with _claim(tmp_path / "data" / "set" / "shards", {}, inputs=[tmp_path / "data" / "set"]) as folder:
+        assert folder.state == "new"  # beside the inputs, inside their folder: fine

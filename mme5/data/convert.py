@@ -385,19 +385,6 @@ def converted_before(folder: Path, tables: list[Table], options: dict[str, Any])
     return extra.get("inputs") == [t.name for t in tables] and extra.get("options") == options
 
 
-def check_out(out_dir: str | os.PathLike, inputs: list[str], image_root: str | os.PathLike | None) -> None:
-    """Refuse an `out_dir` that is a file, or is or holds an input or the image root: replacing it
-    (`--overwrite`) would delete them. (Shards inside an input folder are fine: they are no input format.)"""
-    if Path(out_dir).exists() and not Path(out_dir).is_dir():
-        raise ValueError(f"--out {out_dir} is a file; shards go into a folder")
-    out = Path(out_dir).resolve()
-    for name in [*inputs, *([image_root] if image_root is not None else [])]:
-        path = Path(name).resolve()
-        if Path(name).exists() and (out == path or out in path.parents):
-            raise ValueError(f"--out {out_dir} is or holds the input {name}; convert into a folder of its "
-                             "own")
-
-
 def check_split(tables: list[Table], split: str | None) -> None:
     """A `--split` given explicitly must be held by some input (files without one are read whatever it is, so
     a misspelt `--split tset` would otherwise convert them all without a word)."""
@@ -442,7 +429,6 @@ def convert(
     pairs: read pair/triplet rows (`mme5.data.pairs`) instead of the published row format.
     ignore_columns: columns to leave unread instead of refusing them as unknown.
     """
-    check_out(out_dir, inputs, image_root)
     tables = find_tables(inputs, split or DEFAULT_SPLIT)
     check_split(tables, split)
     unread = {table.name: names for table in tables if (names := check_columns(table, pairs, ignore_columns))}
@@ -454,6 +440,7 @@ def convert(
     say = print if progress else _quiet
     with claim_folder(out_dir, COMMAND, conversion_identity(tables, options), overwrite=overwrite,
                       adopt=lambda folder: converted_before(folder, tables, options),
+                      inputs=[*inputs, *([image_root] if image_root is not None else [])],
                       ways_out="pass --overwrite to replace them (the new shards are written beside and "
                                "swapped in when complete), or choose another --out") as folder:
         done = read_manifest(folder.work) if (folder.work / MANIFEST).exists() else None
