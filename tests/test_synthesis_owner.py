@@ -96,7 +96,7 @@ def test_parts_of_one_array_hold_their_own_locks(tmp_path):
         claim_output(parts[0], identity, overwrite=True)
     shutil.rmtree(tmp_path / "out")
     (tmp_path / "out").write_text("a file")
-    with pytest.raises(OutputFolderError, match="out is a file; name a folder"):
+    with pytest.raises(OutputFolderError, match="out is a file"):
         claim_output(parts[0], identity)
 
 
@@ -111,6 +111,28 @@ def test_other_images_are_refused_and_overwrite_starts_afresh(tmp_path):
     assert summary["written"] == 5 and summary["this_run"]["attempted"] == 5
     out = Path(config.out)
     assert len(written_ids(out)) == 5 and read_owner(out)["identity"]["num_samples"] == 5
+
+
+def test_a_folder_written_before_owner_records_is_resumed_when_its_settings_match(tmp_path):
+    with AnswerServer() as server:
+        config = settings(tmp_path, server, num_samples=4)
+        run(config, embed=FakeEmbed())
+        out = Path(config.out)
+        (out / OWNER_RECORD).unlink()  # as an earlier version left it
+        with pytest.raises(FolderHoldsOtherOutput, match="no mme5 command recorded"):
+            run(settings(tmp_path, server, num_samples=4, seed=5), embed=FakeEmbed())
+        summary = run(settings(tmp_path, server, num_samples=4), embed=FakeEmbed())
+        assert summary["this_run"]["attempted"] == 0 and len(server.requests) == 4
+    assert read_owner(out)["identity"]["seed"] == 3
+
+
+def test_an_out_that_holds_the_images_is_refused(tmp_path):
+    with AnswerServer() as server:
+        config = settings(tmp_path, server, num_samples=4)
+        config.out = str(tmp_path)  # the image folder is inside it
+        with pytest.raises(OutputFolderError, match="holds the input"):
+            run(config, embed=FakeEmbed(), overwrite=True)
+    assert (tmp_path / "imgs").is_dir() and not server.requests
 
 
 def test_a_run_that_fails_before_its_first_call_leaves_no_folder_that_refuses_the_corrected_one(

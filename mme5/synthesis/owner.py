@@ -11,8 +11,10 @@ it was started with as its identity, and each answer row names the model that wr
 
 from __future__ import annotations
 
+import json
 import logging
 import re
+from dataclasses import asdict
 from pathlib import Path
 from typing import Any
 
@@ -21,6 +23,7 @@ from mme5.files import (
     OutputFolder,
     OutputFolderError,
     claim_folder,
+    comparable,
     describe_changes,
     identity_changes,
     read_owner,
@@ -42,8 +45,8 @@ def claim_output(config: SynthesisConfig, identity: dict[str, Any], *, overwrite
     checking that the other folders of `config.out` hold the same plan. Raises `OutputFolderError` before
     anything is written."""
     out, work = Path(config.out), config.work_dir
-    if out.exists() and not out.is_dir():
-        raise OutputFolderError(f"--out {out} is a file; name a folder")
+    if out.exists() and not out.is_dir():  # (claim_folder checks `work`, which is below it for a part)
+        raise OutputFolderError(f"--out {out} is a file; the output goes into a folder")
     if overwrite and work != out:
         raise OutputFolderError(f"--overwrite replaces one folder, and the parts of a job array share {out} "
                                 f"(its plan.jsonl): remove {out}, or choose another --out")
@@ -53,7 +56,27 @@ def claim_output(config: SynthesisConfig, identity: dict[str, Any], *, overwrite
     if not overwrite:  # overwriting a run's --out replaces its part folders too
         for folder, record in others.items():
             _check_same_plan(out, folder, record, identity)
-    return claim_folder(work, COMMAND, identity, overwrite=overwrite, ways_out=WAYS_OUT)
+    return claim_folder(work, COMMAND, identity, overwrite=overwrite, ways_out=WAYS_OUT,
+                        adopt=lambda folder: written_before_records(folder, config),
+                        inputs=[path for path in (config.images, config.embedder) if path is not None])
+
+
+def written_before_records(folder: Path, config: SynthesisConfig) -> bool:
+    """Whether `folder` is this command's output of `config` from before owner records: its `config.json`
+    holds the same settings that define the output, with the same image and embedder paths (their content
+    at the time cannot be checked now)."""
+    try:
+        recorded = json.loads((folder / "config.json").read_text(encoding="utf-8"))
+    except (OSError, ValueError):
+        return False
+    return isinstance(recorded, dict) and _as_run(recorded, config) == _as_run(asdict(config), config)
+
+
+def _as_run(values: dict[str, Any], config: SynthesisConfig) -> dict[str, Any]:
+    """The identity's keys as a run's `config.json` holds them (paths for the images and embedder)."""
+    client = values.get("client") if isinstance(values.get("client"), dict) else {}
+    return comparable({key: client.get("model") if key == "model" else values.get(key)
+                       for key in config.output_identity(None, None)})
 
 
 def other_records(out: Path, work: Path) -> dict[Path, dict[str, Any]]:
