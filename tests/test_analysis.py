@@ -66,7 +66,8 @@ def make_run(root: Path, name: str, offset: float, num_samples: int, max_samples
     writer.close()
     shards = root / f"{name}-shards"
     shards.mkdir()
-    manifest = {"format": FORMAT, "complete": True, "num_samples": num_samples, "shards": []}
+    shards_listed = [{"file": "shard-000000.tar", "count": num_samples}]  # num_samples must add up
+    manifest = {"format": FORMAT, "complete": True, "num_samples": num_samples, "shards": shards_listed}
     (shards / "manifest.json").write_text(json.dumps(manifest))
     config = {"data": {"sources": [{"path": str(shards), "weight": None, "max_samples": max_samples}]}}
     (run / "tensorboard" / "config.yaml").write_text(yaml.safe_dump(config))

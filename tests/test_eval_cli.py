@@ -225,3 +225,14 @@ def test_overall_only_when_every_set_is_evaluated_and_repeated_subsets_count_onc
     assert figures(scores)["Overall"] is None and figures(complete)["Overall"] == complete["mmeb"]["Overall"]
     table = comparison({"two": scores, "all": complete})
     assert f"{mmeb['mean_over_sets']:.1f} ({label})" in table
+
+
+def test_scores_count_the_items_cut_to_max_length(tiny_world, tiny_mllama, tmp_path):
+    """Case 14: text longer than --max-length is truncated as before, and scores.json says how many items
+    were cut (0 when everything fits)."""
+    args = ["--model", tiny_mllama, "--data", str(tiny_world), "--benchmark", "xtd", "--device", "cpu",
+            "--no-cache"]
+    main([*args, "--out", str(tmp_path / "short"), "--max-length", "6"])
+    main([*args, "--out", str(tmp_path / "long"), "--max-length", "512"])
+    assert json.loads((tmp_path / "short" / "scores.json").read_text())["truncated_items"] > 0
+    assert json.loads((tmp_path / "long" / "scores.json").read_text())["truncated_items"] == 0

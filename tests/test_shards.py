@@ -169,3 +169,45 @@ def test_record_errors_name_the_field():
     record["json"] = json.dumps(meta).encode()
     with pytest.raises(SchemaError, match=r"sides\.pos"):
         record_to_sample(record)
+
+
+def edit_manifest(folder, change):
+    """Apply `change` to a folder's manifest as a hand edit would."""
+    path = folder / "manifest.json"
+    manifest = json.loads(path.read_text())
+    change(manifest)
+    path.write_text(json.dumps(manifest))
+
+
+def test_a_shard_listed_twice_in_a_manifest_is_read_once(tmp_path, caplog):
+    """Case 15: a repeated entry (a hand-merged manifest) is read once, with a warning naming it."""
+    write(tmp_path, [make_sample(i) for i in range(6)], max_count=3)
+    edit_manifest(tmp_path, lambda m: m["shards"].insert(1, dict(m["shards"][0])))
+    assert [info["file"] for info in read_manifest(tmp_path)["shards"]] == ["shard-000000.tar",
+                                                                          "shard-000001.tar"]
+    assert [s.id for s in read_samples(shard_urls(tmp_path))] == [f"s{i:05d}" for i in range(6)]
+    assert "shard-000000.tar is listed more than once" in caplog.text
+
+
+def test_a_count_edited_by_hand_is_refused_naming_the_manifest(tmp_path):
+    """Case 15: `num_samples` must equal the shards' counts (a count a shard really holds is checked when
+    it is read: tests/test_stream.py)."""
+    write(tmp_path, [make_sample(i) for i in range(6)], max_count=3)
+    edit_manifest(tmp_path, lambda m: m.update(num_samples=4))
+    with pytest.raises(SchemaError, match=r"manifest.json: num_samples is 4 but its shards' counts add up "
+                                          "to 6"):
+        read_manifest(tmp_path)
+
+
+@pytest.mark.parametrize("content, reason", [
+    (b'{"format": "mme5-shards/2", "shards": [', "not a readable manifest"),
+    ('{"format": "mme5-shards/2", "note": "caf\u00e9"}'.encode("latin-1"), "not a readable manifest"),
+    (b"[1, 2]", "a manifest is a JSON object"),
+    (b'{"format": "mme5-shards/2", "num_samples": 1, "shards": [{"file": "a.tar"}]}', r"shards\[0\] needs"),
+])
+def test_an_unreadable_manifest_names_its_file(tmp_path, content, reason):
+    """Case 15: bad JSON, bytes that are not UTF-8, or a malformed entry: an error naming the file."""
+    (tmp_path / "manifest.json").write_bytes(content)
+    with pytest.raises(SchemaError, match=reason) as error:
+        read_manifest(tmp_path)
+    assert str(tmp_path / "manifest.json") in str(error.value)

@@ -1,5 +1,7 @@
 import io
 import itertools
+import json
+import re
 import tarfile
 from pathlib import Path
 
@@ -10,7 +12,7 @@ from helpers import make_sample
 from mme5.data.collate import ContrastiveCollator
 from mme5.data.schema import Modality
 from mme5.data.shards import ReadStats, ShardWriter
-from mme5.data.stream import MixedShardStream, Slot, Source, SourceReader
+from mme5.data.stream import MixedShardStream, Slot, Source, SourceReader, SourceRefused
 
 
 def write_source(path, count, prefix="s", per_shard=5, modality=Modality.IT2T):
@@ -291,3 +293,61 @@ def test_the_stream_resumes_on_fewer_slots_without_repeating_a_sample(tmp_path):
     continued = take(MixedShardStream(sources, batch_size=4, shuffle_buffer=1, seed=3,
                                       resume={0: resumed[5].position}), 6)
     assert [ids(b) for b in continued] == [ids(b) for b in resumed[6:]]
+
+
+def test_parts_that_share_sample_ids_are_refused_naming_both(tmp_path):
+    """Case 8: a job array run twice into one --out with another --num-shards leaves parts holding the same
+    ids; read as one source, those samples would come twice an epoch."""
+    root = tmp_path / "synthetic"
+    write_source(root / "part-00000-of-00002", 6, prefix="s")
+    write_source(root / "part-00001-of-00002", 6, prefix="t")
+    Source(str(root)).check_parts()  # disjoint parts: fine
+    write_source(root / "part-00000-of-00003", 4, prefix="t")  # t0000..t0003 again
+    overlap = "'t0000' is in part-00000-of-00003/shard-000000.tar and in part-00001-of-00002/shard-000000.tar"
+    with pytest.raises(SourceRefused, match=overlap + ": its parts overlap"):
+        Source(str(root)).check_parts()
+
+
+def test_a_shard_holding_more_records_than_its_manifest_counts_is_refused(tmp_path):
+    """Case 15: a count edited down by hand (num_samples along with it) would silently leave records
+    unread; the reader finds the extra record and names the manifest and the shard."""
+    source = write_source(tmp_path / "a", 10, per_shard=5)
+    manifest = json.loads((tmp_path / "a" / "manifest.json").read_text())
+    manifest["shards"][0]["count"], manifest["num_samples"] = 4, 9
+    (tmp_path / "a" / "manifest.json").write_text(json.dumps(manifest))
+    reader = SourceReader(source, Slot(0, 1), seed=0, stats=ReadStats(), strict=False)
+    with pytest.raises(SourceRefused, match=r"a/manifest.json: lists 4 records for shard-000000.tar, the "
+                                            "shard holds more"):
+        take(reader, 10)
+    capped = SourceReader(Source(source.path, max_samples=3), Slot(0, 1), seed=0, stats=ReadStats(),
+                          strict=False)
+    assert len({sample.id for sample, _ in take(capped, 3)}) == 3  # a cap reads fewer on purpose: fine
+    (tmp_path / "parts").mkdir()
+    (tmp_path / "a").rename(tmp_path / "parts" / "a")
+    write_source(tmp_path / "parts" / "b", 5, prefix="b")
+    with pytest.raises(SourceRefused, match="lists 4 records for shard-000000.tar, the shard holds 5"):
+        Source(str(tmp_path / "parts")).check_parts()  # parts are checked before training starts
+
+
+@pytest.mark.parametrize("settings, slots, refused", [
+    (dict(batch_size=8), 1, None),
+    (dict(batch_size=12), 1, "all sources together hold(s) 10 samples"),  # more than the data
+    (dict(batch_size=6), 2, "each of the 2 stream slots"),  # 2 slots (ranks × workers) of 5 samples each
+    (dict(batch_size=4, same_source_batches=True), 1, "b hold(s) 3 samples"),  # a batch of b's alone
+    (dict(batch_size=8, weights=(1.0, 1.0)), 1, "b hold(s) 3 samples"),  # 4 of each batch from b
+])
+def test_a_batch_larger_than_its_data_is_refused(tmp_path, settings, slots, refused):
+    """Case 11: a batch that must draw more samples of a source than one slot holds of it an epoch would
+    repeat samples inside the batch (the stream cycles epochs): refused, naming the numbers."""
+    a, b = write_source(tmp_path / "a", 7, prefix="a"), write_source(tmp_path / "b", 3, prefix="b")
+    a.weight, b.weight = settings.pop("weights", (None, None))
+    stream = MixedShardStream([a, b], shuffle_buffer=1, **settings)
+    if refused is None:
+        stream.check_batches_fit(slots)
+        first = ids(take(stream, 1)[0])
+        assert len(set(first)) == len(first)
+        return
+    with pytest.raises(SourceRefused, match=re.escape(refused)):
+        stream.check_batches_fit(slots)
+    if slots == 1 and not stream.same_source_batches and a.weight is None:  # what it would do: repeats
+        assert len(set(ids(take(stream, 1)[0]))) < stream.batch_size

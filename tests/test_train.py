@@ -381,3 +381,96 @@ def test_resuming_with_other_adapters_is_refused(tiny_mllama, popped):
     other.configure_model()
     with pytest.raises(ValueError, match="does not match this model's adapters"):
         other.on_load_checkpoint(checkpoint)
+
+
+@pytest.mark.parametrize("flag, value, key", [
+    ("--data.batch_size", "-1", "data.batch_size"), ("--data.batch_size", "0", "data.batch_size"),
+    ("--data.num_negatives", "-1", "data.num_negatives"), ("--data.num_workers", "-2", "data.num_workers"),
+    ("--data.shuffle_buffer", "0", "data.shuffle_buffer"),
+    ("--model.chunk_size", "-4", "data.chunk_size")])  # linked: the data module's chunks refuse it
+def test_a_negative_data_size_is_refused_while_parsing(flag, value, key, capsys):
+    """Case 16: a bad size is one usage error naming the key, before anything is built (it used to crash
+    in the stream, or train on empty batches)."""
+    with pytest.raises(SystemExit) as exit_:
+        ParseOnly(args=["--config", str(ROOT / "configs" / "demo.yaml"), flag, value], run=False)
+    assert exit_.value.code == 2
+    assert f'error: Parser key "{key}"' in capsys.readouterr().err
+    with pytest.raises(ValueError, match="batch_size must be at least 1, got 0"):  # and from Python
+        ShardDataModule([], "unused", batch_size=0)
+
+
+def stream_of(tmp_path, samples, name="a"):
+    """A shard source of these samples (in shards of 5)."""
+    from mme5.data.shards import ShardWriter
+
+    with ShardWriter(tmp_path / name, max_count=5) as writer:
+        for sample in samples:
+            writer.write(sample)
+    return str(tmp_path / name)
+
+
+def first_batch(data):
+    """What the trainer does with the first batch: the data module records its slot's position and counts."""
+    batch = next(iter(data.train_dataloader()))
+    return data.on_before_batch_transfer(batch, 0)
+
+
+def test_a_source_with_other_content_under_the_same_name_is_refused_on_resume(tmp_path, tiny_mllama):
+    """Case 6: the saved stream positions point into the shards the run read; a resume over other content
+    in the same folder would read other samples from the old positions. Same content resumes; another
+    source name reads the new content from its start."""
+    from helpers import make_sample
+
+    from mme5.data.stream import SourceRefused
+
+    path = stream_of(tmp_path, [make_sample(i, id=f"a{i}") for i in range(12)])
+
+    def data(name=None):
+        return ShardDataModule([{"path": path, "name": name}], tiny_mllama, batch_size=4, num_negatives=1,
+                               num_workers=0, shuffle_buffer=1)
+
+    run = data()
+    batches = iter(run.train_dataloader())
+    run.on_before_batch_transfer(next(batches), 0)
+    state = torch.load(_saved(tmp_path, run.state_dict()), weights_only=True)  # as a checkpoint holds it
+    same = data()
+    same.load_state_dict(state)
+    assert first_batch(same).ids == next(batches).ids  # same content: resumes where the run stopped
+    stream_of(tmp_path, [make_sample(i, id=f"b{i}") for i in range(12)])  # converted again, other samples
+    changed = data()
+    changed.load_state_dict(state)
+    with pytest.raises(SourceRefused, match=rf"data.sources\[0\] a \({path}\) is not the data this run's "
+                                            r"saved stream positions point into: 3 changed: shard-000000.tar"
+                                            r".*another name") as refused:
+        changed.train_dataloader()
+    assert "12 samples" not in str(refused.value) and "5 samples" in str(refused.value)
+    renamed = data("a-reconverted")
+    renamed.load_state_dict(state)
+    assert first_batch(renamed).ids == first_batch(data("a-reconverted")).ids  # from its start, as a new run
+
+
+def _saved(tmp_path, state):
+    torch.save(state, tmp_path / "state.pt")
+    return tmp_path / "state.pt"
+
+
+def test_text_cut_to_max_length_is_counted_in_the_data_report(tmp_path, tiny_mllama):
+    """Case 14: truncation keeps its rule and is counted: the data report (data_report.json) says how many
+    items were cut, also after a resume."""
+    from helpers import make_sample
+
+    from mme5.backbones import InputFormat
+    from mme5.data.schema import Modality, Side
+
+    samples = [make_sample(i, Modality.T2I, negatives=0) for i in range(9)]
+    for sample in samples[::3]:
+        sample.query = Side(instruction="find it", text="a very long caption " * 100)
+    data = ShardDataModule([{"path": stream_of(tmp_path, samples)}], tiny_mllama, batch_size=9,
+                           num_negatives=0, num_workers=0, shuffle_buffer=1, input_format=InputFormat(64))
+    first_batch(data)
+    report = data.skip_report()
+    assert report["truncated_items"] == 3 and report["max_length"] == 64
+    resumed = ShardDataModule([{"path": stream_of(tmp_path, samples)}], tiny_mllama, batch_size=9,
+                              num_negatives=0, num_workers=0, shuffle_buffer=1, input_format=InputFormat(64))
+    resumed.load_state_dict(data.state_dict())
+    assert resumed.skip_report()["truncated_items"] == 3  # the run's count, not the resumed process's

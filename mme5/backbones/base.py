@@ -168,6 +168,7 @@ class BackboneAdapter(ABC):
         self.processor = processor
         self.input_format = input_format or InputFormat()
         self.image_token = self.input_format.image_token or self.default_image_token
+        self._truncated = 0  # items whose text `truncated_prompt` has cut (see `truncated_count`)
         tok = processor.tokenizer
         tok.padding_side = "left"  # the last position is the last real token (callers must not rely on it)
         if tok.pad_token is None:
@@ -252,6 +253,7 @@ class BackboneAdapter(ABC):
         """The prompt with at most `max_length` text tokens; image tokens are never counted nor cut.
 
         Only the body is cut: the head ends in a special token, so head and body tokenize independently.
+        A cut is counted (`truncated_count`).
         """
         head, body = self._head_and_body(item)
         budget = self.max_length - self._count_text_tokens(head)
@@ -259,7 +261,14 @@ class BackboneAdapter(ABC):
             raise ValueError(
                 f"max_length={self.max_length} is shorter than the {self.family} prompt head {head!r}"
             )
-        return head + self._fit(body, budget)
+        fitted = self._fit(body, budget)
+        self._truncated += fitted != body
+        return head + fitted
+
+    def truncated_count(self) -> int:
+        """Items whose text was cut to `max_length` since this adapter was made: training reports them in
+        its data report, evaluation in scores.json, so that a cut is never silent."""
+        return self._truncated
 
     def _images_arg(self, images: list[PIL.Image.Image | None]) -> Any:
         """The processor's `images` argument: a flat list with one image per image token (default)."""

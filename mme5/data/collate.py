@@ -47,6 +47,7 @@ class ContrastiveBatch:
     position: dict[str, Any] = field(default_factory=dict)
     skipped: int = 0
     skip_errors: list[str] = field(default_factory=list)  # the slot's latest skip messages
+    truncated: int = 0  # items of this slot whose text was cut to max_length so far
     positive_keys: Tensor | None = None  # (B,) int64 content keys of the positives (false-negative masking)
 
     @property
@@ -67,11 +68,13 @@ class ContrastiveCollator:
     across ranks. `lockstep`: uniform chunks for sharded models (see the module docstring).
     `negative_padding`: "mask" (a missing negative is masked out of the loss) or "repeat" (the reference:
     a non-empty list shorter than `num_negatives` is padded with copies of its last negative).
+    `truncated`: how many items `collate_items` has cut to max_length so far (an adapter's
+    `truncated_count`), carried with each batch to the run's data report.
     """
 
     def __init__(self, collate_items: Callable[[Sequence[Item]], Mapping], num_negatives: int = 3,
                  chunk_size: int | None = None, lockstep: bool = False, strict: bool = False,
-                 negative_padding: str = "mask"):
+                 negative_padding: str = "mask", truncated: Callable[[], int] | None = None):
         if num_negatives < 0:
             raise ValueError(f"num_negatives must be >= 0, got {num_negatives}")
         if negative_padding not in NEGATIVE_PADDING:
@@ -82,6 +85,7 @@ class ContrastiveCollator:
         self.chunk_size = chunk_size
         self.lockstep = lockstep
         self.strict = strict
+        self.truncated = truncated
         self.unprocessable = 0  # samples dropped so far by this worker's collator
         self.unprocessable_errors: list[str] = []
 
@@ -153,4 +157,5 @@ class ContrastiveCollator:
             position=batch.position,
             skipped=batch.skipped + self.unprocessable,
             skip_errors=batch.skip_errors + self.unprocessable_errors[-5:],
+            truncated=self.truncated() if self.truncated is not None else 0,
         )

@@ -7,13 +7,15 @@ from typing import Any, Literal
 
 import lightning as L
 import torch
+from jsonargparse.typing import NonNegativeInt, PositiveInt
 from lightning.pytorch.utilities import rank_zero_info, rank_zero_warn
 from torch.utils.data import DataLoader
 
 from mme5.backbones import InputFormat, load_processing
 from mme5.data.collate import ContrastiveBatch, ContrastiveCollator
-from mme5.data.stream import MixedShardStream, Source
+from mme5.data.stream import MixedShardStream, Source, SourceRefused, fingerprint_changes
 from mme5.distributed import from_all_ranks
+from mme5.settings import at_least
 from mme5.sharding import shards_parameters
 
 MAX_REPORTED_ERRORS = 50
@@ -42,18 +44,23 @@ class ShardDataModule(L.LightningDataModule):
         self,
         sources: list[Source],
         backbone: str,
-        batch_size: int = 32,
-        num_negatives: int = 3,
+        batch_size: PositiveInt = 32,
+        num_negatives: NonNegativeInt = 3,
         negative_padding: Literal["mask", "repeat"] = "mask",
-        chunk_size: int | None = None,
+        chunk_size: PositiveInt | None = None,
         input_format: InputFormat | None = None,
-        num_workers: int = 2,
-        shuffle_buffer: int = 1000,
+        num_workers: NonNegativeInt = 2,
+        shuffle_buffer: PositiveInt = 1000,
         same_source_batches: bool = False,
         seed: int = 0,
         strict: bool = False,
     ):
         super().__init__()
+        # The bounded types make the CLI refuse a bad value while parsing (`at_least` below refuses other
+        # callers); plain ints from here on, so that checkpoints load with torch.load(weights_only=True).
+        batch_size, num_negatives, num_workers, shuffle_buffer = map(
+            int, (batch_size, num_negatives, num_workers, shuffle_buffer))
+        chunk_size = None if chunk_size is None else int(chunk_size)
         self.sources = [s if isinstance(s, Source) else Source(**s) for s in sources]
         # Into checkpoints as `datamodule_hyper_parameters`, as plain types, so that checkpoints load with
         # torch.load(weights_only=True).
@@ -71,32 +78,59 @@ class ShardDataModule(L.LightningDataModule):
         self.same_source_batches = same_source_batches
         self.seed = seed
         self.strict = strict
+        at_least(self, {"batch_size": 1, "num_negatives": 0, "chunk_size": 1, "num_workers": 0,
+                        "shuffle_buffer": 1})
         self.positions: dict[int, dict[str, Any]] = {}  # newest stream position of each slot
         self.skipped: dict[int, int] = {}  # corrupt or lost samples skipped so far, per slot
+        self.truncated: dict[int, int] = {}  # items whose text was cut to max_length so far, per slot
+        self.earlier = {"skipped": 0, "truncated": 0}  # the same counts of this run before it was resumed
+        self.fingerprints: dict[str, list] = {}  # per source: what its stream positions point into
         self.skip_errors: list[str] = []  # the first messages seen (shard, key, reason)
 
     def train_dataloader(self) -> DataLoader:
-        for source in self.sources:
-            source.shard_plan()  # fail here, in the main process, on a missing or empty source
         rank, world = (self.trainer.global_rank, self.trainer.world_size) if self.trainer else (0, 1)
-        if self.positions:
-            self._say_how_the_stream_resumes(world * max(self.num_workers, 1))
+        slots = world * max(self.num_workers, 1)
         stream = MixedShardStream(
             self.sources, self.batch_size, rank=rank, world_size=world, seed=self.seed,
             shuffle_buffer=self.shuffle_buffer, same_source_batches=self.same_source_batches,
             strict=self.strict, resume=self.positions,
         )
+        self._check_sources(stream, slots)
+        if self.positions:
+            self._say_how_the_stream_resumes(slots)
         # A sharded model needs chunks that make every rank run the same modules (see mme5.data.collate).
         lockstep = self.trainer is not None and shards_parameters(self.trainer.strategy)
-        collator = ContrastiveCollator(load_processing(self.backbone, self.input_format).collate,
-                                       self.num_negatives, self.chunk_size, lockstep=lockstep,
-                                       strict=self.strict, negative_padding=self.negative_padding)
+        processing = load_processing(self.backbone, self.input_format)
+        collator = ContrastiveCollator(processing.collate, self.num_negatives, self.chunk_size,
+                                       lockstep=lockstep, strict=self.strict,
+                                       negative_padding=self.negative_padding,
+                                       truncated=processing.truncated_count)
         workers = self.num_workers
         # An own generator: creating the iterator must not draw from the global RNG, or a resumed run's
         # dropout masks would shift by one draw against an uninterrupted run's.
         return DataLoader(stream, batch_size=None, collate_fn=collator, num_workers=workers,
                           persistent_workers=workers > 0, prefetch_factor=4 if workers else None,
                           generator=torch.Generator().manual_seed(self.seed))
+
+    def _check_sources(self, stream: MixedShardStream, slots: int) -> None:
+        """Refuse here, in the main process and before the first step, sources that cannot be read as
+        asked: missing or empty, parts that overlap, other content than the saved positions point into,
+        or too few samples for a batch. Then record what the positions will point into."""
+        for source in self.sources:
+            source.shard_plan()
+            source.check_parts()
+        current = {source.name: source.fingerprint() for source in self.sources}
+        for index, source in enumerate(self.sources):
+            saved = self.fingerprints.get(source.name)
+            changes = fingerprint_changes(saved, current[source.name]) if saved and self.positions else ""
+            if changes:
+                raise SourceRefused(
+                    f"data.sources[{index}] {source.name} ({source.path}) is not the data this run's saved "
+                    f"stream positions point into: {changes}. Resuming would read other samples from the old "
+                    "positions. Put its content back, give the source another name "
+                    f"(data.sources[{index}].name: then it is read from its start), or start a new run")
+        stream.check_batches_fit(slots)
+        self.fingerprints = current
 
     def _say_how_the_stream_resumes(self, slots: int) -> None:
         """What a resume does with the saved stream positions, said at start when it is not exact."""
@@ -123,6 +157,7 @@ class ShardDataModule(L.LightningDataModule):
         # Called in the main process for each batch the step is about to consume.
         self.positions[batch.slot] = batch.position
         self.skipped[batch.slot] = batch.skipped
+        self.truncated[batch.slot] = batch.truncated
         for message in batch.skip_errors:
             if message not in self.skip_errors and len(self.skip_errors) < MAX_REPORTED_ERRORS:
                 self.skip_errors.append(message)
@@ -130,23 +165,36 @@ class ShardDataModule(L.LightningDataModule):
 
     @property
     def num_skipped(self) -> int:
-        return sum(self.skipped.values())
+        """Samples skipped or lost so far by this rank's slots (and by the run before it was resumed)."""
+        return self.earlier["skipped"] + sum(self.skipped.values())
 
     def skip_report(self) -> dict[str, Any]:
-        """Samples skipped or lost over the run, every rank's (a collective: call it on all ranks)."""
-        gathered = from_all_ranks((self.skipped, self.skip_errors))
-        skipped = {slot: n for part, _ in gathered for slot, n in part.items()}
-        errors = list(dict.fromkeys(message for _, part in gathered for message in part))
-        return {"skipped_samples": sum(skipped.values()), "by_slot": skipped,
-                "first_errors": errors[:MAX_REPORTED_ERRORS]}
+        """Samples skipped or lost, and items truncated to max_length, over the run (resumes included),
+        every rank's (a collective: call it on all ranks)."""
+        gathered = from_all_ranks((self.skipped, self.truncated, self.skip_errors))
+        skipped = {slot: n for part, _, _ in gathered for slot, n in part.items()}
+        truncated = sum(n for _, part, _ in gathered for n in part.values())
+        errors = list(dict.fromkeys(message for _, _, part in gathered for message in part))
+        return {"skipped_samples": self.earlier["skipped"] + sum(skipped.values()), "by_slot": skipped,
+                "first_errors": errors[:MAX_REPORTED_ERRORS],
+                "truncated_items": self.earlier["truncated"] + truncated,
+                "max_length": self.input_format.max_length}
 
     def state_dict(self) -> dict[str, Any]:
-        """Every rank's slot positions (each rank only sees its own slots, so gather them)."""
-        gathered = from_all_ranks((self.positions, self.skipped))
-        positions = {slot: p for part, _ in gathered for slot, p in part.items()}
-        skipped = {slot: n for _, part in gathered for slot, n in part.items()}
-        return {"positions": positions, "skipped": skipped}
+        """Every rank's slot positions and counts (each rank only sees its own slots, so gather them), and
+        the sources' fingerprints that the positions belong to."""
+        gathered = from_all_ranks((self.positions, self.skipped, self.truncated))
+        positions = {slot: p for part, _, _ in gathered for slot, p in part.items()}
+        skipped = {slot: n for _, part, _ in gathered for slot, n in part.items()}
+        truncated = {slot: n for _, _, part in gathered for slot, n in part.items()}
+        return {"positions": positions, "skipped": skipped, "truncated": truncated, "earlier": self.earlier,
+                "sources": self.fingerprints}
 
     def load_state_dict(self, state: dict[str, Any]) -> None:
+        # Resumed slots count from 0 again: what the run counted before goes to `earlier`.
         self.positions = {int(k): v for k, v in state.get("positions", {}).items()}
-        self.skipped = {int(k): v for k, v in state.get("skipped", {}).items()}
+        earlier = state.get("earlier", {})
+        self.earlier = {key: earlier.get(key, 0) + sum(state.get(key, {}).values())
+                        for key in ("skipped", "truncated")}
+        self.skipped, self.truncated = {}, {}
+        self.fingerprints = state.get("sources", {})

@@ -263,17 +263,49 @@ def _add_member(tar: tarfile.TarFile, name: str, data: bytes) -> None:
 
 
 def read_manifest(shard_dir: str | os.PathLike) -> dict[str, Any]:
+    """A shard directory's manifest, checked: JSON of this format (errors name the file), each shard listed
+    once (a repeated entry is read once, with a warning) and `num_samples` equal to the shards' counts (a
+    count edited by hand is refused, not trusted)."""
     path = Path(shard_dir) / MANIFEST
     try:
         manifest = json.loads(path.read_text(encoding="utf-8"))
     except FileNotFoundError:
         raise FileNotFoundError(f"{path}: no shard manifest (is this a directory written by mme5?)") from None
+    except (UnicodeDecodeError, json.JSONDecodeError) as error:
+        raise SchemaError(f"{path}: not a readable manifest ({error}); mme5 writes it as UTF-8 JSON: restore "
+                          "it or convert the source again") from None
+    if not isinstance(manifest, dict):
+        raise SchemaError(f"{path}: a manifest is a JSON object, found {type(manifest).__name__}")
     if manifest.get("format") != FORMAT:
         raise SchemaError(
             f"{path}: shard format {manifest.get('format')!r}, this version reads {FORMAT!r}; convert the "
             "source again (python -m mme5.data.convert, or delete a demo world to rebuild it): format 2 "
             "keeps the published prompt strings that the model is fed")
+    manifest["shards"] = _listed_once(path, manifest.get("shards"))
+    listed = sum(info["count"] for info in manifest["shards"])
+    if manifest.get("num_samples") != listed:
+        raise SchemaError(
+            f"{path}: num_samples is {manifest.get('num_samples')!r} but its shards' counts add up to "
+            f"{listed}: the manifest was edited; restore it or convert the source again (to read fewer "
+            "samples, set the source's max_samples)")
     return manifest
+
+
+def _listed_once(path: Path, shards: Any) -> list[dict[str, Any]]:
+    """The manifest's shard entries, checked, each file once (the first entry of a repeated one)."""
+    if not isinstance(shards, list):
+        raise SchemaError(f"{path}: field 'shards' must be a list, found {shards!r}")
+    entries: dict[str, dict[str, Any]] = {}
+    for index, info in enumerate(shards):
+        if not (isinstance(info, dict) and isinstance(info.get("file"), str)
+                and isinstance(info.get("count"), int) and info["count"] >= 0):
+            raise SchemaError(f"{path}: shards[{index}] needs a 'file' name and a non-negative 'count', "
+                              f"found {info!r}")
+        if info["file"] in entries:
+            log.warning("%s: shard %s is listed more than once; it is read once", path, info["file"])
+            continue
+        entries[info["file"]] = info
+    return list(entries.values())
 
 
 def shard_urls(shard_dir: str | os.PathLike) -> list[str]:

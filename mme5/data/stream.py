@@ -21,7 +21,9 @@ current epoch, "carry" for later ones).
 
 from __future__ import annotations
 
+import hashlib
 import random
+import tarfile
 from collections.abc import Iterator
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -42,6 +44,10 @@ from mme5.data.shards import (
 )
 
 T = TypeVar("T")
+
+
+class SourceRefused(ValueError):
+    """The sources cannot be read as asked (the message names the source, the cause and the way out)."""
 
 
 @dataclass
@@ -67,6 +73,8 @@ class Source:
         self.name = self.name or Path(self.path).name
         if self.weight is not None and self.weight <= 0:
             raise ValueError(f"source {self.name}: weight must be positive, got {self.weight}")
+        if self.max_samples is not None and self.max_samples < 1:
+            raise ValueError(f"source {self.name}: max_samples must be at least 1, got {self.max_samples}")
 
     def shard_dirs(self) -> list[Path]:
         """`path` if it holds a manifest, else its sub-folders that do (`path` alone when none does, so
@@ -76,19 +84,115 @@ class Source:
             return [root]
         return sorted(manifest.parent for manifest in root.glob(f"*/{MANIFEST}")) or [root]
 
-    def shard_plan(self) -> list[tuple[str, int]]:
-        """(shard url, records to read from it), in manifest order, truncated to `max_samples`."""
+    def planned_shards(self) -> list[PlannedShard]:
+        """The shards read, in manifest order, the last one cut to `max_samples`."""
         plan, left = [], self.max_samples if self.max_samples is not None else float("inf")
         for folder in self.shard_dirs():
             for info in read_manifest(folder)["shards"]:
                 take = int(min(info["count"], left))
                 if take <= 0:
                     break
-                plan.append((str(folder / info["file"]), take))
+                plan.append(PlannedShard(str(folder / info["file"]), take, info["count"], info.get("bytes")))
                 left -= take
         if not plan:
             raise ValueError(f"source {self.name}: {self.path} holds no samples")
         return plan
+
+    def shard_plan(self) -> list[tuple[str, int]]:
+        """(shard url, records to read from it), in manifest order, truncated to `max_samples`."""
+        return [(shard.url, shard.take) for shard in self.planned_shards()]
+
+    def fingerprint(self) -> list[list]:
+        """What saved stream positions of this source point into: [shard path under `path`, records read,
+        bytes, digest of its first 64 KiB] of each planned shard; other content (or another `max_samples`)
+        gives another list. The digest tells apart shards of equal size (tar pads to 10 KiB), reading
+        little."""
+        return [[self.part_name(shard.url), shard.take, shard.bytes, head_digest(shard.url)]
+                for shard in self.planned_shards()]
+
+    def part_name(self, url: str) -> str:
+        """A shard's path under the source's folder (e.g. `part-00001-of-00004/shard-000000.tar`)."""
+        return Path(url).relative_to(self.path).as_posix()
+
+    def check_parts(self) -> None:
+        """Refuse a folder of parts in which a sample id occurs twice (e.g. the parts of two job arrays run
+        with different `--num-shards`): training would read those samples twice an epoch. Reads the tar
+        headers only; also checks each part shard's records against its manifest count."""
+        folders = self.shard_dirs()
+        if len(folders) < 2:
+            return
+        seen: dict[str, str] = {}
+        for shard in self.planned_shards():
+            ids = shard_ids(shard.url)
+            if len(ids) > shard.count:
+                raise count_edited(shard.url, shard.count, str(len(ids)))
+            for sample_id in ids[: shard.take]:
+                if sample_id in seen:
+                    raise SourceRefused(
+                        f"source {self.name}: sample id {sample_id!r} is in {seen[sample_id]} and in "
+                        f"{self.part_name(shard.url)}: its parts overlap (a job array run again with another "
+                        f"--num-shards into the same --out?); keep one set of parts in {self.path}")
+                seen[sample_id] = self.part_name(shard.url)
+
+
+@dataclass(frozen=True)
+class PlannedShard:
+    """A shard as a source reads it: `take` of its `count` records (fewer under `max_samples`)."""
+
+    url: str
+    take: int
+    count: int
+    bytes: int | None
+
+
+def head_digest(path: str, size: int = 64 * 1024) -> str | None:
+    """SHA-1 of a file's first `size` bytes (None if it cannot be read: the reader counts it as lost)."""
+    try:
+        with open(path, "rb") as file:
+            return hashlib.sha1(file.read(size)).hexdigest()
+    except OSError:
+        return None
+
+
+def fingerprint_changes(saved: list[list], current: list[list]) -> str:
+    """In words, how a source's `fingerprint` differs from a saved one ("" if it does not)."""
+    before = {path: tuple(rest) for path, *rest in saved}
+    after = {path: tuple(rest) for path, *rest in current}
+    if list(before.items()) == list(after.items()):
+        return ""
+    gone = [path for path in before if path not in after]
+    new = [path for path in after if path not in before]
+    changed = [f"{path} ({_described(before[path])} → {_described(after[path])})"
+               for path in before if path in after and before[path] != after[path]]
+    said = [f"{len(paths)} {what}: {', '.join(paths[:3])}{', ...' if len(paths) > 3 else ''}"
+            for what, paths in (("shard(s) gone", gone), ("new shard(s)", new), ("changed", changed))
+            if paths]
+    return "; ".join(said) or "its shards are listed in another order"
+
+
+def _described(entry: tuple) -> str:
+    take, size, digest = entry
+    return f"{take} samples, {size} bytes, content {str(digest)[:8]}"
+
+
+def count_edited(url: str, count: int, held: str) -> SourceRefused:
+    """The error for a shard holding more records than its manifest counts (those would never be read)."""
+    return SourceRefused(f"{Path(url).parent / MANIFEST}: lists {count} records for {Path(url).name}, the "
+                         f"shard holds {held}: the manifest was edited; restore it or write the shards again")
+
+
+def shard_ids(url: str) -> list[str]:
+    """The sample ids of a shard, in order, from its tar headers (no member data is read); a shard that
+    ends early gives the ids before the damage (the reader counts the rest as lost)."""
+    ids = []
+    try:
+        with tarfile.open(url, mode="r:") as tar:
+            for member in tar:
+                if member.name.endswith(".json"):
+                    ids.append(member.name[: -len(".json")])
+    except (tarfile.TarError, OSError):
+        pass
+    return ids
 
 
 @dataclass
@@ -120,7 +224,9 @@ class SourceReader:
     def __init__(self, source: Source, slot: Slot, seed: int, stats: ReadStats, strict: bool,
                  position: dict[str, Any] | None = None):
         self.source, self.slot, self.seed, self.stats, self.strict = source, slot, seed, stats, strict
-        self.plan = source.shard_plan()
+        planned = source.planned_shards()
+        self.plan = [(shard.url, shard.take) for shard in planned]
+        self.counts = {shard.url: shard.count for shard in planned}  # the manifests' record counts
         self.position = dict(position or {"epoch": 0, "shard": 0, "read": 0})
 
     def default_units(self, epoch: int, slot: Slot) -> list[Unit]:
@@ -171,6 +277,8 @@ class SourceReader:
         begin = max(first, self.position["read"])
         for index, record in enumerate(records):
             if index >= take:
+                if take == self.counts.get(url):
+                    raise count_edited(url, take, "more")
                 return
             if index < begin:
                 continue
@@ -268,8 +376,7 @@ class MixedShardStream(IterableDataset):
             shuffle_rng = random.Random(f"{self.seed}/{name}/{slot.index}/{batches}")
             streams[name] = self.decoded(self.shuffled(iter(reader), shuffle_rng), stats)
         names = [s.name for s in self.sources]
-        weights = [s.weight if s.weight is not None else sum(take for _, take in readers[s.name].plan)
-                   for s in self.sources]
+        weights = self.weights({name: sum(take for _, take in r.plan) for name, r in readers.items()})
         while True:
             # Seeded per batch, so that a resumed stream draws its sources exactly as the original would.
             rng = random.Random(f"{self.seed}/mix/{slot.index}/{batches}")
@@ -283,6 +390,27 @@ class MixedShardStream(IterableDataset):
                         "sources": {name: dict(reader.position) for name, reader in readers.items()}}
             samples, urls = [sample for sample, _ in drawn], [url for _, url in drawn]
             yield StreamBatch(samples, slot.index, position, stats.num_skipped, list(stats.errors[-5:]), urls)
+
+    def weights(self, held: dict[str, int]) -> list[float]:
+        """Each source's drawing weight: its own, or the samples it holds (`held`, by name)."""
+        return [s.weight if s.weight is not None else held[s.name] for s in self.sources]
+
+    def check_batches_fit(self, slots: int) -> None:
+        """Refuse batches that would repeat samples: a batch draws on average `batch_size × weight share`
+        samples of a source (all `batch_size` with `same_source_batches`), from the one slot's share of it
+        (its samples / `slots` an epoch); drawing more than that share repeats samples inside the batch."""
+        held = {s.name: sum(take for _, take in s.shard_plan()) for s in self.sources}
+        weights = self.weights(held)
+        if not self.same_source_batches and all(s.weight is None for s in self.sources):
+            held, weights = {"all sources together": sum(held.values())}, [1.0]  # draws ∝ size: one total
+        for (name, samples), weight in zip(held.items(), weights, strict=True):
+            drawn = self.batch_size if self.same_source_batches else self.batch_size * weight / sum(weights)
+            if drawn * slots > samples:
+                raise SourceRefused(
+                    f"data: {name} hold(s) {samples} samples, but each of the {slots} stream slots (ranks × "
+                    f"dataloader workers) draws {drawn:.4g} of them a batch ({drawn * slots:.4g} a step): "
+                    "every batch would repeat samples. Lower data.batch_size or data.num_workers, train on "
+                    "fewer devices, lower that source's weight, or add data")
 
     def resplit_readers(self, slot: Slot, stats: ReadStats) -> tuple[dict[str, SourceReader], int]:
         """Readers continuing a run saved on another number of slots (see the module docstring)."""

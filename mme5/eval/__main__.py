@@ -28,7 +28,7 @@ import torch.distributed as dist
 
 from mme5.backbones import DTYPES
 from mme5.checkpoint import load_encoder
-from mme5.distributed import rank_and_world
+from mme5.distributed import from_all_ranks, rank_and_world
 from mme5.eval.encode import EmbeddingCache
 from mme5.eval.metrics import TIE_RULES
 from mme5.eval.mmeb import MMEB
@@ -187,11 +187,13 @@ def main(argv: list[str] | None = None) -> None:
             summaries[benchmark.name], results[benchmark.name] = evaluate(
                 benchmark, loaded.encoder.embed, batch_size=args.batch_size, cache=cache, top_k=args.top_k,
                 progress=True, ties=args.ties)
+        # Every rank's items cut to max_length (embeddings read from the cache were counted when computed).
+        truncated = sum(from_all_ranks(loaded.encoder.adapter.truncated_count()))
         if folder is not None:  # rank 0
             # "files": what `mme5.export --scores` compares with the checkpoint it exports
             model = loaded.description | {"fingerprint": loaded.fingerprint,
                                           "files": folder.identity["model_files"]}
-            write_outputs(work, model, summaries, results)
+            write_outputs(work, model, summaries, results, truncated)
             folder.complete()
             for name, summary in summaries.items():
                 print(f"{name}: {headline(name, summary)}")

@@ -1,6 +1,7 @@
 """What an evaluation run leaves on disk, with Markdown tables laid out like the MMEB leaderboard (and an
 XTD table by language):
-    <out>/scores.json                      {"model": ..., "<benchmark>": scores, "scalars": {...}}
+    <out>/scores.json                      {"model": ..., "<benchmark>": scores, "scalars": {...},
+                                            "truncated_items": items whose text this run cut to max_length}
     <out>/results.md                       leaderboard-style Markdown tables
     <out>/predictions/<benchmark>/<ranking>.jsonl
                                            one line a query: query index, gold rank, top-k candidate
@@ -97,10 +98,11 @@ def prediction_lines(ranked: Ranked) -> Iterable[str]:
 
 
 def write_outputs(out: str | Path, model: dict[str, Any], summaries: dict[str, Summary],
-                  results: dict[str, dict[str, Ranked]]) -> None:
+                  results: dict[str, dict[str, Ranked]], truncated_items: int = 0) -> None:
     """scores.json, results.md and the predictions of every benchmark run (see the module docstring)."""
     out = Path(out)
     payload = {"model": model} | {name: s.scores for name, s in summaries.items()}
+    payload["truncated_items"] = truncated_items
     payload["scalars"] = {f"{name}/{k}": v for name, s in summaries.items() for k, v in s.scalars.items()}
     write_json(out / "scores.json", payload)
     with atomic_write(out / "results.md") as file:
