@@ -68,7 +68,9 @@ class Embedder:
         """
         device = device or ("cuda" if torch.cuda.is_available() else "cpu")
         loaded = load_encoder(path, device, dtype, max_length)
-        return cls(loaded.encoder, loaded.description, loaded.recipe.get("instructions"))
+        # The fingerprint names the model's files and settings: mteb files results under it (its revision).
+        return cls(loaded.encoder, loaded.description | {"fingerprint": loaded.fingerprint},
+                   loaded.recipe.get("instructions"))
 
     @property
     def dim(self) -> int:
