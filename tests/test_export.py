@@ -155,7 +155,7 @@ def test_out_belongs_to_one_export(tmp_path, tiny_mllama, monkeypatch, capsys):
     checkpoint loads, naming the keys; --overwrite swaps the new export in. The owner record changes
     neither what loads nor the model's fingerprint."""
     import mme5.export as command
-    from mme5.files import OWNER_RECORD, read_owner
+    from mme5.files import OWNER_RECORD, claim_folder, read_owner
 
     ckpt = perturbed_checkpoint(tiny_mllama, tmp_path / "last.ckpt", LoraSettings(r=2, alpha=4))
     out = tmp_path / "exported"
@@ -181,6 +181,9 @@ def test_out_belongs_to_one_export(tmp_path, tiny_mllama, monkeypatch, capsys):
     with pytest.raises(SystemExit):
         main(["--ckpt", str(other), "--out", str(out)])
     assert "checkpoint_files" in capsys.readouterr().err
+    with claim_folder(out, "mme5.export", {}, overwrite=True), pytest.raises(SystemExit):
+        main(["--ckpt", str(ckpt), "--out", str(out)])  # another process is writing it
+    assert f"is being written by pid {os.getpid()}" in capsys.readouterr().err
 
     monkeypatch.undo()
     assert load_encoder(out).fingerprint == fingerprint  # claims rewrote the record, not the model
