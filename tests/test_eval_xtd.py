@@ -6,6 +6,7 @@ import pytest
 import torch
 from helpers import image_bytes
 
+from mme5.eval.__main__ import main as evaluate_command
 from mme5.eval.encode import encode
 from mme5.eval.images import MissingImageError
 from mme5.eval.retrieval import rank
@@ -113,7 +114,7 @@ def test_caption_count_mismatch_names_the_file(tmp_path):
     read_xtd10(root, languages=["en"])  # other languages still read
 
 
-def test_a_caption_file_in_another_encoding_is_refused_naming_it(tmp_path):
+def test_a_caption_file_in_another_encoding_is_refused_naming_it(tmp_path, capsys):
     """STAIR captions saved as Shift-JIS (a common copy): an error naming the file, line and byte, not a
     bare UnicodeDecodeError nor mojibake captions."""
     root = write_xtd10(tmp_path)
@@ -122,6 +123,11 @@ def test_a_caption_file_in_another_encoding_is_refused_naming_it(tmp_path):
                                          r"offset 0, line 1\).*iconv"):
         read_xtd10(root)
     assert read_xtd10(root, languages=["de"])[1]["de"] == CAPTIONS["de"]  # other languages still read
+    with pytest.raises(SystemExit) as exit_:  # the command: before any model is loaded or --out claimed
+        evaluate_command(["--model", str(root), "--benchmark", "xtd", "--xtd", str(root), "--out",
+                          str(tmp_path / "eval")])
+    assert exit_.value.code == 2 and not (tmp_path / "eval").exists()
+    assert "test_1kcaptions_jp.txt: not UTF-8" in capsys.readouterr().err
 
 
 def test_repeated_languages_count_once_and_the_paper_mean_says_over_how_many(tmp_path):

@@ -143,11 +143,16 @@ def claim_out(args: argparse.Namespace, chosen: list[Benchmark]) -> tuple[Output
     if dist.is_initialized():
         dist.broadcast_object_list(shared, src=0)
     if shared[1]:
-        if dist.is_initialized():
-            dist.destroy_process_group()
-        print(f"error: {shared[1]}", file=sys.stderr)
-        sys.exit(2)
+        fail(shared[1])
     return folder, shared[0]
+
+
+def fail(message: str) -> None:
+    """End the command on bad input: `error: <message>` on stderr, exit status 2, no traceback."""
+    if dist.is_initialized():
+        dist.destroy_process_group()
+    print(f"error: {message}", file=sys.stderr)
+    sys.exit(2)
 
 
 def headline(name: str, summary: Summary) -> str:
@@ -175,7 +180,10 @@ def init_distributed(device: str) -> str:
 
 def main(argv: list[str] | None = None) -> None:
     args = parse(argv)
-    chosen = benchmarks(args)  # reads registries and finds files: fails before the model loads
+    try:
+        chosen = benchmarks(args)  # reads registries and finds files: fails before the model loads
+    except (OSError, ValueError) as error:  # a misspelled set or language, a missing or unreadable file
+        fail(str(error))
     device = init_distributed(args.device)
     folder, work = claim_out(args, chosen)  # before the model loads: a refusal costs nothing
     try:

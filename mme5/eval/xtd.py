@@ -157,6 +157,8 @@ class XTD:
             folders = [d for d in sorted(self.root.iterdir()) if d.is_dir()] if self.root.is_dir() else []
             available = {d.name: d for d in folders if any(d.glob("test-*.parquet"))}
         self.languages = _select(languages, available, self.root)
+        # Read now, not when the set is built: a bad caption file fails before a model is loaded or run.
+        self.texts = read_xtd10(self.root, self.languages) if self.xtd10 is not None else None
         sources = list(images) if images else [self.root, *sorted(self.root.glob("*.zip"))]
         self.images = ImageStore(sources, IMAGE_PREFIXES)
         self.max_queries = max_queries
@@ -172,7 +174,7 @@ class XTD:
         yield builder.build()
 
     def _add_xtd10(self, builder: SetBuilder) -> None:
-        names, captions = read_xtd10(self.root, self.languages)
+        names, captions = self.texts
         count = len(names) if self.max_queries is None else min(len(names), self.max_queries)
         where = self.xtd10[0].name
         images = [builder.item(self.image_instruction, None, name, f"{where} line {i + 1}")
