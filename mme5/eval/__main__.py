@@ -148,10 +148,12 @@ def claim_out(args: argparse.Namespace, chosen: list[Benchmark]) -> tuple[Output
 
 
 def fail(message: str) -> None:
-    """End the command on bad input: `error: <message>` on stderr, exit status 2, no traceback."""
+    """End the command on bad input: `error: <message>` on stderr (once, from rank 0), exit status 2, no
+    traceback."""
+    if rank_and_world()[0] == 0:
+        print(f"error: {message}", file=sys.stderr)
     if dist.is_initialized():
         dist.destroy_process_group()
-    print(f"error: {message}", file=sys.stderr)
     sys.exit(2)
 
 
