@@ -398,7 +398,9 @@ class MixedShardStream(IterableDataset):
     def check_batches_fit(self, slots: int) -> None:
         """Refuse batches that would repeat samples: a batch draws on average `batch_size × weight share`
         samples of a source (all `batch_size` with `same_source_batches`), from the one slot's share of it
-        (its samples / `slots` an epoch); drawing more than that share repeats samples inside the batch."""
+        (its samples / `slots` an epoch); drawing more than that share repeats samples inside the batch.
+        (A batch that spans the end of a slot's epoch may still meet a sample of both epochs: the stream
+        never ends, and that is rare once the data is many batches long.)"""
         held = {s.name: sum(take for _, take in s.shard_plan()) for s in self.sources}
         weights = self.weights(held)
         if not self.same_source_batches and all(s.weight is None for s in self.sources):
