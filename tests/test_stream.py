@@ -3,6 +3,7 @@ import itertools
 import json
 import re
 import tarfile
+from functools import partial
 from pathlib import Path
 
 import pytest
@@ -12,7 +13,14 @@ from helpers import make_sample
 from mme5.data.collate import ContrastiveCollator
 from mme5.data.schema import Modality
 from mme5.data.shards import ReadStats, ShardWriter
-from mme5.data.stream import MixedShardStream, Slot, Source, SourceReader, SourceRefused
+from mme5.data.stream import (
+    MixedShardStream,
+    Slot,
+    Source,
+    SourceReader,
+    SourceRefused,
+    check_batches_fit,
+)
 
 
 def write_source(path, count, prefix="s", per_shard=5, modality=Modality.IT2T):
@@ -331,10 +339,10 @@ def test_a_shard_holding_more_records_than_its_manifest_counts_is_refused(tmp_pa
 
 @pytest.mark.parametrize("settings, slots, refused", [
     (dict(batch_size=8), 1, None),
-    (dict(batch_size=12), 1, "all sources together hold(s) 10 samples"),  # more than the data
+    (dict(batch_size=12), 1, "the sources hold 10 samples, but each of the 1 stream slots"),  # > the data
     (dict(batch_size=6), 2, "each of the 2 stream slots"),  # 2 slots (ranks × workers) of 5 samples each
-    (dict(batch_size=4, same_source_batches=True), 1, "b hold(s) 3 samples"),  # a batch of b's alone
-    (dict(batch_size=8, weights=(1.0, 1.0)), 1, "b hold(s) 3 samples"),  # 4 of each batch from b
+    (dict(batch_size=4, same_source_batches=True), 1, "source b holds 3 samples"),  # a batch of b's alone
+    (dict(batch_size=8, weights=(1.0, 1.0)), 1, "source b holds 3 samples"),  # 4 of each batch from b
 ])
 def test_a_batch_larger_than_its_data_is_refused(tmp_path, settings, slots, refused):
     """Case 11: a batch that must draw more samples of a source than one slot holds of it an epoch would
@@ -342,12 +350,13 @@ def test_a_batch_larger_than_its_data_is_refused(tmp_path, settings, slots, refu
     a, b = write_source(tmp_path / "a", 7, prefix="a"), write_source(tmp_path / "b", 3, prefix="b")
     a.weight, b.weight = settings.pop("weights", (None, None))
     stream = MixedShardStream([a, b], shuffle_buffer=1, **settings)
+    fits = partial(check_batches_fit, [a, b], stream.batch_size, slots, stream.same_source_batches)
     if refused is None:
-        stream.check_batches_fit(slots)
+        fits()
         first = ids(take(stream, 1)[0])
         assert len(set(first)) == len(first)
         return
     with pytest.raises(SourceRefused, match=re.escape(refused)):
-        stream.check_batches_fit(slots)
+        fits()
     if slots == 1 and not stream.same_source_batches and a.weight is None:  # what it would do: repeats
         assert len(set(ids(take(stream, 1)[0]))) < stream.batch_size

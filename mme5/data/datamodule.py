@@ -13,7 +13,7 @@ from torch.utils.data import DataLoader
 
 from mme5.backbones import InputFormat, load_processing
 from mme5.data.collate import ContrastiveBatch, ContrastiveCollator
-from mme5.data.stream import MixedShardStream, Source, SourceRefused, fingerprint_changes
+from mme5.data.stream import MixedShardStream, Source, SourceRefused, check_batches_fit, fingerprint_changes
 from mme5.distributed import from_all_ranks
 from mme5.settings import at_least
 from mme5.sharding import shards_parameters
@@ -89,15 +89,14 @@ class ShardDataModule(L.LightningDataModule):
 
     def train_dataloader(self) -> DataLoader:
         rank, world = (self.trainer.global_rank, self.trainer.world_size) if self.trainer else (0, 1)
-        slots = world * max(self.num_workers, 1)
+        self.check_sources(world)
+        if self.positions:
+            self._say_how_the_stream_resumes(self.slots(world))
         stream = MixedShardStream(
             self.sources, self.batch_size, rank=rank, world_size=world, seed=self.seed,
             shuffle_buffer=self.shuffle_buffer, same_source_batches=self.same_source_batches,
             strict=self.strict, resume=self.positions,
         )
-        self._check_sources(stream, slots)
-        if self.positions:
-            self._say_how_the_stream_resumes(slots)
         # A sharded model needs chunks that make every rank run the same modules (see mme5.data.collate).
         lockstep = self.trainer is not None and shards_parameters(self.trainer.strategy)
         processing = load_processing(self.backbone, self.input_format)
@@ -112,10 +111,15 @@ class ShardDataModule(L.LightningDataModule):
                           persistent_workers=workers > 0, prefetch_factor=4 if workers else None,
                           generator=torch.Generator().manual_seed(self.seed))
 
-    def _check_sources(self, stream: MixedShardStream, slots: int) -> None:
-        """Refuse here, in the main process and before the first step, sources that cannot be read as
-        asked: missing or empty, parts that overlap, other content than the saved positions point into,
-        or too few samples for a batch. Then record what the positions will point into."""
+    def slots(self, world_size: int) -> int:
+        """Stream slots: every (rank, dataloader worker) reads its own share of the data."""
+        return world_size * max(self.num_workers, 1)
+
+    def check_sources(self, world_size: int) -> None:
+        """Refuse sources that cannot be read as asked: missing or empty, parts that overlap, other content
+        than a loaded checkpoint's stream positions point into, or too few samples for a batch on
+        `world_size` ranks; then record what the positions will point into. `train_dataloader` calls it (in
+        the main process, before the first step); a command may call it earlier, before it writes."""
         for source in self.sources:
             source.shard_plan()
             source.check_parts()
@@ -129,7 +133,7 @@ class ShardDataModule(L.LightningDataModule):
                     f"stream positions point into: {changes}. Resuming would read other samples from the old "
                     "positions. Put its content back, give the source another name "
                     f"(data.sources[{index}].name: then it is read from its start), or start a new run")
-        stream.check_batches_fit(slots)
+        check_batches_fit(self.sources, self.batch_size, self.slots(world_size), self.same_source_batches)
         self.fingerprints = current
 
     def _say_how_the_stream_resumes(self, slots: int) -> None:

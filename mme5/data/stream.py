@@ -376,7 +376,8 @@ class MixedShardStream(IterableDataset):
             shuffle_rng = random.Random(f"{self.seed}/{name}/{slot.index}/{batches}")
             streams[name] = self.decoded(self.shuffled(iter(reader), shuffle_rng), stats)
         names = [s.name for s in self.sources]
-        weights = self.weights({name: sum(take for _, take in r.plan) for name, r in readers.items()})
+        held = {name: sum(take for _, take in reader.plan) for name, reader in readers.items()}
+        weights = draw_weights(self.sources, held)
         while True:
             # Seeded per batch, so that a resumed stream draws its sources exactly as the original would.
             rng = random.Random(f"{self.seed}/mix/{slot.index}/{batches}")
@@ -390,29 +391,6 @@ class MixedShardStream(IterableDataset):
                         "sources": {name: dict(reader.position) for name, reader in readers.items()}}
             samples, urls = [sample for sample, _ in drawn], [url for _, url in drawn]
             yield StreamBatch(samples, slot.index, position, stats.num_skipped, list(stats.errors[-5:]), urls)
-
-    def weights(self, held: dict[str, int]) -> list[float]:
-        """Each source's drawing weight: its own, or the samples it holds (`held`, by name)."""
-        return [s.weight if s.weight is not None else held[s.name] for s in self.sources]
-
-    def check_batches_fit(self, slots: int) -> None:
-        """Refuse batches that would repeat samples: a batch draws on average `batch_size × weight share`
-        samples of a source (all `batch_size` with `same_source_batches`), from the one slot's share of it
-        (its samples / `slots` an epoch); drawing more than that share repeats samples inside the batch.
-        (A batch that spans the end of a slot's epoch may still meet a sample of both epochs: the stream
-        never ends, and that is rare once the data is many batches long.)"""
-        held = {s.name: sum(take for _, take in s.shard_plan()) for s in self.sources}
-        weights = self.weights(held)
-        if not self.same_source_batches and all(s.weight is None for s in self.sources):
-            held, weights = {"all sources together": sum(held.values())}, [1.0]  # draws ∝ size: one total
-        for (name, samples), weight in zip(held.items(), weights, strict=True):
-            drawn = self.batch_size if self.same_source_batches else self.batch_size * weight / sum(weights)
-            if drawn * slots > samples:
-                raise SourceRefused(
-                    f"data: {name} hold(s) {samples} samples, but each of the {slots} stream slots (ranks × "
-                    f"dataloader workers) draws {drawn:.4g} of them a batch ({drawn * slots:.4g} a step): "
-                    "every batch would repeat samples. Lower data.batch_size or data.num_workers, train on "
-                    "fewer devices, lower that source's weight, or add data")
 
     def resplit_readers(self, slot: Slot, stats: ReadStats) -> tuple[dict[str, SourceReader], int]:
         """Readers continuing a run saved on another number of slots (see the module docstring)."""
@@ -453,3 +431,32 @@ class MixedShardStream(IterableDataset):
                 stats.skip("record", message)
                 continue
             yield sample, url
+
+
+def draw_weights(sources: list[Source], held: dict[str, int]) -> list[float]:
+    """Each source's drawing weight: its own, or the samples it holds (`held`, by name)."""
+    return [s.weight if s.weight is not None else held[s.name] for s in sources]
+
+
+def check_batches_fit(sources: list[Source], batch_size: int, slots: int, same_source_batches: bool) -> None:
+    """Refuse batches that would repeat samples: a batch draws on average `batch_size × weight share`
+    samples of a source (all `batch_size` with `same_source_batches`), from the one slot's share of it (its
+    samples / `slots` an epoch); drawing more than that share repeats samples inside the batch. (A batch
+    that spans the end of a slot's epoch may still meet a sample of both epochs: the stream never ends, and
+    that is rare once the data is many batches long.)"""
+    held = {s.name: sum(take for _, take in s.shard_plan()) for s in sources}
+    weights = draw_weights(sources, held)
+    by_size = not same_source_batches and all(s.weight is None for s in sources)
+    if by_size:  # draws in proportion to size: one total decides
+        held, weights = {"": sum(held.values())}, [1.0]
+    for (name, samples), weight in zip(held.items(), weights, strict=True):
+        drawn = batch_size if same_source_batches else batch_size * weight / sum(weights)
+        if drawn * slots > samples:
+            what = "the sources hold" if by_size else f"source {name} holds"
+            hint = "" if by_size else ("turn off same_source_batches, " if same_source_batches else
+                                       "lower its weight, ")
+            raise SourceRefused(
+                f"data: {what} {samples} samples, but each of the {slots} stream slots (ranks × dataloader "
+                f"workers) draws {drawn:.4g} of them a batch ({drawn * slots:.4g} a step): every batch would "
+                f"repeat samples. Lower data.batch_size or data.num_workers, train on fewer devices, {hint}"
+                "or add data")
