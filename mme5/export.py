@@ -88,7 +88,8 @@ def export(ckpt: str | Path, out: str | Path, dtype: str | None = None, max_leng
     identity = export_identity(ckpt, dtype=dtype, max_length=max_length, backbone=backbone,
                                instructions=instructions, adapter_only=adapter_only, scores=scores_file,
                                name=name)
-    with claim_folder(out, COMMAND, identity, overwrite=overwrite,
+    inputs = [p for p in (ckpt, backbone, scores_file) if p]
+    with claim_folder(out, COMMAND, identity, overwrite=overwrite, inputs=inputs,
                       ways_out="pass --overwrite to replace it, or choose another --out") as folder:
         if folder.was_complete:
             print(f"{out} already holds this export (same checkpoint and settings): nothing to write")

@@ -191,6 +191,9 @@ def test_out_belongs_to_one_evaluation(tiny_world, tiny_mllama, tmp_path, monkey
         main(args)  # another process holds it
     assert f"is being written by pid {os.getpid()}" in capsys.readouterr().err
     assert json.loads((out / "scores.json").read_text()) == first  # nothing refused touched it
+    with pytest.raises(SystemExit):  # an --out holding the model is never replaced
+        main(["--model", str(another), *args[2:-3], str(tmp_path), "--overwrite"])
+    assert another.is_dir() and "holds the input" in capsys.readouterr().err
 
     monkeypatch.undo()
     main([*other, "--overwrite"])

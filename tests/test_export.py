@@ -181,6 +181,9 @@ def test_out_belongs_to_one_export(tmp_path, tiny_mllama, monkeypatch, capsys):
     with pytest.raises(SystemExit):
         main(["--ckpt", str(other), "--out", str(out)])
     assert "checkpoint_files" in capsys.readouterr().err
+    with pytest.raises(SystemExit):  # an --out holding the checkpoint is never replaced
+        main(["--ckpt", str(ckpt), "--out", str(tmp_path), "--overwrite"])
+    assert ckpt.is_file() and "holds the input" in capsys.readouterr().err
     with claim_folder(out, "mme5.export", {}, overwrite=True), pytest.raises(SystemExit):
         main(["--ckpt", str(ckpt), "--out", str(out)])  # another process is writing it
     assert f"is being written by pid {os.getpid()}" in capsys.readouterr().err

@@ -135,8 +135,12 @@ def claim_out(args: argparse.Namespace, chosen: list[Benchmark]) -> tuple[Output
     folder, problem = None, None
     if rank_and_world()[0] == 0:
         try:
+            read = (args.model, args.backbone, *(b.root for b in chosen), *(args.mmeb_images or []),
+                    *(args.xtd_images or []))
+            inputs = [p for p in read if p and Path(p).exists()]  # never replaced, even with --overwrite
             folder = claim_folder(args.out, COMMAND, identity(args, chosen), overwrite=args.overwrite,
-                                  ways_out="pass --overwrite to replace it, or choose another --out")
+                                  ways_out="pass --overwrite to replace it, or choose another --out",
+                                  inputs=inputs)
         except OutputFolderError as error:
             problem = str(error)
     shared = [folder.work if folder else None, problem]
