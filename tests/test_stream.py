@@ -10,6 +10,7 @@ import pytest
 import torch
 from helpers import make_sample
 
+from mme5.backbones.base import PADDING_IMAGE_ROW, PADDING_ROW
 from mme5.data.collate import ContrastiveCollator
 from mme5.data.schema import Modality
 from mme5.data.shards import ReadStats, ShardWriter
@@ -197,20 +198,24 @@ def test_a_folder_of_shard_directories_is_one_source(tmp_path):
 @pytest.mark.parametrize("lockstep", [False, True])
 def test_a_sample_the_processor_refuses_is_dropped_whole_and_named(tmp_path, lockstep):
     """An injected processor fault on one sample's negative: that sample goes from every role, the others
-    keep their rows, and the skip names the shard and the sample."""
+    keep their rows, and the skip names the shard and the sample. Items cut to max_length are counted once,
+    although the search for the fault collates some of them again."""
     batch = six_samples(tmp_path)
     victim = next(s for s in batch.samples if len(s.negatives) == 2)
     poison = victim.negatives[1].text
+    cut = []  # every item collated counts as cut here
 
     def collate(items):
+        cut.extend(item for item in items if item not in (PADDING_ROW, PADDING_IMAGE_ROW))
         if any(item is not None and item.text == poison for item in items):
             raise ValueError("aspect ratio out of range")
         return {"texts": [item.text for item in items]}
 
-    collator = ContrastiveCollator(collate, num_negatives=2, lockstep=lockstep)
+    collator = ContrastiveCollator(collate, num_negatives=2, lockstep=lockstep, truncated=lambda: len(cut))
     out = collator(batch)
     kept = [s for s in batch.samples if s.id != victim.id]
     assert out.ids == [s.id for s in kept] and out.skipped == batch.skipped + 1
+    assert out.truncated == sum(2 + min(len(s.negatives), 2) for s in kept)
 
     def real(chunk):  # the rows that are items (lockstep chunks also hold padding rows)
         keep = chunk.keep.tolist() if chunk.keep is not None else [True] * len(chunk.inputs["texts"])

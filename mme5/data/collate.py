@@ -86,16 +86,19 @@ class ContrastiveCollator:
         self.lockstep = lockstep
         self.strict = strict
         self.truncated = truncated
+        self.recounted = 0  # cuts counted a second time while finding unprocessable samples
         self.unprocessable = 0  # samples dropped so far by this worker's collator
         self.unprocessable_errors: list[str] = []
 
     def __call__(self, batch: StreamBatch) -> ContrastiveBatch:
+        counted = self._cuts()
         try:
             return self._collate(batch, frozenset())
         except Exception:
             problems = self._unprocessable(batch)
             if not problems:
                 raise
+        self.recounted += self._cuts() - counted  # the failed try and the probes cut items again
         message = "; ".join(problems.values())
         if self.strict:
             raise CorruptSample(message) from None
@@ -104,6 +107,10 @@ class ContrastiveCollator:
         self.unprocessable += len(problems)
         self.unprocessable_errors += problems.values()
         return self._collate(batch, frozenset(problems))
+
+    def _cuts(self) -> int:
+        """Items this worker's `collate_items` has cut to max_length so far, each counted once."""
+        return (self.truncated() if self.truncated is not None else 0) - self.recounted
 
     def _unprocessable(self, batch: StreamBatch) -> dict[int, str]:
         """The samples (by row) with a side the processor refuses, each with its shard, id and the error."""
@@ -143,10 +150,11 @@ class ContrastiveCollator:
         def chunks(items: Sequence[Item | None]) -> list[Chunk]:
             return collate_chunks(items, self.chunk_size, self.collate_items, self.lockstep)
 
+        query_chunks, positive_chunks, negative_chunks = chunks(query), chunks(positive), chunks(negatives)
         return ContrastiveBatch(
-            query=chunks(query),
-            positive=chunks(positive),
-            negatives=chunks(negatives),
+            query=query_chunks,
+            positive=positive_chunks,
+            negatives=negative_chunks,
             negative_mask=mask,
             ids=[s.id for s in kept],
             positive_keys=torch.tensor([s.positive.content_key() for s in kept], dtype=torch.long),
@@ -157,5 +165,5 @@ class ContrastiveCollator:
             position=batch.position,
             skipped=batch.skipped + self.unprocessable,
             skip_errors=batch.skip_errors + self.unprocessable_errors[-5:],
-            truncated=self.truncated() if self.truncated is not None else 0,
+            truncated=self._cuts(),  # after the chunks above were collated
         )
