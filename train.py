@@ -30,6 +30,7 @@ from lightning.pytorch.utilities.exceptions import SIGTERMException
 
 from mme5.checkpoint import checkpoint_problem
 from mme5.data.datamodule import ShardDataModule
+from mme5.data.stream import SourceRefused
 from mme5.files import OutputFolder, OutputFolderError, claim_folder, describe_changes
 from mme5.module import EmbeddingModule
 from mme5.preemption import FinalCheckpoint, SlurmRequeue, StopOnSignal
@@ -95,6 +96,7 @@ class TrainCLI(LightningCLI):
             if config["ckpt_path"] is None:
                 rank_zero_info(f"--ckpt_path {requested}: no checkpoint in this run folder; starting afresh")
                 overwrite = True  # what is there (logs of a run stopped before its first checkpoint) goes
+        self.datamodule.check_sources(self.trainer.world_size)  # before anything is written
         self.run_folder = self._claim_run_folder(config["ckpt_path"], overwrite)
         try:
             if config["ckpt_path"] is not None:
@@ -133,6 +135,9 @@ class TrainCLI(LightningCLI):
         recorded = read_recipe(ckpt_path)
         hparams = dict(self.model.hparams)
         check_recipe(ckpt_path, recorded, hparams, self.model.backbone_identity())
+        if recorded["datamodule_state"] is not None:  # the sources must hold what its positions point into
+            self.datamodule.load_state_dict(recorded["datamodule_state"])
+            self.datamodule.check_sources(self.trainer.world_size)
         changes = resume_changes(recorded, hparams, dict(self.datamodule.hparams))
         said = describe_changes(changes) if changes else "none"
         step = recorded["global_step"]
@@ -196,7 +201,7 @@ def main(args: list[str] | None = None) -> int:
     when the run folder or the checkpoint refused the run)."""
     try:
         cli = TrainCLI(args)
-    except OutputFolderError as error:
+    except (OutputFolderError, SourceRefused) as error:
         print(f"error: {error}", file=sys.stderr)
         return 2
     except SIGTERMException:  # Lightning's handler: SIGTERM before training started (its exit status is 0)

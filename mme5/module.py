@@ -235,10 +235,14 @@ class EmbeddingModule(L.LightningModule):
             return
         report = datamodule.skip_report()
         if self.trainer.is_global_zero:
-            write_json(Path(self.trainer.default_root_dir) / DATA_REPORT, report)
+            path = Path(self.trainer.default_root_dir) / DATA_REPORT
+            write_json(path, report)
+            if report.get("truncated_items"):
+                rank_zero_warn(f"{report['truncated_items']} training items were cut to max_length "
+                               f"{report.get('max_length')} tokens; see {path}")
             if report["skipped_samples"]:
                 rank_zero_warn(f"{report['skipped_samples']} training samples were skipped or lost; see "
-                               f"{Path(self.trainer.default_root_dir) / DATA_REPORT}")
+                               f"{path}")
 
     def on_save_checkpoint(self, checkpoint: dict[str, Any]) -> None:
         # Random state too, so a resumed run draws the same (LoRA) dropout masks as an uninterrupted one;

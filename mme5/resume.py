@@ -20,6 +20,7 @@ COMMAND = "train.py fit"
 # The module settings that define what is trained: a checkpoint of another value is another model.
 RECIPE_KEYS = ("lora", "dtype", "input_format", "temperature", "learnable_temperature",
                "mask_false_negatives", "gradient_scale")
+DATAMODULE_STATE = "ShardDataModule"  # Lightning keeps a data module's state under its class name
 # What a run writes in its folder besides the checkpoint folders and the logger's folder.
 RUN_FILES = ("hpc_ckpt_*.ckpt", "data_report.json")
 
@@ -59,6 +60,7 @@ def read_recipe(path: str | Path) -> dict[str, Any]:
     return {"hyper_parameters": dict(checkpoint.get("hyper_parameters") or {}),
             "datamodule_hyper_parameters": dict(checkpoint.get("datamodule_hyper_parameters") or {}),
             "global_step": checkpoint.get("global_step"),
+            "datamodule_state": checkpoint.get(DATAMODULE_STATE),
             BACKBONE_IDENTITY: checkpoint.get(BACKBONE_IDENTITY)}
 
 

@@ -12,7 +12,7 @@ import torch
 import yaml
 
 import train
-from mme5.files import claim_folder, read_owner
+from mme5.files import claim_folder, read_owner, remove_path
 
 
 class SignalAt(L.Callback):
@@ -55,6 +55,11 @@ def write_recipe(root, backbone, shards, every=2):
 
 def fit(recipe, *args):
     return train.main(["fit", "--config", str(recipe), *args])
+
+
+def outputs(root):
+    """Every file of a run folder but its owner record, with its modification time."""
+    return {p: p.stat().st_mtime_ns for p in root.rglob("*") if p.is_file() and p.name != ".mme5-owner.json"}
 
 
 def step_of(path):
@@ -165,3 +170,28 @@ def test_sigterm_while_the_run_is_set_up_stops_after_the_first_step_with_a_check
     stop = {"class_path": "test_resume.SignalAt", "init_args": {"step": -1}}
     assert fit(recipe, "--trainer.max_steps", "30", "--trainer.callbacks+", yaml.safe_dump(stop)) == 143
     assert step_of(root / "checkpoints" / "last.ckpt") == 1
+
+
+def test_a_resume_over_other_data_or_a_batch_too_large_is_refused_before_anything_is_written(
+        tmp_path, tiny_mllama, capsys):
+    from helpers import make_sample
+
+    from mme5.data.shards import ShardWriter
+
+    def shards(prefix, count=48):
+        remove_path(tmp_path / "shards")
+        with ShardWriter(tmp_path / "shards", max_count=24) as writer:
+            for i in range(count):
+                writer.write(make_sample(i, id=f"{prefix}{i}"))
+
+    root = tmp_path / "run"
+    recipe = write_recipe(root, tiny_mllama, str(tmp_path / "shards"))
+    shards("a")
+    assert fit(recipe, "--trainer.max_steps", "2") == 0
+    written = outputs(root)
+    shards("b")  # converted again: other samples under the same folder name
+    assert fit(recipe, "--trainer.max_steps", "4", "--ckpt_path", "last") == 2
+    assert "is not the data this run's saved stream positions point into" in capsys.readouterr().err
+    assert outputs(root) == written
+    assert fit(recipe, "--ckpt_path", "last", "--data.batch_size", "64") == 2
+    assert "batch" in capsys.readouterr().err
