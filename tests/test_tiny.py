@@ -111,3 +111,20 @@ def test_cli_claims_out_a_rerun_says_it_is_there_other_settings_refused(tmp_path
     monkeypatch.undo()
     assert main([*command, "--out", str(tmp_path / "cut")]) == 0  # not complete: built, not "already there"
     assert (tmp_path / "cut" / "model.safetensors").read_bytes() == weights
+
+
+def test_cli_refuses_an_out_holding_the_corpus_and_a_corpus_not_utf8_before_claiming(tmp_path, capsys):
+    world = tmp_path / "world"
+    world.mkdir()
+    corpus = world / "corpus.txt"
+    corpus.write_text("the zebrafish swims\n" * 50, encoding="utf-8")
+    # --overwrite would swap the folder away, the corpus (and whatever it came with) with it
+    assert main(["--family", "llava", "--corpus", str(corpus), "--out", str(world), "--overwrite"]) == 2
+    assert "holds the input" in capsys.readouterr().err
+    assert sorted(p.name for p in world.iterdir()) == ["corpus.txt"]
+
+    latin1 = tmp_path / "latin1.txt"
+    latin1.write_bytes("café au lait\n".encode("latin-1"))
+    assert main(["--family", "llava", "--corpus", str(latin1), "--out", str(tmp_path / "out")]) == 2
+    assert f"{latin1}: not UTF-8: byte 3 (0xe9)" in capsys.readouterr().err
+    assert not (tmp_path / "out").exists()  # refused before the claim: nothing to clear up

@@ -223,14 +223,26 @@ def build_tiny(
     model.save_pretrained(out)
     processor.save_pretrained(out)
     n_params = sum(p.numel() for p in model.parameters())
-    print(f"saved tiny {family} ({preset}, seed {seed}): {n_params / 1e6:.3f}M parameters -> {out}")
+    print(f"built tiny {family} ({preset}, seed {seed}): {n_params / 1e6:.3f}M parameters")
     return out
+
+
+def utf8_bytes(path: Path) -> bytes:
+    """The bytes of a UTF-8 text file; another encoding is refused naming the file and its first bad byte
+    (checked before --out is claimed: the build would fail after it)."""
+    data = path.read_bytes()
+    try:
+        data.decode("utf-8")
+    except UnicodeDecodeError as error:
+        raise ValueError(f"{path}: not UTF-8: byte {error.start} (0x{data[error.start]:02x}) cannot be "
+                         "decoded; save the file as UTF-8 (e.g. iconv -f latin1 -t utf-8)") from None
+    return data
 
 
 def tiny_identity(family: str, seed: int, preset: str, corpus: Path | None) -> dict[str, Any]:
     """What defines a tiny backbone folder: family, seed, the preset's sizes and the BPE corpus (by content,
     so a corpus rewritten with the same text, as a rebuilt demo world's, is the same)."""
-    text = corpus.read_bytes() if corpus else BUILTIN_CORPUS.encode("utf-8")
+    text = utf8_bytes(corpus) if corpus else BUILTIN_CORPUS.encode("utf-8")
     return {"family": family, "seed": seed, "preset": preset, **asdict(PRESETS[preset]),
             "corpus": str(corpus.resolve()) if corpus else "built-in",
             "corpus_sha1": hashlib.sha1(text).hexdigest()[:16]}
@@ -250,6 +262,7 @@ def main(argv: list[str] | None = None) -> int:
     try:
         identity = tiny_identity(args.family, args.seed, args.preset, args.corpus)
         with claim_folder(args.out, COMMAND, identity, overwrite=args.overwrite,
+                          inputs=[args.corpus] if args.corpus else [],
                           ways_out="pass --overwrite to build it again, or choose another --out") as folder:
             if folder.was_complete:
                 folder.complete()
@@ -257,9 +270,10 @@ def main(argv: list[str] | None = None) -> int:
                 return 0
             build_tiny(args.family, folder.work, seed=args.seed, preset=args.preset, corpus=args.corpus)
             folder.complete()
-    except (OutputFolderError, OSError) as error:  # OSError: an unreadable --corpus
+    except (OutputFolderError, OSError, ValueError) as error:  # OSError, ValueError: an unreadable --corpus
         print(f"error: {error}", file=sys.stderr)
         return 2
+    print(f"saved -> {args.out}")
     return 0
 
 
