@@ -1,5 +1,6 @@
 import json
 import re
+import shutil
 from pathlib import Path
 
 import pyarrow as pa
@@ -659,3 +660,23 @@ def test_an_out_folder_that_is_or_holds_an_input_is_refused(tmp_path, image_root
     assert (image_root / "coco" / "0.jpg").is_file()
     inside = conv.convert([str(tmp_path / "in")], image_root, tmp_path / "in" / "shards", progress=False)
     assert inside["num_samples"] == 2
+
+
+def test_a_conversion_whose_images_were_not_found_is_done_again_once_they_are(tmp_path, image_root, capsys):
+    """Another --images is another conversion (refused, naming it), not one already complete; a conversion
+    that wrote no sample (the images not there yet) is converted again, not reported complete."""
+    write_parquet(tmp_path / "in" / "OK-VQA" / "train.parquet", mmeb_rows()[:2])
+    assert conv.main(cli_args(tmp_path, tmp_path / "wrong")) == 1  # no image found: no sample
+    assert conv.main(cli_args(tmp_path, image_root)) == 2
+    err = capsys.readouterr().err
+    assert f'images: "{(tmp_path / "wrong").resolve()}" (recorded) → "{image_root.resolve()}" (now)' in err
+    assert conv.main(cli_args(tmp_path, image_root, "--overwrite")) == 0
+    assert read_manifest(tmp_path / "out")["num_samples"] == 2
+
+    shutil.move(image_root, tmp_path / "elsewhere")  # the images not unpacked yet
+    assert conv.main(cli_args(tmp_path, image_root, "--out", str(tmp_path / "later"))) == 1
+    shutil.move(tmp_path / "elsewhere", image_root)
+    capsys.readouterr()
+    assert conv.main(cli_args(tmp_path, image_root, "--out", str(tmp_path / "later"))) == 0
+    assert "nothing to do" not in capsys.readouterr().out
+    assert read_manifest(tmp_path / "later")["num_samples"] == 2

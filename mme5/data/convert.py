@@ -369,10 +369,13 @@ def task_for(table: Table, source: str, task: str | None) -> Task:
                      f"({', '.join(t.value for t in Task)})")
 
 
-def conversion_identity(tables: list[Table], options: dict[str, Any]) -> dict[str, Any]:
-    """What defines a conversion's output, the identity its folder is claimed with: the options and the
-    inputs (files by path, size and modification time; `datasets` by their fingerprint)."""
-    return {**options, "inputs": [table.identity() for table in tables]}
+def conversion_identity(tables: list[Table], options: dict[str, Any], image_root: str | os.PathLike | None
+                        ) -> dict[str, Any]:
+    """What defines a conversion's output, the identity its folder is claimed with: the options, the
+    inputs (files by path, size and modification time; `datasets` by their fingerprint) and the image root
+    (the rows' images are read from it: another root is another conversion, not a complete one)."""
+    return {**options, "images": None if image_root is None else str(Path(image_root).resolve()),
+            "inputs": [table.identity() for table in tables]}
 
 
 def converted_before(folder: Path, tables: list[Table], options: dict[str, Any]) -> bool:
@@ -438,12 +441,14 @@ def convert(
                "order": "file order" if seed is None else f"permuted, seed {seed}",
                "format": "published" if pairs is None else pairs.description()}
     say = print if progress else _quiet
-    with claim_folder(out_dir, COMMAND, conversion_identity(tables, options), overwrite=overwrite,
+    with claim_folder(out_dir, COMMAND, conversion_identity(tables, options, image_root), overwrite=overwrite,
                       adopt=lambda folder: converted_before(folder, tables, options),
                       inputs=[*inputs, *([image_root] if image_root is not None else [])],
                       ways_out="pass --overwrite to replace them (the new shards are written beside and "
                                "swapped in when complete), or choose another --out") as folder:
         done = read_manifest(folder.work) if (folder.work / MANIFEST).exists() else None
+        if done is not None and done["complete"] and done["num_samples"] == 0:
+            done = None  # it wrote nothing (images not there yet?): converted again, not "complete"
         if done is not None and done["complete"]:
             folder.complete(num_samples=done["num_samples"])  # a run stopped just before this
             say(f"{out_dir}: already holds this conversion, complete; nothing to do")
