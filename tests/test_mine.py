@@ -285,3 +285,33 @@ def test_within_keeps_candidates_to_samples_sharing_the_fields(tmp_path):
     assert manifest["extra"]["mined"]["within"] == ["language"]
     with pytest.raises(ValueError, match=r"within: unknown field\(s\) \['colour'\]"):
         mining.MiningSettings(within=("colour",))
+
+
+def test_an_out_that_is_or_holds_the_model_is_refused_even_with_overwrite(tmp_path):
+    """--overwrite swaps the folder away: `--out MODEL --overwrite` deleted the model it was mining with."""
+    from mme5.files import OutputFolderError
+    from mme5.hub import model_identity
+
+    src = source(tmp_path / "src")
+    (tmp_path / "model").mkdir()
+    (tmp_path / "model" / "config.json").write_text("{}")
+    (tmp_path / "runs").mkdir()
+    settings = mining.MiningSettings()
+    checkpoint = tmp_path / "runs" / "last.ckpt"
+    checkpoint.write_bytes(b"weights")
+    for model, out in ((tmp_path / "model", tmp_path / "model"), (checkpoint, tmp_path / "runs")):
+        with pytest.raises(OutputFolderError, match="holds the input"):
+            mining.mine(src, out, fake_embed([]), model_identity(model), settings, overwrite=True)
+    assert (tmp_path / "model" / "config.json").read_text() == "{}"
+    assert checkpoint.read_bytes() == b"weights"
+
+
+@pytest.mark.parametrize("flag, value", [("--batch-size", "0"), ("--batch-size", "-3"), ("--shard-size", "0"),
+                                         ("--margin", "-1"), ("--dtype", "float64")])
+def test_a_bad_number_or_dtype_is_a_usage_error_before_any_work(flag, value, tmp_path, capsys):
+    """`--batch-size -3` mined from no embeddings without a word, `--shard-size 0` wrote a shard a sample,
+    `--dtype float64` was a KeyError after --out was claimed."""
+    with pytest.raises(SystemExit) as exit_info:
+        mining.main(["--model", "unused", "--shards", "unused", "--out", str(tmp_path / "out"), flag, value])
+    assert exit_info.value.code == 2 and flag in capsys.readouterr().err
+    assert not (tmp_path / "out").exists()

@@ -37,7 +37,7 @@ from typing import Any
 import torch
 from torch import Tensor
 
-from mme5.backbones import Item
+from mme5.backbones import DTYPES, Item
 from mme5.data.collate import side_item
 from mme5.data.schema import Sample, Side
 from mme5.data.shards import MANIFEST, CorruptSample, ShardWriter, read_manifest, read_samples, shard_urls
@@ -105,7 +105,8 @@ def mine(shards: str | Path, out: str | Path, embed: Embed, model: str | dict[st
     check_separate(shards, out)
     check_source(shards)
     identity = mining_identity(shards, model, settings, shard_size)
-    with claim_folder(out, COMMAND, identity, overwrite=overwrite,
+    model_path = model["model"] if isinstance(model, dict) else model  # a local path, or a hub id
+    with claim_folder(out, COMMAND, identity, overwrite=overwrite, inputs=[shards, model_path],
                       ways_out="pass --overwrite to mine it again, or choose another --out") as folder:
         work = folder.work
         if (work / MANIFEST).exists() and read_manifest(work)["complete"]:
@@ -265,7 +266,7 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--out", required=True, type=Path, help="shard directory to write")
     parser.add_argument("--rank-band", default="10:50", help="ranks low:high to mine from (default: 10:50)")
     parser.add_argument("--max-negatives", type=int, default=3, help="mined negatives per sample")
-    parser.add_argument("--margin", type=float, default=0.95,
+    parser.add_argument("--margin", type=number_at_least(0, float), default=0.95,
                         help="drop a neighbour scoring at least this times the positive's score")
     placement = parser.add_mutually_exclusive_group()
     placement.add_argument("--append", dest="placement", action="store_const", const="append",
@@ -281,10 +282,10 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--within", nargs="+", default=[], choices=GROUP_FIELDS, metavar="FIELD",
                         help="mine only among samples sharing these fields (source, task, language): "
                              "negatives from the query's own data set, as the published hard negatives")
-    parser.add_argument("--batch-size", type=int, default=32)
+    parser.add_argument("--batch-size", type=number_at_least(1), default=32)
     parser.add_argument("--device", default="cpu")
-    parser.add_argument("--dtype", help="float32, bfloat16 or float16 (default: the weights')")
-    parser.add_argument("--shard-size", type=int, default=1000)
+    parser.add_argument("--dtype", choices=list(DTYPES), help="weights' dtype (default: the weights')")
+    parser.add_argument("--shard-size", type=number_at_least(1), default=1000)
     args = parser.parse_args(argv)
     low, _, high = args.rank_band.partition(":")
     try:
