@@ -147,6 +147,9 @@ def test_evaluating_nothing_is_an_error_not_a_nan_score(tiny_world, tmp_path, ca
     with pytest.raises(SystemExit):
         main(["--model", "nowhere", "--data", str(tiny_world), "--max-queries", "0", "--out", str(tmp_path)])
     assert "--max-queries must be at least 1" in capsys.readouterr().err
+    with pytest.raises(SystemExit):  # 0 was taken for "the model's own" while --out recorded 0
+        main(["--model", "nowhere", "--data", str(tiny_world), "--max-length", "0", "--out", str(tmp_path)])
+    assert "--max-length must be at least 1" in capsys.readouterr().err
     empty = tmp_path / "mmeb" / "Empty"
     empty.mkdir(parents=True)
     pq.write_table(pa.table({"qry_text": pa.array([], pa.string()), "qry_img_path": pa.array([], pa.string()),

@@ -84,7 +84,7 @@ def parse(argv: list[str] | None = None) -> argparse.Namespace:
     parser.add_argument("--image-instruction", default=IMAGE_INSTRUCTION,
                         help="XTD image instruction (default: %(default)r)")
     args = parser.parse_args(argv)
-    for name in ("max_queries", "batch_size", "top_k"):
+    for name in ("max_queries", "batch_size", "top_k", "max_length"):
         if getattr(args, name) is not None and getattr(args, name) < 1:
             parser.error(f"--{name.replace('_', '-')} must be at least 1, got {getattr(args, name)}")
     if not Path(args.model).exists() and not is_hub_id(args.model):
