@@ -325,6 +325,20 @@ def _lora(value: Any) -> LoraSettings | None:
     return LoraSettings(**(dict(value) if isinstance(value, Mapping) else vars(value)))
 
 
+def checkpoint_backbone(path: str | Path) -> str | None:
+    """The backbone a `.ckpt` was trained from (a folder here, or a hub id), read without loading its weights
+    (memory-mapped); None for anything else, or when it cannot be told (loading the checkpoint says why).
+    A command's output folder must not be, or hold, it: the checkpoint's other weights are the backbone's."""
+    path = Path(path)
+    if path.suffix != ".ckpt" or not path.is_file():
+        return None
+    try:
+        checkpoint = torch.load(path, map_location="cpu", weights_only=True, mmap=True)
+        return _recorded_backbone(path, checkpoint["hyper_parameters"]["backbone"])
+    except (pickle.UnpicklingError, KeyError, TypeError, OSError, RuntimeError):
+        return None
+
+
 def _recorded_backbone(checkpoint: Path, recorded: str) -> str:
     """The backbone a checkpoint was trained from: a hub id as is; a relative folder is looked up from the
     working directory, then from the checkpoint's parent folders (a run directory moved as a whole)."""

@@ -34,12 +34,13 @@ from pathlib import Path
 from typing import Any
 
 from mme5.backbones import DTYPES
-from mme5.checkpoint import load_encoder, save_model_folder
+from mme5.checkpoint import checkpoint_backbone, load_encoder, save_model_folder
 from mme5.files import OWNER_RECORD, OutputFolderError, claim_folder, path_fingerprint, remove_path
 from mme5.hub import is_hub_id
 from mme5.integrations import write_sentence_transformers_files
 from mme5.integrations.vllm import chat_template
 from mme5.model_card import model_card
+from mme5.settings import number_at_least
 
 CHAT_TEMPLATE_FAMILIES = ("qwen2_vl", "llava")  # what current vLLM serves as pooling models
 COMMAND = "mme5.export"
@@ -48,14 +49,15 @@ COMMAND = "mme5.export"
 def export_identity(ckpt: Path, *, dtype: str | None, max_length: int | None, backbone: str | None,
                     instructions: dict[str, str], adapter_only: bool, scores: Path | None,
                     name: str | None) -> dict[str, Any]:
-    """What an export folder holds: the checkpoint (and a backbone given for it) by their files, and every
-    setting that changes the written files: merged or adapter-only, dtype, input format, instructions, and
-    the card's scores and name."""
+    """What an export folder holds: the checkpoint and its backbone (recorded or given) by their files, and
+    every setting that changes the written files: merged or adapter-only, dtype, input format, instructions,
+    and the card's scores and name."""
     def files(path: str | Path | None) -> str | None:
-        return path_fingerprint(path) if path else None
+        return path_fingerprint(path) if path and Path(path).exists() else None  # a hub id: by name
 
     return {"checkpoint": str(ckpt.resolve()), "checkpoint_files": files(ckpt),
-            "backbone": backbone and str(Path(backbone).resolve()), "backbone_files": files(backbone),
+            "backbone": backbone and (str(Path(backbone).resolve()) if Path(backbone).exists() else backbone),
+            "backbone_files": files(backbone),
             "adapter_only": adapter_only, "dtype": dtype, "max_length": max_length,
             "instructions": instructions, "scores": scores and str(scores.resolve()),
             "scores_files": files(scores), "name": name}
@@ -85,10 +87,11 @@ def export(ckpt: str | Path, out: str | Path, dtype: str | None = None, max_leng
     scores_file = _scores_file(Path(scores)) if scores else None  # a bad path fails before the slow part
     scores_data = _read_scores(scores_file, ckpt, scores_of_other_model) if scores_file else None
     instructions = {"query": query_instruction, "target": target_instruction}
-    identity = export_identity(ckpt, dtype=dtype, max_length=max_length, backbone=backbone,
+    source = backbone or checkpoint_backbone(ckpt)  # the weights an adapter-only checkpoint lacks
+    identity = export_identity(ckpt, dtype=dtype, max_length=max_length, backbone=source,
                                instructions=instructions, adapter_only=adapter_only, scores=scores_file,
                                name=name)
-    inputs = [p for p in (ckpt, backbone, scores_file) if p]
+    inputs = [p for p in (ckpt, source, scores_file) if p]
     with claim_folder(out, COMMAND, identity, overwrite=overwrite, inputs=inputs,
                       ways_out="pass --overwrite to replace it, or choose another --out") as folder:
         if folder.was_complete:
@@ -188,7 +191,8 @@ def main(argv: list[str] | None = None) -> None:
     parser.add_argument("--ckpt", required=True, type=Path, help="EmbeddingModule checkpoint (.ckpt)")
     parser.add_argument("--out", required=True, type=Path, help="folder to write")
     parser.add_argument("--dtype", choices=list(DTYPES), help="weights' dtype (default: the checkpoint's)")
-    parser.add_argument("--max-length", type=int, help="text tokens per item (default: the training's)")
+    parser.add_argument("--max-length", type=number_at_least(1),
+                        help="text tokens per item (default: the training's)")
     parser.add_argument("--backbone", help="backbone folder, when the checkpoint's recorded one has moved")
     parser.add_argument("--query-instruction", default="", help="default instruction for queries")
     parser.add_argument("--target-instruction", default="", 

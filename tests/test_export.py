@@ -243,3 +243,36 @@ def test_scores_must_be_the_exported_checkpoints(tmp_path, tiny_mllama, capsys):
     main(["--ckpt", str(ckpt), "--out", str(tmp_path / "out2"), "--scores", str(foreign),
           "--scores-of-other-model"])
     assert "mean over 2 of 36 sets" in (tmp_path / "out2" / "README.md").read_text()
+
+
+def test_the_checkpoints_backbone_is_an_input_refused_as_out_and_part_of_the_identity(tmp_path, capsys):
+    """`--out BACKBONE --overwrite` replaced the backbone an adapter-only checkpoint is rebuilt on with the
+    export (the checkpoint then loaded on merged weights); an export of a checkpoint whose backbone changed
+    since said 'nothing to write'. The same backbone is refused as the --out of eval and mine."""
+    from mme5.backbones.tiny import build_tiny
+    from mme5.data import mine
+
+    backbone = build_tiny("mllama", tmp_path / "backbone", seed=0)
+    lora = LoraSettings(r=2, alpha=4, dropout=0.0)
+    ckpt = perturbed_checkpoint(str(backbone), tmp_path / "last.ckpt", lora)
+    world = tmp_path / "world"
+    build_world(world, WorldConfig(train_samples=4, eval_queries=3, eval_candidates=4, xtd_images=4,
+                                   languages=("en",)), progress=False)
+    weights = (backbone / "model.safetensors").read_bytes()
+    with pytest.raises(SystemExit):
+        main(["--ckpt", str(ckpt), "--out", str(backbone), "--overwrite"])
+    assert "holds the input" in capsys.readouterr().err
+    with pytest.raises(SystemExit):
+        evaluate(["--model", str(ckpt), "--data", str(world), "--out", str(backbone), "--overwrite"])
+    assert "holds the input" in capsys.readouterr().err
+    assert mine.main(["--model", str(ckpt), "--shards", str(world / "train"), "--out", str(backbone),
+                      "--overwrite"]) == 2
+    assert "holds the input" in capsys.readouterr().err
+    assert (backbone / "model.safetensors").read_bytes() == weights
+
+    main(["--ckpt", str(ckpt), "--out", str(tmp_path / "exported")])
+    build_tiny("mllama", backbone, seed=1)  # the backbone rebuilt: the export would differ
+    capsys.readouterr()
+    with pytest.raises(SystemExit):
+        main(["--ckpt", str(ckpt), "--out", str(tmp_path / "exported")])
+    assert "backbone_files:" in capsys.readouterr().err

@@ -38,6 +38,7 @@ import torch
 from torch import Tensor
 
 from mme5.backbones import DTYPES, Item
+from mme5.checkpoint import checkpoint_backbone
 from mme5.data.collate import side_item
 from mme5.data.schema import Sample, Side
 from mme5.data.shards import MANIFEST, CorruptSample, ShardWriter, read_manifest, read_samples, shard_urls
@@ -106,7 +107,8 @@ def mine(shards: str | Path, out: str | Path, embed: Embed, model: str | dict[st
     check_source(shards)
     identity = mining_identity(shards, model, settings, shard_size)
     model_path = model["model"] if isinstance(model, dict) else model  # a local path, or a hub id
-    with claim_folder(out, COMMAND, identity, overwrite=overwrite, inputs=[shards, model_path],
+    inputs = [p for p in (shards, model_path, checkpoint_backbone(model_path)) if p]  # a .ckpt's backbone too
+    with claim_folder(out, COMMAND, identity, overwrite=overwrite, inputs=inputs,
                       ways_out="pass --overwrite to mine it again, or choose another --out") as folder:
         work = folder.work
         if (work / MANIFEST).exists() and read_manifest(work)["complete"]:

@@ -27,7 +27,7 @@ import torch
 import torch.distributed as dist
 
 from mme5.backbones import DTYPES
-from mme5.checkpoint import load_encoder
+from mme5.checkpoint import checkpoint_backbone, load_encoder
 from mme5.distributed import from_all_ranks, rank_and_world
 from mme5.eval.encode import EmbeddingCache
 from mme5.eval.metrics import TIE_RULES
@@ -135,8 +135,8 @@ def claim_out(args: argparse.Namespace, chosen: list[Benchmark]) -> tuple[Output
     folder, problem = None, None
     if rank_and_world()[0] == 0:
         try:
-            read = (args.model, args.backbone, *(b.root for b in chosen), *(args.mmeb_images or []),
-                    *(args.xtd_images or []))
+            read = (args.model, args.backbone or checkpoint_backbone(args.model), *(b.root for b in chosen),
+                    *(args.mmeb_images or []), *(args.xtd_images or []))
             inputs = [p for p in read if p and Path(p).exists()]  # never replaced, even with --overwrite
             folder = claim_folder(args.out, COMMAND, identity(args, chosen), overwrite=args.overwrite,
                                   ways_out="pass --overwrite to replace it, or choose another --out",
