@@ -9,6 +9,7 @@ import re
 import types
 import typing
 from collections.abc import Callable
+from pathlib import Path
 from typing import Any
 
 SECRET_NAME = re.compile(r"(api[_-]?key|secret|password|token|credential)s?$", re.IGNORECASE)
@@ -53,6 +54,19 @@ def number_at_least(bound: float, kind: type = int) -> Callable[[str], Any]:
 
     parse.__name__ = kind.__name__  # the name argparse gives the type in its messages
     return parse
+
+
+def utf8_path(text: str) -> Path:
+    """An argparse `type`: a path refused at parse time when its name is not UTF-8 (bytes of another
+    encoding), for commands that write it into UTF-8 files (model cards, manifests, configs): they failed
+    after the work."""
+    try:
+        text.encode("utf-8")
+    except UnicodeEncodeError:
+        shown = text.encode("utf-8", "backslashreplace").decode("utf-8")
+        raise argparse.ArgumentTypeError(f"{shown} is not UTF-8 (a name in another encoding?); rename it, "
+                                         "e.g. with convmv, or choose another") from None
+    return Path(text)
 
 
 def required_settings(values: dict[str, Any], cls: type, section: str) -> None:

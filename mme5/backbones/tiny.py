@@ -38,6 +38,7 @@ from transformers.models.qwen2_vl.image_processing_pil_qwen2_vl import Qwen2VLIm
 from mme5.backbones.qwen2_vl import Qwen2VLImageOnlyProcessor
 from mme5.backbones.tokenizer import BUILTIN_CORPUS, train_bpe
 from mme5.files import OutputFolderError, claim_folder
+from mme5.settings import utf8_path
 
 COMMAND = "mme5.backbones.tiny"
 
@@ -253,7 +254,8 @@ def main(argv: list[str] | None = None) -> int:
         description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter
     )
     parser.add_argument("--family", required=True, choices=sorted(BUILDERS))
-    parser.add_argument("--out", required=True, type=Path, help="folder to save model and processor into")
+    parser.add_argument("--out", required=True, type=utf8_path,
+                        help="folder to save model and processor into")
     parser.add_argument("--seed", type=int, default=0)
     parser.add_argument("--preset", default="test", choices=sorted(PRESETS))
     parser.add_argument("--corpus", type=Path, help="UTF-8 text, one sentence a line, to train the BPE on")
