@@ -175,3 +175,7 @@ def test_compare_keeps_one_row_per_run_when_folders_share_a_name(tmp_path, capsy
     assert rows == ["plain/eval", "mined/eval", "trained"]
     with pytest.raises(SystemExit):
         compare.main([*runs[:2], "--names", "a", "a"])
+    capsys.readouterr()
+    with pytest.raises(SystemExit):  # one run twice: said so (was "row names must differ: ['//tmp/...']")
+        compare.main([runs[0], str(Path(runs[0]) / "scores.json")])
+    assert "given more than once" in capsys.readouterr().err

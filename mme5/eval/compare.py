@@ -21,9 +21,14 @@ from mme5.eval.xtd import covers_paper_languages, paper_mean_label
 XTD_COLUMNS = (("mean", "XTD R@10 (paper langs)"), ("mean_all", "XTD R@10 (all)"))
 
 
+def scores_file(run: str | Path) -> Path:
+    """The scores.json of a run given as the file or its folder, resolved (two spellings of one run agree)."""
+    path = Path(run).resolve()
+    return path / "scores.json" if path.is_dir() else path
+
+
 def load_scores(path: str | Path) -> dict[str, Any]:
-    path = Path(path)
-    path = path / "scores.json" if path.is_dir() else path
+    path = scores_file(path)
     try:
         return json.loads(path.read_text(encoding="utf-8"))
     except (OSError, json.JSONDecodeError) as error:
@@ -86,6 +91,9 @@ def main(argv: list[str] | None = None) -> None:
     parser.add_argument("--names", nargs="+",
                         help="row names (default: the folder names, with their parents where two are alike)")
     args = parser.parse_args(argv)
+    files = [scores_file(run) for run in args.runs]
+    if repeated := sorted({str(f) for f in files if files.count(f) > 1}):
+        parser.error(f"{repeated} given more than once (a folder and its scores.json are one run)")
     names = args.names or distinct_names(args.runs)
     if len(names) != len(args.runs):
         parser.error(f"{len(names)} names for {len(args.runs)} runs")
