@@ -97,14 +97,17 @@ class TrainCLI(LightningCLI):
                 rank_zero_info(f"--ckpt_path {requested}: no checkpoint in this run folder; starting afresh")
                 overwrite = True  # what is there (logs of a run stopped before its first checkpoint) goes
         self.datamodule.check_sources(self.trainer.world_size)  # before anything is written
+        # A checkpoint that cannot be resumed (missing, torn, foreign, over other data) is refused before the
+        # claim, which would mark the run folder's record unfinished and name this command in it.
+        recorded = None if config["ckpt_path"] is None else self._read_checkpoint(config["ckpt_path"])
         self.run_folder = self._claim_run_folder(config["ckpt_path"], overwrite)
         try:
-            if config["ckpt_path"] is not None:
-                self._check_resume(config["ckpt_path"])
-            if self.trainer.max_steps == -1:
+            if self.trainer.max_steps == -1:  # first: a resume's "nothing left to train" compares with it
                 epochs = self.config[self.subcommand].trainer.max_epochs or 1
                 steps = steps_for_epochs(self.trainer, self.datamodule, epochs)
                 self.trainer.fit_loop.epoch_loop.max_steps = steps
+            if recorded is not None:
+                self._check_resume(config["ckpt_path"], recorded)
         except BaseException:
             self._release_run_folder()
             raise
@@ -120,8 +123,13 @@ class TrainCLI(LightningCLI):
                     "--trainer.default_root_dir") if ckpt_path is None else (
                     "resume with the settings it was trained with, or start a new run in another "
                     "--trainer.default_root_dir")
-        folder = claim_folder(root, COMMAND, identity, overwrite=overwrite, resume=ckpt_path is not None,
-                              ways_out=ways_out, outputs=run_outputs(self.trainer))
+        try:
+            folder = claim_folder(root, COMMAND, identity, overwrite=overwrite, resume=ckpt_path is not None,
+                                  ways_out=ways_out, outputs=run_outputs(self.trainer))
+        except OSError as error:  # a read-only folder, or a parent that cannot hold the lock beside it
+            raise OutputFolderError(f"cannot write the run folder {root} or its lock beside it "
+                                    f"({error.strerror}: {error.filename}); choose a "
+                                    "--trainer.default_root_dir you can write") from None
         # Released when fit ends or raises (a killed run's lock is freed by the OS, and taken over).
         self.trainer.callbacks.append(ReleaseOnException(folder))
         return folder
@@ -130,22 +138,29 @@ class TrainCLI(LightningCLI):
         if self.run_folder is not None:
             self.run_folder.release()
 
-    def _check_resume(self, ckpt_path: str) -> None:
-        """Refuse a checkpoint of another recipe; list the settings that change on resume."""
+    def _read_checkpoint(self, ckpt_path: str) -> dict:
+        """The checkpoint's recipe (`mme5.resume.read_recipe`), refused when it cannot be read or when the
+        sources no longer hold what its stream positions point into."""
         recorded = read_recipe(ckpt_path)
-        hparams = dict(self.model.hparams)
-        check_recipe(ckpt_path, recorded, hparams, self.model.backbone_identity())
-        if recorded["datamodule_state"] is not None:  # the sources must hold what its positions point into
+        if recorded["datamodule_state"] is not None:
             self.datamodule.load_state_dict(recorded["datamodule_state"])
             self.datamodule.check_sources(self.trainer.world_size)
+        return recorded
+
+    def _check_resume(self, ckpt_path: str, recorded: dict) -> None:
+        """Refuse a checkpoint of another recipe; list the settings that change on resume."""
+        hparams = dict(self.model.hparams)
+        check_recipe(ckpt_path, recorded, hparams, self.model.backbone_identity())
         changes = resume_changes(recorded, hparams, dict(self.datamodule.hparams))
         said = describe_changes(changes) if changes else "none"
         step = recorded["global_step"]
         rank_zero_info(f"resuming {ckpt_path} at global step {step}; settings changed since it was written "
                        f"(applied): {said}")
         if 0 < self.trainer.max_steps <= step:
+            by_epochs = self.config[self.subcommand].trainer.max_steps == -1  # max_steps from max_epochs
+            setting = "trainer.max_epochs" if by_epochs else "trainer.max_steps"
             rank_zero_warn(f"trainer.max_steps is {self.trainer.max_steps} and {ckpt_path} is at step "
-                           f"{step}: nothing is left to train; raise --trainer.max_steps to train further")
+                           f"{step}: nothing is left to train; raise --{setting} to train further")
 
     def after_fit(self) -> None:
         if self.run_folder is not None and self.stop.exit_status == 0:

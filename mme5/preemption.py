@@ -5,7 +5,8 @@ finished.
   written at that step already (a run of 5 steps saved every 2 would otherwise end with step 4).
 - SIGTERM or SIGINT (`kill`, Ctrl-C, `scancel`): `StopOnSignal` checkpoints at the next step boundary and
   stops; `train.py` then exits with 128 + the signal's number, so `train && export` and `sbatch
-  --dependency=afterok` do not go on with a partial model. A second Ctrl-C interrupts at once.
+  --dependency=afterok` do not go on with a partial model. A second Ctrl-C interrupts at once. A signal
+  that comes during the final step cuts nothing: the run finishes as complete (exit 0).
 - SLURM's warning signal: `SlurmRequeue` (below).
 
 Preemption under SLURM: the warning signal saves a checkpoint at a step boundary, then requeues the job.
@@ -70,6 +71,9 @@ class StopOnSignal(L.Callback):
         self._previous = {signum: signal.signal(signum, self._note) for signum in self.SIGNALS}
         if trainer.received_sigterm:  # noted by Lightning's handler while the run was being set up
             self.received = signal.SIGTERM
+            # Handled here (checkpoint at the first step's end, exit 143): left set, Lightning would raise
+            # SIGTERMException after that step too, and the run would say it stopped before training.
+            trainer._signal_connector.received_sigterm = False
 
     def _note(self, signum: int, frame: Any) -> None:
         if self.received == signal.SIGINT and signum == signal.SIGINT:
@@ -82,6 +86,11 @@ class StopOnSignal(L.Callback):
         if not trainer.strategy.reduce_boolean_decision(self.received is not None, all=False):
             return
         self.received = self.received or signal.SIGTERM  # another rank's signal
+        if 0 < trainer.max_steps <= trainer.global_step:  # it came during the final step: nothing was cut
+            rank_zero_info(f"{self.received.name} during the final step ({trainer.global_step}): the run is "
+                           "complete")
+            self.received = None
+            return
         path = run_checkpoint_dir(trainer) / LAST
         trainer.save_checkpoint(path)
         rank_zero_warn(f"{self.received.name}: stopped at global step {trainer.global_step} of "

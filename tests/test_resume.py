@@ -165,11 +165,44 @@ def test_a_missing_torn_or_foreign_checkpoint_is_refused_by_name(run, tmp_path, 
     assert not (root / "checkpoints").exists()
 
 
-def test_sigterm_while_the_run_is_set_up_stops_after_the_first_step_with_a_checkpoint(run):
+def test_sigterm_while_the_run_is_set_up_stops_after_the_first_step_with_a_checkpoint(run, capsys):
     root, recipe = run
     stop = {"class_path": "test_resume.SignalAt", "init_args": {"step": -1}}
     assert fit(recipe, "--trainer.max_steps", "30", "--trainer.callbacks+", yaml.safe_dump(stop)) == 143
     assert step_of(root / "checkpoints" / "last.ckpt") == 1
+    assert "before training started" not in capsys.readouterr().err  # it trained a step and saved it
+
+
+def test_a_signal_during_the_final_step_lets_the_run_finish_as_complete(run):
+    root, recipe = run
+    stop = {"class_path": "test_resume.SignalAt", "init_args": {"step": 5}}
+    assert fit(recipe, "--trainer.callbacks+", yaml.safe_dump(stop)) == 0  # max_steps 5: nothing was cut
+    assert step_of(root / "checkpoints" / "last.ckpt") == 5 and read_owner(root)["complete"]
+
+
+def test_a_refused_checkpoint_leaves_the_run_folder_record_as_it_was(run, capsys):
+    root, recipe = run
+    assert fit(recipe, "--trainer.max_steps", "2") == 0
+    record = read_owner(root)
+    assert fit(recipe, "--ckpt_path", "lst") == 2  # a typo of `last`
+    assert "--ckpt_path lst: no such file" in capsys.readouterr().err
+    assert read_owner(root) == record  # still complete, still naming the run that wrote it
+
+
+def test_a_resume_with_nothing_left_to_train_by_epochs_says_which_setting_to_raise(run):
+    root, recipe = run
+    by_epochs = ["--trainer.max_steps", "-1", "--trainer.max_epochs", "1", "--data.batch_size", "32"]
+    assert fit(recipe, *by_epochs) == 0  # 96 samples: 3 steps
+    with pytest.warns(UserWarning, match="nothing is left to train; raise --trainer.max_epochs"):
+        assert fit(recipe, *by_epochs, "--ckpt_path", "last") == 0
+
+
+def test_a_run_folder_that_cannot_be_written_is_refused_by_name(tmp_path, tiny_mllama, tiny_shards, capsys):
+    (tmp_path / "file").write_text("not a folder")
+    root = tmp_path / "file" / "run"  # as root, a read-only folder is writable: a file in the way fails alike
+    recipe = write_recipe(tmp_path / "run", tiny_mllama, tiny_shards)
+    assert fit(recipe, "--trainer.default_root_dir", str(root)) == 2
+    assert f"cannot write the run folder {root}" in capsys.readouterr().err
 
 
 def test_a_resume_over_other_data_or_a_batch_too_large_is_refused_before_anything_is_written(
