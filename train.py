@@ -123,13 +123,8 @@ class TrainCLI(LightningCLI):
                     "--trainer.default_root_dir") if ckpt_path is None else (
                     "resume with the settings it was trained with, or start a new run in another "
                     "--trainer.default_root_dir")
-        try:
-            folder = claim_folder(root, COMMAND, identity, overwrite=overwrite, resume=ckpt_path is not None,
-                                  ways_out=ways_out, outputs=run_outputs(self.trainer))
-        except OSError as error:  # a read-only folder, or a parent that cannot hold the lock beside it
-            raise OutputFolderError(f"cannot write the run folder {root} or its lock beside it "
-                                    f"({error.strerror}: {error.filename}); choose a "
-                                    "--trainer.default_root_dir you can write") from None
+        folder = claim_folder(root, COMMAND, identity, overwrite=overwrite, resume=ckpt_path is not None,
+                              ways_out=ways_out, outputs=run_outputs(self.trainer))
         # Released when fit ends or raises (a killed run's lock is freed by the OS, and taken over).
         self.trainer.callbacks.append(ReleaseOnException(folder))
         return folder

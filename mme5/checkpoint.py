@@ -42,6 +42,7 @@ ADAPTER_ONLY = "adapter_only"  # the state dict holds the trainable (adapter) we
 ADAPTER_KEYS = "adapter_keys"  # their names, for checks after a strategy popped the state dict
 RNG_STATES = "rng_states"  # one {"torch", "cuda"} per rank
 BACKBONE_IDENTITY = "backbone_identity"  # `backbone_identity` of the backbone trained on
+MAX_STEPS = "max_steps"  # the steps the run was asked for: a checkpoint before them is of an unfinished run
 EXPORT_CONFIG = "mme5_embedding.json"  # marks an exported folder
 PEFT_CONFIG = "adapter_config.json"  # marks a PEFT adapter folder
 EXPORT_FORMAT_VERSION = 2  # 2: the input format (published prompt rule, image token, resolution) recorded
@@ -305,7 +306,7 @@ def _from_checkpoint(path: Path, dtype: str | None, max_length: int | None, back
     if result.unexpected_keys:
         raise ValueError(f"{path}: weights that this encoder does not have: {result.unexpected_keys[:5]}")
     recipe = {key: checkpoint.get(key) for key in ("hyper_parameters", "datamodule_hyper_parameters",
-                                                   "global_step", "epoch")}
+                                                   MAX_STEPS, "global_step", "epoch")}
     return encoder, recipe, source
 
 

@@ -34,7 +34,7 @@ from pathlib import Path
 from typing import Any
 
 from mme5.backbones import DTYPES
-from mme5.checkpoint import checkpoint_backbone, load_encoder, save_model_folder
+from mme5.checkpoint import MAX_STEPS, checkpoint_backbone, load_encoder, save_model_folder
 from mme5.files import OWNER_RECORD, OutputFolderError, claim_folder, path_fingerprint, remove_path
 from mme5.hub import is_hub_id
 from mme5.integrations import write_sentence_transformers_files
@@ -120,8 +120,12 @@ def _write(out: Path, ckpt: Path, name: str, dtype: str | None, max_length: int 
     recorded_backbone = str(backbone or hparams.get("backbone"))
     # A hub id stays an id (people load the base from the hub); a local folder is written as found here.
     base = recorded_backbone if is_hub_id(recorded_backbone) else loaded.description["backbone"]
-    source = {"checkpoint": str(ckpt.resolve()), "global_step": loaded.recipe.get("global_step"),
+    step, planned = loaded.recipe.get("global_step"), loaded.recipe.get(MAX_STEPS)
+    source = {"checkpoint": str(ckpt.resolve()), "global_step": step, "max_steps": planned,
               "backbone": base, "lora": _plain(hparams.get("lora"))}
+    if step is not None and planned is not None and 0 < step < planned:
+        warnings.warn(f"{ckpt} is at step {step} of the {planned} its run was asked for: the run was stopped "
+                      "or is still going; exporting it as it is", stacklevel=2)
     if adapter_only:
         if not encoder.has_adapters:
             raise ValueError(f"{ckpt}: trained without adapters (full fine-tuning); export merged weights")

@@ -377,7 +377,11 @@ def claim_folder(path: str | os.PathLike, command: str, identity: dict[str, Any]
     import warnings
 
     check_apart(Path(path), inputs)
-    folder = OutputFolder(Path(path), command, identity, overwrite, resume, ways_out, outputs, adopt)
+    try:
+        folder = OutputFolder(Path(path), command, identity, overwrite, resume, ways_out, outputs, adopt)
+    except OSError as error:  # a read-only folder, or a parent that cannot hold the lock beside it
+        raise OutputFolderError(f"cannot write {path} or its lock beside it ({error.strerror}: "
+                                f"{error.filename}); choose a folder you can write") from None
     if folder.lock.stale:
         warnings.warn(f"{folder.path}: took over the lock of {describe_holder(folder.lock.stale)}, which no "
                       "longer runs (it was stopped before it finished)", stacklevel=2)

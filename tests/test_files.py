@@ -246,3 +246,9 @@ def test_an_output_folder_that_is_a_file_or_holds_an_input_is_refused(tmp_path):
     assert (tmp_path / "data" / "set" / "rows.jsonl").read_text() == "{}\n"
     with _claim(tmp_path / "data" / "set" / "shards", {}, inputs=[tmp_path / "data" / "set"]) as folder:
         assert folder.state == "new"  # beside the inputs, inside their folder: fine
+
+
+def test_a_folder_whose_lock_cannot_be_written_is_a_named_refusal(tmp_path):
+    (tmp_path / "parent").write_text("a file where the lock's folder should be")
+    with pytest.raises(OutputFolderError, match=r"cannot write .*parent/out or its lock beside it"):
+        _claim(tmp_path / "parent" / "out", {})

@@ -12,6 +12,7 @@ import torch
 import yaml
 
 import train
+from mme5.export import main as export_main
 from mme5.files import claim_folder, read_owner, remove_path
 
 
@@ -111,6 +112,8 @@ def test_sigterm_checkpoints_at_the_step_and_exits_non_zero_then_resume_finishes
     assert fit(recipe, "--trainer.max_steps", "30", "--trainer.callbacks+", yaml.safe_dump(stop)) == 143
     assert step_of(root / "checkpoints" / "last.ckpt") == 3
     assert signal.getsignal(signal.SIGTERM) is signal.SIG_DFL or callable(signal.getsignal(signal.SIGTERM))
+    with pytest.warns(UserWarning, match="at step 3 of the 30 its run was asked for"):  # `train || export`
+        export_main(["--ckpt", str(root / "checkpoints" / "last.ckpt"), "--out", str(root / "x")])
     assert fit(recipe, "--trainer.max_steps", "4", "--ckpt_path", "last") == 0
     assert step_of(root / "checkpoints" / "last.ckpt") == 4
 
@@ -202,7 +205,7 @@ def test_a_run_folder_that_cannot_be_written_is_refused_by_name(tmp_path, tiny_m
     root = tmp_path / "file" / "run"  # as root, a read-only folder is writable: a file in the way fails alike
     recipe = write_recipe(tmp_path / "run", tiny_mllama, tiny_shards)
     assert fit(recipe, "--trainer.default_root_dir", str(root)) == 2
-    assert f"cannot write the run folder {root}" in capsys.readouterr().err
+    assert f"cannot write {root}" in capsys.readouterr().err
 
 
 def test_a_resume_over_other_data_or_a_batch_too_large_is_refused_before_anything_is_written(
