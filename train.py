@@ -28,7 +28,7 @@ from lightning.pytorch.cli import LightningCLI
 from lightning.pytorch.utilities import rank_zero_info, rank_zero_warn
 from lightning.pytorch.utilities.exceptions import SIGTERMException
 
-from mme5.checkpoint import checkpoint_problem
+from mme5.checkpoint import checkpoint_problem, run_checkpoint_dir
 from mme5.data.datamodule import ShardDataModule
 from mme5.data.stream import SourceRefused
 from mme5.files import OutputFolder, OutputFolderError, claim_folder, describe_changes
@@ -151,6 +151,12 @@ class TrainCLI(LightningCLI):
         step = recorded["global_step"]
         rank_zero_info(f"resuming {ckpt_path} at global step {step}; settings changed since it was written "
                        f"(applied): {said}")
+        later = later_checkpoints(self.trainer, Path(ckpt_path))
+        if later:
+            names = ", ".join(p.name for p in later[:5])
+            rank_zero_warn(f"resuming {ckpt_path}, which is older than {names} of this run: that "
+                           "continuation is abandoned; its checkpoints are replaced as this run reaches "
+                           "their steps, and TensorBoard shows both continuations where they overlap")
         if 0 < self.trainer.max_steps <= step:
             by_epochs = self.config[self.subcommand].trainer.max_steps == -1  # max_steps from max_epochs
             setting = "trainer.max_epochs" if by_epochs else "trainer.max_steps"
@@ -171,6 +177,16 @@ class ReleaseOnException(L.Callback):
 
     def on_exception(self, trainer: L.Trainer, *args: object) -> None:
         self.folder.release()
+
+
+def later_checkpoints(trainer: L.Trainer, resumed: Path) -> list[Path]:
+    """This run's checkpoints written after `resumed` (by a continuation that resuming it abandons)."""
+    folder = run_checkpoint_dir(trainer)
+    if not folder.is_dir() or not resumed.is_file():
+        return []
+    written = resumed.stat().st_mtime_ns
+    return sorted((p for p in folder.glob("*.ckpt") if p.stat().st_mtime_ns > written and
+                   not p.samefile(resumed)), key=lambda p: p.stat().st_mtime_ns)
 
 
 def steps_for_epochs(trainer: L.Trainer, datamodule: ShardDataModule, epochs: int) -> int:

@@ -4,6 +4,7 @@ exits non-zero, and settings changed on resume are applied or refused, never ign
 
 import logging
 import os
+import shutil
 import signal
 
 import lightning as L
@@ -231,3 +232,14 @@ def test_a_resume_over_other_data_or_a_batch_too_large_is_refused_before_anythin
     assert outputs(root) == written
     assert fit(recipe, "--ckpt_path", "last", "--data.batch_size", "64") == 2
     assert "batch" in capsys.readouterr().err
+
+
+def test_resuming_an_older_checkpoint_names_the_later_ones_it_abandons(run, caplog):
+    root, recipe = run
+    assert fit(recipe, "--trainer.max_steps", "2") == 0
+    older = root / "checkpoints" / "kept-at-step-2.ckpt"
+    shutil.copy2(root / "checkpoints" / "last.ckpt", older)
+    assert fit(recipe, "--trainer.max_steps", "4", "--ckpt_path", "last") == 0
+    caplog.set_level(logging.INFO)
+    with pytest.warns(UserWarning, match=r"older than epoch=0-step=4.ckpt, last.ckpt of this run"):
+        assert fit(recipe, "--trainer.max_steps", "4", "--ckpt_path", str(older)) == 0
