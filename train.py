@@ -123,8 +123,10 @@ class TrainCLI(LightningCLI):
                     "--trainer.default_root_dir") if ckpt_path is None else (
                     "resume with the settings it was trained with, or start a new run in another "
                     "--trainer.default_root_dir")
+        # A run folder from before owner records is adopted when resumed: the checkpoint's recipe is checked.
         folder = claim_folder(root, COMMAND, identity, overwrite=overwrite, resume=ckpt_path is not None,
-                              ways_out=ways_out, outputs=run_outputs(self.trainer))
+                              ways_out=ways_out, outputs=run_outputs(self.trainer),
+                              adopt=lambda _: ckpt_path is not None)
         # Released when fit ends or raises (a killed run's lock is freed by the OS, and taken over).
         self.trainer.callbacks.append(ReleaseOnException(folder))
         return folder

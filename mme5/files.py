@@ -25,6 +25,18 @@ from typing import IO, Any
 TMP_SUFFIX = ".tmp"
 
 
+def _umask() -> int:
+    """The process's umask, read without changing it (Linux), else the usual 022."""
+    try:
+        with open("/proc/self/status") as status:
+            return next(int(line.split()[1], 8) for line in status if line.startswith("Umask:"))
+    except (OSError, StopIteration, ValueError):
+        return 0o022
+
+
+UMASK = _umask()
+
+
 class AtomicFile:
     """A file being written to a temporary name in its target's folder; `commit` renames it into place.
 
@@ -38,6 +50,7 @@ class AtomicFile:
         self.path = Path(path)
         self.path.parent.mkdir(parents=True, exist_ok=True)
         fd, self.tmp = tempfile.mkstemp(dir=self.path.parent, prefix=f".{self.path.name}.", suffix=TMP_SUFFIX)
+        os.fchmod(fd, 0o666 & ~UMASK)  # mkstemp makes it private; the file gets what open() would give it
         text = "b" not in mode
         self.file: IO[Any] = os.fdopen(fd, mode, encoding=encoding if text else None,
                                        newline="\n" if text else None)
@@ -263,9 +276,10 @@ class OutputFolder:
 
     def __init__(self, path: Path, command: str, identity: dict[str, Any], overwrite: bool, resume: bool,
                  ways_out: str, outputs: tuple[str, ...] | None, adopt: Callable[[Path], bool] | None):
-        self.path, self.command, self.identity = path, command, comparable(identity)
+        # Absolute: `--out .` has no name to put its lock and replacement beside it under.
+        self.path, self.command, self.identity = Path(os.path.abspath(path)), command, comparable(identity)
         self.outputs = outputs
-        self.lock = FolderLock(path)
+        self.lock = FolderLock(self.path)
         self.lock.acquire(command)
         try:
             self.state, self.work, self.record = self._decide(overwrite, resume, ways_out, adopt)
@@ -289,6 +303,9 @@ class OutputFolder:
         if recorded is None and adopt is not None and adopt(self.path):
             recorded = {"command": self.command, "identity": self.identity, "adopted": True}
         problem = self._mismatch(recorded, present)
+        if recorded is None and self.outputs is None:  # not ours to replace: they may be someone's data
+            raise FolderHoldsOtherOutput(f"{problem}; --overwrite replaces only what an mme5 command wrote: "
+                                         "remove them yourself, or choose another folder")
         if problem is None and not overwrite:
             if resume:
                 return "resume", self.path, recorded or {}
@@ -301,6 +318,9 @@ class OutputFolder:
                 remove_path(path)
             (self.path / OWNER_RECORD).unlink(missing_ok=True)
             return "replace", self.path, {}
+        if Path.cwd() == self.path or self.path in Path.cwd().parents:
+            raise OutputFolderError(f"{self.path} holds the current folder, which replacing it would remove; "
+                                    "run from elsewhere or choose another folder")
         staging = self.path.parent / f".{self.path.name}.replacing"
         staged = read_owner(staging)
         if staged is not None and self._mismatch(staged, [staging]) is None:

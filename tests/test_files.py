@@ -7,6 +7,7 @@ import os
 import pytest
 
 from mme5.files import (
+    UMASK,
     AtomicFile,
     FolderHoldsOtherOutput,
     FolderInUse,
@@ -88,6 +89,9 @@ def test_a_folder_of_unrecorded_files_is_refused_and_an_empty_one_taken(tmp_path
     (tmp_path / "mine" / "notes.txt").write_text("my own")
     with pytest.raises(FolderHoldsOtherOutput, match=r"no mme5 command recorded .*notes.txt"):
         _claim(tmp_path / "mine", {})
+    with pytest.raises(FolderHoldsOtherOutput, match="remove them yourself"):  # someone's data: never swapped
+        _claim(tmp_path / "mine", {}, overwrite=True)
+    assert (tmp_path / "mine" / "notes.txt").read_text() == "my own"
     (tmp_path / "empty").mkdir()
     with _claim(tmp_path / "empty", {}) as folder:
         assert folder.state == "new"
@@ -252,3 +256,19 @@ def test_a_folder_whose_lock_cannot_be_written_is_a_named_refusal(tmp_path):
     (tmp_path / "parent").write_text("a file where the lock's folder should be")
     with pytest.raises(OutputFolderError, match=r"cannot write .*parent/out or its lock beside it"):
         _claim(tmp_path / "parent" / "out", {})
+
+
+def test_the_current_folder_is_claimed_by_its_absolute_path_and_never_swapped_away(tmp_path, monkeypatch):
+    (tmp_path / "out").mkdir()
+    monkeypatch.chdir(tmp_path / "out")
+    with _claim(".", {"v": 1}) as folder:
+        assert folder.path == tmp_path / "out" and (tmp_path / ".out.lock").is_file()
+        (folder.work / "r").write_text("1")
+    with pytest.raises(OutputFolderError, match="holds the current folder"):
+        _claim(".", {"v": 2}, overwrite=True)
+    assert (tmp_path / "out" / "r").read_text() == "1" and not (tmp_path / ".out.replacing").exists()
+
+
+def test_atomic_files_get_the_permissions_open_would_give_them(tmp_path):
+    write_json(tmp_path / "scores.json", {})
+    assert (tmp_path / "scores.json").stat().st_mode & 0o777 == 0o666 & ~UMASK  # mkstemp alone: 0o600

@@ -243,3 +243,13 @@ def test_resuming_an_older_checkpoint_names_the_later_ones_it_abandons(run, capl
     caplog.set_level(logging.INFO)
     with pytest.warns(UserWarning, match=r"older than epoch=0-step=4.ckpt, last.ckpt of this run"):
         assert fit(recipe, "--trainer.max_steps", "4", "--ckpt_path", str(older)) == 0
+
+
+def test_a_run_folder_from_before_owner_records_resumes_and_a_fresh_run_there_needs_overwrite(run, capsys):
+    root, recipe = run
+    assert fit(recipe, "--trainer.max_steps", "2") == 0
+    (root / ".mme5-owner.json").unlink()  # as an earlier version left it
+    assert fit(recipe, "--trainer.max_steps", "2") == 2
+    assert "no mme5 command recorded" in capsys.readouterr().err
+    assert fit(recipe, "--trainer.max_steps", "3", "--ckpt_path", "last") == 0
+    assert step_of(root / "checkpoints" / "last.ckpt") == 3 and read_owner(root)["identity"]
