@@ -215,12 +215,12 @@ def test_overall_only_when_every_set_is_evaluated_and_repeated_subsets_count_onc
             "--device", "cpu"]
     with pytest.warns(UserWarning, match=r"MMEB data set\(s\) \['Shape'\] listed more than once"):
         main([*args, "--subsets", "Shape", "Count", "Shape", "--out", str(tmp_path / "two")])
-    label = f"mean over 2 of {every} sets"
+    label = f"mean over 2 of {every} sets (first 2 queries of each set)"  # --max-queries 2: a sample
     assert f"mmeb: {label}" in capsys.readouterr().out
     scores = json.loads((tmp_path / "two" / "scores.json").read_text())
     mmeb = scores["mmeb"]
     assert "Overall" not in mmeb and "mmeb/Overall" not in scores["scalars"]
-    assert mmeb["sets"] == {"evaluated": 2, "in_benchmark": every}
+    assert mmeb["sets"] == {"evaluated": 2, "in_benchmark": every, "max_queries": 2}
     assert set(mmeb["datasets"]) == {"Shape", "Count"}
     per_set = [mmeb["datasets"][name]["precision@1"] for name in ("Shape", "Count")]
     assert mmeb["mean_over_sets"] == pytest.approx(sum(per_set) / 2)  # Shape once, not twice
@@ -229,10 +229,12 @@ def test_overall_only_when_every_set_is_evaluated_and_repeated_subsets_count_onc
 
     main([*args, "--out", str(tmp_path / "all")])
     complete = json.loads((tmp_path / "all" / "scores.json").read_text())
-    assert "Overall" in complete["mmeb"] and "mmeb: Overall" in capsys.readouterr().out
+    assert "mmeb: Overall (first 2 queries of each set)" in capsys.readouterr().out  # every set, sampled
+    assert "not comparable with a leaderboard" in (tmp_path / "all" / "results.md").read_text()
     assert figures(scores)["Overall"] is None and figures(complete)["Overall"] == complete["mmeb"]["Overall"]
     table = comparison({"two": scores, "all": complete})
     assert f"{mmeb['mean_over_sets']:.1f} ({label})" in table
+    assert f"{complete['mmeb']['Overall']:.1f} (Overall (first 2 queries of each set))" in table
 
 
 def test_scores_count_the_items_cut_to_max_length(tiny_world, tiny_mllama, tmp_path):

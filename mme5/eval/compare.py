@@ -57,8 +57,8 @@ def row(scores: dict[str, Any]) -> list[str]:
     """One run's cells; a partial run's means, labelled, where its Overall and paper mean would be."""
     cells = {key: cell(value) for key, value in figures(scores).items()}
     mmeb, xtd = scores.get("mmeb"), scores.get("xtd")
-    if mmeb and OVERALL not in mmeb:
-        label, mean = mean_over_sets(mmeb)
+    label, mean = mean_over_sets(mmeb) if mmeb else (OVERALL, None)
+    if label != OVERALL:  # a partial or sampled run: its mean, labelled
         cells[OVERALL] = f"{cell(mean)} ({label})"
     if xtd and not covers_paper_languages(xtd):
         cells[XTD_COLUMNS[0][1]] = f"{cell(_xtd_r10(xtd, 'mean'))} ({paper_mean_label(xtd)})"

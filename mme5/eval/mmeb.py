@@ -88,7 +88,8 @@ class MMEB:
                     | metrics_from_ranks(results[s.name].ranks) for s in self.registry if s.name in results}
         scores = {name: entry[SCORE] for name, entry in datasets.items()}
         aggregates = aggregate(scores, self.benchmark)
-        counts = {"evaluated": len(datasets), "in_benchmark": len(self.benchmark)}
+        counts = {"evaluated": len(datasets), "in_benchmark": len(self.benchmark),
+                  "max_queries": self.max_queries}
         return Summary(
             scores={"metric": SCORE, "datasets": datasets, "sets": counts, **aggregates},
             scalars=scores | {k: v for k, v in aggregates.items() if v is not None},

@@ -148,9 +148,12 @@ def aggregate(scores: dict[str, float], sets: tuple[EvalSet, ...] | list[EvalSet
 
 def mean_over_sets(scores: dict[str, Any]) -> tuple[str, float | None]:
     """The label and value of MMEB scores' mean over data sets: ("Overall", x) when every set of the
-    benchmark was evaluated, else ("mean over N of M sets", x)."""
-    if OVERALL in scores:
-        return OVERALL, scores[OVERALL]
+    benchmark was evaluated, else ("mean over N of M sets", x); either says when only each set's first
+    queries were."""
     sets = scores.get("sets") or {}
-    return f"mean over {sets.get('evaluated', '?')} of {sets.get('in_benchmark', '?')} sets", \
+    # A run on each set's first N queries (`--max-queries`, the training callbacks) says so in its label.
+    sampled = f" (first {sets['max_queries']} queries of each set)" if sets.get("max_queries") else ""
+    if OVERALL in scores:
+        return OVERALL + sampled, scores[OVERALL]
+    return f"mean over {sets.get('evaluated', '?')} of {sets.get('in_benchmark', '?')} sets{sampled}", \
         scores.get(PARTIAL_MEAN)

@@ -43,9 +43,13 @@ def mmeb_tables(model: str, scores: dict[str, Any]) -> list[str]:
     """The leaderboard line (meta-tasks, IND, OOD, Overall or a partial run's labelled mean), then every
     data set by meta-task."""
     label, mean = mean_over_sets(scores)
-    means = ("Overall is the mean over all data sets." if label == OVERALL else
-             f"Not every data set was evaluated: no Overall; the {label} and the meta-task, IND and OOD "
-             "means are over the sets evaluated.")
+    if label == OVERALL:
+        means = "Overall is the mean over all data sets."
+    elif label.startswith(OVERALL):  # every set, each on its first queries
+        means = f"{label}: a mean over all data sets on a sample of each, not comparable with a leaderboard."
+    else:
+        means = (f"Not every data set was evaluated: no Overall; the {label} and the meta-task, IND and OOD "
+                 "means are over the sets evaluated.")
     lines = ["## MMEB", "", f"Score: {scores['metric']} (%). {means} "
              f"{TIE_NOTES[scores.get('ties', 'pessimistic')]}", ""]
     columns = HEADLINE[:-1]
