@@ -26,7 +26,6 @@ refused unless `--overwrite`, whose export is written beside the folder and swap
 
 from __future__ import annotations
 
-import argparse
 import json
 import sys
 import warnings
@@ -40,7 +39,7 @@ from mme5.hub import is_hub_id
 from mme5.integrations import write_sentence_transformers_files
 from mme5.integrations.vllm import chat_template
 from mme5.model_card import model_card
-from mme5.settings import number_at_least, utf8_path
+from mme5.settings import command_parser, number_at_least, utf8_path
 
 CHAT_TEMPLATE_FAMILIES = ("qwen2_vl", "llava")  # what current vLLM serves as pooling models
 COMMAND = "mme5.export"
@@ -191,7 +190,7 @@ def _read_scores(file: Path, ckpt: Path, other_model: bool) -> dict[str, Any]:
 
 
 def main(argv: list[str] | None = None) -> None:
-    parser = argparse.ArgumentParser(prog="python -m mme5.export", description=__doc__.split("\n\n")[0])
+    parser = command_parser(prog="python -m mme5.export", description=__doc__.split("\n\n")[0])
     parser.add_argument("--ckpt", required=True, type=Path, help="EmbeddingModule checkpoint (.ckpt)")
     parser.add_argument("--out", required=True, type=utf8_path, help="folder to write")
     parser.add_argument("--dtype", choices=list(DTYPES), help="weights' dtype (default: the checkpoint's)")

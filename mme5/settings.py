@@ -126,3 +126,9 @@ def _describe(expected: Any, plural: bool = False) -> str:
     name = getattr(expected, "__name__", str(expected))
     return names.get(expected, (name, name))[plural]
 
+
+
+def command_parser(**kwargs: Any) -> argparse.ArgumentParser:
+    """The argument parser of a project command: flags must be spelled out in full (argparse's default would
+    take `--over` for `--overwrite`, and a misspelt prefix for whichever flag it starts)."""
+    return argparse.ArgumentParser(allow_abbrev=False, **kwargs)

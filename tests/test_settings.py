@@ -5,6 +5,8 @@ import os
 import pytest
 
 from mme5.backbones.tiny import main as tiny
+from mme5.data.convert import main as convert
+from mme5.data.mine import main as mine
 from mme5.demo.world import main as demo
 from mme5.export import main as export
 
@@ -19,3 +21,13 @@ def test_an_out_whose_name_is_not_utf8_is_refused_at_parse_time(command, args, t
         command([*args, "--out", out])
     assert exit_info.value.code == 2 and "caf\\udce9 is not UTF-8" in capsys.readouterr().err
     assert list(tmp_path.iterdir()) == []
+
+
+@pytest.mark.parametrize("command, args", [
+    (demo, ["--out", "x"]), (export, ["--ckpt", "x.ckpt", "--out", "x"]),
+    (convert, ["--input", "x.jsonl", "--out", "x"]), (mine, ["--model", "m", "--shards", "s", "--out", "x"])])
+def test_a_flag_must_be_spelled_out(command, args, capsys):
+    """argparse's default takes a prefix for the flag it starts: `--overwrit` would replace an output."""
+    with pytest.raises(SystemExit) as exit_info:
+        command([*args, "--overwrit"])
+    assert exit_info.value.code == 2 and "unrecognized arguments: --overwrit" in capsys.readouterr().err

@@ -38,7 +38,7 @@ from transformers.models.qwen2_vl.image_processing_pil_qwen2_vl import Qwen2VLIm
 from mme5.backbones.qwen2_vl import Qwen2VLImageOnlyProcessor
 from mme5.backbones.tokenizer import BUILTIN_CORPUS, train_bpe
 from mme5.files import OutputFolderError, claim_folder
-from mme5.settings import utf8_path
+from mme5.settings import command_parser, utf8_path
 
 COMMAND = "mme5.backbones.tiny"
 
@@ -250,7 +250,7 @@ def tiny_identity(family: str, seed: int, preset: str, corpus: Path | None) -> d
 
 
 def main(argv: list[str] | None = None) -> int:
-    parser = argparse.ArgumentParser(
+    parser = command_parser(
         description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter
     )
     parser.add_argument("--family", required=True, choices=sorted(BUILDERS))

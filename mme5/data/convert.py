@@ -39,7 +39,6 @@ a second conversion into a folder being written is refused at once, naming the f
 
 from __future__ import annotations
 
-import argparse
 import ast
 import difflib
 import os
@@ -61,7 +60,7 @@ from mme5.data.schema import Modality, Sample, SchemaError, Side, Task, image_ex
 from mme5.data.shards import MANIFEST, ShardWriter, SkipLog, read_manifest
 from mme5.files import OutputFolderError, claim_folder
 from mme5.images import ImageDecodeError, check_image
-from mme5.settings import number_at_least
+from mme5.settings import command_parser, number_at_least
 
 COMMAND = "mme5.data.convert"
 REQUIRED_COLUMNS = ("qry", "pos_text")  # image paths and negatives are optional
@@ -522,7 +521,7 @@ def _slug(name: str) -> str:
 
 
 def main(argv: list[str] | None = None) -> int:
-    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    parser = command_parser(description=__doc__.split("\n\n")[0])
     parser.add_argument("--input", nargs="+", required=True,
                         help="parquet/JSONL/CSV files or folders of them, `datasets` folders (save_to_disk), "
                              "hub dataset ids (namespace/name[@revision][:config])")

@@ -19,7 +19,6 @@ says how to bring the files over.
 
 from __future__ import annotations
 
-import argparse
 import fnmatch
 import sys
 import tarfile
@@ -29,6 +28,7 @@ from pathlib import Path
 
 from mme5.files import OutputFolder, OutputFolderError, atomic_write, claim_folder
 from mme5.hub import card_licence
+from mme5.settings import command_parser
 
 ARCHIVES = (".zip", ".tar", ".tar.gz", ".tgz")
 COMMAND = "mme5.data.fetch"
@@ -220,7 +220,7 @@ def next_steps(name: str, folder: Path) -> list[str]:
 
 
 def main(argv: list[str] | None = None) -> int:
-    parser = argparse.ArgumentParser(prog="python -m mme5.data.fetch", description=__doc__.split("\n\n")[0])
+    parser = command_parser(prog="python -m mme5.data.fetch", description=__doc__.split("\n\n")[0])
     parser.add_argument("--dataset", required=True, choices=sorted(DATASETS),
                         help="; ".join(f"{k}: {v.repo_id}" for k, v in DATASETS.items()))
     parser.add_argument("--out", required=True, type=Path, help="folder to download into")

@@ -45,7 +45,7 @@ from mme5.data.shards import MANIFEST, CorruptSample, ShardWriter, read_manifest
 from mme5.files import OutputFolderError, claim_folder, files_fingerprint, save_torch
 from mme5.hub import model_identity
 from mme5.retrieval import nearest
-from mme5.settings import number_at_least
+from mme5.settings import command_parser, number_at_least
 
 Embed = Callable[[list[Item]], Tensor]
 WORK = ".mining"
@@ -262,7 +262,7 @@ def _embedded(path: Path, embed: Embed, items: list[Item]) -> Tensor:
 
 
 def main(argv: list[str] | None = None) -> int:
-    parser = argparse.ArgumentParser(prog="python -m mme5.data.mine", description=__doc__.split("\n\n")[0])
+    parser = command_parser(prog="python -m mme5.data.mine", description=__doc__.split("\n\n")[0])
     parser.add_argument("--model", required=True, help="exported folder, .ckpt, backbone folder or hub id")
     parser.add_argument("--shards", required=True, type=Path, help="converted source (a shard directory)")
     parser.add_argument("--out", required=True, type=Path, help="shard directory to write")

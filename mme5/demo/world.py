@@ -19,7 +19,6 @@ few minutes on CPU must beat chance clearly.
 
 from __future__ import annotations
 
-import argparse
 import json
 import shutil
 import sys
@@ -37,7 +36,7 @@ from mme5.demo.scenes import VALUES
 from mme5.demo.tasks import generate_training
 from mme5.demo.xtd import build_xtd, write_xtd
 from mme5.files import OutputFolderError, claim_folder
-from mme5.settings import utf8_path
+from mme5.settings import command_parser, utf8_path
 
 FORMAT = "mme5-demo-world/1"
 COMMAND = "mme5.demo"
@@ -138,7 +137,7 @@ def world_identity(config: WorldConfig) -> dict:
 
 
 def main(argv: list[str] | None = None) -> int:
-    parser = argparse.ArgumentParser(prog="python -m mme5.demo", description=__doc__.split("\n\n")[0])
+    parser = command_parser(prog="python -m mme5.demo", description=__doc__.split("\n\n")[0])
     parser.add_argument("--out", required=True, type=utf8_path, help="output folder")
     parser.add_argument("--overwrite", action="store_true", help="replace a world of other settings in --out")
     for field in fields(WorldConfig):

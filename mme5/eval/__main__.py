@@ -38,12 +38,13 @@ from mme5.eval.run import Benchmark, Summary, evaluate
 from mme5.eval.xtd import IMAGE_INSTRUCTION, TEXT_INSTRUCTION, XTD, paper_mean_label
 from mme5.files import OutputFolder, OutputFolderError, claim_folder, path_fingerprint
 from mme5.hub import is_hub_id
+from mme5.settings import command_parser
 
 COMMAND = "mme5.eval"
 
 
 def parse(argv: list[str] | None = None) -> argparse.Namespace:
-    parser = argparse.ArgumentParser(prog="python -m mme5.eval", description=__doc__.split("\n\n")[0])
+    parser = command_parser(prog="python -m mme5.eval", description=__doc__.split("\n\n")[0])
     parser.add_argument("--model", required=True, help="EmbeddingModule .ckpt, or a backbone folder")
     parser.add_argument("--backbone", help="backbone folder of a .ckpt whose recorded backbone has moved")
     parser.add_argument("--benchmark", choices=["mmeb", "xtd", "all"], default="all", help="default: all")

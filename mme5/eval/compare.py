@@ -9,7 +9,6 @@ fewer MMEB sets or paper languages has no Overall or paper mean: its partial mea
 
 from __future__ import annotations
 
-import argparse
 import json
 from pathlib import Path
 from typing import Any
@@ -17,6 +16,7 @@ from typing import Any
 from mme5.eval.registry import OVERALL, mean_over_sets
 from mme5.eval.report import HEADLINE, cell, table
 from mme5.eval.xtd import covers_paper_languages, paper_mean_label
+from mme5.settings import command_parser
 
 XTD_COLUMNS = (("mean", "XTD R@10 (paper langs)"), ("mean_all", "XTD R@10 (all)"))
 
@@ -86,7 +86,7 @@ def distinct_names(runs: list[str]) -> list[str]:
 
 
 def main(argv: list[str] | None = None) -> None:
-    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    parser = command_parser(description=__doc__.split("\n\n")[0])
     parser.add_argument("runs", nargs="+", help="scores.json files or folders holding one")
     parser.add_argument("--names", nargs="+",
                         help="row names (default: the folder names, with their parents where two are alike)")

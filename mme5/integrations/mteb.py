@@ -19,7 +19,6 @@ encoder itself and attaches the ModelMeta, which mteb accepts.
 
 from __future__ import annotations
 
-import argparse
 from collections.abc import Sequence
 from pathlib import Path
 from typing import Any
@@ -39,6 +38,7 @@ from mme5.eval.images import load_image
 from mme5.eval.retrieval import ItemSpec, RetrievalSet
 from mme5.eval.xtd import XTD
 from mme5.images import to_rgb
+from mme5.settings import command_parser
 
 # mteb names languages by ISO 639-3 and script; XTD10's codes are ISO 639-1 (and "jp").
 XTD_LANGUAGES = {"de": "deu-Latn", "en": "eng-Latn", "es": "spa-Latn", "fr": "fra-Latn", "it": "ita-Latn",
@@ -177,7 +177,7 @@ def _metadata(name: str, category: str, language: str, prompt: dict[str, str]) -
 def main(argv: list[str] | None = None) -> None:
     import mteb
 
-    parser = argparse.ArgumentParser(prog="python -m mme5.integrations.mteb",
+    parser = command_parser(prog="python -m mme5.integrations.mteb",
                                      description=__doc__.split("\n\n")[0])
     parser.add_argument("--model", required=True, help="exported folder, .ckpt, backbone folder or hub id")
     parser.add_argument("--xtd", type=Path, help="XTD10 folder: evaluate it as local mteb tasks")

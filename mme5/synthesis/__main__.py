@@ -8,6 +8,7 @@ import json
 import sys
 
 from mme5.files import OutputFolderError
+from mme5.settings import command_parser
 from mme5.synthesis.config import SynthesisConfig, estimate, planned_samples, read_settings
 from mme5.synthesis.pipeline import run
 from mme5.synthesis.plan import split, summary
@@ -23,7 +24,7 @@ OVERRIDES = {
 
 
 def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
-    parser = argparse.ArgumentParser(prog="python -m mme5.synthesis", description=__doc__)
+    parser = command_parser(prog="python -m mme5.synthesis", description=__doc__)
     parser.add_argument("--config", required=True, help="YAML settings (configs/synthesis/default.yaml)")
     parser.add_argument("--base-url")
     parser.add_argument("--model")
