@@ -61,14 +61,18 @@ class StopOnSignal(L.Callback):
     Every rank agrees at each step end (one boolean all-reduce), so a signal to rank 0 alone stops them all.
     """
 
-    SIGNALS = (signal.SIGTERM, signal.SIGINT)
-
     def __init__(self) -> None:
         self.received: signal.Signals | None = None  # the signal that stopped the run
         self._previous: dict[signal.Signals, Any] = {}
 
+    def on_fit_start(self, trainer: L.Trainer, pl_module: L.LightningModule) -> None:
+        # SIGINT from the start (Lightning leaves it alone): a Ctrl-C while the run restores its checkpoint
+        # or runs the step-0 evaluation stops it after the first step, with a checkpoint, as in training.
+        self._previous[signal.SIGINT] = signal.signal(signal.SIGINT, self._note)
+
     def on_train_start(self, trainer: L.Trainer, pl_module: L.LightningModule) -> None:
-        self._previous = {signum: signal.signal(signum, self._note) for signum in self.SIGNALS}
+        # SIGTERM only now: Lightning installs its own handler after `on_fit_start`.
+        self._previous[signal.SIGTERM] = signal.signal(signal.SIGTERM, self._note)
         if trainer.received_sigterm:  # noted by Lightning's handler while the run was being set up
             self.received = signal.SIGTERM
             # Handled here (checkpoint at the first step's end, exit 143): left set, Lightning would raise

@@ -253,3 +253,10 @@ def test_a_run_folder_from_before_owner_records_resumes_and_a_fresh_run_there_ne
     assert "no mme5 command recorded" in capsys.readouterr().err
     assert fit(recipe, "--trainer.max_steps", "3", "--ckpt_path", "last") == 0
     assert step_of(root / "checkpoints" / "last.ckpt") == 3 and read_owner(root)["identity"]
+
+
+def test_ctrl_c_while_the_run_is_set_up_stops_after_the_first_step_with_exit_130(run):
+    root, recipe = run
+    stop = {"class_path": "test_resume.SignalAt", "init_args": {"step": -1, "signum": int(signal.SIGINT)}}
+    assert fit(recipe, "--trainer.max_steps", "30", "--trainer.callbacks+", yaml.safe_dump(stop)) == 130
+    assert step_of(root / "checkpoints" / "last.ckpt") == 1
