@@ -251,7 +251,8 @@ class EmbeddingModule(L.LightningModule):
         rng_states = from_all_ranks({"torch": torch.get_rng_state(), "cuda": cuda})
         adapters = self._trainable_names() if self.encoder is not None and self.encoder.has_adapters else None
         ckpt_format.add_training_state(checkpoint, rng_states, adapters, self.backbone_identity())
-        checkpoint[ckpt_format.MAX_STEPS] = self.trainer.max_steps
+        if self._trainer is not None:
+            checkpoint[ckpt_format.MAX_STEPS] = self.trainer.max_steps
 
     def _trainable_names(self) -> set[str]:
         return {name for name, p in self.named_parameters() if p.requires_grad}
