@@ -8,12 +8,15 @@ chunking, data loading) may change on resume and is applied and listed in the lo
 
 from __future__ import annotations
 
+from dataclasses import asdict
 from pathlib import Path
 from typing import Any
 
 import torch
 
+from mme5.backbones import InputFormat
 from mme5.checkpoint import BACKBONE_IDENTITY, checkpoint_problem
+from mme5.encoder import LoraSettings
 from mme5.files import OutputFolderError, comparable, describe_changes, identity_changes
 
 COMMAND = "train.py fit"
@@ -30,8 +33,14 @@ class ResumeRefused(OutputFolderError):
 
 
 def run_identity(hparams: dict[str, Any], backbone: dict[str, str]) -> dict[str, Any]:
-    """The identity of a run folder: its recipe and the backbone's content (not its path)."""
-    return {**{f"model.{key}": hparams.get(key) for key in RECIPE_KEYS},
+    """The identity of a run folder: its recipe and the backbone's content (not its path). Settings given
+    in part (`input_format: {max_length: 64}`, a `lora` of some fields, or none: the defaults) are compared
+    complete, so that spelling out a default is no other recipe."""
+    recipe = {key: hparams.get(key) for key in RECIPE_KEYS}
+    recipe["input_format"] = asdict(InputFormat.of(recipe["input_format"]))
+    if recipe["lora"] is not None:
+        recipe["lora"] = asdict(LoraSettings(**dict(recipe["lora"])))
+    return {**{f"model.{key}": value for key, value in recipe.items()},
             "backbone": {part: backbone.get(part) for part in ("config", "weights")}}
 
 

@@ -260,3 +260,11 @@ def test_ctrl_c_while_the_run_is_set_up_stops_after_the_first_step_with_exit_130
     stop = {"class_path": "test_resume.SignalAt", "init_args": {"step": -1, "signum": int(signal.SIGINT)}}
     assert fit(recipe, "--trainer.max_steps", "30", "--trainer.callbacks+", yaml.safe_dump(stop)) == 130
     assert step_of(root / "checkpoints" / "last.ckpt") == 1
+
+
+def test_spelling_out_a_default_setting_on_resume_is_the_same_recipe(run):
+    root, recipe = run
+    assert fit(recipe, "--trainer.max_steps", "2") == 0  # input_format not given: the defaults
+    assert fit(recipe, "--trainer.max_steps", "3", "--ckpt_path", "last",
+               "--model.input_format.max_length", "256") == 0
+    assert step_of(root / "checkpoints" / "last.ckpt") == 3
