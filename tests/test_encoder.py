@@ -3,6 +3,7 @@ import torch
 from PIL import Image
 
 from mme5.backbones import Item, load_backbone
+from mme5.backbones.tiny import build_tiny
 from mme5.data.collate import ContrastiveCollator
 from mme5.data.shards import read_samples, shard_urls
 from mme5.data.stream import StreamBatch
@@ -61,10 +62,22 @@ def relative_error(actual, expected):
     return ((a - e).norm() / e.norm()).item()
 
 
+# Families whose gradient path differs from Mllama's (cross-attention) → the LoRA targets of their recipes.
+# Qwen2.5-VL: image tokens inline, 3-D rope, a windowed vision tower whose fused attention a regex reaches.
+CACHE_FAMILIES = {
+    "qwen2_5_vl": r".*(language_model.*\.(q_proj|k_proj|v_proj|o_proj|down_proj)"
+                  r"|visual\.blocks.*\.attn\.(qkv|proj))",
+}
+
+
+@pytest.mark.parametrize("family", ["mllama", *CACHE_FAMILIES])
 @pytest.mark.parametrize("checkpointing", [False, True])
-def test_gradient_cache_equals_full_batch_with_lora_dropout(tiny_mllama, checkpointing):
-    adapter = load_backbone(tiny_mllama)
-    encoder = Encoder(adapter, LoraSettings(dropout=0.1), gradient_checkpointing=checkpointing).train()
+def test_gradient_cache_equals_full_batch_with_lora_dropout(tiny_mllama, tmp_path, family, checkpointing):
+    path = tiny_mllama if family == "mllama" else build_tiny(family, tmp_path / family)
+    targets = CACHE_FAMILIES.get(family, PAPER_TARGET_MODULES)
+    adapter = load_backbone(path)
+    encoder = Encoder(adapter, LoraSettings(dropout=0.1, target_modules=targets),
+                      gradient_checkpointing=checkpointing).train()
     loss = InfoNCE(temperature=0.05)
     chunk = 4
     data = items(10)

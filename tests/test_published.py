@@ -76,6 +76,12 @@ ROWS = [
 # keep the tokenizer's default).
 REFERENCE_SPECIAL_TOKENS = {"mllama": False, "qwen2_vl": True, "llava": True}
 
+# VLM2Vec maps Qwen2.5-VL to Qwen2-VL's image token and calls its processor alike (src/model/processor.py
+# VLM_IMAGE_TOKENS): the same strings; the ids come from the real Qwen2_5_VLProcessor.
+for _row in ROWS:
+    _row[3]["qwen2_5_vl"] = _row[3]["qwen2_vl"]
+REFERENCE_SPECIAL_TOKENS["qwen2_5_vl"] = REFERENCE_SPECIAL_TOKENS["qwen2_vl"]
+
 
 @pytest.fixture(scope="module", params=FAMILIES)
 def adapter(request, tmp_path_factory):
@@ -134,12 +140,15 @@ def test_sides_made_here_follow_the_published_rule(adapter):
 
 def test_image_token_is_a_recipe_setting(adapter):
     token = {"qwen2_vl": "<|vision_start|><|image_pad|><|vision_end|>", "llava": "<image>",
-             "mllama": "<|image|>"}[adapter.family]
+             "mllama": "<|image|>",
+             "qwen2_5_vl": "<|vision_start|><|image_pad|><|vision_end|>"}[adapter.family]
     custom = type(adapter)(None, adapter.processor, InputFormat(image_token=token))
     item = Item(prompt=ROWS[3][1], image=IMAGE)
     expected = {"qwen2_vl": "<|vision_start|><|image_pad|><|vision_end|>\nRepresent the given image.\n",
                 "llava": "<image>\nRepresent the given image.\n",
-                "mllama": "<|image|><|begin_of_text|>Represent the given image.\n"}[adapter.family]
+                "mllama": "<|image|><|begin_of_text|>Represent the given image.\n",
+                "qwen2_5_vl": "<|vision_start|><|image_pad|><|vision_end|>\nRepresent the given image.\n",
+                }[adapter.family]
     assert custom.prompt(item) == expected
     ids = project_inputs(custom, item)["input_ids"]
     assert ids.tolist() == reference_inputs(custom, expected, IMAGE)["input_ids"].tolist()

@@ -49,6 +49,10 @@ RECIPE_TARGETS = {
                                ["multi_modal_projector", "lm_head"]),
     "qwen2vl_7b.yaml": ("qwen2_vl", ["language_model", "visual.blocks", "down_proj"],
                         ["patch_embed", "merger", "lm_head"]),
+    # Qwen2.5-VL's vision MLP has a down_proj too (SwiGLU): only the language model's may be adapted.
+    "qwen2_5_vl_7b.yaml": ("qwen2_5_vl",
+                           ["language_model", "visual.blocks", "attn.qkv", "attn.proj", "down_proj"],
+                           ["patch_embed", "merger", "lm_head", "mlp.gate_proj", "visual.blocks.0.mlp"]),
     "llava_next_7b.yaml": ("llava", ["language_model", "vision_tower", "out_proj", "down_proj"],
                            ["multi_modal_projector", "patch_embedding", "lm_head"]),
 }
@@ -252,7 +256,7 @@ def test_reference_gradient_scale_is_the_full_batch_gradient_over_ranks(tmp_path
     assert_same_gradients(record, {name: grad / 2 for name, grad in expected.items()})
 
 
-@pytest.mark.parametrize("family", ["qwen2_vl", "llava"])
+@pytest.mark.parametrize("family", ["qwen2_vl", "llava", "qwen2_5_vl"])
 def test_fsdp_gradient_equals_the_full_batch_gradient_for_other_families(tmp_path, tiny_shards, family):
     """Image tokens inline in the text (and Qwen2-VL's 3-D rope) instead of Mllama's cross-attention."""
     backbone = str(build_tiny(family, tmp_path / "backbone", seed=0, preset="test"))

@@ -7,15 +7,20 @@ from transformers import Qwen2VLProcessor
 from mme5.backbones.base import BackboneAdapter
 
 
-class Qwen2VLImageOnlyProcessor(Qwen2VLProcessor):
-    """`Qwen2VLProcessor` without its video processor.
+class ImageOnlyProcessorMixin:
+    """A Qwen-VL processor without its video processor (put first in the bases of the processor class).
 
-    The stock class cannot be built without torchvision (its video processor needs it), and
-    `AutoProcessor` then silently returns only the tokenizer; images are all we embed.
+    The stock classes cannot be built without torchvision (their video processors need it), and
+    `AutoProcessor` then silently returns only the tokenizer; images are all we embed. A checkpoint's
+    processor must be reloaded with the same class.
     """
 
     def __init__(self, image_processor=None, tokenizer=None, chat_template=None, **kwargs):
         super().__init__(image_processor, tokenizer, chat_template=chat_template, **kwargs)
+
+
+class Qwen2VLImageOnlyProcessor(ImageOnlyProcessorMixin, Qwen2VLProcessor):
+    """`Qwen2VLProcessor` without its video processor."""
 
 
 # VLM2Vec's resolution cap for Qwen2-VL (its v2 arguments), so that memory per item is bounded.
@@ -32,12 +37,13 @@ class Qwen2VLAdapter(BackboneAdapter):
     model_types: ClassVar[tuple[str, ...]] = ("qwen2_vl",)
     default_image_token: ClassVar[str] = "<|image_pad|>"
     processor_class: ClassVar[type] = Qwen2VLImageOnlyProcessor
+    default_max_pixels: ClassVar[int] = VLM2VEC_MAX_PIXELS  # the family's reference embedder's pixel cap
 
     def configure_processor(self) -> None:
-        """Resolution bounds: the input format's, else VLM2Vec's pixel cap."""
+        """Resolution bounds: the input format's, else the processor's minimum and the family's pixel cap."""
         images = self.processor.image_processor
         min_pixels = self.input_format.min_pixels or images.size["shortest_edge"]
-        max_pixels = self.input_format.max_pixels or VLM2VEC_MAX_PIXELS
+        max_pixels = self.input_format.max_pixels or self.default_max_pixels
         if min_pixels > max_pixels:
             raise ValueError(f"min_pixels={min_pixels} is above max_pixels={max_pixels}")
         images.size = type(images.size)(shortest_edge=min_pixels, longest_edge=max_pixels)

@@ -29,12 +29,14 @@ from transformers import (
     PretrainedConfig,
     PreTrainedModel,
     PreTrainedTokenizerFast,
+    Qwen2_5_VLConfig,
     Qwen2VLConfig,
 )
 from transformers.models.clip.image_processing_pil_clip import CLIPImageProcessorPil
 from transformers.models.mllama.image_processing_pil_mllama import MllamaImageProcessorPil
 from transformers.models.qwen2_vl.image_processing_pil_qwen2_vl import Qwen2VLImageProcessorPil
 
+from mme5.backbones.qwen2_5_vl import Qwen2_5_VLImageOnlyProcessor
 from mme5.backbones.qwen2_vl import Qwen2VLImageOnlyProcessor
 from mme5.backbones.tokenizer import BUILTIN_CORPUS, train_bpe
 from mme5.files import OutputFolderError, claim_folder
@@ -97,6 +99,7 @@ TOKENIZERS = {
     ),
     "llava": TokenizerSpec("<s>", "</s>", "<pad>", ("<unk>", "<image>"), True),
 }
+TOKENIZERS["qwen2_5_vl"] = TOKENIZERS["qwen2_vl"]  # Qwen2.5-VL kept Qwen2-VL's special tokens
 
 
 def tiny_tokenizer(family: str, vocab: int, texts: list[str]) -> PreTrainedTokenizerFast:
@@ -134,28 +137,51 @@ def _mllama(s: Sizes, tok: PreTrainedTokenizerFast) -> tuple[PretrainedConfig, A
     return config, processor
 
 
-def _qwen2_vl(s: Sizes, tok: PreTrainedTokenizerFast) -> tuple[PretrainedConfig, Any]:
+def _qwen_vl(config_class: type[PretrainedConfig], processor_class: type, vision: dict[str, Any], s: Sizes,
+             tok: PreTrainedTokenizerFast, image_extra: dict[str, Any] | None = None,
+             text_extra: dict[str, Any] | None = None, rope_extra: dict[str, Any] | None = None
+             ) -> tuple[PretrainedConfig, Any]:
+    """What the Qwen-VL families share: the image processor, the text config with its 3-D rope, the
+    vision token ids; `vision` is the family's vision-tower config, the `*_extra` its additions
+    to the image processor's, the text config's and the rope's settings."""
     pixels = s.image * s.image  # min = max: every square image becomes exactly image x image
-    processor = Qwen2VLImageOnlyProcessor(
+    processor = processor_class(
         Qwen2VLImageProcessorPil(
-            min_pixels=pixels, max_pixels=pixels, patch_size=s.patch, merge_size=2, temporal_patch_size=2
+            min_pixels=pixels, max_pixels=pixels, patch_size=s.patch, merge_size=2, temporal_patch_size=2,
+            **(image_extra or {}),
         ),
         tok,
     )
-    vision = dict(
-        depth=s.v_layers, embed_dim=s.v_hidden, hidden_size=s.t_hidden, num_heads=s.v_heads,
-        mlp_ratio=s.v_mlp // s.v_hidden, patch_size=s.patch, spatial_merge_size=2, temporal_patch_size=2,
-    )
     half, third = s.t_hidden // s.t_heads // 2, s.t_hidden // s.t_heads // 6
     mrope = [half - 2 * third, third, third]  # (temporal, height, width) rotary dims, summing to head_dim/2
-    rope = {"rope_type": "default", "rope_theta": 10000.0, "mrope_section": mrope}
-    config = Qwen2VLConfig(
-        vision_config=vision, text_config=_text(s, tok, rope_parameters=rope),
+    rope = {"rope_type": "default", "rope_theta": 10000.0, "mrope_section": mrope, **(rope_extra or {})}
+    config = config_class(
+        vision_config=vision, text_config=_text(s, tok, rope_parameters=rope, **(text_extra or {})),
         image_token_id=processor.image_token_id, video_token_id=processor.video_token_id,
         vision_start_token_id=tok.convert_tokens_to_ids("<|vision_start|>"),
         vision_end_token_id=tok.convert_tokens_to_ids("<|vision_end|>"),
     )
     return config, processor
+
+
+def _qwen2_vl(s: Sizes, tok: PreTrainedTokenizerFast) -> tuple[PretrainedConfig, Any]:
+    vision = dict(
+        depth=s.v_layers, embed_dim=s.v_hidden, hidden_size=s.t_hidden, num_heads=s.v_heads,
+        mlp_ratio=s.v_mlp // s.v_hidden, patch_size=s.patch, spatial_merge_size=2, temporal_patch_size=2,
+    )
+    return _qwen_vl(Qwen2VLConfig, Qwen2VLImageOnlyProcessor, vision, s, tok)
+
+
+def _qwen2_5_vl(s: Sizes, tok: PreTrainedTokenizerFast) -> tuple[PretrainedConfig, Any]:
+    # Windows of 2x2 merged patches (the real 112 px are 4x4 of 28 px), full attention in the last layer
+    # (the real model's every 8th): a test image is one window, a wide or tall one is several. The tower's
+    # width is `hidden_size` here, the language model's `out_hidden_size` (Qwen2-VL: embed_dim, hidden_size).
+    vision = dict(
+        depth=s.v_layers, hidden_size=s.v_hidden, out_hidden_size=s.t_hidden, num_heads=s.v_heads,
+        intermediate_size=s.v_mlp, patch_size=s.patch, spatial_merge_size=2, temporal_patch_size=2,
+        window_size=2 * 2 * s.patch, fullatt_block_indexes=[s.v_layers - 1],
+    )
+    return _qwen_vl(Qwen2_5_VLConfig, Qwen2_5_VLImageOnlyProcessor, vision, s, tok)
 
 
 def _llava(s: Sizes, tok: PreTrainedTokenizerFast) -> tuple[PretrainedConfig, Any]:
@@ -179,6 +205,7 @@ def _llava(s: Sizes, tok: PreTrainedTokenizerFast) -> tuple[PretrainedConfig, An
 BUILDERS: dict[str, Callable[[Sizes, PreTrainedTokenizerFast], tuple[PretrainedConfig, Any]]] = {
     "mllama": _mllama,
     "qwen2_vl": _qwen2_vl,
+    "qwen2_5_vl": _qwen2_5_vl,
     "llava": _llava,
 }
 
