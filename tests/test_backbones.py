@@ -182,3 +182,27 @@ def test_transparent_and_extreme_images_go_through_every_family(adapter):
     items = [Item(IMAGE_INSTRUCTION, image=image) for image in (transparent, wide, tall)]
     embeddings = embed(adapter, items)
     assert embeddings.shape == (3, adapter.hidden_size) and torch.isfinite(embeddings).all()
+
+
+def test_qwen3_vl_expands_the_placeholder_per_merged_patch_and_feeds_deepstack(tmp_path):
+    """Qwen3-VL: the bare `<|image_pad|>` becomes one token per 2x2 merged patch, without vision markers (the
+    published rule), typed as image for the 3-D rope; the deepstack features (vision layers → first
+    language layers) are in the embedding path."""
+    adapter = load_backbone(build_tiny("qwen3_vl", tmp_path, seed=0, preset="test"))
+    items = [Item(IMAGE_INSTRUCTION, image=noise_image(9, (64, 48))), Item(text="a red circle")]
+    batch = adapter.collate(items)
+    ((t, h, w),) = batch["image_grid_thw"].tolist()
+    assert (t, h, w) == (1, 48 // 8, 64 // 8)  # one temporal patch of the image's 8 px patches (real: 16 px)
+    image_id, ids = adapter.processor.image_token_id, batch["input_ids"][0].tolist()
+    assert ids.count(image_id) == t * h * w // 4
+    assert adapter.processor.vision_start_token_id not in ids
+    assert batch["mm_token_type_ids"][0].tolist() == [int(i == image_id) for i in ids]
+
+    before = embed(adapter, items)
+    with torch.no_grad():
+        for merger in adapter.model.model.visual.deepstack_merger_list:
+            merger.linear_fc2.weight.zero_()
+            merger.linear_fc2.bias.zero_()
+    after = embed(adapter, items)
+    assert not torch.allclose(after[0], before[0], atol=1e-4)  # the image row lost its deepstack features
+    torch.testing.assert_close(after[1], before[1])  # the text row never had any
