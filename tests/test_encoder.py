@@ -67,6 +67,9 @@ def relative_error(actual, expected):
 CACHE_FAMILIES = {
     "qwen2_5_vl": r".*(language_model.*\.(q_proj|k_proj|v_proj|o_proj|down_proj)"
                   r"|visual\.blocks.*\.attn\.(qkv|proj))",
+    # Qwen3-VL: also deepstack features added to the first language layers (configs/qwen3_vl_8b.yaml)
+    "qwen3_vl": r".*(language_model.*\.(q_proj|k_proj|v_proj|gate_proj|up_proj|down_proj)"
+                r"|visual\.blocks.*\.attn\.(qkv|proj))",
 }
 
 

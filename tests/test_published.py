@@ -82,6 +82,12 @@ for _row in ROWS:
     _row[3]["qwen2_5_vl"] = _row[3]["qwen2_vl"]
 REFERENCE_SPECIAL_TOKENS["qwen2_5_vl"] = REFERENCE_SPECIAL_TOKENS["qwen2_vl"]
 
+# Qwen3-VL takes the published rule of Qwen2-VL (a bare <|image_pad|>, tokenizer defaults): the same strings;
+# the ids come from the real Qwen3VLProcessor (16 px patches, its own expansion of <|image_pad|>).
+for _row in ROWS:
+    _row[3]["qwen3_vl"] = _row[3]["qwen2_vl"]
+REFERENCE_SPECIAL_TOKENS["qwen3_vl"] = REFERENCE_SPECIAL_TOKENS["qwen2_vl"]
+
 
 @pytest.fixture(scope="module", params=FAMILIES)
 def adapter(request, tmp_path_factory):
@@ -141,13 +147,15 @@ def test_sides_made_here_follow_the_published_rule(adapter):
 def test_image_token_is_a_recipe_setting(adapter):
     token = {"qwen2_vl": "<|vision_start|><|image_pad|><|vision_end|>", "llava": "<image>",
              "mllama": "<|image|>",
-             "qwen2_5_vl": "<|vision_start|><|image_pad|><|vision_end|>"}[adapter.family]
+             "qwen2_5_vl": "<|vision_start|><|image_pad|><|vision_end|>",
+             "qwen3_vl": "<|vision_start|><|image_pad|><|vision_end|>"}[adapter.family]
     custom = type(adapter)(None, adapter.processor, InputFormat(image_token=token))
     item = Item(prompt=ROWS[3][1], image=IMAGE)
     expected = {"qwen2_vl": "<|vision_start|><|image_pad|><|vision_end|>\nRepresent the given image.\n",
                 "llava": "<image>\nRepresent the given image.\n",
                 "mllama": "<|image|><|begin_of_text|>Represent the given image.\n",
                 "qwen2_5_vl": "<|vision_start|><|image_pad|><|vision_end|>\nRepresent the given image.\n",
+                "qwen3_vl": "<|vision_start|><|image_pad|><|vision_end|>\nRepresent the given image.\n",
                 }[adapter.family]
     assert custom.prompt(item) == expected
     ids = project_inputs(custom, item)["input_ids"]

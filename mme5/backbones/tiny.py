@@ -31,6 +31,7 @@ from transformers import (
     PreTrainedTokenizerFast,
     Qwen2_5_VLConfig,
     Qwen2VLConfig,
+    Qwen3VLConfig,
 )
 from transformers.models.clip.image_processing_pil_clip import CLIPImageProcessorPil
 from transformers.models.mllama.image_processing_pil_mllama import MllamaImageProcessorPil
@@ -38,6 +39,7 @@ from transformers.models.qwen2_vl.image_processing_pil_qwen2_vl import Qwen2VLIm
 
 from mme5.backbones.qwen2_5_vl import Qwen2_5_VLImageOnlyProcessor
 from mme5.backbones.qwen2_vl import Qwen2VLImageOnlyProcessor
+from mme5.backbones.qwen3_vl import Qwen3VLImageOnlyProcessor
 from mme5.backbones.tokenizer import BUILTIN_CORPUS, train_bpe
 from mme5.files import OutputFolderError, claim_folder
 from mme5.settings import command_parser, utf8_path
@@ -100,6 +102,7 @@ TOKENIZERS = {
     "llava": TokenizerSpec("<s>", "</s>", "<pad>", ("<unk>", "<image>"), True),
 }
 TOKENIZERS["qwen2_5_vl"] = TOKENIZERS["qwen2_vl"]  # Qwen2.5-VL kept Qwen2-VL's special tokens
+TOKENIZERS["qwen3_vl"] = TOKENIZERS["qwen2_vl"]  # so did Qwen3-VL
 
 
 def tiny_tokenizer(family: str, vocab: int, texts: list[str]) -> PreTrainedTokenizerFast:
@@ -184,6 +187,23 @@ def _qwen2_5_vl(s: Sizes, tok: PreTrainedTokenizerFast) -> tuple[PretrainedConfi
     return _qwen_vl(Qwen2_5_VLConfig, Qwen2_5_VLImageOnlyProcessor, vision, s, tok)
 
 
+def _qwen3_vl(s: Sizes, tok: PreTrainedTokenizerFast) -> tuple[PretrainedConfig, Any]:
+    # Deepstack: each vision layer but the last also feeds, through its own merger, one of the first
+    # language layers at the image positions (the real model: vision layers 8/16/24 of 27 → layers 0-2).
+    side = s.image // s.patch
+    vision = dict(
+        depth=s.v_layers, hidden_size=s.v_hidden, intermediate_size=s.v_mlp, num_heads=s.v_heads,
+        patch_size=s.patch, spatial_merge_size=2, temporal_patch_size=2, out_hidden_size=s.t_hidden,
+        num_position_embeddings=side * side, deepstack_visual_indexes=list(range(s.v_layers - 1)),
+    )  # learned positions on a square grid, interpolated to each image's grid
+    # pixels normalised with mean = std = 0.5 (Qwen2-VL: CLIP's statistics); head_dim explicit (the config's
+    # default is the real 128)
+    return _qwen_vl(Qwen3VLConfig, Qwen3VLImageOnlyProcessor, vision, s, tok,
+                    image_extra={"image_mean": [0.5] * 3, "image_std": [0.5] * 3},
+                    text_extra={"head_dim": s.t_hidden // s.t_heads},
+                    rope_extra={"mrope_interleaved": True})
+
+
 def _llava(s: Sizes, tok: PreTrainedTokenizerFast) -> tuple[PretrainedConfig, Any]:
     square = {"height": s.image, "width": s.image}
     # "default" feature selection drops CLIP's CLS token: one <image> token per patch
@@ -206,6 +226,7 @@ BUILDERS: dict[str, Callable[[Sizes, PreTrainedTokenizerFast], tuple[PretrainedC
     "mllama": _mllama,
     "qwen2_vl": _qwen2_vl,
     "qwen2_5_vl": _qwen2_5_vl,
+    "qwen3_vl": _qwen3_vl,
     "llava": _llava,
 }
 
