@@ -33,7 +33,8 @@ import torch
 from lightning.fabric.plugins.io.torch_io import TorchCheckpointIO
 from torch import nn
 
-from mme5.backbones import DTYPES, InputFormat, load_backbone
+from mme5.backbones import DTYPES, InputFormat, load_backbone, resolve_preset
+from mme5.backbones.presets import DEFAULT as DEFAULT_PRESET
 from mme5.encoder import Encoder, LoraSettings
 from mme5.files import OWNER_RECORD, files_fingerprint, remove_stale, save_torch, write_json
 from mme5.hub import local_model
@@ -216,12 +217,14 @@ class LoadedModel:
 
 def load_encoder(path: str | Path, device: str = "cpu", dtype: str | None = None,
                  max_length: int | None = None, backbone: str | None = None,
-                 trust_checkpoint: bool = False) -> LoadedModel:
+                 trust_checkpoint: bool = False, preset: str | None = None) -> LoadedModel:
     """The encoder of a checkpoint, exported folder or backbone folder (a path or a hub id), in eval mode
     on `device`.
 
     dtype: weights' dtype ("float32", "bfloat16", "float16"; None: the checkpoint's own).
     max_length: text tokens per item (None: the recorded input format's).
+    preset: the input format preset (`mme5.backbones.presets`; None: the recorded one, else what the
+        model's files say, else "mme5").
     backbone: folder to rebuild a `.ckpt`'s encoder from, when its recorded one has moved.
     trust_checkpoint: unpickle a `.ckpt` that holds more than tensors and plain types (runs code from the
         file: only for files from a source you trust). The project's own checkpoints never need it.
@@ -230,7 +233,8 @@ def load_encoder(path: str | Path, device: str = "cpu", dtype: str | None = None
     identity: dict[str, Any] = {}
     if path.is_file() and path.suffix == ".ckpt":
         kind = "lightning-checkpoint"
-        encoder, recipe, source = _from_checkpoint(path, dtype, max_length, backbone, trust_checkpoint)
+        encoder, recipe, source = _from_checkpoint(path, dtype, max_length, preset, backbone,
+                                                   trust_checkpoint)
         # The weights that are not in the checkpoint are the backbone's: its files are part of the model.
         files = [path, *model_files(source)]
         identity["backbone"] = str(source.resolve())
@@ -238,8 +242,9 @@ def load_encoder(path: str | Path, device: str = "cpu", dtype: str | None = None
         kind = "adapter"
         recipe = read_export_config(path) if (path / EXPORT_CONFIG).is_file() else {}
         base = local_model(backbone or _peft_base(path))
-        model = load_backbone(base, DTYPES[dtype] if dtype else None,
-                              input_format=_input_format(recipe.get("input_format"), max_length))
+        # The adapter folder's files say what the adapters were trained with (e.g. VLM2Vec's card).
+        input_format = resolve_preset(path, _input_format(recipe.get("input_format"), max_length, preset))
+        model = load_backbone(base, DTYPES[dtype] if dtype else None, input_format=input_format)
         encoder = Encoder(model, normalize=recipe.get("normalize", True), peft_folder=path)
         files = [*model_files(path), *model_files(base)]
         identity["backbone"] = str(base.resolve())
@@ -247,7 +252,7 @@ def load_encoder(path: str | Path, device: str = "cpu", dtype: str | None = None
         exported = (path / EXPORT_CONFIG).is_file()
         recipe = read_export_config(path) if exported else {}
         model = load_backbone(path, DTYPES[dtype] if dtype else None,
-                              input_format=_input_format(recipe.get("input_format"), max_length))
+                              input_format=_input_format(recipe.get("input_format"), max_length, preset))
         kind = "exported" if exported else "backbone"
         encoder = Encoder(model, normalize=recipe.get("normalize", True))
         files = model_files(path)
@@ -269,14 +274,18 @@ def model_files(folder: Path) -> list[Path]:
     return [f for f in folder.iterdir() if f.is_file() and f.name != OWNER_RECORD]
 
 
-def _input_format(recorded: Any, max_length: int | None) -> InputFormat:
-    """The recorded input format (a dict, a dataclass or None: the defaults), `max_length` overriding."""
-    recorded = InputFormat.of(recorded)
-    return replace(recorded, max_length=max_length) if max_length else recorded
+def _input_format(recorded: Any, max_length: int | None, preset: str | None = None) -> InputFormat:
+    """The recorded input format (a dict, a dataclass or None: the defaults), `max_length` and `preset`
+    overriding. A format recorded before presets existed (a dict without `preset`) was the published one."""
+    legacy = isinstance(recorded, Mapping) and "preset" not in recorded
+    result = InputFormat.of(recorded)
+    if legacy or preset:
+        result = replace(result, preset=preset or DEFAULT_PRESET)
+    return replace(result, max_length=max_length) if max_length else result
 
 
-def _from_checkpoint(path: Path, dtype: str | None, max_length: int | None, backbone: str | None,
-                     trust: bool = False) -> tuple[Encoder, dict[str, Any], Path]:
+def _from_checkpoint(path: Path, dtype: str | None, max_length: int | None, preset: str | None,
+                     backbone: str | None, trust: bool = False) -> tuple[Encoder, dict[str, Any], Path]:
     """An EmbeddingModule checkpoint's encoder, its recipe (everything in it but weights and states) and
     the backbone folder it was rebuilt from."""
     # The module saves plain types only, so its checkpoints load without unpickling code (weights_only).
@@ -297,7 +306,7 @@ def _from_checkpoint(path: Path, dtype: str | None, max_length: int | None, back
     recorded = hparams.get("input_format") or {
         "max_length": (checkpoint.get("datamodule_hyper_parameters") or {}).get("max_length", 256)}
     encoder = Encoder(load_backbone(source, DTYPES[dtype] if dtype else None,
-                                    input_format=_input_format(recorded, max_length)),
+                                    input_format=_input_format(recorded, max_length, preset)),
                       _lora(hparams.get("lora")))
     weights = {k.removeprefix("encoder."): v for k, v in checkpoint["state_dict"].items()
                if k.startswith("encoder.")}

@@ -59,15 +59,17 @@ class Embedder:
 
     @classmethod
     def from_pretrained(cls, path: str | Path, device: str | None = None, dtype: str | None = None,
-                        max_length: int | None = None) -> Embedder:
+                        max_length: int | None = None, preset: str | None = None) -> Embedder:
         """Load an exported folder, a plain backbone folder (zero-shot) or an EmbeddingModule `.ckpt`, by path
         or hub id.
 
         device: default cuda when available, else cpu. dtype: "float32", "bfloat16" or "float16" (default:
         the weights' own). max_length: text tokens per item (default: the recorded input format's).
+        preset: the input format of a released embedder ("gme", "qwen3_vl_embedding", ...; default: the
+        recorded one, else what the model's files say, else "mme5": `mme5.backbones.presets`).
         """
         device = device or ("cuda" if torch.cuda.is_available() else "cpu")
-        loaded = load_encoder(path, device, dtype, max_length)
+        loaded = load_encoder(path, device, dtype, max_length, preset=preset)
         # The fingerprint names the model's files and settings: mteb files results under it (its revision).
         return cls(loaded.encoder, loaded.description | {"fingerprint": loaded.fingerprint},
                    loaded.recipe.get("instructions"))

@@ -33,6 +33,7 @@ from pathlib import Path
 from typing import Any
 
 from mme5.backbones import DTYPES
+from mme5.backbones.presets import DEFAULT as DEFAULT_PRESET
 from mme5.checkpoint import MAX_STEPS, checkpoint_backbone, load_encoder, save_model_folder
 from mme5.files import OWNER_RECORD, OutputFolderError, claim_folder, path_fingerprint, remove_path
 from mme5.hub import is_hub_id
@@ -136,7 +137,9 @@ def _write(out: Path, ckpt: Path, name: str, dtype: str | None, max_length: int 
         if dtype is not None:
             model = model.to(DTYPES[dtype])
     family = encoder.adapter.family
-    if family in CHAT_TEMPLATE_FAMILIES:
+    # The template renders the published format only: another preset's export carries none.
+    servable = family in CHAT_TEMPLATE_FAMILIES and encoder.adapter.preset.name == DEFAULT_PRESET
+    if servable:
         encoder.adapter.processor.chat_template = chat_template(encoder.adapter.image_token)
     save_model_folder(out, encoder, instructions, source, model)
     write_sentence_transformers_files(out, instructions)
@@ -145,7 +148,7 @@ def _write(out: Path, ckpt: Path, name: str, dtype: str | None, max_length: int 
                       instructions=instructions, adapter_only=adapter_only, scores=scores_data,
                       input_format=input_format,
                       backbone_folder=Path(loaded.description["backbone"]),
-                      servable=family in CHAT_TEMPLATE_FAMILIES and not adapter_only)
+                      servable=servable and not adapter_only)
     (out / "README.md").write_text(card, encoding="utf-8")
 
 

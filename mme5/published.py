@@ -28,9 +28,14 @@ _ANY_PLACEHOLDER = re.compile(r"<\|image_\d+\|>")
 _PLACEHOLDER_AND_SPACE = re.compile(r"<\|image_\d+\|>\s*")
 
 
+def strip_placeholders(part: str) -> str:
+    """A part of a side (instruction or text) without image placeholders and surrounding whitespace."""
+    return _PLACEHOLDER_AND_SPACE.sub("", part).strip()
+
+
 def render(instruction: str, text: str | None, has_image: bool) -> str:
     """The published string of a side made of its parts (placeholders inside the parts are dropped)."""
-    parts = [_PLACEHOLDER_AND_SPACE.sub("", part).strip() for part in (instruction, text or "")]
+    parts = [strip_placeholders(part) for part in (instruction, text or "")]
     body = " ".join(part for part in parts if part)
     if not parts[0] and not has_image:
         return body  # a bare text target

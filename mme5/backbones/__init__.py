@@ -1,5 +1,8 @@
-"""One adapter per MLLM family; `load_backbone` picks it from a checkpoint's `config.json`."""
+"""One adapter per MLLM family; `load_backbone` picks it from a checkpoint's `config.json`, and the input
+format's preset from the checkpoint's files when the format does not name one (`resolve_preset`)."""
 
+import warnings
+from dataclasses import replace
 from pathlib import Path
 from typing import Any
 
@@ -16,6 +19,7 @@ from mme5.backbones.base import (
 )
 from mme5.backbones.llava import LlavaAdapter
 from mme5.backbones.mllama import MllamaAdapter
+from mme5.backbones.presets import detect
 from mme5.backbones.qwen2_5_vl import Qwen2_5_VLAdapter
 from mme5.backbones.qwen2_vl import Qwen2VLAdapter
 from mme5.backbones.qwen3_vl import Qwen3VLAdapter
@@ -47,17 +51,35 @@ def _adapter_of(folder: Path) -> type[BackboneAdapter]:
         raise ValueError(f"{folder}/config.json: {err}") from None
 
 
-def load_backbone(path_or_id: str | Path, dtype: torch.dtype | None = None, **kwargs: Any) -> BackboneAdapter:
-    """Load a checkpoint (folder or hub id), model and processor, with the adapter of its model_type."""
+def resolve_preset(folder: Path, input_format: InputFormat | None) -> InputFormat:
+    """`input_format` with its preset: the one it names (a warning when the folder's files say another),
+    else the one the folder's files say (`presets.detect`), else the default."""
+    input_format = InputFormat.of(input_format)
+    detected = detect(folder)
+    if input_format.preset is None:
+        return replace(input_format, preset=detected.name) if detected else input_format
+    if detected is not None and detected.name != input_format.preset:
+        warnings.warn(f"input format preset {input_format.preset!r} was asked for, but {detected.reason} "
+                      f"{detected.name!r}: the model is fed another format than it was trained with",
+                      stacklevel=3)
+    return input_format
+
+
+def load_backbone(path_or_id: str | Path, dtype: torch.dtype | None = None,
+                  input_format: InputFormat | None = None, **kwargs: Any) -> BackboneAdapter:
+    """Load a checkpoint (folder or hub id), model and processor, with the adapter of its model_type and the
+    input format's preset resolved on its files (`resolve_preset`)."""
     folder = local_model(path_or_id)
-    return _adapter_of(folder).from_pretrained(folder, dtype=dtype, **kwargs)
+    return _adapter_of(folder).from_pretrained(folder, dtype=dtype,
+                                               input_format=resolve_preset(folder, input_format), **kwargs)
 
 
-def load_backbone_skeleton(path_or_id: str | Path, dtype: torch.dtype | None = None, **kwargs: Any
-                           ) -> BackboneAdapter:
+def load_backbone_skeleton(path_or_id: str | Path, dtype: torch.dtype | None = None,
+                           input_format: InputFormat | None = None, **kwargs: Any) -> BackboneAdapter:
     """The checkpoint's adapter with its model on the meta device (architecture only, no weights read)."""
     folder = local_model(path_or_id)
-    return _adapter_of(folder).skeleton(folder, dtype=dtype, **kwargs)
+    input_format = resolve_preset(folder, input_format)
+    return _adapter_of(folder).skeleton(folder, dtype=dtype, input_format=input_format, **kwargs)
 
 
 def load_processing(path_or_id: str | Path, input_format: InputFormat | None = None) -> BackboneAdapter:
@@ -66,7 +88,7 @@ def load_processing(path_or_id: str | Path, input_format: InputFormat | None = N
     Cheap to build and to send to dataloader workers, which must not carry a copy of the model.
     """
     folder = local_model(path_or_id)
-    return _adapter_of(folder).processing_only(folder, input_format)
+    return _adapter_of(folder).processing_only(folder, resolve_preset(folder, input_format))
 
 
 __all__ = [
@@ -82,4 +104,5 @@ __all__ = [
     "load_backbone",
     "load_backbone_skeleton",
     "load_processing",
+    "resolve_preset",
 ]

@@ -13,7 +13,7 @@ encoder drops the others' embeddings.
 
 from abc import ABC
 from collections.abc import Callable, Mapping, Sequence
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from pathlib import Path
 from typing import Any, ClassVar
 
@@ -23,6 +23,8 @@ from torch import Tensor
 from transformers import AutoConfig, AutoModelForImageTextToText, AutoProcessor, BatchFeature, PreTrainedModel
 
 from mme5 import published
+from mme5.backbones import presets
+from mme5.backbones.presets import Parts
 from mme5.images import fit_aspect_ratio
 
 IMAGE_PLACEHOLDER = published.PLACEHOLDER
@@ -42,6 +44,9 @@ class InputFormat:
         LLaVA-NeXT (512, 512).
     max_aspect_ratio: longer over shorter side; a more extreme image is padded with white up to it
         (Qwen2-VL's processor refuses ratios above 200).
+    preset: the released embedder's format items are written in (`mme5.backbones.presets`: "mme5",
+        "vlm2vec_v2", "gme", ...); its image token and image bounds fill the fields left None. None: what
+        the model's files say (`presets.detect`), else "mme5".
     """
 
     max_length: int = 256
@@ -50,12 +55,24 @@ class InputFormat:
     max_pixels: int | None = None
     image_size: tuple[int, int] | None = None
     max_aspect_ratio: float = 100.0
+    preset: str | None = None
 
     def __post_init__(self) -> None:
         if self.max_length < 1:
             raise ValueError(f"max_length must be at least 1, found {self.max_length}")
         if self.max_aspect_ratio < 1:
             raise ValueError(f"max_aspect_ratio must be at least 1, found {self.max_aspect_ratio}")
+        if self.preset is not None:
+            presets.preset(self.preset)  # an unknown name is refused here, naming the known ones
+
+    def completed(self) -> "InputFormat":
+        """This format with its preset named (None: the default) and the preset's defaults in the fields
+        left None, as checkpoints and exports record it."""
+        chosen = presets.preset(self.preset)
+        return replace(
+            self, preset=chosen.name, image_token=self.image_token or chosen.image_token,
+            min_pixels=self.min_pixels or chosen.min_pixels, max_pixels=self.max_pixels or chosen.max_pixels,
+            image_size=self.image_size or chosen.image_size)
 
     @classmethod
     def of(cls, value: Any) -> "InputFormat":
@@ -166,7 +183,9 @@ class BackboneAdapter(ABC):
         """`model=None` makes a processing-only adapter (prompts and batches, no hidden states)."""
         self.model = model
         self.processor = processor
-        self.input_format = input_format or InputFormat()
+        self.input_format = (input_format or InputFormat()).completed()
+        self.preset = presets.preset(self.input_format.preset)
+        self.preset.check_family(self.family)
         self.image_token = self.input_format.image_token or self.default_image_token
         self._truncated = 0  # items whose text `truncated_prompt` has cut (see `truncated_count`)
         tok = processor.tokenizer
@@ -217,25 +236,35 @@ class BackboneAdapter(ABC):
     def tokenizer(self) -> Any:
         return self.processor.tokenizer
 
-    def prompt(self, item: Item) -> str:
-        """The family's prompt string of one item: its published string with the placeholder replaced."""
+    def published_prompt(self, item: Item) -> str:
+        """The family's rule for the published string: the placeholder replaced by the image token."""
         return item.published().replace(IMAGE_PLACEHOLDER, self.image_token)
 
     def head_markers(self) -> tuple[str, ...]:
-        """Strings that end the prompt's fixed head (never truncated)."""
+        """Strings that end the fixed head of a published prompt (never truncated)."""
         return (self.image_token,)
 
-    def _head_and_body(self, item: Item) -> tuple[str, str]:
-        """Split the prompt after its last head marker (image token, bos): the head is kept whole, the body
-        may be truncated."""
-        text = self.prompt(item)
+    def prompt_parts(self, item: Item) -> Parts:
+        """The item's prompt in the input format's preset as (head, body, tail): only the body may be cut.
+
+        A preset without a template of its own (or declining one for this item) takes the published string,
+        split after its last head marker (image token, bos); its tail is empty.
+        """
+        parts = self.preset.template(item, self.image_token) if self.preset.template else None
+        if parts is not None:
+            return parts
+        text = self.published_prompt(item)
         cut = max((text.rfind(marker) + len(marker) for marker in self.head_markers() if marker in text),
                   default=0)
-        return text[:cut], text[cut:]
+        return Parts(text[:cut], text[cut:], "")
 
-    def _count_text_tokens(self, head: str) -> int:
-        """Tokens of `head` (with the tokenizer's own specials) that are not the model's image token."""
-        ids = self.tokenizer(head, add_special_tokens=self.add_special_tokens).input_ids
+    def prompt(self, item: Item) -> str:
+        """The prompt string of one item, as the input format's preset writes it."""
+        return "".join(self.prompt_parts(item))
+
+    def _count_text_tokens(self, text: str, specials: bool) -> int:
+        """Tokens of `text` (with the tokenizer's own specials if `specials`) that are not image tokens."""
+        ids = self.tokenizer(text, add_special_tokens=specials and self.add_special_tokens).input_ids
         return sum(i != self.processor.image_token_id for i in ids)
 
     def _fit(self, body: str, budget: int) -> str:
@@ -252,18 +281,18 @@ class BackboneAdapter(ABC):
     def truncated_prompt(self, item: Item) -> str:
         """The prompt with at most `max_length` text tokens; image tokens are never counted nor cut.
 
-        Only the body is cut: the head ends in a special token, so head and body tokenize independently.
-        A cut is counted (`truncated_count`).
+        Only the body is cut: head and tail (a chat frame, the pooled end token) are kept whole; they end
+        and start at special tokens, so the three parts tokenize independently. A cut is counted
+        (`truncated_count`).
         """
-        head, body = self._head_and_body(item)
-        budget = self.max_length - self._count_text_tokens(head)
+        head, body, tail = self.prompt_parts(item)
+        budget = self.max_length - self._count_text_tokens(head, True) - self._count_text_tokens(tail, False)
         if budget < 0:
-            raise ValueError(
-                f"max_length={self.max_length} is shorter than the {self.family} prompt head {head!r}"
-            )
+            raise ValueError(f"max_length={self.max_length} is shorter than the {self.family} prompt's fixed "
+                             f"part in preset {self.preset.name!r}: head {head!r}, tail {tail!r}")
         fitted = self._fit(body, budget)
         self._truncated += fitted != body
-        return head + fitted
+        return head + fitted + tail
 
     def truncated_count(self) -> int:
         """Items whose text was cut to `max_length` since this adapter was made: training reports them in

@@ -21,7 +21,7 @@ class MllamaAdapter(BackboneAdapter):
     default_image_token: ClassVar[str] = "<|image|>"
     add_special_tokens: ClassVar[bool] = False  # the prompt carries <|begin_of_text|>; don't add a second
 
-    def prompt(self, item: Item) -> str:
+    def published_prompt(self, item: Item) -> str:
         head = self.image_token + BOS
         text = item.published().replace(IMAGE_PLACEHOLDER + "\n", head).replace(IMAGE_PLACEHOLDER, head)
         return text if BOS in text else BOS + text  # as MllamaProcessor would add it

@@ -27,6 +27,7 @@ import torch
 import torch.distributed as dist
 
 from mme5.backbones import DTYPES
+from mme5.backbones.presets import PRESETS
 from mme5.checkpoint import checkpoint_backbone, load_encoder
 from mme5.distributed import from_all_ranks, rank_and_world
 from mme5.eval.encode import EmbeddingCache
@@ -70,6 +71,9 @@ def parse(argv: list[str] | None = None) -> argparse.Namespace:
     parser.add_argument("--dtype", choices=list(DTYPES), help="weights' dtype (default: the checkpoint's)")
     parser.add_argument("--max-length", type=int,
                         help="text tokens per item (default: the model's recorded input format's)")
+    parser.add_argument("--preset", choices=list(PRESETS),
+                        help="input format of a released embedder (default: the model's recorded one, else "
+                             "what its files say, else mme5)")
     parser.add_argument("--ties", choices=TIE_RULES, default="pessimistic",
                         help="a candidate scoring exactly as the gold: 'pessimistic' ranks it above the gold "
                              "(default), 'reference' lets the first in list order win, as the reference "
@@ -120,7 +124,8 @@ def identity(args: argparse.Namespace, chosen: list[Benchmark]) -> dict[str, Any
         "model": local_reference(args.model), "model_files": path_fingerprint(args.model),
         "backbone": args.backbone and local_reference(args.backbone),
         "backbone_files": args.backbone and path_fingerprint(args.backbone),
-        **{name: getattr(args, name) for name in ("max_queries", "dtype", "max_length", "ties", "top_k")}}
+        **{name: getattr(args, name) for name in ("max_queries", "dtype", "max_length", "ties", "top_k")},
+        **({"preset": args.preset} if args.preset else {})}  # absent when not given: older folders agree
     for benchmark in chosen:
         keys |= {f"{benchmark.name}.{key}": value for key, value in benchmark.identity().items()}
         images = {"mmeb": args.mmeb_images, "xtd": args.xtd_images}[benchmark.name]
@@ -195,7 +200,7 @@ def main(argv: list[str] | None = None) -> None:
     folder, work = claim_out(args, chosen)  # before the model loads: a refusal costs nothing
     try:
         loaded = load_encoder(args.model, device, args.dtype, args.max_length, args.backbone,
-                              trust_checkpoint=args.trust_checkpoint)
+                              trust_checkpoint=args.trust_checkpoint, preset=args.preset)
         cache = None if args.no_cache else EmbeddingCache(args.cache or work / "cache", loaded.fingerprint)
         summaries, results = {}, {}
         for benchmark in chosen:
