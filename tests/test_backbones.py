@@ -206,3 +206,41 @@ def test_qwen3_vl_expands_the_placeholder_per_merged_patch_and_feeds_deepstack(t
     after = embed(adapter, items)
     assert not torch.allclose(after[0], before[0], atol=1e-4)  # the image row lost its deepstack features
     torch.testing.assert_close(after[1], before[1])  # the text row never had any
+
+
+def test_qwen3_5_linear_attention_keeps_left_padding_out_of_its_state(tmp_path):
+    """Qwen3.5's Gated-DeltaNet layers run a recurrence and a causal conv over every position: an item embeds
+    the same alone and behind left padding (over 64 pads: more than one chunk of the chunked delta rule),
+    whatever the pad token's embedding, and no conv or recurrent state is carried between calls."""
+    adapter = load_backbone(build_tiny("qwen3_5", tmp_path, seed=0, preset="test"))
+    layers = adapter.model.model.language_model.layers
+    assert [layer.block_type for layer in layers] == ["linear_attention", "full_attention"]
+    long_text = "A red circle and a blue square on a white background, next to a sleeping cat. " * 6
+    items = [Item("Find me an everyday image that matches the given caption:", long_text), Item(text="dog"),
+             Item(IMAGE_INSTRUCTION, image=noise_image(10, (40, 32)))]
+    lengths = adapter.collate(items)["attention_mask"].sum(1).tolist()
+    assert lengths[0] > 64 and lengths[0] - lengths[1] > 64
+
+    caches = []
+    layers[0].linear_attn.register_forward_pre_hook(lambda _, args, kwargs: caches.append(kwargs["cache"]),
+                                                    with_kwargs=True)
+    together = embed(adapter, items)
+    torch.testing.assert_close(embed(adapter, items), together, atol=0, rtol=0)  # a re-forward: no state
+    assert caches and all(cache is None for cache in caches)
+    alone = torch.cat([embed(adapter, [it]) for it in items])
+    torch.testing.assert_close(together, alone, atol=1e-5, rtol=1e-5)
+    with torch.no_grad():  # pads only reach the state if unmasked: their embedding would then show
+        adapter.model.model.language_model.embed_tokens.weight[adapter.tokenizer.pad_token_id].normal_(0, 10)
+    torch.testing.assert_close(embed(adapter, items), together, atol=1e-5, rtol=1e-5)
+
+
+def test_qwen3_5_fsdp_units_cover_both_layer_types(tmp_path):
+    """mme5.sharding wraps the classes of `_no_split_modules`: every language layer, linear or full
+    attention, and every vision block is one FSDP unit."""
+    from mme5.sharding import transformer_blocks
+
+    model = load_backbone(build_tiny("qwen3_5", tmp_path, seed=0, preset="demo")).model
+    blocks = transformer_blocks(model, set(model._no_split_modules))
+    layers, vision = model.model.language_model.layers, model.model.visual.blocks
+    assert {layer.block_type for layer in layers} == {"linear_attention", "full_attention"}
+    assert {id(m) for m in blocks} == {id(m) for m in (*layers, *vision)}

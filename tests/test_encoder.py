@@ -70,6 +70,10 @@ CACHE_FAMILIES = {
     # Qwen3-VL: also deepstack features added to the first language layers (configs/qwen3_vl_8b.yaml)
     "qwen3_vl": r".*(language_model.*\.(q_proj|k_proj|v_proj|gate_proj|up_proj|down_proj)"
                 r"|visual\.blocks.*\.attn\.(qkv|proj))",
+    # Qwen3.5: Gated-DeltaNet layers (a recurrence and a causal conv over the sequence) beside full attention;
+    # their fused q,k,v and output gate adapted as full attention's (configs/qwen3_5_9b.yaml)
+    "qwen3_5": r".*(language_model.*\.(q_proj|k_proj|v_proj|in_proj_qkv|in_proj_z|gate_proj|up_proj"
+               r"|down_proj)|visual\.blocks.*\.attn\.(qkv|proj))",
 }
 
 

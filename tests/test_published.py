@@ -88,6 +88,12 @@ for _row in ROWS:
     _row[3]["qwen3_vl"] = _row[3]["qwen2_vl"]
 REFERENCE_SPECIAL_TOKENS["qwen3_vl"] = REFERENCE_SPECIAL_TOKENS["qwen2_vl"]
 
+# Qwen3.5 checkpoints name Qwen3VLProcessor and keep Qwen2-VL's image token names: the rule of Qwen3-VL, the
+# same strings; the ids from the real Qwen3VLProcessor of a Qwen3.5 configuration.
+for _row in ROWS:
+    _row[3]["qwen3_5"] = _row[3]["qwen2_vl"]
+REFERENCE_SPECIAL_TOKENS["qwen3_5"] = REFERENCE_SPECIAL_TOKENS["qwen2_vl"]
+
 
 @pytest.fixture(scope="module", params=FAMILIES)
 def adapter(request, tmp_path_factory):
@@ -148,7 +154,8 @@ def test_image_token_is_a_recipe_setting(adapter):
     token = {"qwen2_vl": "<|vision_start|><|image_pad|><|vision_end|>", "llava": "<image>",
              "mllama": "<|image|>",
              "qwen2_5_vl": "<|vision_start|><|image_pad|><|vision_end|>",
-             "qwen3_vl": "<|vision_start|><|image_pad|><|vision_end|>"}[adapter.family]
+             "qwen3_vl": "<|vision_start|><|image_pad|><|vision_end|>",
+             "qwen3_5": "<|vision_start|><|image_pad|><|vision_end|>"}[adapter.family]
     custom = type(adapter)(None, adapter.processor, InputFormat(image_token=token))
     item = Item(prompt=ROWS[3][1], image=IMAGE)
     expected = {"qwen2_vl": "<|vision_start|><|image_pad|><|vision_end|>\nRepresent the given image.\n",
@@ -156,6 +163,7 @@ def test_image_token_is_a_recipe_setting(adapter):
                 "mllama": "<|image|><|begin_of_text|>Represent the given image.\n",
                 "qwen2_5_vl": "<|vision_start|><|image_pad|><|vision_end|>\nRepresent the given image.\n",
                 "qwen3_vl": "<|vision_start|><|image_pad|><|vision_end|>\nRepresent the given image.\n",
+                "qwen3_5": "<|vision_start|><|image_pad|><|vision_end|>\nRepresent the given image.\n",
                 }[adapter.family]
     assert custom.prompt(item) == expected
     ids = project_inputs(custom, item)["input_ids"]

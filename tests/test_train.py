@@ -56,6 +56,12 @@ RECIPE_TARGETS = {
     "qwen3_vl_8b.yaml": ("qwen3_vl",
                          ["language_model", "visual.blocks", "attn.qkv", "attn.proj", "gate_proj"],
                          ["patch_embed", "merger", "deepstack_merger_list", "linear_fc", "lm_head"]),
+    # Qwen3.5: the Gated-DeltaNet layers' fused q,k,v and output gate too; their per-head decay and write
+    # strength projections (in_proj_a, in_proj_b) and output projection stay frozen.
+    "qwen3_5_9b.yaml": ("qwen3_5",
+                        ["language_model", "visual.blocks", "in_proj_qkv", "in_proj_z", "self_attn.q_proj"],
+                        ["patch_embed", "merger", "in_proj_a", "in_proj_b", "linear_attn.out_proj", "conv1d",
+                         "lm_head"]),
     "llava_next_7b.yaml": ("llava", ["language_model", "vision_tower", "out_proj", "down_proj"],
                            ["multi_modal_projector", "patch_embedding", "lm_head"]),
 }
@@ -259,9 +265,10 @@ def test_reference_gradient_scale_is_the_full_batch_gradient_over_ranks(tmp_path
     assert_same_gradients(record, {name: grad / 2 for name, grad in expected.items()})
 
 
-@pytest.mark.parametrize("family", ["qwen2_vl", "llava", "qwen3_vl", "qwen2_5_vl"])
+@pytest.mark.parametrize("family", ["qwen2_vl", "llava", "qwen3_vl", "qwen2_5_vl", "qwen3_5"])
 def test_fsdp_gradient_equals_the_full_batch_gradient_for_other_families(tmp_path, tiny_shards, family):
-    """Image tokens inline in the text (and Qwen2-VL's 3-D rope) instead of Mllama's cross-attention."""
+    """Image tokens inline in the text (and Qwen2-VL's 3-D rope) instead of Mllama's cross-attention;
+    Qwen3.5's Gated-DeltaNet layers sharded like its full-attention layers (one block class)."""
     backbone = str(build_tiny(family, tmp_path / "backbone", seed=0, preset="test"))
     record = run_distributed(tmp_path / "run", backbone, tiny_shards, "fsdp")
     assert_same_gradients(record, full_batch_gradient(backbone, tiny_shards, record))

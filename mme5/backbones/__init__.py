@@ -22,6 +22,7 @@ from mme5.backbones.mllama import MllamaAdapter
 from mme5.backbones.presets import detect
 from mme5.backbones.qwen2_5_vl import Qwen2_5_VLAdapter
 from mme5.backbones.qwen2_vl import Qwen2VLAdapter
+from mme5.backbones.qwen3_5 import Qwen3_5Adapter
 from mme5.backbones.qwen3_vl import Qwen3VLAdapter
 from mme5.hub import local_model
 
@@ -29,7 +30,8 @@ from mme5.hub import local_model
 DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
 
 ADAPTERS: dict[str, type[BackboneAdapter]] = {
-    a.family: a for a in (MllamaAdapter, Qwen2VLAdapter, LlavaAdapter, Qwen3VLAdapter, Qwen2_5_VLAdapter)
+    a.family: a
+    for a in (MllamaAdapter, Qwen2VLAdapter, LlavaAdapter, Qwen3VLAdapter, Qwen2_5_VLAdapter, Qwen3_5Adapter)
 }
 
 

@@ -31,6 +31,7 @@ from transformers import (
     PreTrainedTokenizerFast,
     Qwen2_5_VLConfig,
     Qwen2VLConfig,
+    Qwen3_5Config,
     Qwen3VLConfig,
 )
 from transformers.models.clip.image_processing_pil_clip import CLIPImageProcessorPil
@@ -103,6 +104,7 @@ TOKENIZERS = {
 }
 TOKENIZERS["qwen2_5_vl"] = TOKENIZERS["qwen2_vl"]  # Qwen2.5-VL kept Qwen2-VL's special tokens
 TOKENIZERS["qwen3_vl"] = TOKENIZERS["qwen2_vl"]  # so did Qwen3-VL
+TOKENIZERS["qwen3_5"] = TOKENIZERS["qwen2_vl"]  # and Qwen3.5 (eos <|im_end|>, pad <|endoftext|>)
 
 
 def tiny_tokenizer(family: str, vocab: int, texts: list[str]) -> PreTrainedTokenizerFast:
@@ -142,11 +144,12 @@ def _mllama(s: Sizes, tok: PreTrainedTokenizerFast) -> tuple[PretrainedConfig, A
 
 def _qwen_vl(config_class: type[PretrainedConfig], processor_class: type, vision: dict[str, Any], s: Sizes,
              tok: PreTrainedTokenizerFast, image_extra: dict[str, Any] | None = None,
-             text_extra: dict[str, Any] | None = None, rope_extra: dict[str, Any] | None = None
-             ) -> tuple[PretrainedConfig, Any]:
+             text_extra: dict[str, Any] | None = None, rope_extra: dict[str, Any] | None = None,
+             rotary_dim: int | None = None) -> tuple[PretrainedConfig, Any]:
     """What the Qwen-VL families share: the image processor, the text config with its 3-D rope, the
     vision token ids; `vision` is the family's vision-tower config, the `*_extra` its additions
-    to the image processor's, the text config's and the rope's settings."""
+    to the image processor's, the text config's and the rope's settings; `rotary_dim` the rotated part of
+    each attention head (None: all of `t_hidden // t_heads`)."""
     pixels = s.image * s.image  # min = max: every square image becomes exactly image x image
     processor = processor_class(
         Qwen2VLImageProcessorPil(
@@ -155,8 +158,9 @@ def _qwen_vl(config_class: type[PretrainedConfig], processor_class: type, vision
         ),
         tok,
     )
-    half, third = s.t_hidden // s.t_heads // 2, s.t_hidden // s.t_heads // 6
-    mrope = [half - 2 * third, third, third]  # (temporal, height, width) rotary dims, summing to head_dim/2
+    rotary_dim = rotary_dim or s.t_hidden // s.t_heads
+    half, third = rotary_dim // 2, rotary_dim // 6
+    mrope = [half - 2 * third, third, third]  # (temporal, height, width) rotary dims, summing to rotary_dim/2
     rope = {"rope_type": "default", "rope_theta": 10000.0, "mrope_section": mrope, **(rope_extra or {})}
     config = config_class(
         vision_config=vision, text_config=_text(s, tok, rope_parameters=rope, **(text_extra or {})),
@@ -204,6 +208,32 @@ def _qwen3_vl(s: Sizes, tok: PreTrainedTokenizerFast) -> tuple[PretrainedConfig,
                     rope_extra={"mrope_interleaved": True})
 
 
+def _qwen3_5(s: Sizes, tok: PreTrainedTokenizerFast) -> tuple[PretrainedConfig, Any]:
+    # Qwen3-VL's processor and vision tower without deepstack, in front of a hybrid language model: Gated
+    # DeltaNet (linear attention) layers, the last one full attention, as the real model's every 4th (test:
+    # 1 linear + 1 full; demo: 3 + 1, the real pattern). Every dimension whose default is the real one is
+    # set: full attention's head_dim (twice the hidden width per head, so that a quarter of it, the real
+    # partial_rotary_factor, still has a rotary pair each for time, height and width), the linear attention's
+    # key and value heads (value heads twice the key heads, as the real 16/32) and head dims, its conv kernel.
+    side = s.image // s.patch
+    vision = dict(
+        depth=s.v_layers, hidden_size=s.v_hidden, intermediate_size=s.v_mlp, num_heads=s.v_heads,
+        patch_size=s.patch, spatial_merge_size=2, temporal_patch_size=2, out_hidden_size=s.t_hidden,
+        num_position_embeddings=side * side,
+    )
+    head_dim, partial_rotary = 2 * s.t_hidden // s.t_heads, 0.25
+    text = dict(
+        head_dim=head_dim, layer_types=["linear_attention"] * (s.t_layers - 1) + ["full_attention"],
+        linear_num_key_heads=s.t_heads, linear_num_value_heads=2 * s.t_heads,
+        linear_key_head_dim=s.t_hidden // s.t_heads, linear_value_head_dim=s.t_hidden // s.t_heads,
+        linear_conv_kernel_dim=4,
+    )
+    return _qwen_vl(Qwen3_5Config, Qwen3VLImageOnlyProcessor, vision, s, tok,
+                    image_extra={"image_mean": [0.5] * 3, "image_std": [0.5] * 3}, text_extra=text,
+                    rope_extra={"mrope_interleaved": True, "partial_rotary_factor": partial_rotary},
+                    rotary_dim=int(head_dim * partial_rotary))
+
+
 def _llava(s: Sizes, tok: PreTrainedTokenizerFast) -> tuple[PretrainedConfig, Any]:
     square = {"height": s.image, "width": s.image}
     # "default" feature selection drops CLIP's CLS token: one <image> token per patch
@@ -227,6 +257,7 @@ BUILDERS: dict[str, Callable[[Sizes, PreTrainedTokenizerFast], tuple[PretrainedC
     "qwen2_vl": _qwen2_vl,
     "qwen2_5_vl": _qwen2_5_vl,
     "qwen3_vl": _qwen3_vl,
+    "qwen3_5": _qwen3_5,
     "llava": _llava,
 }
 
