@@ -42,6 +42,8 @@ class InputFormat:
         LLaVA-NeXT (512, 512).
     max_aspect_ratio: longer over shorter side; a more extreme image is padded with white up to it
         (Qwen2-VL's processor refuses ratios above 200).
+    max_grid_side: LLaVA-OneVision's anyres grid keeps the resolutions of at most this many tiles a side
+        (None: the checkpoint's grid, 6x6 tiles of 384 px for the released models; LLaVE trains with 2).
     """
 
     max_length: int = 256
@@ -50,10 +52,13 @@ class InputFormat:
     max_pixels: int | None = None
     image_size: tuple[int, int] | None = None
     max_aspect_ratio: float = 100.0
+    max_grid_side: int | None = None
 
     def __post_init__(self) -> None:
         if self.max_length < 1:
             raise ValueError(f"max_length must be at least 1, found {self.max_length}")
+        if self.max_grid_side is not None and self.max_grid_side < 1:
+            raise ValueError(f"max_grid_side must be at least 1 tile, found {self.max_grid_side}")
         if self.max_aspect_ratio < 1:
             raise ValueError(f"max_aspect_ratio must be at least 1, found {self.max_aspect_ratio}")
 
