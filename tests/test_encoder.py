@@ -70,6 +70,9 @@ CACHE_FAMILIES = {
     # Qwen3-VL: also deepstack features added to the first language layers (configs/qwen3_vl_8b.yaml)
     "qwen3_vl": r".*(language_model.*\.(q_proj|k_proj|v_proj|gate_proj|up_proj|down_proj)"
                 r"|visual\.blocks.*\.attn\.(qkv|proj))",
+    # LLaVA-OneVision: anyres tiles, image_newline rows, image_sizes with the pixels (llava_onevision_7b.yaml)
+    "llava_onevision": r".*(language_model.*\.(q_proj|k_proj|v_proj|o_proj|down_proj)"
+                       r"|vision_tower.*\.self_attn\.(q_proj|k_proj|v_proj|out_proj))",
 }
 
 
