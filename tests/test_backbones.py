@@ -244,3 +244,32 @@ def test_qwen3_5_fsdp_units_cover_both_layer_types(tmp_path):
     layers, vision = model.model.language_model.layers, model.model.visual.blocks
     assert {layer.block_type for layer in layers} == {"linear_attention", "full_attention"}
     assert {id(m) for m in blocks} == {id(m) for m in (*layers, *vision)}
+
+def test_llava_onevision_tiles_by_the_anyres_grid_and_max_grid_side_narrows_it(tmp_path):
+    """LLaVA-OneVision: a 3:1 image takes the 1x3 grid resolution (the whole image + 3 tiles, one token per
+    patch, a learned `image_newline` after each feature row); `max_grid_side` narrows the grid in processor
+    and model alike (the model refuses a token count that its own grid does not give)."""
+    path = build_tiny("llava_onevision", tmp_path, seed=0, preset="test")
+    adapter = load_backbone(path)
+    items = [Item(IMAGE_INSTRUCTION, image=noise_image(9, (96, 32))), Item(text="a red circle")]
+    batch = adapter.collate(items)
+    assert batch["image_sizes"].tolist() == [[32, 96]] and batch["batch_num_images"].tolist() == [1]
+    assert batch["pixel_values"].shape[:2] == (1, 1 + 3)  # the whole image, then 3 tiles of 32 px
+    patches = 4 * 4  # per 32 px tile of 8 px patches
+    assert image_token_count(adapter, batch) == [patches + 3 * patches + 4, 0]  # + a newline per feature row
+
+    before = embed(adapter, items)
+    with torch.no_grad():
+        adapter.model.model.image_newline.zero_()
+    after = embed(adapter, items)
+    assert not torch.allclose(after[0], before[0], atol=1e-4)  # the newline vectors are in the image row
+    torch.testing.assert_close(after[1], before[1])
+
+    narrow = load_backbone(path, input_format=InputFormat(max_grid_side=1))
+    assert narrow.model.config.image_grid_pinpoints == [[32, 32]]
+    narrow_batch = narrow.collate(items)
+    assert narrow_batch["pixel_values"].shape[:2] == (1, 1 + 1)
+    assert 0 < image_token_count(narrow, narrow_batch)[0] < image_token_count(adapter, batch)[0]
+    assert torch.isfinite(embed(narrow, items)).all()
+    with pytest.raises(ValueError, match="max_grid_side"):
+        InputFormat(max_grid_side=0)

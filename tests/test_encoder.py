@@ -74,6 +74,9 @@ CACHE_FAMILIES = {
     # their fused q,k,v and output gate adapted as full attention's (configs/qwen3_5_9b.yaml)
     "qwen3_5": r".*(language_model.*\.(q_proj|k_proj|v_proj|in_proj_qkv|in_proj_z|gate_proj|up_proj"
                r"|down_proj)|visual\.blocks.*\.attn\.(qkv|proj))",
+    # LLaVA-OneVision: anyres tiles, image_newline rows, image_sizes with the pixels (llava_onevision_7b.yaml)
+    "llava_onevision": r".*(language_model.*\.(q_proj|k_proj|v_proj|o_proj|down_proj)"
+                       r"|vision_tower.*\.self_attn\.(q_proj|k_proj|v_proj|out_proj))",
 }
 
 

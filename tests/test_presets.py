@@ -2,9 +2,7 @@
 
 Every expected string below is written by hand from the reference code cited in each preset's template
 docstring, not from the project's output; the expected ids are what the real processor classes of the tiny
-backbones make of those strings (called as the references call them). LLaVE's family, llava_onevision, has
-no adapter on this branch: its strings are checked on a stand-in adapter of that family name built on the
-tiny LLaVA's processor (same `<image>` token, a Llama tokenizer that adds its bos).
+backbones make of those strings (called as the references call them).
 """
 
 import json
@@ -17,19 +15,12 @@ import torch
 from PIL import Image
 
 from mme5.backbones import InputFormat, Item, load_processing, resolve_preset
-from mme5.backbones.llava import LlavaAdapter
 from mme5.backbones.presets import PRESETS, detect
 from mme5.backbones.tiny import build_tiny
 from mme5.checkpoint import EXPORT_CONFIG, load_encoder, save_model_folder
 
 IMAGE = Image.fromarray(np.random.default_rng(0).integers(0, 256, (30, 40, 3), dtype=np.uint8), "RGB")
 VISION = "<|vision_start|><|image_pad|><|vision_end|>"
-
-
-class OnevisionStandIn(LlavaAdapter):
-    """A llava_onevision adapter for prompt tests only: the tiny LLaVA's processor under LLaVE's family."""
-
-    family = "llava_onevision"
 
 
 @pytest.fixture(scope="module")
@@ -46,9 +37,6 @@ def tiny(tmp_path_factory):
 
 
 def adapter_for(tiny, family: str, **fmt):
-    if family == "llava_onevision":
-        processor = load_processing(tiny("llava")).processor
-        return OnevisionStandIn(None, processor, InputFormat(**fmt))
     return load_processing(tiny(family), InputFormat(**fmt))
 
 
@@ -221,3 +209,13 @@ def test_the_preset_travels_from_the_model_files_to_an_export_and_back(tiny, tmp
     with pytest.warns(UserWarning, match="records it 'gme'"):
         assert load_encoder(tmp_path / "export", preset="mme5").encoder.adapter.preset.name == "mme5"
     assert set(PRESETS) == {"mme5", "vlm2vec_v2", "vlm2vec_v1", "gme", "qwen3_vl_embedding", "llave"}
+
+
+
+def test_llave_narrows_the_anyres_grid_to_its_two_by_two_tiles(tiny):
+    """LLaVE trains on (1x1)..(2x2) grids: its preset narrows the grid unless the format says otherwise."""
+    def widest(**fmt):
+        grid = adapter_for(tiny, "llava_onevision", **fmt).processor.image_processor.image_grid_pinpoints
+        return max(max(h, w) for h, w in grid) // 32  # tiles of 32 px in the tiny build
+
+    assert (widest(), widest(preset="llave"), widest(preset="llave", max_grid_side=1)) == (3, 2, 1)

@@ -93,6 +93,12 @@ REFERENCE_SPECIAL_TOKENS["qwen3_vl"] = REFERENCE_SPECIAL_TOKENS["qwen2_vl"]
 for _row in ROWS:
     _row[3]["qwen3_5"] = _row[3]["qwen2_vl"]
 REFERENCE_SPECIAL_TOKENS["qwen3_5"] = REFERENCE_SPECIAL_TOKENS["qwen2_vl"]
+# LLaVA-OneVision takes the llava rule (`<image>`, text verbatim; VLM2Vec and LLaVE replace `<|image_1|>` so):
+# the same strings; the ids come from LlavaOnevisionProcessor (Qwen2's tokenizer adds no bos, `<image>`
+# expands to the anyres feature count).
+for _row in ROWS:
+    _row[3]["llava_onevision"] = _row[3]["llava"]
+REFERENCE_SPECIAL_TOKENS["llava_onevision"] = REFERENCE_SPECIAL_TOKENS["llava"]
 
 
 @pytest.fixture(scope="module", params=FAMILIES)
@@ -155,7 +161,8 @@ def test_image_token_is_a_recipe_setting(adapter):
              "mllama": "<|image|>",
              "qwen2_5_vl": "<|vision_start|><|image_pad|><|vision_end|>",
              "qwen3_vl": "<|vision_start|><|image_pad|><|vision_end|>",
-             "qwen3_5": "<|vision_start|><|image_pad|><|vision_end|>"}[adapter.family]
+             "qwen3_5": "<|vision_start|><|image_pad|><|vision_end|>",
+             "llava_onevision": "<image>"}[adapter.family]
     custom = type(adapter)(None, adapter.processor, InputFormat(image_token=token))
     item = Item(prompt=ROWS[3][1], image=IMAGE)
     expected = {"qwen2_vl": "<|vision_start|><|image_pad|><|vision_end|>\nRepresent the given image.\n",
@@ -164,6 +171,7 @@ def test_image_token_is_a_recipe_setting(adapter):
                 "qwen2_5_vl": "<|vision_start|><|image_pad|><|vision_end|>\nRepresent the given image.\n",
                 "qwen3_vl": "<|vision_start|><|image_pad|><|vision_end|>\nRepresent the given image.\n",
                 "qwen3_5": "<|vision_start|><|image_pad|><|vision_end|>\nRepresent the given image.\n",
+                "llava_onevision": "<image>\nRepresent the given image.\n",
                 }[adapter.family]
     assert custom.prompt(item) == expected
     ids = project_inputs(custom, item)["input_ids"]

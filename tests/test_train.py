@@ -64,6 +64,10 @@ RECIPE_TARGETS = {
                          "lm_head"]),
     "llava_next_7b.yaml": ("llava", ["language_model", "vision_tower", "out_proj", "down_proj"],
                            ["multi_modal_projector", "patch_embedding", "lm_head"]),
+    "llava_onevision_7b.yaml": ("llava_onevision",
+                                ["language_model", "vision_tower", "self_attn.out_proj", "down_proj"],
+                                ["multi_modal_projector", "patch_embedding", "image_newline", "lm_head",
+                                 "mlp.fc1", "mlp.fc2"]),
 }
 
 
@@ -265,7 +269,8 @@ def test_reference_gradient_scale_is_the_full_batch_gradient_over_ranks(tmp_path
     assert_same_gradients(record, {name: grad / 2 for name, grad in expected.items()})
 
 
-@pytest.mark.parametrize("family", ["qwen2_vl", "llava", "qwen3_vl", "qwen2_5_vl", "qwen3_5"])
+@pytest.mark.parametrize("family", ["qwen2_vl", "llava", "qwen3_vl", "qwen2_5_vl", "qwen3_5",
+                                    "llava_onevision"])
 def test_fsdp_gradient_equals_the_full_batch_gradient_for_other_families(tmp_path, tiny_shards, family):
     """Image tokens inline in the text (and Qwen2-VL's 3-D rope) instead of Mllama's cross-attention;
     Qwen3.5's Gated-DeltaNet layers sharded like its full-attention layers (one block class)."""

@@ -18,6 +18,7 @@ from mme5.backbones.base import (
     Item,
 )
 from mme5.backbones.llava import LlavaAdapter
+from mme5.backbones.llava_onevision import LlavaOnevisionAdapter
 from mme5.backbones.mllama import MllamaAdapter
 from mme5.backbones.presets import detect
 from mme5.backbones.qwen2_5_vl import Qwen2_5_VLAdapter
@@ -30,8 +31,8 @@ from mme5.hub import local_model
 DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
 
 ADAPTERS: dict[str, type[BackboneAdapter]] = {
-    a.family: a
-    for a in (MllamaAdapter, Qwen2VLAdapter, LlavaAdapter, Qwen3VLAdapter, Qwen2_5_VLAdapter, Qwen3_5Adapter)
+    a.family: a for a in (MllamaAdapter, Qwen2VLAdapter, LlavaAdapter, Qwen3VLAdapter, Qwen2_5_VLAdapter,
+                          Qwen3_5Adapter, LlavaOnevisionAdapter)
 }
 
 

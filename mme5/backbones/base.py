@@ -47,6 +47,8 @@ class InputFormat:
     preset: the released embedder's format items are written in (`mme5.backbones.presets`: "mme5",
         "vlm2vec_v2", "gme", ...); its image token and image bounds fill the fields left None. None: what
         the model's files say (`presets.detect`), else "mme5".
+    max_grid_side: LLaVA-OneVision's anyres grid keeps the resolutions of at most this many tiles a side
+        (None: the checkpoint's grid, 6x6 tiles of 384 px for the released models; LLaVE trains with 2).
     """
 
     max_length: int = 256
@@ -56,10 +58,13 @@ class InputFormat:
     image_size: tuple[int, int] | None = None
     max_aspect_ratio: float = 100.0
     preset: str | None = None
+    max_grid_side: int | None = None
 
     def __post_init__(self) -> None:
         if self.max_length < 1:
             raise ValueError(f"max_length must be at least 1, found {self.max_length}")
+        if self.max_grid_side is not None and self.max_grid_side < 1:
+            raise ValueError(f"max_grid_side must be at least 1 tile, found {self.max_grid_side}")
         if self.max_aspect_ratio < 1:
             raise ValueError(f"max_aspect_ratio must be at least 1, found {self.max_aspect_ratio}")
         if self.preset is not None:
@@ -72,7 +77,8 @@ class InputFormat:
         return replace(
             self, preset=chosen.name, image_token=self.image_token or chosen.image_token,
             min_pixels=self.min_pixels or chosen.min_pixels, max_pixels=self.max_pixels or chosen.max_pixels,
-            image_size=self.image_size or chosen.image_size)
+            image_size=self.image_size or chosen.image_size,
+            max_grid_side=self.max_grid_side or chosen.max_grid_side)
 
     @classmethod
     def of(cls, value: Any) -> "InputFormat":

@@ -66,7 +66,8 @@ class Preset:
 
     families: the `--family` values it applies to (None: all).
     template: how an item becomes the prompt; None: the published string with the family's image token.
-    image_token, min_pixels, max_pixels, image_size: defaults of the `InputFormat` fields of the same names.
+    image_token, min_pixels, max_pixels, image_size, max_grid_side: defaults of the `InputFormat` fields of
+        the same names.
     evidence: files that mark a model folder as trained with this format (in order; the first found wins).
     """
 
@@ -78,6 +79,7 @@ class Preset:
     min_pixels: int | None = None
     max_pixels: int | None = None
     image_size: tuple[int, int] | None = None
+    max_grid_side: int | None = None
     evidence: tuple[Evidence, ...] = ()
 
     def applies_to(self, family: str) -> bool:
@@ -213,7 +215,8 @@ PRESETS: dict[str, Preset] = {p.name: p for p in (
            qwen3_vl_embedding, "<|vision_start|><|image_pad|><|vision_end|>",
            4 * QWEN3_VL_EMBEDDING_FACTOR**2, 1800 * QWEN3_VL_EMBEDDING_FACTOR**2,  # l. 27-28
            evidence=(Evidence("README.md", "Qwen3-VL-Embedding"),)),
-    Preset("llave", "LLaVE, DeepLearnXMU/LLaVE", ("llava_onevision",), llave, "<image>",
+    # LLaVE's anyres grid: (1x1)..(2x2) tiles (its training command's `image_grid_pinpoints`).
+    Preset("llave", "LLaVE, DeepLearnXMU/LLaVE", ("llava_onevision",), llave, "<image>", max_grid_side=2,
            evidence=(Evidence("README.md", "LLaVE"),)),
 )}
 

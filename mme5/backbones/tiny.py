@@ -23,6 +23,7 @@ import torch
 from transformers import (
     AutoModelForImageTextToText,
     LlavaConfig,
+    LlavaOnevisionConfig,
     LlavaProcessor,
     MllamaConfig,
     MllamaProcessor,
@@ -35,9 +36,13 @@ from transformers import (
     Qwen3VLConfig,
 )
 from transformers.models.clip.image_processing_pil_clip import CLIPImageProcessorPil
+from transformers.models.llava_onevision.image_processing_pil_llava_onevision import (
+    LlavaOnevisionImageProcessorPil,
+)
 from transformers.models.mllama.image_processing_pil_mllama import MllamaImageProcessorPil
 from transformers.models.qwen2_vl.image_processing_pil_qwen2_vl import Qwen2VLImageProcessorPil
 
+from mme5.backbones.llava_onevision import LlavaOnevisionImageOnlyProcessor
 from mme5.backbones.qwen2_5_vl import Qwen2_5_VLImageOnlyProcessor
 from mme5.backbones.qwen2_vl import Qwen2VLImageOnlyProcessor
 from mme5.backbones.qwen3_vl import Qwen3VLImageOnlyProcessor
@@ -105,6 +110,10 @@ TOKENIZERS = {
 TOKENIZERS["qwen2_5_vl"] = TOKENIZERS["qwen2_vl"]  # Qwen2.5-VL kept Qwen2-VL's special tokens
 TOKENIZERS["qwen3_vl"] = TOKENIZERS["qwen2_vl"]  # so did Qwen3-VL
 TOKENIZERS["qwen3_5"] = TOKENIZERS["qwen2_vl"]  # and Qwen3.5 (eos <|im_end|>, pad <|endoftext|>)
+# LLaVA-OneVision's Qwen2 tokenizer (llava-hf): Qwen's chat markers plus its own image and video tokens
+TOKENIZERS["llava_onevision"] = TokenizerSpec(
+    None, "<|im_end|>", "<|endoftext|>", ("<|im_start|>", "<image>", "<video>"), False,
+)
 
 
 def tiny_tokenizer(family: str, vocab: int, texts: list[str]) -> PreTrainedTokenizerFast:
@@ -252,6 +261,29 @@ def _llava(s: Sizes, tok: PreTrainedTokenizerFast) -> tuple[PretrainedConfig, An
     return config, processor
 
 
+def _llava_onevision(s: Sizes, tok: PreTrainedTokenizerFast) -> tuple[PretrainedConfig, Any]:
+    # An anyres grid of 1x1 to 3x3 tiles of the tile size (the real one: 1x1 to 6x6 of 384 px), so that a
+    # square test image is one tile plus the whole image, and a wide one is several tiles. SigLIP has no CLS
+    # token: every patch of a tile is an image token ("full"); SigLIP's pixel statistics (mean = std = 0.5).
+    grid = [[rows * s.image, cols * s.image] for rows in (1, 2, 3) for cols in (1, 2, 3)]
+    processor = LlavaOnevisionImageOnlyProcessor(
+        LlavaOnevisionImageProcessorPil(size={"height": s.image, "width": s.image}, image_grid_pinpoints=grid,
+                                        image_mean=[0.5] * 3, image_std=[0.5] * 3),
+        tok, num_image_tokens=(s.image // s.patch) ** 2, vision_feature_select_strategy="full",
+    )
+    vision = dict(
+        model_type="siglip_vision_model", hidden_size=s.v_hidden, num_hidden_layers=s.v_layers,
+        num_attention_heads=s.v_heads, intermediate_size=s.v_mlp, image_size=s.image, patch_size=s.patch,
+        vision_use_head=False,
+    )
+    config = LlavaOnevisionConfig(
+        vision_config=vision, text_config=_text(s, tok, model_type="qwen2"), image_grid_pinpoints=grid,
+        image_token_index=processor.image_token_id, video_token_index=processor.video_token_id,
+        vision_feature_select_strategy="full", vision_feature_layer=-1,
+    )
+    return config, processor
+
+
 BUILDERS: dict[str, Callable[[Sizes, PreTrainedTokenizerFast], tuple[PretrainedConfig, Any]]] = {
     "mllama": _mllama,
     "qwen2_vl": _qwen2_vl,
@@ -259,6 +291,7 @@ BUILDERS: dict[str, Callable[[Sizes, PreTrainedTokenizerFast], tuple[PretrainedC
     "qwen3_vl": _qwen3_vl,
     "qwen3_5": _qwen3_5,
     "llava": _llava,
+    "llava_onevision": _llava_onevision,
 }
 
 
