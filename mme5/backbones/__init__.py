@@ -14,6 +14,7 @@ from mme5.backbones.base import (
     InputFormat,
     Item,
 )
+from mme5.backbones.gemma3 import Gemma3Adapter
 from mme5.backbones.llava import LlavaAdapter
 from mme5.backbones.mllama import MllamaAdapter
 from mme5.backbones.qwen2_5_vl import Qwen2_5_VLAdapter
@@ -25,7 +26,8 @@ from mme5.hub import local_model
 DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
 
 ADAPTERS: dict[str, type[BackboneAdapter]] = {
-    a.family: a for a in (MllamaAdapter, Qwen2VLAdapter, LlavaAdapter, Qwen3VLAdapter, Qwen2_5_VLAdapter)
+    a.family: a
+    for a in (MllamaAdapter, Qwen2VLAdapter, LlavaAdapter, Qwen3VLAdapter, Qwen2_5_VLAdapter, Gemma3Adapter)
 }
 
 
