@@ -70,6 +70,10 @@ CACHE_FAMILIES = {
     # Qwen3-VL: also deepstack features added to the first language layers (configs/qwen3_vl_8b.yaml)
     "qwen3_vl": r".*(language_model.*\.(q_proj|k_proj|v_proj|gate_proj|up_proj|down_proj)"
                 r"|visual\.blocks.*\.attn\.(qkv|proj))",
+    # Gemma 3: soft tokens attending both ways (token_type_ids), sliding-window layers, SigLIP attention
+    # (configs/gemma3_4b.yaml)
+    "gemma3": r".*(language_model.*\.(q_proj|k_proj|v_proj|o_proj|down_proj)"
+              r"|vision_tower.*\.self_attn\.(q_proj|k_proj|v_proj|out_proj))",
 }
 
 
