@@ -52,8 +52,12 @@ def embed(adapter, items, model=None) -> torch.Tensor:
     return last_token(hidden, batch["attention_mask"])
 
 
+def is_image_token(adapter, batch) -> torch.Tensor:
+    return torch.isin(batch["input_ids"], torch.tensor(sorted(adapter.image_token_ids)))
+
+
 def image_token_count(adapter, batch) -> list[int]:
-    return (batch["input_ids"] == adapter.processor.image_token_id).sum(1).tolist()
+    return is_image_token(adapter, batch).sum(1).tolist()
 
 
 def test_load_backbone_dispatches_on_model_type(adapter):
@@ -112,7 +116,7 @@ def test_truncation_counts_text_tokens_only_and_keeps_image_tokens(adapter):
     batch = short.collate(items)
 
     assert image_token_count(short, batch) == image_token_count(adapter, full)
-    is_text = (batch["input_ids"] != short.processor.image_token_id) & batch["attention_mask"].bool()
+    is_text = ~is_image_token(short, batch) & batch["attention_mask"].bool()
     assert is_text.sum(1).tolist() == [12, 12]
     for row, item in zip(batch["input_ids"], items, strict=True):
         kept = short.tokenizer.decode(row, skip_special_tokens=True).strip()
@@ -273,3 +277,41 @@ def test_llava_onevision_tiles_by_the_anyres_grid_and_max_grid_side_narrows_it(t
     assert torch.isfinite(embed(narrow, items)).all()
     with pytest.raises(ValueError, match="max_grid_side"):
         InputFormat(max_grid_side=0)
+
+
+def test_gemma3_expands_the_image_marker_and_its_soft_tokens_attend_both_ways(tmp_path):
+    """Gemma 3: `<start_of_image>` becomes the marker, `mm_tokens_per_image` soft tokens and `<end_of_image>`;
+    `token_type_ids` (1 on the soft tokens, in every chunk, lockstep ones too) give them bidirectional
+    attention, which is in the embedding path."""
+    adapter = load_backbone(build_tiny("gemma3", tmp_path, seed=0, preset="test"))
+    tok = adapter.tokenizer
+    items = [Item(IMAGE_INSTRUCTION, image=noise_image(9, (64, 48))), Item(text="a red circle")]
+    batch = adapter.collate(items)
+    ids = batch["input_ids"][0].tolist()
+    n = adapter.model.config.mm_tokens_per_image
+    start = ids.index(tok.boi_token_id)
+    assert ids[start + 1 : start + 2 + n] == [tok.image_token_id] * n + [tok.eoi_token_id]
+    for chunk in [*adapter.chunks(items, 1), *adapter.chunks([items[1], None], 2, lockstep=True)]:
+        soft = chunk.inputs["input_ids"] == tok.image_token_id
+        assert torch.equal(chunk.inputs["token_type_ids"], soft.long())
+
+    causal = {k: v for k, v in batch.items() if k != "token_type_ids"}
+    with torch.no_grad():
+        without = last_token(adapter.last_hidden_state(adapter.model, causal), batch["attention_mask"])
+    together = embed(adapter, items)
+    assert not torch.allclose(without[0], together[0], atol=1e-4)  # soft tokens saw the ones after them
+    torch.testing.assert_close(without[1], together[1])  # a text row has none
+
+
+def test_gemma3_pan_and_scan_is_off_whatever_the_processor_says(tmp_path):
+    """One fixed-size image sequence per image, also from a processor whose call defaults ask for crops."""
+    adapter = load_processing(build_tiny("gemma3", tmp_path, seed=0, preset="test"))
+    processor = adapter.processor
+    processor.images_kwargs = {**processor.images_kwargs, "do_pan_and_scan": True,
+                               "pan_and_scan_min_crop_size": 8}
+    wide = noise_image(10, (128, 16))
+    asked = processor(text=["<start_of_image>"], images=[[wide]], return_tensors="pt")
+    assert len(asked["pixel_values"]) > 1  # the setting is live: the processor would crop
+    batch = type(adapter)(None, processor).collate([Item(IMAGE_INSTRUCTION, image=wide)])
+    assert len(batch["pixel_values"]) == 1
+    assert image_token_count(adapter, batch) == [processor.image_seq_length + 2]

@@ -77,6 +77,10 @@ CACHE_FAMILIES = {
     # LLaVA-OneVision: anyres tiles, image_newline rows, image_sizes with the pixels (llava_onevision_7b.yaml)
     "llava_onevision": r".*(language_model.*\.(q_proj|k_proj|v_proj|o_proj|down_proj)"
                        r"|vision_tower.*\.self_attn\.(q_proj|k_proj|v_proj|out_proj))",
+    # Gemma 3: soft tokens attending both ways (token_type_ids), sliding-window layers, SigLIP attention
+    # (configs/gemma3_4b.yaml)
+    "gemma3": r".*(language_model.*\.(q_proj|k_proj|v_proj|o_proj|down_proj)"
+              r"|vision_tower.*\.self_attn\.(q_proj|k_proj|v_proj|out_proj))",
 }
 
 

@@ -5,6 +5,8 @@ Every expected string below is written by hand from the reference rules, not fro
   `<|begin_of_text|>` without; the processor puts `<|begin_of_text|>` in front of a string without one and
   adds no second one; the rest of the published string is kept, trailing newline included.
 - VLM2Vec (qwen2_vl, llava): only `<|image_1|>` is replaced (a bare `<|image_pad|>`; `<image>`).
+- gemma3 (no public embedder): the same rule with Gemma 3's image marker `<start_of_image>`, which its
+  processor expands to "\n\n", the marker, the soft tokens, `<end_of_image>`, "\n\n".
 The expected token ids are what the real transformers processor classes make of the expected strings, called
 as the reference calls them; the project's ids must equal them id for id.
 """
@@ -36,26 +38,31 @@ ROWS = [
     ("classification query", "<|image_1|>\nRepresent the given image for classification\n", True, {
         "mllama": "<|image|><|begin_of_text|>Represent the given image for classification\n",
         "qwen2_vl": "<|image_pad|>\nRepresent the given image for classification\n",
-        "llava": "<image>\nRepresent the given image for classification\n"}),
+        "llava": "<image>\nRepresent the given image for classification\n",
+        "gemma3": "<start_of_image>\nRepresent the given image for classification\n"}),
     ("bare text target", "tench", False, {
-        "mllama": "<|begin_of_text|>tench", "qwen2_vl": "tench", "llava": "tench"}),
+        "mllama": "<|begin_of_text|>tench", "qwen2_vl": "tench", "llava": "tench", "gemma3": "tench"}),
     ("text query with trailing space", "Find me an everyday image that matches the given caption: A man on a "
      "moped. \n", False, {
          "mllama": "<|begin_of_text|>Find me an everyday image that matches the given caption: A man on a "
                    "moped. \n",
          "qwen2_vl": "Find me an everyday image that matches the given caption: A man on a moped. \n",
-         "llava": "Find me an everyday image that matches the given caption: A man on a moped. \n"}),
+         "llava": "Find me an everyday image that matches the given caption: A man on a moped. \n",
+         "gemma3": "Find me an everyday image that matches the given caption: A man on a moped. \n"}),
     ("image target", "<|image_1|>\nRepresent the given image.\n", True, {
         "mllama": "<|image|><|begin_of_text|>Represent the given image.\n",
         "qwen2_vl": "<|image_pad|>\nRepresent the given image.\n",
-        "llava": "<image>\nRepresent the given image.\n"}),
+        "llava": "<image>\nRepresent the given image.\n",
+        "gemma3": "<start_of_image>\nRepresent the given image.\n"}),
     ("vqa query",
      "<|image_1|>\nRepresent the given image with the following question: What is on the table?\n", True, {
          "mllama": "<|image|><|begin_of_text|>Represent the given image with the following question: What is "
                    "on the table?\n",
          "qwen2_vl": "<|image_pad|>\nRepresent the given image with the following question: What is on the "
                      "table?\n",
-         "llava": "<image>\nRepresent the given image with the following question: What is on the table?\n"}),
+         "llava": "<image>\nRepresent the given image with the following question: What is on the table?\n",
+         "gemma3": "<start_of_image>\nRepresent the given image with the following question: What is on the "
+                   "table?\n"}),
     ("image+text target", "<|image_1|>\nRepresent the given Wikipedia image with related text information: "
      "Eiffel Tower. A wrought-iron lattice tower.\n", True, {
          "mllama": "<|image|><|begin_of_text|>Represent the given Wikipedia image with related text "
@@ -63,18 +70,23 @@ ROWS = [
          "qwen2_vl": "<|image_pad|>\nRepresent the given Wikipedia image with related text information: "
                      "Eiffel Tower. A wrought-iron lattice tower.\n",
          "llava": "<image>\nRepresent the given Wikipedia image with related text information: Eiffel Tower. "
-                  "A wrought-iron lattice tower.\n"}),
+                  "A wrought-iron lattice tower.\n",
+         "gemma3": "<start_of_image>\nRepresent the given Wikipedia image with related text information: "
+                   "Eiffel Tower. A wrought-iron lattice tower.\n"}),
     ("stray placeholder on a text-only query", "<|image_1|>\nFind a passage that answers: ¿Dónde está el "
      "gato?\n", False, {
          "mllama": "<|begin_of_text|>Find a passage that answers: ¿Dónde está el gato?\n",
          # the VLM2Vec rule would leave an image token without an image (the processor raises): dropped
          "qwen2_vl": "Find a passage that answers: ¿Dónde está el gato?\n",
-         "llava": "Find a passage that answers: ¿Dónde está el gato?\n"}),
+         "llava": "Find a passage that answers: ¿Dónde está el gato?\n",
+         "gemma3": "Find a passage that answers: ¿Dónde está el gato?\n"}),
 ]
 
 # How the reference calls each family's processor (mmE5's Mllama call adds no second bos; VLM2Vec's calls
 # keep the tokenizer's default).
-REFERENCE_SPECIAL_TOKENS = {"mllama": False, "qwen2_vl": True, "llava": True}
+REFERENCE_SPECIAL_TOKENS = {"mllama": False, "qwen2_vl": True, "llava": True, "gemma3": True}
+# Processors that take one list of images per prompt.
+NESTED_IMAGES = {"mllama", "gemma3"}
 
 # VLM2Vec maps Qwen2.5-VL to Qwen2-VL's image token and calls its processor alike (src/model/processor.py
 # VLM_IMAGE_TOKENS): the same strings; the ids come from the real Qwen2_5_VLProcessor.
@@ -111,7 +123,7 @@ def adapter(request, tmp_path_factory):
 def reference_inputs(adapter, text: str, image: Image.Image | None) -> dict[str, torch.Tensor]:
     processor, images = adapter.processor, None
     if image is not None:
-        images = [[image]] if adapter.family == "mllama" else [image]
+        images = [[image]] if adapter.family in NESTED_IMAGES else [image]
     return processor(text=[text], images=images, add_special_tokens=REFERENCE_SPECIAL_TOKENS[adapter.family],
                      return_tensors="pt")
 
@@ -162,7 +174,8 @@ def test_image_token_is_a_recipe_setting(adapter):
              "qwen2_5_vl": "<|vision_start|><|image_pad|><|vision_end|>",
              "qwen3_vl": "<|vision_start|><|image_pad|><|vision_end|>",
              "qwen3_5": "<|vision_start|><|image_pad|><|vision_end|>",
-             "llava_onevision": "<image>"}[adapter.family]
+             "llava_onevision": "<image>",
+             "gemma3": "<start_of_image>"}[adapter.family]
     custom = type(adapter)(None, adapter.processor, InputFormat(image_token=token))
     item = Item(prompt=ROWS[3][1], image=IMAGE)
     expected = {"qwen2_vl": "<|vision_start|><|image_pad|><|vision_end|>\nRepresent the given image.\n",
@@ -172,10 +185,24 @@ def test_image_token_is_a_recipe_setting(adapter):
                 "qwen3_vl": "<|vision_start|><|image_pad|><|vision_end|>\nRepresent the given image.\n",
                 "qwen3_5": "<|vision_start|><|image_pad|><|vision_end|>\nRepresent the given image.\n",
                 "llava_onevision": "<image>\nRepresent the given image.\n",
-                }[adapter.family]
+                "gemma3": "<start_of_image>\nRepresent the given image.\n"}[adapter.family]
     assert custom.prompt(item) == expected
     ids = project_inputs(custom, item)["input_ids"]
     assert ids.tolist() == reference_inputs(custom, expected, IMAGE)["input_ids"].tolist()
+
+
+def test_gemma3_prompt_becomes_the_image_sequence_then_the_text(tmp_path):
+    """The ids of a Gemma 3 image side, written out: the tokenizer's <bos>, the processor's "\n\n", marker,
+    soft tokens, end marker and "\n\n" in place of `<start_of_image>`, then the published text."""
+    adapter = load_processing(build_tiny("gemma3", tmp_path, seed=0, preset="test"))
+    tok, n = adapter.tokenizer, adapter.processor.image_seq_length
+
+    def text(s):
+        return tok(s, add_special_tokens=False).input_ids
+
+    image = [tok.boi_token_id, *[tok.image_token_id] * n, tok.eoi_token_id]
+    expected = [tok.bos_token_id, *text("\n\n"), *image, *text("\n\n\nRepresent the given image.\n")]
+    assert project_inputs(adapter, Item(prompt=ROWS[3][1], image=IMAGE))["input_ids"][0].tolist() == expected
 
 
 def write_image(path, image=IMAGE):

@@ -68,6 +68,10 @@ RECIPE_TARGETS = {
                                 ["language_model", "vision_tower", "self_attn.out_proj", "down_proj"],
                                 ["multi_modal_projector", "patch_embedding", "image_newline", "lm_head",
                                  "mlp.fc1", "mlp.fc2"]),
+    # Gemma 3: SigLIP's attention (out_proj) but not its MLP (fc1/fc2); the projector is a bare parameter.
+    "gemma3_4b.yaml": ("gemma3", ["language_model", "vision_tower", "self_attn.k_proj", "out_proj",
+                                  "down_proj"],
+                       ["multi_modal_projector", "patch_embedding", "mlp.fc", "embed_tokens", "lm_head"]),
 }
 
 
@@ -269,13 +273,22 @@ def test_reference_gradient_scale_is_the_full_batch_gradient_over_ranks(tmp_path
     assert_same_gradients(record, {name: grad / 2 for name, grad in expected.items()})
 
 
-@pytest.mark.parametrize("family", ["qwen2_vl", "llava", "qwen3_vl", "qwen2_5_vl", "qwen3_5",
-                                    "llava_onevision"])
+# FSDP units holding adapters of the default LoRA targets (q/k/v/o_proj, down_proj) that take part in the
+# backward, one reduce-scatter each per step: the test preset's 2 decoder layers, plus its 2 vision layers
+# where their names match (SigLIP attention; Qwen2.5-VL's vision MLP down_proj). LLaVA reads the CLIP layer
+# before the last (vision_feature_layer -2): the last one gets no gradient. Qwen2-VL/Qwen3-VL/Qwen3.5 vision
+# blocks (attn.qkv, linear_fc*) hold none; Qwen3.5's linear-attention layer holds its MLP's down_proj.
+ADAPTED_BLOCKS = {"qwen2_vl": 2, "llava": 3, "qwen3_vl": 2, "qwen2_5_vl": 4, "gemma3": 4, "qwen3_5": 2,
+                  "llava_onevision": 4}
+
+
+@pytest.mark.parametrize("family", sorted(ADAPTED_BLOCKS))
 def test_fsdp_gradient_equals_the_full_batch_gradient_for_other_families(tmp_path, tiny_shards, family):
-    """Image tokens inline in the text (and Qwen2-VL's 3-D rope) instead of Mllama's cross-attention;
-    Qwen3.5's Gated-DeltaNet layers sharded like its full-attention layers (one block class)."""
+    """Image tokens inline in the text (Qwen's 3-D rope, Gemma 3's bidirectional image attention) instead of
+    Mllama's cross-attention; every adapted decoder and vision layer is its own FSDP unit."""
     backbone = str(build_tiny(family, tmp_path / "backbone", seed=0, preset="test"))
     record = run_distributed(tmp_path / "run", backbone, tiny_shards, "fsdp")
+    assert record["allreduces"]["reduce_scatter"] == ADAPTED_BLOCKS[family]
     assert_same_gradients(record, full_batch_gradient(backbone, tiny_shards, record))
 
 

@@ -17,6 +17,7 @@ from mme5.backbones.base import (
     InputFormat,
     Item,
 )
+from mme5.backbones.gemma3 import Gemma3Adapter
 from mme5.backbones.llava import LlavaAdapter
 from mme5.backbones.llava_onevision import LlavaOnevisionAdapter
 from mme5.backbones.mllama import MllamaAdapter
@@ -32,7 +33,7 @@ DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch
 
 ADAPTERS: dict[str, type[BackboneAdapter]] = {
     a.family: a for a in (MllamaAdapter, Qwen2VLAdapter, LlavaAdapter, Qwen3VLAdapter, Qwen2_5_VLAdapter,
-                          Qwen3_5Adapter, LlavaOnevisionAdapter)
+                          Qwen3_5Adapter, LlavaOnevisionAdapter, Gemma3Adapter)
 }
 
 

@@ -182,6 +182,7 @@ class BackboneAdapter(ABC):
     model_types: ClassVar[tuple[str, ...]]  # HF `config.model_type` values this adapter handles
     default_image_token: ClassVar[str]  # replaces the published placeholder (`InputFormat.image_token`)
     add_special_tokens: ClassVar[bool] = True  # False where the prompt already carries the bos token
+    images_per_row: ClassVar[bool] = False  # the processor wants one list of images per row, not a flat one
     processor_class: ClassVar[Any] = AutoProcessor
 
     def __init__(self, model: PreTrainedModel | None, processor: Any,
@@ -268,10 +269,15 @@ class BackboneAdapter(ABC):
         """The prompt string of one item, as the input format's preset writes it."""
         return "".join(self.prompt_parts(item))
 
+    @property
+    def image_token_ids(self) -> frozenset[int]:
+        """Ids of the tokens standing for an image in the model's input: never counted as text, never cut."""
+        return frozenset({self.processor.image_token_id})
+
     def _count_text_tokens(self, text: str, specials: bool) -> int:
         """Tokens of `text` (with the tokenizer's own specials if `specials`) that are not image tokens."""
         ids = self.tokenizer(text, add_special_tokens=specials and self.add_special_tokens).input_ids
-        return sum(i != self.processor.image_token_id for i in ids)
+        return sum(i not in self.image_token_ids for i in ids)
 
     def _fit(self, body: str, budget: int) -> str:
         """Longest prefix of `body`, cut at a token start, that tokenizes to at most `budget` tokens.
@@ -306,7 +312,10 @@ class BackboneAdapter(ABC):
         return self._truncated
 
     def _images_arg(self, images: list[PIL.Image.Image | None]) -> Any:
-        """The processor's `images` argument: a flat list with one image per image token (default)."""
+        """The processor's `images` argument: a flat list with one image per image token, or
+        (`images_per_row`) one list per row, `[]` for a text-only row."""
+        if self.images_per_row:
+            return [[im] if im is not None else [] for im in images]
         return [im for im in images if im is not None]
 
     def prepare_image(self, image: PIL.Image.Image) -> PIL.Image.Image:

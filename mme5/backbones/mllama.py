@@ -2,7 +2,6 @@
 
 from typing import Any, ClassVar
 
-import PIL.Image
 from torch import Tensor
 from transformers import BatchFeature
 
@@ -20,6 +19,7 @@ class MllamaAdapter(BackboneAdapter):
     model_types: ClassVar[tuple[str, ...]] = ("mllama",)
     default_image_token: ClassVar[str] = "<|image|>"
     add_special_tokens: ClassVar[bool] = False  # the prompt carries <|begin_of_text|>; don't add a second
+    images_per_row: ClassVar[bool] = True  # Mllama's processor: one list of images per row
 
     def published_prompt(self, item: Item) -> str:
         head = self.image_token + BOS
@@ -28,10 +28,6 @@ class MllamaAdapter(BackboneAdapter):
 
     def head_markers(self) -> tuple[str, ...]:
         return (self.image_token, BOS)
-
-    def _images_arg(self, images: list[PIL.Image.Image | None]) -> Any:
-        """Mllama's processor wants one list of images per row (`[]` for a text-only row)."""
-        return [[im] if im is not None else [] for im in images]
 
     def last_hidden_state(self, model: Any, batch: BatchFeature | dict[str, Tensor]) -> Tensor:
         """Like the base, but text-only rows of a mixed batch see all-zero vision states.

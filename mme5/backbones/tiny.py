@@ -15,13 +15,15 @@ import hashlib
 import sys
 from collections.abc import Callable
 from contextlib import nullcontext
-from dataclasses import asdict, dataclass
+from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import Any
 
 import torch
 from transformers import (
     AutoModelForImageTextToText,
+    Gemma3Config,
+    Gemma3Processor,
     LlavaConfig,
     LlavaOnevisionConfig,
     LlavaProcessor,
@@ -36,6 +38,7 @@ from transformers import (
     Qwen3VLConfig,
 )
 from transformers.models.clip.image_processing_pil_clip import CLIPImageProcessorPil
+from transformers.models.gemma3.image_processing_pil_gemma3 import Gemma3ImageProcessorPil
 from transformers.models.llava_onevision.image_processing_pil_llava_onevision import (
     LlavaOnevisionImageProcessorPil,
 )
@@ -94,6 +97,7 @@ class TokenizerSpec:
     pad: str
     extra: tuple[str, ...]
     add_bos: bool  # whether the real tokenizer prepends bos itself
+    named: dict[str, str] = field(default_factory=dict)  # tokenizer attributes the processor reads
 
 
 TOKENIZERS = {
@@ -107,6 +111,9 @@ TOKENIZERS = {
     ),
     "llava": TokenizerSpec("<s>", "</s>", "<pad>", ("<unk>", "<image>"), True),
 }
+# Gemma 3's processor reads its image markers from the tokenizer's boi/eoi/image token attributes.
+TOKENIZERS["gemma3"] = TokenizerSpec("<bos>", "<eos>", "<pad>", (), True, named={
+    "boi_token": "<start_of_image>", "eoi_token": "<end_of_image>", "image_token": "<image_soft_token>"})
 TOKENIZERS["qwen2_5_vl"] = TOKENIZERS["qwen2_vl"]  # Qwen2.5-VL kept Qwen2-VL's special tokens
 TOKENIZERS["qwen3_vl"] = TOKENIZERS["qwen2_vl"]  # so did Qwen3-VL
 TOKENIZERS["qwen3_5"] = TOKENIZERS["qwen2_vl"]  # and Qwen3.5 (eos <|im_end|>, pad <|endoftext|>)
@@ -119,9 +126,10 @@ TOKENIZERS["llava_onevision"] = TokenizerSpec(
 def tiny_tokenizer(family: str, vocab: int, texts: list[str]) -> PreTrainedTokenizerFast:
     """Byte-level BPE with the family's special tokens."""
     spec = TOKENIZERS[family]
-    specials = [t for t in (spec.pad, spec.bos, spec.eos, *spec.extra) if t]
+    specials = [t for t in (spec.pad, spec.bos, spec.eos, *spec.extra, *spec.named.values()) if t]
     return train_bpe(
-        texts, list(dict.fromkeys(specials)), vocab, spec.bos, spec.eos, spec.pad, add_bos=spec.add_bos
+        texts, list(dict.fromkeys(specials)), vocab, spec.bos, spec.eos, spec.pad, add_bos=spec.add_bos,
+        named_tokens=spec.named,
     )
 
 
@@ -261,6 +269,16 @@ def _llava(s: Sizes, tok: PreTrainedTokenizerFast) -> tuple[PretrainedConfig, An
     return config, processor
 
 
+def _siglip(s: Sizes) -> dict[str, Any]:
+    """A SigLIP vision tower without its attention-pooling head: the families read the patch states (an unused
+    head would get no gradient and stall DDP)."""
+    return dict(
+        model_type="siglip_vision_model", hidden_size=s.v_hidden, num_hidden_layers=s.v_layers,
+        num_attention_heads=s.v_heads, intermediate_size=s.v_mlp, image_size=s.image, patch_size=s.patch,
+        vision_use_head=False,
+    )
+
+
 def _llava_onevision(s: Sizes, tok: PreTrainedTokenizerFast) -> tuple[PretrainedConfig, Any]:
     # An anyres grid of 1x1 to 3x3 tiles of the tile size (the real one: 1x1 to 6x6 of 384 px), so that a
     # square test image is one tile plus the whole image, and a wide one is several tiles. SigLIP has no CLS
@@ -271,15 +289,30 @@ def _llava_onevision(s: Sizes, tok: PreTrainedTokenizerFast) -> tuple[Pretrained
                                         image_mean=[0.5] * 3, image_std=[0.5] * 3),
         tok, num_image_tokens=(s.image // s.patch) ** 2, vision_feature_select_strategy="full",
     )
-    vision = dict(
-        model_type="siglip_vision_model", hidden_size=s.v_hidden, num_hidden_layers=s.v_layers,
-        num_attention_heads=s.v_heads, intermediate_size=s.v_mlp, image_size=s.image, patch_size=s.patch,
-        vision_use_head=False,
-    )
+    vision = _siglip(s)
     config = LlavaOnevisionConfig(
         vision_config=vision, text_config=_text(s, tok, model_type="qwen2"), image_grid_pinpoints=grid,
         image_token_index=processor.image_token_id, video_token_index=processor.video_token_id,
         vision_feature_select_strategy="full", vision_feature_layer=-1,
+    )
+    return config, processor
+
+
+def _gemma3(s: Sizes, tok: PreTrainedTokenizerFast) -> tuple[PretrainedConfig, Any]:
+    # The projector average-pools 2x2 patches into one soft token (the real 896 px: 64x64 patches of 14 px,
+    # pooled 4x4 into 256). Sliding-window layers with the last one global (the real model: 5 local, then 1
+    # global), the window 4 image sequences long as the real 1024 tokens are to its 256.
+    tokens = (s.image // s.patch // 2) ** 2
+    processor = Gemma3Processor(
+        Gemma3ImageProcessorPil(size={"height": s.image, "width": s.image}), tok, image_seq_length=tokens
+    )
+    vision = _siglip(s)
+    head_dim = s.t_hidden // s.t_heads  # explicit, as query_pre_attn_scalar: the defaults are the real 256
+    text = _text(s, tok, head_dim=head_dim, query_pre_attn_scalar=head_dim, sliding_window=4 * tokens,
+                 layer_types=["sliding_attention"] * (s.t_layers - 1) + ["full_attention"])
+    config = Gemma3Config(
+        vision_config=vision, text_config=text, mm_tokens_per_image=tokens, boi_token_index=tok.boi_token_id,
+        eoi_token_index=tok.eoi_token_id, image_token_index=tok.image_token_id,
     )
     return config, processor
 
@@ -292,6 +325,7 @@ BUILDERS: dict[str, Callable[[Sizes, PreTrainedTokenizerFast], tuple[PretrainedC
     "qwen3_5": _qwen3_5,
     "llava": _llava,
     "llava_onevision": _llava_onevision,
+    "gemma3": _gemma3,
 }
 
 
@@ -305,8 +339,7 @@ def make_tiny(
     `device` create the weights directly in that dtype and on that device (a large model then never exists
     in float32 on the CPU). Same seed, sizes and device: same weights.
 
-    Mllama's cross-attention gates start open (1.0, where transformers starts at 0): a random model then
-    depends on the pixels, so tests see image misalignment and training need not first open the gates.
+    The image path starts open where transformers starts it closed (`open_image_path`).
     """
     if family not in BUILDERS or (sizes is None and preset not in PRESETS):
         raise ValueError(f"family must be one of {sorted(BUILDERS)} and preset one of {sorted(PRESETS)}; "
@@ -319,11 +352,21 @@ def make_tiny(
         torch.manual_seed(seed)  # seeds the CUDA generators too
         with torch.device(device) if device is not None else nullcontext():
             model = AutoModelForImageTextToText.from_config(config, **({"dtype": dtype} if dtype else {}))
-    with torch.no_grad():
-        for name, param in model.named_parameters():
-            if name.endswith(("cross_attn_attn_gate", "cross_attn_mlp_gate")):
-                param.fill_(1.0)
+        open_image_path(model)
     return model, processor
+
+
+@torch.no_grad()
+def open_image_path(model: PreTrainedModel) -> None:
+    """Open what transformers initialises shut between the pixels and the language model: Mllama's
+    cross-attention gates (0, tanh(0) = 0) to 1, Gemma 3's projection into the language model (zeros) to
+    random. A random model then depends on the pixels, so tests see image misalignment and training need
+    not first open the path."""
+    for name, param in model.named_parameters():
+        if name.endswith(("cross_attn_attn_gate", "cross_attn_mlp_gate")):
+            param.fill_(1.0)
+        elif name.endswith("multi_modal_projector.mm_input_projection_weight"):
+            param.normal_(std=model.config.initializer_range)
 
 
 def build_tiny(

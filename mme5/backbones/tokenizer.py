@@ -5,7 +5,7 @@ ideographs and kana are split into single characters before BPE: otherwise a who
 spaces) merges into one token that a tiny model never sees again.
 """
 
-from collections.abc import Iterable, Sequence
+from collections.abc import Iterable, Mapping, Sequence
 
 from tokenizers import Regex, Tokenizer, decoders, models, pre_tokenizers, processors, trainers
 from transformers import PreTrainedTokenizerFast
@@ -58,10 +58,12 @@ def train_bpe(
     eos_token: str,
     pad_token: str,
     add_bos: bool,
+    named_tokens: Mapping[str, str] | None = None,
 ) -> PreTrainedTokenizerFast:
     """Train a byte-level BPE on `texts`; `special_tokens` get the first ids, in order, and are never split.
 
-    `add_bos` makes the tokenizer prepend `bos_token` like Llama-family tokenizers do.
+    `add_bos` makes the tokenizer prepend `bos_token` like Llama-family tokenizers do. `named_tokens` become
+    tokenizer attributes that processors read (e.g. Gemma 3's `boi_token`; saved with the tokenizer).
     """
     tok = Tokenizer(models.BPE())
     tok.pre_tokenizer = pre_tokenizers.Sequence(
@@ -86,5 +88,5 @@ def train_bpe(
         )
     return PreTrainedTokenizerFast(
         tokenizer_object=tok, bos_token=bos_token, eos_token=eos_token, pad_token=pad_token,
-        padding_side="left",
+        padding_side="left", **(named_tokens or {}),
     )
