@@ -11,7 +11,8 @@ The folder holds
 - sentence-transformers files (`modules.json`, `config_sentence_transformers.json`): `SentenceTransformer(DIR,
   trust_remote_code=True)` embeds as `mme5.Embedder.from_pretrained(DIR)` does, the instructions being its
   named prompts "query" and "document";
-- for Qwen2-VL and LLaVA, a chat template rendering the project's prompt (`mme5.integrations.vllm`);
+- for the families vLLM serves (`CHAT_TEMPLATE_FAMILIES`: the Qwen-VL families and LLaVA), a chat template
+  rendering the project's prompt (`mme5.integrations.vllm`);
 - a model card `README.md` (Hub metadata, usage, input format, training recipe, scores from `--scores`).
 
 `--push-to-hub` uploads the folder with huggingface_hub after writing it (token from `HF_TOKEN` or `hf auth
@@ -42,7 +43,10 @@ from mme5.integrations.vllm import chat_template
 from mme5.model_card import model_card
 from mme5.settings import command_parser, number_at_least, utf8_path
 
-CHAT_TEMPLATE_FAMILIES = ("qwen2_vl", "llava")  # what current vLLM serves as pooling models
+# What current vLLM serves as pooling models (docs/models/pooling_models/embed.md, multimodal embedding
+# models): Qwen3-VL by name (Qwen3-VL-Embedding), Qwen2-VL, Qwen2.5-VL and LLaVA(-NeXT) as generative
+# `*ForConditionalGeneration` models converted with `--convert embed`. Mllama left vLLM after 0.10.2.
+CHAT_TEMPLATE_FAMILIES = ("qwen2_vl", "qwen2_5_vl", "qwen3_vl", "llava")
 COMMAND = "mme5.export"
 
 

@@ -8,6 +8,9 @@ from PIL import Image
 
 from mme5.data.schema import Modality, Sample, Side, Task
 
+# The demo's instructions (the Makefile's demo-export), as exports' query and document prompts.
+QUERY, DOCUMENT = "Find me an everyday image that matches the given caption:", "Represent the given image."
+
 
 def image_bytes(color: tuple[int, int, int] = (200, 30, 30), size: int = 16, fmt: str = "PNG") -> bytes:
     buffer = io.BytesIO()

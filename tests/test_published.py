@@ -260,13 +260,22 @@ def test_split_rules():
     assert published.split("Find an image\nA dog.") == ("Find an image", "A dog.", False)
 
 
+def test_exports_carry_a_chat_template_for_the_families_vllm_serves():
+    """vLLM's multimodal embedding models (docs/models/pooling_models/embed.md): Qwen3-VL by name, the other
+    Qwen-VL families and LLaVA(-NeXT) through `--convert embed`; no Mllama since vLLM 0.10.2."""
+    from mme5.export import CHAT_TEMPLATE_FAMILIES
+
+    assert sorted(CHAT_TEMPLATE_FAMILIES) == ["llava", "qwen2_5_vl", "qwen2_vl", "qwen3_vl"]
+
+
 def test_the_exported_chat_template_renders_the_project_prompt(adapter):
     """What vLLM makes of an embedding request's messages (system = instruction, user = text and image) is
     the project's prompt string, character for character, for every kind of side."""
+    from mme5.export import CHAT_TEMPLATE_FAMILIES
     from mme5.integrations.vllm import chat_template
 
-    if adapter.family == "mllama":
-        pytest.skip("current vLLM does not serve Mllama: its exports carry no chat template")
+    if adapter.family not in CHAT_TEMPLATE_FAMILIES:
+        pytest.skip(f"current vLLM does not serve {adapter.family}: its exports carry no chat template")
     template = chat_template(adapter.image_token)
     sides = [("Represent the given image for classification", None, True), ("", "tench", False),
              ("Find me an everyday image that matches the given caption:", " A man on a moped. ", False),

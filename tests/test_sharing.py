@@ -8,11 +8,9 @@ import shutil
 import pytest
 import torch
 import yaml
-from helpers import write_pngs
-from PIL import Image
+from helpers import DOCUMENT, QUERY
 from test_export import perturbed_checkpoint
 
-import mme5
 from mme5.backbones.tiny import build_tiny
 from mme5.checkpoint import load_encoder
 from mme5.demo.world import WorldConfig, build_world
@@ -22,9 +20,6 @@ from mme5.export import export, main
 from mme5.files import OWNER_RECORD
 
 st = pytest.importorskip("sentence_transformers")
-
-QUERY, DOCUMENT = "Find me an everyday image that matches the given caption:", "Represent the given image."
-COLORS = [(200, 30, 30), (30, 200, 30), (30, 30, 200), (220, 220, 40)]
 
 
 @pytest.fixture(scope="module", params=["mllama", "qwen2_vl"])
@@ -38,38 +33,6 @@ def exported(request, tmp_path_factory):
     adapter = export(ckpt, root / "adapter", query_instruction=QUERY, target_instruction=DOCUMENT,
                      adapter_only=True)
     return backbone, ckpt, merged, adapter
-
-
-@pytest.fixture(scope="module")
-def images(tmp_path_factory):
-    return write_pngs(tmp_path_factory.mktemp("pictures"), COLORS, width=28, step=4)
-
-
-def mixed_inputs(images):
-    return ["a red square on white", Image.open(images[0]), str(images[1]),
-            {"text": "a blue square", "image": Image.open(images[2])},
-            {"text": "yellow", "image": str(images[3])},
-            "a much longer caption about a green square and a cat"]
-
-
-def test_sentence_transformers_embeds_as_the_embedder(exported, images):
-    """The real SentenceTransformer on an export: text, image and image+text inputs mixed in one call, the
-    export's instructions as its query/document prompts, within 1e-5 of Embedder (and L2-normalised)."""
-    _, _, merged, _ = exported
-    model = st.SentenceTransformer(str(merged), trust_remote_code=True, device="cpu")
-    embedder = mme5.Embedder.from_pretrained(merged, device="cpu")
-    inputs = mixed_inputs(images)
-    expected_query = embedder.encode_query(inputs)
-    assert model.prompts == {"query": QUERY, "document": DOCUMENT}
-    got = model.encode_query(inputs, convert_to_tensor=True, batch_size=4)
-    torch.testing.assert_close(got, expected_query, atol=1e-5, rtol=0)
-    torch.testing.assert_close(got.norm(dim=-1), torch.ones(len(inputs)))
-    got = model.encode_document(inputs, convert_to_tensor=True, batch_size=3)
-    torch.testing.assert_close(got, embedder.encode_document(inputs), atol=1e-5, rtol=0)
-    plain = model.encode(inputs[:1])  # no prompt: no instruction (numpy, as sentence-transformers returns)
-    torch.testing.assert_close(torch.from_numpy(plain), embedder.encode(inputs[:1]), atol=1e-5, rtol=0)
-    assert model.get_embedding_dimension() == embedder.dim
-    assert model.similarity(got, got).shape == (len(inputs), len(inputs))
 
 
 def test_sentence_transformers_refuses_untrusted_code_and_bad_inputs(exported):
@@ -91,34 +54,6 @@ def test_a_saved_sentence_transformer_loads_back_to_the_same_numbers(exported, t
                                model.encode_query(texts, convert_to_tensor=True), atol=1e-6, rtol=0)
 
 
-def test_adapter_only_export_is_a_peft_folder_that_loads_on_the_base(exported, images):
-    """`--adapter-only`: the real PEFT loads it on the base backbone; merged, its weights are the merged
-    export's, and the project (Embedder, sentence-transformers) embeds it as the merged export."""
-    from peft import PeftModel
-    from transformers import AutoModelForImageTextToText
-
-    backbone, _, merged, adapter = exported
-    config = json.loads((adapter / "adapter_config.json").read_text())
-    assert config["base_model_name_or_path"] == str(backbone.resolve()) and config["use_dora"]
-    assert (adapter / "adapter_model.safetensors").is_file() and not (adapter / "config.json").exists()
-    base = AutoModelForImageTextToText.from_pretrained(backbone)
-    with_adapter = PeftModel.from_pretrained(base, adapter).merge_and_unload().state_dict()
-    reference = AutoModelForImageTextToText.from_pretrained(merged).state_dict()
-    assert with_adapter.keys() == reference.keys()
-    for name, weight in reference.items():
-        torch.testing.assert_close(with_adapter[name], weight, atol=1e-5, rtol=0, msg=name)
-
-    loaded = load_encoder(adapter)
-    assert loaded.description["kind"] == "adapter" and loaded.encoder.has_adapters
-    inputs = mixed_inputs(images)
-    expected = mme5.Embedder.from_pretrained(merged, device="cpu").encode_query(inputs)
-    torch.testing.assert_close(mme5.Embedder.from_pretrained(adapter, device="cpu").encode_query(inputs),
-                               expected, atol=1e-5, rtol=0)
-    model = st.SentenceTransformer(str(adapter), trust_remote_code=True, device="cpu")
-    torch.testing.assert_close(model.encode_query(inputs, convert_to_tensor=True), expected, atol=1e-5,
-                               rtol=0)
-
-
 def test_an_adapter_folder_without_a_base_says_what_to_pass(exported, tmp_path):
     _, _, _, adapter = exported
     shutil.copytree(adapter, tmp_path / "adapter")
@@ -128,15 +63,6 @@ def test_an_adapter_folder_without_a_base_says_what_to_pass(exported, tmp_path):
     with pytest.raises(ValueError, match="no base_model_name_or_path.*--backbone"):
         load_encoder(tmp_path / "adapter")
     assert load_encoder(tmp_path / "adapter", backbone=str(exported[0])).encoder.has_adapters
-
-
-def test_chat_template_only_where_vllm_serves_the_family(exported):
-    backbone, _, merged, _ = exported
-    template = merged / "chat_template.jinja"
-    if "qwen2_vl" in str(backbone):
-        assert "<|image_pad|>" in template.read_text()
-    else:
-        assert not template.exists()
 
 
 def card_meta(folder):

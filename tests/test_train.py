@@ -273,25 +273,6 @@ def test_reference_gradient_scale_is_the_full_batch_gradient_over_ranks(tmp_path
     assert_same_gradients(record, {name: grad / 2 for name, grad in expected.items()})
 
 
-# FSDP units holding adapters of the default LoRA targets (q/k/v/o_proj, down_proj) that take part in the
-# backward, one reduce-scatter each per step: the test preset's 2 decoder layers, plus its 2 vision layers
-# where their names match (SigLIP attention; Qwen2.5-VL's vision MLP down_proj). LLaVA reads the CLIP layer
-# before the last (vision_feature_layer -2): the last one gets no gradient. Qwen2-VL/Qwen3-VL/Qwen3.5 vision
-# blocks (attn.qkv, linear_fc*) hold none; Qwen3.5's linear-attention layer holds its MLP's down_proj.
-ADAPTED_BLOCKS = {"qwen2_vl": 2, "llava": 3, "qwen3_vl": 2, "qwen2_5_vl": 4, "gemma3": 4, "qwen3_5": 2,
-                  "llava_onevision": 4}
-
-
-@pytest.mark.parametrize("family", sorted(ADAPTED_BLOCKS))
-def test_fsdp_gradient_equals_the_full_batch_gradient_for_other_families(tmp_path, tiny_shards, family):
-    """Image tokens inline in the text (Qwen's 3-D rope, Gemma 3's bidirectional image attention) instead of
-    Mllama's cross-attention; every adapted decoder and vision layer is its own FSDP unit."""
-    backbone = str(build_tiny(family, tmp_path / "backbone", seed=0, preset="test"))
-    record = run_distributed(tmp_path / "run", backbone, tiny_shards, "fsdp")
-    assert record["allreduces"]["reduce_scatter"] == ADAPTED_BLOCKS[family]
-    assert_same_gradients(record, full_batch_gradient(backbone, tiny_shards, record))
-
-
 def test_fsdp_in_bf16_matches_the_fp32_gradient_to_bf16_precision(tmp_path, tiny_mllama, tiny_shards):
     """bfloat16 weights, blocks gathered in bf16 under bf16-mixed autocast; adapters and gradients in fp32."""
     record = run_distributed(tmp_path, tiny_mllama, tiny_shards, "fsdp", "--bf16")
@@ -302,9 +283,13 @@ def test_fsdp_in_bf16_matches_the_fp32_gradient_to_bf16_precision(tmp_path, tiny
 
 
 def assert_same_gradients(record, expected, tolerance=1e-5):
-    """Same parameters with a gradient (LLaVA's last vision layer has none: its output is not used)."""
+    """Same gradients of the parameters the loss reaches. One it does not reach (LLaVA's last vision layer:
+    its output is not used) has none in `expected`, and none or zeros in `record` (DDP's flat all-reduce
+    fills missing gradients with zeros)."""
     names = sorted(n for n, grad in expected.items() if grad is not None)
-    assert sorted(record["grads"]) == names
+    unreached = {n: grad for n, grad in record["grads"].items() if n not in names}
+    assert set(names) <= set(record["grads"]) and set(unreached) <= set(expected)
+    assert not any(grad.any() for grad in unreached.values())
     a = torch.cat([record["grads"][n].flatten() for n in names])
     e = torch.cat([expected[n].flatten() for n in names])
     assert ((a - e).norm() / e.norm()).item() < tolerance

@@ -3,9 +3,9 @@ embedding requests (`vllm serve EXPORT --runner pooling`) feeds the model what i
 
 A request's messages map onto the published format (`mme5.published.render`): the system message is the
 instruction; the user message's text parts are the text and an image part makes it an image side. The
-template writes the family's image token where the placeholder would be (Qwen2-VL: VLM2Vec's bare
+template writes the family's image token where the placeholder would be (the Qwen-VL families: VLM2Vec's bare
 `<|image_pad|>`; LLaVA: `<image>`), which the server expands as the processor does. Mllama is not served by
-current vLLM, so its exports carry no template.
+current vLLM, so its exports carry no template (`mme5.export.CHAT_TEMPLATE_FAMILIES`).
 """
 
 from __future__ import annotations

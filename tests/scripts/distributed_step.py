@@ -139,6 +139,10 @@ def main() -> None:
                                    ModelCheckpoint(dirpath=args.out / "ckpt", save_last=True,
                                                    every_n_train_steps=1)])
     trainer.fit(module, datamodule=data, ckpt_path=args.resume)
+    # As train.py: left to destructors at exit, gloo's threads can abort the finished process ("terminate
+    # called without an active exception").
+    if dist.is_initialized():
+        dist.destroy_process_group()
 
 
 if __name__ == "__main__":
