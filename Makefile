@@ -52,6 +52,10 @@ demo-export:
 test: install
 	$(PY) -m pytest -q
 
+# The suite without the tests marked slow (the family matrix, the end-to-end train.py run): see README.
+test-fast: install
+	$(PY) -m pytest -q -m "not slow"
+
 lint: install
 	$(VENV)/bin/ruff check mme5 tests benchmarks train.py
 

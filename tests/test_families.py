@@ -31,6 +31,7 @@ from mme5.demo.world import WorldConfig, build_world
 from mme5.export import CHAT_TEMPLATE_FAMILIES, export
 
 st = pytest.importorskip("sentence_transformers")
+pytestmark = pytest.mark.slow  # ~1 minute of 2 CPU cores per family: left out of `make test-fast`
 
 REPO = Path(__file__).resolve().parents[1]
 FAMILIES = sorted(ADAPTERS)
@@ -111,7 +112,6 @@ def mixed_inputs(images):
             "a much longer caption about a green square and a cat"]
 
 
-@pytest.mark.slow
 def test_demo_recipe_trains_3_steps_with_the_gradient_cache(trained):
     """The fixture's run: 3 steps of the demo recipe, gradient cache on, adapters moved off their init."""
     loaded = load_encoder(trained.ckpt)
@@ -123,7 +123,6 @@ def test_demo_recipe_trains_3_steps_with_the_gradient_cache(trained):
     assert any(w.abs().max() > 1e-4 for name, w in loaded.encoder.named_parameters() if "lora_B" in name)
 
 
-@pytest.mark.slow
 def test_sentence_transformers_embeds_as_the_embedder(trained, images):
     """The real SentenceTransformer on the merged export: text, image and image+text inputs mixed in one call,
     the export's instructions as its query/document prompts, within 1e-5 of Embedder (and L2-normalised)."""
@@ -143,7 +142,6 @@ def test_sentence_transformers_embeds_as_the_embedder(trained, images):
     assert model.similarity(got, got).shape == (len(inputs), len(inputs))
 
 
-@pytest.mark.slow
 def test_adapter_only_export_is_a_peft_folder_that_loads_on_the_base(trained, images):
     """`--adapter-only`: the real PEFT loads it on the base backbone; merged, its weights are the merged
     export's (which differ from the base), and the project (Embedder, sentence-transformers) embeds it as the
@@ -175,7 +173,6 @@ def test_adapter_only_export_is_a_peft_folder_that_loads_on_the_base(trained, im
                                rtol=0)
 
 
-@pytest.mark.slow
 def test_chat_template_only_where_vllm_serves_the_family(trained):
     """What it renders is checked against the project's prompt in tests/test_published.py."""
     template = trained.merged / "chat_template.jinja"
@@ -200,7 +197,6 @@ ADAPTED_BLOCKS = {"mllama": 5, "qwen2_vl": 2, "llava": 3, "qwen3_vl": 2, "qwen2_
 DDP_COMMUNICATION = {"ddp": 0, "explicit": 1, "reduce_scatter": 0}
 
 
-@pytest.mark.slow
 @pytest.mark.parametrize("strategy", ["ddp", "fsdp"])
 def test_distributed_gradient_equals_the_full_batch_gradient(family, backbone, tiny_shards, strategy,
                                                              tmp_path):
