@@ -3,13 +3,29 @@
 from __future__ import annotations
 
 import io
+from pathlib import Path
 
+import yaml
 from PIL import Image
 
 from mme5.data.schema import Modality, Sample, Side, Task
 
 # The demo's instructions (the Makefile's demo-export), as exports' query and document prompts.
 QUERY, DOCUMENT = "Find me an everyday image that matches the given caption:", "Represent the given image."
+
+CONFIGS = Path(__file__).resolve().parent.parent / "configs"
+# Each family's full-size recipe in configs/ (a registered family without one fails the tests that use it).
+FAMILY_RECIPES = {
+    "mllama": "mme5_llama32v_11b.yaml", "qwen2_vl": "qwen2vl_7b.yaml", "qwen2_5_vl": "qwen2_5_vl_7b.yaml",
+    "qwen3_vl": "qwen3_vl_8b.yaml", "qwen3_5": "qwen3_5_9b.yaml", "llava": "llava_next_7b.yaml",
+    "llava_onevision": "llava_onevision_7b.yaml", "gemma3": "gemma3_4b.yaml",
+}
+
+
+def recipe_lora_targets(family: str) -> str | list[str]:
+    """`model.lora.target_modules` of the family's recipe: what its training adapts."""
+    config = yaml.safe_load((CONFIGS / FAMILY_RECIPES[family]).read_text(encoding="utf-8"))
+    return config["model"]["lora"]["target_modules"]
 
 
 def image_bytes(color: tuple[int, int, int] = (200, 30, 30), size: int = 16, fmt: str = "PNG") -> bytes:

@@ -1,8 +1,9 @@
 import pytest
 import torch
+from helpers import recipe_lora_targets
 from PIL import Image
 
-from mme5.backbones import Item, load_backbone
+from mme5.backbones import ADAPTERS, Item, load_backbone
 from mme5.backbones.tiny import build_tiny
 from mme5.data.collate import ContrastiveCollator
 from mme5.data.shards import read_samples, shard_urls
@@ -56,41 +57,24 @@ def test_lora_targets_the_papers_modules_and_only_adapters_train(tiny_mllama):
                for n, _ in regex.model.named_modules() if n.endswith(".lora_A"))
 
 
+def gradients(params):
+    """Each parameter's gradient; zeros where the loss does not reach (LLaVA's unused last vision layer)."""
+    return [p.grad.clone() if p.grad is not None else torch.zeros_like(p) for p in params]
+
+
 def relative_error(actual, expected):
     """Over all parameters at once (LoRA A matrices get zero gradient at init, where B is zero)."""
     a, e = torch.cat([x.flatten() for x in actual]), torch.cat([x.flatten() for x in expected])
     return ((a - e).norm() / e.norm()).item()
 
 
-# Families whose gradient path differs from Mllama's (cross-attention) → the LoRA targets of their recipes.
-# Qwen2.5-VL: image tokens inline, 3-D rope, a windowed vision tower whose fused attention a regex reaches.
-CACHE_FAMILIES = {
-    "qwen2_5_vl": r".*(language_model.*\.(q_proj|k_proj|v_proj|o_proj|down_proj)"
-                  r"|visual\.blocks.*\.attn\.(qkv|proj))",
-    # Qwen3-VL: also deepstack features added to the first language layers (configs/qwen3_vl_8b.yaml)
-    "qwen3_vl": r".*(language_model.*\.(q_proj|k_proj|v_proj|gate_proj|up_proj|down_proj)"
-                r"|visual\.blocks.*\.attn\.(qkv|proj))",
-    # Qwen3.5: Gated-DeltaNet layers (a recurrence and a causal conv over the sequence) beside full attention;
-    # their fused q,k,v and output gate adapted as full attention's (configs/qwen3_5_9b.yaml)
-    "qwen3_5": r".*(language_model.*\.(q_proj|k_proj|v_proj|in_proj_qkv|in_proj_z|gate_proj|up_proj"
-               r"|down_proj)|visual\.blocks.*\.attn\.(qkv|proj))",
-    # LLaVA-OneVision: anyres tiles, image_newline rows, image_sizes with the pixels (llava_onevision_7b.yaml)
-    "llava_onevision": r".*(language_model.*\.(q_proj|k_proj|v_proj|o_proj|down_proj)"
-                       r"|vision_tower.*\.self_attn\.(q_proj|k_proj|v_proj|out_proj))",
-    # Gemma 3: soft tokens attending both ways (token_type_ids), sliding-window layers, SigLIP attention
-    # (configs/gemma3_4b.yaml)
-    "gemma3": r".*(language_model.*\.(q_proj|k_proj|v_proj|o_proj|down_proj)"
-              r"|vision_tower.*\.self_attn\.(q_proj|k_proj|v_proj|out_proj))",
-}
-
-
-@pytest.mark.parametrize("family", ["mllama", *CACHE_FAMILIES])
+@pytest.mark.parametrize("family", sorted(ADAPTERS))
 @pytest.mark.parametrize("checkpointing", [False, True])
 def test_gradient_cache_equals_full_batch_with_lora_dropout(tiny_mllama, tmp_path, family, checkpointing):
+    """Every family, with its recipe's LoRA targets (vision and language adapters in the gradient path)."""
     path = tiny_mllama if family == "mllama" else build_tiny(family, tmp_path / family)
-    targets = CACHE_FAMILIES.get(family, PAPER_TARGET_MODULES)
     adapter = load_backbone(path)
-    encoder = Encoder(adapter, LoraSettings(dropout=0.1, target_modules=targets),
+    encoder = Encoder(adapter, LoraSettings(dropout=0.1, target_modules=recipe_lora_targets(family)),
                       gradient_checkpointing=checkpointing).train()
     loss = InfoNCE(temperature=0.05)
     chunk = 4
@@ -107,18 +91,18 @@ def test_gradient_cache_equals_full_batch_with_lora_dropout(tiny_mllama, tmp_pat
     torch.manual_seed(7)
     plain = loss_fn({name: encoder.encode_chunks(c) for name, c in groups.items()}).loss
     plain.backward()
-    expected = [p.grad.clone() for p in params]
+    expected = gradients(params)
     encoder.zero_grad(set_to_none=True)
 
     torch.manual_seed(7)
     cached, _ = GradCache(chunk).step(encoder.encode_chunk, groups, loss_fn)
     assert cached.item() == pytest.approx(plain.item(), rel=1e-6)
-    assert relative_error([p.grad for p in params], expected) < 1e-5
+    assert relative_error(gradients(params), expected) < 1e-5
 
     torch.manual_seed(8)  # other dropout masks: a different gradient (so the test can tell)
     encoder.zero_grad(set_to_none=True)
     GradCache(chunk).step(encoder.encode_chunk, groups, loss_fn)
-    assert relative_error([p.grad for p in params], expected) > 1e-3
+    assert relative_error(gradients(params), expected) > 1e-3
 
 
 def test_lockstep_chunks_embed_exactly_like_plain_chunks(tiny_mllama, tiny_shards):
