@@ -181,15 +181,33 @@ def test_detect_reads_the_preset_from_the_model_files(tmp_path, files, expected)
         assert str(tmp_path) in found.reason
 
 
+@pytest.mark.parametrize(("family", "card", "expected"), [
+    ("qwen3_vl", "Beats VLM2Vec-V2 and GME", "mme5"),  # another family's embedders, compared with
+    ("qwen3_5", "Distilled from Qwen3-VL-Embedding", "mme5"),
+    ("gemma3", "Better than Qwen3-VL-Embedding", "mme5"),
+    ("llava_onevision", "Compared with VLM2Vec, LLaVE is ...", "llave"),  # its family's mark, not the first
+    ("qwen2_5_vl", "Trained as VLM2Vec-V2", "vlm2vec_v2"),
+])
+def test_a_card_naming_an_embedder_of_another_family_loads_the_model(tiny, tmp_path, family, card, expected):
+    """Detection reads only the marks of presets that apply to the model's family: a user who never named
+    a preset is not refused because the card mentions another family's embedder."""
+    folder = shutil.copytree(tiny(family), tmp_path / family)
+    (folder / "README.md").write_text(f"# My embedder\n{card}\n", encoding="utf-8")
+    if family == "qwen2_5_vl":
+        (folder / "gme_inference.py").write_text("", encoding="utf-8")  # GME's mark: a qwen2_vl preset
+    assert load_processing(folder).preset.name == expected
+
+
 def test_an_explicit_preset_wins_and_a_mismatch_warns(tmp_path):
     (tmp_path / "gme_inference.py").write_text("", encoding="utf-8")
-    assert resolve_preset(tmp_path, None).preset == "gme"
-    assert resolve_preset(tmp_path, InputFormat(max_length=9)) == InputFormat(max_length=9, preset="gme")
+    assert resolve_preset(tmp_path, None, "qwen2_vl").preset == "gme"
+    assert resolve_preset(tmp_path, InputFormat(max_length=9), "qwen2_vl") == InputFormat(max_length=9,
+                                                                                          preset="gme")
     with pytest.warns(UserWarning, match="'vlm2vec_v2' was asked for, but .*gme_inference.py.* 'gme'"):
-        assert resolve_preset(tmp_path, InputFormat(preset="vlm2vec_v2")).preset == "vlm2vec_v2"
+        assert resolve_preset(tmp_path, InputFormat(preset="vlm2vec_v2"), "qwen2_vl").preset == "vlm2vec_v2"
     with warnings.catch_warnings():
         warnings.simplefilter("error")
-        assert resolve_preset(tmp_path, InputFormat(preset="gme")).preset == "gme"
+        assert resolve_preset(tmp_path, InputFormat(preset="gme"), "qwen2_vl").preset == "gme"
 
 
 def test_the_preset_travels_from_the_model_files_to_an_export_and_back(tiny, tmp_path):
