@@ -149,9 +149,23 @@ def test_truncation_keeps_head_and_tail_and_every_image_token(tiny, name, family
         assert torch.equal(cut["input_ids"][:, -1], whole["input_ids"][:, -1])
 
 
-def test_a_max_length_shorter_than_head_and_tail_is_refused(tiny):
-    with pytest.raises(ValueError, match=r"max_length=3 .* preset 'gme': head .*, tail '<\|im_end\|>"):
-        adapter_for(tiny, "qwen2_vl", preset="gme", max_length=3).truncated_prompt(Item("Find:", "a cat"))
+def test_a_max_length_shorter_than_the_chat_frame_is_refused_before_any_item(tiny):
+    """The frame (with the default instruction) is checked when the adapter is made, so that a run is
+    refused before it writes; an instruction that makes one item's system turn too long refuses that item."""
+    with pytest.raises(ValueError, match=r"max_length=3 is shorter than the fixed part .* \(\d+ tokens"):
+        adapter_for(tiny, "qwen2_vl", preset="gme", max_length=3)
+    fits = adapter_for(tiny, "qwen2_vl", preset="gme", max_length=60)  # the tiny BPE spells the frame long
+    assert fits.truncated_prompt(Item("Find:", LONG)).endswith("<|endoftext|>")
+    with pytest.raises(ValueError, match=r"max_length=60 .* preset 'gme': head .*, tail '<\|im_end\|>"):
+        fits.truncated_prompt(Item(LONG, "a cat"))
+
+
+@pytest.mark.parametrize("family", ["qwen3_vl", "llava"])
+def test_max_grid_side_is_refused_on_a_family_without_an_anyres_grid(tiny, family):
+    """Refused rather than ignored: a recipe copied from LLaVA-OneVision must not seem to narrow a grid."""
+    with pytest.raises(ValueError, match=f"max_grid_side .* the {family} family has none"):
+        adapter_for(tiny, family, max_grid_side=2)
+    assert adapter_for(tiny, "llava_onevision", max_grid_side=2).input_format.max_grid_side == 2
 
 
 def test_a_preset_is_refused_on_another_family_naming_its_families(tiny):
