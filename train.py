@@ -97,6 +97,10 @@ class TrainCLI(LightningCLI):
                 rank_zero_info(f"--ckpt_path {requested}: no checkpoint in this run folder; starting afresh")
                 overwrite = True  # what is there (logs of a run stopped before its first checkpoint) goes
         self.datamodule.check_sources(self.trainer.world_size)  # before anything is written
+        try:
+            self.model.check_input_format()
+        except ValueError as error:
+            raise ResumeRefused(f"model.input_format: {error}") from None
         # A checkpoint that cannot be resumed (missing, torn, foreign, over other data) is refused before the
         # claim, which would mark the run folder's record unfinished and name this command in it.
         recorded = None if config["ckpt_path"] is None else self._read_checkpoint(config["ckpt_path"])
@@ -117,7 +121,8 @@ class TrainCLI(LightningCLI):
         if self.trainer.global_rank != 0:
             return None
         root = Path(self.trainer.default_root_dir)
-        identity = run_identity(dict(self.model.hparams), self.model.backbone_identity())
+        identity = run_identity(dict(self.model.hparams), self.model.backbone_identity(),
+                                self.model.detected_preset())
         ways_out = ("resume it with --ckpt_path last, start a new run here with --overwrite (removes its "
                     "checkpoints, TensorBoard logs and saved config), or choose another "
                     "--trainer.default_root_dir") if ckpt_path is None else (
@@ -147,7 +152,8 @@ class TrainCLI(LightningCLI):
     def _check_resume(self, ckpt_path: str, recorded: dict) -> None:
         """Refuse a checkpoint of another recipe; list the settings that change on resume."""
         hparams = dict(self.model.hparams)
-        check_recipe(ckpt_path, recorded, hparams, self.model.backbone_identity())
+        check_recipe(ckpt_path, recorded, hparams, self.model.backbone_identity(),
+                     self.model.detected_preset())
         changes = resume_changes(recorded, hparams, dict(self.datamodule.hparams))
         said = describe_changes(changes) if changes else "none"
         step = recorded["global_step"]

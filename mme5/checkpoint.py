@@ -33,7 +33,7 @@ import torch
 from lightning.fabric.plugins.io.torch_io import TorchCheckpointIO
 from torch import nn
 
-from mme5.backbones import DTYPES, InputFormat, load_backbone, resolve_preset
+from mme5.backbones import DTYPES, InputFormat, family_of, load_backbone, resolve_preset
 from mme5.backbones.presets import DEFAULT as DEFAULT_PRESET
 from mme5.encoder import Encoder, LoraSettings
 from mme5.files import OWNER_RECORD, files_fingerprint, remove_stale, save_torch, write_json
@@ -243,7 +243,8 @@ def load_encoder(path: str | Path, device: str = "cpu", dtype: str | None = None
         recipe = read_export_config(path) if (path / EXPORT_CONFIG).is_file() else {}
         base = local_model(backbone or _peft_base(path))
         # The adapter folder's files say what the adapters were trained with (e.g. VLM2Vec's card).
-        input_format = resolve_preset(path, _input_format(recipe.get("input_format"), max_length, preset))
+        input_format = resolve_preset(path, _input_format(recipe.get("input_format"), max_length, preset),
+                                      family_of(base))
         model = load_backbone(base, DTYPES[dtype] if dtype else None, input_format=input_format)
         encoder = Encoder(model, normalize=recipe.get("normalize", True), peft_folder=path)
         files = [*model_files(path), *model_files(base)]

@@ -169,10 +169,21 @@ def comparable(value: Any) -> Any:
 
 
 def identity_changes(recorded: dict[str, Any], current: dict[str, Any]) -> dict[str, tuple[Any, Any]]:
-    """{key: (recorded value, current value)} for every key whose value differs (a missing key is None)."""
-    recorded, current = comparable(recorded), comparable(current)
-    return {key: (recorded.get(key), current.get(key)) for key in sorted(set(recorded) | set(current))
-            if recorded.get(key) != current.get(key)}
+    """{key: (recorded value, current value)} for every setting whose value differs (a missing key is None).
+    A group of settings on both sides (a dict) is compared setting by setting, under dotted keys: a change
+    names the setting that changed, and a setting added to a group later is None in older records."""
+    return _changes(comparable(recorded), comparable(current), "")
+
+
+def _changes(recorded: dict[str, Any], current: dict[str, Any], prefix: str) -> dict[str, tuple[Any, Any]]:
+    changes: dict[str, tuple[Any, Any]] = {}
+    for key in sorted(set(recorded) | set(current)):
+        old, new = recorded.get(key), current.get(key)
+        if isinstance(old, dict) and isinstance(new, dict):
+            changes |= _changes(old, new, f"{prefix}{key}.")
+        elif old != new:
+            changes[f"{prefix}{key}"] = (old, new)
+    return changes
 
 
 def describe_changes(changes: dict[str, tuple[Any, Any]], limit: int = 120) -> str:

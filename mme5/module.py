@@ -21,7 +21,16 @@ from torch import Tensor
 from torch.optim.lr_scheduler import LambdaLR
 
 from mme5 import checkpoint as ckpt_format
-from mme5.backbones import DTYPES, InputFormat, load_backbone, load_backbone_skeleton
+from mme5.backbones import (
+    DTYPES,
+    InputFormat,
+    family_of,
+    load_backbone,
+    load_backbone_skeleton,
+    load_processing,
+    resolve_preset,
+)
+from mme5.backbones.presets import DEFAULT as DEFAULT_PRESET
 from mme5.contrastive import contrastive_step
 from mme5.data.collate import ContrastiveBatch
 from mme5.distributed import GradientSync, from_all_ranks
@@ -261,6 +270,19 @@ class EmbeddingModule(L.LightningModule):
         if self._backbone is None:
             self._backbone = ckpt_format.backbone_identity(local_model(self.hparams.backbone))
         return self._backbone
+
+    def check_input_format(self) -> None:
+        """Refuse (ValueError) an input format the backbone cannot apply: a preset of another family, a
+        `max_grid_side` without an anyres grid, a `max_length` shorter than the preset's frame. Checked
+        by the processing-only adapter, which the model's will agree with, so a run can refuse before it
+        writes anything."""
+        load_processing(self.hparams.backbone, InputFormat.of(self.hparams.input_format))
+
+    def detected_preset(self) -> str:
+        """The preset an input format naming none trains with on this backbone: the one its files say
+        (`mme5.backbones.presets.detect`), else the default."""
+        folder = local_model(self.hparams.backbone)
+        return resolve_preset(folder, InputFormat(), family_of(folder)).preset or DEFAULT_PRESET
 
     def on_load_checkpoint(self, checkpoint: dict[str, Any]) -> None:
         ckpt_format.check_backbone(checkpoint, self.backbone_identity())

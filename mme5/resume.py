@@ -8,7 +8,7 @@ chunking, data loading) may change on resume and is applied and listed in the lo
 
 from __future__ import annotations
 
-from dataclasses import asdict
+from dataclasses import asdict, replace
 from pathlib import Path
 from typing import Any
 
@@ -32,12 +32,17 @@ class ResumeRefused(OutputFolderError):
     """The run asked for cannot start: a checkpoint of another recipe, or contradictory flags."""
 
 
-def run_identity(hparams: dict[str, Any], backbone: dict[str, str]) -> dict[str, Any]:
+def run_identity(hparams: dict[str, Any], backbone: dict[str, str], detected_preset: str) -> dict[str, Any]:
     """The identity of a run folder: its recipe and the backbone's content (not its path). Settings given
     in part (`input_format: {max_length: 64}`, a `lora` of some fields, or none: the defaults) are compared
-    complete, so that spelling out a default is no other recipe."""
+    complete, so that spelling out a default is no other recipe. The input format's preset is None when it
+    is `detected_preset`, the one the backbone's files give a format naming none: naming it is no other
+    recipe (and run folders recorded before presets, or without one named, keep their identity)."""
     recipe = {key: hparams.get(key) for key in RECIPE_KEYS}
-    recipe["input_format"] = asdict(InputFormat.of(recipe["input_format"]))
+    input_format = InputFormat.of(recipe["input_format"])
+    if input_format.preset == detected_preset:
+        input_format = replace(input_format, preset=None)
+    recipe["input_format"] = asdict(input_format)
     if recipe["lora"] is not None:
         recipe["lora"] = asdict(LoraSettings(**dict(recipe["lora"])))
     return {**{f"model.{key}": value for key, value in recipe.items()},
@@ -74,11 +79,12 @@ def read_recipe(path: str | Path) -> dict[str, Any]:
 
 
 def check_recipe(path: str | Path, recorded: dict[str, Any], hparams: dict[str, Any],
-                 backbone: dict[str, str]) -> None:
-    """Refuse to resume from a checkpoint of another recipe or another backbone, naming what differs."""
+                 backbone: dict[str, str], detected_preset: str) -> None:
+    """Refuse to resume from a checkpoint of another recipe or another backbone, naming what differs
+    (`detected_preset`: as `run_identity`)."""
     old_backbone = recorded.get(BACKBONE_IDENTITY) or backbone  # none recorded: checked when loading
-    changes = identity_changes(run_identity(recorded["hyper_parameters"], old_backbone),
-                               run_identity(hparams, backbone))
+    changes = identity_changes(run_identity(recorded["hyper_parameters"], old_backbone, detected_preset),
+                               run_identity(hparams, backbone, detected_preset))
     if changes:
         raise ResumeRefused(
             f"--ckpt_path {path} was trained with another recipe: {describe_changes(changes)}. Resume with "
@@ -88,9 +94,13 @@ def check_recipe(path: str | Path, recorded: dict[str, Any], hparams: dict[str, 
 
 def resume_changes(recorded: dict[str, Any], hparams: dict[str, Any], data_hparams: dict[str, Any]
                    ) -> dict[str, tuple[Any, Any]]:
-    """The settings that differ from the checkpoint's, as {"model.lr": (old, new), "data.batch_size": ...}."""
+    """The settings that differ from the checkpoint's, as {"model.lr": (old, new), "data.batch_size": ...}.
+    The recipe (`RECIPE_KEYS`, and the data module's copy of the input format) is left out: `check_recipe`
+    found it the same, only spelled otherwise."""
     changes = {f"model.{key}": change for key, change in
-               identity_changes(recorded["hyper_parameters"], comparable(hparams)).items()}
+               identity_changes(recorded["hyper_parameters"], comparable(hparams)).items()
+               if key.split(".")[0] not in RECIPE_KEYS}
     changes |= {f"data.{key}": change for key, change in
-                identity_changes(recorded["datamodule_hyper_parameters"], comparable(data_hparams)).items()}
+                identity_changes(recorded["datamodule_hyper_parameters"], comparable(data_hparams)).items()
+                if not key.startswith("input_format.")}  # model.input_format's copy (linked by train.py)
     return changes

@@ -90,6 +90,38 @@ def test_stray_placeholder_removed_and_no_double_image_tokens(adapter):
     assert counts[0] == counts[1] > 0 and counts[2] == 0
 
 
+def test_image_and_video_tokens_written_in_a_users_text_are_dropped(adapter):
+    """A text that carries the family's own image or video tokens ("<image>" in a web page) would ask the
+    processor for an image the item does not have (the batch fails) or get another row's vision features:
+    they are dropped from instruction, text and verbatim prompt, as the published placeholder is."""
+    reserved = adapter.reserved_tokens
+    assert adapter.image_token in reserved
+    token = reserved[0]
+    written = token[:2] + "".join(reserved) + token[2:]  # a removal that joins two halves into a token
+    img = noise_image(0)
+    dirty = [Item("Find the caption:", f"a {written}cat"), Item(f"Represent{written} this:", "x", img),
+             Item(prompt=f"{IMAGE_PLACEHOLDER}\nRepresent the {written}image.\n", image=img)]
+    clean = [Item("Find the caption:", "a cat"), Item("Represent this:", "x", img),
+             Item(prompt=f"{IMAGE_PLACEHOLDER}\nRepresent the image.\n", image=img)]
+    assert [adapter.prompt(item) for item in dirty] == [adapter.prompt(item) for item in clean]
+    torch.testing.assert_close(embed(adapter, dirty), embed(adapter, clean))
+
+
+# Families whose tokenizer adds no bos: an item with neither text nor image has no token at all.
+NO_BOS = {"qwen2_vl", "qwen2_5_vl", "qwen3_vl", "qwen3_5", "llava_onevision"}
+
+
+def test_an_item_with_nothing_to_embed_is_refused_where_no_token_would_stand_for_it(adapter):
+    """Without a token the model fails alone (an empty sequence) and pools a pad in a batch (a zero
+    vector): refused by name. A family whose prompt starts with a bos embeds the bos."""
+    empty = Item(text="")
+    if adapter.family in NO_BOS:
+        with pytest.raises(ValueError, match="neither text nor image gives the .* no token"):
+            adapter.collate([Item(text="dog"), empty])
+    else:
+        torch.testing.assert_close(embed(adapter, [empty, Item(text="dog")])[0], embed(adapter, [empty])[0])
+
+
 def test_mixed_batch_rowwise_equals_single_items(adapter):
     """Text-only and image rows of different lengths and image sizes in one batch: padding and alignment."""
     items = [

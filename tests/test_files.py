@@ -15,6 +15,7 @@ from mme5.files import (
     atomic_write,
     claim_folder,
     files_fingerprint,
+    identity_changes,
     path_fingerprint,
     read_owner,
     remove_path,
@@ -272,3 +273,23 @@ def test_the_current_folder_is_claimed_by_its_absolute_path_and_never_swapped_aw
 def test_atomic_files_get_the_permissions_open_would_give_them(tmp_path):
     write_json(tmp_path / "scores.json", {})
     assert (tmp_path / "scores.json").stat().st_mode & 0o777 == 0o666 & ~UMASK  # mkstemp alone: 0o600
+
+
+def test_a_group_of_settings_is_compared_setting_by_setting_and_a_later_added_one_is_none(tmp_path):
+    """A changed setting inside a group is named by its dotted key (not the whole group, cut to a width
+    that may hide it); a setting added to the group after a folder was recorded is None there."""
+    older = {"model.input_format": {"max_length": 64, "image_token": None}, "model.lora": None}
+    added = {"model.input_format": {"max_length": 64, "image_token": None, "preset": None},
+             "model.lora": None}
+    other = {"model.input_format": {"max_length": 64, "image_token": None, "preset": "gme"},
+             "model.lora": {"r": 8}}
+    assert identity_changes(older, added) == {}
+    assert identity_changes(older, other) == {"model.input_format.preset": (None, "gme"),
+                                              "model.lora": (None, {"r": 8})}
+    out = tmp_path / "out"
+    with _claim(out, older):
+        (out / "part.txt").write_text("half")
+    with _claim(out, added) as folder:
+        assert folder.state == "resume"
+    with pytest.raises(FolderHoldsOtherOutput, match=r'model.input_format.preset: null \(recorded\) → "gme"'):
+        _claim(out, other)

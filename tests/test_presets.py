@@ -149,9 +149,23 @@ def test_truncation_keeps_head_and_tail_and_every_image_token(tiny, name, family
         assert torch.equal(cut["input_ids"][:, -1], whole["input_ids"][:, -1])
 
 
-def test_a_max_length_shorter_than_head_and_tail_is_refused(tiny):
-    with pytest.raises(ValueError, match=r"max_length=3 .* preset 'gme': head .*, tail '<\|im_end\|>"):
-        adapter_for(tiny, "qwen2_vl", preset="gme", max_length=3).truncated_prompt(Item("Find:", "a cat"))
+def test_a_max_length_shorter_than_the_chat_frame_is_refused_before_any_item(tiny):
+    """The frame (with the default instruction) is checked when the adapter is made, so that a run is
+    refused before it writes; an instruction that makes one item's system turn too long refuses that item."""
+    with pytest.raises(ValueError, match=r"max_length=3 is shorter than the fixed part .* \(\d+ tokens"):
+        adapter_for(tiny, "qwen2_vl", preset="gme", max_length=3)
+    fits = adapter_for(tiny, "qwen2_vl", preset="gme", max_length=60)  # the tiny BPE spells the frame long
+    assert fits.truncated_prompt(Item("Find:", LONG)).endswith("<|endoftext|>")
+    with pytest.raises(ValueError, match=r"max_length=60 .* preset 'gme': head .*, tail '<\|im_end\|>"):
+        fits.truncated_prompt(Item(LONG, "a cat"))
+
+
+@pytest.mark.parametrize("family", ["qwen3_vl", "llava"])
+def test_max_grid_side_is_refused_on_a_family_without_an_anyres_grid(tiny, family):
+    """Refused rather than ignored: a recipe copied from LLaVA-OneVision must not seem to narrow a grid."""
+    with pytest.raises(ValueError, match=f"max_grid_side .* the {family} family has none"):
+        adapter_for(tiny, family, max_grid_side=2)
+    assert adapter_for(tiny, "llava_onevision", max_grid_side=2).input_format.max_grid_side == 2
 
 
 def test_a_preset_is_refused_on_another_family_naming_its_families(tiny):
@@ -181,15 +195,33 @@ def test_detect_reads_the_preset_from_the_model_files(tmp_path, files, expected)
         assert str(tmp_path) in found.reason
 
 
+@pytest.mark.parametrize(("family", "card", "expected"), [
+    ("qwen3_vl", "Beats VLM2Vec-V2 and GME", "mme5"),  # another family's embedders, compared with
+    ("qwen3_5", "Distilled from Qwen3-VL-Embedding", "mme5"),
+    ("gemma3", "Better than Qwen3-VL-Embedding", "mme5"),
+    ("llava_onevision", "Compared with VLM2Vec, LLaVE is ...", "llave"),  # its family's mark, not the first
+    ("qwen2_5_vl", "Trained as VLM2Vec-V2", "vlm2vec_v2"),
+])
+def test_a_card_naming_an_embedder_of_another_family_loads_the_model(tiny, tmp_path, family, card, expected):
+    """Detection reads only the marks of presets that apply to the model's family: a user who never named
+    a preset is not refused because the card mentions another family's embedder."""
+    folder = shutil.copytree(tiny(family), tmp_path / family)
+    (folder / "README.md").write_text(f"# My embedder\n{card}\n", encoding="utf-8")
+    if family == "qwen2_5_vl":
+        (folder / "gme_inference.py").write_text("", encoding="utf-8")  # GME's mark: a qwen2_vl preset
+    assert load_processing(folder).preset.name == expected
+
+
 def test_an_explicit_preset_wins_and_a_mismatch_warns(tmp_path):
     (tmp_path / "gme_inference.py").write_text("", encoding="utf-8")
-    assert resolve_preset(tmp_path, None).preset == "gme"
-    assert resolve_preset(tmp_path, InputFormat(max_length=9)) == InputFormat(max_length=9, preset="gme")
+    assert resolve_preset(tmp_path, None, "qwen2_vl").preset == "gme"
+    assert resolve_preset(tmp_path, InputFormat(max_length=9), "qwen2_vl") == InputFormat(max_length=9,
+                                                                                          preset="gme")
     with pytest.warns(UserWarning, match="'vlm2vec_v2' was asked for, but .*gme_inference.py.* 'gme'"):
-        assert resolve_preset(tmp_path, InputFormat(preset="vlm2vec_v2")).preset == "vlm2vec_v2"
+        assert resolve_preset(tmp_path, InputFormat(preset="vlm2vec_v2"), "qwen2_vl").preset == "vlm2vec_v2"
     with warnings.catch_warnings():
         warnings.simplefilter("error")
-        assert resolve_preset(tmp_path, InputFormat(preset="gme")).preset == "gme"
+        assert resolve_preset(tmp_path, InputFormat(preset="gme"), "qwen2_vl").preset == "gme"
 
 
 def test_the_preset_travels_from_the_model_files_to_an_export_and_back(tiny, tmp_path):

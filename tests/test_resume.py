@@ -4,6 +4,7 @@ exits non-zero, and settings changed on resume are applied or refused, never ign
 
 import logging
 import os
+import re
 import shutil
 import signal
 
@@ -14,7 +15,8 @@ import yaml
 
 import train
 from mme5.export import main as export_main
-from mme5.files import claim_folder, read_owner, remove_path
+from mme5.files import claim_folder, identity_changes, read_owner, remove_path
+from mme5.resume import ResumeRefused, check_recipe, run_identity
 
 
 class SignalAt(L.Callback):
@@ -268,3 +270,35 @@ def test_spelling_out_a_default_setting_on_resume_is_the_same_recipe(run):
     assert fit(recipe, "--trainer.max_steps", "3", "--ckpt_path", "last",
                "--model.input_format.max_length", "256") == 0
     assert step_of(root / "checkpoints" / "last.ckpt") == 3
+
+
+def test_naming_the_detected_preset_is_the_recipe_and_another_preset_is_refused():
+    """A run whose format names no preset trains with the one the backbone's files give (`detected`):
+    naming that one on resume is the same recipe, in the checkpoint's and in the run folder's identity
+    (recorded before or after presets); naming another is refused by its dotted key."""
+    backbone = {"config": "c", "weights": "w"}
+    recorded = {"hyper_parameters": {"input_format": {"max_length": 64, "preset": None}}}
+
+    def named(preset):
+        return {"input_format": {"max_length": 64, "preset": preset}}
+
+    for preset in (None, "vlm2vec_v2"):
+        check_recipe("last.ckpt", recorded, named(preset), backbone, "vlm2vec_v2")
+    with pytest.raises(ResumeRefused, match=r'model.input_format.preset: null \(recorded\) → "mme5" \(now\)'):
+        check_recipe("last.ckpt", recorded, named("mme5"), backbone, "vlm2vec_v2")
+    before_presets = run_identity({"input_format": {"max_length": 64}}, backbone, "mme5")
+    before_presets["model.input_format"] = {k: v for k, v in before_presets["model.input_format"].items()
+                                            if k not in ("preset", "max_grid_side")}
+    assert identity_changes(before_presets, run_identity(named("mme5"), backbone, "mme5")) == {}
+
+
+@pytest.mark.parametrize(("change", "says"), [
+    (["--model.input_format.preset", "gme"], "input format preset 'gme' .* not to 'mllama'"),
+    (["--model.input_format.max_grid_side", "2"], "max_grid_side .* the mllama family has none"),
+])
+def test_an_input_format_the_backbone_cannot_apply_is_refused_before_anything_is_written(run, capsys, change,
+                                                                                         says):
+    root, recipe = run
+    assert fit(recipe, *change) == 2
+    assert re.search(f"error: model.input_format: {says}", capsys.readouterr().err)
+    assert not root.exists()

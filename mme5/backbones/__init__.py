@@ -55,11 +55,16 @@ def _adapter_of(folder: Path) -> type[BackboneAdapter]:
         raise ValueError(f"{folder}/config.json: {err}") from None
 
 
-def resolve_preset(folder: Path, input_format: InputFormat | None) -> InputFormat:
+def family_of(path_or_id: str | Path) -> str:
+    """The `--family` of a checkpoint (folder or hub id), from its `config.json`."""
+    return _adapter_of(local_model(path_or_id)).family
+
+
+def resolve_preset(folder: Path, input_format: InputFormat | None, family: str) -> InputFormat:
     """`input_format` with its preset: the one it names (a warning when the folder's files say another),
-    else the one the folder's files say (`presets.detect`), else the default."""
+    else the one the folder's files say for the model's `family` (`presets.detect`), else the default."""
     input_format = InputFormat.of(input_format)
-    detected = detect(folder)
+    detected = detect(folder, family)
     if input_format.preset is None:
         return replace(input_format, preset=detected.name) if detected else input_format
     if detected is not None and detected.name != input_format.preset:
@@ -74,16 +79,18 @@ def load_backbone(path_or_id: str | Path, dtype: torch.dtype | None = None,
     """Load a checkpoint (folder or hub id), model and processor, with the adapter of its model_type and the
     input format's preset resolved on its files (`resolve_preset`)."""
     folder = local_model(path_or_id)
-    return _adapter_of(folder).from_pretrained(folder, dtype=dtype,
-                                               input_format=resolve_preset(folder, input_format), **kwargs)
+    adapter = _adapter_of(folder)
+    input_format = resolve_preset(folder, input_format, adapter.family)
+    return adapter.from_pretrained(folder, dtype=dtype, input_format=input_format, **kwargs)
 
 
 def load_backbone_skeleton(path_or_id: str | Path, dtype: torch.dtype | None = None,
                            input_format: InputFormat | None = None, **kwargs: Any) -> BackboneAdapter:
     """The checkpoint's adapter with its model on the meta device (architecture only, no weights read)."""
     folder = local_model(path_or_id)
-    input_format = resolve_preset(folder, input_format)
-    return _adapter_of(folder).skeleton(folder, dtype=dtype, input_format=input_format, **kwargs)
+    adapter = _adapter_of(folder)
+    input_format = resolve_preset(folder, input_format, adapter.family)
+    return adapter.skeleton(folder, dtype=dtype, input_format=input_format, **kwargs)
 
 
 def load_processing(path_or_id: str | Path, input_format: InputFormat | None = None) -> BackboneAdapter:
@@ -92,7 +99,8 @@ def load_processing(path_or_id: str | Path, input_format: InputFormat | None = N
     Cheap to build and to send to dataloader workers, which must not carry a copy of the model.
     """
     folder = local_model(path_or_id)
-    return _adapter_of(folder).processing_only(folder, resolve_preset(folder, input_format))
+    adapter = _adapter_of(folder)
+    return adapter.processing_only(folder, resolve_preset(folder, input_format, adapter.family))
 
 
 __all__ = [
@@ -105,6 +113,7 @@ __all__ = [
     "InputFormat",
     "Item",
     "adapter_for_model_type",
+    "family_of",
     "load_backbone",
     "load_backbone_skeleton",
     "load_processing",

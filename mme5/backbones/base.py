@@ -183,6 +183,7 @@ class BackboneAdapter(ABC):
     default_image_token: ClassVar[str]  # replaces the published placeholder (`InputFormat.image_token`)
     add_special_tokens: ClassVar[bool] = True  # False where the prompt already carries the bos token
     images_per_row: ClassVar[bool] = False  # the processor wants one list of images per row, not a flat one
+    anyres_grid: ClassVar[bool] = False  # an anyres tile grid, which `InputFormat.max_grid_side` narrows
     processor_class: ClassVar[Any] = AutoProcessor
 
     def __init__(self, model: PreTrainedModel | None, processor: Any,
@@ -199,6 +200,8 @@ class BackboneAdapter(ABC):
         tok.padding_side = "left"  # the last position is the last real token (callers must not rely on it)
         if tok.pad_token is None:
             tok.pad_token = tok.eos_token
+        self.reserved_tokens = self._reserved_tokens()
+        self._check_format()
         self.configure_processor()
 
     @classmethod
@@ -226,6 +229,43 @@ class BackboneAdapter(ABC):
                         ) -> "BackboneAdapter":
         """The adapter with the checkpoint's processor and no model (e.g. for dataloader workers)."""
         return cls(None, cls.processor_class.from_pretrained(path_or_id), input_format)
+
+    def _check_format(self) -> None:
+        """Refuse what this family cannot apply, rather than ignore it: a `max_grid_side` without an anyres
+        grid, a `max_length` shorter than the preset's fixed frame (its chat turns, with the default
+        instruction where the instruction is a turn of it)."""
+        if self.input_format.max_grid_side is not None and not self.anyres_grid:
+            raise ValueError(f"max_grid_side narrows LLaVA-OneVision's anyres grid; the {self.family} family "
+                             "has none: leave it unset")
+        head, _, tail = self.prompt_parts(Item())
+        if self._frame_tokens(head, tail) > self.max_length:
+            raise ValueError(f"max_length={self.max_length} is shorter than the fixed part of the "
+                             f"{self.family} prompt in preset {self.preset.name!r} "
+                             f"({self._frame_tokens(head, tail)} tokens: {head!r} ... {tail!r})")
+
+    def _reserved_tokens(self) -> tuple[str, ...]:
+        """The tokens that stand for an image or a video (the processor expands them, the model fills them
+        with vision features), longest first: a user's text must not carry them (`without_reserved`)."""
+        names = set(self.tokenizer.convert_ids_to_tokens(sorted(self.image_token_ids)))
+        names |= {getattr(self.processor, name, None) for name in ("image_token", "video_token", "boi_token")}
+        return tuple(sorted(names - {None}, key=len, reverse=True))
+
+    def without_reserved(self, item: Item) -> Item:
+        """`item` with the family's image and video tokens dropped from its instruction, text and prompt.
+
+        Written in a user's text ("<image>" in a web page, "<|image_pad|>" in a code snippet), such a token
+        would ask the processor for one more image than the item has (the batch fails) or be filled with
+        another item's vision features; dropped as the published rule drops placeholders inside the parts.
+        A removal may join two halves into another one, hence the loop.
+        """
+        def clean(text: str | None) -> str | None:
+            while text and any(token in text for token in self.reserved_tokens):
+                for token in self.reserved_tokens:
+                    text = text.replace(token, "")
+            return text
+
+        return replace(item, instruction=clean(item.instruction), text=clean(item.text),
+                       prompt=clean(item.prompt))
 
     def configure_processor(self) -> None:  # noqa: B027 (an optional hook, not abstract)
         """Apply the input format's processor settings (the family's resolution bounds); default: none."""
@@ -257,6 +297,7 @@ class BackboneAdapter(ABC):
         A preset without a template of its own (or declining one for this item) takes the published string,
         split after its last head marker (image token, bos); its tail is empty.
         """
+        item = self.without_reserved(item)
         parts = self.preset.template(item, self.image_token) if self.preset.template else None
         if parts is not None:
             return parts
@@ -298,13 +339,21 @@ class BackboneAdapter(ABC):
         (`truncated_count`).
         """
         head, body, tail = self.prompt_parts(item)
-        budget = self.max_length - self._count_text_tokens(head, True) - self._count_text_tokens(tail, False)
+        budget = self.max_length - self._frame_tokens(head, tail)
         if budget < 0:
             raise ValueError(f"max_length={self.max_length} is shorter than the {self.family} prompt's fixed "
                              f"part in preset {self.preset.name!r}: head {head!r}, tail {tail!r}")
         fitted = self._fit(body, budget)
         self._truncated += fitted != body
-        return head + fitted + tail
+        prompt = head + fitted + tail
+        if not prompt and not self.tokenizer("", add_special_tokens=self.add_special_tokens).input_ids:
+            raise ValueError(f"an item with neither text nor image gives the {self.family} model no token to "
+                             "embed (its tokenizer adds none): give it a text or an image")
+        return prompt
+
+    def _frame_tokens(self, head: str, tail: str) -> int:
+        """Text tokens of a prompt's head (with the tokenizer's own specials) and tail."""
+        return self._count_text_tokens(head, True) + self._count_text_tokens(tail, False)
 
     def truncated_count(self) -> int:
         """Items whose text was cut to `max_length` since this adapter was made: training reports them in

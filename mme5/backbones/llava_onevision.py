@@ -46,6 +46,7 @@ class LlavaOnevisionAdapter(LlavaAdapter):
     family: ClassVar[str] = "llava_onevision"
     model_types: ClassVar[tuple[str, ...]] = ("llava_onevision",)
     processor_class: ClassVar[type] = LlavaOnevisionImageOnlyProcessor
+    anyres_grid: ClassVar[bool] = True
 
     def configure_processor(self) -> None:
         """Narrow the anyres grid to `max_grid_side` tiles a side, in the processor (which counts the image

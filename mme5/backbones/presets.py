@@ -242,12 +242,14 @@ class Detected:
     reason: str  # which file says so
 
 
-def detect(folder: str | Path) -> Detected | None:
+def detect(folder: str | Path, family: str | None = None) -> Detected | None:
     """The preset a model folder was trained with, from its files; None when they do not say.
 
     An mme5 export's `mme5_embedding.json` is authoritative (its recorded preset; `mme5` for exports written
-    before presets). Otherwise the first preset whose evidence is found, in registry order (`vlm2vec_v2`
-    before `vlm2vec_v1`, whose mark is a prefix of it). The hub id is never guessed from.
+    before presets). Otherwise the first preset applying to `family` (None: any) whose evidence is found, in
+    registry order (`vlm2vec_v2` before `vlm2vec_v1`, whose mark is a prefix of it): a card that names an
+    embedder of another family (a comparison, a teacher) says nothing of this model's format. The hub id
+    is never guessed from.
     """
     folder = Path(folder)
     config = folder / EXPORT_CONFIG
@@ -257,6 +259,8 @@ def detect(folder: str | Path) -> Detected | None:
     if not folder.is_dir():
         return None
     for candidate in PRESETS.values():
+        if family is not None and not candidate.applies_to(family):
+            continue
         for evidence in candidate.evidence:
             if evidence.found_in(folder):
                 return Detected(candidate.name, f"{folder} holds {evidence}")
