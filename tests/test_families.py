@@ -4,6 +4,7 @@ project promises of a family, on its tiny `test` backbone. A family joins the ma
 - the demo recipe (`configs/demo.yaml`, gradient cache on) trains it for 3 steps through the real CLI;
 - that run's merged export embeds in the real sentence-transformers as in `Embedder` (1e-5), for text, image
   and image+text inputs; its `--adapter-only` export is a PEFT folder equal to the merged export;
+- the real `mteb.evaluate` on the export scores XTD as `python -m mme5.eval` does;
 - its chat template renders the project's prompt where vLLM serves the family (`CHAT_TEMPLATE_FAMILIES`);
 - 2-process DDP and FSDP (gloo) gradients equal the single-process full-batch gradient.
 
@@ -28,6 +29,7 @@ from mme5.backbones import ADAPTERS
 from mme5.backbones.tiny import build_tiny
 from mme5.checkpoint import load_encoder
 from mme5.demo.world import WorldConfig, build_world
+from mme5.eval.__main__ import main as evaluate
 from mme5.export import CHAT_TEMPLATE_FAMILIES, export
 
 st = pytest.importorskip("sentence_transformers")
@@ -98,6 +100,15 @@ def trained(family, backbone, world) -> Trained:
     adapter = export(ckpt, root / "adapter", query_instruction=QUERY, target_instruction=DOCUMENT,
                      adapter_only=True)
     return Trained(family, backbone, ckpt, merged, adapter)
+
+
+@pytest.fixture(scope="module")
+def xtd_world(tmp_path_factory) -> Path:
+    """XTD10-layout files in three languages, enough images that recall@k differs between tasks."""
+    out = tmp_path_factory.mktemp("xtd-world")
+    build_world(out, WorldConfig(train_samples=0, eval_queries=2, eval_candidates=4, xtd_images=12,
+                                 languages=("en", "zh", "es")), progress=False)
+    return out
 
 
 @pytest.fixture(scope="module")
@@ -181,6 +192,39 @@ def test_chat_template_only_where_vllm_serves_the_family(trained):
         assert image_token in template.read_text()
     else:
         assert not template.exists()
+
+
+def test_mteb_scores_equal_mme5_eval_on_the_same_xtd_items(trained, xtd_world, tmp_path, monkeypatch):
+    """The real mteb.evaluate on XTD made into local mteb tasks (the demo world's XTD10 files): its recall@k
+    equals mme5.eval's for every language and direction."""
+    monkeypatch.setenv("MTEB_CACHE", str(tmp_path / "mteb-cache"))
+    mteb = pytest.importorskip("mteb")
+    from mme5.integrations.mteb import main as mteb_main
+    from mme5.integrations.mteb import mteb_model, xtd_tasks
+
+    merged, world = trained.merged, xtd_world
+    evaluate(["--model", str(merged), "--benchmark", "xtd", "--data", str(world), "--out",
+              str(tmp_path / "eval"), "--no-cache", "--device", "cpu"])
+    expected = json.loads((tmp_path / "eval" / "scores.json").read_text())["xtd"]["languages"]
+    tasks = xtd_tasks(world / "xtd")
+    assert sorted(task.metadata.name for task in tasks) == sorted(
+        f"XTD-{code}-{d}" for code in ("en", "zh", "es") for d in ("t2i", "i2t"))
+    results = mteb.evaluate(mteb_model(merged, device="cpu"), tasks=tasks, cache=None, co2_tracker=False,
+                            encode_kwargs={"batch_size": 5, "show_progress_bar": False},
+                            show_progress_bar=False)
+    for task, result in zip(tasks, results.task_results, strict=True):
+        _, code, direction = task.metadata.name.split("-")
+        scores = result.scores["test"][0]
+        for k in (1, 5, 10):
+            assert 100 * scores[f"recall_at_{k}"] == pytest.approx(expected[code][direction][f"recall@{k}"],
+                                                                   abs=1e-3), (task.metadata.name, k)
+    assert len({round(s, 4) for s in (r.get_score() for r in results.task_results)}) > 1  # not all equal
+
+    mteb_main(["--model", str(merged), "--xtd", str(world / "xtd"), "--languages", "en", "--out",
+               str(tmp_path / "mteb-out"), "--device", "cpu"])
+    (result,) = (tmp_path / "mteb-out").rglob("XTD-en-t2i.json")
+    # filed under the model's fingerprint (mteb's revision): another model named alike never overwrites it
+    assert result.parent.name == load_encoder(merged).fingerprint
 
 
 # FSDP units holding adapters of the default LoRA targets (q/k/v/o_proj, down_proj) that take part in the
