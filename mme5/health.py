@@ -9,7 +9,7 @@ silently otherwise: the loss of a collapsed run sits at ln(candidates), which lo
 from __future__ import annotations
 
 from collections.abc import Mapping
-from dataclasses import dataclass
+from dataclasses import asdict, dataclass
 from typing import Any
 
 import lightning as L
@@ -186,10 +186,24 @@ class HealthMonitor(L.Callback):
 
     def on_train_batch_end(self, trainer: L.Trainer, pl_module: L.LightningModule, outputs: Any, batch: Any,
                            batch_idx: int) -> None:
-        metrics = {key: float(value) for key, value in trainer.callback_metrics.items()
-                   if key.startswith("health/")}
-        for message in self.observe(trainer.global_step, metrics):
+        logged = {key: value for key, value in trainer.callback_metrics.items() if key.startswith("health/")}
+        if not logged:
+            return
+        # One device sync a step, not one per metric.
+        values = torch.stack([torch.as_tensor(v, dtype=torch.float32) for v in logged.values()]).tolist()
+        for message in self.observe(trainer.global_step, dict(zip(logged, values, strict=True))):
             rank_zero_warn(message)
+
+    def state_dict(self) -> dict[str, Any]:
+        """The stretches so far (plain types), so that a resumed run's checks and summary cover all of it."""
+        return {"reported": [asdict(e) for e in self.reported],
+                "open": {name: asdict(e) for name, e in self._open.items()}}
+
+    def load_state_dict(self, state_dict: dict[str, Any]) -> None:
+        self.reported = [Episode(**e) for e in state_dict["reported"]]
+        by_start = {(e.symptom, e.first): e for e in self.reported}  # a lasting stretch is one object
+        self._open = {name: by_start.get((e["symptom"], e["first"])) or Episode(**e)
+                      for name, e in state_dict["open"].items()}
 
     def on_train_end(self, trainer: L.Trainer, pl_module: L.LightningModule) -> None:
         (rank_zero_warn if self.reported else rank_zero_info)(self.summary())

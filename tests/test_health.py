@@ -102,6 +102,19 @@ def test_monitor_waits_for_warmup_and_patience_then_rate_limits():
     assert "2 problem(s)" in summary and "(steps 6-12)" in summary and "(steps 14-16)" in summary
 
 
+def test_monitor_state_survives_a_resume(tmp_path):
+    """Saved in the checkpoint (plain types: it loads with weights_only): a stretch that began before the
+    resume goes on after it, and the summary covers the whole run."""
+    monitor = HealthMonitor(warmup_steps=0, patience=3, repeat_every=100)
+    for step in range(1, 5):
+        monitor.observe(step, AT_CHANCE)
+    torch.save(monitor.state_dict(), tmp_path / "state.pt")
+    resumed = HealthMonitor(warmup_steps=0, patience=3, repeat_every=100)
+    resumed.load_state_dict(torch.load(tmp_path / "state.pt", weights_only=True))
+    assert resumed.observe(5, AT_CHANCE) == []  # warned at step 3 already: rate-limited
+    assert "1 problem(s)" in resumed.summary() and "(steps 1-5)" in resumed.summary()
+
+
 def test_monitor_reports_collapse_of_either_side():
     monitor = HealthMonitor(warmup_steps=0, patience=2, collapse_cosine=0.99)
     collapsed = LEARNING | {TARGET_COS: 0.995}
