@@ -32,6 +32,7 @@ from mme5.checkpoint import checkpoint_problem, run_checkpoint_dir
 from mme5.data.datamodule import ShardDataModule
 from mme5.data.stream import SourceRefused
 from mme5.files import OutputFolder, OutputFolderError, claim_folder, describe_changes
+from mme5.health import HealthMonitor
 from mme5.module import EmbeddingModule
 from mme5.preemption import FinalCheckpoint, SlurmRequeue, StopOnSignal
 from mme5.resume import (
@@ -71,6 +72,8 @@ class TrainCLI(LightningCLI):
         parser.link_arguments("model.backbone", "data.backbone")
         parser.link_arguments("model.input_format", "data.input_format")
         parser.link_arguments("model.chunk_size", "data.chunk_size")
+        # Always on, configured under `health:` (`--health.patience 100`): warns when the run learns nothing.
+        parser.add_lightning_class_args(HealthMonitor, "health")
         parser.add_argument("--overwrite", action=ActionYesNo, default=False,
                             help="start a new run in a run folder that holds one (without --ckpt_path): its "
                                  "checkpoints, TensorBoard logs and saved config are removed first")

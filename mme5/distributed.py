@@ -10,7 +10,7 @@ from typing import Any
 
 import torch
 import torch.distributed as dist
-from torch import nn
+from torch import Tensor, nn
 from torch.nn.parallel import DistributedDataParallel
 
 from mme5.sharding import gradient_sync_paused, is_sharded, is_sharded_module
@@ -64,6 +64,16 @@ def rank_and_world() -> tuple[int, int]:
     if dist.is_available() and dist.is_initialized():
         return dist.get_rank(), dist.get_world_size()
     return 0, 1
+
+
+def sum_over_ranks(tensor: Tensor) -> Tensor:
+    """The element-wise sum of `tensor` over all ranks (a collective: all ranks must call it); the tensor
+    itself when torch.distributed is not initialised."""
+    if rank_and_world()[1] == 1:
+        return tensor
+    total = tensor.clone()
+    dist.all_reduce(total)
+    return total
 
 
 def from_all_ranks(obj: Any) -> list[Any]:

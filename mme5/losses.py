@@ -68,6 +68,8 @@ class ContrastiveOutput:
     labels: Tensor  # (B,) column of each query's positive
     accuracy: Tensor  # () fraction of local queries whose positive strictly beats every other candidate
     temperature: Tensor  # () effective temperature used
+    query: Tensor  # (B, D) the local queries' embeddings, float32
+    positive: Tensor  # (B, D) the local positives' embeddings, float32
     false_negatives: Tensor | None = None  # () in-batch candidates masked per query (mean), when masking
 
 
@@ -148,6 +150,8 @@ class InfoNCE(nn.Module):
             labels=labels,
             accuracy=_ranking_accuracy(logits.detach(), labels),
             temperature=(1 / scale).detach(),
+            query=query.detach(),
+            positive=positive.detach(),
             false_negatives=false_negatives,
         )
 

@@ -37,6 +37,7 @@ from mme5.distributed import GradientSync, from_all_ranks
 from mme5.encoder import Encoder, LoraSettings
 from mme5.files import write_json
 from mme5.gradcache import GradCache
+from mme5.health import batch_health
 from mme5.hub import local_model
 from mme5.losses import ContrastiveOutput, InfoNCE
 from mme5.sharding import load_from_rank0, shard_encoder, shards_parameters
@@ -308,6 +309,7 @@ class EmbeddingModule(L.LightningModule):
         }
         if output.false_negatives is not None:
             metrics["train/false_negatives"] = output.false_negatives  # masked in-batch candidates a query
+        metrics |= batch_health(output)  # over the global batch, the same on every rank (HealthMonitor)
         self.log_dict(metrics, prog_bar=False, on_step=True, on_epoch=False, batch_size=batch.size)
         self.log("loss", loss, prog_bar=True, on_step=True, on_epoch=False, logger=False,
                  batch_size=batch.size)

@@ -25,6 +25,7 @@ from mme5.demo.world import WorldConfig, build_world
 from mme5.encoder import LoraSettings
 from mme5.eval.mmeb import MMEB
 from mme5.eval.run import evaluate
+from mme5.health import batch_health
 from mme5.losses import scatter_negatives
 from mme5.module import EmbeddingModule, NonFiniteLossError, warmup_then_decay
 
@@ -211,6 +212,11 @@ def test_non_finite_loss_stops_with_the_last_good_state(tmp_path, tiny_mllama, t
 
 def full_batch_gradient(backbone, shards, record, chunk_size=3):
     """The single-process gradient of the mean loss over both ranks' batches, concatenated in rank order."""
+    return full_batch_step(backbone, shards, record, chunk_size)[0]
+
+
+def full_batch_step(backbone, shards, record, chunk_size=3):
+    """`full_batch_gradient` and the step's health metrics (`mme5.health.batch_health`)."""
     learnable = any(name.startswith("loss_fn.") for name in record["initial"])
     module = EmbeddingModule(backbone, lora=LoraSettings(dropout=0.0), gradient_checkpointing=False,
                              gradient_cache=False, chunk_size=chunk_size, temperature=0.05,
@@ -222,9 +228,9 @@ def full_batch_gradient(backbone, shards, record, chunk_size=3):
     collator = ContrastiveCollator(module.encoder.adapter.collate, num_negatives=2, chunk_size=chunk_size)
     batch = collator(StreamBatch(samples, 0, {}))
     module.loss_fn.gather = False
-    contrastive_step(module.encoder.encode_chunk, batch.query, batch.positive, batch.negatives,
-                     batch.negative_mask, module.loss_fn)  # plain: one forward of everything, one backward
-    return {n: p.grad for n, p in module.named_parameters() if p.requires_grad}
+    _, output = contrastive_step(module.encoder.encode_chunk, batch.query, batch.positive, batch.negatives,
+                                 batch.negative_mask, module.loss_fn)  # plain: one forward, one backward
+    return {n: p.grad for n, p in module.named_parameters() if p.requires_grad}, batch_health(output)
 
 
 # Gradient communication per step. DDP: none by its own reducer, one explicit flat all-reduce (the tiny model
@@ -262,7 +268,10 @@ def test_distributed_gradient_equals_the_full_batch_gradient(tmp_path, tiny_mlla
     assert sorted(last["ShardDataModule"]["positions"]) == [0, 1]
     trained = [key for key in last["state_dict"] if "lora_" in key or key.startswith("loss_fn.")]
     assert last["adapter_only"] and trained == list(last["state_dict"])  # no backbone weight
-    assert_same_gradients(record, full_batch_gradient(tiny_mllama, tiny_shards, record))
+    gradients, health = full_batch_step(tiny_mllama, tiny_shards, record)
+    assert_same_gradients(record, gradients)
+    # Health metrics over the global batch, not rank 0's half (its query spread, loss and chance differ).
+    assert record["health"] == pytest.approx({key: float(value) for key, value in health.items()}, abs=1e-5)
 
 
 def test_reference_gradient_scale_is_the_full_batch_gradient_over_ranks(tmp_path, tiny_mllama, tiny_shards):

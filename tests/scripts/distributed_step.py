@@ -7,7 +7,8 @@
 Checkpoints land in OUT/ckpt/ (last.ckpt). Rank 0 writes OUT/result.pt about the last step: the initial
 trainable weights, each rank's batch ids, the full gradients after the step's backward(s) (before the
 optimiser step), how many all-reduces DDP's own reducer ran (its comm hook) and the module's explicit
-averaging ran, how many reduce-scatters FSDP ran, and the trainable weights after the step.
+averaging ran, how many reduce-scatters FSDP ran, the trainable weights after the step and its `health/*`
+metrics.
 Lightning's launcher re-runs this script for rank 1, so it must stay an importable script.
 """
 
@@ -92,6 +93,8 @@ class Recorder(L.Callback):
 
     def on_train_batch_end(self, trainer, module, outputs, batch, batch_idx):
         self.record["after"] = {n: full(p) for n, p in trainable(module)}
+        self.record["health"] = {key: float(value) for key, value in trainer.callback_metrics.items()
+                                 if key.startswith("health/")}
         self.record["global_step"] = trainer.global_step
         if trainer.global_rank == 0:
             torch.save(self.record, self.out / "result.pt")
