@@ -88,29 +88,19 @@ REFERENCE_SPECIAL_TOKENS = {"mllama": False, "qwen2_vl": True, "llava": True, "g
 # Processors that take one list of images per prompt.
 NESTED_IMAGES = {"mllama", "gemma3"}
 
-# VLM2Vec maps Qwen2.5-VL to Qwen2-VL's image token and calls its processor alike (src/model/processor.py
-# VLM_IMAGE_TOKENS): the same strings; the ids come from the real Qwen2_5_VLProcessor.
-for _row in ROWS:
-    _row[3]["qwen2_5_vl"] = _row[3]["qwen2_vl"]
-REFERENCE_SPECIAL_TOKENS["qwen2_5_vl"] = REFERENCE_SPECIAL_TOKENS["qwen2_vl"]
-
-# Qwen3-VL takes the published rule of Qwen2-VL (a bare <|image_pad|>, tokenizer defaults): the same strings;
-# the ids come from the real Qwen3VLProcessor (16 px patches, its own expansion of <|image_pad|>).
-for _row in ROWS:
-    _row[3]["qwen3_vl"] = _row[3]["qwen2_vl"]
-REFERENCE_SPECIAL_TOKENS["qwen3_vl"] = REFERENCE_SPECIAL_TOKENS["qwen2_vl"]
-
-# Qwen3.5 checkpoints name Qwen3VLProcessor and keep Qwen2-VL's image token names: the rule of Qwen3-VL, the
-# same strings; the ids from the real Qwen3VLProcessor of a Qwen3.5 configuration.
-for _row in ROWS:
-    _row[3]["qwen3_5"] = _row[3]["qwen2_vl"]
-REFERENCE_SPECIAL_TOKENS["qwen3_5"] = REFERENCE_SPECIAL_TOKENS["qwen2_vl"]
-# LLaVA-OneVision takes the llava rule (`<image>`, text verbatim; VLM2Vec and LLaVE replace `<|image_1|>` so):
-# the same strings; the ids come from LlavaOnevisionProcessor (Qwen2's tokenizer adds no bos, `<image>`
-# expands to the anyres feature count).
-for _row in ROWS:
-    _row[3]["llava_onevision"] = _row[3]["llava"]
-REFERENCE_SPECIAL_TOKENS["llava_onevision"] = REFERENCE_SPECIAL_TOKENS["llava"]
+# Families that take another's published rule: the same strings and the same processor call; the ids come
+# from their own real processors.
+# - qwen2_5_vl: VLM2Vec maps Qwen2.5-VL to Qwen2-VL's image token (src/model/processor.py VLM_IMAGE_TOKENS).
+# - qwen3_vl: Qwen2-VL's rule (a bare <|image_pad|>), Qwen3VLProcessor's 16 px patches and expansion.
+# - qwen3_5: its checkpoints name Qwen3VLProcessor and keep Qwen2-VL's image token names.
+# - llava_onevision: the llava rule (VLM2Vec and LLaVE replace `<|image_1|>` by `<image>`); Qwen2's tokenizer
+#   adds no bos, `<image>` expands to the anyres feature count.
+SAME_RULE_AS = {"qwen2_5_vl": "qwen2_vl", "qwen3_vl": "qwen2_vl", "qwen3_5": "qwen2_vl",
+                "llava_onevision": "llava"}
+for _family, _rule in SAME_RULE_AS.items():
+    for _row in ROWS:
+        _row[3][_family] = _row[3][_rule]
+    REFERENCE_SPECIAL_TOKENS[_family] = REFERENCE_SPECIAL_TOKENS[_rule]
 
 
 @pytest.fixture(scope="module", params=FAMILIES)
