@@ -1,5 +1,6 @@
 from pathlib import Path
 
+import numpy as np
 import pyarrow as pa
 import pyarrow.parquet as pq
 import pytest
@@ -32,6 +33,11 @@ def fake_embed(items):
     """Fake embedding of instruction + text and the image's colour."""
     return torch.tensor([vector(it.instruction + (it.text or ""), it.image and it.image.getpixel((0, 0))[0])
                          for it in items], dtype=torch.float32)
+
+
+def constant_embed(items):
+    """A model that ignores its input."""
+    return torch.ones(len(items), 4)
 
 
 def red(i):
@@ -85,6 +91,19 @@ def test_rankings_match_brute_force(tmp_path, direction):
         assert rank(xtd.rankings[f"{language}_{direction}"], embeddings).ranks.tolist() == \
             brute_force(language, direction)
     assert xtd.rankings["es_i2t"].candidates.shape == (6, 5)  # the repeated caption is one candidate
+
+
+def test_reference_ties_are_mme5s_argsort_and_the_default_is_pessimistic(tmp_path):
+    """A model giving every item one embedding ties all images. `--ties reference` ranks the gold as the
+    reference's `np.argsort(scores)[-k:]` does (not MMEB's argmax, which would give ranks 1..6); the
+    default still counts every tie against the gold."""
+    root = write_xtd10(tmp_path)
+    order = np.argsort(np.ones(len(NAMES), dtype=np.float32)).tolist()
+    argsort = [len(NAMES) - order.index(gold) for gold in range(len(NAMES))]
+    _, results = evaluate(XTD(root, languages=["en"]), constant_embed, ties="reference")
+    assert results["en_t2i"].ranks.tolist() == argsort != list(range(1, len(NAMES) + 1))
+    _, results = evaluate(XTD(root, languages=["en"]), constant_embed)
+    assert results["en_t2i"].ranks.tolist() == [len(NAMES)] * len(NAMES)
 
 
 def test_summary_means_and_scalars(tmp_path):

@@ -82,8 +82,8 @@ ROWS = [
          "gemma3": "Find a passage that answers: ¿Dónde está el gato?\n"}),
 ]
 
-# How the reference calls each family's processor (mmE5's Mllama call adds no second bos; VLM2Vec's calls
-# keep the tokenizer's default).
+# How the reference calls each family's processor (mmE5's Mllama call passes add_special_tokens=False, which
+# Llama 3.2's tokenizer makes no different: see the one-bos test; VLM2Vec's calls keep the default).
 REFERENCE_SPECIAL_TOKENS = {"mllama": False, "qwen2_vl": True, "llava": True, "gemma3": True}
 # Processors that take one list of images per prompt.
 NESTED_IMAGES = {"mllama", "gemma3"}
@@ -137,6 +137,28 @@ def test_published_rows_become_the_reference_prompt_and_ids(adapter, row):
         torch.testing.assert_close(ours["pixel_values"], reference["pixel_values"], rtol=0, atol=0)
     last = adapter.tokenizer.convert_ids_to_tokens(ours["input_ids"][0, -1:].tolist())[0]
     assert last.endswith("Ċ") == text.endswith("\n")  # the pooled token is the published newline (byte BPE)
+
+
+def test_an_mllama_prompt_holds_one_bos_however_the_tokenizer_is_called(adapter):
+    """Llama-3.2-Vision's tokenizer adds no bos itself (transformers' MllamaConverter: a ByteLevel
+    post-processor only): the prompt's own <|begin_of_text|> is the one bos, so the processor and the
+    tokenizer give the project's ids with or without special tokens, on published rows (text and image)
+    and on items made here."""
+    if adapter.family != "mllama":
+        pytest.skip("the bos is in the prompt only in mllama's")
+    items = [Item(prompt=text, image=IMAGE if has_image else None) for _, text, has_image, _ in ROWS]
+    items += [Item(text="A cat."), Item("Represent the given image.", image=IMAGE),
+              Item(TEXT_INSTRUCTION, "Un gato duerme en el sofá.")]
+    bos = adapter.tokenizer.bos_token_id
+    for item in items:
+        ours = project_inputs(adapter, item)["input_ids"][0].tolist()
+        assert ours.count(bos) == 1, adapter.prompt(item)
+        images = None if item.image is None else [[item.image]]
+        for specials in (True, False):
+            processed = adapter.processor(text=[adapter.prompt(item)], images=images,
+                                          add_special_tokens=specials)["input_ids"][0]
+            tokenized = adapter.tokenizer(adapter.prompt(item), add_special_tokens=specials).input_ids
+            assert list(processed) == tokenized == ours, (specials, adapter.prompt(item))
 
 
 def test_sides_made_here_follow_the_published_rule(adapter):

@@ -101,9 +101,11 @@ class TokenizerSpec:
 
 
 TOKENIZERS = {
+    # Llama-3.2-Vision's tokenizer adds no bos (transformers' MllamaConverter: a ByteLevel post-processor
+    # only): MllamaProcessor and the mmE5 collator write <|begin_of_text|> into the prompt.
     "mllama": TokenizerSpec(
         "<|begin_of_text|>", "<|end_of_text|>", "<|finetune_right_pad_id|>", ("<|python_tag|>", "<|image|>"),
-        True,
+        False,
     ),
     "qwen2_vl": TokenizerSpec(
         None, "<|im_end|>", "<|endoftext|>",

@@ -62,8 +62,9 @@ def train_bpe(
 ) -> PreTrainedTokenizerFast:
     """Train a byte-level BPE on `texts`; `special_tokens` get the first ids, in order, and are never split.
 
-    `add_bos` makes the tokenizer prepend `bos_token` like Llama-family tokenizers do. `named_tokens` become
-    tokenizer attributes that processors read (e.g. Gemma 3's `boi_token`; saved with the tokenizer).
+    `add_bos` makes the tokenizer prepend `bos_token` as LLaVA's (Llama 2) and Gemma's do (Llama 3.2's does
+    not). `named_tokens` become tokenizer attributes that processors read (e.g. Gemma 3's `boi_token`; saved
+    with the tokenizer).
     """
     tok = Tokenizer(models.BPE())
     tok.pre_tokenizer = pre_tokenizers.Sequence(

@@ -76,8 +76,9 @@ def parse(argv: list[str] | None = None) -> argparse.Namespace:
                              "what its files say, else mme5)")
     parser.add_argument("--ties", choices=TIE_RULES, default="pessimistic",
                         help="a candidate scoring exactly as the gold: 'pessimistic' ranks it above the gold "
-                             "(default), 'reference' lets the first in list order win, as the reference "
-                             "code's argmax (gold first in MMEB: a tie is a hit)")
+                             "(default); 'reference' breaks it as the reference code does: MMEB's argmax "
+                             "lets the first in list order win (gold first: a tie is a hit), XTD's "
+                             "np.argsort(scores)[-k:] leaves it to numpy's sort order")
     parser.add_argument("--trust-checkpoint", action="store_true",
                         help="unpickle a .ckpt holding more than tensors and plain types (runs code from the "
                              "file; the project's own checkpoints never need it)")

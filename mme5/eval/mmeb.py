@@ -48,6 +48,7 @@ class MMEB:
     """
 
     name = "mmeb"
+    reference_ties = "argmax"  # VLM2Vec's and mmE5's MMEB scoring: `np.argmax(scores) == 0`
 
     def __init__(self, root: str | Path, subsets: Sequence[str] | None = None,
                  images: Sequence[str | Path] | None = None, max_queries: int | None = None):

@@ -26,8 +26,9 @@ from mme5.files import atomic_write, write_json
 HEADLINE = (*META_TASKS, *SPLITS, OVERALL)
 XTD_ROWS = (("t2i", "text→image"), ("i2t", "image→text"))
 TIE_NOTES = {"pessimistic": "Ties: a candidate scoring exactly as the gold ranks above it (pessimistic).",
-             "reference": "Ties: the first maximum in list order wins, as the reference's argmax "
-                          "(`--ties reference`)."}
+             "reference": "Ties: as the reference code (`--ties reference`): on MMEB the first maximum in "
+                          "list order wins (its argmax), on XTD numpy's sort order decides (its "
+                          "`np.argsort(scores)[-k:]`)."}
 
 
 def cell(value: float | None) -> str:

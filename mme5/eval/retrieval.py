@@ -110,7 +110,7 @@ class Ranked:
 def rank(ranking: Ranking, embeddings: Tensor, top_k: int = 10, budget: int = 1 << 26,
          ties: str = "pessimistic") -> Ranked:
     """Score each query against its own candidates only, `budget` floats of candidates at a time; `ties`:
-    how a candidate scoring exactly as the gold counts (`mme5.eval.metrics.TIE_RULES`).
+    how a candidate scoring exactly as the gold counts (`mme5.eval.metrics.RANK_RULES`).
 
     Scores are elementwise products summed over D (not a matmul): identical embeddings then get
     bit-identical scores wherever they sit, which both tie rules rely on.

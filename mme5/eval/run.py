@@ -14,6 +14,7 @@ from tqdm import tqdm
 
 from mme5.distributed import rank_and_world
 from mme5.eval.encode import Embed, EmbeddingCache, encode
+from mme5.eval.metrics import TIE_RULES
 from mme5.eval.retrieval import Ranked, RetrievalSet, rank
 
 
@@ -27,6 +28,7 @@ class Summary:
 
 class Benchmark(Protocol):
     name: str
+    reference_ties: str  # how the reference code breaks ties on it (`mme5.eval.metrics.RANK_RULES`)
 
     def sets(self) -> Iterable[RetrievalSet]: ...
 
@@ -40,6 +42,9 @@ def evaluate(benchmark: Benchmark, embed: Embed, *, sets: Iterable[RetrievalSet]
              progress: bool = False, ties: str = "pessimistic") -> tuple[Summary, dict[str, Ranked]]:
     """Scores of `benchmark` (its `sets()` unless given); results are keyed by ranking name. `ties`: the
     tie rule (`mme5.eval.metrics.TIE_RULES`), recorded in the scores."""
+    if ties not in TIE_RULES:
+        raise ValueError(f"ties must be one of {TIE_RULES}, got {ties!r}")
+    rule = benchmark.reference_ties if ties == "reference" else ties
     results: dict[str, Ranked] = {}
     sets = benchmark.sets() if sets is None else sets
     quiet = not progress or rank_and_world()[0] != 0
@@ -53,7 +58,7 @@ def evaluate(benchmark: Benchmark, embed: Embed, *, sets: Iterable[RetrievalSet]
                             namespace=f"{benchmark.name}/{retrieval_set.name}", progress=progress,
                             desc=retrieval_set.name)
         for key, ranking in retrieval_set.rankings.items():
-            results[key] = rank(ranking, embeddings, top_k, ties=ties)
+            results[key] = rank(ranking, embeddings, top_k, ties=rule)
     summary = benchmark.summarize(results)
     summary.scores["ties"] = ties
     summary.scores["data"] = benchmark.identity()

@@ -145,6 +145,7 @@ class XTD:
     """
 
     name = "xtd"
+    reference_ties = "argsort"  # mmE5's eval_multi.py: the gold among `np.argsort(scores)[-k:]`
 
     def __init__(self, root: str | Path, languages: Sequence[str] | None = None,
                  images: Sequence[str | Path] | None = None, max_queries: int | None = None,
