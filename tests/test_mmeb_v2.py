@@ -11,7 +11,6 @@ from pathlib import Path
 import numpy as np
 import pytest
 import torch
-import yaml
 
 from mme5.eval.metrics import gold_ranks, metrics_from_ranks
 from mme5.eval.mmeb_v2.aggregate import aggregate, leaderboard_json, main_score
@@ -20,11 +19,12 @@ from mme5.eval.mmeb_v2.metrics import ranked_order, ranking_metrics
 from mme5.eval.mmeb_v2.registry import MMEB_V2, MOMENTSEEKER_QUERY_INSTRUCTIONS, sets_of
 from mme5.eval.registry import OVERALL, PARTIAL_MEAN
 
-REFERENCE = Path(__file__).parent / "data" / "vlm2vec"  # copies from VLM2Vec (Apache-2.0), see README
+REFERENCE = Path(__file__).parent / "data" / "vlm2vec"  # facts read from VLM2Vec (Apache-2.0): README
 
 
 def reference_yaml(modality: str) -> dict:
-    return yaml.safe_load((REFERENCE / f"{modality}.yaml").read_text())
+    """The eval yaml's sets of `modality`: each one's eval_type, dataset_parser and dataset_name."""
+    return json.loads((REFERENCE / "eval_sets.json").read_text())[modality]
 
 
 # --- registry ---
