@@ -1,0 +1,17 @@
+"""MMEB-V2 (78 data sets: 36 image, 18 video, 24 visual documents) scored as VLM2Vec's `eval.py` does.
+
+What exists (model-free):
+- `registry`: the 78 sets with modality, meta-task, `eval_type` (local / global), instructions and the
+  hub annotations the reference loads; checked against VLM2Vec's eval yaml files and loaders.
+- `metrics`: `RankingMetrics`' hit, recall, MRR and linear NDCG (graded) at 1/5/10, and candidate
+  orders under this project's tie rules.
+- `frames`: which pre-extracted frames a video contributes (`num_frames` evenly spaced, the reference's
+  rounding, no padding).
+- `aggregate`: per meta-task, per modality and Overall (means over data sets), and the leaderboard
+  submission JSON of `report_score_v2.py`.
+
+What comes next (issue 23): the readers of the published layouts (frames folders, BEIR queries / corpus /
+qrels, moment-retrieval clip folders) into `RetrievalSet`s with global candidate deduplication, the
+`mme5.data.fetch --dataset mmeb-v2` layout, video inputs for the backbones, and the
+`python -m mme5.eval --benchmark mmeb-v2` command with its `results.md` and `scores.json`.
+"""
