@@ -30,9 +30,9 @@ class MllamaAdapter(BackboneAdapter):
         return (self.image_token, BOS)
 
     def target_size(self, size: tuple[int, int]) -> tuple[int, int]:
-        """As the base, but an image 1 pixel high is stretched to 2 (mmE5 src/dataset.py l. 74-77, in
-        `TrainDataset` only: its `EvalDataset` has no rule, and the processor cannot take such an image, so
-        evaluation does the same here)."""
+        """As the base, but an image 1 pixel high is stretched to 2 (mmE5 src/dataset.py l. 74-77). mmE5 does
+        it in `TrainDataset` only (its `EvalDataset` hands the image over unchanged); here evaluation does
+        it too, so that an image embeds the same in training and evaluation (a kept difference)."""
         width, height = super().target_size(size)
         return (width, 2) if height == 1 else (width, height)
 
