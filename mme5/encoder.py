@@ -15,7 +15,7 @@ from torch import Tensor, nn
 from tqdm import tqdm
 
 from mme5.backbones.base import BackboneAdapter, Chunk, Item, length_order, lockstep_chunk
-from mme5.images import load_rgb
+from mme5.images import load
 from mme5.sharding import is_sharded_module
 
 # The paper's adapter targets: q/k/v/o projections of text self-attention, text cross-attention and
@@ -147,10 +147,11 @@ class Encoder(nn.Module):
 
 
 def decoded(item: Item) -> Item:
-    """The item with its image as an RGB PIL image (decoded from bytes or a path if needed)."""
-    if item.image is None or (isinstance(item.image, PIL.Image.Image) and item.image.mode == "RGB"):
+    """The item with its image as a PIL image (decoded from bytes or a path if needed, in its own mode:
+    the adapter resizes and converts it as the family's reference does)."""
+    if item.image is None or isinstance(item.image, PIL.Image.Image):
         return item
-    return replace(item, image=load_rgb(item.image))
+    return replace(item, image=load(item.image))
 
 
 def _most_over_ranks(count: int, device: torch.device) -> int:

@@ -1,6 +1,11 @@
 """Image decoding, the one way every path (training, evaluation, synthesis, the embedder) turns bytes,
-files or PIL images into the RGB images the processors take, and the padding that keeps extreme shapes
+files or PIL images into the images the processors take, and the padding that keeps extreme shapes
 processable.
+
+Decoding keeps an image's own mode (`load`), as the references' `Image.open` does: a reference that resizes
+before its processor (mmE5's LLaVA-NeXT 512x512, VLM2Vec's 1344x1344) resizes the raw image with PIL's
+default filter for its mode (nearest for palette images) and composites it onto white in the processor
+afterwards; the adapters do the same (`BackboneAdapter.prepare_image`).
 
 Transparent images (RGBA, LA, P with transparency) are composited onto white, as the reference processors
 do (`Image.convert("RGB")` alone would make transparent pixels black). 16-bit greyscale images (PNG, TIFF)
@@ -41,19 +46,25 @@ def max_pixels() -> int:
     return int(os.environ.get("MME5_MAX_IMAGE_PIXELS", DEFAULT_MAX_PIXELS))
 
 
-def load_rgb(source: ImageSource, where: str | None = None) -> Image.Image:
-    """`source` (encoded bytes, a file path or a PIL image) decoded fully and converted to RGB.
+def load(source: ImageSource, where: str | None = None) -> Image.Image:
+    """`source` (encoded bytes, a file path or a PIL image) decoded fully, in its own mode (16-bit
+    greyscale scaled to 8 bits).
 
     Decoding is complete here, so a truncated file fails now and not later in a collator; any failure of
     the decoder is an `ImageDecodeError` naming the image (`where`, or the path itself).
     """
     if isinstance(source, Image.Image):
-        return to_rgb(source)
+        return eight_bit(source)
     name, data = _read(source, where)
     with _decoding(name):
         with _open(data, name) as image:
             image.load()
-            return to_rgb(image)
+            return eight_bit(image)
+
+
+def load_rgb(source: ImageSource, where: str | None = None) -> Image.Image:
+    """`source` decoded fully (`load`) and converted to RGB (`to_rgb`)."""
+    return to_rgb(load(source, where))
 
 
 def check_image(source: bytes | str | os.PathLike, where: str | None = None) -> None:
@@ -108,12 +119,19 @@ WHITE = (255, 255, 255)
 SIXTEEN_BIT_MODES = ("I;16", "I;16L", "I;16B", "I;16N")  # how PIL opens 16-bit greyscale PNG and TIFF
 
 
+def eight_bit(image: Image.Image) -> Image.Image:
+    """A 16-bit greyscale `image` as 8-bit greyscale, 0..65535 → 0..255 (the high byte, not clipped at
+    255); any other image as it is."""
+    if image.mode not in SIXTEEN_BIT_MODES:
+        return image
+    return image.convert("I").point(lambda value: value / 256).convert("L")
+
+
 def to_rgb(image: Image.Image) -> Image.Image:
     """`image` in RGB, transparent pixels composited onto white, 16-bit values scaled to 8 bits."""
+    image = eight_bit(image)
     if image.mode == "RGB":
         return image
-    if image.mode in SIXTEEN_BIT_MODES:  # 0..65535 → 0..255 (the high byte), not clipped at 255
-        return image.convert("I").point(lambda value: value / 256).convert("L").convert("RGB")
     transparent = image.mode in ("RGBA", "LA", "PA", "RGBa", "La") or (
         image.mode == "P" and "transparency" in image.info)
     if not transparent:

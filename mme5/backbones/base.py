@@ -25,7 +25,7 @@ from transformers import AutoConfig, AutoModelForImageTextToText, AutoProcessor,
 from mme5 import published
 from mme5.backbones import presets
 from mme5.backbones.presets import Parts
-from mme5.images import fit_aspect_ratio
+from mme5.images import fit_aspect_ratio, to_rgb
 
 IMAGE_PLACEHOLDER = published.PLACEHOLDER
 IMAGE_INSTRUCTION = published.IMAGE_INSTRUCTION
@@ -368,11 +368,20 @@ class BackboneAdapter(ABC):
         return [im for im in images if im is not None]
 
     def prepare_image(self, image: PIL.Image.Image) -> PIL.Image.Image:
-        """The image as the processor gets it: resized to the input format's fixed size if it has one, and
-        padded with white to its maximum aspect ratio (and to at least 2 pixels a side)."""
-        if self.input_format.image_size is not None:
-            image = image.resize(tuple(self.input_format.image_size), PIL.Image.Resampling.BICUBIC)
-        return fit_aspect_ratio(image, self.input_format.max_aspect_ratio)
+        """The image as the processor gets it, in the references' order: the decoded image, in its own mode,
+        resized to `target_size` with PIL's default filter for that mode (nearest for palette images), then
+        composited onto white in RGB, then padded with white to the maximum aspect ratio (and to at least
+        2 pixels a side)."""
+        size = self.target_size(image.size)
+        if size != image.size:
+            image = image.resize(size)
+        return fit_aspect_ratio(to_rgb(image), self.input_format.max_aspect_ratio)
+
+    def target_size(self, size: tuple[int, int]) -> tuple[int, int]:
+        """The (width, height) the family's reference resizes an image of `size` to before its processor:
+        the input format's fixed size if it has one (mmE5's LLaVA-NeXT 512x512, VLM2Vec v1's 1344x1344),
+        else `size`."""
+        return tuple(self.input_format.image_size or size)
 
     def collate(self, items: Sequence[Item]) -> BatchFeature:
         """One processor batch of `items`; text-only and image items mix freely, rows stay in order."""

@@ -29,6 +29,13 @@ class MllamaAdapter(BackboneAdapter):
     def head_markers(self) -> tuple[str, ...]:
         return (self.image_token, BOS)
 
+    def target_size(self, size: tuple[int, int]) -> tuple[int, int]:
+        """As the base, but an image 1 pixel high is stretched to 2 (mmE5 src/dataset.py l. 74-77). mmE5 does
+        it in `TrainDataset` only (its `EvalDataset` hands the image over unchanged); here evaluation does
+        it too, so that an image embeds the same in training and evaluation (a kept difference)."""
+        width, height = super().target_size(size)
+        return (width, 2) if height == 1 else (width, height)
+
     def last_hidden_state(self, model: Any, batch: BatchFeature | dict[str, Tensor]) -> Tensor:
         """Like the base, but text-only rows of a mixed batch see all-zero vision states.
 

@@ -69,6 +69,8 @@ class Preset:
     image_token, min_pixels, max_pixels, image_size, max_grid_side: defaults of the `InputFormat` fields of
         the same names.
     evidence: files that mark a model folder as trained with this format (in order; the first found wins).
+    keeps_small_images: the embedder's reference leaves small images to the processor, which keeps their
+        aspect ratio (no family rule such as Qwen2-VL's 56x56 enlargement, `Qwen2VLAdapter.target_size`).
     """
 
     name: str
@@ -81,6 +83,7 @@ class Preset:
     image_size: tuple[int, int] | None = None
     max_grid_side: int | None = None
     evidence: tuple[Evidence, ...] = ()
+    keeps_small_images: bool = False
 
     def applies_to(self, family: str) -> bool:
         return self.families is None or family in self.families
@@ -210,7 +213,8 @@ PRESETS: dict[str, Preset] = {p.name: p for p in (
            evidence=(Evidence("README.md", "VLM2Vec"),)),
     Preset("gme", "GME, Alibaba-NLP/gme-Qwen2-VL-*-Instruct", ("qwen2_vl",), gme,
            "<|vision_start|><|image_pad|><|vision_end|>", 256 * 28 * 28, 1280 * 28 * 28,  # l. 23-24, 49-50
-           evidence=(Evidence("gme_inference.py"),)),
+           # gme_inference.py l. 127: `fetch_image`, qwen_vl_utils' smart_resize (aspect ratio kept)
+           evidence=(Evidence("gme_inference.py"),), keeps_small_images=True),
     Preset("qwen3_vl_embedding", "Qwen3-VL-Embedding, QwenLM/Qwen3-VL-Embedding", ("qwen3_vl",),
            qwen3_vl_embedding, "<|vision_start|><|image_pad|><|vision_end|>",
            4 * QWEN3_VL_EMBEDDING_FACTOR**2, 1800 * QWEN3_VL_EMBEDDING_FACTOR**2,  # l. 27-28

@@ -25,6 +25,7 @@ class Qwen2VLImageOnlyProcessor(ImageOnlyProcessorMixin, Qwen2VLProcessor):
 
 # VLM2Vec's resolution cap for Qwen2-VL (its v2 arguments), so that memory per item is bounded.
 VLM2VEC_MAX_PIXELS = 28 * 28 * 1280
+MIN_SIDE = 28  # one merged patch: VLM2Vec-V2 enlarges an image with a side below this
 
 
 class Qwen2VLAdapter(BackboneAdapter):
@@ -38,6 +39,18 @@ class Qwen2VLAdapter(BackboneAdapter):
     default_image_token: ClassVar[str] = "<|image_pad|>"
     processor_class: ClassVar[type] = Qwen2VLImageOnlyProcessor
     default_max_pixels: ClassVar[int] = VLM2VEC_MAX_PIXELS  # the family's reference embedder's pixel cap
+    # What an image with a side under MIN_SIDE is resized to (None: kept): VLM2Vec-V2's 56x56 for Qwen2-VL
+    # and Qwen2.5-VL (src/model/processor.py `Qwen2_VL_process_fn` l. 329-331, used for both, l. 679-680).
+    small_image_size: ClassVar[tuple[int, int] | None] = (56, 56)
+
+    def target_size(self, size: tuple[int, int]) -> tuple[int, int]:
+        """As the base, but an image with a side under 28 px becomes `small_image_size`, unless the preset's
+        embedder keeps the aspect ratio of small images (`Preset.keeps_small_images`: the processor then
+        enlarges them to `min_pixels`, aspect ratio kept)."""
+        width, height = super().target_size(size)
+        if self.small_image_size and not self.preset.keeps_small_images and min(width, height) < MIN_SIDE:
+            return self.small_image_size
+        return width, height
 
     def configure_processor(self) -> None:
         """Resolution bounds: the input format's, else the processor's minimum and the family's pixel cap."""

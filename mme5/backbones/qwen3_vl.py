@@ -27,3 +27,6 @@ class Qwen3VLAdapter(Qwen2VLAdapter):
     model_types: ClassVar[tuple[str, ...]] = ("qwen3_vl",)
     processor_class: ClassVar[type] = Qwen3VLImageOnlyProcessor
     default_max_pixels: ClassVar[int] = QWEN3_VL_EMBEDDING_MAX_PIXELS
+    # Small images kept: VLM2Vec's 56x56 rule has no Qwen3-VL path, and Qwen3-VL-Embedding leaves them to
+    # the processor, which enlarges them to min_pixels keeping their aspect ratio.
+    small_image_size: ClassVar[tuple[int, int] | None] = None

@@ -16,7 +16,7 @@ from typing import Any
 from PIL import Image
 
 from mme5 import published
-from mme5.images import format_suffix, load_rgb
+from mme5.images import format_suffix, load
 
 
 class SchemaError(ValueError):
@@ -91,11 +91,11 @@ class Side:
         return int.from_bytes(digest.digest(), "big") >> 1
 
     def pil(self) -> Image.Image | None:
-        """The image decoded to RGB (decoded once, then cached)."""
+        """The image decoded in its own mode (`mme5.images.load`; decoded once, then cached)."""
         if self.image is None:
             return None
         if self._decoded is None:
-            self._decoded = load_rgb(self.image)
+            self._decoded = load(self.image)
         return self._decoded
 
 

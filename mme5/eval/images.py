@@ -17,7 +17,7 @@ from pathlib import Path
 
 from PIL import Image
 
-from mme5.images import load_rgb
+from mme5.images import load
 
 
 class MissingImageError(FileNotFoundError):
@@ -41,10 +41,10 @@ def _zip(path: str) -> tuple[zipfile.ZipFile, dict[str, zipfile.ZipInfo]]:
 
 
 def load_image(ref: ImageRef) -> Image.Image:
-    """The image decoded to RGB."""
+    """The image decoded in its own mode (`mme5.images.load`)."""
     if ref.archive is None:
-        return load_rgb(ref.path)
-    return load_rgb(_zip(ref.archive)[0].read(ref.path), where=f"{ref.archive}!{ref.path}")
+        return load(ref.path)
+    return load(_zip(ref.archive)[0].read(ref.path), where=f"{ref.archive}!{ref.path}")
 
 
 class ImageStore:
