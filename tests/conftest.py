@@ -15,6 +15,20 @@ def tiny_mllama(tmp_path_factory):
 
 
 @pytest.fixture(scope="session")
+def tiny(tmp_path_factory):
+    """`tiny(family)`: a tiny random backbone folder of that family (`test` preset, seed 0), built on
+    first use and shared by the session."""
+    built = {}
+
+    def folder(family: str):
+        if family not in built:
+            built[family] = build_tiny(family, tmp_path_factory.mktemp(family), seed=0, preset="test")
+        return built[family]
+
+    return folder
+
+
+@pytest.fixture(scope="session")
 def tiny_shards(tmp_path_factory):
     """96 samples over all seven modality combinations, 0–2 hard negatives each, in 4 shards."""
     path = tmp_path_factory.mktemp("shards")

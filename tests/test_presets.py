@@ -16,24 +16,10 @@ from PIL import Image
 
 from mme5.backbones import InputFormat, Item, load_processing, resolve_preset
 from mme5.backbones.presets import PRESETS, detect
-from mme5.backbones.tiny import build_tiny
 from mme5.checkpoint import EXPORT_CONFIG, load_encoder, save_model_folder
 
 IMAGE = Image.fromarray(np.random.default_rng(0).integers(0, 256, (30, 40, 3), dtype=np.uint8), "RGB")
 VISION = "<|vision_start|><|image_pad|><|vision_end|>"
-
-
-@pytest.fixture(scope="module")
-def tiny(tmp_path_factory):
-    """One tiny backbone folder per family, built on first use."""
-    built = {}
-
-    def folder(family):
-        if family not in built:
-            built[family] = build_tiny(family, tmp_path_factory.mktemp(family), seed=0, preset="test")
-        return built[family]
-
-    return folder
 
 
 def adapter_for(tiny, family: str, **fmt):

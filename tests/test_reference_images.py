@@ -14,20 +14,7 @@ import torch
 from PIL import Image
 
 from mme5.backbones import IMAGE_INSTRUCTION, InputFormat, Item, load_processing
-from mme5.backbones.tiny import build_tiny
 from mme5.encoder import decoded
-
-
-@pytest.fixture(scope="module")
-def folders(tmp_path_factory):
-    """A tiny checkpoint folder per family, built on first use."""
-    built = {}
-
-    def folder(family):
-        if family not in built:
-            built[family] = build_tiny(family, tmp_path_factory.mktemp(family), seed=0, preset="test")
-        return built[family]
-    return folder
 
 
 def noise(seed, size, mode="RGB"):
@@ -62,21 +49,21 @@ def assert_same_pixels(adapter, image, reference_image, keys=("pixel_values",)):
 
 
 @pytest.mark.parametrize("mode", ["RGB", "P"])
-def test_mllama_stretches_a_1_pixel_high_image_to_2_as_mme5(folders, mode):
+def test_mllama_stretches_a_1_pixel_high_image_to_2_as_mme5(tiny, mode):
     """mmE5 src/dataset.py l. 74-77: `image.resize((image.size[0], 2))` on the opened image (PIL's default
     filter: bicubic, nearest for palette images), not white padding."""
-    adapter = load_processing(folders("mllama"))
+    adapter = load_processing(tiny("mllama"))
     image = noise(1, (40, 1), mode)
     assert_same_pixels(adapter, image, image.resize((40, 2)), ("pixel_values", "aspect_ratio_ids"))
 
 
 @pytest.mark.parametrize("family", ["qwen2_vl", "qwen2_5_vl"])
 @pytest.mark.parametrize("preset", [None, "vlm2vec_v2"])
-def test_qwen2_vl_enlarges_an_image_with_a_side_under_28_px_to_56x56_as_vlm2vec_v2(folders, family, preset):
+def test_qwen2_vl_enlarges_an_image_with_a_side_under_28_px_to_56x56_as_vlm2vec_v2(tiny, family, preset):
     """VLM2Vec-V2 src/model/processor.py l. 329-331 (`Qwen2_VL_process_fn`, Qwen2-VL and Qwen2.5-VL alike):
     `if image.size[0] < 28 or image.size[1] < 28: image = image.resize((56, 56))`; the ids then hold one
     image token per merged patch of the 56x56 image."""
-    adapter = load_processing(folders(family), InputFormat(preset=preset))
+    adapter = load_processing(tiny(family), InputFormat(preset=preset))
     for image in (noise(2, (20, 40)), noise(3, (100, 27), "P")):
         reference = reference_pixels(adapter, image.resize((56, 56)))
         got = project_pixels(adapter, image)
@@ -89,20 +76,20 @@ def test_qwen2_vl_enlarges_an_image_with_a_side_under_28_px_to_56x56_as_vlm2vec_
 
 
 @pytest.mark.parametrize(("family", "preset"), [("qwen3_vl", None), ("qwen2_vl", "gme")])
-def test_embedders_that_keep_small_images_leave_them_to_the_processor(folders, family, preset):
+def test_embedders_that_keep_small_images_leave_them_to_the_processor(tiny, family, preset):
     """Qwen3-VL-Embedding and GME (qwen_vl_utils' smart_resize) keep a small image's aspect ratio: the
     processor gets it as it is."""
-    adapter = load_processing(folders(family), InputFormat(preset=preset))
+    adapter = load_processing(tiny(family), InputFormat(preset=preset))
     image = noise(5, (20, 40))
     assert_same_pixels(adapter, image, image, ("pixel_values", "image_grid_thw"))
 
 
 @pytest.mark.parametrize("mode", ["RGBA", "P", "RGB"])
 @pytest.mark.parametrize("family", ["llava", "qwen2_vl"])
-def test_a_fixed_image_size_resizes_the_raw_image_before_compositing_onto_white(folders, family, mode):
+def test_a_fixed_image_size_resizes_the_raw_image_before_compositing_onto_white(tiny, family, mode):
     """mmE5 src/dataset.py l. 60-67 (LLaVA-NeXT, 512x512) and VLM2Vec v1 mmeb_dataset.py `process_image`
     (1344x1344): `image.resize(size)` on the opened image, PIL's default filter for its mode (bicubic on
     RGBA, nearest on palette images); the processor composites onto white afterwards. Small sizes here."""
-    adapter = load_processing(folders(family), InputFormat(image_size=(60, 44)))
+    adapter = load_processing(tiny(family), InputFormat(image_size=(60, 44)))
     image = noise(6, (37, 53), mode)
     assert_same_pixels(adapter, image, image.resize((60, 44)))
