@@ -32,12 +32,16 @@ class ItemSpec:
 class Ranking:
     """Queries, each ranked against its candidate list; all entries are rows of the set's items.
 
-    queries: (Q,); candidates: (Q, C), -1 pads a list shorter than C; gold: (Q,) the gold's column.
+    queries: (Q,); candidates: (Q, C), -1 pads a list shorter than C (and marks a labelled document that
+    has no item: it scores -inf); gold: (Q,) the gold's column. relevance: (Q, C) graded relevance of
+    each column where a query has several labelled documents (MMEB-V2's BEIR sets), else None (the gold
+    alone is relevant).
     """
 
     queries: Tensor
     candidates: Tensor
     gold: Tensor
+    relevance: Tensor | None = None
 
 
 @dataclass
@@ -87,11 +91,11 @@ class SetBuilder:
         return row
 
     def rank(self, key: str, queries: Sequence[int], candidates: Tensor | Sequence[Sequence[int]],
-             gold: Tensor | Sequence[int]) -> None:
+             gold: Tensor | Sequence[int], relevance: Tensor | None = None) -> None:
         if not isinstance(candidates, Tensor):
             candidates = pad_lists(candidates)
         self.rankings[key] = Ranking(torch.as_tensor(queries, dtype=torch.long), candidates,
-                                     torch.as_tensor(gold, dtype=torch.long))
+                                     torch.as_tensor(gold, dtype=torch.long), relevance)
 
     def build(self) -> RetrievalSet:
         return RetrievalSet(self.name, self.items, self.rankings)

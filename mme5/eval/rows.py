@@ -22,22 +22,25 @@ def data_identity(root: Path, files: Sequence[Path]) -> dict[str, str]:
     return {"root": str(root.resolve()), "fingerprint": files_fingerprint(list(files))}
 
 
-def parquet_files(folder: Path) -> list[Path]:
-    files = sorted(folder.glob("test-*.parquet"))
+def parquet_files(folder: Path, split: str = "test") -> list[Path]:
+    """The files of one split as the hub saves them (`<split>-00000-of-00001.parquet`, ...)."""
+    files = sorted(folder.glob(f"{split}-*.parquet"))
     if not files:
-        raise FileNotFoundError(f"{folder}: no test-*.parquet file")
+        raise FileNotFoundError(f"{folder}: no {split}-*.parquet file")
     return files
 
 
-def read_rows(files: Sequence[Path], max_rows: int | None = None) -> Iterator[tuple[str, int, dict]]:
-    """(file name, row in file, row) of the row-format files in order, at most `max_rows` rows."""
+def read_rows(files: Sequence[Path], max_rows: int | None = None,
+              columns: Sequence[str] = COLUMNS) -> Iterator[tuple[str, int, dict]]:
+    """(file name, row in file, row) of parquet files in order, only `columns` (each must be there), at
+    most `max_rows` rows."""
     seen = 0
     for file in files:
         table = pq.read_table(file)
-        missing = [c for c in COLUMNS if c not in table.column_names]
+        missing = [c for c in columns if c not in table.column_names]
         if missing:
             raise ValueError(f"{file}: missing column(s) {missing}; found {table.column_names}")
-        for i, row in enumerate(table.select(list(COLUMNS)).to_pylist()):
+        for i, row in enumerate(table.select(list(columns)).to_pylist()):
             if max_rows is not None and seen >= max_rows:
                 return
             seen += 1

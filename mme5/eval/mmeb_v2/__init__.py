@@ -9,9 +9,12 @@ What exists (model-free):
   rounding, no padding).
 - `aggregate`: per meta-task, per modality and Overall (means over data sets), and the leaderboard
   submission JSON of `report_score_v2.py`.
+- `visdoc`: the BEIR sets (queries / corpus / qrels parquet and their page files, the layout fetch will
+  write) read into a `RetrievalSet` with graded relevance; `global_candidates`, the reference's candidate
+  deduplication by name, for every global set.
 
-What comes next (issue 23): the readers of the published layouts (frames folders, BEIR queries / corpus /
-qrels, moment-retrieval clip folders) into `RetrievalSet`s with global candidate deduplication, the
-`mme5.data.fetch --dataset mmeb-v2` layout, video inputs for the backbones, and the
-`python -m mme5.eval --benchmark mmeb-v2` command with its `results.md` and `scores.json`.
+What comes next (issue 23): the readers of the remaining published layouts (frames folders,
+moment-retrieval clip folders) into `RetrievalSet`s, the `mme5.data.fetch --dataset mmeb-v2` code,
+video inputs for the backbones, and the `python -m mme5.eval --benchmark mmeb-v2` command with its
+`results.md` and `scores.json`.
 """
