@@ -107,6 +107,10 @@ class Item:
     prompt: str | None = None
     """The published string verbatim (a converted or MMEB-eval row, placeholder and trailing newline kept);
     None: written from instruction and text by the published rule."""
+    video: tuple[PIL.Image.Image | bytes | str | Path, ...] | None = None
+    """Every frame of a video, in order (an item holds an image or a video, not both); the adapter keeps
+    `InputFormat.num_frames` of them, evenly spaced as VLM2Vec does (`mme5.eval.mmeb_v2.frames`), and
+    decodes only those."""
 
     def published(self) -> str:
         """The item's published-format string, its placeholder agreeing with its image."""
