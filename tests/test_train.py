@@ -44,6 +44,18 @@ def test_every_recipe_parses(config):
     assert cli.config.model.chunk_size == cli.config.data.chunk_size
 
 
+MME5_MIX_RECIPES = sorted(c for c in (ROOT / "configs").glob("*.yaml") if "mmE5-synthetic" in c.read_text())
+
+
+@pytest.mark.parametrize("config", MME5_MIX_RECIPES, ids=lambda p: p.name)
+def test_recipes_on_the_mme5_mix_train_one_epoch_as_the_reference(config):
+    """The reference trains one epoch (mme5.md §3); its length is the mix's size, counted from the manifests
+    at start (max_steps -1), not a fixed step count that silently stops early or repeats data."""
+    cli = ParseOnly(args=["--config", str(config)], run=False)
+    assert (cli.config.trainer.max_steps, cli.config.trainer.max_epochs) == (-1, 1)
+    assert all(s.max_samples == 50000 for s in cli.config.data.sources if "hardneg" in s.path)
+
+
 # recipe → (tiny family, module-name parts that must be adapted, parts that must stay frozen)
 RECIPE_TARGETS = {
     "mme5_llama32v_11b.yaml": ("mllama", ["language_model", "cross_attn", "vision_model", "down_proj"],
