@@ -167,3 +167,74 @@ def test_side_item_passes_every_frame_undecoded():
     side = Side(text="what happens?", video=video_frames(1, 5))
     item = side_item(side)
     assert item.video == tuple(side.video) and item.image is None and item.text == "what happens?"
+
+
+# ----------------------------------------------------------------------------- the pairs converter
+
+
+def frames_folder(folder, names):
+    """A frames folder holding `names` (each a distinct small image) plus a file that is no frame."""
+    folder.mkdir(parents=True)
+    for index, name in enumerate(names):
+        fmt = "PNG" if name.endswith(".png") else "JPEG"
+        (folder / name).write_bytes(image_bytes((index * 30, 0, 255 - index * 30), fmt=fmt))
+    (folder / "notes.txt").write_text("not a frame")
+    return folder
+
+
+def test_pairs_with_frames_folders_convert_to_video_sides(tmp_path):
+    from mme5.data.convert import convert
+    from mme5.data.pairs import PairFormat
+
+    root = tmp_path / "media"
+    clip = frames_folder(root / "clips" / "a", ["frame_10.jpg", "frame_2.png", "frame_1.JPG"])
+    frames_folder(root / "clips" / "b", ["0001.jpg", "0002.jpg"])
+    (root / "clips" / "c.mp4").write_bytes(b"\x00\x00\x00\x18ftypmp42")
+    frames_folder(root / "clips" / "empty", [])
+    (root / "page.png").write_bytes(image_bytes())
+    rows = [{"query": "a square moves left", "positive_video": "clips/a", "negative_videos": ["clips/b"]},
+            {"query": "a dot", "positive_video": "clips/c.mp4"},
+            {"query": "a dot", "positive_video": "clips/empty"},
+            {"query": "a dot", "positive_video": "clips/missing"},
+            {"query": "a dot", "positive_video": "clips/b", "positive_image": "page.png"}]
+    (tmp_path / "in").mkdir()
+    (tmp_path / "in" / "pairs.jsonl").write_text("".join(json.dumps(row) + "\n" for row in rows))
+    manifest = convert([str(tmp_path / "in")], root, tmp_path / "out", task="retrieval", pairs=PairFormat(),
+                       seed=None, progress=False)
+    [sample] = list(read_samples(shard_urls(tmp_path / "out"), strict=True))
+    assert sample.modality == Modality.T2V
+    names = ["frame_1.JPG", "frame_2.png", "frame_10.jpg"]  # natural order, the text file left out
+    assert sample.positive.video == [(clip / name).read_bytes() for name in names]
+    assert sample.positive.prompt == "<|image_1|>\nUnderstand the content of the provided video.\n"
+    negative = root / "clips" / "b"
+    assert sample.negatives[0].video == [(negative / n).read_bytes() for n in ("0001.jpg", "0002.jpg")]
+    report = manifest["extra"]["report"]
+    assert report["skipped"] == {"video_file": 1, "missing_video": 2, "image_and_video": 1}
+    errors = "\n".join(report["errors"])
+    assert "pairs.jsonl: row 1: field 'positive_video': " in errors
+    assert "no video decoder is installed" in errors
+    assert "row 2: field 'positive_video': frames folder" in errors and "holds no frames" in errors
+    assert "row 3: field 'positive_video': frames folder" in errors and "is missing" in errors
+    assert "row 4: field 'positive_video': a side holds an image or a video, not both" in errors
+
+
+def test_a_video_query_with_a_question_is_vt2t_and_a_frames_column_alone_suffices(tmp_path):
+    from mme5.data.convert import convert
+    from mme5.data.pairs import PairFormat
+
+    root = tmp_path / "media"
+    frames_folder(root / "v1", ["1.jpg", "2.jpg", "3.jpg"])
+    (tmp_path / "in").mkdir()
+    (tmp_path / "in" / "qa.csv").write_text("question,clip,answer\nwhat moves?,v1,the square\n")
+    pairs = PairFormat.parse(["query=question", "query_video=clip", "positive=answer"],
+                             query_instruction="Answer a question based on the content of a video:")
+    convert([str(tmp_path / "in")], root, tmp_path / "out", task="vqa", pairs=pairs, progress=False)
+    [sample] = list(read_samples(shard_urls(tmp_path / "out"), strict=True))
+    assert sample.modality == Modality.VT2T and len(sample.query.video) == 3
+    assert sample.query.prompt == ("<|image_1|>\nAnswer a question based on the content of a video: "
+                                   "what moves?\n")
+    (tmp_path / "in2").mkdir()  # a positive given only as frames: no text column needed
+    (tmp_path / "in2" / "r.csv").write_text("caption,clip\na square,v1\n")
+    convert([str(tmp_path / "in2")], root, tmp_path / "out2", task="retrieval", progress=False,
+            pairs=PairFormat.parse(["query=caption", "positive_video=clip"]))
+    assert [s.modality for s in read_samples(shard_urls(tmp_path / "out2"))] == [Modality.T2V]
