@@ -23,6 +23,10 @@ PLACEHOLDER = "<|image_1|>"
 IMAGE_INSTRUCTION = "Represent the given image."
 """The published instruction of an image side without a task of its own (MMEB image targets, XTD
 candidates, synthetic image targets)."""
+VIDEO_INSTRUCTION = "Understand the content of the provided video."
+"""The instruction of a video side without a task of its own: VLM2Vec-V2's video target prompt
+(`VRET_TGT_PROMPT` in `src/data/dataset/llavahound_dataset_caption.py`), ending in a full stop as
+`IMAGE_INSTRUCTION` does."""
 
 _ANY_PLACEHOLDER = re.compile(r"<\|image_\d+\|>")
 _PLACEHOLDER_AND_SPACE = re.compile(r"<\|image_\d+\|>\s*")

@@ -34,13 +34,20 @@ def image_bytes(color: tuple[int, int, int] = (200, 30, 30), size: int = 16, fmt
     return buffer.getvalue()
 
 
+def video_frames(index: int, length: int = 3) -> list[bytes]:
+    """The encoded frames of a small video: `length` frames, JPEG and PNG mixed, each its own colour."""
+    return [image_bytes((index * 7 % 256, 40 * frame % 256, 160), fmt="JPEG" if frame % 2 else "PNG")
+            for frame in range(length)]
+
+
 def make_sample(index: int, modality: Modality = Modality.IT2T, negatives: int = 2, **meta) -> Sample:
     """A valid sample with the sides its modality needs; colours vary with the index."""
 
     def side(kind: str, label: str) -> Side:
         image = image_bytes((index * 7 % 256, len(label) * 20 % 256, 90)) if "I" in kind else None
+        video = video_frames(index, len(label)) if "V" in kind else None
         text = f"{label} {index}" if "T" in kind else None
-        return Side(instruction=f"instruction for {label}", text=text, image=image)
+        return Side(instruction=f"instruction for {label}", text=text, image=image, video=video)
 
     return Sample(
         id=meta.get("id", f"s{index:05d}"),

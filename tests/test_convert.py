@@ -311,7 +311,7 @@ def test_pairs_from_csv_and_jsonl_with_mapped_columns_and_named_bad_rows(tmp_pat
     assert report["skipped"] == {"missing_column": 1, "missing_image": 1, "empty_side": 1}
     errors = "\n".join(report["errors"])
     assert "more.jsonl: row 1: field 'caption': column missing" in errors
-    assert "mine.csv: row 2: field 'caption': empty text and no image" in errors
+    assert "mine.csv: row 2: field 'caption': empty text and no image or video" in errors
     assert manifest["extra"]["options"]["format"]["pairs"]["query"] == "caption"
     with pytest.raises(ValueError, match=r"missing column\(s\) \['caption'\] of the pairs format"):
         (tmp_path / "bad").mkdir()
@@ -353,7 +353,7 @@ def test_a_saved_datasets_dataset_with_image_columns_converts_without_an_image_r
     assert samples["a green hat"].positive.image == jpegs[3]
     assert manifest["extra"]["inputs"] == [f"{tmp_path / 'saved'}[train]"]
     assert manifest["extra"]["report"]["errors"] == [
-        f"{tmp_path / 'saved'}[train]: row 2: field 'caption': empty text and no image"]
+        f"{tmp_path / 'saved'}[train]: row 2: field 'caption': empty text and no image or video"]
     other = conv.convert([str(tmp_path / "saved")], None, tmp_path / "test", task="retrieval", pairs=pairs,
                          split="test", progress=False)
     assert other["num_samples"] == 1

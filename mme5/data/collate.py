@@ -56,7 +56,10 @@ class ContrastiveBatch:
 
 
 def side_item(side: Side) -> Item:
-    return Item(instruction=side.instruction, text=side.text, image=side.pil(), prompt=side.prompt)
+    """The encoder's item of a side: its image decoded, its video as every frame's encoded bytes (the
+    adapter keeps `num_frames` of them and decodes only those)."""
+    return Item(instruction=side.instruction, text=side.text, image=side.pil(), prompt=side.prompt,
+                video=tuple(side.video) if side.video is not None else None)
 
 
 class ContrastiveCollator:

@@ -6,10 +6,13 @@ Input rows, from parquet, JSONL or CSV files or a Hugging Face `datasets` datase
 a hub id, see `mme5.data.inputs`), have `qry`, `qry_image_path`, `pos_text`, `pos_image_path` and optionally
 `neg_text`, `neg_image_path` (lists, or lists stringified by the reference pipeline) and `modality`
 (mmE5-synthetic), with image paths relative to the image root; an image may also be the image value of a
-`datasets` image column (its bytes). `--format pairs` reads your own pairs (`mme5.data.pairs`). Prompts in
-these rows carry the instruction and the content in one string with a `<|image_1|>` placeholder: each side
-keeps that string verbatim (what the model is fed, see `mme5.published`) and its split into instruction and
-text.
+`datasets` image column (its bytes). A side may instead hold a video: `qry_video_path`, `pos_video_path`,
+`neg_video_path` name a folder of its frames under the image root (JPEG/PNG files in the reference's
+natural order, `mme5.eval.mmeb_v2.frames.frame_order`; every frame is stored). Video files are refused:
+no video decoder is installed, so frames must be extracted first. `--format pairs` reads your own pairs
+(`mme5.data.pairs`). Prompts in these rows carry the instruction and the content in one string with a
+`<|image_1|>` placeholder (standing for the image or the video): each side keeps that string verbatim
+(what the model is fed, see `mme5.published`) and its split into instruction and text.
 
 Split: Hugging Face folders name their files `<split>-00000-of-00001.parquet`; `TIGER-Lab/MMEB-train` subsets
 hold `original`, `diverse_instruction` and `train` files, of which the reference trains on `train`. Only the
@@ -58,6 +61,7 @@ from mme5.data.inputs import DEFAULT_SPLIT, BadRow, Row, Table, encodable, find_
 from mme5.data.pairs import PairFormat
 from mme5.data.schema import Modality, Sample, SchemaError, Side, Task, image_extension
 from mme5.data.shards import MANIFEST, ShardWriter, SkipLog, read_manifest
+from mme5.eval.mmeb_v2.frames import FRAME_EXTENSIONS, frame_order
 from mme5.files import OutputFolderError, claim_folder
 from mme5.images import ImageDecodeError, check_image
 from mme5.settings import command_parser, number_at_least
@@ -65,7 +69,7 @@ from mme5.settings import command_parser, number_at_least
 COMMAND = "mme5.data.convert"
 REQUIRED_COLUMNS = ("qry", "pos_text")  # image paths and negatives are optional
 PUBLISHED_COLUMNS = (*REQUIRED_COLUMNS, "qry_image_path", "pos_image_path", "neg_text", "neg_image_path",
-                     "modality", "language")
+                     "qry_video_path", "pos_video_path", "neg_video_path", "modality", "language")
 NEAR_MISS = 0.66  # difflib ratio above which an unknown column is taken for a misspelt known one
 
 # MMEB-train / mmE5-MMEB-hardneg subsets and their meta-task (mme5.md §4).
@@ -149,8 +153,9 @@ class RowConverter:
         missing = [name for name in REQUIRED_COLUMNS if name not in row]
         if missing:
             raise BadRow(missing[0], f"column missing (the row has {sorted(row)})", "missing_column")
-        query = self.side(row.get("qry"), row.get("qry_image_path"), "qry", "qry_image_path")
-        positive = self.side(row.get("pos_text"), row.get("pos_image_path"), "pos_text", "pos_image_path")
+        query = self.side(row.get("qry"), row.get("qry_image_path"), row.get("qry_video_path"), "qry")
+        positive = self.side(row.get("pos_text"), row.get("pos_image_path"), row.get("pos_video_path"),
+                             "pos")
         negatives = self.drop_positive_copies(self.negatives(row, positive.prompt, sample_id), positive)
         declared = row.get("modality")
         modality = self.declared_modality(declared) if declared else self.modality_of(query, positive)
@@ -180,28 +185,37 @@ class RowConverter:
         except ValueError:
             raise BadRow("modality", f"unknown modality {value!r}", "bad_modality") from None
 
-    def side(self, prompt: Any, image_path: Any, text_field: str, image_field: str) -> Side:
-        """A side from its published string (kept verbatim) and image path; repairs are counted."""
+    def side(self, prompt: Any, image_path: Any, video_path: Any, role: str, index: str = "") -> Side:
+        """A side from its published string (kept verbatim) and image path or frames folder; repairs are
+        counted. `role` names its fields: "qry" (qry, qry_image_path, ...), "pos" (pos_text, ...) or "neg"
+        with `index` "[i]"."""
+        text_field = ("qry" if role == "qry" else f"{role}_text") + index
+        image_field, video_field = f"{role}_image_path{index}", f"{role}_video_path{index}"
         prompt = "" if prompt is None else prompt
         if not isinstance(prompt, str):
             raise BadRow(text_field, f"expected a string, found {type(prompt).__name__} {prompt!r:.40}",
                          "bad_type")
+        if image_path and video_path:
+            raise BadRow(video_field, f"a side holds an image or a video, not both ({image_field} is "
+                         f"{image_path!r:.60})", "image_and_video")
         instruction, text, had_placeholder = published.split(prompt)
         image = self.image(image_path, image_field) if image_path else None
-        if had_placeholder and image is None:
+        video = self.frames(video_path, video_field) if video_path else None
+        visual = image is not None or video is not None
+        if had_placeholder and not visual:
             self.report.quirks["stray_image_token"] += 1
-        if image is not None and not had_placeholder:
+        if visual and not had_placeholder:
             self.report.quirks["missing_image_token"] += 1
-        if not text and image is None and not instruction:
-            kind = "empty_positive" if text_field == "pos_text" else "empty_side"
-            raise BadRow(text_field, "empty text and no image", kind)
-        if not text and image is None:  # an instruction alone is the content of a text-only side
+        if not text and not visual and not instruction:
+            kind = "empty_positive" if role == "pos" else "empty_side"
+            raise BadRow(text_field, "empty text and no image or video", kind)
+        if not text and not visual:  # an instruction alone is the content of a text-only side
             instruction, text = "", instruction
-        if image is not None and not text and not instruction:  # an image without any instruction
-            self.report.quirks["image_instruction_added"] += 1
-            instruction = published.IMAGE_INSTRUCTION
+        if visual and not text and not instruction:  # an image or video without any instruction
+            self.report.quirks["image_instruction_added" if video is None else "video_instruction_added"] += 1
+            instruction = published.IMAGE_INSTRUCTION if video is None else published.VIDEO_INSTRUCTION
             prompt = published.render(instruction, None, has_image=True)
-        return Side(instruction=instruction, text=text, image=image, prompt=prompt)
+        return Side(instruction=instruction, text=text, image=image, video=video, prompt=prompt)
 
     def fit(self, side: Side, kind: str, field_name: str) -> Side:
         """Reconcile the prompt split with the declared side kind (text expected, or not expected); the
@@ -209,11 +223,13 @@ class RowConverter:
         if "T" in kind and not side.text and side.instruction:
             self.report.quirks["instruction_as_text"] += 1
             return replace(side, instruction="", text=side.instruction)
-        if "T" not in kind and side.text and side.image is not None:
+        if "T" not in kind and side.text and side.visual:
             return replace(side, instruction=f"{side.instruction} {side.text}".strip(), text=None)
-        if ("I" in kind) != (side.image is not None):
-            expected = "an image" if "I" in kind else "no image"
-            raise BadRow(field_name, f"the declared modality expects {expected}", "modality_mismatch")
+        expected, found = kind.removesuffix("T"), side.kind.removesuffix("T")  # "I", "V" or ""
+        if expected != found:
+            media = {"I": "an image", "V": "a video", "": "no image or video"}
+            raise BadRow(field_name, f"the declared modality {kind} expects {media[expected]}, found "
+                         f"{media[found]}", "modality_mismatch")
         return side
 
     def negatives(self, row: dict[str, Any], positive_prompt: str, sample_id: str) -> list[Side]:
@@ -222,24 +238,30 @@ class RowConverter:
         negative texts (chosen by a generator seeded with the sample id, so conversion is reproducible)."""
         texts = parse_list(row.get("neg_text"), "neg_text")
         paths = parse_list(row.get("neg_image_path"), "neg_image_path", images=True)
+        videos = parse_list(row.get("neg_video_path"), "neg_video_path")
         if isinstance(row.get("neg_text"), str) or isinstance(row.get("neg_image_path"), str):
             self.report.quirks["stringified_negatives"] += 1
-        if texts and paths and len(texts) != len(paths):
-            raise BadRow("neg_image_path", f"{len(paths)} image paths for {len(texts)} negative texts",
-                         "negative_length_mismatch")
-        count = max(len(texts), len(paths))
-        texts, paths = texts or [""] * count, paths or [""] * count
+        for name, given, what in (("neg_image_path", paths, "image paths"), ("neg_video_path", videos,
+                                                                             "frames folders")):
+            if texts and given and len(texts) != len(given):
+                raise BadRow(name, f"{len(given)} {what} for {len(texts)} negative texts",
+                             "negative_length_mismatch")
+        count = max(len(texts), len(paths), len(videos))
+        texts, paths, videos = texts or [""] * count, paths or [""] * count, videos or [""] * count
+        if len(paths) != len(videos):
+            raise BadRow("neg_video_path", f"{len(videos)} frames folders for {len(paths)} negative image "
+                         "paths", "negative_length_mismatch")
         non_empty = [text for text in texts if text.strip()]
         choose = random.Random(sample_id).choice
         sides = []
-        for i, (text, path) in enumerate(zip(texts, paths, strict=True)):
-            if not text.strip() and not path:
+        for i, (text, path, video) in enumerate(zip(texts, paths, videos, strict=True)):
+            if not text.strip() and not path and not video:
                 self.report.quirks["empty_negative_dropped"] += 1
                 continue
             if not text.strip():
                 self.report.quirks["negative_text_inherited"] += 1
                 text = positive_prompt if len(set(texts)) == 1 or not non_empty else choose(non_empty)
-            sides.append(self.side(text, path, f"neg_text[{i}]", f"neg_image_path[{i}]"))
+            sides.append(self.side(text, path, video, "neg", f"[{i}]"))
         return sides
 
     def drop_positive_copies(self, negatives: list[Side], positive: Side) -> list[Side]:
@@ -264,6 +286,25 @@ class RowConverter:
         if isinstance(value, dict) and value.get("path"):
             return self.read(Path(value["path"]), field_name)
         raise BadRow(field_name, f"expected an image path or image, found {_describe(value)}", "bad_type")
+
+    def frames(self, value: Any, field_name: str) -> list[bytes]:
+        """A video's frames, each checked: the image files of a folder under the image root, in the
+        reference's natural order (frame_2 before frame_10)."""
+        if not isinstance(value, str):
+            raise BadRow(field_name, f"expected the path of a folder of frames, found {_describe(value)}",
+                         "bad_type")
+        folder = self.under_root(value, field_name)
+        if folder.is_file():
+            raise BadRow(field_name, f"{folder} is a file: a video is read as a folder of its frames, and no "
+                         "video decoder is installed to extract them (extract them first, e.g. ffmpeg -i "
+                         f"{folder.name} FOLDER/%05d.jpg)", "video_file")
+        if not folder.is_dir():
+            raise BadRow(field_name, f"frames folder {folder} is missing", "missing_video")
+        names = frame_order(entry.name for entry in folder.iterdir() if entry.is_file())
+        if not names:
+            raise BadRow(field_name, f"frames folder {folder} holds no frames ({', '.join(FRAME_EXTENSIONS)} "
+                         "files)", "missing_video")
+        return [self.read(folder / name, field_name) for name in names]
 
     def under_root(self, relative: str, field_name: str) -> Path:
         if self.image_root is None:
@@ -318,12 +359,12 @@ def check_columns(table: Table, pairs: PairFormat | None = None, ignore: Sequenc
 
 
 def missing_columns(names: Any, pairs: PairFormat | None) -> list[str]:
-    """Required columns absent from `names`: the published row's, or a pair's query and positive (a text or
-    an image column each)."""
+    """Required columns absent from `names`: the published row's, or a pair's query and positive (a text,
+    image or video column each)."""
     if pairs is None:
         return [name for name in REQUIRED_COLUMNS if name not in names]
-    return [pairs.column(text) for text, image in (("query", "query_image"), ("positive", "positive_image"))
-            if pairs.column(text) not in names and pairs.column(image) not in names]
+    return [pairs.column(side) for side in ("query", "positive")
+            if not any(column in names for column in pairs.alternatives(side))]
 
 
 def ordered_rows(tables: list[Table], seed: int | None, start: int) -> Iterator[tuple[int, int, int, Row]]:
@@ -547,7 +588,8 @@ def main(argv: list[str] | None = None) -> int:
                         help="keep the inputs' row order (streams with constant memory)")
     parser.add_argument("--format", choices=["published", "pairs"], default="published",
                         help="published rows (qry, pos_text, ...) or your own pairs/triplets (query, "
-                             "query_image, positive, positive_image, negatives, ...: see mme5.data.pairs)")
+                             "query_image, query_video, positive, positive_image, positive_video, "
+                             "negatives, ...: see mme5.data.pairs)")
     parser.add_argument("--map", nargs="+", default=[], metavar="NAME=COLUMN",
                         help="pairs: the column holding a field, e.g. query=caption positive_image=file")
     parser.add_argument("--ignore-columns", nargs="+", default=[], metavar="COLUMN",

@@ -2,7 +2,9 @@
 image path or both, written in the published format the converter reads (`mme5.data.convert --format pairs`).
 
 Columns (renamed with `--map NAME=COLUMN`): `query`, `query_image`, `positive`, `positive_image`, and
-optionally `negatives` / `negative_images` (lists, or JSON / Python list strings in CSV cells),
+optionally `negatives` / `negative_images` (lists, or JSON / Python list strings in CSV cells), `query_video`,
+`positive_video` and `negative_videos` (a folder of a video's frames each, read in the reference's natural
+order; a side holds an image or a video),
 `query_instruction` and `positive_instruction` (per row, else the `--query-instruction` /
 `--positive-instruction` defaults) and `language` (per row, else `--language`). Each side is rendered by the
 published rule (`mme5.published.render`), so a model trained on them sees the format the released models see.
@@ -18,13 +20,14 @@ from typing import Any
 
 from mme5 import published
 
-FIELDS = ("query", "query_image", "positive", "positive_image", "negatives", "negative_images",
-          "query_instruction", "positive_instruction", "language")
+FIELDS = ("query", "query_image", "query_video", "positive", "positive_image", "positive_video", "negatives",
+          "negative_images", "negative_videos", "query_instruction", "positive_instruction", "language")
 
 # The published row's field made from each pair field (PairFormat.row).
 PUBLISHED_FIELDS = {"qry": "query", "qry_image_path": "query_image", "pos_text": "positive",
                     "pos_image_path": "positive_image", "neg_text": "negatives",
-                    "neg_image_path": "negative_images"}
+                    "neg_image_path": "negative_images", "qry_video_path": "query_video",
+                    "pos_video_path": "positive_video", "neg_video_path": "negative_videos"}
 
 
 @dataclass(frozen=True)
@@ -59,14 +62,15 @@ class PairFormat:
         """The columns this format reads: each field's (mapped) column."""
         return [self.column(name) for name in FIELDS]
 
-    @property
-    def required(self) -> tuple[str, ...]:
-        return self.column("query"), self.column("positive")
+    def alternatives(self, side: str) -> tuple[str, ...]:
+        """The columns of which a row needs one for a side ("query" or "positive"): its text, image, video."""
+        return tuple(self.column(f"{side}{suffix}") for suffix in ("", "_image", "_video"))
 
     def row(self, row: Mapping[str, Any], parse_list: Callable[..., list[Any]]) -> dict[str, Any]:
-        """The published row (qry, qry_image_path, pos_text, pos_image_path, neg_text, neg_image_path) of a
-        pair row; `parse_list(value, column, images=False)` reads a list cell (the converter's: it names bad
-        ones). An image is a path, or the value of a `datasets` image column."""
+        """The published row (qry, qry_image_path, pos_text, pos_image_path, neg_text, neg_image_path, and
+        qry_/pos_/neg_video_path) of a pair row; `parse_list(value, column, images=False)` reads a list cell
+        (the converter's: it names bad ones). An image is a path, or the value of a `datasets` image column;
+        a video the path of its frames folder."""
         def get(name: str) -> Any:
             value = row.get(self.column(name))
             return None if value == "" else value
@@ -75,17 +79,23 @@ class PairFormat:
         positive_instruction = get("positive_instruction") or self.positive_instruction
         negatives = parse_list(get("negatives"), self.column("negatives"))
         negative_images = parse_list(get("negative_images"), self.column("negative_images"), images=True)
-        if negative_images and not negatives:
-            negatives = [""] * len(negative_images)  # image negatives: the converter gives them a text
-        negative_images = negative_images or [""] * len(negatives)
+        negative_videos = parse_list(get("negative_videos"), self.column("negative_videos"))
+        count = max(len(negatives), len(negative_images), len(negative_videos))
+        negatives = negatives or [""] * count  # visual negatives: the converter gives them a text
+        negative_images, negative_videos = negative_images or [""] * count, negative_videos or [""] * count
         return {
-            "qry": self._render(query_instruction, get("query"), get("query_image")),
+            "qry": self._render(query_instruction, get("query"), get("query_image") or get("query_video")),
             "qry_image_path": get("query_image") or "",
-            "pos_text": self._render(positive_instruction, get("positive"), get("positive_image")),
+            "qry_video_path": get("query_video") or "",
+            "pos_text": self._render(positive_instruction, get("positive"),
+                                     get("positive_image") or get("positive_video")),
             "pos_image_path": get("positive_image") or "",
-            "neg_text": [self._render(positive_instruction, text, image) if text else ""
-                         for text, image in zip(negatives, negative_images, strict=False)],
+            "pos_video_path": get("positive_video") or "",
+            "neg_text": [self._render(positive_instruction, text, image or video) if text else ""
+                         for text, image, video in zip(negatives, negative_images, negative_videos,
+                                                       strict=False)],
             "neg_image_path": negative_images,
+            "neg_video_path": negative_videos,
             "language": get("language"),
         }
 

@@ -1,9 +1,10 @@
 """The one sample schema used everywhere: training shards, synthesis output and converters.
 
 A sample is a query side, a positive side and 0..k hard-negative sides. A side is an instruction plus
-optional text plus an optional image; a side converted from the published data also keeps its published
-string verbatim (`prompt`), which is what the model is fed (see `mme5.published`). Images travel as the
-encoded bytes they were given (JPEG, PNG, ...); they are decoded only when a batch is collated.
+optional text plus an optional image or video (not both); a side converted from the published data also
+keeps its published string verbatim (`prompt`), which is what the model is fed (see `mme5.published`).
+Images and video frames travel as the encoded bytes they were given (JPEG, PNG, ...); an image is decoded
+when a batch is collated, a video's frames by the adapter, which decodes only the `num_frames` it keeps.
 """
 
 from __future__ import annotations
@@ -31,7 +32,12 @@ class Task(StrEnum):
 
 
 class Modality(StrEnum):
-    """Query→target modality combination, spelled as in mmE5-synthetic's `modality` field."""
+    """Query→target modality combination, spelled as in mmE5-synthetic's `modality` field; V is a video.
+
+    The video ones are those of VLM2Vec-V2's video training sets (`src/data/dataset/llavahound_dataset_*.py`):
+    caption retrieval V2T (the video with "Describe ..." → its caption), question answering VT2T, video
+    retrieval T2V (a caption → the video under "Understand the content of the provided video:"), and T2VT
+    for pairs whose video side also has a text."""
 
     I2T = "I2T"
     IT2T = "IT2T"
@@ -40,20 +46,24 @@ class Modality(StrEnum):
     I2I = "I2I"
     IT2I = "IT2I"
     IT2IT = "IT2IT"
+    V2T = "V2T"
+    VT2T = "VT2T"
+    T2V = "T2V"
+    T2VT = "T2VT"
 
     @property
     def query(self) -> str:
-        """The query's part: "I", "T" or "IT"."""
+        """The query's part: "I", "V", "T", "IT" or "VT"."""
         return self.value.split("2")[0]
 
     @property
     def target(self) -> str:
-        """The target's part: "I", "T" or "IT"."""
+        """The target's part: "I", "V", "T", "IT" or "VT"."""
         return self.value.split("2")[1]
 
     @classmethod
     def of(cls, query: Side, target: Side) -> Modality:
-        """The combination two sides actually have (text-and-image counts as IT)."""
+        """The combination two sides actually have (text-and-image counts as IT, text-and-video as VT)."""
         return cls(f"{query.kind}2{target.kind}")
 
 
@@ -64,6 +74,8 @@ class Side:
     instruction: str = ""
     text: str | None = None
     image: bytes | None = None  # encoded image file bytes, never a decoded array
+    video: list[bytes] | None = None
+    """Every frame of a video, in order, each as its encoded file bytes (a side holds an image or a video)."""
     prompt: str | None = None
     """The published string verbatim (placeholder and trailing newline kept); None: written from
     instruction and text by the published rule (`mme5.published.render`)."""
@@ -72,26 +84,46 @@ class Side:
     def __post_init__(self) -> None:
         if self.text == "":
             self.text = None
-        if not self.text and self.image is None:
-            raise SchemaError("a side needs text, an image, or both")
+        if self.video is not None:
+            self._check_video()
+        if not self.text and self.image is None and self.video is None:
+            raise SchemaError("a side needs text, an image or a video, or text and one of them")
+
+    def _check_video(self) -> None:
+        if self.image is not None:
+            raise SchemaError("a side holds an image or a video, not both (found an image and a video)")
+        if not isinstance(self.video, list) or not self.video:
+            raise SchemaError(f"a video is a non-empty list of frames, found {_describe(self.video)}")
+        for index, frame in enumerate(self.video):
+            if not isinstance(frame, bytes) or not frame:
+                raise SchemaError(f"video frame {index} must be its encoded file bytes, found "
+                                  f"{_describe(frame)}")
+
+    @property
+    def visual(self) -> bool:
+        """Whether the side has an image or a video (what the published placeholder stands for)."""
+        return self.image is not None or self.video is not None
 
     @property
     def kind(self) -> str:
-        """ "I", "T" or "IT": which content the side holds."""
-        return ("I" if self.image is not None else "") + ("T" if self.text else "")
+        """ "I", "V", "T", "IT" or "VT": which content the side holds."""
+        medium = "I" if self.image is not None else "V" if self.video is not None else ""
+        return medium + ("T" if self.text else "")
 
     def content_key(self) -> int:
-        """A 63-bit hash of what the model is fed for this side (its published string and image bytes):
-        equal keys, equal inputs (e.g. the label text "dog" of many classification samples)."""
-        has_image = self.image is not None
+        """A 63-bit hash of what the model is fed for this side (its published string and image bytes or
+        video frames): equal keys, equal inputs (e.g. the label text "dog" of many classification samples)."""
         prompt = self.prompt if self.prompt is not None else published.render(self.instruction, self.text,
-                                                                              has_image)
-        digest = hashlib.blake2b(published.normalize(prompt, has_image).encode("utf-8"), digest_size=8)
+                                                                              self.visual)
+        digest = hashlib.blake2b(published.normalize(prompt, self.visual).encode("utf-8"), digest_size=8)
         digest.update(b"\0" + (self.image or b""))
+        for frame in self.video or ():  # tagged and length-prefixed: frame boundaries and order count
+            digest.update(b"\1" + len(frame).to_bytes(8, "big") + frame)
         return int.from_bytes(digest.digest(), "big") >> 1
 
     def pil(self) -> Image.Image | None:
-        """The image decoded in its own mode (`mme5.images.load`; decoded once, then cached)."""
+        """The image decoded in its own mode (`mme5.images.load`; decoded once, then cached); None for a
+        video side, whose frames the adapter decodes."""
         if self.image is None:
             return None
         if self._decoded is None:
@@ -147,6 +179,10 @@ class Sample:
             "language": self.language,
             "source": self.source,
         }
+
+
+def _describe(value: Any) -> str:
+    return f"{type(value).__name__} {value!r:.40}"
 
 
 def image_extension(data: bytes) -> str:

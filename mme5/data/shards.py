@@ -1,10 +1,16 @@
 """Samples in WebDataset tar shards: an atomic, resumable writer with a manifest, and a validating reader.
 
 Record layout of one sample in a shard (all members share the key = the sample id):
-    <id>.json       metadata + per-side instruction/text/published prompt + image member names
+    <id>.json       metadata + per-side instruction/text/published prompt + image and frame member names
     <id>.qry.<ext>  query image (encoded bytes as given: jpg, png, ...), if any
     <id>.pos.<ext>  positive image, if any
     <id>.neg<i>.<ext> hard-negative images, if any
+    <id>.<role>.f<NNNNN>.<ext>  frame NNNNN of a side's video, if any (bytes as given, one member a frame)
+
+A video is stored one member per frame rather than as one container member: the frames stay byte-exact
+files that `tar` lists and WebDataset groups under the sample's key like any member (its key ends at the
+first dot), no container format needs writing or parsing, and a sample's members stay consecutive, so
+shard-level resume and skipping are unchanged. The json lists the frame members in order.
 
 A shard is written under a temporary name (`mme5.files.AtomicFile`) and renamed when complete, so a crash
 never leaves a truncated shard that reads as valid. The manifest (`manifest.json`) lists finished shards
@@ -49,8 +55,11 @@ def sample_to_record(sample: Sample) -> dict[str, bytes]:
         if side.image is not None:
             image_member = f"{role}.{image_extension(side.image)}"
             members[image_member] = side.image
+        frame_members = [f"{role}.f{index:05d}.{image_extension(frame)}" for index, frame in
+                         enumerate(side.video or ())]
+        members.update(zip(frame_members, side.video or (), strict=True))
         sides[role] = {"instruction": side.instruction, "text": side.text, "prompt": side.prompt,
-                       "image": image_member}
+                       "image": image_member} | ({"video": frame_members} if side.video else {})
     meta = sample.metadata() | {"num_negatives": len(sample.negatives), "sides": sides}
     members["json"] = json.dumps(meta, ensure_ascii=False, sort_keys=True).encode("utf-8")
     return members
@@ -93,7 +102,8 @@ def record_to_sample(record: dict[str, Any], decode_images: bool = True) -> Samp
 
 
 def decode_sample_images(sample: Sample) -> None:
-    """Decode every image of a sample now (cached on its sides); SchemaError names the broken one."""
+    """Decode every image of a sample now (cached on its sides); SchemaError names the broken one. Video
+    frames stay encoded: the adapter decodes the few it keeps, and a broken one drops its sample there."""
     for role, side in sample.sides:
         try:
             side.pil()
@@ -111,11 +121,24 @@ def _read_side(sides: dict[str, Any], role: str, record: dict[str, Any]) -> Side
         if member not in record:
             raise SchemaError(f"field 'sides.{role}.image' names member '{member}', which is missing")
         image = record[member]
+    video = _read_frames(entry.get("video"), role, record)
     try:
         return Side(instruction=entry.get("instruction") or "", text=entry.get("text"), image=image,
-                    prompt=entry.get("prompt"))
+                    video=video, prompt=entry.get("prompt"))
     except SchemaError as error:
         raise SchemaError(f"field 'sides.{role}': {error}") from None
+
+
+def _read_frames(members: Any, role: str, record: dict[str, Any]) -> list[bytes] | None:
+    """A side's video frames from the members its json lists, in the listed order."""
+    if members is None:
+        return None
+    if not isinstance(members, list) or not all(isinstance(m, str) for m in members):
+        raise SchemaError(f"field 'sides.{role}.video' must list frame member names, found {members!r:.60}")
+    missing = [m for m in members if m not in record]
+    if missing:
+        raise SchemaError(f"field 'sides.{role}.video' names member '{missing[0]}', which is missing")
+    return [record[m] for m in members]
 
 
 # ----------------------------------------------------------------------------- writing
