@@ -1,13 +1,16 @@
-"""Evaluate a model on MMEB and/or XTD and write scores.json, results.md and per-query predictions.
+"""Evaluate a model on MMEB, MMEB-V2 and/or XTD and write scores.json, results.md and per-query predictions.
 
     python -m mme5.eval --model runs/demo/checkpoints/last.ckpt --data runs/demo/world --out runs/demo/eval
     python -m mme5.eval --model meta-llama-folder --benchmark mmeb --mmeb MMEB-eval --out eval/zero-shot \\
         --device cuda --dtype bfloat16 --batch-size 32
+    python -m mme5.eval --model ckpt --benchmark mmeb-v2 --mmeb-v2 MMEB-V2 --modalities visdoc --out eval/v2
     torchrun --nproc-per-node 8 -m mme5.eval ...      (each GPU encodes a share; rank 0 writes)
 
 Data: `--data DIR` is the parent of `mmeb/` and `xtd/` (as the demo world writes); `--mmeb DIR` and
-`--xtd DIR` name either folder directly and win over `--data`. Embeddings are cached under
-`<out>/cache/<model fingerprint>/` (or --cache), so a rerun or an interrupted run does not recompute.
+`--xtd DIR` name either folder directly and win over `--data`. MMEB-V2 runs from `--mmeb-v2 DIR` (what
+`mme5.data.fetch --dataset mmeb-v2` writes); `--benchmark all` includes it when `--mmeb-v2` is given.
+Embeddings are cached under `<out>/cache/<model fingerprint>/` (or --cache), so a rerun or an interrupted
+run does not recompute.
 
 `--out` belongs to one evaluation (`mme5.files.claim_folder`; its identity: `identity` below): a rerun of
 the same model, data and settings resumes from the cache; another model or other settings are refused
@@ -33,6 +36,8 @@ from mme5.distributed import from_all_ranks, rank_and_world
 from mme5.eval.encode import EmbeddingCache
 from mme5.eval.metrics import TIE_RULES
 from mme5.eval.mmeb import MMEB
+from mme5.eval.mmeb_v2.benchmark import MMEBV2, input_record
+from mme5.eval.mmeb_v2.registry import MODALITIES
 from mme5.eval.registry import mean_over_sets
 from mme5.eval.report import write_outputs
 from mme5.eval.run import Benchmark, Summary, evaluate
@@ -48,10 +53,15 @@ def parse(argv: list[str] | None = None) -> argparse.Namespace:
     parser = command_parser(prog="python -m mme5.eval", description=__doc__.split("\n\n")[0])
     parser.add_argument("--model", required=True, help="EmbeddingModule .ckpt, or a backbone folder")
     parser.add_argument("--backbone", help="backbone folder of a .ckpt whose recorded backbone has moved")
-    parser.add_argument("--benchmark", choices=["mmeb", "xtd", "all"], default="all", help="default: all")
+    parser.add_argument("--benchmark", choices=["mmeb", "mmeb-v2", "xtd", "all"], default="all",
+                        help="default: all (MMEB and XTD, and MMEB-V2 when --mmeb-v2 is given)")
     parser.add_argument("--data", type=Path, help="parent folder of mmeb/ and xtd/")
     parser.add_argument("--mmeb", type=Path, help="MMEB-eval folder (default: DATA/mmeb)")
     parser.add_argument("--xtd", type=Path, help="XTD folder (default: DATA/xtd)")
+    parser.add_argument("--mmeb-v2", type=Path, help="MMEB-V2 folder, as `mme5.data.fetch --dataset mmeb-v2` "
+                        "writes it")
+    parser.add_argument("--modalities", nargs="+", choices=MODALITIES,
+                        help="MMEB-V2 modalities (default: all three)")
     parser.add_argument("--mmeb-images", type=Path, nargs="+", help="image folders or .zip files "
                         "(default: the MMEB folder and its .zip files)")
     parser.add_argument("--xtd-images", type=Path, nargs="+", help="image folders or .zip files "
@@ -61,8 +71,9 @@ def parse(argv: list[str] | None = None) -> argparse.Namespace:
     parser.add_argument("--overwrite", action="store_true",
                         help="replace what --out holds (another model's or other settings' scores, or this "
                              "run's own, recomputed); the old content stays until the new one is complete")
-    parser.add_argument("--subsets", nargs="+", help="MMEB data sets (default: all of the registry; with "
-                        "fewer, no Overall: a mean over the sets evaluated)")
+    parser.add_argument("--subsets", nargs="+", help="MMEB (or, with --benchmark mmeb-v2, MMEB-V2) data sets "
+                        "(default: all of the registry; with fewer, no Overall: a mean over the sets "
+                        "evaluated)")
     parser.add_argument("--languages", nargs="+", help="XTD languages (default: all present)")
     parser.add_argument("--max-queries", type=int, help="first N queries of each data set")
     parser.add_argument("--batch-size", type=int, default=16, help="items per forward (default: 16)")
@@ -95,6 +106,10 @@ def parse(argv: list[str] | None = None) -> argparse.Namespace:
             parser.error(f"--{name.replace('_', '-')} must be at least 1, got {getattr(args, name)}")
     if not Path(args.model).exists() and not is_hub_id(args.model):
         parser.error(f"--model {args.model}: no such file or folder (nor a hub id namespace/name)")
+    if args.benchmark == "mmeb-v2" and args.mmeb_v2 is None:
+        parser.error("--benchmark mmeb-v2 needs --mmeb-v2")
+    if args.modalities and not (args.mmeb_v2 and args.benchmark in ("mmeb-v2", "all")):
+        parser.error("--modalities selects MMEB-V2 sets: it needs --mmeb-v2 and --benchmark mmeb-v2 or all")
     for name in ("mmeb", "xtd"):
         if args.benchmark in (name, "all") and getattr(args, name) is None:
             if args.data is None:
@@ -107,6 +122,10 @@ def benchmarks(args: argparse.Namespace) -> list[Benchmark]:
     out: list[Benchmark] = []
     if args.benchmark in ("mmeb", "all"):
         out.append(MMEB(args.mmeb, args.subsets, args.mmeb_images, args.max_queries))
+    if args.benchmark == "mmeb-v2" or args.benchmark == "all" and args.mmeb_v2:
+        # --subsets names MMEB's sets under "all", MMEB-V2's under "mmeb-v2"
+        subsets = args.subsets if args.benchmark == "mmeb-v2" else None
+        out.append(MMEBV2(args.mmeb_v2, subsets, args.modalities, args.max_queries))
     if args.benchmark in ("xtd", "all"):
         out.append(XTD(args.xtd, args.languages, args.xtd_images, args.max_queries, args.text_instruction,
                        args.image_instruction))
@@ -129,7 +148,7 @@ def identity(args: argparse.Namespace, chosen: list[Benchmark]) -> dict[str, Any
         **({"preset": args.preset} if args.preset else {})}  # absent when not given: older folders agree
     for benchmark in chosen:
         keys |= {f"{benchmark.name}.{key}": value for key, value in benchmark.identity().items()}
-        images = {"mmeb": args.mmeb_images, "xtd": args.xtd_images}[benchmark.name]
+        images = {"mmeb": args.mmeb_images, "xtd": args.xtd_images}.get(benchmark.name)
         keys[f"{benchmark.name}.images"] = images and [str(Path(p).resolve()) for p in images]
     if any(benchmark.name == "xtd" for benchmark in chosen):
         keys["xtd.instructions"] = [args.text_instruction, args.image_instruction]
@@ -169,11 +188,13 @@ def fail(message: str) -> None:
 
 
 def headline(name: str, summary: Summary) -> str:
-    """The line printed at the end of a run: MMEB's Overall (or a partial run's labelled mean), XTD's R@10
-    means."""
-    if name == "mmeb":
+    """The line printed at the end of a run: MMEB's Overall (or a partial run's labelled mean), MMEB-V2's
+    modality means and All (or its labelled mean), XTD's R@10 means."""
+    if name in ("mmeb", "mmeb-v2"):
         label, mean = mean_over_sets(summary.scores)
-        return f"{label} {mean:.1f}"
+        modalities = [f"{modality} {summary.scores[modality]:.1f}" for modality in MODALITIES
+                      if summary.scores.get(modality) is not None] if name == "mmeb-v2" else []
+        return ", ".join([*modalities, f"{label} {mean:.1f}"])
     paper, every = summary.scalars.get("mean_r10"), summary.scalars.get("mean_all_r10")
     means = [f"{paper_mean_label(summary.scores)} R@10 {paper:.1f}"] if paper is not None else []
     return ", ".join([*means, f"mean ({len(summary.scores['languages'])} languages) R@10 {every:.1f}"])
@@ -208,6 +229,8 @@ def main(argv: list[str] | None = None) -> None:
             summaries[benchmark.name], results[benchmark.name] = evaluate(
                 benchmark, loaded.encoder.embed, batch_size=args.batch_size, cache=cache, top_k=args.top_k,
                 progress=True, ties=args.ties)
+        if "mmeb-v2" in summaries:  # what the video sets were fed: recorded beside their scores
+            summaries["mmeb-v2"].scores |= input_record(loaded.encoder.adapter.input_format)
         # Every rank's items cut to max_length (embeddings read from the cache were counted when computed).
         truncated = sum(from_all_ranks(loaded.encoder.adapter.truncated_count()))
         if folder is not None:  # rank 0

@@ -1,4 +1,5 @@
-"""Lightning callbacks that run MMEB / XTD on the model being trained and log the scores to TensorBoard.
+"""Lightning callbacks that run MMEB / MMEB-V2 / XTD on the model being trained and log the scores to
+TensorBoard (wired in through the recipe's `trainer.callbacks`, as below).
 
     trainer:
       callbacks:
@@ -6,12 +7,15 @@
           init_args: {root: runs/demo/world/mmeb, every_n_steps: 100, max_queries: 50}
         - class_path: mme5.eval.callbacks.XTDEval
           init_args: {root: runs/demo/world/xtd, every_n_steps: 100, max_queries: 100}
+        - class_path: mme5.eval.callbacks.MMEBV2Eval
+          init_args: {root: data/MMEB-V2, modalities: [visdoc], every_n_steps: 500, max_queries: 50}
 
 Same code as the command (`mme5.eval.run.evaluate`), on the first `max_queries` queries of each data set,
 without the disk cache (the weights change between runs). Under DDP and FSDP every rank encodes a share of
 the items and gets all embeddings back (`Encoder.embed` runs lockstep batches under FSDP); rank 0 logs.
-Tags: `eval/mmeb/<Subset>`, `eval/mmeb/<Aggregate>`, `eval/xtd/<lang>_r10`, `eval/xtd/mean_r10`, ... (see
-the benchmarks' `summarize`), at the global step.
+Tags: `eval/mmeb/<Subset>`, `eval/mmeb/<Aggregate>`, `eval/mmeb-v2/<Subset>`, `eval/mmeb-v2/<meta-task or
+modality>`, `eval/xtd/<lang>_r10`, `eval/xtd/mean_r10`, ... (see the benchmarks' `summarize`), at the
+global step.
 """
 
 from __future__ import annotations
@@ -25,9 +29,13 @@ import lightning as L
 from lightning.pytorch.utilities import rank_zero_info
 
 from mme5.eval.mmeb import MMEB
+from mme5.eval.mmeb_v2.benchmark import MMEBV2
+from mme5.eval.mmeb_v2.registry import MODALITIES
 from mme5.eval.retrieval import RetrievalSet
 from mme5.eval.run import Benchmark, evaluate
 from mme5.eval.xtd import IMAGE_INSTRUCTION, TEXT_INSTRUCTION, XTD
+
+HEADLINE = ("Overall", "mean_over_sets", *MODALITIES, "mean_r10")  # the scalars a run prints
 
 
 class BenchmarkCallback(L.Callback, ABC):
@@ -88,10 +96,35 @@ class BenchmarkCallback(L.Callback, ABC):
         if trainer.is_global_zero:
             for logger in trainer.loggers:
                 logger.log_metrics(metrics, step=trainer.global_step)
-            headline = {k: v for k, v in summary.scalars.items() if k in ("Overall", "mean_r10")}
+            headline = {k: v for k, v in summary.scalars.items() if k in HEADLINE}
             rank_zero_info(f"step {trainer.global_step}: {name} " + ", ".join(f"{k} {v:.1f}" for k, v in
                                                                              headline.items()))
         return metrics
+
+
+class MMEBV2Eval(BenchmarkCallback):
+    """MMEB-V2 during training.
+
+    Args:
+        root: MMEB-V2 folder (as `mme5.data.fetch --dataset mmeb-v2` writes it).
+        subsets: data sets to run (default: all of `modalities`).
+        modalities: "image", "video", "visdoc" (default: all three).
+        max_queries: first N queries of each data set.
+        every_n_steps: evaluate every N optimizer steps.
+        at_train_start: also evaluate before the first step (the untrained baseline, step 0).
+        batch_size: items per encoder forward.
+        progress: show progress bars.
+    """
+
+    def __init__(self, root: str, subsets: Sequence[str] | None = None,
+                 modalities: Sequence[str] | None = None, max_queries: int | None = 100,
+                 every_n_steps: int = 500, at_train_start: bool = True, batch_size: int = 16,
+                 progress: bool = False):
+        super().__init__(every_n_steps, at_train_start, batch_size, progress)
+        self.root, self.subsets, self.modalities, self.max_queries = root, subsets, modalities, max_queries
+
+    def build(self) -> Benchmark:
+        return MMEBV2(self.root, self.subsets, self.modalities, self.max_queries)
 
 
 class MMEBEval(BenchmarkCallback):

@@ -3,6 +3,7 @@ XTD table by language):
     <out>/scores.json                      {"model": ..., "<benchmark>": scores, "scalars": {...},
                                             "truncated_items": items whose text this run cut to max_length}
     <out>/results.md                       leaderboard-style Markdown tables
+    <out>/leaderboard.json                 with MMEB-V2: the submission file of VLM2Vec's report_score_v2.py
     <out>/predictions/<benchmark>/<ranking>.jsonl
                                            one line a query: query index, gold rank, top-k candidate
                                            indices (positions in the query's candidate list) and scores
@@ -17,6 +18,9 @@ from typing import Any
 
 import torch
 
+from mme5.eval.mmeb_v2.aggregate import leaderboard_json
+from mme5.eval.mmeb_v2.registry import META_TASKS as V2_META_TASKS
+from mme5.eval.mmeb_v2.registry import MODALITIES
 from mme5.eval.registry import META_TASKS, OVERALL, SPLITS, mean_over_sets
 from mme5.eval.retrieval import Ranked
 from mme5.eval.run import Summary
@@ -28,7 +32,12 @@ XTD_ROWS = (("t2i", "text→image"), ("i2t", "image→text"))
 TIE_NOTES = {"pessimistic": "Ties: a candidate scoring exactly as the gold ranks above it (pessimistic).",
              "reference": "Ties: as the reference code (`--ties reference`): on MMEB the first maximum in "
                           "list order wins (its argmax), on XTD numpy's sort order decides (its "
-                          "`np.argsort(scores)[-k:]`)."}
+                          "`np.argsort(scores)[-k:]`), on MMEB-V2 too (its `np.argsort(-scores)`)."}
+V2_MODALITY_NAMES = {"image": "Image", "video": "Video", "visdoc": "VisDoc"}
+V2_HEADLINE = tuple((key, label) for modality in MODALITIES for key, label in
+                    [*((task, task) for task in V2_META_TASKS[modality]),
+                     (modality, V2_MODALITY_NAMES[modality])])  # (scores key, column), as papers print
+LEADERBOARD_FILE = "leaderboard.json"
 
 
 def cell(value: float | None) -> str:
@@ -65,6 +74,26 @@ def mmeb_tables(model: str, scores: dict[str, Any]) -> list[str]:
     return [*lines, "", *table(["Meta-task", "Data set", "Split", "Score", "Queries"], rows)]
 
 
+def mmeb_v2_tables(model: str, scores: dict[str, Any]) -> list[str]:
+    """The papers' MMEB-V2 line (four meta-tasks and the mean of each modality, then All or a partial
+    run's labelled mean), then every data set evaluated with its main score and NDCG@5, Recall@5."""
+    label, mean = mean_over_sets(scores)
+    all_label = "All" if label == OVERALL else label
+    intro = ("Score (%): hit@1 for image and video sets, ndcg_linear@5 for visual documents; every mean is "
+             "over data sets (a modality's over its sets, All over the 78). "
+             f"{TIE_NOTES[scores.get('ties', 'pessimistic')]}")
+    frames = scores.get("num_frames")
+    intro += f" Frames per video: {'all' if frames is None else frames}."
+    header = [label for _, label in V2_HEADLINE]
+    lines = ["## MMEB-V2", "", intro, "",
+             *table(["Model", *header, all_label], [[model, *(cell(scores.get(k)) for k, _ in V2_HEADLINE),
+                                                     cell(mean)]])]
+    rows = [[e["meta_task"], name, e["metric"], cell(e["score"]), cell(e["ndcg_linear@5"]),
+             cell(e["recall@5"]), str(e["queries"])] for name, e in scores["datasets"].items()]
+    header = ["Meta-task", "Data set", "Metric", "Score", "NDCG@5", "R@5", "Queries"]
+    return [*lines, "", *table(header, rows)]
+
+
 def xtd_tables(scores: dict[str, Any]) -> list[str]:
     """Recall@1/5/10 per language and direction, with the means over the paper's and all languages."""
     languages = list(scores["languages"])
@@ -88,9 +117,24 @@ def markdown(model: dict[str, Any], summaries: dict[str, Summary]) -> str:
     lines = [f"# Evaluation of `{name}`", ""]
     if "mmeb" in summaries:
         lines += [*mmeb_tables(name, summaries["mmeb"].scores), ""]
+    if "mmeb-v2" in summaries:
+        lines += [*mmeb_v2_tables(name, summaries["mmeb-v2"].scores), ""]
     if "xtd" in summaries:
         lines += [*xtd_tables(summaries["xtd"].scores), ""]
     return "\n".join(lines)
+
+
+def mmeb_v2_leaderboard(model: dict[str, Any], scores: dict[str, Any]) -> dict[str, Any]:
+    """report_score_v2.py's submission file of an MMEB-V2 run: each set's metrics as fractions, as the
+    reference's `_score.json` holds them; the metadata this run knows (the rest is for the submitter)."""
+    metrics = {name: {k: v / 100.0 for k, v in entry.items() if "@" in k} | {"num_pred": entry["queries"]}
+               for name, entry in scores["datasets"].items()}
+    input_format = scores.get("input_format") or {}
+    metadata = {"model_name": model.get("name"), "model_backbone": None, "model_size": None,
+                "embedding_dimension": None, "max_length_tokens": input_format.get("max_length"),
+                "num_frames": scores.get("num_frames"), "model_release_date": None,
+                "data_source": None, "url": None}
+    return leaderboard_json(metadata, metrics)
 
 
 def prediction_lines(ranked: Ranked) -> Iterable[str]:
@@ -112,6 +156,8 @@ def write_outputs(out: str | Path, model: dict[str, Any], summaries: dict[str, S
     write_json(out / "scores.json", payload)
     with atomic_write(out / "results.md") as file:
         file.write(markdown(model, summaries))
+    if "mmeb-v2" in summaries:
+        write_json(out / LEADERBOARD_FILE, mmeb_v2_leaderboard(model, summaries["mmeb-v2"].scores))
     for name, rankings in results.items():
         for key, ranked in rankings.items():
             with atomic_write(out / "predictions" / name / f"{key}.jsonl") as file:

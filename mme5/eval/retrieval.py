@@ -16,6 +16,7 @@ from torch import Tensor
 
 from mme5.eval.images import ImageRef, ImageStore, MissingImageError
 from mme5.eval.metrics import gold_ranks
+from mme5.eval.mmeb_v2.metrics import query_metrics, ranked_order
 
 
 @dataclass(frozen=True)
@@ -104,11 +105,14 @@ class SetBuilder:
 @dataclass(frozen=True)
 class Ranked:
     """Outcome of one ranking: gold ranks (Q,) under the run's tie rule, and the top-k
-    candidate columns (Q, k) with their cosine scores, best first (order among exact ties unspecified)."""
+    candidate columns (Q, k) with their cosine scores, best first (order among exact ties unspecified).
+    metrics: a graded ranking's per-query hit / recall / mrr / ndcg_linear at 1, 5, 10 ((Q,) each,
+    `mme5.eval.mmeb_v2.metrics.query_metrics`), else None."""
 
     ranks: Tensor
     top: Tensor
     top_scores: Tensor
+    metrics: dict[str, Tensor] | None = None
 
 
 def rank(ranking: Ranking, embeddings: Tensor, top_k: int = 10, budget: int = 1 << 26,
@@ -117,21 +121,42 @@ def rank(ranking: Ranking, embeddings: Tensor, top_k: int = 10, budget: int = 1 
     how a candidate scoring exactly as the gold counts (`mme5.eval.metrics.RANK_RULES`).
 
     Scores are elementwise products summed over D (not a matmul): identical embeddings then get
-    bit-identical scores wherever they sit, which both tie rules rely on.
+    bit-identical scores wherever they sit, which both tie rules rely on. A ranking with `relevance` is
+    also scored by its graded metrics, from the whole order under `ties` ("pessimistic" or "descending").
     """
     num_queries, width = ranking.candidates.shape
     step = max(1, budget // max(1, width * embeddings.shape[1]))
-    ranks, tops, top_scores = [], [], []
+    ranks, tops, top_scores, metrics = [], [], [], []
     for start in range(0, num_queries, step):
         candidates = ranking.candidates[start : start + step]  # (q, C)
         queries = embeddings[ranking.queries[start : start + step]]  # (q, D)
         scores = (embeddings[candidates.clamp(min=0)] * queries[:, None, :]).sum(-1)  # (q, C)
         scores = scores.masked_fill(candidates < 0, float("-inf"))
-        ranks.append(gold_ranks(scores, ranking.gold[start : start + step], ties))
+        gold = ranking.gold[start : start + step]
+        if ranking.relevance is None:
+            ranks.append(gold_ranks(scores, gold, ties))
+        else:
+            order, graded = graded_scores(scores, ranking.relevance[start : start + step], ties)
+            ranks.append((order == gold[:, None]).int().argmax(dim=1) + 1)  # the gold's place in the order
+            metrics.append(graded)
         best = scores.topk(min(top_k, width), dim=1)
         tops.append(best.indices)
         top_scores.append(best.values)
     if not ranks:
         empty = torch.empty(0, 0)
         return Ranked(torch.empty(0, dtype=torch.long), empty.long(), empty)
-    return Ranked(torch.cat(ranks), torch.cat(tops), torch.cat(top_scores))
+    graded = {key: torch.cat([chunk[key] for chunk in metrics]) for key in metrics[0]} if metrics else None
+    return Ranked(torch.cat(ranks), torch.cat(tops), torch.cat(top_scores), graded)
+
+
+GRADED_TIES = {"pessimistic": "pessimistic", "descending": "reference"}  # rank rule -> `ranked_order`'s
+
+
+def graded_scores(scores: Tensor, relevance: Tensor, ties: str) -> tuple[Tensor, dict[str, Tensor]]:
+    """The candidate order (q, C) of scored rows and its per-query graded metrics; a -inf column (padding,
+    a labelled document with no item) is never found."""
+    if ties not in GRADED_TIES:
+        raise ValueError(f"a ranking with graded relevance is ordered under one of {list(GRADED_TIES)}, "
+                         f"got ties {ties!r}")
+    order = ranked_order(scores, relevance, GRADED_TIES[ties])
+    return order, query_metrics(order, relevance, listed=scores.cpu() > float("-inf"))

@@ -13,8 +13,10 @@ What exists (model-free):
   write) read into a `RetrievalSet` with graded relevance; `global_candidates`, the reference's candidate
   deduplication by name, for every global set.
 
+- `benchmark`: `MMEBV2`, the `Benchmark` behind `python -m mme5.eval --benchmark mmeb-v2` and the
+  `MMEBV2Eval` callback: sets read through `READERS` (one entry per modality), graded scoring, summaries.
+
 What comes next (issue 23): the readers of the remaining published layouts (frames folders,
-moment-retrieval clip folders) into `RetrievalSet`s, the `mme5.data.fetch --dataset mmeb-v2` code,
-video inputs for the backbones, and the `python -m mme5.eval --benchmark mmeb-v2` command with its
-`results.md` and `scores.json`.
+moment-retrieval clip folders) into `RetrievalSet`s (one `READERS` entry each), the `mme5.data.fetch
+--dataset mmeb-v2` code, and video inputs for the backbones.
 """

@@ -35,7 +35,8 @@ def ranked_order(scores: Tensor, relevance: Tensor, ties: str = "pessimistic") -
     order of VLM2Vec's `np.argsort(-scores)` (eval.py), numpy's default sort, which is not stable: small
     lists (insertion sort) keep list order among ties, long ones need not. Rows are sorted one at a time
     in float32, cut to their own list, as the reference ranks a local query's own candidates.
-    A row's padding columns must hold -inf (they then come last).
+    A row's padding columns must hold -inf (they then come last; "reference" sorts the other columns
+    alone, as the reference sorts a list that never held them, wherever the -inf columns sit).
     """
     if ties not in TIE_RULES:
         raise ValueError(f"ties must be one of {TIE_RULES}, got {ties!r}")
@@ -46,35 +47,47 @@ def ranked_order(scores: Tensor, relevance: Tensor, ties: str = "pessimistic") -
         if ties == "pessimistic":
             orders.append(np.lexsort((grade, -row)))  # last key first: score down, then relevance up
             continue
-        width = int((~np.isneginf(row)).sum())  # padding sits after the list's end
-        orders.append(np.concatenate([np.argsort(-row[:width]), np.arange(width, len(row))]))
+        listed, unlisted = np.flatnonzero(~np.isneginf(row)), np.flatnonzero(np.isneginf(row))
+        orders.append(np.concatenate([listed[np.argsort(-row[listed])], unlisted]))
     return torch.as_tensor(np.stack(orders) if orders else np.empty((0, 0), int), dtype=torch.long)
 
 
-def ranking_metrics(order: Tensor, relevance: Tensor, ks: tuple[int, ...] = KS) -> dict[str, float]:
-    """hit, recall, mrr and ndcg_linear at each k (see the module docstring) of the rankings `order`.
+def ranking_metrics(order: Tensor, relevance: Tensor, ks: tuple[int, ...] = KS,
+                    listed: Tensor | None = None) -> dict[str, float]:
+    """hit, recall, mrr and ndcg_linear at each k (see the module docstring): means over the queries of
+    `query_metrics`."""
+    return {key: _mean(values) for key, values in query_metrics(order, relevance, ks, listed).items()}
+
+
+def query_metrics(order: Tensor, relevance: Tensor, ks: tuple[int, ...] = KS,
+                  listed: Tensor | None = None) -> dict[str, Tensor]:
+    """Each query's hit, recall, mrr and ndcg_linear at each k, (Q,) float each, of the rankings `order`
+    (per query, so that rankings scored in chunks are averaged once, over all their queries).
 
     order: (Q, C) candidate columns best first (`ranked_order`); relevance: (Q, C) graded relevance of
-    each column, 0 for irrelevant. Every labelled document must be a column (IDCG counts them all): a
-    labelled document missing from the corpus belongs in a column scored -inf.
+    each column, 0 for irrelevant. Every labelled document must be a column (IDCG and recall count them
+    all): a labelled document missing from the corpus belongs in a column scored -inf and left out of
+    `listed` ((Q, C) bool, the columns the model could predict; None: all), so that it is never found,
+    even when the whole list is shorter than k (the reference's prediction never holds it).
     """
     relevance = relevance.float()
-    ranked = relevance.gather(1, order)  # (Q, C) relevance in ranked order
+    found = relevance if listed is None else relevance * listed  # unlisted columns gain nothing
+    ranked = found.gather(1, order)  # (Q, C) relevance in ranked order
     ideal = relevance.sort(dim=1, descending=True).values  # (Q, C)
     relevant = ranked > 0
-    num_relevant = relevant.sum(dim=1)  # (Q,)
+    num_relevant = (relevance > 0).sum(dim=1)  # (Q,)
     discount = 1.0 / torch.log2(torch.arange(2, relevance.shape[1] + 2, dtype=torch.float))  # (C,)
     position = torch.arange(1, relevance.shape[1] + 1, dtype=torch.float)  # (C,)
-    out: dict[str, float] = {}
+    out: dict[str, Tensor] = {}
     for k in ks:
         hits = relevant[:, :k].sum(dim=1)
-        out[f"hit@{k}"] = _mean(hits > 0)
-        out[f"recall@{k}"] = _mean(torch.where(num_relevant > 0, hits / num_relevant.clamp(min=1), 1.0))
+        out[f"hit@{k}"] = (hits > 0).float()
+        out[f"recall@{k}"] = torch.where(num_relevant > 0, hits / num_relevant.clamp(min=1), 1.0)
         first = torch.where(relevant[:, :k], position[:k], torch.inf).min(dim=1).values  # inf: none
-        out[f"mrr@{k}"] = _mean(1.0 / first)
+        out[f"mrr@{k}"] = 1.0 / first
         dcg = (ranked[:, :k] * discount[:k]).sum(dim=1)
         idcg = (ideal[:, :k] * discount[:k]).sum(dim=1)
-        out[f"ndcg_linear@{k}"] = _mean(torch.where(idcg > 0, dcg / idcg.clamp(min=1e-12), 0.0))
+        out[f"ndcg_linear@{k}"] = torch.where(idcg > 0, dcg / idcg.clamp(min=1e-12), 0.0)
     return out
 
 

@@ -1,0 +1,143 @@
+"""MMEB-V2 as a `Benchmark`: the selected sets of a fetched root read by their modality's reader, each
+ranking scored by its graded metrics, summarised as VLM2Vec's `report_score_v2.py` reports them.
+
+Layout: what `python -m mme5.data.fetch --dataset mmeb-v2 --out ROOT` writes (`image-tasks/`,
+`video-tasks/`, `visdoc-tasks/<set>/`). Scores (percentages in `scores.json`): hit, recall, MRR and
+linear NDCG at 1/5/10 per set, its main score (hit@1, or ndcg_linear@5 for visdoc), and the means per
+meta-task, per modality and over all sets (`aggregate.aggregate`).
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable, Iterator, Sequence
+from dataclasses import asdict, dataclass, replace
+from pathlib import Path
+from typing import Any
+
+import torch
+
+from mme5.eval.mmeb_v2.aggregate import aggregate, main_score
+from mme5.eval.mmeb_v2.registry import MMEB_V2, MODALITIES, V2Set
+from mme5.eval.mmeb_v2.visdoc import read_visdoc
+from mme5.eval.registry import once_each
+from mme5.eval.retrieval import Ranked, RetrievalSet
+from mme5.eval.rows import data_identity
+from mme5.eval.run import Summary
+
+FETCH = "python -m mme5.data.fetch --dataset mmeb-v2 --out {root}"
+
+
+@dataclass(frozen=True)
+class SetReader:
+    """How one modality's sets are read from the root: `read(root, spec, max_queries)`, and `folder(root,
+    spec)`, what must exist before anything is read (None: the reader's own errors say what is missing)."""
+
+    read: Callable[[Path, V2Set, int | None], RetrievalSet]
+    folder: Callable[[Path, V2Set], Path] | None = None
+
+
+def visdoc_folder(root: Path, spec: V2Set) -> Path:
+    return root / "visdoc-tasks" / spec.name
+
+
+def read_visdoc_set(root: Path, spec: V2Set, max_queries: int | None = None) -> RetrievalSet:
+    return read_visdoc(visdoc_folder(root, spec), spec, max_queries)
+
+
+READERS: dict[str, SetReader] = {
+    "visdoc": SetReader(read_visdoc_set, visdoc_folder),
+}
+
+
+def with_relevance(data: RetrievalSet) -> RetrievalSet:
+    """The set with every ranking graded: one with no `relevance` gets its gold alone, at grade 1."""
+    rankings = {}
+    for key, ranking in data.rankings.items():
+        if ranking.relevance is None:
+            relevance = torch.zeros(ranking.candidates.shape)  # (Q, C)
+            relevance[torch.arange(len(ranking.gold)), ranking.gold] = 1.0
+            ranking = replace(ranking, relevance=relevance)
+        rankings[key] = ranking
+    return RetrievalSet(data.name, data.items, rankings)
+
+
+def select(subsets: Sequence[str] | None, modalities: Sequence[str] | None) -> list[V2Set]:
+    """The registry's sets named in `subsets` (all by default) of the `modalities` (all by default), in
+    leaderboard order; an unknown name, or a named set outside the modalities, is an error."""
+    subsets = once_each(subsets, "MMEB-V2 data set(s)")
+    modalities = once_each(modalities, "MMEB-V2 modalities") or list(MODALITIES)
+    if unknown := [m for m in modalities if m not in MODALITIES]:
+        raise ValueError(f"unknown MMEB-V2 modality {unknown}: one of {MODALITIES}")
+    registry = {s.name: s for s in MMEB_V2}
+    if unknown := [name for name in subsets or [] if name not in registry]:
+        raise ValueError(f"unknown MMEB-V2 data set(s) {unknown}: not among the 78 of the registry")
+    if outside := [name for name in subsets or [] if registry[name].modality not in modalities]:
+        raise ValueError(f"MMEB-V2 data set(s) {outside} are not of the modalities {modalities}")
+    chosen = set(subsets) if subsets else {s.name for s in MMEB_V2 if s.modality in modalities}
+    return [s for s in MMEB_V2 if s.name in chosen]
+
+
+class MMEBV2:
+    """MMEB-V2 on a fetched root: the selected sets, read one at a time.
+
+    Args:
+        root: the folder `mme5.data.fetch --dataset mmeb-v2` wrote.
+        subsets: data sets to evaluate (default: the 78, or those of `modalities`).
+        modalities: "image", "video", "visdoc" (default: all three).
+        max_queries: first N queries of each data set (a deterministic subset, e.g. during training).
+    """
+
+    name = "mmeb-v2"
+    reference_ties = "descending"  # VLM2Vec-V2's eval.py: `np.argsort(-scores)`
+
+    def __init__(self, root: str | Path, subsets: Sequence[str] | None = None,
+                 modalities: Sequence[str] | None = None, max_queries: int | None = None):
+        self.root = Path(root)
+        self.registry = select(subsets, modalities)
+        if unread := sorted({s.modality for s in self.registry} - set(READERS)):
+            raise ValueError(f"MMEB-V2 {unread} sets have no reader yet (readers: {sorted(READERS)}); "
+                             "choose --modalities among those")
+        folders = {s.name: READERS[s.modality].folder(self.root, s)
+                   for s in self.registry if READERS[s.modality].folder}
+        if absent := [name for name, folder in folders.items() if not folder.is_dir()]:
+            raise FileNotFoundError(f"{self.root}: no folder for MMEB-V2 data set(s) {absent} (e.g. "
+                                    f"{folders[absent[0]]}); fetch them with "
+                                    f"`{FETCH.format(root=self.root)}`, or choose the ones present with "
+                                    "--subsets / --modalities")
+        self.folders = list(folders.values())
+        self.max_queries = max_queries
+
+    def sets(self) -> Iterator[RetrievalSet]:
+        for spec in self.registry:
+            yield with_relevance(READERS[spec.modality].read(self.root, spec, self.max_queries))
+
+    def identity(self) -> dict[str, Any]:
+        """The data evaluated: the selected sets and a fingerprint of their folders' files."""
+        files = sorted(f for folder in self.folders for f in folder.rglob("*") if f.is_file())
+        return data_identity(self.root, files) | {"sets": [s.name for s in self.registry]}
+
+    def summarize(self, results: dict[str, Ranked]) -> Summary:
+        """Every metric of each set evaluated (%), its main score, and the aggregates (an Overall only when
+        all 78 were)."""
+        datasets = {s.name: set_entry(s, results[s.name]) for s in self.registry if s.name in results}
+        scores = {name: entry["score"] for name, entry in datasets.items()}
+        aggregates = aggregate(scores)
+        counts = {"evaluated": len(datasets), "in_benchmark": len(MMEB_V2), "max_queries": self.max_queries}
+        return Summary(
+            scores={"datasets": datasets, "sets": counts, **aggregates},
+            scalars=scores | {k: v for k, v in aggregates.items() if v is not None},
+        )
+
+
+def set_entry(spec: V2Set, ranked: Ranked) -> dict[str, Any]:
+    """One set's line of scores.json: where it belongs, its metrics in %, and its main score."""
+    metrics = {key: 100.0 * values.float().mean().item() for key, values in ranked.metrics.items()}
+    return {"modality": spec.modality, "meta_task": spec.meta_task, "eval_type": spec.eval_type,
+            "metric": spec.metric, "score": main_score(metrics, spec), "queries": int(ranked.ranks.numel()),
+            **metrics}
+
+
+def input_record(input_format: Any) -> dict[str, Any]:
+    """What scores.json records of the model's input format: all of it, and `num_frames` (None for a
+    format without the field: every frame of a video, as the reference feeds with no setting)."""
+    return {"input_format": asdict(input_format), "num_frames": getattr(input_format, "num_frames", None)}
