@@ -5,16 +5,23 @@ written out by hand from VLM2Vec's loaders (src/data/eval_dataset/*.py at 6e1e1d
 from __future__ import annotations
 
 import hashlib
+import io
 import json
 
+import huggingface_hub
 import pyarrow as pa
 import pyarrow.parquet as pq
 import pytest
+from PIL import Image
+from test_fetch import fake_hub, tar_bytes
 
+from mme5.data import fetch
+from mme5.data.fetch_mmeb_v2 import ARCHIVES, unpack_parts
 from mme5.eval.encode import _loaded, item_key
 from mme5.eval.images import MissingImageError
 from mme5.eval.mmeb_v2.readers import MVBENCH_CONFIGS, read_image, read_video
 from mme5.eval.mmeb_v2.registry import MMEB_V2, MOMENTSEEKER_QUERY_INSTRUCTIONS
+from mme5.eval.mmeb_v2.visdoc import read_visdoc
 from mme5.eval.retrieval import ItemSpec
 
 SPECS = {s.name: s for s in MMEB_V2}
@@ -211,3 +218,65 @@ def test_a_video_items_cache_key_covers_its_frames_and_the_model_gets_their_path
     (batch,) = _loaded([[item]], workers=1)
     assert batch[0].video == (str(folder.resolve() / "0.jpg"), str(folder.resolve() / "1.jpg"))
     assert batch[0].image is None
+
+
+def parquet_bytes(rows: dict) -> bytes:
+    buffer = io.BytesIO()
+    pq.write_table(pa.table(rows), buffer)
+    return buffer.getvalue()
+
+
+def png_bytes() -> bytes:
+    buffer = io.BytesIO()
+    Image.new("RGB", (4, 4), "white").save(buffer, format="JPEG")  # the corpus may hold any format
+    return buffer.getvalue()
+
+
+def test_fetch_unpacks_the_media_as_download_data_sh_and_saves_the_annotations(tmp_path, monkeypatch, capsys):
+    qa = tar_bytes({"video_qa/NExTQA/n1/0.jpg": b"qa frame"})
+    docvqa = "vidore/docvqa_test_subsampled_beir"
+    hub = {"TIGER-Lab/MMEB-V2": {
+        "image-tasks/mmeb_v1.tar.gz": tar_bytes({"MMEB/ImageNet-1K/q.jpg": b"image"}),
+        "video-tasks/frames/video_cls.tar.gz": tar_bytes({"UCF101/v1/0.jpg": b"cls frame"}),
+        "video-tasks/frames/video_qa.tar.gz-00": qa[:100], "video-tasks/frames/video_qa.tar.gz-01": qa[100:],
+        "video-tasks/videos/video_cls/UCF101/v1.mp4": b"raw video, not fetched", "README.md": b"# card\n"},
+        "VLM2Vec/UCF101": {"data/test-00000-of-00001.parquet": parquet_bytes(
+            {"video_id": ["v1"], "pos_text": ["Diving"]}), "README.md": b"# card\n"},
+        docvqa: {f"{config}/test-00000-of-00001.parquet": parquet_bytes(rows) for config, rows in {
+            "queries": {"query-id": ["q"], "query": ["what?"]},
+            "corpus": {"corpus-id": ["d"], "image": [{"bytes": png_bytes(), "path": "d.jpg"}]},
+            "qrels": {"query-id": ["q"], "corpus-id": ["d"], "score": [1]}}.items()}}
+    no_pages = parquet_bytes({"corpus-id": pa.array([], pa.string()), "image": pa.array([], pa.struct(
+        [("bytes", pa.binary()), ("path", pa.string())]))})
+    other = {f"corpus/{split}-00000-of-00001.parquet": no_pages for split in ("test", "train")}  # every repo
+    calls = []
+    fakes = {repo: fake_hub(calls, files) for repo, files in hub.items()}
+    monkeypatch.setattr(huggingface_hub, "snapshot_download",
+                        lambda repo_id, **kw: fakes.get(repo_id, fake_hub(calls, other))(repo_id, **kw))
+    out = tmp_path / "v2"
+    assert fetch.main(["--dataset", "mmeb-v2", "--out", str(out)]) == 0
+    assert "--benchmark mmeb-v2 --mmeb-v2" in capsys.readouterr().out
+    assert (out / "image-tasks" / "ImageNet-1K" / "q.jpg").read_bytes() == b"image"
+    frames_folder = out / "video-tasks" / "frames"
+    assert (frames_folder / "video_qa" / "NExTQA" / "n1" / "0.jpg").read_bytes() == b"qa frame"
+    assert not (out / "video-tasks" / "videos").exists()
+    assert {c["repo_id"]: c["allow_patterns"] for c in calls}["TIGER-Lab/MMEB-V2"] == [
+        "image-tasks/*", "video-tasks/frames/*"]
+    ucf = read_video(out, SPECS["UCF101"])  # the readers read what fetch wrote
+    assert ucf.items[0].video[0].path.endswith("video-tasks/frames/video_cls/UCF101/v1/0.jpg")
+    with Image.open(out / "visdoc-tasks" / "ViDoRe_docvqa" / "d.png") as page:
+        assert page.format == "PNG"  # saved under the loader's name, encoded by its extension
+    assert len(read_visdoc(out / "visdoc-tasks" / "ViDoRe_docvqa", SPECS["ViDoRe_docvqa"]).items) == 2
+
+    frame = out / "video-tasks" / "frames" / "video_cls" / "UCF101" / "v1" / "0.jpg"
+    frame.write_bytes(b"kept")  # a rerun downloads nothing present and unpacks nothing again
+    assert fetch.main(["--dataset", "mmeb-v2", "--out", str(out), "--modalities", "video"]) == 0
+    assert frame.read_bytes() == b"kept"
+
+
+def test_an_archive_member_escaping_its_folder_is_refused(tmp_path):
+    (tmp_path / "video-tasks" / "frames").mkdir(parents=True)
+    (tmp_path / "video-tasks" / "frames" / "video_ret.tar.gz").write_bytes(tar_bytes({"../../out.jpg": b"x"}))
+    with pytest.raises(ValueError, match="would be written outside"):
+        unpack_parts(tmp_path, ARCHIVES[2])
+    assert not (tmp_path / "video-tasks" / "out.jpg").exists()
