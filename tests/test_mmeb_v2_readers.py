@@ -19,8 +19,8 @@ from mme5.data import fetch
 from mme5.data.fetch_mmeb_v2 import ARCHIVES, unpack_parts
 from mme5.eval.encode import _loaded, item_key
 from mme5.eval.images import MissingImageError
-from mme5.eval.mmeb_v2.readers import MVBENCH_CONFIGS, read_image, read_video
-from mme5.eval.mmeb_v2.registry import MMEB_V2, MOMENTSEEKER_QUERY_INSTRUCTIONS
+from mme5.eval.mmeb_v2.readers import FRAMES, MVBENCH_CONFIGS, VIDEO_READERS, read_image, read_video
+from mme5.eval.mmeb_v2.registry import MMEB_V2, MOMENTSEEKER_QUERY_INSTRUCTIONS, sets_of
 from mme5.eval.mmeb_v2.visdoc import read_visdoc
 from mme5.eval.retrieval import ItemSpec
 
@@ -128,6 +128,28 @@ def test_video_mme_and_egoschema_options_are_cleaned_as_their_loaders_clean_them
     (query, cands, gold), = described(data, data.rankings["Video-MME"])
     assert query.text == "What?\nA. a red car.\nB. a blue car\nC. none\nD. all"
     assert [c.text for c in cands] == ["a red car", "a blue car", "none", "all"] and gold == 1
+
+
+def test_every_video_set_has_a_reader_and_a_frames_folder():
+    assert set(VIDEO_READERS) == set(FRAMES) == {s.name for s in sets_of("video")}
+
+
+@pytest.mark.parametrize(("name", "row", "folder", "text", "options", "gold"), [
+    ("NExTQA", {"video": 42, "question": "why?", "answer": 1, **{f"a{i}": f"o{i}" for i in range(5)}}, "42",
+     "why?\nOptions:\n(A) o0\n(B) o1\n(C) o2\n(D) o3\n(E) o4", ["o0", "o1", "o2", "o3", "o4"], 1),
+    ("EgoSchema", {"video_idx": "e1", "question": "what?", "answer": "0", "option": ["A. x.", "B. y"]}, "e1",
+     "what?A. x. B. y", ["x", "y"], 0),
+    ("ActivityNetQA", {"video_name": "abc", "question": "is it sunny", "answer": "no"}, "v_abc",
+     "is it sunny? (A) yes; (B) no.", ["yes", "no"], 1),
+])
+def test_qa_texts_options_and_frames_follow_each_loader(tmp_path, name, row, folder, text, options, gold):
+    config = SPECS[name].annotations.config or "data"
+    annotations(tmp_path, name, {key: [value] for key, value in row.items()}, config=config)
+    frames(tmp_path / "video-tasks" / "frames" / FRAMES[name] / folder, ["0.jpg"])
+    data = read_video(tmp_path, SPECS[name])
+    (query, cands, found), = described(data, data.rankings[name])
+    assert (query.text, [c.text for c in cands], found) == (text, options, gold)
+    assert frame_files(query) == [f"{folder}/0.jpg"]
 
 
 def test_moment_retrieval_ranks_the_videos_clip_folders(tmp_path):
