@@ -302,3 +302,10 @@ def test_an_archive_member_escaping_its_folder_is_refused(tmp_path):
     with pytest.raises(ValueError, match="would be written outside"):
         unpack_parts(tmp_path, ARCHIVES[2])
     assert not (tmp_path / "video-tasks" / "out.jpg").exists()
+
+
+def test_an_answer_that_is_none_of_the_options_names_set_row_and_field(tmp_path):
+    annotations(tmp_path, "Video-MME", {"question": ["What?"], "videoID": ["m1"], "options": [
+        ["A. x", "B. y", "C. z", "D. w"]], "answer": [""]})
+    with pytest.raises(ValueError, match=r"^Video-MME, .*row 0, field answer: not one of the 4 options"):
+        read_video(tmp_path, SPECS["Video-MME"])

@@ -112,7 +112,7 @@ IMAGE_COLUMNS = ("qry_inst", "qry_text", "qry_img_path", "tgt_inst", "tgt_text",
 
 def image_row(where: str, row: dict) -> Row:
     """A MMEB_Test_Instruct row: the query and its own candidates, gold first."""
-    texts, images = row["tgt_text"], row["tgt_img_path"]
+    texts, images = row["tgt_text"] or [], row["tgt_img_path"] or []
     if not texts or len(texts) != len(images):
         raise ValueError(f"{where}: tgt_text has {len(texts)} entries and tgt_img_path {len(images)}; "
                          "expected the same number, at least 1 (gold first)")
@@ -173,6 +173,11 @@ def _qa(spec: V2Set, where: str, video: tuple[str, Path], text: str, options: Se
                [(option, Side("options", "", option)) for option in options], (options[answer],))
 
 
+def _position(options: Sequence[str], answer: str) -> int:
+    """The answer's place among the options (or letters), -1 when it is none of them."""
+    return list(options).index(answer) if answer in list(options) else -1
+
+
 def _letter_stripped(option: str) -> str:
     """An option "B. text" as the Video-MME and EgoSchema loaders clean it:
     `o[o.find('. '):].strip('. ')`, quirks kept (no ". " in it: its last character)."""
@@ -188,7 +193,7 @@ def _videomme(spec: V2Set, frames: Path, where: str, row: dict) -> Row:
     options = list(row["options"])
     return _qa(spec, where, ("videoID", frames / str(row["videoID"])),
                row["question"] + "\n" + "\n".join(options), [_letter_stripped(o) for o in options],
-               "ABCD".find(row["answer"]))
+               _position("ABCD", row["answer"]))
 
 
 def _egoschema(spec: V2Set, frames: Path, where: str, row: dict) -> Row:
@@ -207,16 +212,14 @@ def _nextqa(spec: V2Set, frames: Path, where: str, row: dict) -> Row:
 def _mvbench(spec: V2Set, frames: Path, where: str, row: dict) -> Row:
     options = list(row["candidates"])
     lettered = [f"({chr(ord('A') + i)}) {o}" for i, o in enumerate(options)]
-    answer = options.index(row["answer"]) if row["answer"] in options else -1
     return _qa(spec, where, ("video", frames / row["subset"] / str(row["video"])),
-               _options_block(row["question"], options), lettered, answer)
+               _options_block(row["question"], options), lettered, _position(options, row["answer"]))
 
 
 def _activitynetqa(spec: V2Set, frames: Path, where: str, row: dict) -> Row:
     options = ["yes", "no"]
-    answer = options.index(row["answer"]) if row["answer"] in options else -1
     return _qa(spec, where, ("video_name", frames / f"v_{row['video_name']}"),
-               row["question"] + "? (A) yes; (B) no.", options, answer)
+               row["question"] + "? (A) yes; (B) no.", options, _position(options, row["answer"]))
 
 
 def _moment(spec: V2Set, frames: Path, where: str, row: dict) -> Row:
