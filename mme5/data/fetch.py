@@ -2,6 +2,7 @@
 
     python -m mme5.data.fetch --dataset mme5-hardneg --out data/raw/mmE5-MMEB-hardneg [--subset ImageNet_1K]
     python -m mme5.data.fetch --dataset mmeb-eval --out data/MMEB-eval
+    python -m mme5.data.fetch --dataset mmeb-v2 --out data/MMEB-V2 [--modalities image video visdoc]
 
 Files come through `huggingface_hub.snapshot_download` into `--out` (resumable: a rerun fetches only what is
 missing; `--subset` narrows it to the paths naming those subsets, plus the dataset card; a subset naming no
@@ -26,6 +27,7 @@ import zipfile
 from dataclasses import dataclass
 from pathlib import Path
 
+from mme5.eval.mmeb_v2.registry import MODALITIES
 from mme5.files import OutputFolder, OutputFolderError, atomic_write, claim_folder
 from mme5.hub import card_licence
 from mme5.settings import command_parser
@@ -54,6 +56,9 @@ DATASETS = {
                                 "(Classification, Retrieval, VQA; ~560K rows)", True, "train"),
     "mmeb-eval": Published("TIGER-Lab/MMEB-eval", "MMEB's 36 evaluation sets (+ CIFAR-100), images in zips",
                            False, "mmeb"),
+    "mmeb-v2": Published("TIGER-Lab/MMEB-V2", "MMEB-V2's 78 sets: image, video-frame and visual-document "
+                         "media and the annotation repos its loaders read (layout: mme5.data.fetch_mmeb_v2)",
+                         True, "mmeb-v2"),
     "xtd10": Published("Haon-Chen/XTD-10", "XTD-10 in mmE5's row format (text→image, 10 languages)", False,
                        "xtd"),
 }
@@ -84,7 +89,8 @@ def fetch(name: str, out: str | Path, subsets: list[str] | None = None, revision
                       ways_out="pass --overwrite to replace it, or choose another --out") as folder:
         online = True
         try:
-            files = download(name, folder.work, subsets, revision, token)
+            files = download(DATASETS[name].repo_id, folder.work, request_patterns(subsets), revision, token,
+                             subsets)
         except ConnectionError:
             if not completed_before(folder, subsets):
                 raise
@@ -103,14 +109,14 @@ def fetched_before(folder: Path) -> bool:
     return (folder / ".cache" / "huggingface").is_dir()
 
 
-def download(name: str, folder: Path, subsets: list[str] | None, revision: str | None,
-             token: str | None) -> dict[str, int | None]:
-    """Fetch the requested files into `folder`; returns {path: size} of every one, each checked present at
-    the size the hub lists (huggingface_hub alone returns a non-empty folder as it is when offline)."""
+def download(repo_id: str, folder: Path, patterns: list[str] | None, revision: str | None, token: str | None,
+             subsets: list[str] | None = None) -> dict[str, int | None]:
+    """Fetch the files of `repo_id` matching `patterns` (None: all) into `folder`; returns {path: size} of
+    every one, each checked present at the size the hub lists (huggingface_hub alone returns a non-empty
+    folder as it is when offline). `subsets`: the request's, each must name a file."""
     from huggingface_hub import snapshot_download
     from huggingface_hub.errors import DryRunError, LocalEntryNotFoundError
 
-    repo_id, patterns = DATASETS[name].repo_id, request_patterns(subsets)
     try:  # the listing first: it fails when the hub cannot be reached, whatever the folder holds
         listing = snapshot_download(repo_id, repo_type="dataset", local_dir=folder, allow_patterns=patterns,
                                     revision=revision, token=token, dry_run=True)
@@ -211,6 +217,9 @@ def next_steps(name: str, folder: Path) -> list[str]:
     role = DATASETS[name].role
     if role == "mmeb":
         return [f"python -m mme5.eval --model MODEL --benchmark mmeb --mmeb {folder} --out runs/eval/MODEL"]
+    if role == "mmeb-v2":
+        return [f"python -m mme5.eval --model MODEL --benchmark mmeb-v2 --mmeb-v2 {folder} "
+                "--out runs/eval/MODEL"]
     if role == "xtd":
         return [f"python -m mme5.eval --model MODEL --benchmark xtd --xtd {folder} --out runs/eval/MODEL"]
     subsets = sorted({p.parent for p in folder.rglob("*") if p.suffix in (".parquet", ".jsonl")
@@ -225,12 +234,18 @@ def main(argv: list[str] | None = None) -> int:
                         help="; ".join(f"{k}: {v.repo_id}" for k, v in DATASETS.items()))
     parser.add_argument("--out", required=True, type=Path, help="folder to download into")
     parser.add_argument("--subset", nargs="+", help="only these subsets (e.g. ImageNet_1K MSCOCO_t2i)")
+    parser.add_argument("--modalities", nargs="+", choices=MODALITIES, default=list(MODALITIES),
+                        help="mmeb-v2 only: the modalities to fetch (media and annotations)")
     parser.add_argument("--revision", help="a branch, tag or commit of the data set")
     parser.add_argument("--overwrite", action="store_true",
                         help="replace what --out holds (another data set or revision)")
     args = parser.parse_args(argv)
     try:
-        fetched = fetch(args.dataset, args.out, args.subset, args.revision, overwrite=args.overwrite)
+        if args.dataset == "mmeb-v2":
+            from mme5.data.fetch_mmeb_v2 import fetch_mmeb_v2
+            fetched = fetch_mmeb_v2(args.out, args.modalities, args.revision, overwrite=args.overwrite)
+        else:
+            fetched = fetch(args.dataset, args.out, args.subset, args.revision, overwrite=args.overwrite)
     except (OutputFolderError, OSError, ValueError) as error:  # OSError: offline, unknown repo or revision
         print(f"error: {error}", file=sys.stderr)
         return 2

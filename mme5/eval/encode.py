@@ -23,7 +23,7 @@ from tqdm import tqdm
 
 from mme5.backbones.base import Item, length_order
 from mme5.distributed import rank_and_world
-from mme5.eval.images import load_image
+from mme5.eval.images import ImageRef, load_image
 from mme5.eval.retrieval import ItemSpec
 from mme5.files import save_torch
 
@@ -31,9 +31,14 @@ Embed = Callable[[list[Item]], Tensor]
 
 
 def item_key(item: ItemSpec) -> str:
-    """Stable identity of an item: instruction, text, published prompt, the image's location and content."""
-    image = item.image
-    fields = [item.instruction, item.text, image and [image.archive, image.path, image.identity], item.prompt]
+    """Stable identity of an item: instruction, text, published prompt, the location and content of its
+    image or of each video frame (the key of an item without video is the one it had before videos)."""
+    def where(ref: ImageRef | None) -> list[str | None] | None:
+        return ref and [ref.archive, ref.path, ref.identity]
+
+    fields = [item.instruction, item.text, where(item.image), item.prompt]
+    if item.video is not None:
+        fields.append([where(frame) for frame in item.video])
     return hashlib.sha1(json.dumps(fields, ensure_ascii=False).encode("utf-8")).hexdigest()
 
 
@@ -72,11 +77,13 @@ class EmbeddingCache:
 
 
 def _loaded(batches: list[list[ItemSpec]], workers: int) -> Iterator[list[Item]]:
-    """The batches as `Item`s, images decoded by a thread pool one batch ahead of the model."""
+    """The batches as `Item`s, images decoded by a thread pool one batch ahead of the model; video frames
+    stay paths (the adapter decodes only the frames it keeps)."""
 
     def load(specs: list[ItemSpec]) -> list[Item]:
         images = pool.map(lambda s: s.image and load_image(s.image), specs)
-        return [Item(s.instruction, s.text, image, s.prompt) for s, image in zip(specs, images, strict=True)]
+        return [Item(s.instruction, s.text, image, s.prompt, s.video and tuple(f.path for f in s.video))
+                for s, image in zip(specs, images, strict=True)]
 
     with ThreadPoolExecutor(max(1, workers)) as pool, ThreadPoolExecutor(1) as ahead:
         pending = [ahead.submit(load, batch) for batch in batches[:1]]

@@ -10,23 +10,27 @@ from __future__ import annotations
 
 from collections.abc import Sequence
 from dataclasses import dataclass, field
+from pathlib import Path
 
 import torch
 from torch import Tensor
 
 from mme5.eval.images import ImageRef, ImageStore, MissingImageError
 from mme5.eval.metrics import gold_ranks
+from mme5.eval.mmeb_v2.frames import frame_refs
 from mme5.eval.mmeb_v2.metrics import query_metrics, ranked_order
 
 
 @dataclass(frozen=True)
 class ItemSpec:
-    """An item to embed, its image referenced (not loaded): hashable, cheap to hold by the thousand."""
+    """An item to embed, its image or video frames referenced (not loaded): hashable, cheap to hold by the
+    thousand."""
 
     instruction: str = ""
     text: str | None = None
     image: ImageRef | None = None
     prompt: str | None = None  # a published row's string, verbatim (see `Item.prompt`)
+    video: tuple[ImageRef, ...] | None = None  # every frame of a frames folder, in order (`Item.video`)
 
 
 @dataclass(frozen=True)
@@ -70,26 +74,29 @@ class SetBuilder:
     images: ImageStore | None = None
     items: list[ItemSpec] = field(default_factory=list)
     rankings: dict[str, Ranking] = field(default_factory=dict)
-    _rows: dict[tuple[str, str | None, str | None, str | None], int] = field(default_factory=dict)
+    _rows: dict[tuple[str, str | None, str | None, str | None, str | None], int] = field(default_factory=dict)
 
     def item(self, instruction: str, text: str | None, image: str | None, where: str,
-             prompt: str | None = None) -> int:
+             prompt: str | None = None, video: str | Path | None = None) -> int:
         """Row of the item; `where` (e.g. "row 3, tgt_img_path[2]") names it in a missing-image error.
-        `prompt`: the published string of a row-format item, fed to the model verbatim."""
-        key = (instruction, text or None, image or None, prompt)
+        `prompt`: the published string of a row-format item, fed to the model verbatim. `video`: a frames
+        folder, every frame of it taken (`frames.frame_refs`)."""
+        key = (instruction, text or None, image or None, prompt, video and str(video))
         row = self._rows.get(key)
         if row is None:
-            ref = None
-            if image:
-                if self.images is None:
-                    raise ValueError(f"{self.name}, {where}: image {image!r} named, but no image store set")
-                try:
-                    ref = self.images.ref(image)
-                except MissingImageError as error:
-                    raise MissingImageError(f"{self.name}, {where}: {error}") from None
+            try:
+                ref = self._image(image, where) if image else None
+                frames = frame_refs(Path(video)) if video else None
+            except MissingImageError as error:
+                raise MissingImageError(f"{self.name}, {where}: {error}") from None
             row = self._rows[key] = len(self.items)
-            self.items.append(ItemSpec(instruction, text or None, ref, prompt))
+            self.items.append(ItemSpec(instruction, text or None, ref, prompt, frames))
         return row
+
+    def _image(self, image: str, where: str) -> ImageRef:
+        if self.images is None:
+            raise ValueError(f"{self.name}, {where}: image {image!r} named, but no image store set")
+        return self.images.ref(image)
 
     def rank(self, key: str, queries: Sequence[int], candidates: Tensor | Sequence[Sequence[int]],
              gold: Tensor | Sequence[int], relevance: Tensor | None = None) -> None:

@@ -12,11 +12,12 @@ What exists (model-free):
 - `visdoc`: the BEIR sets (queries / corpus / qrels parquet and their page files, the layout fetch will
   write) read into a `RetrievalSet` with graded relevance; `global_candidates`, the reference's candidate
   deduplication by name, for every global set.
+- `readers`: the 36 image sets (ziyjiang/MMEB_Test_Instruct rows + image-tasks/) and the 18 video sets
+  (their annotation rows + the frames folders of the MMEB-V2 tarballs) read into `RetrievalSet`s, a video
+  side being every frame of its folder (`ItemSpec.video`).
 
 - `benchmark`: `MMEBV2`, the `Benchmark` behind `python -m mme5.eval --benchmark mmeb-v2` and the
   `MMEBV2Eval` callback: sets read through `READERS` (one entry per modality), graded scoring, summaries.
 
-What comes next (issue 23): the readers of the remaining published layouts (frames folders,
-moment-retrieval clip folders) into `RetrievalSet`s (one `READERS` entry each), the `mme5.data.fetch
---dataset mmeb-v2` code, and video inputs for the backbones.
+What comes next (issue 23): video inputs for the backbones, and the demo world's video and page tasks.
 """

@@ -17,6 +17,7 @@ from typing import Any
 import torch
 
 from mme5.eval.mmeb_v2.aggregate import aggregate, main_score
+from mme5.eval.mmeb_v2.readers import read_image, read_video
 from mme5.eval.mmeb_v2.registry import MMEB_V2, MODALITIES, V2Set
 from mme5.eval.mmeb_v2.visdoc import read_visdoc
 from mme5.eval.registry import once_each
@@ -45,6 +46,8 @@ def read_visdoc_set(root: Path, spec: V2Set, max_queries: int | None = None) -> 
 
 
 READERS: dict[str, SetReader] = {
+    "image": SetReader(read_image),
+    "video": SetReader(read_video),
     "visdoc": SetReader(read_visdoc_set, visdoc_folder),
 }
 
