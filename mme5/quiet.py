@@ -1,4 +1,6 @@
-"""Framework messages a run prints that tell our users nothing, silenced one by one (docs/training.md#quiet).
+"""Framework messages a run prints that tell our users nothing, silenced one by one.
+
+Why each, for users: docs/training.md, "Framework messages we silence".
 
 Each filter names the exact message (a regular expression from its start) and the category or logger it comes
 from, so a new or changed message of the same framework still shows. Only cases the project already handles
