@@ -35,6 +35,7 @@ from mme5.files import OutputFolder, OutputFolderError, claim_folder, describe_c
 from mme5.health import HealthMonitor
 from mme5.module import EmbeddingModule
 from mme5.preemption import FinalCheckpoint, SlurmRequeue, StopOnSignal
+from mme5.quiet import quiet_framework
 from mme5.resume import (
     COMMAND,
     ResumeRefused,
@@ -236,6 +237,7 @@ def newest_checkpoint(trainer: L.Trainer, prefer_last: bool = False) -> str | No
 def main(args: list[str] | None = None) -> int:
     """Runs the CLI; returns the exit status (128 + the signal's number when a signal stopped training, 2
     when the run folder or the checkpoint refused the run)."""
+    quiet_framework()
     try:
         cli = TrainCLI(args)
     except (OutputFolderError, SourceRefused) as error:

@@ -1,14 +1,14 @@
-"""The README's "Your own data" commands, run as written on a folder of image–text pairs (the training
+"""The "Your own data" commands of docs/data.md, run as written on a folder of image–text pairs (the training
 shortened to 4 steps of 8 samples)."""
 
 import json
-import re
 import shlex
 import subprocess
 import sys
 from pathlib import Path
 
 import torch
+from doc_blocks import doc_commands
 from PIL import Image
 
 import mme5
@@ -17,14 +17,7 @@ ROOT = Path(__file__).resolve().parents[1]
 COLORS = {"red": (220, 30, 30), "green": (30, 200, 40), "blue": (30, 40, 220), "yellow": (230, 220, 30)}
 
 
-def readme_commands() -> list[str]:
-    """The bash block of the README's "Your own data" section, one command per (continued) line."""
-    section = (ROOT / "README.md").read_text().split("### Your own data", 1)[1].split("\n### ", 1)[0]
-    block = re.search(r"```bash\n(.*?)```", section, re.S).group(1)
-    return [line for line in block.replace("\\\n", " ").splitlines() if line.strip()]
-
-
-def test_the_readme_takes_a_folder_of_pairs_to_a_trained_exported_model(tmp_path):
+def test_the_docs_take_a_folder_of_pairs_to_a_trained_exported_model(tmp_path):
     data = tmp_path / "my-data"
     (data / "images").mkdir(parents=True)
     with open(data / "pairs.jsonl", "w") as pairs:
@@ -33,7 +26,7 @@ def test_the_readme_takes_a_folder_of_pairs_to_a_trained_exported_model(tmp_path
             Image.new("RGB", (24 + i % 5, 24), COLORS[name]).save(data / "images" / f"{i:04d}.png")
             row = {"query": f"a {name} square number {i}", "positive_image": f"images/{i:04d}.png"}
             pairs.write(json.dumps(row) + "\n")
-    commands = readme_commands()
+    commands = doc_commands("docs/data.md", "Your own data")
     assert [c.split()[:3] for c in commands] == [
         ["python", "-m", "mme5.backbones.tiny"], ["python", "-m", "mme5.data.convert"],
         ["python", "train.py", "fit"], ["python", "-m", "mme5.export"]]

@@ -1,7 +1,7 @@
 """The project's sbatch scripts on a real two-node SLURM cluster (slurm/local/cluster.py): training across
 both nodes, preemption by the warning signal and by a plain requeue, evaluation under torchrun, and a
 synthesis job array with a requeued task. Everything goes through `sbatch` of the real scripts; the only
-overrides are the resources a 2-core machine has (README, "On a SLURM cluster").
+overrides are the resources a 2-core machine has (docs/slurm.md).
 
 Skipped with the reason when the cluster cannot start (not root, no apt).
 """

@@ -1,5 +1,6 @@
 """The real entry point, end to end: `python train.py fit --config configs/demo.yaml` with tiny overrides."""
 
+import re
 import shutil
 import subprocess
 import sys
@@ -12,6 +13,7 @@ from tensorboard.backend.event_processing.event_accumulator import EventAccumula
 
 from mme5.checkpoint import load_encoder
 from mme5.demo.world import WorldConfig, build_world
+from mme5.quiet import LOG_RECORDS, SRUN_HINT, WARNINGS
 
 REPO = Path(__file__).resolve().parents[1]
 
@@ -30,6 +32,9 @@ def test_train_py_fit_runs_the_demo_recipe_end_to_end(tmp_path, tiny_mllama):
                "--trainer.max_steps", "-1"]
     result = subprocess.run(command, cwd=REPO, capture_output=True, text=True, timeout=900)
     assert result.returncode == 0, result.stderr[-4000:]
+    # mme5.quiet reached train.py: none of the framework messages it silences
+    silenced = [w[0] for w in [*WARNINGS, SRUN_HINT]] + [record[1] for record in LOG_RECORDS]
+    assert not [p for p in silenced if re.search(p, result.stderr)], result.stderr
 
     saved = yaml.safe_load((root / "tensorboard" / "config.yaml").read_text())
     assert saved["model"]["backbone"] == str(root / "backbone")  # the override reached the interpolations
