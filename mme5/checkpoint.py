@@ -277,11 +277,14 @@ def model_files(folder: Path) -> list[Path]:
 
 def _input_format(recorded: Any, max_length: int | None, preset: str | None = None) -> InputFormat:
     """The recorded input format (a dict, a dataclass or None: the defaults), `max_length` and `preset`
-    overriding. A format recorded before presets existed (a dict without `preset`) was the published one."""
+    overriding. A format recorded before presets existed (a dict without `preset`) was the published one;
+    one recorded before truncation rules (without `truncation`) cut text tokens only."""
     legacy = isinstance(recorded, Mapping) and "preset" not in recorded
     result = InputFormat.of(recorded)
     if legacy or preset:
         result = replace(result, preset=preset or DEFAULT_PRESET)
+    if isinstance(recorded, Mapping) and "truncation" not in recorded:
+        result = replace(result, truncation="text")
     return replace(result, max_length=max_length) if max_length else result
 
 

@@ -141,10 +141,11 @@ def test_mixed_batch_rowwise_equals_single_items(adapter):
 
 
 def test_truncation_counts_text_tokens_only_and_keeps_image_tokens(adapter):
+    """The "text" rule, on every family (each family's reference rule: tests/test_truncation.py)."""
     long_text = "A red circle and a blue square on a white background, next to a sleeping cat. " * 4
     items = [Item("Represent the given image.", long_text, noise_image(4)), Item("Caption:", long_text)]
     full = adapter.collate(items)
-    short = type(adapter)(adapter.model, adapter.processor, InputFormat(max_length=12))
+    short = type(adapter)(adapter.model, adapter.processor, InputFormat(max_length=12, truncation="text"))
     batch = short.collate(items)
 
     assert image_token_count(short, batch) == image_token_count(adapter, full)

@@ -118,8 +118,9 @@ LONG = "A red circle and a blue square on a white background, next to a sleeping
 @pytest.mark.parametrize(("name", "family"), [("gme", "qwen2_vl"), ("qwen3_vl_embedding", "qwen3_vl"),
                                               ("llave", "llava_onevision"), ("vlm2vec_v2", "qwen2_5_vl")])
 def test_truncation_keeps_head_and_tail_and_every_image_token(tiny, name, family):
-    full = adapter_for(tiny, family, preset=name)
-    short = adapter_for(tiny, family, preset=name, max_length=200)  # tiny BPEs spell the chat frame long
+    """The "text" rule (VLM2Vec-V2's own is "none": tests/test_truncation.py)."""
+    full = adapter_for(tiny, family, preset=name, truncation="text")
+    short = adapter_for(tiny, family, preset=name, max_length=200, truncation="text")  # a long tiny frame
     items = [Item("Find the image of the following caption:", LONG, IMAGE), Item("Caption:", LONG)]
     whole, cut = full.collate(items), short.collate(items)
     image_id = short.processor.image_token_id

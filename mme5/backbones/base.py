@@ -36,7 +36,7 @@ class InputFormat:
     """How items become model inputs. Part of the recipe and recorded with every checkpoint and export, so
     that evaluation feeds a trained model what it was trained on.
 
-    max_length: text tokens per item (image tokens are neither counted nor cut).
+    max_length: tokens per item, counted and cut by `truncation`.
     image_token: what replaces the published placeholder (None: the family's default, the one its released
         embedding checkpoints were trained with).
     min_pixels, max_pixels: Qwen2-VL's image resolution bounds (None: the family's default).
@@ -49,6 +49,9 @@ class InputFormat:
         the model's files say (`presets.detect`), else "mme5".
     max_grid_side: LLaVA-OneVision's anyres grid keeps the resolutions of at most this many tiles a side
         (None: the checkpoint's grid, 6x6 tiles of 384 px for the released models; LLaVE trains with 2).
+    truncation: how an item longer than max_length is cut, one of `presets.TRUNCATIONS`: "sequence" (the
+        whole token sequence, as mmE5 cuts Mllama items), "text" (text tokens only, the chat frame and
+        image tokens never), "none". None: what the preset's reference code does for the family.
     """
 
     max_length: int = 256
@@ -59,6 +62,7 @@ class InputFormat:
     max_aspect_ratio: float = 100.0
     preset: str | None = None
     max_grid_side: int | None = None
+    truncation: str | None = None
 
     def __post_init__(self) -> None:
         if self.max_length < 1:
@@ -69,16 +73,19 @@ class InputFormat:
             raise ValueError(f"max_aspect_ratio must be at least 1, found {self.max_aspect_ratio}")
         if self.preset is not None:
             presets.preset(self.preset)  # an unknown name is refused here, naming the known ones
+        if self.truncation is not None:
+            presets.check_truncation(self.truncation)
 
-    def completed(self) -> "InputFormat":
-        """This format with its preset named (None: the default) and the preset's defaults in the fields
-        left None, as checkpoints and exports record it."""
+    def completed(self, family: str) -> "InputFormat":
+        """This format for a `family` model with its preset named (None: the default) and the preset's
+        defaults in the fields left None, as checkpoints and exports record it."""
         chosen = presets.preset(self.preset)
         return replace(
             self, preset=chosen.name, image_token=self.image_token or chosen.image_token,
             min_pixels=self.min_pixels or chosen.min_pixels, max_pixels=self.max_pixels or chosen.max_pixels,
             image_size=self.image_size or chosen.image_size,
-            max_grid_side=self.max_grid_side or chosen.max_grid_side)
+            max_grid_side=self.max_grid_side or chosen.max_grid_side,
+            truncation=self.truncation or chosen.truncation_for(family))
 
     @classmethod
     def of(cls, value: Any) -> "InputFormat":
@@ -188,6 +195,7 @@ class BackboneAdapter(ABC):
     add_special_tokens: ClassVar[bool] = True  # False where the prompt already carries the bos token
     images_per_row: ClassVar[bool] = False  # the processor wants one list of images per row, not a flat one
     anyres_grid: ClassVar[bool] = False  # an anyres tile grid, which `InputFormat.max_grid_side` narrows
+    expands_image_tokens: ClassVar[bool] = True  # the processor writes many tokens per image token
     processor_class: ClassVar[Any] = AutoProcessor
 
     def __init__(self, model: PreTrainedModel | None, processor: Any,
@@ -195,11 +203,11 @@ class BackboneAdapter(ABC):
         """`model=None` makes a processing-only adapter (prompts and batches, no hidden states)."""
         self.model = model
         self.processor = processor
-        self.input_format = (input_format or InputFormat()).completed()
+        self.input_format = (input_format or InputFormat()).completed(self.family)
         self.preset = presets.preset(self.input_format.preset)
         self.preset.check_family(self.family)
         self.image_token = self.input_format.image_token or self.default_image_token
-        self._truncated = 0  # items whose text `truncated_prompt` has cut (see `truncated_count`)
+        self._truncated = 0  # items `truncated_prompt` has cut or marked for the cut (`truncated_count`)
         tok = processor.tokenizer
         tok.padding_side = "left"  # the last position is the last real token (callers must not rely on it)
         if tok.pad_token is None:
@@ -236,16 +244,36 @@ class BackboneAdapter(ABC):
 
     def _check_format(self) -> None:
         """Refuse what this family cannot apply, rather than ignore it: a `max_grid_side` without an anyres
-        grid, a `max_length` shorter than the preset's fixed frame (its chat turns, with the default
-        instruction where the instruction is a turn of it)."""
+        grid, a "sequence" cut that could fall inside expanded image tokens or the tail, a `max_length`
+        shorter than the preset's fixed frame (its chat turns, with the default instruction where the
+        instruction is a turn of it)."""
         if self.input_format.max_grid_side is not None and not self.anyres_grid:
             raise ValueError(f"max_grid_side narrows LLaVA-OneVision's anyres grid; the {self.family} family "
                              "has none: leave it unset")
+        if self.input_format.truncation == "sequence":
+            self._check_sequence_cut()
+        if self.input_format.truncation == "none":
+            return
         head, _, tail = self.prompt_parts(Item())
         if self._frame_tokens(head, tail) > self.max_length:
             raise ValueError(f"max_length={self.max_length} is shorter than the fixed part of the "
                              f"{self.family} prompt in preset {self.preset.name!r} "
                              f"({self._frame_tokens(head, tail)} tokens: {head!r} ... {tail!r})")
+
+    def _check_sequence_cut(self) -> None:
+        """A "sequence" cut keeps the first `max_length` tokens: it must not reach into the head of an image
+        item nor have a tail to drop, and the processor must not expand image tokens (a cut among them)."""
+        head, _, tail = self.prompt_parts(PADDING_IMAGE_ROW)
+        if self.expands_image_tokens:
+            problem = "the processor expands each image token into many, which the cut could split"
+        elif tail:
+            problem = f"preset {self.preset.name!r} ends a prompt with {tail!r}, which the cut would drop"
+        elif self._sequence_tokens(head) > self.max_length:
+            problem = f"max_length={self.max_length} would cut the image prompt's head {head!r}"
+        else:
+            return
+        raise ValueError(f"truncation 'sequence' on the {self.family} family: {problem}; choose 'text' or "
+                         "'none'")
 
     def _reserved_tokens(self) -> tuple[str, ...]:
         """The tokens that stand for an image or a video (the processor expands them, the model fills them
@@ -336,32 +364,47 @@ class BackboneAdapter(ABC):
             body = body[: enc.offset_mapping[budget][0]]
 
     def truncated_prompt(self, item: Item) -> str:
-        """The prompt with at most `max_length` text tokens; image tokens are never counted nor cut.
-
-        Only the body is cut: head and tail (a chat frame, the pooled end token) are kept whole; they end
-        and start at special tokens, so the three parts tokenize independently. A cut is counted
+        """The prompt as the processor gets it under the input format's truncation rule; a cut is counted
         (`truncated_count`).
+
+        "text": at most `max_length` text tokens, image tokens never counted nor cut. Only the body is cut:
+        head and tail (a chat frame, the pooled end token) are kept whole; they end and start at special
+        tokens, so the three parts tokenize independently. "sequence": the whole prompt, which `collate`
+        has the processor cut to its first `max_length` tokens. "none": the whole prompt.
         """
         head, body, tail = self.prompt_parts(item)
-        budget = self.max_length - self._frame_tokens(head, tail)
-        if budget < 0:
-            raise ValueError(f"max_length={self.max_length} is shorter than the {self.family} prompt's fixed "
-                             f"part in preset {self.preset.name!r}: head {head!r}, tail {tail!r}")
-        fitted = self._fit(body, budget)
-        self._truncated += fitted != body
-        prompt = head + fitted + tail
+        rule = self.input_format.truncation
+        if rule == "text":
+            fitted = self._fit(body, self._text_budget(head, tail))
+            self._truncated += fitted != body
+            body = fitted
+        elif rule == "sequence":
+            self._truncated += self._sequence_tokens(head + body + tail) > self.max_length
+        prompt = head + body + tail
         if not prompt and not self.tokenizer("", add_special_tokens=self.add_special_tokens).input_ids:
             raise ValueError(f"an item with neither text nor image gives the {self.family} model no token to "
                              "embed (its tokenizer adds none): give it a text or an image")
         return prompt
+
+    def _text_budget(self, head: str, tail: str) -> int:
+        """Text tokens left to the body under the "text" rule."""
+        budget = self.max_length - self._frame_tokens(head, tail)
+        if budget < 0:
+            raise ValueError(f"max_length={self.max_length} is shorter than the {self.family} prompt's fixed "
+                             f"part in preset {self.preset.name!r}: head {head!r}, tail {tail!r}")
+        return budget
+
+    def _sequence_tokens(self, prompt: str) -> int:
+        """Tokens of a prompt as the processor writes it (a family whose image tokens stay single)."""
+        return len(self.tokenizer(prompt, add_special_tokens=self.add_special_tokens).input_ids)
 
     def _frame_tokens(self, head: str, tail: str) -> int:
         """Text tokens of a prompt's head (with the tokenizer's own specials) and tail."""
         return self._count_text_tokens(head, True) + self._count_text_tokens(tail, False)
 
     def truncated_count(self) -> int:
-        """Items whose text was cut to `max_length` since this adapter was made: training reports them in
-        its data report, evaluation in scores.json, so that a cut is never silent."""
+        """Items cut to `max_length` since this adapter was made: training reports them in its data report,
+        evaluation in scores.json, so that a cut is never silent."""
         return self._truncated
 
     def _images_arg(self, images: list[PIL.Image.Image | None]) -> Any:
@@ -397,7 +440,14 @@ class BackboneAdapter(ABC):
             padding=True,
             add_special_tokens=self.add_special_tokens,
             return_tensors="pt",
+            **self._cut_arguments(),
         )
+
+    def _cut_arguments(self) -> dict[str, Any]:
+        """The processor's own cut under the "sequence" rule: the first `max_length` tokens of each row."""
+        if self.input_format.truncation == "sequence":
+            return {"truncation": True, "max_length": self.max_length}
+        return {}
 
     def chunks(self, items: Sequence[Item | None], size: int | None = None,
                lockstep: bool = False) -> list[Chunk]:

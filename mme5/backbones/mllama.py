@@ -20,6 +20,7 @@ class MllamaAdapter(BackboneAdapter):
     default_image_token: ClassVar[str] = "<|image|>"
     add_special_tokens: ClassVar[bool] = False  # the prompt carries <|begin_of_text|>; don't add a second
     images_per_row: ClassVar[bool] = True  # Mllama's processor: one list of images per row
+    expands_image_tokens: ClassVar[bool] = False  # <|image|> stays one token (cross-attention, not tokens)
 
     def published_prompt(self, item: Item) -> str:
         head = self.image_token + BOS

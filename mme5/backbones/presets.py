@@ -8,6 +8,7 @@ others follow the reference code of a released embedder, cited line by line in e
 A template writes a prompt as `Parts(head, body, tail)`: truncation to `InputFormat.max_length` cuts the body
 only, so the chat frame, the image tokens and an appended end token (the pooled position) always survive.
 The head ends, and the tail starts, at a special token, so the three parts tokenize independently.
+How a long item is cut (`TRUNCATIONS`) is the preset's too, per family: what its reference code does.
 
 `detect` reads which preset a model folder was trained with from its files (`mme5_embedding.json` of an
 export first, then the files that mark a released embedder, see `Preset.evidence`).
@@ -17,8 +18,8 @@ from __future__ import annotations
 
 import json
 import unicodedata
-from collections.abc import Callable
-from dataclasses import dataclass
+from collections.abc import Callable, Mapping
+from dataclasses import dataclass, field
 from pathlib import Path
 from typing import TYPE_CHECKING, NamedTuple
 
@@ -40,6 +41,20 @@ class Parts(NamedTuple):
 
 
 Template = Callable[["Item", str], Parts | None]  # (item, image token) -> parts; None: the published rule
+
+# How an item longer than `InputFormat.max_length` is cut (`InputFormat.truncation`). "sequence": the whole
+# token sequence (bos and image tokens counted) is cut at max_length, as a tokenizer's truncation=True cuts it
+# (for a family whose processor keeps an image one token). "text": only the body's text tokens are counted
+# and cut, never the head, the tail or image tokens. "none": never cut.
+TRUNCATIONS = ("sequence", "text", "none")
+# Where a preset's reference is unknown, or cuts its chat frame too (not reproduced):
+KEPT_TRUNCATION = "text"
+
+
+def check_truncation(rule: str) -> None:
+    if rule not in TRUNCATIONS:
+        raise ValueError(f"unknown truncation {rule!r}; known: {', '.join(TRUNCATIONS)} (None: the preset's "
+                         "reference rule for the family)")
 
 
 @dataclass(frozen=True)
@@ -71,6 +86,8 @@ class Preset:
     evidence: files that mark a model folder as trained with this format (in order; the first found wins).
     keeps_small_images: the embedder's reference leaves small images to the processor, which keeps their
         aspect ratio (no family rule such as Qwen2-VL's 56x56 enlargement, `Qwen2VLAdapter.target_size`).
+    truncation: family -> the `TRUNCATIONS` rule its reference code applies; a family not listed keeps
+        `KEPT_TRUNCATION`.
     """
 
     name: str
@@ -84,6 +101,10 @@ class Preset:
     max_grid_side: int | None = None
     evidence: tuple[Evidence, ...] = ()
     keeps_small_images: bool = False
+    truncation: Mapping[str, str] = field(default_factory=dict, hash=False)
+
+    def truncation_for(self, family: str) -> str:
+        return self.truncation.get(family, KEPT_TRUNCATION)
 
     def applies_to(self, family: str) -> bool:
         return self.families is None or family in self.families
@@ -201,16 +222,30 @@ VLM2VEC_MIN_PIXELS = 28 * 28 * 4  # VLM2Vec src/arguments.py l. 45 (`resize_min_
 VLM2VEC_MAX_PIXELS = 28 * 28 * 1280  # l. 46 (`resize_max_pixels`), passed to the processor in any case
 QWEN3_VL_EMBEDDING_FACTOR = 32  # src/models/qwen3_vl_embedding.py l. 25-26: 16 px patches, 2x2 merged
 
+# Truncation in the references. mmE5 (haon-chen/mmE5 @ 4818cdf, src/collator.py): Mllama items go through
+# the processor whole with `max_length=max_len, truncation=True` (`LlamaCollator` l. 218, 232;
+# `LlamaEvalCollator` l. 317, 322; --max_len 256 in scripts/), `<|image|>` one token the processor does not
+# expand; its LLaVA-NeXT branches pass no max_length (`TrainCollator` l. 33-34, 42-43; `EvalCollator`
+# l. 120-121, 128-129). VLM2Vec: `--max_len` defaults to None (v1.0 and V2 src/arguments.py), which leaves
+# image items whole (V2 src/model/processor.py `Qwen2_VL_process_fn` l. 333: `truncation=(max_length is not
+# None)`) and cuts text items at the tokenizer's model_max_length only (32768 for Qwen2-VL); its MMEB eval
+# scripts set none. That is the reference of the Qwen2-VL family's published format too.
+NEVER_CUT_BY_VLM2VEC = {"qwen2_vl": "none", "qwen2_5_vl": "none"}
+
 PRESETS: dict[str, Preset] = {p.name: p for p in (
-    Preset("mme5", "the published mmE5/MMEB string, the family's image token (mme5.published)"),
+    Preset("mme5", "the published mmE5/MMEB string, the family's image token (mme5.published)",
+           truncation={"mllama": "sequence", "llava": "none", **NEVER_CUT_BY_VLM2VEC}),
     Preset("vlm2vec_v2", "VLM2Vec-V2, TIGER-AI-Lab/VLM2Vec", ("qwen2_vl", "qwen2_5_vl"), vlm2vec_v2,
            "<|image_pad|>", VLM2VEC_MIN_PIXELS, VLM2VEC_MAX_PIXELS,
-           evidence=(Evidence("README.md", "VLM2Vec-V2"),)),
+           evidence=(Evidence("README.md", "VLM2Vec-V2"),), truncation=NEVER_CUT_BY_VLM2VEC),
     # V1: the published strings, every image first resized to 1344x1344 (`--image_resolution high`,
     # experiments/public/eval/eval_vlm2vecv1_8gpu.sh l. 58; src/data/dataset/mmeb_dataset.py l. 17-18).
     Preset("vlm2vec_v1", "VLM2Vec (V1) on Qwen2-VL and LLaVA-NeXT, TIGER-AI-Lab/VLM2Vec",
            ("qwen2_vl", "llava"), None, None, VLM2VEC_MIN_PIXELS, VLM2VEC_MAX_PIXELS, (1344, 1344),
-           evidence=(Evidence("README.md", "VLM2Vec"),)),
+           evidence=(Evidence("README.md", "VLM2Vec"),), truncation={"qwen2_vl": "none", "llava": "none"}),
+    # GME, Qwen3-VL-Embedding and LLaVE keep the text rule: GME's processor call (gme_inference.py l. 134-141,
+    # max_length=1800) and Qwen3-VL-Embedding's (src/models/qwen3_vl_embedding.py l. 356-358, 8192) cut the
+    # whole expanded sequence, chat frame and pooled end token included; LLaVE's evaluation cut is unknown.
     Preset("gme", "GME, Alibaba-NLP/gme-Qwen2-VL-*-Instruct", ("qwen2_vl",), gme,
            "<|vision_start|><|image_pad|><|vision_end|>", 256 * 28 * 28, 1280 * 28 * 28,  # l. 23-24, 49-50
            # gme_inference.py l. 127: `fetch_image`, qwen_vl_utils' smart_resize (aspect ratio kept)

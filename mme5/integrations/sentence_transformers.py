@@ -6,7 +6,7 @@ loads with the real package:
     d = model.encode_document([Image.open("cube.png"), {"text": "a cube", "image": "cube.png"}])
 
 sentence-transformers' own `Transformer` module cannot reproduce the project's prompt rule (the published
-format, Mllama's image/bos head, Qwen2-VL's bare image token, text-only truncation) nor Mllama's mixed
+format, Mllama's image/bos head, Qwen2-VL's bare image token, the preset's truncation rule) nor Mllama's mixed
 batches, so the export names this module in `modules.json`; sentence-transformers 6 asks
 `trust_remote_code=True` for any module outside its own namespace. The module wraps the project's `Encoder`
 (last-token pooling, L2 normalisation inside) and turns sentence-transformers' prompt into the instruction
