@@ -126,7 +126,7 @@ class TrainCLI(LightningCLI):
             return None
         root = Path(self.trainer.default_root_dir)
         identity = run_identity(dict(self.model.hparams), self.model.backbone_identity(),
-                                self.model.detected_preset())
+                                self.model.detected_preset(), self.model.backbone_family())
         ways_out = ("resume it with --ckpt_path last, start a new run here with --overwrite (removes its "
                     "checkpoints, TensorBoard logs and saved config), or choose another "
                     "--trainer.default_root_dir") if ckpt_path is None else (
@@ -157,7 +157,7 @@ class TrainCLI(LightningCLI):
         """Refuse a checkpoint of another recipe; list the settings that change on resume."""
         hparams = dict(self.model.hparams)
         check_recipe(ckpt_path, recorded, hparams, self.model.backbone_identity(),
-                     self.model.detected_preset())
+                     self.model.detected_preset(), self.model.backbone_family())
         changes = resume_changes(recorded, hparams, dict(self.datamodule.hparams))
         said = describe_changes(changes) if changes else "none"
         step = recorded["global_step"]

@@ -279,6 +279,9 @@ class EmbeddingModule(L.LightningModule):
         writes anything."""
         load_processing(self.hparams.backbone, InputFormat.of(self.hparams.input_format))
 
+    def backbone_family(self) -> str:
+        return family_of(local_model(self.hparams.backbone))
+
     def detected_preset(self) -> str:
         """The preset an input format naming none trains with on this backbone: the one its files say
         (`mme5.backbones.presets.detect`), else the default."""

@@ -8,13 +8,14 @@ chunking, data loading) may change on resume and is applied and listed in the lo
 
 from __future__ import annotations
 
+from collections.abc import Mapping
 from dataclasses import asdict, replace
 from pathlib import Path
 from typing import Any
 
 import torch
 
-from mme5.backbones import InputFormat
+from mme5.backbones import InputFormat, presets
 from mme5.checkpoint import BACKBONE_IDENTITY, checkpoint_problem
 from mme5.encoder import LoraSettings
 from mme5.files import OutputFolderError, comparable, describe_changes, identity_changes
@@ -32,7 +33,23 @@ class ResumeRefused(OutputFolderError):
     """The run asked for cannot start: a checkpoint of another recipe, or contradictory flags."""
 
 
-def run_identity(hparams: dict[str, Any], backbone: dict[str, str], detected_preset: str) -> dict[str, Any]:
+def _truncation_identity(recorded: Any, input_format: InputFormat, detected_preset: str,
+                         family: str | None) -> str | None:
+    """The cut rule a run trains with, as its identity holds it: the preset's rule for the family where the
+    format names none (`family` None: as named), and None for "text", the rule of every run recorded before
+    truncation rules existed (their records have no such key, read as None). So resuming such a run is
+    refused where the rule would now change under it (mllama: "sequence"), and accepted with
+    `--model.input_format.truncation text`."""
+    if isinstance(recorded, Mapping) and "truncation" not in recorded:
+        return None
+    rule = input_format.truncation
+    if rule is None and family is not None:
+        rule = presets.preset(input_format.preset or detected_preset).truncation_for(family)
+    return None if rule == "text" else rule
+
+
+def run_identity(hparams: dict[str, Any], backbone: dict[str, str], detected_preset: str,
+                 family: str | None = None) -> dict[str, Any]:
     """The identity of a run folder: its recipe and the backbone's content (not its path). Settings given
     in part (`input_format: {max_length: 64}`, a `lora` of some fields, or none: the defaults) are compared
     complete, so that spelling out a default is no other recipe. The input format's preset is None when it
@@ -40,6 +57,8 @@ def run_identity(hparams: dict[str, Any], backbone: dict[str, str], detected_pre
     recipe (and run folders recorded before presets, or without one named, keep their identity)."""
     recipe = {key: hparams.get(key) for key in RECIPE_KEYS}
     input_format = InputFormat.of(recipe["input_format"])
+    input_format = replace(input_format, truncation=_truncation_identity(recipe["input_format"], input_format,
+                                                                         detected_preset, family))
     if input_format.preset == detected_preset:
         input_format = replace(input_format, preset=None)
     recipe["input_format"] = asdict(input_format)
@@ -79,12 +98,12 @@ def read_recipe(path: str | Path) -> dict[str, Any]:
 
 
 def check_recipe(path: str | Path, recorded: dict[str, Any], hparams: dict[str, Any],
-                 backbone: dict[str, str], detected_preset: str) -> None:
+                 backbone: dict[str, str], detected_preset: str, family: str | None = None) -> None:
     """Refuse to resume from a checkpoint of another recipe or another backbone, naming what differs
     (`detected_preset`: as `run_identity`)."""
     old_backbone = recorded.get(BACKBONE_IDENTITY) or backbone  # none recorded: checked when loading
-    changes = identity_changes(run_identity(recorded["hyper_parameters"], old_backbone, detected_preset),
-                               run_identity(hparams, backbone, detected_preset))
+    changes = identity_changes(run_identity(recorded["hyper_parameters"], old_backbone, detected_preset, family),
+                               run_identity(hparams, backbone, detected_preset, family))
     if changes:
         raise ResumeRefused(
             f"--ckpt_path {path} was trained with another recipe: {describe_changes(changes)}. Resume with "

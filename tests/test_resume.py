@@ -302,3 +302,22 @@ def test_an_input_format_the_backbone_cannot_apply_is_refused_before_anything_is
     assert fit(recipe, *change) == 2
     assert re.search(f"error: model.input_format: {says}", capsys.readouterr().err)
     assert not root.exists()
+
+
+def test_a_run_recorded_before_truncation_rules_resumes_only_under_the_rule_it_trained_with():
+    """Records without `truncation` cut text tokens only: resuming one where the preset's rule for the family
+    now differs (mllama under mme5: the collator's whole-sequence cut) is refused by its dotted key, and
+    accepted once the old rule is named; a family whose rule is still "text" resumes as it is."""
+    backbone = {"config": "c", "weights": "w"}
+    recorded = {"hyper_parameters": {"input_format": {"max_length": 64, "preset": None}}}
+
+    def now(rule):
+        return {"input_format": {"max_length": 64, "preset": None, "truncation": rule}}
+
+    with pytest.raises(ResumeRefused, match=r'model.input_format.truncation: null \(recorded\) → "sequence"'):
+        check_recipe("last.ckpt", recorded, now(None), backbone, "mme5", "mllama")
+    check_recipe("last.ckpt", recorded, now("text"), backbone, "mme5", "mllama")
+    check_recipe("last.ckpt", recorded, now(None), backbone, "mme5", "gemma3")
+    # named or left to the preset, the same rule is the same recipe
+    assert run_identity(now(None), backbone, "mme5", "mllama") == run_identity(now("sequence"), backbone,
+                                                                               "mme5", "mllama")
