@@ -199,3 +199,12 @@ def test_pair_options_with_another_format_are_refused(tmp_path, capsys):
     assert conv.main(["--input", str(tmp_path / "in.jsonl"), "--out", str(tmp_path / "out"), "--format",
                       "vlm2vec-video-qa", "--map", "query=question"]) == 2
     assert "--map: options of --format pairs, not of --format vlm2vec-video-qa" in capsys.readouterr().err
+
+
+def test_a_file_without_the_layouts_columns_is_refused_before_the_output_is_claimed(tmp_path):
+    (tmp_path / "in.jsonl").write_text(json.dumps({"id": "1", "video": "v", "turns": []}) + "\n")
+    with pytest.raises(ValueError, match=r"in.jsonl: missing column\(s\) \['conversations'\] of the "
+                                         r"vlm2vec-video-qa format"):
+        conv.convert([str(tmp_path / "in.jsonl")], tmp_path, tmp_path / "out",
+                     layout=LAYOUTS["vlm2vec-video-qa"], progress=False)
+    assert not (tmp_path / "out").exists()
