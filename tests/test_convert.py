@@ -298,7 +298,7 @@ def test_pairs_from_csv_and_jsonl_with_mapped_columns_and_named_bad_rows(tmp_pat
     pairs = PairFormat.parse(["query=caption", "positive_image=file", "negatives=negs",
                               "negative_images=neg_files"], query_instruction="Find me an image:")
     manifest = conv.convert([str(tmp_path / "in")], image_root, tmp_path / "out", task="retrieval",
-                            pairs=pairs, seed=None, progress=False)
+                            layout=pairs, seed=None, progress=False)
     samples = {s.query.prompt: s for s in read_samples(shard_urls(tmp_path / "out"))}
     assert set(samples) == {"Find me an image: a red cup\n", "Find me an image: a hat\n",
                             "Find the picture: a dog\n"}
@@ -316,7 +316,7 @@ def test_pairs_from_csv_and_jsonl_with_mapped_columns_and_named_bad_rows(tmp_pat
     with pytest.raises(ValueError, match=r"missing column\(s\) \['caption'\] of the pairs format"):
         (tmp_path / "bad").mkdir()
         (tmp_path / "bad" / "x.csv").write_text("text,file\nhello,coco/0.jpg\n")
-        conv.convert([str(tmp_path / "bad")], image_root, tmp_path / "out2", task="retrieval", pairs=pairs,
+        conv.convert([str(tmp_path / "bad")], image_root, tmp_path / "out2", task="retrieval", layout=pairs,
                      progress=False)
     with pytest.raises(ValueError, match="expected NAME=COLUMN"):
         PairFormat.parse(["qry=caption"])
@@ -341,7 +341,7 @@ def test_a_saved_datasets_dataset_with_image_columns_converts_without_an_image_r
 
     pairs = PairFormat.parse(["query=caption", "positive_image=photo", "negative_images=others"],
                              query_instruction="Find me an image:")
-    manifest = conv.convert([str(tmp_path / "saved")], None, tmp_path / "out", task="retrieval", pairs=pairs,
+    manifest = conv.convert([str(tmp_path / "saved")], None, tmp_path / "out", task="retrieval", layout=pairs,
                             progress=False)
     samples = {s.query.text: s for s in read_samples(shard_urls(tmp_path / "out"))}
     assert set(samples) == {"a red kite", "a blue boat", "a green hat"}
@@ -354,11 +354,11 @@ def test_a_saved_datasets_dataset_with_image_columns_converts_without_an_image_r
     assert manifest["extra"]["inputs"] == [f"{tmp_path / 'saved'}[train]"]
     assert manifest["extra"]["report"]["errors"] == [
         f"{tmp_path / 'saved'}[train]: row 2: field 'caption': empty text and no image or video"]
-    other = conv.convert([str(tmp_path / "saved")], None, tmp_path / "test", task="retrieval", pairs=pairs,
+    other = conv.convert([str(tmp_path / "saved")], None, tmp_path / "test", task="retrieval", layout=pairs,
                          split="test", progress=False)
     assert other["num_samples"] == 1
     with pytest.raises(FileNotFoundError, match=r"no 'validation' split; it holds \['train', 'test'\]"):
-        conv.convert([str(tmp_path / "saved")], None, tmp_path / "v", pairs=pairs, split="validation",
+        conv.convert([str(tmp_path / "saved")], None, tmp_path / "v", layout=pairs, split="validation",
                      progress=False)
 
 
@@ -514,7 +514,7 @@ def test_unknown_pair_columns_are_refused_naming_the_known_ones(tmp_path, image_
     (tmp_path / "in").mkdir()
     row = {"query": "a red cup", "positive_image": "coco/0.jpg", "negative_image": ["coco/1.jpg"]}
     (tmp_path / "in" / "pairs.jsonl").write_text(json.dumps(row) + "\n")
-    run = dict(image_root=image_root, task="retrieval", pairs=PairFormat(), progress=False)
+    run = dict(image_root=image_root, task="retrieval", layout=PairFormat(), progress=False)
     with pytest.raises(ValueError, match=r"pairs.jsonl: unknown column\(s\) 'negative_image' \(did you mean "
                                          r"'negative_images'\?\); the pairs format reads \['query', .*--map"):
         conv.convert([str(tmp_path / "in")], out_dir=tmp_path / "out", **run)
@@ -559,7 +559,7 @@ def test_a_byte_order_mark_is_read_in_jsonl_and_csv(tmp_path, image_root):
     (tmp_path / "in" / "a.jsonl").write_bytes(b"\xef\xbb\xbf" + jsonl)
     (tmp_path / "in" / "b.csv").write_bytes(b"\xef\xbb\xbfquery,positive_image\na hat,coco/2.jpg\n")
     manifest = conv.convert([str(tmp_path / "in")], image_root, tmp_path / "out", task="retrieval",
-                            pairs=PairFormat(), progress=False)
+                            layout=PairFormat(), progress=False)
     assert manifest["num_samples"] == 3 and manifest["extra"]["report"]["skipped"] == {}
 
 

@@ -199,7 +199,7 @@ def test_pairs_with_frames_folders_convert_to_video_sides(tmp_path):
             {"query": "a dot", "positive_video": "clips/b", "positive_image": "page.png"}]
     (tmp_path / "in").mkdir()
     (tmp_path / "in" / "pairs.jsonl").write_text("".join(json.dumps(row) + "\n" for row in rows))
-    manifest = convert([str(tmp_path / "in")], root, tmp_path / "out", task="retrieval", pairs=PairFormat(),
+    manifest = convert([str(tmp_path / "in")], root, tmp_path / "out", task="retrieval", layout=PairFormat(),
                        seed=None, progress=False)
     [sample] = list(read_samples(shard_urls(tmp_path / "out"), strict=True))
     assert sample.modality == Modality.T2V
@@ -228,7 +228,7 @@ def test_a_video_query_with_a_question_is_vt2t_and_a_frames_column_alone_suffice
     (tmp_path / "in" / "qa.csv").write_text("question,clip,answer\nwhat moves?,v1,the square\n")
     pairs = PairFormat.parse(["query=question", "query_video=clip", "positive=answer"],
                              query_instruction="Answer a question based on the content of a video:")
-    convert([str(tmp_path / "in")], root, tmp_path / "out", task="vqa", pairs=pairs, progress=False)
+    convert([str(tmp_path / "in")], root, tmp_path / "out", task="vqa", layout=pairs, progress=False)
     [sample] = list(read_samples(shard_urls(tmp_path / "out"), strict=True))
     assert sample.modality == Modality.VT2T and len(sample.query.video) == 3
     assert sample.query.prompt == ("<|image_1|>\nAnswer a question based on the content of a video: "
@@ -236,5 +236,5 @@ def test_a_video_query_with_a_question_is_vt2t_and_a_frames_column_alone_suffice
     (tmp_path / "in2").mkdir()  # a positive given only as frames: no text column needed
     (tmp_path / "in2" / "r.csv").write_text("caption,clip\na square,v1\n")
     convert([str(tmp_path / "in2")], root, tmp_path / "out2", task="retrieval", progress=False,
-            pairs=PairFormat.parse(["query=caption", "positive_video=clip"]))
+            layout=PairFormat.parse(["query=caption", "positive_video=clip"]))
     assert [s.modality for s in read_samples(shard_urls(tmp_path / "out2"))] == [Modality.T2V]

@@ -10,9 +10,11 @@ a hub id, see `mme5.data.inputs`), have `qry`, `qry_image_path`, `pos_text`, `po
 `neg_video_path` name a folder of its frames under the image root (JPEG/PNG files in the reference's
 natural order, `mme5.eval.mmeb_v2.frames.frame_order`; every frame is stored). Video files are refused:
 no video decoder is installed, so frames must be extracted first. `--format pairs` reads your own pairs
-(`mme5.data.pairs`). Prompts in these rows carry the instruction and the content in one string with a
-`<|image_1|>` placeholder (standing for the image or the video): each side keeps that string verbatim
-(what the model is fed, see `mme5.published`) and its split into instruction and text.
+(`mme5.data.pairs`); `--format vlm2vec-video-caption` (`-video-retrieval`, `-video-qa`, `vlm2vec-colpali`,
+`vlm2vec-visrag`) reads VLM2Vec-V2's video and visual-document training sets (`mme5.data.layouts`).
+Prompts in these rows carry the instruction and the content in one string with a `<|image_1|>` placeholder
+(standing for the image or the video): each side keeps that string verbatim (what the model is fed, see
+`mme5.published`) and its split into instruction and text.
 
 Split: Hugging Face folders name their files `<split>-00000-of-00001.parquet`; `TIGER-Lab/MMEB-train` subsets
 hold `original`, `diverse_instruction` and `train` files, of which the reference trains on `train`. Only the
@@ -58,6 +60,7 @@ from tqdm import tqdm
 
 from mme5 import published
 from mme5.data.inputs import DEFAULT_SPLIT, BadRow, Row, Table, encodable, find_tables, printable
+from mme5.data.layouts import LAYOUTS, RowLayout
 from mme5.data.pairs import PairFormat
 from mme5.data.schema import Modality, Sample, SchemaError, Side, Task, image_extension
 from mme5.data.shards import MANIFEST, ShardWriter, SkipLog, read_manifest
@@ -336,35 +339,38 @@ class RowConverter:
 # ----------------------------------------------------------------------------- input files
 
 
-def check_columns(table: Table, pairs: PairFormat | None = None, ignore: Sequence[str] = ()) -> list[str]:
-    """Refuse a table that lacks the format's required columns, or holds a column the format does not read
-    (pairs: any not in `ignore`; published: a near miss of a known name); returns the columns left unread."""
+def check_columns(table: Table, layout: RowLayout | None = None, ignore: Sequence[str] = ()) -> list[str]:
+    """Refuse a table that lacks the layout's required columns, or holds a column the layout does not read
+    (pairs: any not in `ignore`; published rows and VLM2Vec-V2 sets: a near miss of a read name, unless the
+    reference leaves it unread); returns the columns left unread."""
     names = table.columns()
-    missing = missing_columns(names, pairs)
+    format_name = "published" if layout is None else layout.name
+    missing = missing_columns(names, layout)
     if missing:
-        raise ValueError(f"{table.name}: missing column(s) {missing} of the {'pairs' if pairs else 'row'} "
-                         f"format; it has {names}")
-    known = PUBLISHED_COLUMNS if pairs is None else pairs.known_columns()
+        raise ValueError(f"{table.name}: missing column(s) {missing} of the {format_name} format; it has "
+                         f"{names}")
+    known = PUBLISHED_COLUMNS if layout is None else layout.known_columns()
+    ignore = (*ignore, *(() if layout is None else layout.ignored_columns))
     unread = [name for name in names if name not in known]
     near = {name: difflib.get_close_matches(name, known, 1, NEAR_MISS) for name in unread}
-    refused = [name for name in unread if name not in ignore and (pairs is not None or near[name])]
+    refused = [name for name in unread
+               if name not in ignore and ((layout is not None and layout.refuses_unread) or near[name])]
     if refused:
         named = ", ".join(repr(name) + (f" (did you mean {near[name][0]!r}?)" if near[name] else "")
                           for name in refused)
-        way = "name the field a column holds with --map FIELD=COLUMN" if pairs else (
+        way = "name the field a column holds with --map FIELD=COLUMN" if isinstance(layout, PairFormat) else (
             "rename the column (or read the file with --format pairs and --map)")
-        raise ValueError(f"{table.name}: unknown column(s) {named}; the {'pairs' if pairs else 'published'} "
-                         f"format reads {known}: {way}, or leave a column unread with --ignore-columns")
+        raise ValueError(f"{table.name}: unknown column(s) {named}; the {format_name} format reads {known}: "
+                         f"{way}, or leave a column unread with --ignore-columns")
     return unread
 
 
-def missing_columns(names: Any, pairs: PairFormat | None) -> list[str]:
-    """Required columns absent from `names`: the published row's, or a pair's query and positive (a text,
-    image or video column each)."""
-    if pairs is None:
+def missing_columns(names: Any, layout: RowLayout | None) -> list[str]:
+    """Required columns absent from `names`: the published row's, or the layout's (a pair's: a text, image
+    or video column for the query and for the positive)."""
+    if layout is None:
         return [name for name in REQUIRED_COLUMNS if name not in names]
-    return [pairs.column(side) for side in ("query", "positive")
-            if not any(column in names for column in pairs.alternatives(side))]
+    return layout.missing(names)
 
 
 def ordered_rows(tables: list[Table], seed: int | None, start: int) -> Iterator[tuple[int, int, int, Row]]:
@@ -455,7 +461,7 @@ def convert(
     allow_outside_images: bool = False,
     split: str | None = None,
     seed: int | None = 0,
-    pairs: PairFormat | None = None,
+    layout: RowLayout | None = None,
     ignore_columns: Sequence[str] = (),
 ) -> dict[str, Any]:
     """Convert input files into shards under `out_dir`; returns the manifest (report under 'extra').
@@ -469,17 +475,22 @@ def convert(
     split: which split of folders that name their files by split ("all": every file; None: the default,
     `train`, without requiring that any input holds it).
     seed: the seed of the rows' global permutation; None keeps file order.
-    pairs: read pair/triplet rows (`mme5.data.pairs`) instead of the published row format.
+    layout: read rows of another layout instead of the published one: your pairs/triplets (`PairFormat`),
+    a VLM2Vec-V2 set (`mme5.data.layouts.LAYOUTS`); its default task and source apply where `task` and
+    `source` are None.
     ignore_columns: columns to leave unread instead of refusing them as unknown.
     """
     tables = find_tables(inputs, split or DEFAULT_SPLIT)
     check_split(tables, split)
-    unread = {table.name: names for table in tables if (names := check_columns(table, pairs, ignore_columns))}
+    unread = {table.name: names for table in tables
+              if (names := check_columns(table, layout, ignore_columns))}
+    if layout is not None:
+        source, task = source or layout.source, task or (layout.task and str(layout.task))
     options = {"source": source, "task": task, "language": language, "max_negatives": max_negatives,
                "shard_size": shard_size, "allow_outside_images": allow_outside_images,
                "split": split or DEFAULT_SPLIT,
                "order": "file order" if seed is None else f"permuted, seed {seed}",
-               "format": "published" if pairs is None else pairs.description()}
+               "format": "published" if layout is None else layout.description()}
     say = print if progress else _quiet
     with claim_folder(out_dir, COMMAND, conversion_identity(tables, options, image_root), overwrite=overwrite,
                       adopt=lambda folder: converted_before(folder, tables, options),
@@ -499,8 +510,8 @@ def convert(
         writer = ShardWriter(folder.work, max_count=shard_size, resume=done is not None,
                              extra={"inputs": [t.name for t in tables], "options": options,
                                     "unread_columns": unread})
-        _write(writer, tables, image_root, options, seed=seed, pairs=pairs, strict=strict, progress=progress,
-               say=say)
+        _write(writer, tables, image_root, options, seed=seed, layout=layout, strict=strict,
+               progress=progress, say=say)
         folder.complete(num_samples=writer.num_written)
     return read_manifest(out_dir)
 
@@ -510,7 +521,7 @@ def _quiet(*_: Any) -> None:
 
 
 def _write(writer: ShardWriter, tables: list[Table], image_root: str | os.PathLike | None,
-           options: dict[str, Any], *, seed: int | None, pairs: PairFormat | None, strict: bool,
+           options: dict[str, Any], *, seed: int | None, layout: RowLayout | None, strict: bool,
            progress: bool, say: Callable[[str], Any]) -> None:
     """Convert the rows of `tables` into `writer`, from where its last finished shard ends."""
     source, task, max_negatives = options["source"], options["task"], options["max_negatives"]
@@ -536,16 +547,16 @@ def _write(writer: ShardWriter, tables: list[Table], image_root: str | os.PathLi
             try:
                 if isinstance(row, BadRow):
                     raise row
-                if pairs is not None:
-                    if missing := missing_columns(row, pairs):
+                if layout is not None:
+                    if missing := missing_columns(row, layout):
                         raise BadRow(missing[0], f"column missing (the row has {sorted(row)})",
                                      "missing_column")
-                    row = pairs.row(row, parse_list)
+                    row = layout.row(row, parse_list)
                 sample = converter.convert(row, f"{_slug(name)}-{table_index:03d}-{row_index:08d}",
                                            task_for(table, name, task), name)
             except BadRow as error:
-                if pairs is not None:
-                    error = error.renamed(pairs.user_field(error.field))
+                if layout is not None:
+                    error = error.renamed(layout.user_field(error.field))
                 message = f"{table.name}: row {row_index}: {error}"
                 if strict:
                     raise ValueError(message) from None
@@ -559,6 +570,17 @@ def _write(writer: ShardWriter, tables: list[Table], image_root: str | os.PathLi
 
 def _slug(name: str) -> str:
     return re.sub(r"[^A-Za-z0-9_-]+", "_", name)
+
+
+def layout_of(args: Any) -> RowLayout | None:
+    """The row layout the command line names; pair options with another format are refused, not ignored."""
+    if args.format == "pairs":
+        return PairFormat.parse(args.map, args.query_instruction, args.positive_instruction)
+    pair_options = {"--map": args.map, "--query-instruction": args.query_instruction,
+                    "--positive-instruction": args.positive_instruction}
+    if given := [name for name, value in pair_options.items() if value]:
+        raise ValueError(f"{', '.join(given)}: options of --format pairs, not of --format {args.format}")
+    return LAYOUTS.get(args.format)
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -586,10 +608,11 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--seed", type=int, default=0, help="seed of the rows' global permutation")
     parser.add_argument("--no-shuffle", action="store_true",
                         help="keep the inputs' row order (streams with constant memory)")
-    parser.add_argument("--format", choices=["published", "pairs"], default="published",
-                        help="published rows (qry, pos_text, ...) or your own pairs/triplets (query, "
+    parser.add_argument("--format", choices=["published", "pairs", *LAYOUTS], default="published",
+                        help="published rows (qry, pos_text, ...), your own pairs/triplets (query, "
                              "query_image, query_video, positive, positive_image, positive_video, "
-                             "negatives, ...: see mme5.data.pairs)")
+                             "negatives, ...: see mme5.data.pairs), or a VLM2Vec-V2 training set, read by "
+                             "the reference's rule (see mme5.data.layouts)")
     parser.add_argument("--map", nargs="+", default=[], metavar="NAME=COLUMN",
                         help="pairs: the column holding a field, e.g. query=caption positive_image=file")
     parser.add_argument("--ignore-columns", nargs="+", default=[], metavar="COLUMN",
@@ -610,8 +633,7 @@ def main(argv: list[str] | None = None) -> int:
                            args.max_negatives, args.shard_size, args.strict, args.overwrite,
                            allow_outside_images=args.allow_images_outside_root, split=args.split,
                            seed=None if args.no_shuffle else args.seed,
-                           pairs=PairFormat.parse(args.map, args.query_instruction, args.positive_instruction)
-                           if args.format == "pairs" else None, ignore_columns=args.ignore_columns)
+                           layout=layout_of(args), ignore_columns=args.ignore_columns)
     except (OSError, ValueError, ImportError, OutputFolderError) as error:  # missing inputs, offline hub, bad
         print(f"error: {error}", file=sys.stderr)  # columns or encoding, --strict, --out held or not ours
         return 2

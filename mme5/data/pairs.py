@@ -14,9 +14,9 @@ negatives), unless the converter is told to ignore it.
 
 from __future__ import annotations
 
-from collections.abc import Callable, Mapping, Sequence
+from collections.abc import Callable, Collection, Mapping, Sequence
 from dataclasses import dataclass, field
-from typing import Any
+from typing import Any, ClassVar
 
 from mme5 import published
 
@@ -32,11 +32,16 @@ PUBLISHED_FIELDS = {"qry": "query", "qry_image_path": "query_image", "pos_text":
 
 @dataclass(frozen=True)
 class PairFormat:
-    """Which column holds each field, and the default instructions."""
+    """Which column holds each field, and the default instructions (a `mme5.data.layouts.RowLayout`)."""
 
     columns: Mapping[str, str] = field(default_factory=dict)  # field → column (default: the field's name)
     query_instruction: str = ""
     positive_instruction: str = ""
+    name: ClassVar[str] = "pairs"
+    task: ClassVar[None] = None  # from --task or the source name
+    source: ClassVar[None] = None  # from --source or each file's folder
+    ignored_columns: ClassVar[tuple[str, ...]] = ()
+    refuses_unread: ClassVar[bool] = True  # every column is the user's own: an unread one is a mistake
 
     @classmethod
     def parse(cls, mappings: Sequence[str], query_instruction: str = "", positive_instruction: str = ""
@@ -65,6 +70,11 @@ class PairFormat:
     def alternatives(self, side: str) -> tuple[str, ...]:
         """The columns of which a row needs one for a side ("query" or "positive"): its text, image, video."""
         return tuple(self.column(f"{side}{suffix}") for suffix in ("", "_image", "_video"))
+
+    def missing(self, names: Collection[str]) -> list[str]:
+        """The query's and the positive's column where `names` hold none of its text, image or video."""
+        return [self.column(side) for side in ("query", "positive")
+                if not any(column in names for column in self.alternatives(side))]
 
     def row(self, row: Mapping[str, Any], parse_list: Callable[..., list[Any]]) -> dict[str, Any]:
         """The published row (qry, qry_image_path, pos_text, pos_image_path, neg_text, neg_image_path, and
