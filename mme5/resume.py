@@ -102,8 +102,8 @@ def check_recipe(path: str | Path, recorded: dict[str, Any], hparams: dict[str, 
     """Refuse to resume from a checkpoint of another recipe or another backbone, naming what differs
     (`detected_preset`: as `run_identity`)."""
     old_backbone = recorded.get(BACKBONE_IDENTITY) or backbone  # none recorded: checked when loading
-    changes = identity_changes(run_identity(recorded["hyper_parameters"], old_backbone, detected_preset, family),
-                               run_identity(hparams, backbone, detected_preset, family))
+    before = run_identity(recorded["hyper_parameters"], old_backbone, detected_preset, family)
+    changes = identity_changes(before, run_identity(hparams, backbone, detected_preset, family))
     if changes:
         raise ResumeRefused(
             f"--ckpt_path {path} was trained with another recipe: {describe_changes(changes)}. Resume with "
