@@ -148,10 +148,10 @@ class Encoder(nn.Module):
         return isinstance(self.model, PeftModel)
 
 
-def decoded(item: Item, num_frames: int) -> Item:
+def decoded(item: Item, num_frames: int | None = None) -> Item:
     """The item with its image, or the `num_frames` frames of its video the adapter keeps
-    (`mme5.video.kept_frames`), as PIL images (decoded from bytes or a path if needed, in their own mode:
-    the adapter resizes and converts them as the family's reference does)."""
+    (`mme5.video.kept_frames`; None: every frame), as PIL images (decoded from bytes or a path if needed,
+    in their own mode: the adapter resizes and converts them as the family's reference does)."""
     if item.video is not None:
         return replace(item, video=tuple(_pil(frame) for frame in kept_frames(item.video, num_frames)))
     if item.image is None:

@@ -273,3 +273,27 @@ def test_gradient_cache_equals_full_batch_with_videos(qwen2_vl):
     assert cached.item() == pytest.approx(full.item(), rel=1e-6)
     for got, want in zip((p.grad for p in params), expected, strict=True):
         torch.testing.assert_close(got, want, atol=1e-6, rtol=1e-4)
+
+
+def test_embedder_reads_only_the_kept_frames_of_a_video_input(tiny, tmp_path):
+    """A video input is its frames as files: the dropped ones are never opened (here they do not exist)."""
+    from mme5.embedder import Embedder
+
+    embedder = Embedder.from_pretrained(tiny("qwen2_vl"))
+    frames = random_frames(12)
+    kept = set(frame_indices(12, 8))
+    paths = []
+    for i, frame in enumerate(frames):
+        paths.append(tmp_path / f"frame_{i}.png")
+        if i in kept:
+            frame.save(paths[-1])
+    got = embedder.encode([{"text": "a clip", "video": paths}])
+    expected = embedder.encoder.embed([Item("", "a clip", video=frames)])
+    torch.testing.assert_close(got, expected)
+    with pytest.raises(TypeError, match=r"inputs\[0\]: 'video' is a list of frames"):
+        embedder.encode([{"video": str(paths[0])}])
+    with pytest.raises(ValueError, match="an 'image' or a 'video', not both"):
+        embedder.encode([{"image": paths[0], "video": paths}])
+    assert 2 not in kept
+    with pytest.raises(FileNotFoundError, match=r"inputs\[0\] video frame 2: image file"):
+        embedder.encode([{"video": paths[:3]}])  # 3 frames, all kept: frame 2 was never written
