@@ -16,6 +16,8 @@ import numpy as np
 
 Frame = TypeVar("Frame")
 
+DEFAULT_NUM_FRAMES = 8  # VLM2Vec-V2 evaluates every video set so (experiments/public/eval/video.yaml)
+
 
 def frame_indices(n: int, num_frames: int | None) -> list[int]:
     """Positions of the frames fed for a video of n frames: `num_frames` evenly spaced by

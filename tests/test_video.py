@@ -68,7 +68,8 @@ def test_video_settings_are_recorded_and_read_back():
     assert {k: recorded[k] for k in ("num_frames", "video_min_pixels", "video_max_pixels")} == {
         "num_frames": 16, "video_min_pixels": 1024, "video_max_pixels": 4096}
     assert InputFormat.of(recorded) == fmt
-    assert InputFormat().num_frames == 8  # VLM2Vec-V2's evaluation default
+    assert InputFormat().completed().num_frames == 8  # VLM2Vec-V2's evaluation default, in exports
+    assert InputFormat().num_frames is None  # so a recipe recorded before videos resumes unchanged
 
 
 def test_item_holds_an_image_or_a_video():

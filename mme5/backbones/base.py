@@ -29,7 +29,7 @@ from mme5 import published
 from mme5.backbones import presets
 from mme5.backbones.presets import Parts
 from mme5.images import fit_aspect_ratio, to_rgb
-from mme5.video import kept_frames
+from mme5.video import DEFAULT_NUM_FRAMES, kept_frames
 
 IMAGE_PLACEHOLDER = published.PLACEHOLDER
 IMAGE_INSTRUCTION = published.IMAGE_INSTRUCTION
@@ -54,7 +54,8 @@ class InputFormat:
     max_grid_side: LLaVA-OneVision's anyres grid keeps the resolutions of at most this many tiles a side
         (None: the checkpoint's grid, 6x6 tiles of 384 px for the released models; LLaVE trains with 2).
     num_frames: frames of a video fed to the model, evenly spaced (`mme5.video.frame_indices`: all of them
-        when a video has fewer); VLM2Vec-V2 evaluates with 8 (experiments/public/eval/video.yaml).
+        when a video has fewer); None: 8, VLM2Vec-V2's evaluation setting (`mme5.video.DEFAULT_NUM_FRAMES`;
+        None rather than 8 so that runs recorded before videos resume unchanged).
     video_min_pixels, video_max_pixels: the Qwen families' pixel bounds of each video frame (None: the image
         bounds, as VLM2Vec-V2, whose processor resizes video frames with its image processor).
     """
@@ -67,14 +68,14 @@ class InputFormat:
     max_aspect_ratio: float = 100.0
     preset: str | None = None
     max_grid_side: int | None = None
-    num_frames: int = 8
+    num_frames: int | None = None
     video_min_pixels: int | None = None
     video_max_pixels: int | None = None
 
     def __post_init__(self) -> None:
         if self.max_length < 1:
             raise ValueError(f"max_length must be at least 1, found {self.max_length}")
-        if self.num_frames < 1:
+        if self.num_frames is not None and self.num_frames < 1:
             raise ValueError(f"num_frames must be at least 1 frame, found {self.num_frames}")
         for name in ("video_min_pixels", "video_max_pixels"):
             if (value := getattr(self, name)) is not None and value < 1:
@@ -97,7 +98,8 @@ class InputFormat:
             self, preset=chosen.name, image_token=self.image_token or chosen.image_token,
             min_pixels=self.min_pixels or chosen.min_pixels, max_pixels=self.max_pixels or chosen.max_pixels,
             image_size=self.image_size or chosen.image_size,
-            max_grid_side=self.max_grid_side or chosen.max_grid_side)
+            max_grid_side=self.max_grid_side or chosen.max_grid_side,
+            num_frames=self.num_frames or DEFAULT_NUM_FRAMES)
 
     @classmethod
     def of(cls, value: Any) -> "InputFormat":
@@ -128,7 +130,7 @@ class Item:
     None: written from instruction and text by the published rule."""
     video: tuple[PIL.Image.Image | bytes | str | Path, ...] | None = None
     """Every frame of a video, in order (an item holds an image or a video, not both); the adapter keeps
-    `InputFormat.num_frames` of them, evenly spaced as VLM2Vec does (`mme5.eval.mmeb_v2.frames`), and
+    `InputFormat.num_frames` of them, evenly spaced as VLM2Vec does (`mme5.video.kept_frames`), and
     decodes only those."""
 
     def __post_init__(self) -> None:
