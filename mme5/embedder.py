@@ -10,9 +10,10 @@ evaluation's (and those of the sentence-transformers module an export ships). It
 first (less padding); results come back in input order.
 
 An input is a string, a PIL image or a `pathlib.Path` (an image), or a dict with "text" and/or "image" (a PIL
-image, a file path or an http(s) URL). As in sentence-transformers, a string is an image when it names an
-existing image file, is an http(s) URL ending in an image extension, or is a `data:image/` URI; any other
-string is text.
+image, a file path or an http(s) URL) or "video" (its frames in order, each given as an image is; only the
+`num_frames` the model keeps are read, `mme5.video.kept_frames`). As in sentence-transformers, a string is
+an image when it names an existing image file, is an http(s) URL ending in an image extension, or is a
+`data:image/` URI; any other string is text.
 """
 
 from __future__ import annotations
@@ -36,6 +37,7 @@ from mme5.backbones import Item
 from mme5.checkpoint import load_encoder
 from mme5.encoder import Encoder
 from mme5.images import IMAGE_SUFFIXES, check_image
+from mme5.video import frame_indices
 
 ImageLike = PIL.Image.Image | str | Path
 Input = str | PIL.Image.Image | Path | Mapping[str, Any]
@@ -85,8 +87,8 @@ class Embedder:
                progress: bool | None = None) -> Tensor | np.ndarray:
         """(n, D) float32 embeddings, one per input (a torch tensor on CPU, or numpy with convert_to_numpy).
 
-        inputs: strings, images, paths and {"text", "image"} dicts, mixed freely. Or `texts` and/or `images`
-            (pairs when both are given). Not both ways at once.
+        inputs: strings, images, paths and {"text", "image" or "video"} dicts, mixed freely. Or `texts`
+            and/or `images` (pairs when both are given). Not both ways at once.
         instruction / prompt: the task instruction written in front of every item ("Find me an everyday image
             that matches the given caption:"); `prompt` is a synonym that wins.
         normalize_embeddings: False returns the pooled vectors before L2 normalisation.
@@ -126,7 +128,8 @@ class Embedder:
             inputs = _pairs(texts, images)
         elif isinstance(inputs, str | Path | PIL.Image.Image | Mapping):
             raise TypeError(f"inputs must be a list, got one {type(inputs).__name__}: wrap it in [...]")
-        return [to_item(value, f"inputs[{i}]", instruction) for i, value in enumerate(inputs)]
+        num_frames = self.encoder.adapter.input_format.num_frames
+        return [to_item(value, f"inputs[{i}]", instruction, num_frames) for i, value in enumerate(inputs)]
 
     @contextmanager
     def _normalizing(self, normalize: bool) -> Iterator[None]:
@@ -156,24 +159,41 @@ def _pairs(texts: Sequence[str] | None, images: Sequence[ImageLike] | None) -> l
     return [{"text": text, "image": image} for text, image in zip(texts, images, strict=True)]
 
 
-def to_item(value: Input, where: str, instruction: str = "") -> Item:
-    """One input as an `Item`, refused with a message naming `where` (e.g. "inputs[3]") and the value."""
+def to_item(value: Input, where: str, instruction: str = "", num_frames: int | None = None) -> Item:
+    """One input as an `Item`, refused with a message naming `where` (e.g. "inputs[3]") and the value.
+    Of a video, only the `num_frames` frames the model keeps are checked and kept (None: all)."""
     if isinstance(value, str) and not names_an_image(value):
         return Item(instruction, value)
     if isinstance(value, PIL.Image.Image | Path | str):
         return Item(instruction, None, _image(value, where))
     if isinstance(value, Mapping):
-        unknown = set(value) - {"text", "image"}
+        unknown = set(value) - {"text", "image", "video"}
         if unknown or not value:
-            raise ValueError(f"{where}: a dict input has the keys 'text' and/or 'image', got {sorted(value)}")
-        text, image = value.get("text"), value.get("image")
+            raise ValueError(f"{where}: a dict input has the keys 'text' and/or 'image' or 'video', got "
+                             f"{sorted(value)}")
+        text, image, video = value.get("text"), value.get("image"), value.get("video")
         if text is not None and not isinstance(text, str):
             raise TypeError(f"{where}: 'text' must be a string, got {type(text).__name__} {text!r:.60}")
-        if text is None and image is None:
-            raise ValueError(f"{where}: both 'text' and 'image' are None")
-        return Item(instruction, text, _image(image, where) if image is not None else None)
-    raise TypeError(f"{where}: expected a string, an image, a path or a {{'text', 'image'}} dict, got "
-                    f"{type(value).__name__} {value!r:.60}")
+        if text is None and image is None and video is None:
+            raise ValueError(f"{where}: 'text', 'image' and 'video' are all None")
+        if image is not None and video is not None:
+            raise ValueError(f"{where}: an input holds an 'image' or a 'video', not both")
+        return Item(instruction, text, _image(image, where) if image is not None else None,
+                    video=_video(video, where, num_frames) if video is not None else None)
+    raise TypeError(f"{where}: expected a string, an image, a path or a {{'text', 'image', 'video'}} dict, "
+                    f"got {type(value).__name__} {value!r:.60}")
+
+
+def _video(frames: Any, where: str, num_frames: int | None) -> tuple[PIL.Image.Image | bytes | Path, ...]:
+    """The frames of a video input the model keeps, each checked now as an image input is (named by its
+    position in the video); the other frames are never read."""
+    if isinstance(frames, str | bytes | Path | PIL.Image.Image | Mapping) or not isinstance(frames, Sequence):
+        raise TypeError(f"{where}: 'video' is a list of frames (PIL images, file paths or URLs), got "
+                        f"{type(frames).__name__}")
+    if not frames:
+        raise ValueError(f"{where}: 'video' has no frames")
+    kept = frame_indices(len(frames), num_frames)
+    return tuple(_image(frames[i], f"{where} video frame {i}") for i in kept)
 
 
 def names_an_image(text: str) -> bool:

@@ -14,9 +14,10 @@ from peft import LoraConfig, PeftModel, get_peft_model
 from torch import Tensor, nn
 from tqdm import tqdm
 
-from mme5.backbones.base import BackboneAdapter, Chunk, Item, length_order, lockstep_chunk
+from mme5.backbones.base import BackboneAdapter, Chunk, Item, length_order
 from mme5.images import load
 from mme5.sharding import is_sharded_module
+from mme5.video import kept_frames
 
 # The paper's adapter targets: q/k/v/o projections of text self-attention, text cross-attention and
 # vision attention, plus the text MLP's down projection. PEFT matches these names as module-name suffixes.
@@ -118,7 +119,8 @@ class Encoder(nn.Module):
 
         Evaluation, the training callbacks, `Embedder` and the synthesis image index all call this. No
         autograd; train/eval mode is the caller's. Items are batched longest first (less padding); images
-        given as bytes or paths are decoded one batch at a time. `batch_size` None: one batch.
+        given as bytes or paths are decoded one batch at a time, of a video only the frames the adapter keeps.
+        `batch_size` None: one batch.
         Sharded (FSDP) it is a collective: every rank calls it (with no items too), ranks run as many
         batches as the rank with most, and every batch is a lockstep chunk.
         """
@@ -130,9 +132,9 @@ class Encoder(nn.Module):
         out = torch.empty(len(order), self.dim)
         for round_ in tqdm(range(rounds), desc="embed", unit="batch", disable=not progress):
             rows = batches[round_] if round_ < len(batches) else []
-            batch = [decoded(items[i]) for i in rows]
+            batch = [decoded(items[i], self.adapter.input_format.num_frames) for i in rows]
             if lockstep:
-                out[rows] = self.encode_chunk(lockstep_chunk(batch, self.adapter.collate)).float().cpu()
+                out[rows] = self.encode_chunk(self.adapter.lockstep_chunk(batch)).float().cpu()
             elif batch:
                 out[rows] = self(self.adapter.collate(batch)).float().cpu()
         return out
@@ -146,12 +148,19 @@ class Encoder(nn.Module):
         return isinstance(self.model, PeftModel)
 
 
-def decoded(item: Item) -> Item:
-    """The item with its image as a PIL image (decoded from bytes or a path if needed, in its own mode:
-    the adapter resizes and converts it as the family's reference does)."""
-    if item.image is None or isinstance(item.image, PIL.Image.Image):
+def decoded(item: Item, num_frames: int | None = None) -> Item:
+    """The item with its image, or the `num_frames` frames of its video the adapter keeps
+    (`mme5.video.kept_frames`; None: every frame), as PIL images (decoded from bytes or a path if needed,
+    in their own mode: the adapter resizes and converts them as the family's reference does)."""
+    if item.video is not None:
+        return replace(item, video=tuple(_pil(frame) for frame in kept_frames(item.video, num_frames)))
+    if item.image is None:
         return item
-    return replace(item, image=load(item.image))
+    return replace(item, image=_pil(item.image))
+
+
+def _pil(image: PIL.Image.Image | bytes | str | Path) -> PIL.Image.Image:
+    return image if isinstance(image, PIL.Image.Image) else load(image)
 
 
 def _most_over_ranks(count: int, device: torch.device) -> int:

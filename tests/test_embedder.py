@@ -122,7 +122,7 @@ def test_rejects_bad_inputs(exported, image_files, tmp_path):
         ([{"image": str(not_an_image)}], OSError, r"inputs\[0\] \(.*notes.png\): not a readable image"),
         ([{"text": "a", "img": "x.png"}], ValueError, r"inputs\[0\]: a dict input has the keys"),
         ([{"text": 3}], TypeError, r"inputs\[0\]: 'text' must be a string"),
-        ([{"text": None, "image": None}], ValueError, r"inputs\[0\]: both 'text' and 'image' are None"),
+        ([{"text": None, "image": None}], ValueError, r"inputs\[0\]: 'text', 'image' and 'video' are all"),
         ([image_files[0], {"image": "http://127.0.0.1:9/cat.png"}], ConnectionError,
          r"inputs\[1\]: could not download image http://127.0.0.1:9/cat.png .*offline"),
     ]

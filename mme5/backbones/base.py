@@ -3,12 +3,15 @@
 An item's prompt is its published-format string (`mme5.published`); a family adapter only declares what
 replaces the image placeholder (`default_image_token`, or the recipe's `InputFormat.image_token`) and
 overrides what its model does differently; nothing outside `mme5.backbones` knows a family's image token.
+A video is written as an image is, its placeholder replaced by the image token with the processor's video
+token in place of its image token (`video_token`); a family whose processor reads no video refuses one.
 
 Batches are `Chunk`s. Under a sharded model (FSDP) every rank must run the same modules the same number of
 times, since each module's forward and backward are collectives: `collate_chunks(..., lockstep=True)` makes
 chunks uniform across ranks. A missing item becomes a placeholder row, and a chunk without any image gets a
-placeholder image row (so the vision tower runs in every chunk); `Chunk.keep` flags the real rows, and the
-encoder drops the others' embeddings.
+placeholder image row (so the vision tower runs in every chunk), and, for a family that reads video, a chunk
+without any video a placeholder video row (the vision tower then runs once for the images, once for the
+videos, in every chunk); `Chunk.keep` flags the real rows, and the encoder drops the others' embeddings.
 """
 
 from abc import ABC
@@ -26,6 +29,7 @@ from mme5 import published
 from mme5.backbones import presets
 from mme5.backbones.presets import Parts
 from mme5.images import fit_aspect_ratio, to_rgb
+from mme5.video import DEFAULT_NUM_FRAMES, kept_frames
 
 IMAGE_PLACEHOLDER = published.PLACEHOLDER
 IMAGE_INSTRUCTION = published.IMAGE_INSTRUCTION
@@ -52,6 +56,11 @@ class InputFormat:
     truncation: how an item longer than max_length is cut, one of `presets.TRUNCATIONS`: "sequence" (the
         whole token sequence, as mmE5 cuts Mllama items), "text" (text tokens only, the chat frame and
         image tokens never), "none". None: what the preset's reference code does for the family.
+    num_frames: frames of a video fed to the model, evenly spaced (`mme5.video.frame_indices`: all of them
+        when a video has fewer); None: 8, VLM2Vec-V2's evaluation setting (`mme5.video.DEFAULT_NUM_FRAMES`;
+        None rather than 8 so that runs recorded before videos resume unchanged).
+    video_min_pixels, video_max_pixels: the Qwen families' pixel bounds of each video frame (None: the image
+        bounds, as VLM2Vec-V2, whose processor resizes video frames with its image processor).
     """
 
     max_length: int = 256
@@ -63,10 +72,21 @@ class InputFormat:
     preset: str | None = None
     max_grid_side: int | None = None
     truncation: str | None = None
+    num_frames: int | None = None
+    video_min_pixels: int | None = None
+    video_max_pixels: int | None = None
 
     def __post_init__(self) -> None:
         if self.max_length < 1:
             raise ValueError(f"max_length must be at least 1, found {self.max_length}")
+        if self.num_frames is not None and self.num_frames < 1:
+            raise ValueError(f"num_frames must be at least 1 frame, found {self.num_frames}")
+        for name in ("video_min_pixels", "video_max_pixels"):
+            if (value := getattr(self, name)) is not None and value < 1:
+                raise ValueError(f"{name} must be at least 1 pixel, found {value}")
+        if (self.video_min_pixels or 0) > (self.video_max_pixels or float("inf")):
+            raise ValueError(f"video_min_pixels={self.video_min_pixels} is above "
+                             f"video_max_pixels={self.video_max_pixels}")
         if self.max_grid_side is not None and self.max_grid_side < 1:
             raise ValueError(f"max_grid_side must be at least 1 tile, found {self.max_grid_side}")
         if self.max_aspect_ratio < 1:
@@ -85,7 +105,8 @@ class InputFormat:
             min_pixels=self.min_pixels or chosen.min_pixels, max_pixels=self.max_pixels or chosen.max_pixels,
             image_size=self.image_size or chosen.image_size,
             max_grid_side=self.max_grid_side or chosen.max_grid_side,
-            truncation=self.truncation or chosen.truncation_for(family))
+            truncation=self.truncation or chosen.truncation_for(family),
+            num_frames=self.num_frames or DEFAULT_NUM_FRAMES)
 
     @classmethod
     def of(cls, value: Any) -> "InputFormat":
@@ -102,7 +123,7 @@ class InputFormat:
 
 @dataclass(frozen=True)
 class Item:
-    """One thing to embed: an instruction plus optional text and optional image.
+    """One thing to embed: an instruction plus optional text and an optional image or video.
 
     Adapters take RGB PIL images; `Encoder.embed` also takes encoded bytes or a file path (decoded there,
     one batch at a time).
@@ -116,15 +137,26 @@ class Item:
     None: written from instruction and text by the published rule."""
     video: tuple[PIL.Image.Image | bytes | str | Path, ...] | None = None
     """Every frame of a video, in order (an item holds an image or a video, not both); the adapter keeps
-    `InputFormat.num_frames` of them, evenly spaced as VLM2Vec does (`mme5.eval.mmeb_v2.frames`), and
+    `InputFormat.num_frames` of them, evenly spaced as VLM2Vec does (`mme5.video.kept_frames`), and
     decodes only those."""
 
+    def __post_init__(self) -> None:
+        if self.image is not None and self.video is not None:
+            raise ValueError("an item holds an image or a video, not both")
+        if self.video is not None and not self.video:
+            raise ValueError("a video needs at least one frame, got an empty one")
+
+    @property
+    def medium(self) -> str | None:
+        """"image", "video" or None (text only)."""
+        return "image" if self.image is not None else "video" if self.video is not None else None
+
     def published(self) -> str:
-        """The item's published-format string, its placeholder agreeing with its image."""
-        has_image = self.image is not None
+        """The item's published-format string, its placeholders agreeing with its image or video."""
+        has_image, has_video = self.image is not None, self.video is not None
         prompt = self.prompt if self.prompt is not None else published.render(self.instruction, self.text,
-                                                                              has_image)
-        return published.normalize(prompt, has_image)
+                                                                              has_image, has_video)
+        return published.normalize(prompt, has_image, has_video)
 
 
 @dataclass
@@ -140,48 +172,58 @@ class Chunk:
 # are dropped (`keep` False), so they only cost compute.
 PADDING_ROW = Item(text="none")
 PADDING_IMAGE_ROW = Item(text="none", image=PIL.Image.new("RGB", (32, 32)))
+PADDING_VIDEO_ROW = Item(text="none", video=(PIL.Image.new("RGB", (32, 32)),) * 2)
 
 Collate = Callable[[Sequence[Item]], Mapping[str, Tensor]]
 
 
-def lockstep_chunk(items: Sequence[Item | None], collate: Collate) -> Chunk:
+def lockstep_chunk(items: Sequence[Item | None], collate: Collate, video: bool = False) -> Chunk:
     """One chunk that runs the vision path too: None items become placeholder rows, `keep` False.
 
     The image placeholder is appended when no item has an image, also when there are no items: a rank
-    with nothing left to embed still takes part in a sharded model's collectives.
+    with nothing left to embed still takes part in a sharded model's collectives. With `video` (the family
+    reads video, its vision tower runs once more for a chunk's videos) the video placeholder is appended
+    when no item has a video.
     """
     keep = [item is not None for item in items]
     rows = [item if item is not None else PADDING_ROW for item in items]
-    if all(item.image is None for item in rows):
-        rows, keep = [*rows, PADDING_IMAGE_ROW], [*keep, False]
+    padding = [(PADDING_IMAGE_ROW, "image")] + ([(PADDING_VIDEO_ROW, "video")] if video else [])
+    for row, medium in padding:
+        if all(item.medium != medium for item in rows):
+            rows, keep = [*rows, row], [*keep, False]
     return Chunk(dict(collate(rows)), torch.tensor(keep, dtype=torch.bool))
 
 
 def collate_chunks(items: Sequence[Item | None], size: int | None, collate: Collate,
-                   lockstep: bool = False) -> list[Chunk]:
+                   lockstep: bool = False, video: bool = False) -> list[Chunk]:
     """Chunks of `size` item slots (None: one chunk); no chunk when there are no slots.
 
     A None slot is a missing item: left out of plain chunks, a placeholder row of a lockstep chunk, so
-    that lockstep chunk counts depend on the number of slots only (ranks agree).
+    that lockstep chunk counts depend on the number of slots only (ranks agree). `video`: as for
+    `lockstep_chunk`.
     """
     if not lockstep:
         items = [item for item in items if item is not None]
     size = size or max(len(items), 1)
     slices = [items[s : s + size] for s in range(0, len(items), size)]
-    return [lockstep_chunk(part, collate) if lockstep else Chunk(dict(collate(part))) for part in slices]
+    if lockstep:
+        return [lockstep_chunk(part, collate, video) for part in slices]
+    return [Chunk(dict(collate(part))) for part in slices]
 
 
 def length_order(items: Sequence[Any]) -> list[int]:
     """Indices of `items` longest first: image items together, then by characters of instruction + text.
 
     Batches of similar length pad less, and the longest come first so that running out of memory shows
-    early. Works on anything with `instruction`, `text`, `image` and `prompt` attributes.
+    early. Works on anything with `instruction`, `text`, `image` and `prompt` attributes (videos, the
+    largest inputs, come first when the items have a `video` attribute).
     """
-    def key(i: int) -> tuple[bool, int]:
+    def key(i: int) -> tuple[bool, bool, int]:
         item = items[i]
+        visual = getattr(item, "video", None) is not None, item.image is not None
         if item.prompt is not None:
-            return item.image is not None, len(item.prompt)
-        return item.image is not None, len(item.instruction) + len(item.text or "")
+            return *visual, len(item.prompt)
+        return *visual, len(item.instruction) + len(item.text or "")
 
     return sorted(range(len(items)), key=key, reverse=True)
 
@@ -192,6 +234,7 @@ class BackboneAdapter(ABC):
     family: ClassVar[str]
     model_types: ClassVar[tuple[str, ...]]  # HF `config.model_type` values this adapter handles
     default_image_token: ClassVar[str]  # replaces the published placeholder (`InputFormat.image_token`)
+    reads_video: ClassVar[bool] = False  # the processor takes `videos` (frames) and expands its video token
     add_special_tokens: ClassVar[bool] = True  # False where the prompt already carries the bos token
     images_per_row: ClassVar[bool] = False  # the processor wants one list of images per row, not a flat one
     anyres_grid: ClassVar[bool] = False  # an anyres tile grid, which `InputFormat.max_grid_side` narrows
@@ -207,6 +250,8 @@ class BackboneAdapter(ABC):
         self.preset = presets.preset(self.input_format.preset)
         self.preset.check_family(self.family)
         self.image_token = self.input_format.image_token or self.default_image_token
+        self.video_token = (self.image_token.replace(processor.image_token, processor.video_token)
+                            if self.reads_video else None)
         self._truncated = 0  # items `truncated_prompt` has cut or marked for the cut (`truncated_count`)
         tok = processor.tokenizer
         tok.padding_side = "left"  # the last position is the last real token (callers must not rely on it)
@@ -250,6 +295,11 @@ class BackboneAdapter(ABC):
         if self.input_format.max_grid_side is not None and not self.anyres_grid:
             raise ValueError(f"max_grid_side narrows LLaVA-OneVision's anyres grid; the {self.family} family "
                              "has none: leave it unset")
+        video_bounds = self.input_format.video_min_pixels or self.input_format.video_max_pixels
+        if video_bounds and not self.reads_video:
+            raise ValueError(f"video_min_pixels/video_max_pixels bound video frames; the {self.family} "
+                             f"family reads no video (families that do: {', '.join(video_families())}): "
+                             "leave them unset")
         if self.input_format.truncation == "sequence":
             self._check_sequence_cut()
         if self.input_format.truncation == "none":
@@ -316,12 +366,20 @@ class BackboneAdapter(ABC):
         return self.processor.tokenizer
 
     def published_prompt(self, item: Item) -> str:
-        """The family's rule for the published string: the placeholder replaced by the image token."""
-        return item.published().replace(IMAGE_PLACEHOLDER, self.image_token)
+        """The family's rule for the published string: the placeholders replaced by the image and video
+        tokens."""
+        text = item.published().replace(IMAGE_PLACEHOLDER, self.image_token)
+        return text.replace(published.VIDEO_PLACEHOLDER, self.video_token) if self.video_token else text
 
     def head_markers(self) -> tuple[str, ...]:
         """Strings that end the fixed head of a published prompt (never truncated)."""
-        return (self.image_token,)
+        return (self.image_token, self.video_token) if self.video_token else (self.image_token,)
+
+    def check_medium(self, item: Item) -> None:
+        """Refuse a video this family cannot read, naming the families that can (nothing is dropped)."""
+        if item.video is not None and not self.reads_video:
+            raise ValueError(f"the {self.family} family reads no video; families that do: "
+                             f"{', '.join(video_families())}")
 
     def prompt_parts(self, item: Item) -> Parts:
         """The item's prompt in the input format's preset as (head, body, tail): only the body may be cut.
@@ -329,8 +387,10 @@ class BackboneAdapter(ABC):
         A preset without a template of its own (or declining one for this item) takes the published string,
         split after its last head marker (image token, bos); its tail is empty.
         """
+        self.check_medium(item)
         item = self.without_reserved(item)
-        parts = self.preset.template(item, self.image_token) if self.preset.template else None
+        token = self.video_token if item.video is not None else self.image_token
+        parts = self.preset.template(item, token) if self.preset.template else None
         if parts is not None:
             return parts
         text = self.published_prompt(item)
@@ -344,8 +404,10 @@ class BackboneAdapter(ABC):
 
     @property
     def image_token_ids(self) -> frozenset[int]:
-        """Ids of the tokens standing for an image in the model's input: never counted as text, never cut."""
-        return frozenset({self.processor.image_token_id})
+        """Ids of the tokens standing for an image or a video in the model's input: never counted as text,
+        never cut."""
+        video = {self.processor.video_token_id} if self.reads_video else set()
+        return frozenset({self.processor.image_token_id, *video})
 
     def _count_text_tokens(self, text: str, specials: bool) -> int:
         """Tokens of `text` (with the tokenizer's own specials if `specials`) that are not image tokens."""
@@ -430,13 +492,24 @@ class BackboneAdapter(ABC):
         else `size`."""
         return tuple(self.input_format.image_size or size)
 
+    def prepare_video(self, frames: Sequence[PIL.Image.Image]) -> list[PIL.Image.Image]:
+        """The kept frames (`InputFormat.num_frames`, `mme5.video.kept_frames`) as the processor gets them:
+        composited onto white in RGB and padded to the maximum aspect ratio. No resize here: VLM2Vec-V2
+        feeds frames to the processor as they are (its 56x56 rule is for images only)."""
+        kept = kept_frames(frames, self.input_format.num_frames)
+        return [fit_aspect_ratio(to_rgb(frame), self.input_format.max_aspect_ratio) for frame in kept]
+
     def collate(self, items: Sequence[Item]) -> BatchFeature:
-        """One processor batch of `items`; text-only and image items mix freely, rows stay in order."""
+        """One processor batch of `items`; text-only, image and video items mix freely, rows stay in
+        order."""
+        prompts = [self.truncated_prompt(it) for it in items]  # refuses a video the family cannot read
         images = [self.prepare_image(it.image) if it.image is not None else None for it in items]
+        videos = [self.prepare_video(it.video) for it in items if it.video is not None]
         has_image = any(im is not None for im in images)
         return self.processor(
-            text=[self.truncated_prompt(it) for it in items],
+            text=prompts,
             images=self._images_arg(images) if has_image else None,
+            **({"videos": videos} if videos else {}),
             padding=True,
             add_special_tokens=self.add_special_tokens,
             return_tensors="pt",
@@ -452,7 +525,11 @@ class BackboneAdapter(ABC):
     def chunks(self, items: Sequence[Item | None], size: int | None = None,
                lockstep: bool = False) -> list[Chunk]:
         """`collate_chunks` with this adapter's processor (None items: missing slots)."""
-        return collate_chunks(items, size, self.collate, lockstep)
+        return collate_chunks(items, size, self.collate, lockstep, self.reads_video)
+
+    def lockstep_chunk(self, items: Sequence[Item | None]) -> Chunk:
+        """`lockstep_chunk` with this adapter's processor, also for no items (a rank with nothing left)."""
+        return lockstep_chunk(items, self.collate, self.reads_video)
 
     @staticmethod
     def inner_model(model: Any) -> Any:
@@ -473,3 +550,14 @@ class BackboneAdapter(ABC):
         """(B, T, D) final-layer, post-norm hidden states of the language model; no LM-head logits."""
         inner = self.inner_model(model)
         return inner(**self._to_model(inner, batch), use_cache=False).last_hidden_state
+
+
+def video_families() -> list[str]:
+    """The families whose adapters read video (those imported, i.e. every one `mme5.backbones` registers)."""
+    found, pending = set(), list(BackboneAdapter.__subclasses__())
+    while pending:
+        cls = pending.pop()
+        pending += cls.__subclasses__()
+        if cls.reads_video:
+            found.add(cls.family)
+    return sorted(found)

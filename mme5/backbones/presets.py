@@ -40,7 +40,8 @@ class Parts(NamedTuple):
     tail: str
 
 
-Template = Callable[["Item", str], Parts | None]  # (item, image token) -> parts; None: the published rule
+# (item, the token of its image or video) -> parts; None: the published rule
+Template = Callable[["Item", str], Parts | None]
 
 # How an item longer than `InputFormat.max_length` is cut (`InputFormat.truncation`). "sequence": the whole
 # token sequence (bos and image tokens counted) is cut at max_length, as a tokenizer's truncation=True cuts it
@@ -135,7 +136,9 @@ def _instruction_and_text(item: Item) -> tuple[str, str]:
 def vlm2vec_v2(item: Item, image_token: str) -> Parts | None:
     """VLM2Vec-V2 (TIGER-AI-Lab/VLM2Vec, src/model/processor.py `process_input_text`, l. 650-676): the
     instruction, a space and the text when there is one; the image token and a space in front of an image
-    side. No trailing newline, no end token: the pooled token is the last one of the text
+    side, the video token (`<|video_pad|>`, l. 666-668) and a space in front of a video side (its video
+    sets write every video item so, e.g. src/data/eval_dataset/msrvtt_dataset.py l. 32). No trailing
+    newline, no end token: the pooled token is the last one of the text
     (src/model/model.py `_pooling`, l. 105-117, `--pooling eos` = the last position).
 
     A published MMEB image row keeps its V1 string (src/data/eval_dataset/image_cls_dataset.py l. 17-20 and
@@ -146,7 +149,7 @@ def vlm2vec_v2(item: Item, image_token: str) -> Parts | None:
         return None
     instruction, text = _content(item.instruction), _content(item.text)
     body = instruction + (" " + text if text else "")
-    if item.image is None:
+    if item.medium is None:
         return Parts("", body, "")
     return Parts(image_token, " " + body, "")
 
@@ -171,7 +174,7 @@ def gme(item: Item, image_token: str) -> Parts:
     is `<|vision_start|><|image_pad|><|vision_end|>` then the text; `<|endoftext|>` is appended after the
     assistant's opening and is the pooled token (last position, l. 101-110)."""
     instruction, text = _instruction_and_text(item)
-    return _chat(instruction or GME_INSTRUCTION, image_token if item.image is not None else "", text,
+    return _chat(instruction or GME_INSTRUCTION, image_token if item.medium is not None else "", text,
                  "<|endoftext|>")
 
 
@@ -194,9 +197,9 @@ def qwen3_vl_embedding(item: Item, image_token: str) -> Parts:
     closes with `<|im_start|>assistant\\n`, and the last position is pooled (l. 365-370, 387). No end token
     is appended in that code (its README says the "[EOS]" token is pooled; `PAD_TOKEN` l. 33 is unused)."""
     instruction, text = _instruction_and_text(item)
-    if not text and item.image is None:
+    if not text and item.medium is None:
         text = "NULL"
-    image = image_token if item.image is not None else ""
+    image = image_token if item.medium is not None else ""
     return _chat(_sentence(instruction) or QWEN3_VL_EMBEDDING_INSTRUCTION, image, text, "")
 
 

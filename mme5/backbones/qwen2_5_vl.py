@@ -11,11 +11,12 @@ from typing import ClassVar
 
 from transformers import Qwen2_5_VLProcessor
 
-from mme5.backbones.qwen2_vl import ImageOnlyProcessorMixin, Qwen2VLAdapter
+from mme5.backbones.qwen2_vl import Qwen2VLAdapter
+from mme5.backbones.qwen_video import FramesProcessorMixin
 
 
-class Qwen2_5_VLImageOnlyProcessor(ImageOnlyProcessorMixin, Qwen2_5_VLProcessor):
-    """`Qwen2_5_VLProcessor` without its video processor."""
+class Qwen2_5_VLFramesProcessor(FramesProcessorMixin, Qwen2_5_VLProcessor):
+    """`Qwen2_5_VLProcessor` with the torchvision-free video processor (`mme5.backbones.qwen_video`)."""
 
 
 class Qwen2_5_VLAdapter(Qwen2VLAdapter):
@@ -24,4 +25,4 @@ class Qwen2_5_VLAdapter(Qwen2VLAdapter):
 
     family: ClassVar[str] = "qwen2_5_vl"
     model_types: ClassVar[tuple[str, ...]] = ("qwen2_5_vl",)
-    processor_class: ClassVar[type] = Qwen2_5_VLImageOnlyProcessor
+    processor_class: ClassVar[type] = Qwen2_5_VLFramesProcessor

@@ -1,26 +1,16 @@
-"""Qwen2-VL: the image becomes `<|image_pad|>` tokens (one per 2x2 merged patch) between vision markers."""
+"""Qwen2-VL: an image becomes `<|image_pad|>` tokens (one per 2x2 merged patch), a video `<|video_pad|>`
+tokens (one per 2x2 merged patch of each pair of frames)."""
 
 from typing import ClassVar
 
 from transformers import Qwen2VLProcessor
 
 from mme5.backbones.base import BackboneAdapter
+from mme5.backbones.qwen_video import FramesProcessorMixin
 
 
-class ImageOnlyProcessorMixin:
-    """A Qwen-VL processor without its video processor (put first in the bases of the processor class).
-
-    The stock classes cannot be built without torchvision (their video processors need it), and
-    `AutoProcessor` then silently returns only the tokenizer; images are all we embed. A checkpoint's
-    processor must be reloaded with the same class.
-    """
-
-    def __init__(self, image_processor=None, tokenizer=None, chat_template=None, **kwargs):
-        super().__init__(image_processor, tokenizer, chat_template=chat_template, **kwargs)
-
-
-class Qwen2VLImageOnlyProcessor(ImageOnlyProcessorMixin, Qwen2VLProcessor):
-    """`Qwen2VLProcessor` without its video processor."""
+class Qwen2VLFramesProcessor(FramesProcessorMixin, Qwen2VLProcessor):
+    """`Qwen2VLProcessor` with the torchvision-free video processor (`mme5.backbones.qwen_video`)."""
 
 
 # VLM2Vec's resolution cap for Qwen2-VL (its v2 arguments), so that memory per item is bounded.
@@ -37,7 +27,8 @@ class Qwen2VLAdapter(BackboneAdapter):
     family: ClassVar[str] = "qwen2_vl"
     model_types: ClassVar[tuple[str, ...]] = ("qwen2_vl",)
     default_image_token: ClassVar[str] = "<|image_pad|>"
-    processor_class: ClassVar[type] = Qwen2VLImageOnlyProcessor
+    reads_video: ClassVar[bool] = True  # VLM2Vec-V2's `<|video_pad|>` (src/model/processor.py l. 74-77)
+    processor_class: ClassVar[type] = Qwen2VLFramesProcessor
     default_max_pixels: ClassVar[int] = VLM2VEC_MAX_PIXELS  # the family's reference embedder's pixel cap
     # What an image with a side under MIN_SIDE is resized to (None: kept): VLM2Vec-V2's 56x56 for Qwen2-VL
     # and Qwen2.5-VL (src/model/processor.py `Qwen2_VL_process_fn` l. 329-331, used for both, l. 679-680).
@@ -53,10 +44,17 @@ class Qwen2VLAdapter(BackboneAdapter):
         return width, height
 
     def configure_processor(self) -> None:
-        """Resolution bounds: the input format's, else the processor's minimum and the family's pixel cap."""
+        """Resolution bounds: the input format's, else the processor's minimum and the family's pixel cap;
+        video frames: the input format's video bounds, else the image bounds."""
         images = self.processor.image_processor
         min_pixels = self.input_format.min_pixels or images.size["shortest_edge"]
         max_pixels = self.input_format.max_pixels or self.default_max_pixels
         if min_pixels > max_pixels:
             raise ValueError(f"min_pixels={min_pixels} is above max_pixels={max_pixels}")
         images.size = type(images.size)(shortest_edge=min_pixels, longest_edge=max_pixels)
+        video_min = self.input_format.video_min_pixels or min_pixels
+        video_max = self.input_format.video_max_pixels or max_pixels
+        if video_min > video_max:
+            raise ValueError(f"the video frame bounds cross: min {video_min} is above max {video_max} "
+                             "(video_min_pixels/video_max_pixels, else the image bounds)")
+        self.processor.video_processor.size = {"shortest_edge": video_min, "longest_edge": video_max}

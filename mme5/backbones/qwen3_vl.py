@@ -6,11 +6,12 @@ from typing import ClassVar
 
 from transformers import Qwen3VLProcessor
 
-from mme5.backbones.qwen2_vl import ImageOnlyProcessorMixin, Qwen2VLAdapter
+from mme5.backbones.qwen2_vl import Qwen2VLAdapter
+from mme5.backbones.qwen_video import FramesProcessorMixin
 
 
-class Qwen3VLImageOnlyProcessor(ImageOnlyProcessorMixin, Qwen3VLProcessor):
-    """`Qwen3VLProcessor` without its video processor."""
+class Qwen3VLFramesProcessor(FramesProcessorMixin, Qwen3VLProcessor):
+    """`Qwen3VLProcessor` with the torchvision-free video processor (`mme5.backbones.qwen_video`)."""
 
 
 # Qwen3-VL-Embedding's pixel cap (QwenLM/Qwen3-VL-Embedding README, `Qwen3VLEmbedder(max_pixels=1843200)`:
@@ -25,7 +26,7 @@ class Qwen3VLAdapter(Qwen2VLAdapter):
 
     family: ClassVar[str] = "qwen3_vl"
     model_types: ClassVar[tuple[str, ...]] = ("qwen3_vl",)
-    processor_class: ClassVar[type] = Qwen3VLImageOnlyProcessor
+    processor_class: ClassVar[type] = Qwen3VLFramesProcessor
     default_max_pixels: ClassVar[int] = QWEN3_VL_EMBEDDING_MAX_PIXELS
     # Small images kept: VLM2Vec's 56x56 rule has no Qwen3-VL path, and Qwen3-VL-Embedding leaves them to
     # the processor, which enlarges them to min_pixels keeping their aspect ratio.

@@ -46,9 +46,9 @@ from transformers.models.mllama.image_processing_pil_mllama import MllamaImagePr
 from transformers.models.qwen2_vl.image_processing_pil_qwen2_vl import Qwen2VLImageProcessorPil
 
 from mme5.backbones.llava_onevision import LlavaOnevisionImageOnlyProcessor
-from mme5.backbones.qwen2_5_vl import Qwen2_5_VLImageOnlyProcessor
-from mme5.backbones.qwen2_vl import Qwen2VLImageOnlyProcessor
-from mme5.backbones.qwen3_vl import Qwen3VLImageOnlyProcessor
+from mme5.backbones.qwen2_5_vl import Qwen2_5_VLFramesProcessor
+from mme5.backbones.qwen2_vl import Qwen2VLFramesProcessor
+from mme5.backbones.qwen3_vl import Qwen3VLFramesProcessor
 from mme5.backbones.tokenizer import BUILTIN_CORPUS, train_bpe
 from mme5.files import OutputFolderError, claim_folder
 from mme5.settings import command_parser, utf8_path
@@ -195,7 +195,7 @@ def _qwen2_vl(s: Sizes, tok: PreTrainedTokenizerFast) -> tuple[PretrainedConfig,
         depth=s.v_layers, embed_dim=s.v_hidden, hidden_size=s.t_hidden, num_heads=s.v_heads,
         mlp_ratio=s.v_mlp // s.v_hidden, patch_size=s.patch, spatial_merge_size=2, temporal_patch_size=2,
     )
-    return _qwen_vl(Qwen2VLConfig, Qwen2VLImageOnlyProcessor, vision, s, tok)
+    return _qwen_vl(Qwen2VLConfig, Qwen2VLFramesProcessor, vision, s, tok)
 
 
 def _qwen2_5_vl(s: Sizes, tok: PreTrainedTokenizerFast) -> tuple[PretrainedConfig, Any]:
@@ -207,7 +207,7 @@ def _qwen2_5_vl(s: Sizes, tok: PreTrainedTokenizerFast) -> tuple[PretrainedConfi
         intermediate_size=s.v_mlp, patch_size=s.patch, spatial_merge_size=2, temporal_patch_size=2,
         window_size=2 * 2 * s.patch, fullatt_block_indexes=[s.v_layers - 1],
     )
-    return _qwen_vl(Qwen2_5_VLConfig, Qwen2_5_VLImageOnlyProcessor, vision, s, tok)
+    return _qwen_vl(Qwen2_5_VLConfig, Qwen2_5_VLFramesProcessor, vision, s, tok)
 
 
 def _qwen3_vl(s: Sizes, tok: PreTrainedTokenizerFast) -> tuple[PretrainedConfig, Any]:
@@ -221,7 +221,7 @@ def _qwen3_vl(s: Sizes, tok: PreTrainedTokenizerFast) -> tuple[PretrainedConfig,
     )  # learned positions on a square grid, interpolated to each image's grid
     # pixels normalised with mean = std = 0.5 (Qwen2-VL: CLIP's statistics); head_dim explicit (the config's
     # default is the real 128)
-    return _qwen_vl(Qwen3VLConfig, Qwen3VLImageOnlyProcessor, vision, s, tok,
+    return _qwen_vl(Qwen3VLConfig, Qwen3VLFramesProcessor, vision, s, tok,
                     image_extra={"image_mean": [0.5] * 3, "image_std": [0.5] * 3},
                     text_extra={"head_dim": s.t_hidden // s.t_heads},
                     rope_extra={"mrope_interleaved": True})
@@ -247,7 +247,7 @@ def _qwen3_5(s: Sizes, tok: PreTrainedTokenizerFast) -> tuple[PretrainedConfig, 
         linear_key_head_dim=s.t_hidden // s.t_heads, linear_value_head_dim=s.t_hidden // s.t_heads,
         linear_conv_kernel_dim=4,
     )
-    return _qwen_vl(Qwen3_5Config, Qwen3VLImageOnlyProcessor, vision, s, tok,
+    return _qwen_vl(Qwen3_5Config, Qwen3VLFramesProcessor, vision, s, tok,
                     image_extra={"image_mean": [0.5] * 3, "image_std": [0.5] * 3}, text_extra=text,
                     rope_extra={"mrope_interleaved": True, "partial_rotary_factor": partial_rotary},
                     rotary_dim=int(head_dim * partial_rotary))

@@ -57,8 +57,9 @@ class MME5Embedding(InputModule):
 
     def preprocess(self, inputs: list[Any], prompt: str | None = None, **kwargs: Any) -> dict[str, Any]:
         """One processor batch; sentence-transformers' prompt is the published format's instruction."""
-        items = [to_item(value, f"input {value!r:.80}", prompt or "") for value in inputs]
-        return dict(self.encoder.adapter.collate([decoded(item) for item in items]))
+        num_frames = self.encoder.adapter.input_format.num_frames
+        items = [to_item(value, f"input {value!r:.80}", prompt or "", num_frames) for value in inputs]
+        return dict(self.encoder.adapter.collate([decoded(item, num_frames) for item in items]))
 
     def forward(self, features: dict[str, Any], **kwargs: Any) -> dict[str, Any]:
         inputs = {key: value for key, value in features.items() if isinstance(value, torch.Tensor)}

@@ -1,10 +1,7 @@
 """Which frames of a pre-extracted video VLM2Vec feeds the model, as `src/utils/vision_utils/
-vision_utils.py` picks them (`load_frames` l. 232, `sample_frames` l. 254, `process_video_frames` l. 273,
-at commit 6e1e1d4).
-
-The reference does NOT pad: `process_video_frames` samples only when `num_frames <= n` and otherwise
-returns all n frames; the last-frame padding inside `sample_frames` is unreachable from it (the issue's
-"padded with the last frame" describes that dead branch; the code wins).
+vision_utils.py` orders and picks them (`load_frames` l. 232, `sample_frames` l. 254,
+`process_video_frames` l. 273, at commit 6e1e1d4); which are fed is `mme5.video.frame_indices`
+(re-exported here), shared with the backbones that keep them.
 """
 
 from __future__ import annotations
@@ -14,9 +11,10 @@ import re
 from collections.abc import Iterable
 from pathlib import Path
 
-import numpy as np
-
 from mme5.eval.images import ImageRef, MissingImageError
+from mme5.video import frame_indices
+
+__all__ = ["FRAME_EXTENSIONS", "frame_indices", "frame_order", "frame_refs", "natural_key"]
 
 FRAME_EXTENSIONS = (".jpg", ".jpeg", ".png")  # the reference's IMAGE_EXTENSIONS, compared lower-case
 
@@ -48,14 +46,3 @@ def frame_refs(folder: Path) -> tuple[ImageRef, ...]:
         stat = entries[name].stat()
         refs.append(ImageRef(None, str(folder / name), f"stat:{stat.st_size}:{stat.st_mtime_ns}"))
     return tuple(refs)
-
-
-def frame_indices(n: int, num_frames: int | None) -> list[int]:
-    """Positions (in `frame_order`) of the frames fed for a video of n frames: `num_frames` evenly spaced
-    by `np.linspace(0, n - 1, num_frames, dtype=int)` (rounded toward zero), all n when num_frames is
-    None or exceeds n, none when it is 0."""
-    if num_frames == 0:
-        return []
-    if num_frames is None or num_frames > n:
-        return list(range(n))
-    return np.linspace(0, n - 1, num_frames, dtype=int).tolist()

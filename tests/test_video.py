@@ -1,0 +1,303 @@
+"""Video inputs on the model side: frame choice, the torchvision-free Qwen-VL video processor (against the
+image processor and a brute force of the stock layout), the published video placeholder, the refusal of
+families without video, and embedding / gradient-cache / lockstep equivalences with video rows."""
+
+import io
+from dataclasses import asdict
+
+import numpy as np
+import pytest
+import torch
+from PIL import Image
+
+from mme5 import published
+from mme5.backbones import Item, load_backbone
+from mme5.backbones.base import PADDING_IMAGE_ROW, PADDING_VIDEO_ROW, InputFormat
+from mme5.backbones.qwen2_vl import Qwen2VLAdapter
+from mme5.backbones.tiny import make_tiny
+from mme5.encoder import Encoder, LoraSettings
+from mme5.gradcache import GradCache
+from mme5.losses import InfoNCE
+from mme5.video import frame_indices, kept_frames
+
+QWEN_FAMILIES = ["qwen2_vl", "qwen2_5_vl", "qwen3_vl", "qwen3_5"]
+
+
+def random_frames(n, size=(40, 30), seed=0):
+    rng = np.random.default_rng(seed)
+    shape = (size[1], size[0], 3)
+    return tuple(Image.fromarray(rng.integers(0, 256, shape, dtype=np.uint8)) for _ in range(n))
+
+
+def png(image):
+    out = io.BytesIO()
+    image.save(out, format="PNG")
+    return out.getvalue()
+
+
+@pytest.fixture(scope="module")
+def qwen2_vl(tiny):
+    return load_backbone(tiny("qwen2_vl"))
+
+
+# ----------------------------------------------------------------------------- settings and frame choice
+
+
+def test_kept_frames_are_the_reference_indices_and_idempotent():
+    frames = tuple(range(64))
+    kept = kept_frames(frames, 8)
+    assert list(kept) == frame_indices(64, 8) == [0, 9, 18, 27, 36, 45, 54, 63]
+    assert kept_frames(kept, 8) == kept  # thinned before decoding, fed as it is
+    assert kept_frames(frames[:5], 8) == frames[:5]  # fewer than asked: all, no padding
+
+
+@pytest.mark.parametrize("fields, message", [
+    ({"num_frames": 0}, "num_frames must be at least 1"),
+    ({"video_min_pixels": 0}, "video_min_pixels must be at least 1"),
+    ({"video_min_pixels": 5000, "video_max_pixels": 4000}, "video_min_pixels=5000 is above"),
+])
+def test_input_format_refuses_bad_video_settings(fields, message):
+    with pytest.raises(ValueError, match=message):
+        InputFormat(**fields)
+
+
+def test_video_settings_are_recorded_and_read_back():
+    """Checkpoints, exports and the card record `asdict(InputFormat)`: the video fields travel with it."""
+    fmt = InputFormat(num_frames=16, video_min_pixels=1024, video_max_pixels=4096).completed()
+    recorded = asdict(fmt)
+    assert {k: recorded[k] for k in ("num_frames", "video_min_pixels", "video_max_pixels")} == {
+        "num_frames": 16, "video_min_pixels": 1024, "video_max_pixels": 4096}
+    assert InputFormat.of(recorded) == fmt
+    assert InputFormat().completed().num_frames == 8  # VLM2Vec-V2's evaluation default, in exports
+    assert InputFormat().num_frames is None  # so a recipe recorded before videos resumes unchanged
+
+
+def test_item_holds_an_image_or_a_video():
+    frame = Image.new("RGB", (8, 8))
+    with pytest.raises(ValueError, match="an image or a video, not both"):
+        Item(image=frame, video=(frame,))
+    with pytest.raises(ValueError, match="at least one frame"):
+        Item(video=())
+
+
+# ----------------------------------------------------------------------------- the published format
+
+
+def test_published_video_side_follows_the_image_rule():
+    frames = random_frames(2)
+    assert Item("Represent the video.", video=frames).published() == "<|video_1|>\nRepresent the video.\n"
+    rendered = published.render("Find the clip:", "a dog", False, has_video=True)
+    assert rendered == "<|video_1|>\nFind the clip: a dog\n"
+    # the placeholder of the absent medium goes, the present one is added
+    assert published.normalize("<|image_1|>\nQ\n", False, True) == "<|video_1|>\nQ\n"
+    assert published.normalize("<|video_1|>\nQ\n", False, False) == "Q\n"
+    # a converted V2 row's image placeholder stands for its video, where the row put it
+    assert published.normalize("Understand the content of the provided video: <|image_1|>", False, True) == (
+        "Understand the content of the provided video: <|video_1|>")
+    assert published.strip_placeholders("<|video_1|> a clip") == "a clip"
+    assert published.split("<|video_1|>\nFind the clip: a dog\n")[:2] == ("Find the clip:", "a dog")
+
+
+def test_video_placeholder_becomes_the_family_video_token(qwen2_vl):
+    item = Item("Represent the video.", "a <|video_pad|> b", video=random_frames(2))
+    assert qwen2_vl.prompt(item) == "<|video_pad|>\nRepresent the video. a  b\n"  # a user's token dropped
+    chat = Qwen2VLAdapter(None, qwen2_vl.processor,
+                          InputFormat(image_token="<|vision_start|><|image_pad|><|vision_end|>"))
+    assert chat.video_token == "<|vision_start|><|video_pad|><|vision_end|>"
+
+
+def test_vlm2vec_v2_preset_writes_the_video_token_then_a_space(tiny):
+    adapter = load_backbone(tiny("qwen2_vl"), input_format=InputFormat(preset="vlm2vec_v2"))
+    item = Item("Understand the content of the provided video.", video=random_frames(2))
+    # VLM2Vec src/model/processor.py `process_input_text`: video token + " " + instruction
+    assert adapter.prompt(item) == "<|video_pad|> Understand the content of the provided video."
+
+
+# ----------------------------------------------------------------------------- the video processor
+
+
+@pytest.mark.parametrize("family", ["qwen2_vl", "qwen3_vl"])
+def test_a_video_of_one_repeated_frame_is_the_image(family):
+    """The image path tiles one image over the temporal patch: a 2-frame video of it is the same patches."""
+    _, processor = make_tiny(family)
+    frame = random_frames(1, size=(50, 36))[0]
+    size = {"shortest_edge": 8 * 8 * 4, "longest_edge": 64 * 64}
+    processor.image_processor.size = size
+    processor.video_processor.size = size
+    image = processor.image_processor([frame], return_tensors="np")
+    video = processor.video_processor([[frame, frame]], return_tensors="np")
+    np.testing.assert_array_equal(video["pixel_values_videos"], image["pixel_values"])
+    np.testing.assert_array_equal(video["video_grid_thw"], image["image_grid_thw"])
+
+
+def brute_force_patches(frames, size, patch, merge, tps, mean, std):
+    """The stock `Qwen2VLVideoProcessor` layout written out row by row: frames resized with PIL bicubic to
+    `smart_resize`'s size, scaled to [0, 1], normalised, padded with the last frame to a multiple of tps;
+    row (t, block row, block col, i, j) holds channels x frames-of-the-patch x patch x patch."""
+    from transformers.models.qwen2_vl.image_processing_pil_qwen2_vl import smart_resize
+
+    height, width = smart_resize(frames[0].height, frames[0].width, patch * merge, size["shortest_edge"],
+                                 size["longest_edge"])
+    arrays = [(np.asarray(f.resize((width, height), Image.BICUBIC), np.float32) / 255 - mean) / std
+              for f in frames]
+    arrays += [arrays[-1]] * (-len(arrays) % tps)
+    video = np.stack(arrays).transpose(0, 3, 1, 2)  # (T, C, H, W)
+    rows = []
+    for t in range(len(video) // tps):
+        for bh in range(height // patch // merge):
+            for bw in range(width // patch // merge):
+                for i in range(merge):
+                    for j in range(merge):
+                        y, x = (bh * merge + i) * patch, (bw * merge + j) * patch
+                        cube = video[t * tps:(t + 1) * tps, :, y:y + patch, x:x + patch]  # (tps, C, p, p)
+                        rows.append(cube.transpose(1, 0, 2, 3).reshape(-1))
+    return np.stack(rows), [len(video) // tps, height // patch, width // patch]
+
+
+def test_video_patches_match_a_brute_force_of_the_stock_layout():
+    _, processor = make_tiny("qwen2_vl")
+    images = processor.image_processor
+    frames = random_frames(3, size=(70, 45))
+    size = {"shortest_edge": 16 * 16, "longest_edge": 48 * 48}
+    processor.video_processor.size = size
+    out = processor.video_processor([frames], return_tensors="np")
+    mean, std = np.array(images.image_mean, np.float32), np.array(images.image_std, np.float32)
+    expected, grid = brute_force_patches(frames, size, images.patch_size, images.merge_size,
+                                         images.temporal_patch_size, mean, std)
+    assert out["video_grid_thw"].tolist() == [grid]
+    np.testing.assert_allclose(out["pixel_values_videos"], expected, atol=1e-6)
+
+
+@pytest.mark.parametrize("family", QWEN_FAMILIES)
+def test_video_token_count_equals_the_stock_count(tiny, family):
+    adapter = load_backbone(tiny(family))
+    frames = random_frames(5, size=(60, 44))
+    batch = adapter.collate([Item("Represent the video.", video=frames)])
+    video_id = adapter.processor.video_token_id
+    stock = adapter.processor._get_num_multimodal_tokens(video_sizes=[(5, 44, 60)]).num_video_tokens
+    assert int((batch["input_ids"] == video_id).sum()) == stock[0] == int(batch["video_grid_thw"].prod()) // 4
+    assert int((batch["mm_token_type_ids"] == 2).sum()) == stock[0]  # video tokens typed as video (3-D rope)
+    if family == "qwen2_5_vl":
+        assert batch["second_per_grid_ts"].tolist() == [pytest.approx(2 / 24)]  # tps frames at 24 fps
+    if family in ("qwen3_vl", "qwen3_5"):  # Qwen3-VL stamps every temporal patch with its time
+        text = adapter.tokenizer.decode(batch["input_ids"][0])
+        assert text.count("seconds>") == int(batch["video_grid_thw"][0, 0])
+
+
+def test_processor_round_trips_the_video_bounds(tmp_path, tiny):
+    adapter = load_backbone(tiny("qwen2_vl"), input_format=InputFormat(video_min_pixels=256,
+                                                                         video_max_pixels=2304))
+    assert adapter.processor.video_size == {"shortest_edge": 256, "longest_edge": 2304}
+    adapter.processor.save_pretrained(tmp_path)
+    again = type(adapter.processor).from_pretrained(tmp_path)
+    assert again.video_size == adapter.processor.video_size
+    frames = random_frames(3)
+    np.testing.assert_array_equal(again.video_processor([frames])["pixel_values_videos"],
+                                  adapter.processor.video_processor([frames])["pixel_values_videos"])
+
+
+def test_video_bounds_default_to_the_image_bounds(tiny):
+    adapter = load_backbone(tiny("qwen2_vl"), input_format=InputFormat(min_pixels=256, max_pixels=4096))
+    assert adapter.processor.video_size == {"shortest_edge": 256, "longest_edge": 4096}
+
+
+# ----------------------------------------------------------------------------- refusal
+
+
+def test_a_family_without_video_refuses_a_video_naming_those_with(tiny_mllama):
+    adapter = load_backbone(tiny_mllama)
+    with pytest.raises(ValueError, match="mllama family reads no video; families that do: qwen2_5_vl, "
+                                         "qwen2_vl, qwen3_5, qwen3_vl"):
+        adapter.collate([Item("Represent the video.", video=random_frames(2))])
+    with pytest.raises(ValueError, match="reads no video"):
+        load_backbone(tiny_mllama, input_format=InputFormat(video_max_pixels=4096))
+
+
+# ----------------------------------------------------------------------------- embedding
+
+
+def mixed_items(frames):
+    return [Item("Represent the image.", image=frames[0]), Item("", "a short text"),
+            Item("Represent the video.", video=frames),
+            Item("Find the clip:", "a dog runs", video=frames[:3]),
+            Item("Represent the video.", video=random_frames(4, size=(32, 48), seed=1))]
+
+
+@pytest.mark.parametrize("family", QWEN_FAMILIES)
+def test_a_video_embeds_the_same_alone_and_in_a_mixed_batch(tiny, family):
+    encoder = Encoder(load_backbone(tiny(family))).eval()
+    items = mixed_items(random_frames(5))
+    together = encoder.embed(items, batch_size=len(items))
+    alone = torch.cat([encoder.embed([item]) for item in items])
+    torch.testing.assert_close(together, alone, atol=1e-5, rtol=1e-5)
+
+
+def test_embed_decodes_only_the_kept_frames(tiny, qwen2_vl):
+    """Frames the adapter drops are never decoded: broken bytes there do no harm."""
+    encoder = Encoder(qwen2_vl).eval()
+    frames = random_frames(20)
+    keep = set(frame_indices(20, 8))
+    encoded = tuple(png(f) if i in keep else b"not an image" for i, f in enumerate(frames))
+    from_bytes = encoder.embed([Item("Represent the video.", video=encoded)])
+    decoded = encoder.embed([Item("Represent the video.", video=frames)])
+    torch.testing.assert_close(from_bytes, decoded)
+    other = Encoder(load_backbone(tiny("qwen2_vl"), input_format=InputFormat(num_frames=4))).eval()
+    assert not torch.allclose(other.embed([Item("Represent the video.", video=frames)]), decoded)
+
+
+def test_lockstep_chunks_with_videos_embed_like_plain_chunks(qwen2_vl):
+    encoder = Encoder(qwen2_vl).eval()
+    items = mixed_items(random_frames(5))
+    text_only = qwen2_vl.chunks([Item("", "a text"), None], lockstep=True)[0]
+    assert text_only.keep.tolist() == [True, False, False, False]  # a padding image and a padding video row
+    assert "pixel_values" in text_only.inputs and "pixel_values_videos" in text_only.inputs
+    with torch.no_grad():
+        plain = encoder.encode_chunks(qwen2_vl.chunks(items, 2))
+        lockstep = encoder.encode_chunks(qwen2_vl.chunks([*items, None], 2, lockstep=True))
+    torch.testing.assert_close(lockstep, plain, atol=1e-5, rtol=1e-5)
+    assert PADDING_VIDEO_ROW.medium == "video" and PADDING_IMAGE_ROW.medium == "image"
+
+
+def test_gradient_cache_equals_full_batch_with_videos(qwen2_vl):
+    encoder = Encoder(qwen2_vl, LoraSettings(dropout=0.0)).train()
+    items = mixed_items(random_frames(5))
+    queries, positives = items, items[::-1]
+    groups = {"query": qwen2_vl.chunks(queries, 2), "positive": qwen2_vl.chunks(positives, 2)}
+    loss = InfoNCE(temperature=0.05)
+
+    def loss_fn(emb):
+        return loss(emb["query"], emb["positive"])
+
+    params = [p for p in encoder.parameters() if p.requires_grad]
+    full = loss_fn({name: encoder.encode_chunks(c) for name, c in groups.items()}).loss
+    full.backward()
+    expected = [p.grad.clone() for p in params]
+    encoder.zero_grad(set_to_none=True)
+    cached, _ = GradCache(2).step(encoder.encode_chunk, groups, loss_fn)
+    assert cached.item() == pytest.approx(full.item(), rel=1e-6)
+    for got, want in zip((p.grad for p in params), expected, strict=True):
+        torch.testing.assert_close(got, want, atol=1e-6, rtol=1e-4)
+
+
+def test_embedder_reads_only_the_kept_frames_of_a_video_input(tiny, tmp_path):
+    """A video input is its frames as files: the dropped ones are never opened (here they do not exist)."""
+    from mme5.embedder import Embedder
+
+    embedder = Embedder.from_pretrained(tiny("qwen2_vl"))
+    frames = random_frames(12)
+    kept = set(frame_indices(12, 8))
+    paths = []
+    for i, frame in enumerate(frames):
+        paths.append(tmp_path / f"frame_{i}.png")
+        if i in kept:
+            frame.save(paths[-1])
+    got = embedder.encode([{"text": "a clip", "video": paths}])
+    expected = embedder.encoder.embed([Item("", "a clip", video=frames)])
+    torch.testing.assert_close(got, expected)
+    with pytest.raises(TypeError, match=r"inputs\[0\]: 'video' is a list of frames"):
+        embedder.encode([{"video": str(paths[0])}])
+    with pytest.raises(ValueError, match="an 'image' or a 'video', not both"):
+        embedder.encode([{"image": paths[0], "video": paths}])
+    assert 2 not in kept
+    with pytest.raises(FileNotFoundError, match=r"inputs\[0\] video frame 2: image file"):
+        embedder.encode([{"video": paths[:3]}])  # 3 frames, all kept: frame 2 was never written
