@@ -63,12 +63,12 @@ def test_input_format_refuses_bad_video_settings(fields, message):
 
 def test_video_settings_are_recorded_and_read_back():
     """Checkpoints, exports and the card record `asdict(InputFormat)`: the video fields travel with it."""
-    fmt = InputFormat(num_frames=16, video_min_pixels=1024, video_max_pixels=4096).completed()
+    fmt = InputFormat(num_frames=16, video_min_pixels=1024, video_max_pixels=4096).completed("qwen2_vl")
     recorded = asdict(fmt)
     assert {k: recorded[k] for k in ("num_frames", "video_min_pixels", "video_max_pixels")} == {
         "num_frames": 16, "video_min_pixels": 1024, "video_max_pixels": 4096}
     assert InputFormat.of(recorded) == fmt
-    assert InputFormat().completed().num_frames == 8  # VLM2Vec-V2's evaluation default, in exports
+    assert InputFormat().completed("qwen2_vl").num_frames == 8  # VLM2Vec-V2's evaluation default, in exports
     assert InputFormat().num_frames is None  # so a recipe recorded before videos resumes unchanged
 
 

@@ -16,6 +16,7 @@ from typing import Any
 
 import torch
 
+from mme5.backbones import InputFormat
 from mme5.eval.mmeb_v2.aggregate import aggregate, main_score
 from mme5.eval.mmeb_v2.readers import read_image, read_video
 from mme5.eval.mmeb_v2.registry import MMEB_V2, MODALITIES, V2Set
@@ -140,7 +141,7 @@ def set_entry(spec: V2Set, ranked: Ranked) -> dict[str, Any]:
             **metrics}
 
 
-def input_record(input_format: Any) -> dict[str, Any]:
-    """What scores.json records of the model's input format: all of it, and `num_frames` (None for a
-    format without the field: every frame of a video, as the reference feeds with no setting)."""
-    return {"input_format": asdict(input_format), "num_frames": getattr(input_format, "num_frames", None)}
+def input_record(input_format: InputFormat) -> dict[str, Any]:
+    """What scores.json records of the model's (completed) input format: all of it, and `num_frames` beside
+    it, since video scores depend on it (papers report 8 or 64)."""
+    return {"input_format": asdict(input_format), "num_frames": input_format.num_frames}
