@@ -51,21 +51,34 @@ class NonFiniteLossError(RuntimeError):
 
 def warmup_then_decay(step: int, warmup: int, total: int, schedule: str, warmup_shape: str = "linear"
                       ) -> float:
-    """Learning-rate factor: warmup to 1, then linear or cosine decay to 0 at `total` steps.
+    """Learning-rate factor of optimizer step `step` (0-based): warmup to 1, then decay to 0 at `total`.
 
-    Warmup "linear": (step + 1) / warmup. "log": log(step + 1) / log(warmup), DeepSpeed's WarmupDecayLR
-    default (the reference's scheduler; 0 at the first step).
+    "linear" is transformers' `get_{linear,cosine,constant}_schedule_with_warmup`: step / warmup, so the
+    first step runs at 0. "log" is DeepSpeed's WarmupDecayLR (the mmE5 reference's scheduler) as its engine
+    steps it, after each optimizer step: step k gets its gamma(k - 1), log(k) / log(warmup) with a warmup of
+    at least 2, and the decay lags one step too. Step 0 runs at 0, as in DeepSpeed >= 0.15.3; the
+    reference's 0.14.4 runs it at the peak (the optimizer's initial lr; DeepSpeed issue 6569).
     """
-    if step < warmup:
-        if warmup_shape == "log":
-            return math.log(step + 1) / math.log(warmup) if warmup > 1 else 1.0
-        return (step + 1) / warmup
+    if warmup_shape == "log":
+        if step == 0:
+            return 0.0
+        step, warmup = step - 1, max(2, warmup)
+        if step < warmup:
+            return math.log(step + 1) / math.log(warmup)
+    elif step < warmup:
+        return step / warmup
     progress = min(1.0, (step - warmup) / max(1, total - warmup))
     if schedule == "cosine":
         return 0.5 * (1.0 + math.cos(math.pi * progress))
     if schedule == "constant":
         return 1.0
     return 1.0 - progress
+
+
+def warmup_steps(warmup: float, total: int) -> int:
+    """Warmup length: a fraction (< 1) of `total` rounded up, as transformers' `get_warmup_steps` for
+    `warmup_ratio` (float product included: 0.07 x 100 gives 8), or a number of steps (>= 1)."""
+    return math.ceil(total * warmup) if warmup < 1 else int(warmup)
 
 
 class EmbeddingModule(L.LightningModule):
@@ -89,8 +102,10 @@ class EmbeddingModule(L.LightningModule):
         chunk_size: items per encoder forward (the data module collates chunks of this size).
         lr: peak learning rate of AdamW.
         weight_decay: AdamW weight decay.
-        warmup: warmup length, as a fraction of max_steps (< 1) or a number of steps (>= 1).
-        warmup_shape: "linear", or "log" as DeepSpeed's WarmupDecayLR (the reference's arithmetic).
+        warmup: warmup length, as a fraction of max_steps (< 1, rounded up as transformers' `warmup_ratio`)
+            or a number of steps (>= 1).
+        warmup_shape: "linear" (transformers' schedulers), or "log" as DeepSpeed's WarmupDecayLR (the mmE5
+            reference's; see `warmup_then_decay`).
         schedule: decay after warmup.
         grad_clip: maximum gradient norm (0 = no clipping).
         gradient_scale: "global" (the gradient of the global-batch loss) or "per_rank" (the reference's
@@ -330,7 +345,7 @@ class EmbeddingModule(L.LightningModule):
         total = self.trainer.max_steps
         if total is None or total <= 0:
             raise ValueError("set trainer.max_steps: the training stream is unbounded")
-        warmup = int(hp.warmup * total) if hp.warmup < 1 else int(hp.warmup)
-        scheduler = LambdaLR(optimizer, lambda step: warmup_then_decay(step, max(warmup, 1), int(total),
-                                                                       hp.schedule, hp.warmup_shape))
+        warmup = warmup_steps(hp.warmup, int(total))
+        scheduler = LambdaLR(optimizer, lambda step: warmup_then_decay(step, warmup, int(total), hp.schedule,
+                                                                       hp.warmup_shape))
         return {"optimizer": optimizer, "lr_scheduler": {"scheduler": scheduler, "interval": "step"}}

@@ -1,7 +1,6 @@
 """The training entry point and module: recipes parse, the loss falls, resume is exact, NaN stops cleanly,
 and DDP and FSDP gradients equal the full-batch gradient."""
 
-import math
 import os
 import subprocess
 import sys
@@ -117,16 +116,12 @@ def test_command_line_overrides_reach_interpolated_paths():
 
 
 def test_schedule_warms_up_then_decays():
-    assert warmup_then_decay(0, 10, 100, "linear") == pytest.approx(0.1)
-    assert warmup_then_decay(9, 10, 100, "linear") == pytest.approx(1.0)
+    """The decay shapes; the warmup's first steps against the references are in test_parity_small.py."""
+    assert warmup_then_decay(10, 10, 100, "linear") == pytest.approx(1.0)
     assert warmup_then_decay(55, 10, 100, "linear") == pytest.approx(0.5)
     assert warmup_then_decay(55, 10, 100, "cosine") == pytest.approx(0.5)
     assert warmup_then_decay(100, 10, 100, "cosine") == pytest.approx(0.0)
-    # the reference's DeepSpeed WarmupDecayLR: log-shaped warmup, 0 at the first step, then linear decay
-    assert warmup_then_decay(0, 10, 100, "linear", "log") == 0.0
-    assert warmup_then_decay(4, 10, 100, "linear", "log") == pytest.approx(math.log(5) / math.log(10))
-    assert warmup_then_decay(9, 10, 100, "linear", "log") == pytest.approx(1.0)
-    assert warmup_then_decay(55, 10, 100, "linear", "log") == pytest.approx(0.5)
+    assert warmup_then_decay(55, 10, 100, "constant") == 1.0
 
 
 def test_scatter_negatives_places_rows_in_their_slots():

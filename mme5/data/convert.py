@@ -133,6 +133,11 @@ def parse_list(value: Any, field_name: str, images: bool = False) -> list[Any]:
     return [v or "" for v in value]
 
 
+def _medium(kind: str) -> str:
+    """A side kind's image or video part: "I", "V" or "" (text only)."""
+    return kind.removesuffix("T")
+
+
 def _describe(value: Any) -> str:
     if isinstance(value, (list, tuple)):
         return f"a {type(value).__name__} of {sorted({type(v).__name__ for v in value})}"
@@ -160,8 +165,7 @@ class RowConverter:
         positive = self.side(row.get("pos_text"), row.get("pos_image_path"), row.get("pos_video_path"),
                              "pos")
         negatives = self.drop_positive_copies(self.negatives(row, positive.prompt, sample_id), positive)
-        declared = row.get("modality")
-        modality = self.declared_modality(declared) if declared else self.modality_of(query, positive)
+        modality = self.row_modality(row.get("modality"), query, positive)
         query = self.fit(query, modality.query, "qry")
         positive = self.fit(positive, modality.target, "pos_text")
         negatives = [self.fit(n, modality.target, "neg_text") for n in negatives]
@@ -174,6 +178,19 @@ class RowConverter:
                           query=query, positive=positive, negatives=negatives)
         except SchemaError as error:
             raise BadRow("modality", str(error), "modality_mismatch") from None
+
+    def row_modality(self, declared: Any, query: Side, positive: Side) -> Modality:
+        """The `modality` field where the sides' images and videos agree with it, else the sides' own: the
+        reference ignores the field and trains the sides as they are (counted as `modality_field_ignored`).
+        The field still decides whether a visual side's words are its instruction or its text."""
+        if not declared:
+            return self.modality_of(query, positive)
+        modality = self.declared_modality(declared)
+        sides = (_medium(query.kind), _medium(positive.kind))
+        if (_medium(modality.query), _medium(modality.target)) == sides:
+            return modality
+        self.report.quirks["modality_field_ignored"] += 1
+        return self.modality_of(query, positive)
 
     def modality_of(self, query: Side, positive: Side) -> Modality:
         try:
@@ -228,7 +245,7 @@ class RowConverter:
             return replace(side, instruction="", text=side.instruction)
         if "T" not in kind and side.text and side.visual:
             return replace(side, instruction=f"{side.instruction} {side.text}".strip(), text=None)
-        expected, found = kind.removesuffix("T"), side.kind.removesuffix("T")  # "I", "V" or ""
+        expected, found = _medium(kind), _medium(side.kind)
         if expected != found:
             media = {"I": "an image", "V": "a video", "": "no image or video"}
             raise BadRow(field_name, f"the declared modality {kind} expects {media[expected]}, found "
