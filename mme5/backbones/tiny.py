@@ -7,7 +7,9 @@ The folder loads back through `load_backbone(out)`, the code path of a real chec
 interrupted build is built again), other settings are refused unless `--overwrite`. Presets:
 "test" is as small as possible (unit tests); "demo" is the tiny Mllama that learned best on 2 CPU cores
 (shared/reference/stack.md: 1 tile of 64 px, patch 8, vision 128 wide with 2 local + 1 global layers, text
-128 wide with 4 layers, cross-attention at layers 1 and 3), the same sizes for the other families.
+128 wide with 4 layers, cross-attention at layers 1 and 3), the same sizes for the other families;
+"demo-vision" is "demo" with 16 px patches, which learns grey handwritten digits where "demo" learns colour
+only (benchmarks/README.md, own_data_digits.py; train it at lr 3e-4 as configs/own_data.yaml does).
 """
 
 import argparse
@@ -15,7 +17,7 @@ import hashlib
 import sys
 from collections.abc import Callable
 from contextlib import nullcontext
-from dataclasses import asdict, dataclass, field
+from dataclasses import asdict, dataclass, field, replace
 from pathlib import Path
 from typing import Any
 
@@ -86,6 +88,10 @@ PRESETS = {
     "demo": Sizes(vocab=512, image=64, patch=8, v_hidden=128, v_layers=2, v_heads=4, v_mlp=256,
                   t_hidden=128, t_layers=4, t_heads=4, t_kv_heads=2, t_mlp=256),
 }
+# Image content beyond colour (benchmarks/own_data_digits.py): "demo" with patches of 16 px. Each text token's
+# cross-attention starts near uniform, i.e. a mean over the patches; over 64 patches of 8 px a thin grey
+# stroke averages away (different digits embed at cosine 0.998), over 16 patches it survives.
+PRESETS["demo-vision"] = replace(PRESETS["demo"], patch=16)
 
 
 @dataclass(frozen=True)
