@@ -8,6 +8,7 @@ from dataclasses import asdict
 import numpy as np
 import pytest
 import torch
+from helpers import make_sample
 from PIL import Image
 
 from mme5 import published
@@ -15,6 +16,9 @@ from mme5.backbones import Item, load_backbone
 from mme5.backbones.base import PADDING_IMAGE_ROW, PADDING_VIDEO_ROW, InputFormat
 from mme5.backbones.qwen2_vl import Qwen2VLAdapter
 from mme5.backbones.tiny import make_tiny
+from mme5.data.collate import ContrastiveCollator
+from mme5.data.schema import Modality
+from mme5.data.stream import StreamBatch
 from mme5.encoder import Encoder, LoraSettings
 from mme5.gradcache import GradCache
 from mme5.losses import InfoNCE
@@ -301,3 +305,15 @@ def test_embedder_reads_only_the_kept_frames_of_a_video_input(tiny, tmp_path):
     assert 2 not in kept
     with pytest.raises(FileNotFoundError, match=r"inputs\[0\] video frame 2: image file"):
         embedder.encode([{"video": paths[:3]}])  # 3 frames, all kept: frame 2 was never written
+
+
+def test_training_lockstep_chunks_run_the_video_path_of_a_video_family(qwen2_vl):
+    """Under FSDP every rank must run the vision tower as often: a rank whose chunk holds no video still
+    runs the video path (a placeholder video row), as `Encoder.embed`'s chunks do."""
+    batch = StreamBatch([make_sample(i, Modality.IT2T, negatives=1) for i in range(2)], 0, {})
+    plain, lockstep = (ContrastiveCollator(qwen2_vl.collate, 1, chunk_size=2, lockstep=flag,
+                                           video=qwen2_vl.reads_video)(batch) for flag in (False, True))
+    assert all("pixel_values_videos" not in chunk.inputs for chunk in plain.query)
+    for chunk in lockstep.query + lockstep.positive + lockstep.negatives:
+        assert "pixel_values_videos" in chunk.inputs and "pixel_values" in chunk.inputs
+        assert chunk.keep.tolist()[-1] is False

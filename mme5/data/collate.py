@@ -72,12 +72,14 @@ class ContrastiveCollator:
     `negative_padding`: "mask" (a missing negative is masked out of the loss) or "repeat" (the reference:
     a non-empty list shorter than `num_negatives` is padded with copies of its last negative).
     `truncated`: how many items `collate_items` has cut to max_length so far (an adapter's
-    `truncated_count`), carried with each batch to the run's data report.
+    `truncated_count`), carried with each batch to the run's data report. `video`: the family reads video
+    (`reads_video`), so a lockstep chunk also runs its video path (`mme5.backbones.base.lockstep_chunk`).
     """
 
     def __init__(self, collate_items: Callable[[Sequence[Item]], Mapping], num_negatives: int = 3,
                  chunk_size: int | None = None, lockstep: bool = False, strict: bool = False,
-                 negative_padding: str = "mask", truncated: Callable[[], int] | None = None):
+                 negative_padding: str = "mask", truncated: Callable[[], int] | None = None,
+                 video: bool = False):
         if num_negatives < 0:
             raise ValueError(f"num_negatives must be >= 0, got {num_negatives}")
         if negative_padding not in NEGATIVE_PADDING:
@@ -87,6 +89,7 @@ class ContrastiveCollator:
         self.num_negatives = num_negatives
         self.chunk_size = chunk_size
         self.lockstep = lockstep
+        self.video = video
         self.strict = strict
         self.truncated = truncated
         self.recounted = 0  # cuts counted a second time while finding unprocessable samples
@@ -151,7 +154,7 @@ class ContrastiveCollator:
             negatives += [None] * (self.num_negatives - len(negative_sides))
 
         def chunks(items: Sequence[Item | None]) -> list[Chunk]:
-            return collate_chunks(items, self.chunk_size, self.collate_items, self.lockstep)
+            return collate_chunks(items, self.chunk_size, self.collate_items, self.lockstep, self.video)
 
         query_chunks, positive_chunks, negative_chunks = chunks(query), chunks(positive), chunks(negatives)
         return ContrastiveBatch(

@@ -103,7 +103,7 @@ class ShardDataModule(L.LightningDataModule):
         collator = ContrastiveCollator(processing.collate, self.num_negatives, self.chunk_size,
                                        lockstep=lockstep, strict=self.strict,
                                        negative_padding=self.negative_padding,
-                                       truncated=processing.truncated_count)
+                                       truncated=processing.truncated_count, video=processing.reads_video)
         workers = self.num_workers
         # An own generator: creating the iterator must not draw from the global RNG, or a resumed run's
         # dropout masks would shift by one draw against an uninterrupted run's.
