@@ -16,8 +16,8 @@ from mme5.backbones import Item, load_backbone
 from mme5.backbones.base import PADDING_IMAGE_ROW, PADDING_VIDEO_ROW, InputFormat
 from mme5.backbones.qwen2_vl import Qwen2VLAdapter
 from mme5.backbones.tiny import make_tiny
-from mme5.data.collate import ContrastiveCollator
-from mme5.data.schema import Modality
+from mme5.data.collate import ContrastiveCollator, side_item
+from mme5.data.schema import Modality, Side
 from mme5.data.stream import StreamBatch
 from mme5.encoder import Encoder, LoraSettings
 from mme5.gradcache import GradCache
@@ -247,6 +247,20 @@ def test_embed_decodes_only_the_kept_frames(tiny, qwen2_vl):
     torch.testing.assert_close(from_bytes, decoded)
     other = Encoder(load_backbone(tiny("qwen2_vl"), input_format=InputFormat(num_frames=4))).eval()
     assert not torch.allclose(other.embed([Item("Represent the video.", video=frames)]), decoded)
+
+
+def test_collate_decodes_only_the_kept_frames_of_a_training_side(qwen2_vl):
+    """A shard's video side reaches the adapter as every frame's bytes (`side_item`): the adapter decodes the
+    kept ones, as `Encoder.embed` does, and never the others."""
+    frames = random_frames(20)
+    keep = set(frame_indices(20, 8))
+    side = Side("Represent the video.", video=[png(f) if i in keep else b"not an image"
+                                               for i, f in enumerate(frames)])
+    from_bytes = qwen2_vl.collate([side_item(side)])
+    decoded = qwen2_vl.collate([Item("Represent the video.", video=frames)])
+    assert from_bytes.keys() == decoded.keys()
+    for key, value in decoded.items():
+        torch.testing.assert_close(from_bytes[key], value, rtol=0, atol=0, msg=key)
 
 
 def test_lockstep_chunks_with_videos_embed_like_plain_chunks(qwen2_vl):
