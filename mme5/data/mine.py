@@ -138,7 +138,8 @@ def mine(shards: str | Path, out: str | Path, embed: Embed, model: str | dict[st
         pool = _embedded(work / WORK / "candidates.pt", embed, [side_item(side) for side in candidates])
         scores = positive_scores(queries, pool, positive_of)
         low = below_min_positive(scores, settings)
-        kept = [i for i in range(len(samples)) if settings.report_only or i not in set(low)]
+        dropped = set() if settings.report_only else set(low)
+        kept = [i for i in range(len(samples)) if i not in dropped]
         chosen, counts = choose_negatives(queries, pool, samples, candidates, positive_of, settings, kept)
         placed = {i: settings.place(samples[i].negatives, [candidates[j] for j in chosen[i]]) for i in kept}
         # {list position: mined negatives there}: training reads the positions below `data.num_negatives`
@@ -299,8 +300,9 @@ def _query_positives(samples: Sequence[Sample], positive_of: Sequence[int], scor
     for key, j in zip(keys, positive_of, strict=True):
         positives.setdefault(key, set()).add(j)
     sums: dict[int, list[float]] = {}
+    values = scores.tolist()
     for i in kept:
-        sums.setdefault(keys[i], []).append(float(scores[i]))
+        sums.setdefault(keys[i], []).append(values[i])
     means = torch.tensor([sum(sums[key]) / len(sums[key]) if key in sums else float("nan") for key in keys])
     return [positives[key] for key in keys], means
 
