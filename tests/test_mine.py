@@ -25,7 +25,7 @@ def angle(text: str) -> float:
     return 0.2 * index + (0.01 if role == "query" else 0.0)
 
 
-def fake_embed(calls):
+def fake_embed(calls, angle=angle):
     def embed(items):
         calls.append(len(items))
         return torch.tensor([[math.cos(angle(item.text)), math.sin(angle(item.text)), 0.0] for item in items])
@@ -315,3 +315,95 @@ def test_a_bad_number_or_dtype_is_a_usage_error_before_any_work(flag, value, tmp
         mining.main(["--model", "unused", "--shards", "unused", "--out", str(tmp_path / "out"), flag, value])
     assert exit_info.value.code == 2 and flag in capsys.readouterr().err
     assert not (tmp_path / "out").exists()
+
+
+NOISY = (2, 9)  # samples whose query sits 1 rad away from its positive: label noise to a mining model
+
+
+def refined_angle(text: str) -> float:
+    role, index = text.split()[0], int(text.split()[-1])
+    return 0.2 * index + (0.01 + (index in NOISY) if role == "query" else 0.0)
+
+
+def refinement_source(path):
+    """N samples; samples 2 and 9 are noisy, sample 6 asks sample 5's query (a query with two positives)."""
+    with ShardWriter(path, max_count=4) as writer:
+        for i in range(N):
+            sample = make_sample(i, Modality.IT2T, negatives=0)
+            if i == 6:
+                sample.query = make_sample(5, Modality.IT2T).query
+            writer.write(sample)
+    return path
+
+
+def refined_brute_force(band, max_negatives, threshold, delta, report_only):
+    """Qwen3-VL-Embedding §3.3 by hand: {kept sample: mined positive indices}, and the samples at or below t⁺.
+    Scores are cosines of the angles; a query's positives are those of every sample asking it."""
+    query_of = {i: 5 if i == 6 else i for i in range(N)}
+
+    def score(i, j):
+        return math.cos(refined_angle(f"query {query_of[i]}") - refined_angle(f"positive {j}"))
+
+    low = [i for i in range(N) if score(i, i) <= threshold]
+    kept = [i for i in range(N) if report_only or i not in low]
+    mined = {}
+    for i in kept:
+        positives = [k for k in range(N) if query_of[k] == query_of[i]]
+        mean = sum(score(k, k) for k in positives if k in kept) / sum(k in kept for k in positives)
+        ranked = sorted((j for j in range(N) if j not in positives), key=lambda j: (-score(i, j), j))
+        mined[i] = [j for j in ranked[band[0] - 1 : band[1]] if score(i, j) < mean + delta][:max_negatives]
+    return mined, low, {i: score(i, i) for i in low}
+
+
+@pytest.mark.parametrize("threshold, delta, report_only",
+                         [(0.9, -0.05, False), (0.99, -0.02, False), (0.99, -0.015, True)])
+def test_positive_refinement_and_below_positive_equal_a_brute_force(tmp_path, threshold, delta, report_only):
+    """t⁺ 0.9 drops the noisy samples 2 and 9; 0.99 drops sample 6 too, so query 5's mean positive score is
+    its other sample's alone (with --report-only, the mean of both). Dropped samples' positives stay
+    candidates for the other queries; a query's two positives are never mined for it."""
+    calls = []
+    settings = mining.MiningSettings((1, 6), 3, None, min_positive_score=threshold, report_only=report_only,
+                                     below_positive=delta)
+    manifest = mining.mine(refinement_source(tmp_path / "src"), tmp_path / "out",
+                           fake_embed(calls, refined_angle), "fake", settings, shard_size=5)
+    expected, low, low_scores = refined_brute_force((1, 6), 3, threshold, delta, report_only)
+    assert low == ([2, 6, 9] if threshold == 0.99 else [2, 9])
+    samples = {int(s.id[1:]): s for s in read_samples(shard_urls(tmp_path / "out"))}
+    assert sorted(samples) == sorted(expected) and manifest["num_samples"] == len(expected)
+    for i, sample in samples.items():
+        assert [n.text for n in sample.negatives] == [f"positive {j}" for j in expected[i]], i
+    assert not report_only or any("positive 2" in [n.text for n in s.negatives] for s in samples.values())
+    assert "positive 6" not in [n.text for n in samples[5].negatives]
+    listed = [json.loads(line) for line in (tmp_path / "out" / mining.REFINEMENT).read_text().splitlines()]
+    assert [(r["id"], r["shard"], r["row"], r["dropped"]) for r in listed] == [
+        (f"s{i:05d}", f"shard-{i // 4:06d}.tar", i % 4, not report_only) for i in low]
+    assert [r["positive_score"] for r in listed] == pytest.approx([low_scores[i] for i in low], abs=1e-5)
+    recorded = manifest["extra"]["mined"]
+    assert (recorded["min_positive_score"], recorded["report_only"], recorded["below_positive"],
+            recorded["margin"], recorded["low_positives"]) == (threshold, report_only, delta, None,
+                                                                mining.REFINEMENT)
+    counts = recorded["counts"]
+    assert counts["positive_below_min_score"] == len(low)
+    assert counts["dropped_for_positive_score"] == (0 if report_only else len(low))
+    assert counts["mined"] == sum(map(len, expected.values())) and counts["dropped_above_positive_mean"] > 0
+
+
+def test_the_command_reports_low_positives_and_refuses_contradictory_flags(tmp_path, capsys, monkeypatch):
+    monkeypatch.setattr(mining, "lazy_embed", lambda args: fake_embed([], refined_angle))
+    src = refinement_source(tmp_path / "src")
+    command = ["--model", "fake", "--shards", str(src), "--out", str(tmp_path / "out"), "--rank-band", "1:6",
+               "--below-positive", "0", "--min-positive-score", "0.9", "--report-only"]
+    assert mining.main(command) == 0
+    printed = capsys.readouterr()
+    report = json.loads(printed.out.strip().splitlines()[-1])
+    assert report["samples"] == N and report["counts"]["positive_below_min_score"] == 2
+    assert f"2 samples' positive scored at most 0.9 (0 dropped); each is named in {tmp_path / 'out'}" \
+        in printed.err
+    recorded = json.loads((tmp_path / "out" / "manifest.json").read_text())["extra"]["mined"]
+    assert recorded["margin"] is None and recorded["below_positive"] == 0.0  # δ replaces the default margin
+    for flags, message in ((["--report-only"], "give it too"),
+                           (["--margin", "0.9", "--below-positive", "0.1"], "not allowed with")):
+        with pytest.raises(SystemExit) as exit_info:
+            mining.main(["--model", "fake", "--shards", str(src), "--out", str(tmp_path / "other"), *flags])
+        assert exit_info.value.code == 2 and message in capsys.readouterr().err
+    assert not (tmp_path / "other").exists()
