@@ -13,7 +13,7 @@ from mme5.data.collate import ContrastiveCollator
 from mme5.data.schema import Modality, Side
 from mme5.data.shards import ShardWriter, read_samples, shard_urls
 from mme5.data.stream import StreamBatch
-from mme5.files import FolderHoldsOtherOutput
+from mme5.files import FolderHoldsOtherOutput, identity_changes
 from mme5.retrieval import nearest
 
 N = 14
@@ -407,3 +407,11 @@ def test_the_command_reports_low_positives_and_refuses_contradictory_flags(tmp_p
             mining.main(["--model", "fake", "--shards", str(src), "--out", str(tmp_path / "other"), *flags])
         assert exit_info.value.code == 2 and message in capsys.readouterr().err
     assert not (tmp_path / "other").exists()
+
+
+def test_a_folder_mined_before_positive_refinement_keeps_its_identity(tmp_path):
+    """Settings added later are None when off, as an older folder's record reads them: it still resumes."""
+    settings = mining.MiningSettings()
+    now = mining.mining_identity(source(tmp_path / "src"), "m", settings, 1000)
+    before = {k: v for k, v in now.items() if k not in ("min_positive_score", "report_only", "below_positive")}
+    assert identity_changes(before, now) == {}

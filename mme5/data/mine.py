@@ -108,10 +108,11 @@ class MiningSettings:
 def mining_identity(shards: Path, model: str | dict[str, Any], settings: MiningSettings,
                     shard_size: int) -> dict[str, Any]:
     """What defines a mining output (its folder's identity): the source's files, the model, the settings;
-    flat, so that a refusal names the one key that differs."""
+    flat, so that a refusal names the one key that differs. A setting added later is off as None (what an
+    older folder's record reads as), so mining folders written before it resume."""
     return {"source": str(shards.resolve()), "source_files": files_fingerprint(source_files(shards)),
             **(model if isinstance(model, dict) else {"model": model}), **asdict(settings),
-            "shard_size": shard_size}
+            "report_only": settings.report_only or None, "shard_size": shard_size}
 
 
 def mine(shards: str | Path, out: str | Path, embed: Embed, model: str | dict[str, Any],
