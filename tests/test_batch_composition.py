@@ -182,3 +182,13 @@ def test_the_composition_is_recorded_and_bad_settings_are_refused(tmp_path):
     with pytest.raises(SourceRefused, match=r"group cls holds 6 samples.*data.batch_composition: mixed"):
         check_batches_fit([a, b, c], 7, 1, "per_source")
     check_batches_fit([a, b, c], 7, 1, "mixed")
+
+
+def test_the_data_module_streams_per_source_batches(tmp_path, tiny_mllama):
+    """The setting reaches the stream through `train_dataloader` (collated batches of one source each)."""
+    sources = sources_of(tmp_path, 12, 12)
+    data = ShardDataModule(sources, tiny_mllama, batch_size=4, num_negatives=1, num_workers=0,
+                           shuffle_buffer=1, batch_composition="per_source")
+    batches = list(itertools.islice(iter(data.train_dataloader()), 6))
+    assert all(len({i[0] for i in batch.ids}) == 1 for batch in batches)
+    assert {batch.ids[0][0] for batch in batches} == {"a", "b"}
