@@ -61,7 +61,7 @@ def test_stream_is_unbounded_and_reshuffles_shards_each_epoch(tmp_path):
     assert len({tuple(e) for e in epochs}) > 1
 
 
-def test_weights_caps_and_same_source_batches(tmp_path):
+def test_weights_caps_and_per_source_batches(tmp_path):
     a = write_source(tmp_path / "a", 50, prefix="a")
     b = write_source(tmp_path / "b", 50, prefix="b")
     a.weight, b.weight, b.max_samples = 1.0, 3.0, 7
@@ -77,7 +77,7 @@ def test_weights_caps_and_same_source_batches(tmp_path):
              for i in ids(batch)]
     assert 0.68 < sum(i.startswith("c") for i in drawn) / len(drawn) < 0.82
 
-    same = MixedShardStream([a, b], batch_size=4, same_source_batches=True)
+    same = MixedShardStream([a, b], batch_size=4, batch_composition="per_source")
     for batch in take(same, 10):
         assert len({i[0] for i in ids(batch)}) == 1
 
@@ -346,7 +346,7 @@ def test_a_shard_holding_more_records_than_its_manifest_counts_is_refused(tmp_pa
     (dict(batch_size=8), 1, None),
     (dict(batch_size=12), 1, "the sources hold 10 samples, but each of the 1 stream slots"),  # > the data
     (dict(batch_size=6), 2, "each of the 2 stream slots"),  # 2 slots (ranks × workers) of 5 samples each
-    (dict(batch_size=4, same_source_batches=True), 1, "source b holds 3 samples"),  # a batch of b's alone
+    (dict(batch_size=4, batch_composition="per_source"), 1, "source b holds 3 samples"),  # b alone
     (dict(batch_size=8, weights=(1.0, 1.0)), 1, "source b holds 3 samples"),  # 4 of each batch from b
 ])
 def test_a_batch_larger_than_its_data_is_refused(tmp_path, settings, slots, refused):
@@ -355,7 +355,7 @@ def test_a_batch_larger_than_its_data_is_refused(tmp_path, settings, slots, refu
     a, b = write_source(tmp_path / "a", 7, prefix="a"), write_source(tmp_path / "b", 3, prefix="b")
     a.weight, b.weight = settings.pop("weights", (None, None))
     stream = MixedShardStream([a, b], shuffle_buffer=1, **settings)
-    fits = partial(check_batches_fit, [a, b], stream.batch_size, slots, stream.same_source_batches)
+    fits = partial(check_batches_fit, [a, b], stream.batch_size, slots, stream.batch_composition)
     if refused is None:
         fits()
         first = ids(take(stream, 1)[0])
@@ -363,5 +363,5 @@ def test_a_batch_larger_than_its_data_is_refused(tmp_path, settings, slots, refu
         return
     with pytest.raises(SourceRefused, match=re.escape(refused)):
         fits()
-    if slots == 1 and not stream.same_source_batches and a.weight is None:  # what it would do: repeats
+    if slots == 1 and stream.batch_composition == "mixed" and a.weight is None:  # what it would do: repeats
         assert len(set(ids(take(stream, 1)[0]))) < stream.batch_size

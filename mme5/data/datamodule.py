@@ -13,7 +13,15 @@ from torch.utils.data import DataLoader
 
 from mme5.backbones import InputFormat, load_processing
 from mme5.data.collate import ContrastiveBatch, ContrastiveCollator
-from mme5.data.stream import MixedShardStream, Source, SourceRefused, check_batches_fit, fingerprint_changes
+from mme5.data.stream import (
+    BatchComposition,
+    MixedShardStream,
+    Source,
+    SourceRefused,
+    check_batches_fit,
+    fingerprint_changes,
+    run_size,
+)
 from mme5.distributed import from_all_ranks
 from mme5.settings import at_least
 from mme5.sharding import shards_parameters
@@ -35,7 +43,12 @@ class ShardDataModule(L.LightningDataModule):
         input_format: how items become model inputs (linked from `model.input_format` by train.py).
         num_workers: dataloader worker processes per device (each reads its own share of the shards).
         shuffle_buffer: samples held per worker and source for shuffling (1 = stream order).
-        same_source_batches: draw each batch from one source (harder in-batch negatives).
+        batch_composition: "mixed" (the paper's: each sample's source drawn by weight) or "per_source":
+            every global batch from one source group, chosen by weight (harder in-batch negatives; a source's
+            `group` merges several, e.g. the classification sets into one label space).
+        interleave_batch_size: per_source only: samples per device drawn in a row from one group, as
+            VLM2Vec-V2's `interleave_batch_size` (a batch is batch_size / this runs, each run one group on
+            every rank); None = the whole batch.
         seed: stream seed (shard order, mixing, shuffling).
         strict: raise on the first corrupt sample instead of skipping and counting it.
     """
@@ -51,7 +64,8 @@ class ShardDataModule(L.LightningDataModule):
         input_format: InputFormat | None = None,
         num_workers: NonNegativeInt = 2,
         shuffle_buffer: PositiveInt = 1000,
-        same_source_batches: bool = False,
+        batch_composition: BatchComposition = "mixed",
+        interleave_batch_size: PositiveInt | None = None,
         seed: int = 0,
         strict: bool = False,
     ):
@@ -61,6 +75,8 @@ class ShardDataModule(L.LightningDataModule):
         batch_size, num_negatives, num_workers, shuffle_buffer = map(
             int, (batch_size, num_negatives, num_workers, shuffle_buffer))
         chunk_size = None if chunk_size is None else int(chunk_size)
+        interleave_batch_size = None if interleave_batch_size is None else int(interleave_batch_size)
+        run_size(batch_composition, batch_size, interleave_batch_size)  # refuse a bad pair while configuring
         self.sources = [s if isinstance(s, Source) else Source(**s) for s in sources]
         # Into checkpoints as `datamodule_hyper_parameters`, as plain types, so that checkpoints load with
         # torch.load(weights_only=True).
@@ -75,7 +91,8 @@ class ShardDataModule(L.LightningDataModule):
         self.chunk_size = chunk_size
         self.num_workers = num_workers
         self.shuffle_buffer = shuffle_buffer
-        self.same_source_batches = same_source_batches
+        self.batch_composition = batch_composition
+        self.interleave_batch_size = interleave_batch_size
         self.seed = seed
         self.strict = strict
         at_least(self, {"batch_size": 1, "num_negatives": 0, "chunk_size": 1, "num_workers": 0,
@@ -94,8 +111,8 @@ class ShardDataModule(L.LightningDataModule):
             self._say_how_the_stream_resumes(self.slots(world))
         stream = MixedShardStream(
             self.sources, self.batch_size, rank=rank, world_size=world, seed=self.seed,
-            shuffle_buffer=self.shuffle_buffer, same_source_batches=self.same_source_batches,
-            strict=self.strict, resume=self.positions,
+            shuffle_buffer=self.shuffle_buffer, batch_composition=self.batch_composition,
+            interleave_batch_size=self.interleave_batch_size, strict=self.strict, resume=self.positions,
         )
         # A sharded model needs chunks that make every rank run the same modules (see mme5.data.collate).
         lockstep = self.trainer is not None and shards_parameters(self.trainer.strategy)
@@ -133,7 +150,7 @@ class ShardDataModule(L.LightningDataModule):
                     f"stream positions point into: {changes}. Resuming would read other samples from the old "
                     "positions. Put its content back, give the source another name "
                     f"(data.sources[{index}].name: then it is read from its start), or start a new run")
-        check_batches_fit(self.sources, self.batch_size, self.slots(world_size), self.same_source_batches)
+        check_batches_fit(self.sources, self.batch_size, self.slots(world_size), self.batch_composition)
         self.fingerprints = current
 
     def _say_how_the_stream_resumes(self, slots: int) -> None:

@@ -17,6 +17,13 @@ later epochs are split over the new slots as usual. No sample of an epoch is rea
 twice or skipped. A slot's work for an epoch is a list of units, (shard url, first record, records, stride,
 member): the default split needs none stored, a re-split stores them in the position ("units" for the
 current epoch, "carry" for later ones).
+
+Batch composition: "mixed" draws every sample's source by weight, each slot on its own. "per_source" draws
+every run of `interleave_batch_size` samples (default: the whole batch) from one source group (a source, or
+the sources sharing a `group`), chosen by weight from a schedule seeded by the global step the batch serves:
+slot k's b-th batch serves step b × workers + k mod workers on every rank, so all ranks and workers agree on
+a step's groups without communicating, and a resume (same or other slot count) continues the schedule from
+the saved batch counts. Each source's reading position stays its own, so resuming stays exact.
 """
 
 from __future__ import annotations
@@ -27,7 +34,7 @@ import tarfile
 from collections.abc import Iterator
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any, TypeVar
+from typing import Any, Literal, TypeVar
 
 import webdataset as wds
 from torch.utils.data import IterableDataset, get_worker_info
@@ -44,6 +51,7 @@ from mme5.data.shards import (
 )
 
 T = TypeVar("T")
+BatchComposition = Literal["mixed", "per_source"]
 
 
 class SourceRefused(ValueError):
@@ -62,12 +70,16 @@ class Source:
             as one shuffled concatenation would (the paper's recipe).
         max_samples: use only the first N samples of the source (the paper caps each labeled set at 50K).
         name: label in logs and batch metadata (default: the directory name).
+        group: with `batch_composition: per_source`, sources of one group fill a batch together, mixed by
+            their weights, as if they were one source (e.g. `classification` for every classification set:
+            their labels become one candidate pool, RzenEmbed's merged label space). Ignored when mixed.
     """
 
     path: str
     weight: float | None = None
     max_samples: int | None = None
     name: str | None = None
+    group: str | None = None
 
     def __post_init__(self) -> None:
         self.name = self.name or Path(self.path).name
@@ -333,15 +345,17 @@ class SourceReader:
 
 
 class MixedShardStream(IterableDataset):
-    """Yields `StreamBatch`es of `batch_size` samples mixed from the sources by weight, forever.
+    """Yields `StreamBatch`es of `batch_size` samples drawn from the sources by weight, forever.
 
     `rank`/`world_size` are captured in the main process (workers cannot ask torch.distributed).
+    `batch_composition`, `interleave_batch_size`: see the module docstring and `run_size`.
     `resume` maps a slot index to the position a previous run saved for it.
     """
 
     def __init__(self, sources: list[Source], batch_size: int, rank: int = 0, world_size: int = 1,
-                 seed: int = 0, shuffle_buffer: int = 1000, same_source_batches: bool = False,
-                 strict: bool = False, resume: dict[int, dict[str, Any]] | None = None):
+                 seed: int = 0, shuffle_buffer: int = 1000, batch_composition: BatchComposition = "mixed",
+                 interleave_batch_size: int | None = None, strict: bool = False,
+                 resume: dict[int, dict[str, Any]] | None = None):
         super().__init__()
         if not sources:
             raise ValueError("at least one source is needed")
@@ -350,8 +364,10 @@ class MixedShardStream(IterableDataset):
         names = [s.name for s in sources]
         if len(set(names)) != len(names):
             raise ValueError(f"source names must be unique, got {names}")
+        self.run = run_size(batch_composition, batch_size, interleave_batch_size)
+        self.groups = source_groups(sources)
         self.sources, self.batch_size, self.rank, self.world_size = sources, batch_size, rank, world_size
-        self.seed, self.shuffle_buffer, self.same_source_batches = seed, shuffle_buffer, same_source_batches
+        self.seed, self.shuffle_buffer, self.batch_composition = seed, shuffle_buffer, batch_composition
         self.strict, self.resume = strict, resume or {}
 
     def slot(self) -> Slot:
@@ -378,14 +394,20 @@ class MixedShardStream(IterableDataset):
         names = [s.name for s in self.sources]
         held = {name: sum(take for _, take in reader.plan) for name, reader in readers.items()}
         weights = draw_weights(self.sources, held)
+        members = {group: ([s.name for s in part], draw_weights(part, held))
+                   for group, part in self.groups.items()}
+        group_weights = {group: sum(part_weights) for group, (_, part_weights) in members.items()}
+        workers = slot.count // self.world_size
         while True:
             # Seeded per batch, so that a resumed stream draws its sources exactly as the original would.
             rng = random.Random(f"{self.seed}/mix/{slot.index}/{batches}")
-            if self.same_source_batches:
-                source = rng.choices(names, weights)[0]
-                drawn = [next(streams[source]) for _ in range(self.batch_size)]
-            else:
+            if self.batch_composition == "mixed":
                 drawn = [next(streams[rng.choices(names, weights)[0]]) for _ in range(self.batch_size)]
+            else:  # the step's groups, the same on every slot; each slot draws the members on its own
+                step = batches * workers + slot.index % workers
+                schedule = group_schedule(self.seed, step, group_weights, self.batch_size // self.run)
+                drawn = [next(streams[rng.choices(*members[group])[0]])
+                         for group in schedule for _ in range(self.run)]
             batches += 1
             position = {"slots": slot.count, "batches": batches,
                         "sources": {name: dict(reader.position) for name, reader in readers.items()}}
@@ -438,25 +460,71 @@ def draw_weights(sources: list[Source], held: dict[str, int]) -> list[float]:
     return [s.weight if s.weight is not None else held[s.name] for s in sources]
 
 
-def check_batches_fit(sources: list[Source], batch_size: int, slots: int, same_source_batches: bool) -> None:
-    """Refuse batches that would repeat samples: a batch draws on average `batch_size × weight share`
-    samples of a source (all `batch_size` with `same_source_batches`), from the one slot's share of it (its
-    samples / `slots` an epoch); drawing more than that share repeats samples inside the batch. (A batch
+def run_size(batch_composition: str, batch_size: int, interleave_batch_size: int | None) -> int:
+    """Samples in a row that a per_source batch draws from one group: `interleave_batch_size` (VLM2Vec-V2's
+    setting, per device: a global run is it × ranks), by default the whole batch. Refuses settings that
+    cannot be met."""
+    if batch_composition not in ("mixed", "per_source"):
+        raise ValueError(f"data.batch_composition must be mixed or per_source, got {batch_composition!r}")
+    if interleave_batch_size is None:
+        return batch_size
+    if batch_composition != "per_source":
+        raise ValueError("data.interleave_batch_size draws runs of one source: it needs "
+                         f"data.batch_composition: per_source, got {batch_composition}")
+    if interleave_batch_size < 1 or batch_size % interleave_batch_size:
+        raise ValueError(f"data.interleave_batch_size ({interleave_batch_size}) must divide data.batch_size "
+                         f"({batch_size}): a batch is a whole number of runs")
+    return interleave_batch_size
+
+
+def source_groups(sources: list[Source]) -> dict[str, list[Source]]:
+    """What a per_source run is drawn from: each `group`'s sources, an ungrouped source alone (by name)."""
+    clash = {s.name for s in sources if s.group is None} & {s.group for s in sources}
+    if clash:
+        raise ValueError(f"source {sorted(clash)[0]}: its name is also the group of other sources; rename "
+                         "the source or the group")
+    groups: dict[str, list[Source]] = {}
+    for source in sources:
+        groups.setdefault(source.group or source.name, []).append(source)
+    return groups
+
+
+def group_schedule(seed: int, step: int, weights: dict[str, float], runs: int) -> list[str]:
+    """The groups of a global step's `runs` runs, drawn by weight: a function of the seed and the step only,
+    so every rank and worker serving that step draws the same."""
+    return random.Random(f"{seed}/groups/{step}").choices(list(weights), list(weights.values()), k=runs)
+
+
+def check_batches_fit(sources: list[Source], batch_size: int, slots: int,
+                      batch_composition: BatchComposition = "mixed") -> None:
+    """Refuse batches that would repeat samples: a batch draws `batch_size × share` samples of a source, its
+    weight share of the sources the batch mixes (on average over every source when mixed; per_source, a
+    whole batch may come from one group, shared among the group's sources), from the one slot's share of it
+    (its samples / `slots` an epoch); drawing more than that share repeats samples inside the batch. (A batch
     that spans the end of a slot's epoch may still meet a sample of both epochs: the stream never ends, and
     that is rare once the data is many batches long.)"""
     held = {s.name: sum(take for _, take in s.shard_plan()) for s in sources}
-    weights = draw_weights(sources, held)
-    by_size = not same_source_batches and all(s.weight is None for s in sources)
-    if by_size:  # draws in proportion to size: one total decides
-        held, weights = {"": sum(held.values())}, [1.0]
-    for (name, samples), weight in zip(held.items(), weights, strict=True):
-        drawn = batch_size if same_source_batches else batch_size * weight / sum(weights)
-        if drawn * slots > samples:
-            what = "the sources hold" if by_size else f"source {name} holds"
-            hint = "" if by_size else ("turn off same_source_batches, " if same_source_batches else
-                                       "lower its weight, ")
-            raise SourceRefused(
-                f"data: {what} {samples} samples, but each of the {slots} stream slots (ranks × dataloader "
-                f"workers) draws {drawn:.4g} of them a batch ({drawn * slots:.4g} a step): every batch would "
-                f"repeat samples. Lower data.batch_size or data.num_workers, train on fewer devices, {hint}"
-                "or add data")
+    per_source = batch_composition == "per_source"
+    for group, part in (source_groups(sources) if per_source else {"": sources}).items():
+        by_size = all(s.weight is None for s in part)
+        hint = "data.batch_composition: mixed, " if per_source else "" if by_size else "lower its weight, "
+        for what, samples, share in batch_shares(group, part, held):
+            drawn = batch_size * share
+            if drawn * slots > samples:
+                raise SourceRefused(
+                    f"data: {what} {samples} samples, but each of the {slots} stream slots (ranks × "
+                    f"dataloader workers) draws {drawn:.4g} of them a batch ({drawn * slots:.4g} a step): "
+                    "every batch would repeat samples. Lower data.batch_size or data.num_workers, train on "
+                    f"fewer devices, {hint}or add data")
+
+
+def batch_shares(group: str, part: list[Source], held: dict[str, int]) -> list[tuple[str, int, float]]:
+    """(what, samples held, share of a batch) of the sources one batch mixes (`group` "" : all sources):
+    one total when they are drawn in proportion to their size, else each source with its weight share."""
+    if all(s.weight is None for s in part):
+        what = (f"source {part[0].name} holds" if len(part) == 1 else
+                f"group {group} holds" if group else "the sources hold")
+        return [(what, sum(held[s.name] for s in part), 1.0)]
+    weights = draw_weights(part, held)
+    return [(f"source {s.name} holds", held[s.name], weight / sum(weights))
+            for s, weight in zip(part, weights, strict=True)]
