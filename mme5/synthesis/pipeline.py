@@ -20,25 +20,21 @@ from typing import Any
 
 from tqdm import tqdm
 
-from mme5.data.shards import sample_to_record
 from mme5.files import OutputFolder, path_fingerprint, remove_path, write_json
+from mme5.synthesis.answers import commit_answer, record_failed, sample_inputs
 from mme5.synthesis.client import ChatClient, ChatError, ServiceError, Usage
 from mme5.synthesis.config import PLAN, SynthesisConfig, load_or_write_plan, planned_samples
-from mme5.synthesis.images import Embed, ImagePool, NeighbourIndex, encoder_embedder, select_images
+from mme5.synthesis.images import Embed, ImagePool, NeighbourIndex, encoder_embedder
 from mme5.synthesis.owner import claim_output
 from mme5.synthesis.plan import PlannedSample, split
-from mme5.synthesis.prompting import build_request
 from mme5.synthesis.validation import InvalidAnswer, parse_answer
 from mme5.synthesis.workdir import (
-    STAGING,
     SUMMARY,
     Packer,
-    commit_sample,
     failed_rows,
     pack,
     packed_ids,
     prepare,
-    record_failure,
     summarise,
 )
 
@@ -66,19 +62,13 @@ async def _synthesise(config: SynthesisConfig, todo: list[PlannedSample], pool: 
     async def one(planned: PlannedSample) -> None:
         attempts, usage = 0, Usage()
         try:
-            keys = select_images(planned, pool, index) if (pool is not None and index is not None) else {}
-            request = build_request(planned, len(keys))
-            images = {role: read_image(key) for role, key in keys.items()}
+            inputs = sample_inputs(planned, pool, index, read_image)
             while True:
                 attempts += 1
-                result = await client.complete(
-                    request.prompt if config.use_response_format else request.fallback_prompt,
-                    [images[role] for role in request.image_roles], system=request.system,
-                    json_schema=request.schema, schema_name=request.schema_name,
-                    use_response_format=config.use_response_format)
+                result = await client.complete(**inputs.chat_arguments(config))
                 usage += result.usage
                 try:
-                    parsed = parse_answer(planned, result.content, images)
+                    parsed = parse_answer(planned, result.content, inputs.images)
                     break
                 except InvalidAnswer:
                     if attempts > config.answer_retries:
@@ -96,14 +86,10 @@ async def _synthesise(config: SynthesisConfig, todo: list[PlannedSample], pool: 
         except Exception as e:  # one bad sample (unreadable image, ...) must not stop the run
             await _fail(planned, type(e).__name__, str(e)[:500], attempts, max(0, attempts - 1), usage)
             return
-        # Usage: every call this sample cost (invalid answers included), committed with the sample so that
-        # the total over resumed runs survives kill -9 (see total_usage). A failed commit (a full disk) is
-        # the run's failure, not the sample's: it propagates and stops the run.
-        meta = {**parsed.metadata, "images": keys, "attempts": attempts, "calls": attempts,
-                "usage": asdict(usage), "model": client.config.model}
-        record = sample_to_record(parsed.sample)
-        # In a thread: the fsyncs must not stall the event loop that keeps the other requests going.
-        await asyncio.to_thread(commit_sample, work / STAGING, record, planned.id, meta)
+        # In a thread: the fsyncs must not stall the event loop that keeps the other requests going. A
+        # failed commit (a full disk) is the run's failure, not the sample's: it propagates and stops the run.
+        record, meta = await asyncio.to_thread(commit_answer, work, planned, parsed, inputs.keys, attempts,
+                                               attempts, usage, client.config.model)
         if packer is not None:
             packer.committed(planned.id, record, meta)
         stats.written += 1
@@ -112,9 +98,8 @@ async def _synthesise(config: SynthesisConfig, todo: list[PlannedSample], pool: 
 
     async def _fail(planned: PlannedSample, reason: str, detail: str, attempts: int, calls: int,
                     usage: Usage) -> None:
-        row = {"id": planned.id, "reason": reason, "detail": detail, "attempts": attempts, "calls": calls,
-               "usage": asdict(usage), "model": client.config.model}
-        await asyncio.to_thread(record_failure, work, row)
+        await asyncio.to_thread(record_failed, work, planned, reason, detail, attempts, calls, usage,
+                                client.config.model)
         if packer is not None:
             packer.failed(planned.id)
         stats.failed[reason] += 1
