@@ -22,6 +22,7 @@ from tqdm import tqdm
 
 from mme5.files import OutputFolder, path_fingerprint, remove_path, write_json
 from mme5.synthesis.answers import commit_answer, record_failed, sample_inputs
+from mme5.synthesis.batch import BatchOutcome, Ledger, run_batches
 from mme5.synthesis.client import ChatClient, ChatError, ServiceError, Usage
 from mme5.synthesis.config import PLAN, SynthesisConfig, load_or_write_plan, planned_samples
 from mme5.synthesis.images import Embed, ImagePool, NeighbourIndex, encoder_embedder
@@ -179,7 +180,9 @@ def _run(config: SynthesisConfig, folder: OutputFolder, full_plan: list[PlannedS
         todo = [s for s in plan if s.id not in skip]
         retried = frozenset(s.id for s in todo if s.id in failed_before)
         index = None
-        if pool is not None and any(s.needs_images for s in todo):
+        # batch mode: the ids in batches a killed run left open need their images too (when committed)
+        asked = todo if config.client_config().mode == "online" else [s for s in plan if s.id not in written]
+        if pool is not None and any(s.needs_images for s in asked):
             if embed is None:
                 embed, embed_name = encoder_embedder(config.embedder)
             index = NeighbourIndex(pool, embed, embed_name or getattr(embed, "name", "embedder"),
@@ -206,17 +209,27 @@ def _run(config: SynthesisConfig, folder: OutputFolder, full_plan: list[PlannedS
             finally:
                 await asyncio.to_thread(packer.close)
 
+    batch_mode = config.client_config().mode == "batch"
+    batches = BatchOutcome()
     stopped = None
     try:
-        if todo:
+        if batch_mode:
+            read_image = functools.lru_cache(maxsize=32)(pool.read) if pool is not None else None
+            run_batches(config, work, plan, todo,
+                        functools.partial(sample_inputs, pool=pool, index=index, read_image=read_image),
+                        set(written), batches)
+        elif todo:
             asyncio.run(main())
     except (ServiceError, OSError) as error:  # the service or the disk, not a sample: stop, say why
         stopped = f"{type(error).__name__}: {error}"
         log.error("synthesis stopped: %s (nothing recorded against the ids in flight; fix it and run "
                   "the same command again to resume)", stopped)
-    usage, calls = (client.total, client.calls) if client is not None else (Usage(), 0)
+    if batch_mode:
+        stats.written, stats.failed = len(batches.written), Counter(batches.failed_reasons)
+        stats.retried_written = len(retried.intersection(batches.written))
+    usage, calls = (client.total, client.calls) if client is not None else (batches.usage, batches.calls)
     # The packer finished: every id is known without reading the shards back; otherwise pack reads them.
-    packed = None if packer is not None and packer.error is not None else \
+    packed = None if batch_mode or (packer is not None and packer.error is not None) else \
         written | set(packer.packed if packer is not None else ())
     pack(work, plan, config.shard_size, packed)
     summary = summarise(work, plan, packed)
@@ -227,6 +240,9 @@ def _run(config: SynthesisConfig, folder: OutputFolder, full_plan: list[PlannedS
         "input_tokens": usage.input_tokens, "output_tokens": usage.output_tokens,
         "cost_usd": round(usage.cost_usd, 6), "wall_s": round(time.monotonic() - start, 3),
         "model": config.client["model"]}
+    if batch_mode:
+        summary["this_run"] |= {"mode": "batch", "batches": batches.batches}
+        summary["batches"] = len(Ledger(work).rows)
     if folder.identity["model"] != config.client["model"]:  # --allow-model-change
         summary["this_run"]["folder_model"] = folder.identity["model"]
     if stopped is not None:
