@@ -11,6 +11,7 @@ from pathlib import Path
 
 import pytest
 from chat_server import BatchServer, Failure
+from doc_blocks import doc_commands
 from test_synthesis_images import FakeEmbed
 from test_synthesis_pipeline import ANSWER, KEY_ENV, assert_no_key, failed_lines, settings, written_ids
 
@@ -140,7 +141,10 @@ run(SynthesisConfig(**{values!r}), embed=FakeEmbed())
 """
 
 
-@pytest.mark.parametrize("point", ["upload", "create", "poll", "download", "commit"])
+# ~14 s each (a subprocess importing torch, two runs): the create point (the step that is paid for) in the
+# quick suite, the other four marked slow
+@pytest.mark.parametrize("point", [pytest.param(p, marks=pytest.mark.slow) if p != "create" else p
+                                   for p in ("upload", "create", "poll", "download", "commit")])
 def test_kill_9_at_each_remote_step_resumes_by_reattaching(tmp_path, point):
     with AnswerBatchServer() as server:  # the uninterrupted run
         reference = batch_settings(tmp_path / "reference", server)
@@ -228,3 +232,15 @@ def test_batch_settings_are_checked(tmp_path):
         SynthesisConfig(out=str(tmp_path), client={"model": "m", "local_batch_command": "vllm run-batch"})
     with pytest.raises(ValueError, match="'online' or 'batch'"):
         SynthesisConfig(out=str(tmp_path), client={"model": "m", "mode": "offline"})
+
+
+def test_docs_dry_run_figures(tmp_path, capsys):
+    """The figures docs/synthesis.md quotes are what its --dry-run command prints."""
+    [command] = doc_commands("docs/synthesis.md", "Cost: online or batch")
+    assert cli_main(command.split()[3:] + ["--out", str(tmp_path / "out")]) == 0
+    estimate = json.loads(capsys.readouterr().out)["estimate"]
+    text = Path("docs/synthesis.md").read_text()
+    by_mode = estimate["cost_usd_by_mode"]
+    assert f"${by_mode['online']:.2f} online, ${by_mode['batch']:.2f} batch" in text
+    tokens = f"{estimate['input_tokens'] / 1e6:.1f}M input and {estimate['output_tokens'] / 1e6:.1f}M output"
+    assert tokens in text
