@@ -356,7 +356,7 @@ def test_an_unreachable_server_is_detected_across_requests_not_per_sample(tmp_pa
 
 
 def test_a_disk_error_while_committing_stops_the_run_and_loses_nothing(tmp_path, monkeypatch):
-    import mme5.synthesis.pipeline as pipeline
+    import mme5.synthesis.answers as answers
 
     commits = []
 
@@ -369,7 +369,7 @@ def test_a_disk_error_while_committing_stops_the_run_and_loses_nothing(tmp_path,
     with AnswerServer() as server:
         config = settings(tmp_path, server, client=settings(tmp_path, server).client | {"max_concurrency": 1})
         with monkeypatch.context() as patch:
-            patch.setattr(pipeline, "commit_sample", disk_fills_up)
+            patch.setattr(answers, "commit_sample", disk_fills_up)
             summary = run(config, embed=FakeEmbed())
         assert "No space left" in summary["stopped"] and failed_lines(Path(config.out)) == []
         assert sorted(written_ids(Path(config.out))) == sorted(commits)  # what was committed is kept

@@ -1,5 +1,5 @@
 """python -m mme5.synthesis --config configs/synthesis/default.yaml [overrides] [--retry-failed]
-[--allow-model-change] [--overwrite] [--dry-run]"""
+[--mode online|batch] [--local-batch-command CMD] [--allow-model-change] [--overwrite] [--dry-run]"""
 
 from __future__ import annotations
 
@@ -16,7 +16,8 @@ from mme5.synthesis.plan import split, summary
 # flag → (section, key); section None: a top-level setting
 OVERRIDES = {
     "base_url": ("client", "base_url"), "model": ("client", "model"),
-    "concurrency": ("client", "max_concurrency"),
+    "concurrency": ("client", "max_concurrency"), "mode": ("client", "mode"),
+    "local_batch_command": ("client", "local_batch_command"),
     "num_samples": (None, "num_samples"), "images": (None, "images"), "out": (None, "out"),
     "seed": (None, "seed"), "embedder": (None, "embedder"), "shard": (None, "shard_index"),
     "num_shards": (None, "num_shards"), "retry_failed": (None, "retry_failed"),
@@ -32,6 +33,12 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     parser.add_argument("--images", help="image folder or list file")
     parser.add_argument("--out", help="output folder")
     parser.add_argument("--concurrency", type=int)
+    parser.add_argument("--mode", choices=("online", "batch"),
+                        help="online: one chat call per sample; batch: JSONL files through the Batch API "
+                             "(half price, within 24 h) or --local-batch-command")
+    parser.add_argument("--local-batch-command",
+                        help='mode batch on one\'s own GPUs: a command with {input} and {output}, e.g. "vllm '
+                             'run-batch -i {input} -o {output} --model M"')
     parser.add_argument("--seed", type=int)
     parser.add_argument("--embedder", help="model folder of the neighbour-image retrieval model")
     parser.add_argument("--shard", type=int, help="this job's index in a job-array split")
@@ -45,7 +52,7 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
                         help="replace a folder holding other output (its samples are lost once this run "
                              "completes); not for job-array parts")
     parser.add_argument("--dry-run", action="store_true",
-                        help="print the plan's mix and a token/cost estimate")
+                        help="print the plan's mix and a token/cost estimate (online and batch prices)")
     return parser.parse_args(argv)
 
 

@@ -61,12 +61,39 @@ class ClientConfig:
     """Consecutive failed connection attempts, across all requests and with no response in between, after
     which the server counts as unreachable and every call raises `ServiceError` (not minutes of retries per
     sample). At least two per concurrent slot, so that one wave of dropped connections is not enough."""
+    mode: str = "online"
+    """"online": one chat call per sample (`max_concurrency` at once); "batch": the requests go as JSONL
+    files to the Batch API (`files` + `batches`) or to `local_batch_command`, answers within hours."""
+    batch_max_requests: int = 50_000
+    """Requests per batch file (the OpenAI Batch API's limit is 50,000)."""
+    batch_max_bytes: int = 190_000_000
+    """Bytes per batch file (the API's limit is 200 MB; images are inlined as base64)."""
+    batch_discount: float = 0.5
+    """Batch price as a share of the online prices above (OpenAI: half)."""
+    batch_poll_s: float = 60.0
+    """Seconds between two status checks of the batches in flight."""
+    local_batch_command: str | None = None
+    """Mode batch without the API: a command with {input} and {output}, e.g. "vllm run-batch -i {input} -o
+    {output} --model M", that answers the JSONL file locally (same line formats as the API)."""
 
     def __post_init__(self) -> None:
-        at_least(self, {"max_concurrency": 1, "max_attempts": 1, "max_tokens": 1, "unreachable_after": 1})
+        at_least(self, {"max_concurrency": 1, "max_attempts": 1, "max_tokens": 1, "unreachable_after": 1,
+                        "batch_max_requests": 1, "batch_max_bytes": 1})
+        at_least(self, {"batch_discount": 0, "batch_poll_s": 0})
         positive(self, ("timeout_s", "requests_per_minute", "tokens_per_minute"))
         at_least(self, {"backoff_base_s": 0, "backoff_max_s": 0, "max_retry_after_s": 0,
                         "input_usd_per_million": 0, "output_usd_per_million": 0, "temperature": 0})
+        if self.mode not in ("online", "batch"):
+            raise ValueError(f"client.mode must be 'online' or 'batch', got {self.mode!r}")
+        if self.local_batch_command is not None and not all(
+                f"{{{name}}}" in self.local_batch_command for name in ("input", "output")):
+            raise ValueError("client.local_batch_command must contain {input} and {output}, got "
+                             f"{self.local_batch_command!r}")
+
+    def price(self, input_tokens: int, output_tokens: int) -> float:
+        """USD for these tokens in this client's mode (the batch discount applied in mode batch)."""
+        cost = (input_tokens * self.input_usd_per_million + output_tokens * self.output_usd_per_million) / 1e6
+        return cost * (self.batch_discount if self.mode == "batch" else 1.0)
 
     @classmethod
     def from_dict(cls, values: dict[str, Any]) -> ClientConfig:
@@ -226,17 +253,8 @@ class ChatClient:
         servers that reject `response_format` need `use_response_format=False`, and then the prompt itself
         must carry the JSON instruction.
         """
-        messages = build_messages(prompt, images, system)
-        request: dict[str, Any] = {"model": self.config.model, "messages": messages}
-        if self.config.max_tokens is not None:
-            request["max_tokens"] = self.config.max_tokens
-        if self.config.temperature is not None:
-            request["temperature"] = self.config.temperature
-        if json_schema is not None and use_response_format:
-            request["response_format"] = {
-                "type": "json_schema",
-                "json_schema": {"name": schema_name, "schema": json_schema, "strict": True},
-            }
+        request = chat_body(self.config, prompt, images, system=system, json_schema=json_schema,
+                            schema_name=schema_name, use_response_format=use_response_format)
         estimate = _estimate_tokens(prompt, system, len(images), self.config.max_tokens)
         start = time.monotonic()
         for attempt in range(1, self.config.max_attempts + 1):
@@ -255,12 +273,12 @@ class ChatClient:
                     self._next_pool = (self._next_pool + 1) % len(self._pools)
                     # `cast_to=object`: the parsed JSON as is. Building the typed ChatCompletion model
                     # (pydantic construction of every nested object) cost ~0.35 ms of CPU a call (cProfile,
-                    # c=64); we need two fields of it, read and checked in `_content_and_usage`.
+                    # c=64); we need two fields of it, read and checked in `content_and_usage`.
                     data = await self._pools[self._next_pool].post("/chat/completions", body=request,
                                                                    cast_to=object)
                     latency = time.monotonic() - sent
                 self._connection_failures = 0
-                content, usage = _content_and_usage(data)
+                content, usage = content_and_usage(data)
             except Exception as e:  # classified by _retry_wait; kinds it does not know are re-raised
                 wait = self._retry_wait(e, attempt)
                 if wait is None:
@@ -317,15 +335,30 @@ class ChatClient:
         output_tokens = int(usage.get("completion_tokens") or 0)
         if self._tokens:
             self._tokens.adjust(input_tokens + output_tokens - estimate)
-        cost = (input_tokens * self.config.input_usd_per_million
-                + output_tokens * self.config.output_usd_per_million) / 1e6
-        result = Usage(input_tokens, output_tokens, cost)
+        result = Usage(input_tokens, output_tokens, self.config.price(input_tokens, output_tokens))
         self.total += result
         self.calls += 1
         return result
 
 
-def _content_and_usage(data: Any) -> tuple[str, dict[str, Any]]:
+def chat_body(config: ClientConfig, prompt: str, images: Sequence[bytes] = (), *, system: str | None = None,
+              json_schema: dict[str, Any] | None = None, schema_name: str = "output",
+              use_response_format: bool = True) -> dict[str, Any]:
+    """The JSON body of one chat completion: the same for an online call and a batch file's line."""
+    body: dict[str, Any] = {"model": config.model, "messages": build_messages(prompt, images, system)}
+    if config.max_tokens is not None:
+        body["max_tokens"] = config.max_tokens
+    if config.temperature is not None:
+        body["temperature"] = config.temperature
+    if json_schema is not None and use_response_format:
+        body["response_format"] = {
+            "type": "json_schema",
+            "json_schema": {"name": schema_name, "schema": json_schema, "strict": True},
+        }
+    return body
+
+
+def content_and_usage(data: Any) -> tuple[str, dict[str, Any]]:
     """The answer text and the `usage` object of a chat-completion body; ValueError if it is not one."""
     if not isinstance(data, dict):
         raise ValueError("the response body is not a JSON object")

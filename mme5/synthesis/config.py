@@ -3,7 +3,7 @@
 from __future__ import annotations
 
 import json
-from dataclasses import dataclass, field, fields
+from dataclasses import dataclass, field, fields, replace
 from pathlib import Path
 from typing import Any
 
@@ -139,7 +139,8 @@ def load_or_write_plan(plan: list[PlannedSample], path: Path) -> list[PlannedSam
 
 
 def estimate(config: SynthesisConfig, plan: list[PlannedSample]) -> dict[str, Any]:
-    """Rough tokens and cost of synthesising `plan` (~4 characters a token, a fixed charge per image)."""
+    """Rough tokens and cost of synthesising `plan` (~4 characters a token, a fixed charge per image): in the
+    configured mode (`cost_usd`) and in both, online prices and batch discount side by side."""
     client = config.client_config()
     input_tokens = 0
     for planned in plan:
@@ -150,6 +151,7 @@ def estimate(config: SynthesisConfig, plan: list[PlannedSample]) -> dict[str, An
         input_tokens += (len(prompt) + len(request.system) + schema) // 4
         input_tokens += n_images * config.estimated_image_tokens
     output_tokens = len(plan) * config.estimated_output_tokens
-    cost = (input_tokens * client.input_usd_per_million + output_tokens * client.output_usd_per_million) / 1e6
+    by_mode = {mode: round(replace(client, mode=mode).price(input_tokens, output_tokens), 4)
+               for mode in ("online", "batch")}
     return {"calls": len(plan), "input_tokens": input_tokens, "output_tokens": output_tokens,
-            "cost_usd": round(cost, 4)}
+            "cost_usd": by_mode[client.mode], "cost_usd_by_mode": by_mode}

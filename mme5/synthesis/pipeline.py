@@ -20,25 +20,22 @@ from typing import Any
 
 from tqdm import tqdm
 
-from mme5.data.shards import sample_to_record
 from mme5.files import OutputFolder, path_fingerprint, remove_path, write_json
+from mme5.synthesis.answers import commit_answer, record_failed, sample_inputs
+from mme5.synthesis.batch import BatchOutcome, Ledger, run_batches
 from mme5.synthesis.client import ChatClient, ChatError, ServiceError, Usage
 from mme5.synthesis.config import PLAN, SynthesisConfig, load_or_write_plan, planned_samples
-from mme5.synthesis.images import Embed, ImagePool, NeighbourIndex, encoder_embedder, select_images
+from mme5.synthesis.images import Embed, ImagePool, NeighbourIndex, encoder_embedder
 from mme5.synthesis.owner import claim_output
 from mme5.synthesis.plan import PlannedSample, split
-from mme5.synthesis.prompting import build_request
 from mme5.synthesis.validation import InvalidAnswer, parse_answer
 from mme5.synthesis.workdir import (
-    STAGING,
     SUMMARY,
     Packer,
-    commit_sample,
     failed_rows,
     pack,
     packed_ids,
     prepare,
-    record_failure,
     summarise,
 )
 
@@ -66,19 +63,13 @@ async def _synthesise(config: SynthesisConfig, todo: list[PlannedSample], pool: 
     async def one(planned: PlannedSample) -> None:
         attempts, usage = 0, Usage()
         try:
-            keys = select_images(planned, pool, index) if (pool is not None and index is not None) else {}
-            request = build_request(planned, len(keys))
-            images = {role: read_image(key) for role, key in keys.items()}
+            inputs = sample_inputs(planned, pool, index, read_image)
             while True:
                 attempts += 1
-                result = await client.complete(
-                    request.prompt if config.use_response_format else request.fallback_prompt,
-                    [images[role] for role in request.image_roles], system=request.system,
-                    json_schema=request.schema, schema_name=request.schema_name,
-                    use_response_format=config.use_response_format)
+                result = await client.complete(**inputs.chat_arguments(config))
                 usage += result.usage
                 try:
-                    parsed = parse_answer(planned, result.content, images)
+                    parsed = parse_answer(planned, result.content, inputs.images)
                     break
                 except InvalidAnswer:
                     if attempts > config.answer_retries:
@@ -96,14 +87,10 @@ async def _synthesise(config: SynthesisConfig, todo: list[PlannedSample], pool: 
         except Exception as e:  # one bad sample (unreadable image, ...) must not stop the run
             await _fail(planned, type(e).__name__, str(e)[:500], attempts, max(0, attempts - 1), usage)
             return
-        # Usage: every call this sample cost (invalid answers included), committed with the sample so that
-        # the total over resumed runs survives kill -9 (see total_usage). A failed commit (a full disk) is
-        # the run's failure, not the sample's: it propagates and stops the run.
-        meta = {**parsed.metadata, "images": keys, "attempts": attempts, "calls": attempts,
-                "usage": asdict(usage), "model": client.config.model}
-        record = sample_to_record(parsed.sample)
-        # In a thread: the fsyncs must not stall the event loop that keeps the other requests going.
-        await asyncio.to_thread(commit_sample, work / STAGING, record, planned.id, meta)
+        # In a thread: the fsyncs must not stall the event loop that keeps the other requests going. A
+        # failed commit (a full disk) is the run's failure, not the sample's: it propagates and stops the run.
+        record, meta = await asyncio.to_thread(commit_answer, work, planned, parsed, inputs.keys, attempts,
+                                               attempts, usage, client.config.model)
         if packer is not None:
             packer.committed(planned.id, record, meta)
         stats.written += 1
@@ -112,9 +99,8 @@ async def _synthesise(config: SynthesisConfig, todo: list[PlannedSample], pool: 
 
     async def _fail(planned: PlannedSample, reason: str, detail: str, attempts: int, calls: int,
                     usage: Usage) -> None:
-        row = {"id": planned.id, "reason": reason, "detail": detail, "attempts": attempts, "calls": calls,
-               "usage": asdict(usage), "model": client.config.model}
-        await asyncio.to_thread(record_failure, work, row)
+        await asyncio.to_thread(record_failed, work, planned, reason, detail, attempts, calls, usage,
+                                client.config.model)
         if packer is not None:
             packer.failed(planned.id)
         stats.failed[reason] += 1
@@ -194,7 +180,9 @@ def _run(config: SynthesisConfig, folder: OutputFolder, full_plan: list[PlannedS
         todo = [s for s in plan if s.id not in skip]
         retried = frozenset(s.id for s in todo if s.id in failed_before)
         index = None
-        if pool is not None and any(s.needs_images for s in todo):
+        # batch mode: the ids in batches a killed run left open need their images too (when committed)
+        asked = todo if config.client_config().mode == "online" else [s for s in plan if s.id not in written]
+        if pool is not None and any(s.needs_images for s in asked):
             if embed is None:
                 embed, embed_name = encoder_embedder(config.embedder)
             index = NeighbourIndex(pool, embed, embed_name or getattr(embed, "name", "embedder"),
@@ -221,17 +209,27 @@ def _run(config: SynthesisConfig, folder: OutputFolder, full_plan: list[PlannedS
             finally:
                 await asyncio.to_thread(packer.close)
 
+    batch_mode = config.client_config().mode == "batch"
+    batches = BatchOutcome()
     stopped = None
     try:
-        if todo:
+        if batch_mode:
+            read_image = functools.lru_cache(maxsize=32)(pool.read) if pool is not None else None
+            run_batches(config, work, plan, todo,
+                        functools.partial(sample_inputs, pool=pool, index=index, read_image=read_image),
+                        set(written), batches)
+        elif todo:
             asyncio.run(main())
     except (ServiceError, OSError) as error:  # the service or the disk, not a sample: stop, say why
         stopped = f"{type(error).__name__}: {error}"
         log.error("synthesis stopped: %s (nothing recorded against the ids in flight; fix it and run "
                   "the same command again to resume)", stopped)
-    usage, calls = (client.total, client.calls) if client is not None else (Usage(), 0)
+    if batch_mode:
+        stats.written, stats.failed = len(batches.written), Counter(batches.failed_reasons)
+        stats.retried_written = len(retried.intersection(batches.written))
+    usage, calls = (client.total, client.calls) if client is not None else (batches.usage, batches.calls)
     # The packer finished: every id is known without reading the shards back; otherwise pack reads them.
-    packed = None if packer is not None and packer.error is not None else \
+    packed = None if batch_mode or (packer is not None and packer.error is not None) else \
         written | set(packer.packed if packer is not None else ())
     pack(work, plan, config.shard_size, packed)
     summary = summarise(work, plan, packed)
@@ -242,6 +240,9 @@ def _run(config: SynthesisConfig, folder: OutputFolder, full_plan: list[PlannedS
         "input_tokens": usage.input_tokens, "output_tokens": usage.output_tokens,
         "cost_usd": round(usage.cost_usd, 6), "wall_s": round(time.monotonic() - start, 3),
         "model": config.client["model"]}
+    if batch_mode:
+        summary["this_run"] |= {"mode": "batch", "batches": batches.batches}
+        summary["batches"] = len(Ledger(work).rows)
     if folder.identity["model"] != config.client["model"]:  # --allow-model-change
         summary["this_run"]["folder_model"] = folder.identity["model"]
     if stopped is not None:

@@ -75,8 +75,13 @@ _APPEND_LOCK = threading.Lock()
 def record_failure(work: Path, row: dict[str, Any]) -> None:
     """Append one failure row to `failed.jsonl`, fsynced. Rows are never rewritten: a later row for the
     same id (a `--retry-failed` run) supersedes an earlier one, and a committed sample supersedes both."""
+    append_row(work / FAILED, row)
+
+
+def append_row(path: Path, row: dict[str, Any]) -> None:
+    """Append one JSON line to `path`, fsynced before this returns (a crash keeps it or tears only it)."""
     line = (json.dumps(row, ensure_ascii=False, sort_keys=True) + "\n").encode("utf-8")
-    with _APPEND_LOCK, open(work / FAILED, "ab") as f:
+    with _APPEND_LOCK, open(path, "ab") as f:
         f.write(line)
         f.flush()
         os.fsync(f.fileno())
