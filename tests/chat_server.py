@@ -142,7 +142,8 @@ class BatchServer(ChatServer):
     chat completion (`_completion`) per answered request, and the error file a 400 for the ids in
     `request_errors`; an "expired" batch answers only its first `expired_answers` requests, the rest are
     `batch_expired` errors; a "failed" batch answers none and has no files. `scripted` failures apply to
-    every route. Recorded: `uploads` (filename, custom_ids), `created` (batch id, custom_ids), `downloads`.
+    every route. Recorded: `uploads` (filename, custom_ids), `created` (batch id, custom_ids), `downloads`,
+    `listings`.
     """
 
     def __init__(self, outcomes=(), expired_answers: int = 0, request_errors=(), **kwargs):
@@ -155,6 +156,7 @@ class BatchServer(ChatServer):
         self.uploads: list[tuple[str, list[str]]] = []
         self.created: list[tuple[str, list[str]]] = []
         self.downloads: list[str] = []
+        self.listings = 0  # GET /files and /batches: only a resume after a kill should need them
 
     def route(self, method: str, path: str, headers, raw: bytes) -> tuple[int, str]:
         with self._lock:
@@ -166,6 +168,7 @@ class BatchServer(ChatServer):
             if parts == ["files"] and method == "POST":
                 return 200, json.dumps(self._upload(headers["Content-Type"], raw))
             if parts == ["files"]:
+                self.listings += 1
                 return 200, json.dumps({"object": "list", "data": [self._file(i) for i in self.files],
                                         "has_more": False})
             if parts[0] == "files" and len(parts) == 3 and parts[1] in self.files:
@@ -174,6 +177,7 @@ class BatchServer(ChatServer):
             if parts == ["batches"] and method == "POST":
                 return 200, json.dumps(self._create(json.loads(raw)))
             if parts == ["batches"]:
+                self.listings += 1
                 data = [self._batch(i) for i in reversed(self.batches)]  # newest first, as the API
                 return 200, json.dumps({"object": "list", "data": data, "has_more": False})
             if parts[0] == "batches" and len(parts) == 2 and parts[1] in self.batches:

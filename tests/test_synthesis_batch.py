@@ -67,6 +67,7 @@ def test_batch_mode_writes_every_planned_id_once_and_retries_exactly_the_failed(
     assert (summary["written"], summary["failed"], summary["failed_by_reason"]) == \
         (23, 1, {"chat_http_400": 1})
     assert summary["this_run"]["batches"] == 4 and summary["batches"] == 4
+    assert server.listings == 0  # the account's files and batches are read only to re-attach after a kill
     # cost at the batch price: half of 2.5 $/M input and 10 $/M output, over the 24 answered requests
     assert summary["this_run"]["calls"] == 24 == summary["total"]["calls"]
     assert summary["total"]["cost_usd"] == round(24 * (120 * 2.5 + 30 * 10.0) / 1e6 * 0.5, 6)

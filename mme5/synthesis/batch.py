@@ -5,15 +5,18 @@ Exactly once. `batches.jsonl` (append-only, fsynced; the latest row per batch co
 before and after every remote step; its `state` says what is done and so what comes next:
 
     written     input file on disk (`batches/<name>.jsonl`, its ids in `<name>.ids.json`, its sha256)  upload
+    uploading   the upload was started (it may have reached the provider)                 look up, upload
     uploaded    file_id                                                                                 create
+    creating    the create was started (it may have reached the provider)                 look up, create
     submitted   batch_id (and the last status seen: validating, in_progress, finalizing)                poll
     ended       the final status (completed, expired, failed, cancelled), output and error file ids   download
     downloaded  the answers on disk (`<name>.output.jsonl`, `<name>.errors.jsonl`)                      commit
     committed   every id settled: written, failed, or `again` (into a later batch, with what it cost)
 
-A run killed anywhere resumes from the latest rows. A step that returned but was not recorded yet (killed
-right after the upload or the create) is found again by name: the uploaded file's name and the batch's
-metadata carry the folder's token and the batch name. So a planned id goes into a new batch only when it is
+A run killed anywhere resumes from the latest rows. A step that was started but not recorded as done
+(`uploading`, `creating`: killed during or right after the call) is looked up at the provider by name before
+it is tried again: the uploaded file's name and the batch's metadata carry the folder's token and the batch
+name. Only then is the account's list read, newest first, and only until the name is found. So a planned id goes into a new batch only when it is
 in no uncommitted batch, and nothing is submitted or paid twice. An expired, failed or cancelled batch's
 unanswered ids go into the next batch, as do answers that fail validation, until `answer_retries` extra
 submissions are spent; then the id is recorded as failed.
@@ -189,8 +192,10 @@ class BatchAPI:
                                f"({_describe(error)})") from error
 
     def find_file(self, filename: str) -> str | None:
-        files = self._call("listing files", lambda: list(self._client.files.list(purpose="batch")))
-        return next((f.id for f in files if f.filename == filename), None)
+        """The id of this account's batch file named `filename`, reading the (paginated) list only until it
+        is found."""
+        return self._call("listing files", lambda: next(
+            (f.id for f in self._client.files.list(purpose="batch") if f.filename == filename), None))
 
     def upload(self, path: Path, filename: str) -> str:
         with open(path, "rb") as f:
@@ -198,8 +203,9 @@ class BatchAPI:
                               lambda: self._client.files.create(file=(filename, f), purpose="batch").id)
 
     def find_batch(self, metadata: dict[str, str]) -> str | None:
-        batches = self._call("listing batches", lambda: list(self._client.batches.list()))
-        return next((b.id for b in batches if (b.metadata or {}) == metadata), None)
+        """The id of this account's batch with `metadata`, reading the (paginated) list only until found."""
+        return self._call("listing batches", lambda: next(
+            (b.id for b in self._client.batches.list() if (b.metadata or {}) == metadata), None))
 
     def create(self, file_id: str, metadata: dict[str, str]) -> str:
         return self._call(f"creating the batch of {file_id}", lambda: self._client.batches.create(
@@ -222,13 +228,18 @@ def drive_remote(ledger: Ledger, api: BatchAPI, names: list[str], poll_s: float)
     created = 0
     for name in names:
         row = ledger.rows[name]
-        if row["state"] == "written":  # the upload may have happened before a kill: look for it first
+        if row["state"] in ("written", "uploading"):
             filename = ledger.filename(name)
-            file_id = api.find_file(filename) or api.upload(ledger.path(name, ".jsonl"), filename)
+            # an upload started before a kill may have reached the provider: look for it first
+            file_id = api.find_file(filename) if row["state"] == "uploading" else None
+            if file_id is None:
+                ledger.record(name, "uploading")
+                file_id = api.upload(ledger.path(name, ".jsonl"), filename)
             row = ledger.record(name, "uploaded", file_id=file_id)
-        if row["state"] == "uploaded":  # likewise the create
-            batch_id = api.find_batch(ledger.metadata(name))
+        if row["state"] in ("uploaded", "creating"):  # likewise the create
+            batch_id = api.find_batch(ledger.metadata(name)) if row["state"] == "creating" else None
             if batch_id is None:
+                ledger.record(name, "creating")
                 batch_id, created = api.create(row["file_id"], ledger.metadata(name)), created + 1
             ledger.record(name, "submitted", batch_id=batch_id)
     waiting = [name for name in names if ledger.rows[name]["state"] == "submitted"]
