@@ -413,5 +413,6 @@ def test_a_folder_mined_before_positive_refinement_keeps_its_identity(tmp_path):
     """Settings added later are None when off, as an older folder's record reads them: it still resumes."""
     settings = mining.MiningSettings()
     now = mining.mining_identity(source(tmp_path / "src"), "m", settings, 1000)
-    before = {k: v for k, v in now.items() if k not in ("min_positive_score", "report_only", "below_positive")}
+    added = ("min_positive_score", "report_only", "below_positive")
+    before = {k: v for k, v in now.items() if k not in added}
     assert identity_changes(before, now) == {}

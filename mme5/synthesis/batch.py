@@ -16,10 +16,10 @@ before and after every remote step; its `state` says what is done and so what co
 A run killed anywhere resumes from the latest rows. A step that was started but not recorded as done
 (`uploading`, `creating`: killed during or right after the call) is looked up at the provider by name before
 it is tried again: the uploaded file's name and the batch's metadata carry the folder's token and the batch
-name. Only then is the account's list read, newest first, and only until the name is found. So a planned id goes into a new batch only when it is
-in no uncommitted batch, and nothing is submitted or paid twice. An expired, failed or cancelled batch's
-unanswered ids go into the next batch, as do answers that fail validation, until `answer_retries` extra
-submissions are spent; then the id is recorded as failed.
+name. Only then is the account's list read, newest first, and only until the name is found. So a planned
+id goes into a new batch only when it is in no uncommitted batch, and nothing is submitted or paid twice.
+An expired, failed or cancelled batch's unanswered ids go into the next batch, as do answers that fail
+validation, until `answer_retries` extra submissions are spent; then the id is recorded as failed.
 """
 
 from __future__ import annotations
