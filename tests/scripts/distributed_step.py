@@ -29,8 +29,8 @@ from mme5.eval.callbacks import MMEBEval
 from mme5.module import EmbeddingModule
 
 ALLREDUCES = {"ddp": 0, "explicit": 0, "reduce_scatter": 0}
-TECHNIQUES = {"hardness_mode": "all_negatives", "hardness_strength": 5.0, "false_negative_threshold": 0.9,
-              "false_negative_margin": 0.1, "task_temperatures": True}  # tests/test_loss_techniques.py's
+TECHNIQUES = {"hardness_mode": "all_negatives", "hardness_strength": 5.0, "false_negative_threshold": 0.995,
+              "false_negative_margin": 0.005, "task_temperatures": True}  # tests/test_loss_techniques.py's
 
 
 def counting_allreduce(state, bucket):
