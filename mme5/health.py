@@ -51,15 +51,15 @@ def batch_health(output: ContrastiveOutput) -> dict[str, Tensor]:
       (the spread; near 1 = collapsed, every input embeds alike).
     - margin: positive minus hardest other candidate, in cosine, averaged over queries that have one.
     """
-    logits, labels = output.logits, output.labels  # (B, C) scaled scores, -inf where masked; (B,)
-    rows = torch.arange(logits.shape[0], device=logits.device)
-    chance = torch.isfinite(logits).sum(1).float().log()  # (B,) ln(candidates seen)
-    others = logits.clone()
+    scores, labels = output.scores, output.labels  # (B, C) cosines, -inf where masked; (B,)
+    rows = torch.arange(scores.shape[0], device=scores.device)
+    chance = torch.isfinite(scores).sum(1).float().log()  # (B,) ln(candidates seen)
+    others = scores.clone()
     others[rows, labels] = float("-inf")
     hardest = others.max(1).values  # (B,) -inf where the positive is the only candidate
     has_rival = torch.isfinite(hardest)
-    margin = (logits[rows, labels] - hardest)[has_rival] * output.temperature  # cosine units
-    count = torch.tensor(float(logits.shape[0]), device=logits.device)
+    margin = (scores[rows, labels] - hardest)[has_rival]  # cosine units
+    count = torch.tensor(float(scores.shape[0]), device=scores.device)
     sums = sum_over_ranks(torch.cat([
         F.normalize(output.query.float(), dim=-1).sum(0),  # (D,)
         F.normalize(output.positive.float(), dim=-1).sum(0),  # (D,)

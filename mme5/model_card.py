@@ -21,6 +21,9 @@ from mme5.hub import card_licence, is_hub_id
 PAPER = "https://arxiv.org/abs/2502.08468"
 RECIPE_KEYS = ("lr", "temperature", "warmup", "schedule", "gradient_cache", "chunk_size", "dtype")
 DATA_KEYS = ("batch_size", "num_negatives", "negative_padding")
+# Training techniques beyond the paper's recipe (docs/training.md): listed when switched on.
+TECHNIQUE_KEYS = ("mask_false_negatives", "hardness_mode", "hardness_strength", "false_negative_threshold",
+                  "false_negative_margin", "task_temperatures", "temperature_groups")
 HUB_LANGUAGE = {"jp": "ja"}  # XTD10 (and the demo world) write Japanese as "jp"; the Hub wants ISO 639-1
 
 
@@ -124,6 +127,7 @@ def _training(hparams: dict[str, Any], data: dict[str, Any], recipe: dict[str, A
         return ["## Training", "", "Not recorded (exported from a folder without a training recipe).", ""]
     lora = hparams.get("lora") or {}
     rows = [(key, hparams[key]) for key in RECIPE_KEYS if key in hparams]
+    rows += [(key, hparams[key]) for key in TECHNIQUE_KEYS if hparams.get(key)]
     rows += [(key, data[key]) for key in DATA_KEYS if key in data]
     rows += [(f"lora.{key}", lora[key]) for key in ("r", "alpha", "dropout", "use_dora") if key in lora]
     rows += [("global_step", recipe.get("global_step"))]

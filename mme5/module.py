@@ -31,8 +31,9 @@ from mme5.backbones import (
     resolve_preset,
 )
 from mme5.backbones.presets import DEFAULT as DEFAULT_PRESET
-from mme5.contrastive import contrastive_step
+from mme5.contrastive import contrastive_step, temperature_group_rows
 from mme5.data.collate import ContrastiveBatch
+from mme5.data.schema import Task
 from mme5.distributed import GradientSync, from_all_ranks
 from mme5.encoder import Encoder, LoraSettings
 from mme5.files import write_json
@@ -98,6 +99,18 @@ class EmbeddingModule(L.LightningModule):
             content equals its own positive's, e.g. the same label text; false (the reference) counts them as
             negatives.
         learnable_temperature: learn log(1/temperature), starting from `temperature`.
+        hardness_mode: add hardness_strength · stop_grad(cosine) to these negatives' logits (sentence-
+            transformers' `MultipleNegativesRankingLoss`; Lan et al. 2025): "in_batch_negatives" (other
+            samples' positives), "hard_negatives" (the query's own), "all_negatives"; null: off.
+        hardness_strength: that α (RzenEmbed: 9 on in-batch negatives; EmbeddingGemma: 5 on hard negatives).
+        false_negative_threshold: drop from a query's softmax a candidate whose cosine to the query's positive
+            exceeds this (RzenEmbed: 0.95); null: off.
+        false_negative_margin: drop a candidate the query scores above its positive + this, in cosine
+            (Qwen3-VL-Embedding: 0.1); null: off.
+        task_temperatures: one learnable temperature per group (RzenEmbed), starting from `temperature`;
+            the groups are the task types, or the values of `temperature_groups`. Replaces
+            learnable_temperature.
+        temperature_groups: {source: group} for `task_temperatures`; null: each sample's task type.
         gradient_cache: chunked two-pass backward; memory bounded by `chunk_size` for any batch size.
         chunk_size: items per encoder forward (the data module collates chunks of this size).
         lr: peak learning rate of AdamW.
@@ -127,6 +140,12 @@ class EmbeddingModule(L.LightningModule):
         temperature: float = 0.02,
         learnable_temperature: bool = False,
         mask_false_negatives: bool = False,
+        hardness_mode: Literal["in_batch_negatives", "hard_negatives", "all_negatives"] | None = None,
+        hardness_strength: float = 0.0,
+        false_negative_threshold: float | None = None,
+        false_negative_margin: float | None = None,
+        task_temperatures: bool = False,
+        temperature_groups: dict[str, str] | None = None,
         gradient_cache: bool = True,
         chunk_size: int = 16,
         lr: float = 1e-5,
@@ -144,7 +163,14 @@ class EmbeddingModule(L.LightningModule):
         input_format = asdict(InputFormat.of(input_format))  # noqa: F841 (saved below)
         self.save_hyperparameters()
         self.automatic_optimization = False
-        self.loss_fn = InfoNCE(temperature, learnable_temperature, mask_false_negatives=mask_false_negatives)
+        if temperature_groups and not task_temperatures:
+            raise ValueError("model.temperature_groups is set but model.task_temperatures is false")
+        groups = sorted(set(temperature_groups.values())) if temperature_groups else [str(t) for t in Task]
+        self.loss_fn = InfoNCE(temperature, learnable_temperature, mask_false_negatives=mask_false_negatives,
+                               hardness_mode=hardness_mode, hardness_strength=hardness_strength,
+                               false_negative_threshold=false_negative_threshold,
+                               false_negative_margin=false_negative_margin,
+                               temperature_groups=groups if task_temperatures else None)
         self.cache = GradCache(chunk_size, backward=self.manual_backward)
         self.encoder: Encoder | None = None
         self._last_step_end: float | None = None
@@ -223,7 +249,7 @@ class EmbeddingModule(L.LightningModule):
             loss, output = contrastive_step(
                 self.encoder.encode_chunk, batch.query, batch.positive, batch.negatives, batch.negative_mask,
                 self.loss_fn, self.cache if self.hparams.gradient_cache else None, self.manual_backward,
-                batch.positive_keys)
+                batch.positive_keys, self.temperature_rows(batch))
 
         self._stop_if_not_finite(loss)
         if self.hparams.gradient_scale == "per_rank" and self.trainer.world_size > 1:
@@ -239,6 +265,11 @@ class EmbeddingModule(L.LightningModule):
         self._log_step(batch, loss, output, data_wait, elapsed)
         self._last_step_end = time.perf_counter()
         return loss
+
+    def temperature_rows(self, batch: ContrastiveBatch) -> Tensor | None:
+        """(B,) each sample's temperature group (`task_temperatures`), else None."""
+        mapping = self.hparams.temperature_groups
+        return temperature_group_rows(self.loss_fn, batch.tasks, batch.sources, mapping)
 
     def _stop_if_not_finite(self, loss: Tensor) -> None:
         bad = not bool(torch.isfinite(loss))
@@ -326,7 +357,9 @@ class EmbeddingModule(L.LightningModule):
             "train/step_sec": elapsed,
         }
         if output.false_negatives is not None:
-            metrics["train/false_negatives"] = output.false_negatives  # masked in-batch candidates a query
+            metrics["train/false_negatives"] = output.false_negatives  # masked candidates a query, any rule
+        metrics |= {f"train/false_negatives/{rule}": n for rule, n in output.false_negatives_by_rule.items()}
+        metrics |= {f"train/temperature/{group}": t for group, t in self.loss_fn.group_temperatures().items()}
         metrics |= batch_health(output)  # over the global batch, the same on every rank (HealthMonitor)
         self.log_dict(metrics, prog_bar=False, on_step=True, on_epoch=False, batch_size=batch.size)
         self.log("loss", loss, prog_bar=True, on_step=True, on_epoch=False, logger=False,

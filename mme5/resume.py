@@ -22,8 +22,13 @@ from mme5.files import OutputFolderError, comparable, describe_changes, identity
 
 COMMAND = "train.py fit"
 # The module settings that define what is trained: a checkpoint of another value is another model.
+# The loss's training techniques are in it: each changes the loss, and task_temperatures the parameters, so
+# going on with another value would train another model under the same run's name.
 RECIPE_KEYS = ("lora", "dtype", "input_format", "temperature", "learnable_temperature",
-               "mask_false_negatives", "gradient_scale")
+               "mask_false_negatives", "gradient_scale", "hardness_mode", "hardness_strength",
+               "false_negative_threshold", "false_negative_margin", "task_temperatures", "temperature_groups")
+# What a run recorded before a recipe setting existed trained with (its record has no such key).
+RECIPE_DEFAULTS = {"hardness_strength": 0.0, "task_temperatures": False}
 DATAMODULE_STATE = "ShardDataModule"  # Lightning keeps a data module's state under its class name
 # What a run writes in its folder besides the checkpoint folders and the logger's folder.
 RUN_FILES = ("hpc_ckpt_*.ckpt", "data_report.json")
@@ -55,7 +60,7 @@ def run_identity(hparams: dict[str, Any], backbone: dict[str, str], detected_pre
     complete, so that spelling out a default is no other recipe. The input format's preset is None when it
     is `detected_preset`, the one the backbone's files give a format naming none: naming it is no other
     recipe (and run folders recorded before presets, or without one named, keep their identity)."""
-    recipe = {key: hparams.get(key) for key in RECIPE_KEYS}
+    recipe = {key: hparams.get(key, RECIPE_DEFAULTS.get(key)) for key in RECIPE_KEYS}
     input_format = InputFormat.of(recipe["input_format"])
     input_format = replace(input_format, truncation=_truncation_identity(recipe["input_format"], input_format,
                                                                          detected_preset, family))

@@ -2,7 +2,7 @@
 
     python tests/scripts/distributed_step.py BACKBONE SHARDS OUT [--strategy ddp|fsdp|hsdp] [--no-cache]
         [--paper-settings] [--bf16] [--steps N] [--stop-at N] [--resume CKPT] [--mmeb ROOT]
-        [--learnable-temperature] [--grad-clip NORM] [--gradient-scale global|per_rank]
+        [--learnable-temperature] [--grad-clip NORM] [--gradient-scale global|per_rank] [--techniques]
 
 Checkpoints land in OUT/ckpt/ (last.ckpt). Rank 0 writes OUT/result.pt about the last step: the initial
 trainable weights, each rank's batch ids, the full gradients after the step's backward(s) (before the
@@ -29,6 +29,8 @@ from mme5.eval.callbacks import MMEBEval
 from mme5.module import EmbeddingModule
 
 ALLREDUCES = {"ddp": 0, "explicit": 0, "reduce_scatter": 0}
+TECHNIQUES = {"hardness_mode": "all_negatives", "hardness_strength": 5.0, "false_negative_threshold": 0.995,
+              "false_negative_margin": 0.005, "task_temperatures": True}  # tests/test_loss_techniques.py's
 
 
 def counting_allreduce(state, bucket):
@@ -119,6 +121,8 @@ def main() -> None:
     parser.add_argument("--mmeb", help="an MMEB folder to evaluate at train start (first 4 queries a set)")
     parser.add_argument("--learnable-temperature", action="store_true")
     parser.add_argument("--grad-clip", type=float, default=0.0)
+    parser.add_argument("--techniques", action="store_true",
+                        help="hardness on all negatives, both false-negative rules, task temperatures")
     parser.add_argument("--gradient-scale", choices=["global", "per_rank"], default="global")
     args = parser.parse_args()
     L.seed_everything(0)
@@ -127,7 +131,8 @@ def main() -> None:
                              dtype="bfloat16" if args.bf16 else None,
                              gradient_cache=not args.no_cache, chunk_size=3, temperature=0.05, lr=1e-3,
                              learnable_temperature=args.learnable_temperature, warmup=1,
-                             grad_clip=args.grad_clip, gradient_scale=args.gradient_scale)
+                             grad_clip=args.grad_clip, gradient_scale=args.gradient_scale,
+                             **(TECHNIQUES if args.techniques else {}))
     data = ShardDataModule([{"path": args.shards}], args.backbone, batch_size=8, num_negatives=2,
                            chunk_size=3, num_workers=0, shuffle_buffer=1)
     evaluation = [MMEBEval(args.mmeb, max_queries=4, batch_size=3, at_train_start=True)] if args.mmeb else []
