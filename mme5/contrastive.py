@@ -12,6 +12,7 @@ from torch import Tensor
 
 from mme5.gradcache import GradCache
 from mme5.losses import ContrastiveOutput, InfoNCE, scatter_negatives
+from mme5.matryoshka import Matryoshka
 
 
 def contrastive_step(
@@ -24,6 +25,7 @@ def contrastive_step(
     cache: GradCache | None = None,
     backward: Callable[[Tensor], Any] = Tensor.backward,
     positive_keys: Tensor | None = None,
+    matryoshka: Matryoshka | None = None,
 ) -> tuple[Tensor, ContrastiveOutput]:
     """Accumulate into `.grad` the gradient of InfoNCE over one batch; returns (detached loss, output).
 
@@ -31,7 +33,7 @@ def contrastive_step(
     negatives, row-major in `negative_mask` (B, K) order). With `cache` the gradient cache encodes them
     twice, one chunk's activations at a time (its own `backward` then applies); without it, one forward of
     everything and one `backward`. Both give the same gradient. `positive_keys` (B,): the positives' content
-    keys, for a loss that masks false negatives.
+    keys, for a loss that masks false negatives. `matryoshka`: sum the loss over prefixes of the embeddings.
     """
     groups = {"query": query, "positive": positive}
     if negatives:
@@ -40,7 +42,12 @@ def contrastive_step(
     def loss_of(embeddings: dict[str, Tensor]) -> ContrastiveOutput:
         scattered = scatter_negatives(embeddings.get("negatives"), negative_mask)
         mask = negative_mask.to(embeddings["query"].device) if scattered is not None else None
-        return loss_fn(embeddings["query"], embeddings["positive"], scattered, mask, positive_keys)
+
+        def loss(query: Tensor, positive: Tensor, negatives: Tensor | None) -> ContrastiveOutput:
+            return loss_fn(query, positive, negatives, mask, positive_keys)
+
+        arguments = (embeddings["query"], embeddings["positive"], scattered)
+        return loss(*arguments) if matryoshka is None else matryoshka(loss, *arguments)
 
     if cache is not None:
         return cache.step(encode, groups, loss_of, loss_parameters=list(loss_fn.parameters()))

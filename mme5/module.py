@@ -40,6 +40,7 @@ from mme5.gradcache import GradCache
 from mme5.health import batch_health
 from mme5.hub import local_model
 from mme5.losses import ContrastiveOutput, InfoNCE
+from mme5.matryoshka import Matryoshka, MatryoshkaOutput
 from mme5.sharding import load_from_rank0, shard_encoder, shards_parameters
 
 DATA_REPORT = "data_report.json"
@@ -98,6 +99,10 @@ class EmbeddingModule(L.LightningModule):
             content equals its own positive's, e.g. the same label text; false (the reference) counts them as
             negatives.
         learnable_temperature: learn log(1/temperature), starting from `temperature`.
+        matryoshka_dims: also train each of these leading sizes of the embedding as an embedding (the loss
+            summed over the prefixes, each normalised; `mme5.matryoshka`), e.g. [4096, 1024, 512, 256].
+        matryoshka_weights: one weight per dimension of `matryoshka_dims` (null: 1 each, as
+            sentence-transformers' MatryoshkaLoss).
         gradient_cache: chunked two-pass backward; memory bounded by `chunk_size` for any batch size.
         chunk_size: items per encoder forward (the data module collates chunks of this size).
         lr: peak learning rate of AdamW.
@@ -127,6 +132,8 @@ class EmbeddingModule(L.LightningModule):
         temperature: float = 0.02,
         learnable_temperature: bool = False,
         mask_false_negatives: bool = False,
+        matryoshka_dims: list[int] | None = None,
+        matryoshka_weights: list[float] | None = None,
         gradient_cache: bool = True,
         chunk_size: int = 16,
         lr: float = 1e-5,
@@ -146,6 +153,7 @@ class EmbeddingModule(L.LightningModule):
         self.automatic_optimization = False
         self.loss_fn = InfoNCE(temperature, learnable_temperature, mask_false_negatives=mask_false_negatives)
         self.cache = GradCache(chunk_size, backward=self.manual_backward)
+        self.matryoshka = Matryoshka.of(matryoshka_dims, matryoshka_weights)
         self.encoder: Encoder | None = None
         self._last_step_end: float | None = None
         self._sync = GradientSync()  # chosen in `on_fit_start`, once the strategy has wrapped the model
@@ -223,7 +231,7 @@ class EmbeddingModule(L.LightningModule):
             loss, output = contrastive_step(
                 self.encoder.encode_chunk, batch.query, batch.positive, batch.negatives, batch.negative_mask,
                 self.loss_fn, self.cache if self.hparams.gradient_cache else None, self.manual_backward,
-                batch.positive_keys)
+                batch.positive_keys, self.matryoshka)
 
         self._stop_if_not_finite(loss)
         if self.hparams.gradient_scale == "per_rank" and self.trainer.world_size > 1:
@@ -327,6 +335,8 @@ class EmbeddingModule(L.LightningModule):
         }
         if output.false_negatives is not None:
             metrics["train/false_negatives"] = output.false_negatives  # masked in-batch candidates a query
+        if isinstance(output, MatryoshkaOutput):
+            metrics |= {f"train/loss_dim{dim}": value for dim, value in output.dim_losses.items()}
         metrics |= batch_health(output)  # over the global batch, the same on every rank (HealthMonitor)
         self.log_dict(metrics, prog_bar=False, on_step=True, on_epoch=False, batch_size=batch.size)
         self.log("loss", loss, prog_bar=True, on_step=True, on_epoch=False, logger=False,

@@ -23,7 +23,7 @@ from mme5.files import OutputFolderError, comparable, describe_changes, identity
 COMMAND = "train.py fit"
 # The module settings that define what is trained: a checkpoint of another value is another model.
 RECIPE_KEYS = ("lora", "dtype", "input_format", "temperature", "learnable_temperature",
-               "mask_false_negatives", "gradient_scale")
+               "mask_false_negatives", "gradient_scale", "matryoshka_dims", "matryoshka_weights")
 DATAMODULE_STATE = "ShardDataModule"  # Lightning keeps a data module's state under its class name
 # What a run writes in its folder besides the checkpoint folders and the logger's folder.
 RUN_FILES = ("hpc_ckpt_*.ckpt", "data_report.json")
