@@ -166,8 +166,9 @@ def checkpoint_problem(path: Path) -> str | None:
 
 
 def write_export_config(folder: Path, encoder: Encoder, dtype: torch.dtype, instructions: dict[str, str],
-                        source: dict[str, Any]) -> None:
-    """`mme5_embedding.json` of an exported folder: how to pool, normalise and prompt, and where from."""
+                        source: dict[str, Any], matryoshka_dims: list[int] | None = None) -> None:
+    """`mme5_embedding.json` of an exported folder: how to pool, normalise and prompt, where from, and the
+    leading sizes trained as embeddings too (`matryoshka_dims`, null when only the whole one was)."""
     write_json(folder / EXPORT_CONFIG, {
         "format_version": EXPORT_FORMAT_VERSION,
         "pooling": "last_token",
@@ -177,18 +178,27 @@ def write_export_config(folder: Path, encoder: Encoder, dtype: torch.dtype, inst
         "dtype": str(dtype).removeprefix("torch."),
         "instructions": instructions,
         "source": source,
+        "matryoshka_dims": matryoshka_dims,
     })
 
 
 def save_model_folder(folder: Path, encoder: Encoder, instructions: dict[str, str], source: dict[str, Any],
-                      model: nn.Module | None = None) -> None:
+                      model: nn.Module | None = None, matryoshka_dims: list[int] | None = None) -> None:
     """Write an exported folder: `model`'s weights (default: the encoder's own; a PEFT model writes its
     adapters only), the processor and `mme5_embedding.json`."""
     model = encoder.model if model is None else model
     folder.mkdir(parents=True, exist_ok=True)
     model.save_pretrained(folder)
     encoder.adapter.processor.save_pretrained(folder)
-    write_export_config(folder, encoder, model.dtype, instructions, source)
+    write_export_config(folder, encoder, model.dtype, instructions, source, matryoshka_dims)
+
+
+def trained_dims(recipe: Mapping[str, Any]) -> list[int] | None:
+    """The Matryoshka dimensions a model was trained at, from a `LoadedModel.recipe`: an export's
+    `matryoshka_dims` or a checkpoint's `model.matryoshka_dims`; None when not recorded."""
+    hparams = recipe.get("hyper_parameters") or {}
+    dims = recipe.get("matryoshka_dims") or hparams.get("matryoshka_dims")
+    return list(dims) if dims else None
 
 
 def read_export_config(folder: Path) -> dict[str, Any]:

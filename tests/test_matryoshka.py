@@ -2,15 +2,18 @@
 gradient cache and 2-process DDP, and truncated embeddings in `Embedder`, sentence-transformers and the
 evaluation."""
 
+import json
 import os
 from datetime import timedelta
 from pathlib import Path
 
+import lightning as L
 import pytest
 import torch
 import torch.distributed as dist
 import torch.multiprocessing as mp
 import torch.nn.functional as F
+from test_eval_cli import tiny_world  # noqa: F401 (a fixture)
 from test_gradcache import (
     CHUNK,
     LOCAL_B,
@@ -22,9 +25,17 @@ from test_gradcache import (
     local_batch,
     make_batch,
 )
+from test_train import make_run, scalars
 from torch.nn.parallel import DistributedDataParallel
 
+from mme5.checkpoint import EXPORT_CONFIG, load_encoder
 from mme5.contrastive import contrastive_step
+from mme5.embedder import Embedder
+from mme5.encoder import LoraSettings
+from mme5.eval.__main__ import main as evaluate_command
+from mme5.eval.mmeb import MMEB
+from mme5.eval.run import evaluate
+from mme5.export import export
 from mme5.gradcache import GradCache, split_batch
 from mme5.losses import InfoNCE, scatter_negatives
 from mme5.matryoshka import Matryoshka, truncate
@@ -143,3 +154,82 @@ def test_ddp_with_the_gradient_cache_gives_the_global_batch_gradient(tmp_path):
     expected = grads(model)
     for rank in range(WORLD):
         assert_rel_close(torch.load(tmp_path / f"rank{rank}.pt"), expected, 1e-5)
+
+
+# ----- a tiny model trained with Matryoshka dimensions, exported and loaded -----
+
+TRAINED_DIMS = [32, 8]  # the tiny Mllama's hidden size is 32
+TEXTS = ["a red square", "two blue circles", "un triangle vert"]
+
+
+@pytest.fixture(scope="module")
+def matryoshka_run(tmp_path_factory, tiny_mllama, tiny_shards):
+    """Two training steps with `model.matryoshka_dims`, the checkpoint and its merged export."""
+    root = tmp_path_factory.mktemp("matryoshka")
+    L.seed_everything(0)
+    lora = LoraSettings(r=2, alpha=4, dropout=0.0)
+    trainer, module, data = make_run(root, tiny_mllama, tiny_shards, max_steps=2, lora=lora,
+                                     matryoshka_dims=TRAINED_DIMS)
+    trainer.fit(module, datamodule=data)
+    ckpt = root / "ckpt" / "last.ckpt"
+    return root, ckpt, export(ckpt, root / "exported", query_instruction="Find:")
+
+
+def test_training_logs_each_dimension_and_records_the_dims(matryoshka_run):
+    root, ckpt, exported = matryoshka_run
+    total = scalars(root / "tb", "train/loss")
+    per_dim = [scalars(root / "tb", f"train/loss_dim{dim}") for dim in TRAINED_DIMS]
+    assert len(total) == 2
+    for step, (_, value) in enumerate(total):  # weights 1 each: the loss is the sum
+        assert value == pytest.approx(sum(losses[step][1] for losses in per_dim), rel=1e-5)
+    assert torch.load(ckpt, weights_only=True)["hyper_parameters"]["matryoshka_dims"] == TRAINED_DIMS
+    assert json.loads((exported / EXPORT_CONFIG).read_text())["matryoshka_dims"] == TRAINED_DIMS
+    card = (exported / "README.md").read_text()
+    assert "- \"matryoshka\"" in card and "truncate_dim=8" in card
+
+
+def test_embedder_truncate_dim_is_the_normalised_prefix(matryoshka_run):
+    _, ckpt, exported = matryoshka_run
+    full = Embedder.from_pretrained(exported).encode_query(TEXTS)
+    small = Embedder.from_pretrained(exported, truncate_dim=8)
+    assert small.dim == 8 and small.matryoshka_dims == TRAINED_DIMS
+    torch.testing.assert_close(small.encode_query(TEXTS), F.normalize(full[:, :8], dim=-1), atol=1e-6, rtol=0)
+    raw = Embedder.from_pretrained(ckpt, truncate_dim=8).encode(TEXTS, normalize_embeddings=False)
+    assert raw.shape == (3, 8) and not torch.allclose(raw.norm(dim=-1), torch.ones(3))
+    with pytest.raises(ValueError, match="truncate_dim 64: the model's embeddings have 32"):
+        Embedder.from_pretrained(exported, truncate_dim=64)
+
+
+def test_sentence_transformers_truncate_dim_equals_the_embedder(matryoshka_run, tmp_path):
+    st = pytest.importorskip("sentence_transformers")
+    _, _, exported = matryoshka_run
+    model = st.SentenceTransformer(str(exported), trust_remote_code=True, device="cpu", truncate_dim=8)
+    assert model.get_embedding_dimension() == 8
+    # sentence-transformers truncates after the module (which normalised the whole vector): ask it to
+    # normalise again, as the Embedder does; cosine similarities need no flag.
+    ours = Embedder.from_pretrained(exported, truncate_dim=8).encode_query(TEXTS)
+    theirs = model.encode_query(TEXTS, convert_to_tensor=True, normalize_embeddings=True)
+    torch.testing.assert_close(theirs, ours, atol=1e-5, rtol=0)
+    torch.testing.assert_close(model.similarity(theirs, theirs), ours @ ours.T, atol=1e-5, rtol=0)
+    model.save(str(tmp_path / "resaved"))  # the module's own save keeps the trained dims
+    assert json.loads((tmp_path / "resaved" / EXPORT_CONFIG).read_text())["matryoshka_dims"] == TRAINED_DIMS
+
+
+def test_evaluation_at_a_dimension_ranks_the_normalised_prefixes(matryoshka_run, tiny_world, tmp_path,  # noqa: F811
+                                                                  capsys):
+    _, _, exported = matryoshka_run
+    common = ["--model", str(exported), "--data", str(tiny_world), "--max-queries", "2",
+              "--cache", str(tmp_path / "cache")]
+    evaluate_command([*common, "--out", str(tmp_path / "dim8"), "--dim", "8"])
+    scores = json.loads((tmp_path / "dim8" / "scores.json").read_text())
+    assert scores["model"]["dim"] == 8 and scores["model"]["matryoshka_dims"] == TRAINED_DIMS
+    encoder = load_encoder(exported).encoder
+    by_hand, _ = evaluate(MMEB(tiny_world / "mmeb", max_queries=2),
+                          lambda items: F.normalize(encoder.embed(items)[:, :8], dim=-1))
+    assert {f"mmeb/{k}": v for k, v in by_hand.scalars.items()} == pytest.approx(
+        {k: v for k, v in scores["scalars"].items() if k.startswith("mmeb/")})
+    evaluate_command([*common, "--out", str(tmp_path / "full")])  # the same cache serves every size
+    assert json.loads((tmp_path / "full" / "scores.json").read_text())["model"]["dim"] == 32
+    with pytest.raises(SystemExit):
+        evaluate_command([*common, "--out", str(tmp_path / "too-big"), "--dim", "33"])
+    assert "--dim 33" in capsys.readouterr().err
