@@ -2,9 +2,11 @@
 models, the result loads and exports as any checkpoint, and runs that cannot be merged are refused."""
 
 import json
+import shlex
 
 import pytest
 import torch
+from doc_blocks import doc_commands
 from test_export import perturbed_checkpoint
 
 from mme5.backbones import Item, load_backbone
@@ -12,6 +14,7 @@ from mme5.backbones.tiny import build_tiny
 from mme5.checkpoint import load_encoder
 from mme5.encoder import LoraSettings
 from mme5.export import export
+from mme5.export import main as export_main
 from mme5.files import OWNER_RECORD, OutputFolderError
 from mme5.merge import main, merge
 
@@ -109,3 +112,17 @@ def test_runs_that_cannot_be_merged_are_refused_naming_both(runs, tmp_path, caps
     assert json.loads((root / "claimed" / OWNER_RECORD).read_text())["command"] == "mme5.merge"
     with pytest.raises(OutputFolderError):
         merge([a, b], root / "claimed", weights=[1, 1])
+
+
+def test_the_documented_commands_run(runs, tmp_path, monkeypatch):
+    _, (a, b) = runs
+    commands = {"python -m mme5.merge": main, "python -m mme5.export": export_main}
+    monkeypatch.chdir(tmp_path)
+    for line in doc_commands("docs/sharing.md", "Merging runs"):
+        for name, run in (("a", a), ("b", b)):
+            line = line.replace(f"runs/{name}/checkpoints/last.ckpt", str(run))
+        prefix = next(p for p in commands if line.startswith(p))
+        commands[prefix](shlex.split(line.removeprefix(prefix)))
+    merged = torch.load("merged/ab/model.ckpt", weights_only=True)
+    assert [run["weight"] for run in merged["merged_from"]] == pytest.approx([0.6, 0.4])
+    assert (tmp_path / "exported" / "ab" / "config.json").is_file()
