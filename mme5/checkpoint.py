@@ -5,7 +5,8 @@ Formats:
   dtype, ...), `datamodule_hyper_parameters` (sources, batch), `state_dict` (`encoder.*`; only the
   adapters' weights when `adapter_only`, the backbone then being reloaded from `backbone`), `adapter_keys`
   (their names),
-  `rng_states` (every rank's generators, for an exact resume).
+  `rng_states` (every rank's generators, for an exact resume). A merge of runs (`mme5.merge`) is one too,
+  without adapters: `merged_from` names the runs, the state dict holds the weights they changed.
 - An exported folder (`python -m mme5.export`): a transformers model folder with merged adapters plus
   `mme5_embedding.json` (pooling, normalisation, input format, instructions, source).
 - A PEFT adapter folder (`adapter_config.json`, no `config.json`): LoRA/DoRA weights applied to the base
@@ -43,6 +44,7 @@ ADAPTER_ONLY = "adapter_only"  # the state dict holds the trainable (adapter) we
 ADAPTER_KEYS = "adapter_keys"  # their names, for checks after a strategy popped the state dict
 RNG_STATES = "rng_states"  # one {"torch", "cuda"} per rank
 BACKBONE_IDENTITY = "backbone_identity"  # `backbone_identity` of the backbone trained on
+MERGED_FROM = "merged_from"  # a merge of runs (`mme5.merge`): holds the weights the merge changed only
 MAX_STEPS = "max_steps"  # the steps the run was asked for: a checkpoint before them is of an unfinished run
 EXPORT_CONFIG = "mme5_embedding.json"  # marks an exported folder
 PEFT_CONFIG = "adapter_config.json"  # marks a PEFT adapter folder
@@ -166,8 +168,9 @@ def checkpoint_problem(path: Path) -> str | None:
 
 
 def write_export_config(folder: Path, encoder: Encoder, dtype: torch.dtype, instructions: dict[str, str],
-                        source: dict[str, Any]) -> None:
-    """`mme5_embedding.json` of an exported folder: how to pool, normalise and prompt, and where from."""
+                        source: dict[str, Any], matryoshka_dims: list[int] | None = None) -> None:
+    """`mme5_embedding.json` of an exported folder: how to pool, normalise and prompt, where from, and the
+    leading sizes trained as embeddings too (`matryoshka_dims`, null when only the whole one was)."""
     write_json(folder / EXPORT_CONFIG, {
         "format_version": EXPORT_FORMAT_VERSION,
         "pooling": "last_token",
@@ -177,18 +180,27 @@ def write_export_config(folder: Path, encoder: Encoder, dtype: torch.dtype, inst
         "dtype": str(dtype).removeprefix("torch."),
         "instructions": instructions,
         "source": source,
+        "matryoshka_dims": matryoshka_dims,
     })
 
 
 def save_model_folder(folder: Path, encoder: Encoder, instructions: dict[str, str], source: dict[str, Any],
-                      model: nn.Module | None = None) -> None:
+                      model: nn.Module | None = None, matryoshka_dims: list[int] | None = None) -> None:
     """Write an exported folder: `model`'s weights (default: the encoder's own; a PEFT model writes its
     adapters only), the processor and `mme5_embedding.json`."""
     model = encoder.model if model is None else model
     folder.mkdir(parents=True, exist_ok=True)
     model.save_pretrained(folder)
     encoder.adapter.processor.save_pretrained(folder)
-    write_export_config(folder, encoder, model.dtype, instructions, source)
+    write_export_config(folder, encoder, model.dtype, instructions, source, matryoshka_dims)
+
+
+def trained_dims(recipe: Mapping[str, Any]) -> list[int] | None:
+    """The Matryoshka dimensions a model was trained at, from a `LoadedModel.recipe`: an export's
+    `matryoshka_dims` or a checkpoint's `model.matryoshka_dims`; None when not recorded."""
+    hparams = recipe.get("hyper_parameters") or {}
+    dims = recipe.get("matryoshka_dims") or hparams.get("matryoshka_dims")
+    return list(dims) if dims else None
 
 
 def read_export_config(folder: Path) -> dict[str, Any]:
@@ -314,8 +326,10 @@ def _from_checkpoint(path: Path, dtype: str | None, max_length: int | None, pres
                       _lora(hparams.get("lora")))
     weights = {k.removeprefix("encoder."): v for k, v in checkpoint["state_dict"].items()
                if k.startswith("encoder.")}
-    # An adapter-only checkpoint holds the trained adapters; the rest comes from the backbone just loaded.
-    result = encoder.load_state_dict(weights, strict=not checkpoint.get(ADAPTER_ONLY, False))
+    # An adapter-only checkpoint holds the trained adapters, a merge the changed weights; the rest comes from
+    # the backbone just loaded.
+    partial = checkpoint.get(ADAPTER_ONLY, False) or MERGED_FROM in checkpoint
+    result = encoder.load_state_dict(weights, strict=not partial)
     if result.unexpected_keys:
         raise ValueError(f"{path}: weights that this encoder does not have: {result.unexpected_keys[:5]}")
     recipe = {key: checkpoint.get(key) for key in ("hyper_parameters", "datamodule_hyper_parameters",

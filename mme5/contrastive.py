@@ -12,6 +12,7 @@ from torch import Tensor
 
 from mme5.gradcache import GradCache
 from mme5.losses import ContrastiveOutput, InfoNCE, scatter_negatives
+from mme5.matryoshka import Matryoshka
 
 
 def contrastive_step(
@@ -25,6 +26,7 @@ def contrastive_step(
     backward: Callable[[Tensor], Any] = Tensor.backward,
     positive_keys: Tensor | None = None,
     groups: Tensor | None = None,
+    matryoshka: Matryoshka | None = None,
 ) -> tuple[Tensor, ContrastiveOutput]:
     """Accumulate into `.grad` the gradient of InfoNCE over one batch; returns (detached loss, output).
 
@@ -33,7 +35,7 @@ def contrastive_step(
     twice, one chunk's activations at a time (its own `backward` then applies); without it, one forward of
     everything and one `backward`. Both give the same gradient. `positive_keys` (B,): the positives' content
     keys, for a loss that masks false negatives; `groups` (B,): each query's temperature group, for a loss
-    with `temperature_groups`.
+    with `temperature_groups`. `matryoshka`: sum the loss over prefixes of the embeddings.
     """
     inputs = {"query": query, "positive": positive}
     if negatives:
@@ -42,7 +44,12 @@ def contrastive_step(
     def loss_of(embeddings: dict[str, Tensor]) -> ContrastiveOutput:
         scattered = scatter_negatives(embeddings.get("negatives"), negative_mask)
         mask = negative_mask.to(embeddings["query"].device) if scattered is not None else None
-        return loss_fn(embeddings["query"], embeddings["positive"], scattered, mask, positive_keys, groups)
+
+        def loss(query: Tensor, positive: Tensor, negatives: Tensor | None) -> ContrastiveOutput:
+            return loss_fn(query, positive, negatives, mask, positive_keys, groups)
+
+        arguments = (embeddings["query"], embeddings["positive"], scattered)
+        return loss(*arguments) if matryoshka is None else matryoshka(loss, *arguments)
 
     if cache is not None:
         return cache.step(encode, inputs, loss_of, loss_parameters=list(loss_fn.parameters()))

@@ -34,9 +34,10 @@ import torch.nn.functional as F
 from torch import Tensor
 
 from mme5.backbones import Item
-from mme5.checkpoint import load_encoder
+from mme5.checkpoint import load_encoder, trained_dims
 from mme5.encoder import Encoder
 from mme5.images import IMAGE_SUFFIXES, check_image
+from mme5.matryoshka import truncate
 from mme5.video import frame_indices
 
 ImageLike = PIL.Image.Image | str | Path
@@ -50,18 +51,27 @@ class Embedder:
     """Embeds texts, images or text–image pairs with an `Encoder` in eval mode.
 
     `instructions` are the model's default query and document ("target") instructions, as an export
-    records them; `encode_query` / `encode_document` use them.
+    records them; `encode_query` / `encode_document` use them. `truncate_dim`: keep the first dimensions of
+    every embedding (normalised again), as sentence-transformers' `truncate_dim`; meant for a model trained
+    at that size (`matryoshka_dims`, the sizes its recipe records).
     """
 
     def __init__(self, encoder: Encoder, description: dict | None = None,
-                 instructions: Mapping[str, str] | None = None):
+                 instructions: Mapping[str, str] | None = None, truncate_dim: int | None = None,
+                 matryoshka_dims: Sequence[int] | None = None):
+        if truncate_dim is not None and not 0 < truncate_dim <= encoder.dim:
+            raise ValueError(f"truncate_dim {truncate_dim}: the model's embeddings have {encoder.dim} "
+                             "dimensions")
         self.encoder = encoder.eval()
         self.description = description or {}
         self.instructions = {"query": "", "target": "", **(instructions or {})}
+        self.truncate_dim = truncate_dim
+        self.matryoshka_dims = list(matryoshka_dims) if matryoshka_dims else None
 
     @classmethod
     def from_pretrained(cls, path: str | Path, device: str | None = None, dtype: str | None = None,
-                        max_length: int | None = None, preset: str | None = None) -> Embedder:
+                        max_length: int | None = None, preset: str | None = None,
+                        truncate_dim: int | None = None) -> Embedder:
         """Load an exported folder, a plain backbone folder (zero-shot) or an EmbeddingModule `.ckpt`, by path
         or hub id.
 
@@ -69,16 +79,18 @@ class Embedder:
         the weights' own). max_length: text tokens per item (default: the recorded input format's).
         preset: the input format of a released embedder ("gme", "qwen3_vl_embedding", ...; default: the
         recorded one, else what the model's files say, else "mme5": `mme5.backbones.presets`).
+        truncate_dim: embeddings of this many leading dimensions (default: all).
         """
         device = device or ("cuda" if torch.cuda.is_available() else "cpu")
         loaded = load_encoder(path, device, dtype, max_length, preset=preset)
         # The fingerprint names the model's files and settings: mteb files results under it (its revision).
         return cls(loaded.encoder, loaded.description | {"fingerprint": loaded.fingerprint},
-                   loaded.recipe.get("instructions"))
+                   loaded.recipe.get("instructions"), truncate_dim, trained_dims(loaded.recipe))
 
     @property
     def dim(self) -> int:
-        return self.encoder.dim
+        """The size of the embeddings `encode` returns."""
+        return self.truncate_dim or self.encoder.dim
 
     def encode(self, inputs: Sequence[Input] | None = None, *, texts: Sequence[str] | None = None,
                images: Sequence[ImageLike] | None = None, instruction: str = "", prompt: str | None = None,
@@ -100,6 +112,7 @@ class Embedder:
             self.encoder.to(device)
         with self._normalizing(normalize_embeddings):
             embeddings = self.encoder.embed(items, batch_size, show_progress_bar or bool(progress))
+        embeddings = truncate(embeddings, self.truncate_dim, normalize_embeddings)
         return embeddings.numpy() if convert_to_numpy else embeddings
 
     def encode_query(self, inputs: Sequence[Input], prompt: str | None = None, **kwargs: Any

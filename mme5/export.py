@@ -35,7 +35,7 @@ from typing import Any
 
 from mme5.backbones import DTYPES
 from mme5.backbones.presets import DEFAULT as DEFAULT_PRESET
-from mme5.checkpoint import MAX_STEPS, checkpoint_backbone, load_encoder, save_model_folder
+from mme5.checkpoint import MAX_STEPS, checkpoint_backbone, load_encoder, save_model_folder, trained_dims
 from mme5.files import OWNER_RECORD, OutputFolderError, claim_folder, path_fingerprint, remove_path
 from mme5.hub import is_hub_id
 from mme5.integrations import write_sentence_transformers_files
@@ -145,7 +145,7 @@ def _write(out: Path, ckpt: Path, name: str, dtype: str | None, max_length: int 
     servable = family in CHAT_TEMPLATE_FAMILIES and encoder.adapter.preset.name == DEFAULT_PRESET
     if servable:
         encoder.adapter.processor.chat_template = chat_template(encoder.adapter.image_token)
-    save_model_folder(out, encoder, instructions, source, model)
+    save_model_folder(out, encoder, instructions, source, model, trained_dims(loaded.recipe))
     write_sentence_transformers_files(out, instructions)
     input_format = loaded.description["input_format"] | {"image_token": encoder.adapter.image_token}
     card = model_card(name=name, family=family, backbone=base, recipe=loaded.recipe,

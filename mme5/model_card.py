@@ -14,6 +14,7 @@ from collections import Counter
 from pathlib import Path
 from typing import Any
 
+from mme5.checkpoint import trained_dims
 from mme5.eval.registry import META_TASKS, SPLITS, mean_over_sets
 from mme5.eval.xtd import paper_mean_label
 from mme5.hub import card_licence, is_hub_id
@@ -38,11 +39,12 @@ def model_card(*, name: str, family: str, backbone: str, recipe: dict[str, Any],
     sources = [source.get("path") for source in data.get("sources") or [] if isinstance(source, dict)]
     languages = _languages(sources)
     licence = card_licence(backbone_folder) if backbone_folder else None
+    dims = trained_dims(recipe)
     meta = {
         "library_name": "sentence-transformers",
         "pipeline_tag": "feature-extraction",
         "tags": ["mme5", "sentence-transformers", "multimodal-embedding", "image-text-retrieval", family,
-                 *(["peft", "lora"] if adapter_only else [])],
+                 *(["peft", "lora"] if adapter_only else []), *(["matryoshka"] if dims else [])],
     }
     if is_hub_id(backbone):
         meta["base_model"] = backbone
@@ -59,6 +61,8 @@ def model_card(*, name: str, family: str, backbone: str, recipe: dict[str, Any],
              "L2-normalised vectors, compared by cosine similarity.", ""]
     lines += _usage(name, adapter_only, backbone, instructions)
     lines += _input_format(input_format, instructions)
+    if dims:
+        lines += _matryoshka(name, dims)
     if servable:
         lines += ["## Serve", "", "The folder's chat template renders the input format (system message = "
                   "instruction; user message = text and image), so a pooling server applying it embeds as "
@@ -109,6 +113,16 @@ def _usage(name: str, adapter_only: bool, backbone: str, instructions: dict[str,
     lines += ["With transformers alone, feed the prompt of the input format below and take the final hidden "
               "state of the last token, L2-normalised.", ""]
     return lines
+
+
+def _matryoshka(name: str, dims: list[int]) -> list[str]:
+    return ["## Smaller embeddings", "",
+            f"Trained as a Matryoshka model: the first {', '.join(map(str, dims))} dimensions are embeddings "
+            "too. Keep the first D and L2-normalise again:", "", "```python",
+            f'model = Embedder.from_pretrained("{name}", truncate_dim={min(dims)})',
+            f'model = SentenceTransformer("{name}", trust_remote_code=True, truncate_dim={min(dims)})',
+            "q = model.encode_query([...], normalize_embeddings=True)  # unit vectors; cosine needs no flag",
+            "```", "", f"Evaluate at a size with `python -m mme5.eval --dim {min(dims)} ...`.", ""]
 
 
 def _input_format(input_format: dict[str, Any], instructions: dict[str, str]) -> list[str]:

@@ -41,6 +41,7 @@ from mme5.gradcache import GradCache
 from mme5.health import batch_health
 from mme5.hub import local_model
 from mme5.losses import ContrastiveOutput, InfoNCE
+from mme5.matryoshka import Matryoshka, MatryoshkaOutput
 from mme5.sharding import load_from_rank0, shard_encoder, shards_parameters
 
 DATA_REPORT = "data_report.json"
@@ -111,6 +112,10 @@ class EmbeddingModule(L.LightningModule):
             the groups are the task types, or the values of `temperature_groups`. Replaces
             learnable_temperature.
         temperature_groups: {source: group} for `task_temperatures`; null: each sample's task type.
+        matryoshka_dims: also train each of these leading sizes of the embedding as an embedding (the loss
+            summed over the prefixes, each normalised; `mme5.matryoshka`), e.g. [4096, 1024, 512, 256].
+        matryoshka_weights: one weight per dimension of `matryoshka_dims` (null: 1 each, as
+            sentence-transformers' MatryoshkaLoss).
         gradient_cache: chunked two-pass backward; memory bounded by `chunk_size` for any batch size.
         chunk_size: items per encoder forward (the data module collates chunks of this size).
         lr: peak learning rate of AdamW.
@@ -146,6 +151,8 @@ class EmbeddingModule(L.LightningModule):
         false_negative_margin: float | None = None,
         task_temperatures: bool = False,
         temperature_groups: dict[str, str] | None = None,
+        matryoshka_dims: list[int] | None = None,
+        matryoshka_weights: list[float] | None = None,
         gradient_cache: bool = True,
         chunk_size: int = 16,
         lr: float = 1e-5,
@@ -172,6 +179,7 @@ class EmbeddingModule(L.LightningModule):
                                false_negative_margin=false_negative_margin,
                                temperature_groups=groups if task_temperatures else None)
         self.cache = GradCache(chunk_size, backward=self.manual_backward)
+        self.matryoshka = Matryoshka.of(matryoshka_dims, matryoshka_weights)
         self.encoder: Encoder | None = None
         self._last_step_end: float | None = None
         self._sync = GradientSync()  # chosen in `on_fit_start`, once the strategy has wrapped the model
@@ -249,7 +257,7 @@ class EmbeddingModule(L.LightningModule):
             loss, output = contrastive_step(
                 self.encoder.encode_chunk, batch.query, batch.positive, batch.negatives, batch.negative_mask,
                 self.loss_fn, self.cache if self.hparams.gradient_cache else None, self.manual_backward,
-                batch.positive_keys, self.temperature_rows(batch))
+                batch.positive_keys, self.temperature_rows(batch), self.matryoshka)
 
         self._stop_if_not_finite(loss)
         if self.hparams.gradient_scale == "per_rank" and self.trainer.world_size > 1:
@@ -360,6 +368,8 @@ class EmbeddingModule(L.LightningModule):
             metrics["train/false_negatives"] = output.false_negatives  # masked candidates a query, any rule
         metrics |= {f"train/false_negatives/{rule}": n for rule, n in output.false_negatives_by_rule.items()}
         metrics |= {f"train/temperature/{group}": t for group, t in self.loss_fn.group_temperatures().items()}
+        if isinstance(output, MatryoshkaOutput):
+            metrics |= {f"train/loss_dim{dim}": value for dim, value in output.dim_losses.items()}
         metrics |= batch_health(output)  # over the global batch, the same on every rank (HealthMonitor)
         self.log_dict(metrics, prog_bar=False, on_step=True, on_epoch=False, batch_size=batch.size)
         self.log("loss", loss, prog_bar=True, on_step=True, on_epoch=False, logger=False,

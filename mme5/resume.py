@@ -26,7 +26,8 @@ COMMAND = "train.py fit"
 # going on with another value would train another model under the same run's name.
 RECIPE_KEYS = ("lora", "dtype", "input_format", "temperature", "learnable_temperature",
                "mask_false_negatives", "gradient_scale", "hardness_mode", "hardness_strength",
-               "false_negative_threshold", "false_negative_margin", "task_temperatures", "temperature_groups")
+               "false_negative_threshold", "false_negative_margin", "task_temperatures", "temperature_groups",
+               "matryoshka_dims", "matryoshka_weights")
 # What a run recorded before a recipe setting existed trained with (its record has no such key).
 RECIPE_DEFAULTS = {"hardness_strength": 0.0, "task_temperatures": False}
 DATAMODULE_STATE = "ShardDataModule"  # Lightning keeps a data module's state under its class name

@@ -31,7 +31,7 @@ import torch.distributed as dist
 
 from mme5.backbones import DTYPES
 from mme5.backbones.presets import PRESETS
-from mme5.checkpoint import checkpoint_backbone, load_encoder
+from mme5.checkpoint import checkpoint_backbone, load_encoder, trained_dims
 from mme5.distributed import from_all_ranks, rank_and_world
 from mme5.eval.encode import EmbeddingCache
 from mme5.eval.metrics import TIE_RULES
@@ -93,6 +93,8 @@ def parse(argv: list[str] | None = None) -> argparse.Namespace:
     parser.add_argument("--trust-checkpoint", action="store_true",
                         help="unpickle a .ckpt holding more than tensors and plain types (runs code from the "
                              "file; the project's own checkpoints never need it)")
+    parser.add_argument("--dim", type=int, help="rank by the first DIM dimensions of the embeddings, "
+                        "L2-normalised again (a Matryoshka model's smaller size; default: all)")
     parser.add_argument("--top-k", type=int, default=10, help="candidates kept per prediction (default: 10)")
     parser.add_argument("--cache", type=Path, help="embedding cache folder (default: OUT/cache)")
     parser.add_argument("--no-cache", action="store_true", help="recompute every embedding")
@@ -101,7 +103,7 @@ def parse(argv: list[str] | None = None) -> argparse.Namespace:
     parser.add_argument("--image-instruction", default=IMAGE_INSTRUCTION,
                         help="XTD image instruction (default: %(default)r)")
     args = parser.parse_args(argv)
-    for name in ("max_queries", "batch_size", "top_k", "max_length"):
+    for name in ("max_queries", "batch_size", "top_k", "max_length", "dim"):
         if getattr(args, name) is not None and getattr(args, name) < 1:
             parser.error(f"--{name.replace('_', '-')} must be at least 1, got {getattr(args, name)}")
     if not Path(args.model).exists() and not is_hub_id(args.model):
@@ -145,7 +147,8 @@ def identity(args: argparse.Namespace, chosen: list[Benchmark]) -> dict[str, Any
         "backbone": args.backbone and local_reference(args.backbone),
         "backbone_files": args.backbone and path_fingerprint(args.backbone),
         **{name: getattr(args, name) for name in ("max_queries", "dtype", "max_length", "ties", "top_k")},
-        **({"preset": args.preset} if args.preset else {})}  # absent when not given: older folders agree
+        **({"preset": args.preset} if args.preset else {}),  # absent when not given: older folders agree
+        **({"dim": args.dim} if args.dim else {})}
     for benchmark in chosen:
         keys |= {f"{benchmark.name}.{key}": value for key, value in benchmark.identity().items()}
         images = {"mmeb": args.mmeb_images, "xtd": args.xtd_images}.get(benchmark.name)
@@ -223,12 +226,14 @@ def main(argv: list[str] | None = None) -> None:
     try:
         loaded = load_encoder(args.model, device, args.dtype, args.max_length, args.backbone,
                               trust_checkpoint=args.trust_checkpoint, preset=args.preset)
+        if args.dim and args.dim > loaded.encoder.dim:
+            fail(f"--dim {args.dim}: {args.model} embeds in {loaded.encoder.dim} dimensions")
         cache = None if args.no_cache else EmbeddingCache(args.cache or work / "cache", loaded.fingerprint)
         summaries, results = {}, {}
         for benchmark in chosen:
             summaries[benchmark.name], results[benchmark.name] = evaluate(
                 benchmark, loaded.encoder.embed, batch_size=args.batch_size, cache=cache, top_k=args.top_k,
-                progress=True, ties=args.ties)
+                progress=True, ties=args.ties, dim=args.dim)
         if "mmeb-v2" in summaries:  # what the video sets were fed: recorded beside their scores
             summaries["mmeb-v2"].scores |= input_record(loaded.encoder.adapter.input_format)
         # Every rank's items cut to max_length (embeddings read from the cache were counted when computed).
@@ -236,7 +241,9 @@ def main(argv: list[str] | None = None) -> None:
         if folder is not None:  # rank 0
             # "files": what `mme5.export --scores` compares with the checkpoint it exports
             model = loaded.description | {"fingerprint": loaded.fingerprint,
-                                          "files": folder.identity["model_files"]}
+                                          "files": folder.identity["model_files"],
+                                          "dim": args.dim or loaded.encoder.dim,
+                                          "matryoshka_dims": trained_dims(loaded.recipe)}
             write_outputs(work, model, summaries, results, truncated)
             folder.complete()
             for name, summary in summaries.items():

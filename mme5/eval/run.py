@@ -16,6 +16,7 @@ from mme5.distributed import rank_and_world
 from mme5.eval.encode import Embed, EmbeddingCache, encode
 from mme5.eval.metrics import TIE_RULES
 from mme5.eval.retrieval import Ranked, RetrievalSet, rank
+from mme5.matryoshka import truncate
 
 
 @dataclass
@@ -39,9 +40,11 @@ class Benchmark(Protocol):
 
 def evaluate(benchmark: Benchmark, embed: Embed, *, sets: Iterable[RetrievalSet] | None = None,
              batch_size: int = 16, cache: EmbeddingCache | None = None, top_k: int = 10,
-             progress: bool = False, ties: str = "pessimistic") -> tuple[Summary, dict[str, Ranked]]:
+             progress: bool = False, ties: str = "pessimistic", dim: int | None = None
+             ) -> tuple[Summary, dict[str, Ranked]]:
     """Scores of `benchmark` (its `sets()` unless given); results are keyed by ranking name. `ties`: the
-    tie rule (`mme5.eval.metrics.TIE_RULES`), recorded in the scores."""
+    tie rule (`mme5.eval.metrics.TIE_RULES`), recorded in the scores. `dim`: rank by the first `dim`
+    dimensions of the embeddings, normalised again (the cache keeps them whole, for any `dim`)."""
     if ties not in TIE_RULES:
         raise ValueError(f"ties must be one of {TIE_RULES}, got {ties!r}")
     rule = benchmark.reference_ties if ties == "reference" else ties
@@ -54,9 +57,9 @@ def evaluate(benchmark: Benchmark, embed: Embed, *, sets: Iterable[RetrievalSet]
             raise ValueError(f"{benchmark.name}/{retrieval_set.name}: no query to evaluate in "
                              f"{empty or 'any ranking'} (an empty data set, or max_queries 0); a score of "
                              "nothing would be NaN")
-        embeddings = encode(retrieval_set.items, embed, batch_size=batch_size, cache=cache,
-                            namespace=f"{benchmark.name}/{retrieval_set.name}", progress=progress,
-                            desc=retrieval_set.name)
+        embeddings = truncate(encode(retrieval_set.items, embed, batch_size=batch_size, cache=cache,
+                                     namespace=f"{benchmark.name}/{retrieval_set.name}", progress=progress,
+                                     desc=retrieval_set.name), dim)
         for key, ranking in retrieval_set.rankings.items():
             results[key] = rank(ranking, embeddings, top_k, ties=rule)
     summary = benchmark.summarize(results)

@@ -23,7 +23,7 @@ import torch
 from sentence_transformers.base.modules.input_module import InputModule
 
 from mme5.backbones import DTYPES
-from mme5.checkpoint import load_encoder, save_model_folder
+from mme5.checkpoint import load_encoder, save_model_folder, trained_dims
 from mme5.embedder import to_item
 from mme5.encoder import Encoder, decoded
 
@@ -82,4 +82,4 @@ class MME5Embedding(InputModule):
 
     def save(self, output_path: str, *args: Any, safe_serialization: bool = True, **kwargs: Any) -> None:
         save_model_folder(Path(output_path), self.encoder, self.recipe.get("instructions") or {},
-                          self.recipe.get("source") or {})
+                          self.recipe.get("source") or {}, matryoshka_dims=trained_dims(self.recipe))
