@@ -5,8 +5,8 @@ import json
 import tarfile
 
 import pytest
-import torch
 from helpers import image_bytes, make_sample, video_frames
+from test_stream import recording_collate
 
 from mme5.backbones.base import PADDING_IMAGE_ROW, PADDING_ROW
 from mme5.data.collate import ContrastiveCollator, side_item
@@ -125,16 +125,6 @@ def test_the_stream_carries_video_sides_and_resumes_exactly(tmp_path):
     resumed = MixedShardStream([source], batch_size=4, shuffle_buffer=1, seed=1, resume={0: run[2].position})
     assert [[s.id for s in b.samples] for b in take(resumed, 5)] == [[s.id for s in b.samples]
                                                                       for b in run[3:]]
-
-
-def recording_collate():
-    seen = []
-
-    def collate(items):
-        seen.append(list(items))
-        return {"n": torch.tensor([len(items)])}
-
-    return collate, seen
 
 
 @pytest.mark.parametrize("lockstep", [False, True])
