@@ -317,3 +317,15 @@ def test_training_lockstep_chunks_run_the_video_path_of_a_video_family(qwen2_vl)
     for chunk in lockstep.query + lockstep.positive + lockstep.negatives:
         assert "pixel_values_videos" in chunk.inputs and "pixel_values" in chunk.inputs
         assert chunk.keep.tolist()[-1] is False
+
+
+def test_the_training_collator_takes_a_sides_video_as_encoded_frames(qwen2_vl):
+    """A shard's video side travels as PNG bytes (`side_item`): the adapter decodes the frames it keeps, so a
+    V2T sample collates as its decoded frames do (it used to be skipped: bytes have no image mode)."""
+    frames = random_frames(5)
+    encoded = qwen2_vl.collate([Item("Describe the video.", video=tuple(png(f) for f in frames))])
+    decoded = qwen2_vl.collate([Item("Describe the video.", video=frames)])
+    assert torch.equal(encoded["pixel_values_videos"], decoded["pixel_values_videos"])
+    sample = make_sample(0, Modality.V2T, negatives=1)
+    batch = ContrastiveCollator(qwen2_vl.collate, 1, chunk_size=2, video=True)(StreamBatch([sample], 0, {}))
+    assert batch.skipped == 0 and "pixel_values_videos" in batch.query[0].inputs

@@ -28,7 +28,7 @@ from transformers import AutoConfig, AutoModelForImageTextToText, AutoProcessor,
 from mme5 import published
 from mme5.backbones import presets
 from mme5.backbones.presets import Parts
-from mme5.images import fit_aspect_ratio, to_rgb
+from mme5.images import fit_aspect_ratio, load, to_rgb
 from mme5.video import DEFAULT_NUM_FRAMES, kept_frames
 
 IMAGE_PLACEHOLDER = published.PLACEHOLDER
@@ -492,11 +492,13 @@ class BackboneAdapter(ABC):
         else `size`."""
         return tuple(self.input_format.image_size or size)
 
-    def prepare_video(self, frames: Sequence[PIL.Image.Image]) -> list[PIL.Image.Image]:
+    def prepare_video(self, frames: Sequence[PIL.Image.Image | bytes | str | Path]) -> list[PIL.Image.Image]:
         """The kept frames (`InputFormat.num_frames`, `mme5.video.kept_frames`) as the processor gets them:
-        composited onto white in RGB and padded to the maximum aspect ratio. No resize here: VLM2Vec-V2
-        feeds frames to the processor as they are (its 56x56 rule is for images only)."""
-        kept = kept_frames(frames, self.input_format.num_frames)
+        decoded if given as file bytes or a path (a training side's video: only the kept ones are), composited
+        onto white in RGB and padded to the maximum aspect ratio. No resize here: VLM2Vec-V2 feeds frames to
+        the processor as they are (its 56x56 rule is for images only)."""
+        kept = [frame if isinstance(frame, PIL.Image.Image) else load(frame)
+                for frame in kept_frames(frames, self.input_format.num_frames)]
         return [fit_aspect_ratio(to_rgb(frame), self.input_format.max_aspect_ratio) for frame in kept]
 
     def collate(self, items: Sequence[Item]) -> BatchFeature:
