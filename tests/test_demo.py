@@ -68,7 +68,8 @@ def test_hard_negatives_differ_from_the_positive_in_exactly_one_attribute():
         for scene, side in zip(ex.negative_scenes, ex.sample.negatives, strict=True):
             (attribute,) = differing_attributes(ex.positive_scene, scene)
             changed.add(attribute)
-            assert (side.text, side.image) != (positive.text, positive.image), (ex.sample.id, attribute)
+            assert (side.text, side.image, side.video) != (positive.text, positive.image, positive.video), \
+                (ex.sample.id, attribute)
     assert changed == set(ATTRIBUTES)
 
 
