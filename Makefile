@@ -16,9 +16,10 @@ $(VENV)/.installed: pyproject.toml
 	$(PY) -m pip install -q -e '.[dev]'
 	touch $@
 
-# The embedded default: build the demo world and a tiny random Mllama, train it with the gradient cache
-# (MMEB/XTD scores logged to TensorBoard during training), score the untrained and trained models, and export
-# the trained one (model card with its scores; loads with Embedder, sentence-transformers and mteb).
+# The embedded default: build the demo world (images, clips, document pages) and a tiny random Qwen2-VL (a
+# family that reads video), train it with the gradient cache (MMEB, MMEB-V2 and XTD scores logged to
+# TensorBoard during training), score the untrained and trained models, and export the trained one (model
+# card with its scores; loads with Embedder, sentence-transformers and mteb).
 demo: install demo-data demo-train demo-eval demo-export
 
 demo-data: $(DEMO)/world/world.json $(DEMO)/backbone/config.json
@@ -27,7 +28,7 @@ $(DEMO)/world/world.json:
 	$(PY) -m mme5.demo --out $(DEMO)/world --seed $(SEED)
 
 $(DEMO)/backbone/config.json: $(DEMO)/world/world.json
-	$(PY) -m mme5.backbones.tiny --family mllama --preset demo --out $(DEMO)/backbone --seed $(SEED) \
+	$(PY) -m mme5.backbones.tiny --family qwen2_vl --preset demo-video --out $(DEMO)/backbone --seed $(SEED) \
 		--corpus $(DEMO)/world/corpus.txt
 
 # A new run each time (--overwrite: the previous run's checkpoints, logs and config go; world and backbone stay).

@@ -32,17 +32,23 @@ LANGUAGES = ("en", "es", "zh")
 def tiny_world(tmp_path_factory):
     root = tmp_path_factory.mktemp("world")
     build_world(root, WorldConfig(train_samples=48, eval_queries=3, eval_candidates=4, xtd_images=5,
-                                  languages=LANGUAGES), progress=False)
+                                  v2_queries=3, languages=LANGUAGES), progress=False)
     return root
 
 
+@pytest.fixture(scope="session")
+def demo_backbone(tiny) -> str:
+    """The demo's family (it reads the world's clips): a tiny Qwen2-VL."""
+    return str(tiny("qwen2_vl"))
+
+
 @pytest.fixture(scope="module")
-def trained(tmp_path_factory, tiny_world, tiny_mllama):
+def trained(tmp_path_factory, tiny_world, demo_backbone):
     """Two LoRA steps with both callbacks evaluating at start and every step; the checkpoint saved after."""
     out = tmp_path_factory.mktemp("run")
-    module = EmbeddingModule(backbone=tiny_mllama, lora=LoraSettings(r=2, alpha=4, dropout=0.0),
+    module = EmbeddingModule(backbone=demo_backbone, lora=LoraSettings(r=2, alpha=4, dropout=0.0),
                              gradient_checkpointing=False, chunk_size=8, lr=1e-2, warmup=0)
-    data = ShardDataModule(sources=[Source(str(tiny_world / "train"))], backbone=tiny_mllama, batch_size=8,
+    data = ShardDataModule(sources=[Source(str(tiny_world / "train"))], backbone=demo_backbone, batch_size=8,
                            num_negatives=1, chunk_size=8, num_workers=0, shuffle_buffer=1)
     callbacks = [MMEBEval(str(tiny_world / "mmeb"), max_queries=2, every_n_steps=1),
                  XTDEval(str(tiny_world / "xtd"), max_queries=4, every_n_steps=2)]
@@ -77,7 +83,7 @@ def test_callbacks_log_the_baseline_and_every_n_steps(trained, tiny_world):
 
 
 def test_checkpoint_loads_the_trained_encoder_and_the_command_reproduces_the_callback(trained, tiny_world,
-                                                                                    tiny_mllama, tmp_path):
+                                                                                    demo_backbone, tmp_path):
     trainer, module, out = trained
     loaded = load_encoder(out / "last.ckpt")
     assert loaded.encoder.has_adapters and loaded.description["kind"] == "lightning-checkpoint"
@@ -86,7 +92,7 @@ def test_checkpoint_loads_the_trained_encoder_and_the_command_reproduces_the_cal
     with torch.no_grad():
         expected = module.encoder(module.encoder.adapter.collate(items))
         torch.testing.assert_close(loaded.encoder(loaded.encoder.adapter.collate(items)), expected)
-        zero_shot = load_encoder(tiny_mllama).encoder
+        zero_shot = load_encoder(demo_backbone).encoder
         assert not torch.allclose(zero_shot(zero_shot.adapter.collate(items)), expected, atol=1e-4)
 
     main(["--model", str(out / "last.ckpt"), "--benchmark", "mmeb", "--data", str(tiny_world),
@@ -97,8 +103,8 @@ def test_checkpoint_loads_the_trained_encoder_and_the_command_reproduces_the_cal
         assert value == pytest.approx(logged[f"eval/{key}"][2], abs=1e-4), key
 
 
-def test_command_end_to_end_on_a_backbone_folder(tiny_world, tiny_mllama, tmp_path):
-    args = ["--model", tiny_mllama, "--data", str(tiny_world), "--out", str(tmp_path), "--batch-size", "4",
+def test_command_end_to_end_on_a_backbone_folder(tiny_world, demo_backbone, tmp_path):
+    args = ["--model", demo_backbone, "--data", str(tiny_world), "--out", str(tmp_path), "--batch-size", "4",
             "--device", "cpu", "--top-k", "3"]
     main(args)
     scores = json.loads((tmp_path / "scores.json").read_text())
@@ -122,6 +128,9 @@ def test_command_end_to_end_on_a_backbone_folder(tiny_world, tiny_mllama, tmp_pa
     assert len(lines) == 3 and set(first) == {"query", "gold_rank", "top", "scores"}
     assert len(first["top"]) == len(first["scores"]) == 3
     assert (tmp_path / "predictions" / "xtd" / "es_i2t.jsonl").is_file()
+    # --data holds mmeb-v2/: its sets, registry and all, are scored too
+    assert scores["mmeb-v2"]["sets"]["evaluated"] == scores["mmeb-v2"]["sets"]["in_benchmark"] == 8
+    assert "Overall" in scores["mmeb-v2"] and "| VisDoc | All |" in report
 
     parts = sorted(tmp_path.glob("cache/*/*/part-*.pt"))
     main(args)  # everything comes from the cache: no new part is written, the scores are the same
@@ -161,14 +170,14 @@ def test_evaluating_nothing_is_an_error_not_a_nan_score(tiny_world, tmp_path, ca
         evaluate(MMEB(tmp_path / "mmeb"), lambda items: torch.zeros(len(items), 4))
 
 
-def test_out_belongs_to_one_evaluation(tiny_world, tiny_mllama, tmp_path, monkeypatch, capsys):
+def test_out_belongs_to_one_evaluation(tiny_world, demo_backbone, tmp_path, monkeypatch, capsys):
     """Same model, data and settings: resumed. Other settings: refused before the model loads, naming the
     key; --overwrite replaces. A second process on the same --out: refused at once, naming the holder."""
     import mme5.eval.__main__ as command
     from mme5.files import claim_folder, read_owner
 
     out = tmp_path / "eval"
-    args = ["--model", tiny_mllama, "--benchmark", "mmeb", "--data", str(tiny_world), "--subsets", "Shape",
+    args = ["--model", demo_backbone, "--benchmark", "mmeb", "--data", str(tiny_world), "--subsets", "Shape",
             "--max-queries", "2", "--out", str(out), "--device", "cpu"]
     main(args)
     first = json.loads((out / "scores.json").read_text())
@@ -186,7 +195,7 @@ def test_out_belongs_to_one_evaluation(tiny_world, tiny_mllama, tmp_path, monkey
         main(other)
     error = capsys.readouterr().err
     assert exit_.value.code == 2 and "max_queries: 2 (recorded) → 3 (now)" in error and "--overwrite" in error
-    another = shutil.copytree(tiny_mllama, tmp_path / "another-model")
+    another = shutil.copytree(demo_backbone, tmp_path / "another-model")
     with pytest.raises(SystemExit):
         main([*args[:1], str(another), *args[2:]])
     assert "model_files" in capsys.readouterr().err
@@ -206,12 +215,12 @@ def test_out_belongs_to_one_evaluation(tiny_world, tiny_mllama, tmp_path, monkey
     assert sorted(p.name for p in tmp_path.iterdir()) == ["another-model", "eval"]  # no sibling nor lock left
 
 
-def test_overall_only_when_every_set_is_evaluated_and_repeated_subsets_count_once(tiny_world, tiny_mllama,
+def test_overall_only_when_every_set_is_evaluated_and_repeated_subsets_count_once(tiny_world, demo_backbone,
                                                                                   tmp_path, capsys):
     from mme5.eval.compare import comparison, figures
 
     every = len(json.loads((tiny_world / "mmeb" / "subsets.json").read_text()))
-    args = ["--model", tiny_mllama, "--benchmark", "mmeb", "--data", str(tiny_world), "--max-queries", "2",
+    args = ["--model", demo_backbone, "--benchmark", "mmeb", "--data", str(tiny_world), "--max-queries", "2",
             "--device", "cpu"]
     with pytest.warns(UserWarning, match=r"MMEB data set\(s\) \['Shape'\] listed more than once"):
         main([*args, "--subsets", "Shape", "Count", "Shape", "--out", str(tmp_path / "two")])

@@ -160,10 +160,12 @@ def test_cli_needs_the_v2_folder_and_all_includes_it_when_given(v2_root, tmp_pat
                           "--modalities", "visdoc", "--max-queries", "1"])
     with pytest.raises(FileNotFoundError, match="ViDoRe_infovqa"):  # every visdoc set: --subsets is MMEB's
         command.benchmarks(args)
-    monkeypatch.setattr(benchmark, "select", lambda subsets, modalities: [
+    monkeypatch.setattr(benchmark, "select", lambda subsets, modalities, sets: [
         s for s in benchmark.MMEB_V2 if s.name in SETS])
     assert [b.name for b in command.benchmarks(args)] == ["mmeb", "mmeb-v2", "xtd"]
     assert command.benchmarks(command.parse([*base, "--data", str(tmp_path)]))[1].name == "xtd"
+    (tmp_path / "mmeb-v2").mkdir()  # the demo world's layout: --data holds mmeb-v2/, which "all" includes
+    assert command.parse([*base, "--data", str(tmp_path)]).mmeb_v2 == tmp_path / "mmeb-v2"
 
 
 def test_graded_scoring_in_chunks_equals_the_whole_and_the_reference_order():

@@ -158,3 +158,18 @@ def test_cli_refuses_an_out_holding_the_corpus_and_a_corpus_not_utf8_before_clai
     assert main(["--family", "llava", "--corpus", str(latin1), "--out", str(tmp_path / "out")]) == 2
     assert f"{latin1}: not UTF-8: byte 3 (0xe9)" in capsys.readouterr().err
     assert not (tmp_path / "out").exists()  # refused before the claim: nothing to clear up
+
+
+def test_demo_video_vocabulary_keeps_the_demo_texts_in_words():
+    """The `make demo` Qwen2-VL pools its last token, which must attend to the image tokens among the text
+    ones: with "demo"'s 512 BPE tokens an instruction is spelled in characters, with "demo-video"'s in
+    words."""
+    from mme5.demo import language
+    from mme5.demo.scenes import scenes_in
+    from mme5.demo.tasks import IMAGE
+
+    scenes = scenes_in("train")[:300]
+    texts = [IMAGE, *(language.caption(s, code) for s in scenes for code in language.LANGUAGES)]
+    lengths = {preset: len(tiny_tokenizer("qwen2_vl", PRESETS[preset].vocab, texts).tokenize(IMAGE))
+               for preset in ("demo", "demo-video")}
+    assert lengths["demo-video"] <= 6 < 12 <= lengths["demo"], lengths

@@ -112,7 +112,7 @@ def test_command_line_overrides_reach_interpolated_paths():
     assert config.model.backbone == config.data.backbone == "runs/other/backbone"
     assert config.data.sources[0].path == "runs/other/world/train"
     assert {c.init_args.get("dirpath") or c.init_args.get("root") for c in config.trainer.callbacks} == {
-        "runs/other/checkpoints", "runs/other/world/mmeb", "runs/other/world/xtd"}
+        "runs/other/checkpoints", "runs/other/world/mmeb", "runs/other/world/mmeb-v2", "runs/other/world/xtd"}
 
 
 def test_schedule_warms_up_then_decays():

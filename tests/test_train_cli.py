@@ -19,11 +19,11 @@ REPO = Path(__file__).resolve().parents[1]
 
 
 @pytest.mark.slow
-def test_train_py_fit_runs_the_demo_recipe_end_to_end(tmp_path, tiny_mllama):
+def test_train_py_fit_runs_the_demo_recipe_end_to_end(tmp_path, tiny):
     root = tmp_path / "run"  # trainer.default_root_dir: every path of the recipe derives from it
     build_world(root / "world", WorldConfig(train_samples=48, eval_queries=3, eval_candidates=4, xtd_images=5,
-                                            languages=("en", "es", "zh")), progress=False)
-    shutil.copytree(tiny_mllama, root / "backbone")
+                                            v2_queries=2, languages=("en", "es", "zh")), progress=False)
+    shutil.copytree(tiny("qwen2_vl"), root / "backbone")  # the demo's family: it reads the world's clips
     command = [sys.executable, "train.py", "fit", "--config", "configs/demo.yaml",
                "--trainer.default_root_dir", str(root), "--trainer.log_every_n_steps", "1",
                "--trainer.enable_progress_bar", "false", "--data.batch_size", "16", "--model.chunk_size", "4",
@@ -46,6 +46,7 @@ def test_train_py_fit_runs_the_demo_recipe_end_to_end(tmp_path, tiny_mllama):
     assert logged["train/loss"] == [0, 1, 2]
     assert "max_steps = 3: 1 epoch(s) of 48 samples at 16 x 1 a step" in result.stderr + result.stdout
     assert logged["eval/mmeb/Overall"] == [0] and logged["eval/xtd/mean_r10"] == [0]  # the step-0 baseline
+    assert logged["eval/mmeb-v2/Overall"] == [0] and logged["eval/mmeb-v2/video"] == [0]
 
     checkpoint = torch.load(root / "checkpoints" / "last.ckpt", weights_only=True)  # plain types only
     assert checkpoint["datamodule_hyper_parameters"]["sources"][0]["path"] == str(root / "world" / "train")

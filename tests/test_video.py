@@ -331,3 +331,4 @@ def test_training_lockstep_chunks_run_the_video_path_of_a_video_family(qwen2_vl)
     for chunk in lockstep.query + lockstep.positive + lockstep.negatives:
         assert "pixel_values_videos" in chunk.inputs and "pixel_values" in chunk.inputs
         assert chunk.keep.tolist()[-1] is False
+

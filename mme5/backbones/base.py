@@ -492,14 +492,14 @@ class BackboneAdapter(ABC):
         else `size`."""
         return tuple(self.input_format.image_size or size)
 
-    def prepare_video(self, frames: Sequence[PIL.Image.Image | bytes]) -> list[PIL.Image.Image]:
+    def prepare_video(self, frames: Sequence[PIL.Image.Image | bytes | str | Path]) -> list[PIL.Image.Image]:
         """The kept frames (`InputFormat.num_frames`, `mme5.video.kept_frames`) as the processor gets them:
-        decoded if given as encoded bytes (training sides carry every frame's bytes: only the kept ones are
-        decoded), composited onto white in RGB and padded to the maximum aspect ratio. No resize here:
-        VLM2Vec-V2 feeds frames to the processor as they are (its 56x56 rule is for images only)."""
-        kept = kept_frames(frames, self.input_format.num_frames)
-        decoded = (frame if isinstance(frame, PIL.Image.Image) else load(frame) for frame in kept)
-        return [fit_aspect_ratio(to_rgb(frame), self.input_format.max_aspect_ratio) for frame in decoded]
+        decoded if given as file bytes or a path (a training side's video: only the kept ones are), composited
+        onto white in RGB and padded to the maximum aspect ratio. No resize here: VLM2Vec-V2 feeds frames to
+        the processor as they are (its 56x56 rule is for images only)."""
+        kept = [frame if isinstance(frame, PIL.Image.Image) else load(frame)
+                for frame in kept_frames(frames, self.input_format.num_frames)]
+        return [fit_aspect_ratio(to_rgb(frame), self.input_format.max_aspect_ratio) for frame in kept]
 
     def collate(self, items: Sequence[Item]) -> BatchFeature:
         """One processor batch of `items`; text-only, image and video items mix freely, rows stay in

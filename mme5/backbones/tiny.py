@@ -1,6 +1,6 @@
 """Tiny randomly initialised backbones of each family, built offline and saved like a real checkpoint.
 
-    python -m mme5.backbones.tiny --family mllama --out runs/tiny-mllama --seed 0 --preset demo
+    python -m mme5.backbones.tiny --family qwen2_vl --out runs/tiny-qwen2-vl --seed 0 --preset demo-video
 
 The folder loads back through `load_backbone(out)`, the code path of a real checkpoint. `--out` is claimed
 (`mme5.files.claim_folder`): the same family, preset, seed and corpus again says the backbone is there (an
@@ -9,7 +9,8 @@ interrupted build is built again), other settings are refused unless `--overwrit
 (shared/reference/stack.md: 1 tile of 64 px, patch 8, vision 128 wide with 2 local + 1 global layers, text
 128 wide with 4 layers, cross-attention at layers 1 and 3), the same sizes for the other families;
 "demo-vision" is "demo" with 16 px patches, which learns grey handwritten digits where "demo" learns colour
-only (benchmarks/README.md, own_data_digits.py; train it at lr 3e-4 as configs/own_data.yaml does).
+only (benchmarks/README.md, own_data_digits.py; train it at lr 3e-4 as configs/own_data.yaml does);
+"demo-video" is "demo" with a 4096-token BPE vocabulary, the `make demo` Qwen2-VL (see PRESETS).
 """
 
 import argparse
@@ -92,6 +93,10 @@ PRESETS = {
 # cross-attention starts near uniform, i.e. a mean over the patches; over 64 patches of 8 px a thin grey
 # stroke averages away (different digits embed at cosine 0.998), over 16 patches it survives.
 PRESETS["demo-vision"] = replace(PRESETS["demo"], patch=16)
+# The `make demo` backbone, a Qwen2-VL (it reads the demo's clips): image tokens sit in the text sequence, so
+# the pooled last token must learn to attend to them. With 512 BPE tokens an instruction is ~20 tokens of
+# characters beside an image's 16; 4096 tokens make the texts short (configs/demo.yaml).
+PRESETS["demo-video"] = replace(PRESETS["demo"], vocab=4096)
 
 
 @dataclass(frozen=True)

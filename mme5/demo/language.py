@@ -348,3 +348,63 @@ def options(attribute: str, language: str) -> str:
 def edit(attribute: str, value: object, language: str) -> str:
     """A modification text asking for `attribute` to become `value`."""
     return _table(language)["edit"][attribute].format(value=label(attribute, value, language))
+
+
+# Moving scenes (the demo's clips): the objects travel into the half their `position` names, so a
+# direction is that half ("left" ... "bottom" read as moving left ... down). Per language: the direction
+# words (class labels and answers), the clip caption around the phrase, the question about the motion.
+MOTION: dict[str, dict] = {
+    "en": {"direction": {"left": "left", "right": "right", "top": "up", "bottom": "down"},
+           "caption": "{phrase} moving {direction} {background}",
+           "question": "Which way do the objects move?"},
+    "es": {"direction": {"left": "hacia la izquierda", "right": "hacia la derecha", "top": "hacia arriba",
+                         "bottom": "hacia abajo"},
+           "caption": "{phrase} moviéndose {direction} {background}",
+           "question": "¿Hacia dónde se mueven los objetos?"},
+    "it": {"direction": {"left": "verso sinistra", "right": "verso destra", "top": "verso l'alto",
+                         "bottom": "verso il basso"},
+           "caption": "{phrase} in movimento {direction} {background}",
+           "question": "In quale direzione si muovono gli oggetti?"},
+    "ko": {"direction": {"left": "왼쪽", "right": "오른쪽", "top": "위쪽", "bottom": "아래쪽"},
+           "caption": "{background}에서 {direction}으로 움직이는 {phrase}",
+           "question": "물체는 어느 쪽으로 움직이나요?"},
+    "pl": {"direction": {"left": "w lewo", "right": "w prawo", "top": "w górę", "bottom": "w dół"},
+           "caption": "{phrase}, ruch {direction}, {background}",
+           "question": "W którą stronę poruszają się obiekty?"},
+    "ru": {"direction": {"left": "влево", "right": "вправо", "top": "вверх", "bottom": "вниз"},
+           "caption": "{phrase}, движение {direction}, {background}", "question": "Куда движутся объекты?"},
+    "tr": {"direction": {"left": "sola", "right": "sağa", "top": "yukarı", "bottom": "aşağı"},
+           "caption": "{background} {direction} hareket eden {phrase}",
+           "question": "Nesneler hangi yöne hareket ediyor?"},
+    "zh": {"direction": {"left": "向左", "right": "向右", "top": "向上", "bottom": "向下"},
+           "caption": "{background}上{direction}移动的{phrase}", "question": "物体向哪个方向移动？"},
+    "de": {"direction": {"left": "nach links", "right": "nach rechts", "top": "nach oben",
+                         "bottom": "nach unten"},
+           "caption": "{phrase}, Bewegung {direction}, {background}",
+           "question": "In welche Richtung bewegen sich die Objekte?"},
+    "fr": {"direction": {"left": "vers la gauche", "right": "vers la droite", "top": "vers le haut",
+                         "bottom": "vers le bas"},
+           "caption": "{phrase} en mouvement {direction} {background}",
+           "question": "Dans quelle direction bougent les objets ?"},
+    "jp": {"direction": {"left": "左", "right": "右", "top": "上", "bottom": "下"},
+           "caption": "{background}で{direction}へ動く{phrase}",
+           "question": "物体はどの方向に動いていますか？"},
+}
+
+
+def direction(position: str, language: str) -> str:
+    """The direction a clip's objects move in, as a class label or answer."""
+    _table(language)
+    return MOTION[language]["direction"][position]
+
+
+def motion_caption(scene: Scene, language: str) -> str:
+    """A clip's description: the objects, where they move, the background (distinct clips, distinct texts)."""
+    background = _table(language)["background"][scene.background].split("|")[1]
+    return MOTION[language]["caption"].format(phrase=phrase(scene, language),
+                                              direction=direction(scene.position, language),
+                                              background=background)
+
+
+def motion_question(language: str) -> str:
+    return MOTION[language]["question"]

@@ -12,9 +12,9 @@ import random
 from dataclasses import dataclass, replace
 from functools import lru_cache
 
-from PIL import Image, ImageDraw
+from PIL import Image, ImageDraw, ImageFont
 
-from mme5.demo.scenes import Scene, stable_hash
+from mme5.demo.scenes import ATTRIBUTES, Scene, stable_hash
 
 RGB = {
     "red": (220, 30, 30),
@@ -63,9 +63,12 @@ def half_box(position: str, side: float) -> tuple[float, float, float, float]:
             "bottom": (0, h, side, side)}[position]
 
 
-def _draw_group(draw: ImageDraw.ImageDraw, scene: Scene, rng: random.Random, side: float) -> None:
-    """Lay `count` objects out along the long axis of their half, each jittered inside its own cell."""
+def _draw_group(draw: ImageDraw.ImageDraw, scene: Scene, rng: random.Random, side: float,
+                shift: tuple[float, float] = (0.0, 0.0)) -> None:
+    """Lay `count` objects out along the long axis of their half, each jittered inside its own cell, the
+    whole group moved by `shift` (a clip's frame)."""
     x0, y0, x1, y1 = half_box(scene.position, side)
+    x0, x1, y0, y1 = x0 + shift[0], x1 + shift[0], y0 + shift[1], y1 + shift[1]
     radius = RADIUS[scene.size] * side
     vertical = (y1 - y0) > (x1 - x0)
     cell = ((y1 - y0) if vertical else (x1 - x0)) / scene.count
@@ -78,16 +81,21 @@ def _draw_group(draw: ImageDraw.ImageDraw, scene: Scene, rng: random.Random, sid
                      fill=RGB[scene.colour])
 
 
-def render(scene: Scene, seed: int, size: int, distractor: Scene | None = None) -> Image.Image:
+def render(scene: Scene, seed: int, size: int, distractor: Scene | None = None, travelled: float = 1.0
+           ) -> Image.Image:
     """The scene's picture; a distractor group (grounding) is drawn in the opposite half.
 
     The scene's group uses its own random stream, so the distractor never moves it: cropping the scene's half
-    out of the composite equals cropping it out of the scene drawn alone.
+    out of the composite equals cropping it out of the scene drawn alone. `travelled` < 1 draws the group on
+    its way from the opposite half (0) to its own (1): a frame of the scene's clip.
     """
     side = size * SUPERSAMPLE
     image = Image.new("RGB", (side, side), RGB[scene.background])
     draw = ImageDraw.Draw(image)
-    _draw_group(draw, scene, random.Random(seed), side)
+    ox0, oy0, _, _ = half_box(OPPOSITE[scene.position], side)
+    x0, y0, _, _ = half_box(scene.position, side)
+    shift = ((1 - travelled) * (ox0 - x0), (1 - travelled) * (oy0 - y0))
+    _draw_group(draw, scene, random.Random(seed), side, shift)
     if distractor is not None:
         opposite = replace(distractor, position=OPPOSITE[scene.position])
         _draw_group(draw, opposite, random.Random(seed + 1), side)
@@ -103,6 +111,27 @@ def crop(scene: Scene, seed: int, size: int) -> Image.Image:
     return square
 
 
+def clip(scene: Scene, seed: int, size: int, frames: int) -> list[Image.Image]:
+    """The scene's clip: its group travels from the opposite half into its own (the motion's direction is
+    the scene's `position`: "top" moves up); the same layout in every frame, the last the still picture."""
+    return [render(scene, seed, size, travelled=k / (frames - 1)) for k in range(frames)]
+
+
+def page(scene: Scene, seed: int, size: int) -> Image.Image:
+    """A document page about the scene: a title and one line per attribute (English, like most visual
+    documents), above a figure of the scene filling the lower part."""
+    image = Image.new("RGB", (size, size), "white")
+    draw = ImageDraw.Draw(image)
+    font = ImageFont.load_default(size=max(6, size // 14))
+    lines = ["Scene report", *(f"{name}: {getattr(scene, name)}" for name in ATTRIBUTES)]
+    step = size * 0.45 / len(lines)
+    for k, line in enumerate(lines):
+        draw.text((size * 0.05, size * 0.02 + k * step), line, fill=(0, 0, 0), font=font)
+    figure = round(size * 0.5)
+    image.paste(render(scene, seed, figure), ((size - figure) // 2, size - figure - size // 32))
+    return image
+
+
 def encode_png(image: Image.Image) -> bytes:
     buffer = io.BytesIO()
     image.save(buffer, format="PNG")
@@ -112,6 +141,16 @@ def encode_png(image: Image.Image) -> bytes:
 @lru_cache(maxsize=8192)
 def _png(scene: Scene, seed: int, size: int, distractor: Scene | None, cropped: bool) -> bytes:
     return encode_png(crop(scene, seed, size) if cropped else render(scene, seed, size, distractor))
+
+
+@lru_cache(maxsize=2048)
+def _clip_pngs(scene: Scene, seed: int, size: int, frames: int) -> tuple[bytes, ...]:
+    return tuple(encode_png(frame) for frame in clip(scene, seed, size, frames))
+
+
+@lru_cache(maxsize=2048)
+def _page_png(scene: Scene, seed: int, size: int) -> bytes:
+    return encode_png(page(scene, seed, size))
 
 
 @dataclass(frozen=True)
@@ -135,3 +174,11 @@ class Painter:
 
     def crop(self, scene: Scene, role: int = 0) -> bytes:
         return _png(scene, self.seed(scene, role), self.size, None, True)
+
+    def clip(self, scene: Scene, frames: int, role: int = 0) -> list[bytes]:
+        """The scene's clip (`clip`), each frame PNG-encoded."""
+        return list(_clip_pngs(scene, self.seed(scene, role), self.size, frames))
+
+    def page(self, scene: Scene, size: int, role: int = 0) -> bytes:
+        """A `size`-pixel document page about the scene (`page`)."""
+        return _page_png(scene, self.seed(scene, role), size)

@@ -40,6 +40,16 @@ GROUND = "Select the portion of the image that isolates the object labeled as"
 IMAGE = IMAGE_INSTRUCTION
 TITLED = "Represent the given image with the following title:"
 CROP = "Represent the given cropped image of the object."
+# Clips (VLM2Vec-V2's video instructions) and pages (its visual-document ones).
+CLASSIFY_MOTION = "Recognize the direction the objects in the video move in."
+DESCRIBE_VIDEO = "Describe the content of the video."
+FIND_VIDEO = "Find a video that contains the following visual content:"
+VIDEO = "Understand the content of the provided video."
+TITLED_VIDEO = "Understand the content of the provided video with the following title:"
+VIDEO_QUESTION = "Given a video and a question, select the most accurate answer."
+FIND_PAGE = "Find a document image that matches the given query:"
+PAGE = "Understand the content of the provided document image."
+VIDEO_QUESTIONS = ("position", "shape", "colour", "count")  # what a clip question asks ("position": motion)
 FEWER_NEGATIVES = 0.2  # share of training samples with fewer hard negatives than the maximum
 ENGLISH_WEIGHT = 8  # English is drawn this many times as often as each other language (MMEB is English)
 
@@ -51,6 +61,8 @@ class Context:
     rng: random.Random
     painter: Painter
     split: str
+    frames: int = 4  # frames of a clip
+    page_size: int = 128  # side of a document page
 
 
 @dataclass(frozen=True)
@@ -68,10 +80,11 @@ class Recipe:
     modality: Modality
     attributes: tuple[str, ...]  # what a query can be about (the classified or asked attribute, the edit)
     build: Callable[[Context, Scene, str, str | None], Episode | None]  # (ctx, query scene, language, about)
+    topic: str = ""  # tells apart recipes of one task and modality ("document": pages)
 
     @property
     def name(self) -> str:
-        return f"{self.task}_{self.modality.value.lower()}"
+        return "_".join(filter(None, (str(self.task), self.modality.value.lower(), self.topic)))
 
 
 # ----------------------------------------------------------------------------- target sides
@@ -93,6 +106,31 @@ def _image(ctx: Context, language: str, role: int = 0) -> Callable[[Scene], Side
 def _titled(ctx: Context, language: str) -> Callable[[Scene], Side]:
     """An image with a short title (its shape): the text alone does not identify the scene."""
     return lambda s: Side(TITLED, text=lang.label("shape", s.shape, language), image=ctx.painter.image(s))
+
+
+def _clip(ctx: Context, language: str) -> Callable[[Scene], Side]:
+    return lambda s: Side(VIDEO, video=ctx.painter.clip(s, ctx.frames))
+
+
+def _titled_clip(ctx: Context, language: str) -> Callable[[Scene], Side]:
+    """A clip with a short title (its shape): the text alone does not identify the clip."""
+    return lambda s: Side(TITLED_VIDEO, text=lang.label("shape", s.shape, language),
+                          video=ctx.painter.clip(s, ctx.frames))
+
+
+def _motion_caption(ctx: Context, language: str) -> Callable[[Scene], Side]:
+    return lambda s: Side(text=lang.motion_caption(s, language))
+
+
+def _answer(attribute: str, language: str) -> Callable[[Scene], Side]:
+    """A clip question's answer: the direction for "position", else the attribute's label."""
+    if attribute == "position":
+        return lambda s: Side(text=lang.direction(s.position, language))
+    return _label(attribute, language)
+
+
+def _page(ctx: Context, language: str) -> Callable[[Scene], Side]:
+    return lambda s: Side(PAGE, image=ctx.painter.page(s, ctx.page_size))
 
 
 # ----------------------------------------------------------------------------- recipes
@@ -167,6 +205,37 @@ def _distractor(rng: random.Random, scene: Scene) -> Scene:
                  scene.background)
 
 
+def _classify_motion(ctx: Context, scene: Scene, language: str, attribute: str) -> Episode:
+    query = Side(CLASSIFY_MOTION, video=ctx.painter.clip(scene, ctx.frames))
+    return Episode(query, scene, scene, ("position",), _answer("position", language))
+
+
+def _describe_clip(ctx: Context, scene: Scene, language: str, attribute: str) -> Episode:
+    query = Side(DESCRIBE_VIDEO, video=ctx.painter.clip(scene, ctx.frames))
+    return Episode(query, scene, scene, ATTRIBUTES, _motion_caption(ctx, language))
+
+
+def _find_clip(ctx: Context, scene: Scene, language: str, attribute: str) -> Episode:
+    query = Side(FIND_VIDEO, text=lang.motion_caption(scene, language))
+    return Episode(query, scene, scene, ATTRIBUTES, _clip(ctx, language))
+
+
+def _find_titled_clip(ctx: Context, scene: Scene, language: str, attribute: str) -> Episode:
+    query = Side(FIND_VIDEO, text=lang.motion_caption(scene, language))
+    return Episode(query, scene, scene, ATTRIBUTES, _titled_clip(ctx, language))
+
+
+def _clip_question(ctx: Context, scene: Scene, language: str, attribute: str) -> Episode:
+    text = lang.motion_question(language) if attribute == "position" else lang.question(attribute, language)
+    query = Side(VIDEO_QUESTION, text=text, video=ctx.painter.clip(scene, ctx.frames))
+    return Episode(query, scene, scene, (attribute,), _answer(attribute, language))
+
+
+def _find_page(ctx: Context, scene: Scene, language: str, attribute: str) -> Episode:
+    query = Side(FIND_PAGE, text=lang.caption(scene, language))
+    return Episode(query, scene, scene, ATTRIBUTES, _page(ctx, language))
+
+
 _ANY = (None,)
 RECIPES = {
     r.name: r
@@ -182,12 +251,19 @@ RECIPES = {
         Recipe(Task.RETRIEVAL, Modality.IT2I, lang.EDITABLE, _edit(EDIT_TO_IMAGE, _image)),
         Recipe(Task.RETRIEVAL, Modality.IT2IT, lang.EDITABLE, _edit(EDIT_TO_TITLED, _titled)),
         Recipe(Task.GROUNDING, Modality.IT2I, _ANY, _ground),
+        Recipe(Task.CLASSIFICATION, Modality.V2T, ("position",), _classify_motion),
+        Recipe(Task.RETRIEVAL, Modality.V2T, _ANY, _describe_clip),
+        Recipe(Task.RETRIEVAL, Modality.T2V, _ANY, _find_clip),
+        Recipe(Task.RETRIEVAL, Modality.T2VT, _ANY, _find_titled_clip),
+        Recipe(Task.VQA, Modality.VT2T, VIDEO_QUESTIONS, _clip_question),
+        Recipe(Task.RETRIEVAL, Modality.T2I, _ANY, _find_page, "document"),
     )
 }
 
-# Every recipe once, classification, VQA and grounding twice: otherwise retrieval, with seven recipes,
+# Every recipe once, classification, VQA, grounding and pages twice: otherwise retrieval, with nine recipes,
 # would crowd them out.
-SCHEDULE = (*RECIPES, "classification_i2t", "classification_it2t", "vqa_it2t", "grounding_it2i")
+SCHEDULE = (*RECIPES, "classification_i2t", "classification_it2t", "vqa_it2t", "grounding_it2i",
+            "classification_v2t", "vqa_vt2t", "retrieval_t2i_document")
 
 
 def draw_episode(recipe: Recipe, ctx: Context, scenes: Iterator[Scene], language: str,
@@ -231,7 +307,8 @@ def language_weights(languages: list[str]) -> list[int]:
 
 
 def generate_training(seed: int, num_samples: int, languages: list[str], max_negatives: int = 3,
-                      image_size: int = 64) -> Iterator[TrainingExample]:
+                      image_size: int = 64, frames: int = 4, page_size: int = 128
+                      ) -> Iterator[TrainingExample]:
     """Training samples from training scenes only.
 
     SCHEDULE is cycled (so every task and modality appears) and a language is drawn per sample. Most samples
@@ -243,7 +320,7 @@ def generate_training(seed: int, num_samples: int, languages: list[str], max_neg
     for i in range(num_samples):
         recipe = RECIPES[SCHEDULE[i % len(SCHEDULE)]]
         language = rng.choices(languages, weights)[0]
-        ctx = Context(rng, Painter(image_size, f"{seed}/train/{i}"), "train")
+        ctx = Context(rng, Painter(image_size, f"{seed}/train/{i}"), "train", frames, page_size)
         episode = draw_episode(recipe, ctx, (rng.choice(train) for _ in itertools.count()), language)
         fewer = max_negatives > 0 and rng.random() < FEWER_NEGATIVES
         k = rng.randrange(max_negatives) if fewer else max_negatives

@@ -3,9 +3,12 @@
     python -m mme5.demo --out data/demo --seed 0 [--train-samples N --eval-queries N ...]
 
 writes, under --out:
-    train/       training shards (mme5.data.shards): 4 tasks, 7 modality combinations, 11 languages,
-                 up to --max-negatives hard negatives that each change exactly one scene attribute
+    train/       training shards (mme5.data.shards): 4 tasks, 11 modality combinations (images, clips of
+                 moving scenes, document pages), 11 languages, up to --max-negatives hard negatives that
+                 each change exactly one scene attribute
     mmeb/        an evaluation set in the MMEB-eval layout, with subsets.json (see mme5.demo.mmeb)
+    mmeb-v2/     image, video and visual-document sets in MMEB-V2's layouts, with sets.json
+                 (see mme5.demo.mmeb_v2)
     xtd/         multilingual text→image retrieval in the XTD10 layout (see mme5.demo.xtd)
     corpus.txt   every distinct text of the world, one a line (for training a tiny tokenizer)
     world.json   seed, sizes, languages and counts
@@ -32,6 +35,7 @@ from mme5.data.schema import Side
 from mme5.data.shards import ShardWriter, read_manifest
 from mme5.demo.language import DEFAULT_LANGUAGES, LANGUAGES
 from mme5.demo.mmeb import SUBSETS, build_subset, write_mmeb
+from mme5.demo.mmeb_v2 import V2Config, registry, write_mmeb_v2
 from mme5.demo.scenes import VALUES
 from mme5.demo.tasks import generate_training
 from mme5.demo.xtd import build_xtd, write_xtd
@@ -54,7 +58,13 @@ class WorldConfig:
     eval_candidates: int = 50
     """Candidates per query in retrieval and grounding subsets (classification and VQA use the label set)."""
     xtd_images: int = 150
+    v2_queries: int = 40
+    """Queries per MMEB-V2 set (mme5.demo.mmeb_v2)."""
     image_size: int = 64
+    video_frames: int = 4
+    """Frames of a clip (a moving scene: its objects travel into the half their position names)."""
+    page_size: int = 128
+    """Side of a document page in pixels."""
     languages: tuple[str, ...] = DEFAULT_LANGUAGES
 
     def __post_init__(self) -> None:
@@ -63,7 +73,7 @@ class WorldConfig:
             raise ValueError(f"languages {list(self.languages)}: unknown {unknown}; "
                              f"known: {', '.join(LANGUAGES)}")
         minimum = {"train_samples": 0, "max_negatives": 0, "eval_queries": 1, "eval_candidates": 2,
-                   "xtd_images": 1, "image_size": 16}
+                   "xtd_images": 1, "v2_queries": 1, "image_size": 16, "video_frames": 2, "page_size": 32}
         for name, low in minimum.items():
             if getattr(self, name) < low:
                 raise ValueError(f"{name} must be at least {low}, found {getattr(self, name)}")
@@ -80,7 +90,7 @@ def build_world(out: str | Path, config: WorldConfig = WorldConfig(), progress: 
 
     languages = list(config.languages)
     examples = generate_training(config.seed, config.train_samples, languages, config.max_negatives,
-                                 config.image_size)
+                                 config.image_size, config.video_frames, config.page_size)
     with ShardWriter(out / "train", extra={"world": FORMAT, "seed": config.seed}) as writer:
         progress_bar = tqdm(examples, desc="train", total=config.train_samples, disable=not progress)
         for i, example in enumerate(progress_bar):
@@ -94,6 +104,11 @@ def build_world(out: str | Path, config: WorldConfig = WorldConfig(), progress: 
     write_mmeb(out / "mmeb", subsets)
     for subset in subsets:
         texts |= _texts([side for q in subset.queries for side in [q.query, *q.candidates]])
+
+    shutil.rmtree(out / "mmeb-v2", ignore_errors=True)
+    v2 = write_mmeb_v2(out / "mmeb-v2", V2Config(config.seed, config.v2_queries, config.eval_candidates,
+                                                  config.image_size, config.video_frames, config.page_size))
+    texts |= {part for s in registry() for part in (s.query_instruction, s.target_instruction) if part}
 
     shutil.rmtree(out / "xtd", ignore_errors=True)
     captions = write_xtd(out / "xtd", build_xtd(config.seed, config.xtd_images, config.image_size), languages)
@@ -110,6 +125,7 @@ def build_world(out: str | Path, config: WorldConfig = WorldConfig(), progress: 
         "counts": {
             "train": manifest["counts"] | {"samples": manifest["num_samples"]},
             "mmeb": {s.spec.name: len(s.queries) for s in subsets},
+            "mmeb_v2": v2,
             "xtd_images": config.xtd_images,
             "corpus_texts": len(texts),
         },
@@ -126,6 +142,7 @@ def _summary(world: dict, seconds: float) -> str:
     lines += [f"    {key}: " + ", ".join(f"{k} {v}" for k, v in counts["train"][key].items())
               for key in ("task", "modality", "language")]
     lines.append(f"  mmeb: {len(counts['mmeb'])} subsets, {sum(counts['mmeb'].values())} queries")
+    lines.append(f"  mmeb-v2: {len(counts['mmeb_v2'])} sets, {sum(counts['mmeb_v2'].values())} queries")
     lines.append(f"  xtd: {counts['xtd_images']} images, captions in {', '.join(world['languages'])}")
     lines.append(f"  corpus: {counts['corpus_texts']} distinct texts")
     return "\n".join(lines)

@@ -6,9 +6,10 @@
     python -m mme5.eval --model ckpt --benchmark mmeb-v2 --mmeb-v2 MMEB-V2 --modalities visdoc --out eval/v2
     torchrun --nproc-per-node 8 -m mme5.eval ...      (each GPU encodes a share; rank 0 writes)
 
-Data: `--data DIR` is the parent of `mmeb/` and `xtd/` (as the demo world writes); `--mmeb DIR` and
-`--xtd DIR` name either folder directly and win over `--data`. MMEB-V2 runs from `--mmeb-v2 DIR` (what
-`mme5.data.fetch --dataset mmeb-v2` writes); `--benchmark all` includes it when `--mmeb-v2` is given.
+Data: `--data DIR` is the parent of `mmeb/`, `xtd/` and, when present, `mmeb-v2/` (as the demo world
+writes); `--mmeb DIR`, `--xtd DIR` and `--mmeb-v2 DIR` name a folder directly and win over `--data`.
+MMEB-V2 runs from `--mmeb-v2 DIR` (what `mme5.data.fetch --dataset mmeb-v2` writes, or a folder with its own
+registry, `sets.json`); `--benchmark all` includes it when `--mmeb-v2` is given or found under `--data`.
 Embeddings are cached under `<out>/cache/<model fingerprint>/` (or --cache), so a rerun or an interrupted
 run does not recompute.
 
@@ -55,11 +56,12 @@ def parse(argv: list[str] | None = None) -> argparse.Namespace:
     parser.add_argument("--backbone", help="backbone folder of a .ckpt whose recorded backbone has moved")
     parser.add_argument("--benchmark", choices=["mmeb", "mmeb-v2", "xtd", "all"], default="all",
                         help="default: all (MMEB and XTD, and MMEB-V2 when --mmeb-v2 is given)")
-    parser.add_argument("--data", type=Path, help="parent folder of mmeb/ and xtd/")
+    parser.add_argument("--data", type=Path, help="parent folder of mmeb/ and xtd/ (and mmeb-v2/, when "
+                        "present: then --benchmark all includes MMEB-V2)")
     parser.add_argument("--mmeb", type=Path, help="MMEB-eval folder (default: DATA/mmeb)")
     parser.add_argument("--xtd", type=Path, help="XTD folder (default: DATA/xtd)")
     parser.add_argument("--mmeb-v2", type=Path, help="MMEB-V2 folder, as `mme5.data.fetch --dataset mmeb-v2` "
-                        "writes it")
+                        "writes it (default: DATA/mmeb-v2 when present)")
     parser.add_argument("--modalities", nargs="+", choices=MODALITIES,
                         help="MMEB-V2 modalities (default: all three)")
     parser.add_argument("--mmeb-images", type=Path, nargs="+", help="image folders or .zip files "
@@ -108,8 +110,10 @@ def parse(argv: list[str] | None = None) -> argparse.Namespace:
             parser.error(f"--{name.replace('_', '-')} must be at least 1, got {getattr(args, name)}")
     if not Path(args.model).exists() and not is_hub_id(args.model):
         parser.error(f"--model {args.model}: no such file or folder (nor a hub id namespace/name)")
+    if args.mmeb_v2 is None and args.data is not None and (args.data / "mmeb-v2").is_dir():
+        args.mmeb_v2 = args.data / "mmeb-v2"  # the demo world's V2 sets, with their own registry
     if args.benchmark == "mmeb-v2" and args.mmeb_v2 is None:
-        parser.error("--benchmark mmeb-v2 needs --mmeb-v2")
+        parser.error("--benchmark mmeb-v2 needs --mmeb-v2 (or --data holding mmeb-v2/)")
     if args.modalities and not (args.mmeb_v2 and args.benchmark in ("mmeb-v2", "all")):
         parser.error("--modalities selects MMEB-V2 sets: it needs --mmeb-v2 and --benchmark mmeb-v2 or all")
     for name in ("mmeb", "xtd"):

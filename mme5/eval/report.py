@@ -80,7 +80,7 @@ def mmeb_v2_tables(model: str, scores: dict[str, Any]) -> list[str]:
     label, mean = mean_over_sets(scores)
     all_label = "All" if label == OVERALL else label
     intro = ("Score (%): hit@1 for image and video sets, ndcg_linear@5 for visual documents; every mean is "
-             "over data sets (a modality's over its sets, All over the 78). "
+             "over data sets (a modality's over its sets, All over every set of the registry: the 78). "
              f"{TIE_NOTES[scores.get('ties', 'pessimistic')]}")
     frames = scores.get("num_frames")
     intro += f" Frames per video: {'all' if frames is None else frames}."

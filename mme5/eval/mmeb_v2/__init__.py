@@ -19,5 +19,6 @@ What exists (model-free):
 - `benchmark`: `MMEBV2`, the `Benchmark` behind `python -m mme5.eval --benchmark mmeb-v2` and the
   `MMEBV2Eval` callback: sets read through `READERS` (one entry per modality), graded scoring, summaries.
 
-What comes next (issue 23): video inputs for the backbones, and the demo world's video and page tasks.
+A root holding `sets.json` (`registry.load_v2_registry`) is scored as its own sets, each read by the loader of
+the published set it names in `reads_as`: the demo world's `mmeb-v2/` (`mme5.demo.mmeb_v2`).
 """

@@ -19,7 +19,7 @@ import torch
 from mme5.backbones import InputFormat
 from mme5.eval.mmeb_v2.aggregate import aggregate, main_score
 from mme5.eval.mmeb_v2.readers import read_image, read_video
-from mme5.eval.mmeb_v2.registry import MMEB_V2, MODALITIES, V2Set
+from mme5.eval.mmeb_v2.registry import MMEB_V2, MODALITIES, REGISTRY_FILE, V2Set, v2_registry_of
 from mme5.eval.mmeb_v2.visdoc import read_visdoc
 from mme5.eval.registry import once_each
 from mme5.eval.retrieval import Ranked, RetrievalSet
@@ -65,28 +65,30 @@ def with_relevance(data: RetrievalSet) -> RetrievalSet:
     return RetrievalSet(data.name, data.items, rankings)
 
 
-def select(subsets: Sequence[str] | None, modalities: Sequence[str] | None) -> list[V2Set]:
-    """The registry's sets named in `subsets` (all by default) of the `modalities` (all by default), in
-    leaderboard order; an unknown name, or a named set outside the modalities, is an error."""
+def select(subsets: Sequence[str] | None, modalities: Sequence[str] | None,
+           sets: Sequence[V2Set] = MMEB_V2) -> list[V2Set]:
+    """The sets of the registry `sets` named in `subsets` (all by default) of the `modalities` (all by
+    default), in registry order; an unknown name, or a named set outside the modalities, is an error."""
     subsets = once_each(subsets, "MMEB-V2 data set(s)")
     modalities = once_each(modalities, "MMEB-V2 modalities") or list(MODALITIES)
     if unknown := [m for m in modalities if m not in MODALITIES]:
         raise ValueError(f"unknown MMEB-V2 modality {unknown}: one of {MODALITIES}")
-    registry = {s.name: s for s in MMEB_V2}
+    registry = {s.name: s for s in sets}
     if unknown := [name for name in subsets or [] if name not in registry]:
-        raise ValueError(f"unknown MMEB-V2 data set(s) {unknown}: not among the 78 of the registry")
+        raise ValueError(f"unknown MMEB-V2 data set(s) {unknown}: not among the {len(sets)} of the registry")
     if outside := [name for name in subsets or [] if registry[name].modality not in modalities]:
         raise ValueError(f"MMEB-V2 data set(s) {outside} are not of the modalities {modalities}")
-    chosen = set(subsets) if subsets else {s.name for s in MMEB_V2 if s.modality in modalities}
-    return [s for s in MMEB_V2 if s.name in chosen]
+    chosen = set(subsets) if subsets else {s.name for s in sets if s.modality in modalities}
+    return [s for s in sets if s.name in chosen]
 
 
 class MMEBV2:
     """MMEB-V2 on a fetched root: the selected sets, read one at a time.
 
     Args:
-        root: the folder `mme5.data.fetch --dataset mmeb-v2` wrote.
-        subsets: data sets to evaluate (default: the 78, or those of `modalities`).
+        root: the folder `mme5.data.fetch --dataset mmeb-v2` wrote, or one with its own registry
+            (`<root>/sets.json`, e.g. the demo world's `mmeb-v2/`) in the same layouts.
+        subsets: data sets to evaluate (default: the registry's (the 78), or those of `modalities`).
         modalities: "image", "video", "visdoc" (default: all three).
         max_queries: first N queries of each data set (a deterministic subset, e.g. during training).
     """
@@ -97,7 +99,8 @@ class MMEBV2:
     def __init__(self, root: str | Path, subsets: Sequence[str] | None = None,
                  modalities: Sequence[str] | None = None, max_queries: int | None = None):
         self.root = Path(root)
-        self.registry = select(subsets, modalities)
+        self.benchmark = v2_registry_of(self.root)  # every set: All needs them all
+        self.registry = select(subsets, modalities, self.benchmark)
         if unread := sorted({s.modality for s in self.registry} - set(READERS)):
             raise ValueError(f"MMEB-V2 {unread} sets have no reader yet (readers: {sorted(READERS)}); "
                              "choose --modalities among those")
@@ -118,15 +121,18 @@ class MMEBV2:
     def identity(self) -> dict[str, Any]:
         """The data evaluated: the selected sets and a fingerprint of their folders' files."""
         files = sorted(f for folder in self.folders for f in folder.rglob("*") if f.is_file())
+        if (self.root / REGISTRY_FILE).is_file():
+            files.append(self.root / REGISTRY_FILE)
         return data_identity(self.root, files) | {"sets": [s.name for s in self.registry]}
 
     def summarize(self, results: dict[str, Ranked]) -> Summary:
         """Every metric of each set evaluated (%), its main score, and the aggregates (an Overall only when
-        all 78 were)."""
+        every set of the registry (the 78) was)."""
         datasets = {s.name: set_entry(s, results[s.name]) for s in self.registry if s.name in results}
         scores = {name: entry["score"] for name, entry in datasets.items()}
-        aggregates = aggregate(scores)
-        counts = {"evaluated": len(datasets), "in_benchmark": len(MMEB_V2), "max_queries": self.max_queries}
+        aggregates = aggregate(scores, self.benchmark)
+        counts = {"evaluated": len(datasets), "in_benchmark": len(self.benchmark),
+                  "max_queries": self.max_queries}
         return Summary(
             scores={"datasets": datasets, "sets": counts, **aggregates},
             scalars=scores | {k: v for k, v in aggregates.items() if v is not None},

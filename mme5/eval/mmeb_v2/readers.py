@@ -6,7 +6,7 @@ Layout under the root (what `python -m mme5.data.fetch --dataset mmeb-v2` writes
                               (`Annotations`), files as published; `<config>` is `data` for the default one
     image-tasks/<paths of the rows>                         TIGER-Lab/MMEB-V2 image-tasks/mmeb_v1.tar.gz, its
                               MMEB/ folder moved up (download_data.sh)
-    video-tasks/frames/<FRAMES[set]>/<video>/<frame files>  the frames tarballs of TIGER-Lab/MMEB-V2,
+    video-tasks/frames/<frames_folder(set)>/<video>/<frame files>  the frames tarballs of TIGER-Lab/MMEB-V2,
                               unpacked as download_data.sh does; moment retrieval: `<video>/query/` and one
                               folder per clip (the positive's name starts with "positive"); MomentSeeker:
                               `video_frames/<clip or query video>/` and `query_<image>` files
@@ -282,10 +282,18 @@ VIDEO_READERS: dict[str, tuple[tuple[str, ...], Callable[[V2Set, Path, str, dict
 }
 
 
+def frames_folder(spec: V2Set) -> str:
+    """The set's folder under video-tasks/frames/: FRAMES for the 78; a set of a registry of one's own
+    sits beside the set it reads as (`video_cls/<name>`, ...)."""
+    if spec.name in FRAMES:
+        return FRAMES[spec.name]
+    return f"{FRAMES[spec.loader].split('/')[0]}/{spec.name}"
+
+
 def video_rows(root: Path, spec: V2Set, columns: Sequence[str]) -> Iterator[tuple[str, dict]]:
     """The set's annotation rows; MVBench's configs concatenated in the reference's order, each row
     tagged with its config as `subset`."""
-    if spec.name != "MVBench":
+    if spec.loader != "MVBench":
         yield from annotation_rows(root, spec.annotations, columns)
         return
     for config in MVBENCH_CONFIGS:
@@ -296,9 +304,9 @@ def video_rows(root: Path, spec: V2Set, columns: Sequence[str]) -> Iterator[tupl
 def read_video(root: str | Path, spec: V2Set, max_queries: int | None = None) -> RetrievalSet:
     """A video set of MMEB-V2 (layout above) as one ranking named after it."""
     root = Path(root)
-    columns, parse = VIDEO_READERS[spec.name]
-    frames = root / "video-tasks" / "frames" / FRAMES[spec.name]
-    if spec.name == "SmthSmthV2":
+    columns, parse = VIDEO_READERS[spec.loader]
+    frames = root / "video-tasks" / "frames" / frames_folder(spec)
+    if spec.loader == "SmthSmthV2":
         max_queries = min(SSV2_ROWS, max_queries or SSV2_ROWS)
     raw = list(video_rows(root, spec, columns))
     labels = {}  # a global classification set's label set: every row's label, kept rows or not

@@ -17,7 +17,9 @@ included). A target instruction of "" means the candidate text is encoded bare (
 
 from __future__ import annotations
 
-from dataclasses import dataclass
+import json
+from dataclasses import asdict, dataclass
+from pathlib import Path
 
 from mme5.eval.registry import MMEB, EvalSet
 
@@ -50,6 +52,9 @@ class V2Set:
     query_instruction: str
     target_instruction: str
     annotations: Annotations
+    reads_as: str = ""
+    """The published set whose loader reads this one's rows (a registry of one's own, e.g. the demo
+    world's, reuses the 78 loaders); "" for the 78 themselves."""
 
     def __post_init__(self) -> None:
         if self.modality not in MODALITIES:
@@ -63,6 +68,11 @@ class V2Set:
     @property
     def metric(self) -> str:
         return METRICS[self.modality]
+
+    @property
+    def loader(self) -> str:
+        """The published set whose loader reads this set (its own name for the 78)."""
+        return self.reads_as or self.name
 
 
 # --- image: the 36 MMEB sets, all local, rows from ziyjiang/MMEB_Test_Instruct (one config per set) ---
@@ -164,3 +174,41 @@ MMEB_V2: tuple[V2Set, ...] = tuple(_image(s) for s in MMEB) + _VIDEO + _VISDOC
 
 def sets_of(modality: str) -> tuple[V2Set, ...]:
     return tuple(s for s in MMEB_V2 if s.modality == modality)
+
+
+REGISTRY_FILE = "sets.json"  # a root's own registry (the demo world's): then its sets, not the 78
+
+
+def load_v2_registry(path: str | Path) -> tuple[V2Set, ...]:
+    """A registry of one's own from JSON: {"<name>": {modality, meta_task, eval_type, query_instruction,
+    target_instruction, annotations: {repo, split, config}, reads_as}}; `reads_as` must name one of the 78
+    of the same modality (its loader reads the set)."""
+    path = Path(path)
+    try:
+        entries = json.loads(path.read_text(encoding="utf-8"))
+    except (OSError, json.JSONDecodeError) as error:
+        raise ValueError(f"{path}: cannot read the MMEB-V2 registry: {error}") from None
+    published = {s.name: s for s in MMEB_V2}
+    sets = []
+    for name, entry in entries.items():
+        try:
+            fields = dict(entry, annotations=Annotations(**entry["annotations"]))
+            spec = V2Set(name, **fields)
+        except (KeyError, TypeError, ValueError) as error:
+            raise ValueError(f"{path}: data set {name!r}: {error}") from None
+        if spec.loader not in published or published[spec.loader].modality != spec.modality:
+            raise ValueError(f"{path}: data set {name!r}, field reads_as: {spec.reads_as!r} is not one of "
+                             f"the 78 published {spec.modality} sets")
+        sets.append(spec)
+    return tuple(sets)
+
+
+def save_v2_registry(sets: tuple[V2Set, ...] | list[V2Set], path: str | Path) -> None:
+    payload = {s.name: {k: v for k, v in asdict(s).items() if k != "name"} for s in sets}
+    Path(path).write_text(json.dumps(payload, indent=2, ensure_ascii=False) + "\n", encoding="utf-8")
+
+
+def v2_registry_of(root: Path) -> tuple[V2Set, ...]:
+    """`<root>/sets.json` when present, else the 78 data sets of MMEB-V2."""
+    path = Path(root) / REGISTRY_FILE
+    return load_v2_registry(path) if path.is_file() else MMEB_V2

@@ -118,7 +118,7 @@ def _candidate_items(builder: SetBuilder, spec: V2Set, names: Sequence[str], cor
     for name in names:
         where = f"corpus-id {name!r}"
         try:
-            columns.append(builder.item(spec.target_instruction, None, page_file(spec.name, name), where))
+            columns.append(builder.item(spec.target_instruction, None, page_file(spec.loader, name), where))
         except MissingImageError:
             if name in corpus:
                 raise  # the corpus's own page missing: an incomplete fetch, not a qrels oddity

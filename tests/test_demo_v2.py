@@ -1,0 +1,154 @@
+"""The demo world's clips and pages: training samples, and the MMEB-V2-layout evaluation set read by the real
+readers and scored by the real command (`python -m mme5.eval --data <world>`)."""
+
+import io
+import json
+import math
+
+import numpy as np
+import pytest
+from PIL import Image
+
+import mme5.eval.__main__ as command
+from mme5.data.schema import Modality, Task
+from mme5.demo import language
+from mme5.demo.mmeb_v2 import CLIPS_PER_VIDEO, registry
+from mme5.demo.render import Painter, clip, render
+from mme5.demo.scenes import Scene, differing_attributes, split_of
+from mme5.demo.tasks import generate_training
+from mme5.demo.world import WorldConfig, build_world
+from mme5.eval.mmeb_v2.benchmark import MMEBV2
+from mme5.eval.mmeb_v2.registry import REGISTRY_FILE, load_v2_registry
+from mme5.eval.mmeb_v2.visdoc import read_qrels
+
+SMALL = WorldConfig(seed=0, train_samples=0, eval_queries=2, eval_candidates=4, xtd_images=3, v2_queries=5,
+                    image_size=32, page_size=48, languages=("en", "es"))
+DIRECTIONS = {"left": (-1, 0), "right": (1, 0), "top": (0, -1), "bottom": (0, 1)}
+
+
+@pytest.fixture(scope="module")
+def world(tmp_path_factory):
+    out = tmp_path_factory.mktemp("world")
+    build_world(out, SMALL, progress=False)
+    return out
+
+
+def centroid(image: Image.Image, background: tuple[int, int, int]) -> np.ndarray:
+    """(x, y) mean of the pixels that are not the background."""
+    pixels = np.asarray(image.convert("RGB")).astype(int)
+    ys, xs = np.nonzero(np.abs(pixels - background).sum(axis=2) > 60)
+    return np.array([xs.mean(), ys.mean()])
+
+
+@pytest.mark.parametrize("position", list(DIRECTIONS))
+def test_a_clip_moves_its_group_into_the_half_its_position_names(position):
+    scene = Scene("square", "red", "large", 2, position, "white")
+    frames = clip(scene, seed=3, size=64, frames=4)
+    centres = [centroid(frame, (255, 255, 255)) for frame in frames]
+    steps = [np.dot(b - a, DIRECTIONS[position]) for a, b in zip(centres, centres[1:], strict=False)]
+    assert all(step > 4 for step in steps), steps  # a steady move in the named direction, by pixels
+    assert frames[-1].tobytes() == render(scene, 3, 64).tobytes()  # it ends as the scene's still picture
+
+
+def test_training_holds_clips_and_pages_in_every_video_modality():
+    examples = list(generate_training(0, 220, ["en", "ru"], image_size=32, frames=3, page_size=40))
+    videos = [ex for ex in examples if ex.sample.modality.value.count("V")]
+    assert {ex.sample.modality for ex in videos} == {Modality.V2T, Modality.VT2T, Modality.T2V, Modality.T2VT}
+    for ex in videos:
+        for side in (ex.sample.query, ex.sample.positive, *ex.sample.negatives):
+            if side.video is not None:
+                assert [Image.open(io.BytesIO(f)).size for f in side.video] == [(32, 32)] * 3
+        for scene, negative in zip(ex.negative_scenes, ex.sample.negatives, strict=True):
+            assert len(differing_attributes(ex.positive_scene, scene)) == 1
+            assert negative != ex.sample.positive
+    motion = [ex for ex in videos if ex.sample.task == Task.CLASSIFICATION]
+    assert motion
+    for ex in motion:
+        assert ex.sample.positive.text == language.direction(ex.positive_scene.position, ex.sample.language)
+    pages = [ex for ex in examples if ex.sample.positive.instruction.startswith("Understand the content of "
+                                                                              "the provided document")]
+    assert pages and all(Image.open(io.BytesIO(ex.sample.positive.image)).size == (40, 40) for ex in pages)
+    assert {split_of(s) for ex in examples for s in (ex.query_scene, ex.positive_scene)} == {"train"}
+
+
+def test_every_language_tells_the_directions_apart():
+    for code in language.LANGUAGES:
+        scenes = [Scene("star", "blue", "small", 1, p, "grey") for p in DIRECTIONS]
+        assert len({language.direction(s.position, code) for s in scenes}) == 4, code
+        assert len({language.motion_caption(s, code) for s in scenes}) == 4, code
+
+
+def test_pages_differ_by_scene_and_repeat_by_seed():
+    a, b = Scene("star", "blue", "small", 1, "left", "grey"), Scene("star", "red", "small", 1, "left", "grey")
+    painter = Painter(32, "salt", per_scene=True)
+    assert painter.page(a, 64) == Painter(32, "salt", per_scene=True).page(a, 64) != painter.page(b, 64)
+
+
+def test_the_v2_sets_are_read_by_the_published_readers(world):
+    root = world / "mmeb-v2"
+    assert load_v2_registry(root / REGISTRY_FILE) == registry()
+    benchmark = MMEBV2(root)
+    assert [s.name for s in benchmark.benchmark] == [s.name for s in registry()]
+    sets = {data.name: data for data in benchmark.sets()}
+    q = SMALL.v2_queries
+    motion = sets["Motion"].rankings["Motion"]  # global over the label set
+    labels = [sets["Motion"].items[j].text for j in motion.candidates[0].tolist()]
+    assert sorted(labels) == sorted(language.MOTION["en"]["direction"].values())
+    retrieval = sets["MotionRetrieval"].rankings["MotionRetrieval"]  # caption -> every clip
+    assert retrieval.candidates.shape == (q, q) and retrieval.gold.tolist() == list(range(q))
+    moment = sets["MotionMoment"].rankings["MotionMoment"]  # local: the video's clips, one positive
+    assert moment.candidates.shape == (q, CLIPS_PER_VIDEO)
+    query = sets["MotionMoment"].items[moment.queries[0]]
+    assert len(query.video) == CLIPS_PER_VIDEO * SMALL.video_frames  # the whole video
+    pages = sets["ScenePages"].rankings["ScenePages"]
+    assert sorted(set(pages.relevance.flatten().tolist())) == [0.0, 1.0, 2.0]  # graded
+    assert (pages.relevance.max(dim=1).values == 2).all()
+    for name in ("Shape", "AttributeVQA", "Scene_t2i", "Grounding"):
+        assert sets[name].rankings[name].candidates.shape[0] == q, name
+
+
+def test_every_page_query_has_its_scenes_page_at_grade_2_and_a_near_one_at_grade_1(world):
+    folder = world / "mmeb-v2" / "visdoc-tasks" / "ScenePages"
+    qrels = read_qrels(folder, "test", {f"q{i:05d}" for i in range(SMALL.v2_queries)})
+    assert len(qrels) == SMALL.v2_queries
+    assert all(sorted(grades.values()) == [1, 2] for grades in qrels.values())
+
+
+def brute_ndcg_linear(ranked: list[int], grades: dict[int, float], k: int = 5) -> float:
+    """Linear NDCG@k from its definition: gain = grade, IDCG over every labelled document."""
+    dcg = sum(grades.get(doc, 0) / math.log2(i + 2) for i, doc in enumerate(ranked[:k]))
+    ideal = sorted(grades.values(), reverse=True)[:k]
+    return dcg / sum(g / math.log2(i + 2) for i, g in enumerate(ideal))
+
+
+def test_the_command_scores_the_demo_world_v2_sets(world, tiny, tmp_path):
+    command.main(["--model", str(tiny("qwen2_vl")), "--data", str(world), "--benchmark", "mmeb-v2",
+                  "--device", "cpu", "--out", str(tmp_path), "--top-k", "100"])
+    v2 = json.loads((tmp_path / "scores.json").read_text())["mmeb-v2"]
+    sets = v2["datasets"]
+    assert v2["sets"]["in_benchmark"] == len(registry()) == len(sets)
+    for name, entry in sets.items():
+        lines = [json.loads(line) for line in (tmp_path / "predictions" / "mmeb-v2" / f"{name}.jsonl").open()]
+        if entry["modality"] != "visdoc":
+            assert entry["score"] == pytest.approx(100 * np.mean([line["gold_rank"] == 1 for line in lines]))
+    data = next(d for d in MMEBV2(world / "mmeb-v2", ["ScenePages"]).sets())
+    relevance = data.rankings["ScenePages"].relevance
+    lines = [json.loads(line) for line in (tmp_path / "predictions" / "mmeb-v2" / "ScenePages.jsonl").open()]
+    brute = [brute_ndcg_linear(line["top"], {j: g for j, g in enumerate(row.tolist()) if g > 0})
+             for line, row in zip(lines, relevance, strict=True)]
+    assert sets["ScenePages"]["score"] == pytest.approx(100 * np.mean(brute))
+    for modality in ("image", "video", "visdoc"):
+        mine = [e["score"] for e in sets.values() if e["modality"] == modality]
+        assert v2[modality] == pytest.approx(np.mean(mine))
+    assert v2["Overall"] == pytest.approx(np.mean([e["score"] for e in sets.values()]))
+    header = (tmp_path / "results.md").read_text().split("## MMEB-V2")[1]
+    assert "| Image |" in header.replace("Image GD | Image |", "| Image |") and "| VisDoc | All |" in header
+
+
+def test_a_registry_reading_as_no_published_set_names_file_set_and_field(tmp_path):
+    entry = {"modality": "video", "meta_task": "Video CLS", "eval_type": "global", "query_instruction": "q",
+             "target_instruction": "", "annotations": {"repo": "me/x"}, "reads_as": "ViDoRe_docvqa"}
+    (tmp_path / REGISTRY_FILE).write_text(json.dumps({"Mine": entry}))
+    with pytest.raises(ValueError, match=r"sets\.json: data set 'Mine', field reads_as: 'ViDoRe_docvqa' is "
+                                         r"not one of the 78 published video sets"):
+        MMEBV2(tmp_path)
