@@ -143,6 +143,8 @@ def test_the_command_scores_the_demo_world_v2_sets(world, tiny, tmp_path):
     assert v2["Overall"] == pytest.approx(np.mean([e["score"] for e in sets.values()]))
     header = (tmp_path / "results.md").read_text().split("## MMEB-V2")[1]
     assert "| Image |" in header.replace("Image GD | Image |", "| Image |") and "| VisDoc | All |" in header
+    # the submission file is for the 78 published sets, not a root's own
+    assert not v2["sets"]["published"] and not (tmp_path / "leaderboard.json").exists()
 
 
 def test_a_registry_reading_as_no_published_set_names_file_set_and_field(tmp_path):

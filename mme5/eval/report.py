@@ -3,7 +3,8 @@ XTD table by language):
     <out>/scores.json                      {"model": ..., "<benchmark>": scores, "scalars": {...},
                                             "truncated_items": items whose text this run cut to max_length}
     <out>/results.md                       leaderboard-style Markdown tables
-    <out>/leaderboard.json                 with MMEB-V2: the submission file of VLM2Vec's report_score_v2.py
+    <out>/leaderboard.json                 with MMEB-V2's 78 sets (not a root's own sets.json): the submission
+                                           file of VLM2Vec's report_score_v2.py
     <out>/predictions/<benchmark>/<ranking>.jsonl
                                            one line a query: query index, gold rank, top-k candidate
                                            indices (positions in the query's candidate list) and scores
@@ -156,7 +157,7 @@ def write_outputs(out: str | Path, model: dict[str, Any], summaries: dict[str, S
     write_json(out / "scores.json", payload)
     with atomic_write(out / "results.md") as file:
         file.write(markdown(model, summaries))
-    if "mmeb-v2" in summaries:
+    if "mmeb-v2" in summaries and summaries["mmeb-v2"].scores["sets"]["published"]:  # the 78, not own sets
         write_json(out / LEADERBOARD_FILE, mmeb_v2_leaderboard(model, summaries["mmeb-v2"].scores))
     for name, rankings in results.items():
         for key, ranked in rankings.items():

@@ -132,7 +132,7 @@ class MMEBV2:
         scores = {name: entry["score"] for name, entry in datasets.items()}
         aggregates = aggregate(scores, self.benchmark)
         counts = {"evaluated": len(datasets), "in_benchmark": len(self.benchmark),
-                  "max_queries": self.max_queries}
+                  "max_queries": self.max_queries, "published": self.benchmark == MMEB_V2}
         return Summary(
             scores={"datasets": datasets, "sets": counts, **aggregates},
             scalars=scores | {k: v for k, v in aggregates.items() if v is not None},
