@@ -154,3 +154,17 @@ def test_a_registry_reading_as_no_published_set_names_file_set_and_field(tmp_pat
     with pytest.raises(ValueError, match=r"sets\.json: data set 'Mine', field reads_as: 'ViDoRe_docvqa' is "
                                          r"not one of the 78 published video sets"):
         MMEBV2(tmp_path)
+
+
+def test_a_model_that_reads_no_video_scores_the_image_and_page_sets_or_refuses_video_asked_for(
+        world, tiny, tmp_path, capsys):
+    model = str(tiny("mllama"))
+    command.main(["--model", model, "--data", str(world), "--benchmark", "mmeb-v2", "--device", "cpu",
+                  "--out", str(tmp_path / "all")])
+    v2 = json.loads((tmp_path / "all" / "scores.json").read_text())["mmeb-v2"]
+    assert {e["modality"] for e in v2["datasets"].values()} == {"image", "visdoc"} and v2["video"] is None
+    assert "reads no video: MMEB-V2's 3 video set(s) are left out" in capsys.readouterr().err
+    with pytest.raises(SystemExit) as stop:
+        command.main(["--model", model, "--data", str(world), "--benchmark", "mmeb-v2", "--device", "cpu",
+                      "--modalities", "video", "--out", str(tmp_path / "video")])
+    assert stop.value.code == 2 and "families that do: qwen2_5_vl, qwen2_vl" in capsys.readouterr().err

@@ -31,6 +31,7 @@ import torch
 import torch.distributed as dist
 
 from mme5.backbones import DTYPES
+from mme5.backbones.base import video_families
 from mme5.backbones.presets import PRESETS
 from mme5.checkpoint import checkpoint_backbone, load_encoder, trained_dims
 from mme5.distributed import from_all_ranks, rank_and_world
@@ -219,6 +220,21 @@ def init_distributed(device: str) -> str:
     return device
 
 
+def without_video(benchmark: MMEBV2, args: argparse.Namespace) -> MMEBV2:
+    """The MMEB-V2 sets a model that reads no video can take: its image and page sets, said on stderr (their
+    mean is then a partial one, labelled so). Video sets named on purpose (`--modalities`, `--subsets`) are
+    refused instead, naming the families that read video."""
+    video = [s.name for s in benchmark.registry if s.modality == "video"]
+    if not video:
+        return benchmark
+    if args.modalities or (args.subsets and args.benchmark == "mmeb-v2"):
+        fail(f"{args.model} reads no video (families that do: {', '.join(video_families())}); leave out the "
+             f"video set(s) {video[:5]}{' ...' if len(video) > 5 else ''}")
+    print(f"note: {args.model} reads no video: MMEB-V2's {len(video)} video set(s) are left out; the image "
+          "and page sets are scored (a partial mean)", file=sys.stderr)
+    return MMEBV2(benchmark.root, None, [m for m in MODALITIES if m != "video"], args.max_queries)
+
+
 def main(argv: list[str] | None = None) -> None:
     args = parse(argv)
     try:
@@ -232,6 +248,8 @@ def main(argv: list[str] | None = None) -> None:
                               trust_checkpoint=args.trust_checkpoint, preset=args.preset)
         if args.dim and args.dim > loaded.encoder.dim:
             fail(f"--dim {args.dim}: {args.model} embeds in {loaded.encoder.dim} dimensions")
+        chosen = [without_video(b, args) if isinstance(b, MMEBV2) and not loaded.encoder.adapter.reads_video
+                  else b for b in chosen]
         cache = None if args.no_cache else EmbeddingCache(args.cache or work / "cache", loaded.fingerprint)
         summaries, results = {}, {}
         for benchmark in chosen:
