@@ -247,9 +247,11 @@ def test_mteb_scores_equal_mme5_eval_on_the_same_xtd_items(trained, xtd_world, t
 # where their names match (SigLIP attention; Qwen2.5-VL's vision MLP down_proj). Mllama: 3 vision layers, 1
 # self-attention and 1 cross-attention decoder layer. LLaVA reads the CLIP layer before the last
 # (vision_feature_layer -2): the last one gets no gradient. Qwen2-VL/Qwen3-VL/Qwen3.5 vision blocks (attn.qkv,
-# linear_fc*) hold none; Qwen3.5's linear-attention layer holds its MLP's down_proj. A new family states its
-# count here.
-ADAPTED_BLOCKS = {"mllama": 5, "qwen2_vl": 2, "llava": 3, "qwen3_vl": 2, "qwen2_5_vl": 4, "gemma3": 4,
+# linear_fc*) hold none; Qwen3.5's linear-attention layer holds its MLP's down_proj. Qwen2.5-VL reads video:
+# a lockstep chunk runs its vision tower twice (image rows, then the placeholder video row that keeps ranks
+# in step), and one of its 2 adapted vision units then reduce-scatters once more (4 without the video row,
+# measured). A new family states its count here.
+ADAPTED_BLOCKS = {"mllama": 5, "qwen2_vl": 2, "llava": 3, "qwen3_vl": 2, "qwen2_5_vl": 5, "gemma3": 4,
                   "qwen3_5": 2, "llava_onevision": 4}
 # DDP: none by its own reducer, one explicit flat all-reduce (a tiny model fits one bucket), however many
 # backwards the gradient cache ran.
