@@ -53,7 +53,7 @@ def inputs(tmp_path_factory):
     world = WorldConfig(train_samples=160, eval_queries=4, eval_candidates=6, xtd_images=8,
                         languages=("en", "es"))
     build_world(root / "world", world, progress=False)
-    backbone = build_tiny("mllama", root / "backbone", seed=0, preset="test")
+    backbone = build_tiny("qwen2_vl", root / "backbone", seed=0, preset="test")  # the demo world has clips
     recipe = root / "recipe.yaml"
     recipe.write_text(f"""seed_everything: 0
 trainer:
@@ -194,7 +194,8 @@ def test_eval_sbatch_scores_equal_the_single_process_command(slurm, inputs, tmp_
                     ["--device", "cpu", "--dtype", "float32", "--max-queries", "4"],
                     {"MODEL": root / "backbone", "MMEB": root / "world" / "mmeb",
                      "XTD": root / "world" / "xtd", "OUT": out})
-    evaluate(["--model", str(root / "backbone"), "--data", str(root / "world"), "--out",
+    evaluate(["--model", str(root / "backbone"), "--mmeb", str(root / "world" / "mmeb"), "--xtd",
+              str(root / "world" / "xtd"), "--out",
               str(tmp_path / "local"), "--device", "cpu", "--dtype", "float32", "--max-queries", "4"])
     fields = wait_done(slurm, job_id)
     assert fields["JobState"] == "COMPLETED", Path(f"{out}.log").read_text()[-3000:]

@@ -228,3 +228,19 @@ def test_a_video_query_with_a_question_is_vt2t_and_a_frames_column_alone_suffice
     convert([str(tmp_path / "in2")], root, tmp_path / "out2", task="retrieval", progress=False,
             layout=PairFormat.parse(["query=caption", "positive_video=clip"]))
     assert [s.modality for s in read_samples(shard_urls(tmp_path / "out2"))] == [Modality.T2V]
+
+
+def test_video_samples_for_a_family_that_reads_no_video_are_refused_on_several_ranks(tmp_path, tiny_mllama):
+    """Each would be dropped from its batch: said on one rank, refused on several (unequal batch sizes)."""
+    from mme5.data.datamodule import ShardDataModule
+    from mme5.data.stream import SourceRefused
+
+    with ShardWriter(tmp_path / "mixed", max_count=8) as writer:
+        for i in range(8):
+            writer.write(make_sample(i, [Modality.I2T, Modality.V2T][i % 2]))
+    data = ShardDataModule([{"path": str(tmp_path / "mixed")}], str(tiny_mllama), batch_size=2,
+                           num_negatives=0, num_workers=0)
+    with pytest.warns(UserWarning, match=r"holds video samples \{'V2T': 4\}.*they are skipped"):
+        data.check_sources(1)
+    with pytest.raises(SourceRefused, match="on 2 ranks their batches would differ in size"):
+        data.check_sources(2)

@@ -12,7 +12,9 @@ from lightning.pytorch.utilities import rank_zero_info, rank_zero_warn
 from torch.utils.data import DataLoader
 
 from mme5.backbones import InputFormat, load_processing
+from mme5.backbones.base import video_families
 from mme5.data.collate import ContrastiveBatch, ContrastiveCollator
+from mme5.data.shards import read_manifest
 from mme5.data.stream import (
     BatchComposition,
     MixedShardStream,
@@ -151,7 +153,28 @@ class ShardDataModule(L.LightningDataModule):
                     "positions. Put its content back, give the source another name "
                     f"(data.sources[{index}].name: then it is read from its start), or start a new run")
         check_batches_fit(self.sources, self.batch_size, self.slots(world_size), self.batch_composition)
+        self._check_video_readable(world_size)
         self.fingerprints = current
+
+    def _check_video_readable(self, world_size: int) -> None:
+        """Sources holding video samples when the backbone reads no video: each such sample is dropped from
+        its batch (counted as skipped), said here; on several ranks refused, since ranks would then hold
+        batches of different sizes (the loss gathers equal ones)."""
+        if load_processing(self.backbone, self.input_format).reads_video:
+            return
+        for index, source in enumerate(self.sources):
+            counts: dict[str, int] = {}
+            for folder in source.shard_dirs():
+                for modality, n in read_manifest(folder).get("counts", {}).get("modality", {}).items():
+                    counts[modality] = counts.get(modality, 0) + n
+            if video := {m: n for m, n in counts.items() if "V" in m}:
+                message = (f"data.sources[{index}] {source.name} ({source.path}) holds video samples "
+                           f"{video}; the backbone's family reads no video (families that do: "
+                           f"{', '.join(video_families())})")
+                if world_size > 1:
+                    raise SourceRefused(f"{message}: on {world_size} ranks their batches would differ in "
+                                        "size; train a video family, or convert the source without them")
+                rank_zero_warn(f"{message}: they are skipped")
 
     def _say_how_the_stream_resumes(self, slots: int) -> None:
         """What a resume does with the saved stream positions, said at start when it is not exact."""
