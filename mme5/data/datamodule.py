@@ -11,7 +11,7 @@ from jsonargparse.typing import NonNegativeInt, PositiveInt
 from lightning.pytorch.utilities import rank_zero_info, rank_zero_warn
 from torch.utils.data import DataLoader
 
-from mme5.backbones import InputFormat, load_processing
+from mme5.backbones import ADAPTERS, InputFormat, family_of, load_processing
 from mme5.backbones.base import video_families
 from mme5.data.collate import ContrastiveBatch, ContrastiveCollator
 from mme5.data.shards import read_manifest
@@ -25,6 +25,7 @@ from mme5.data.stream import (
     run_size,
 )
 from mme5.distributed import from_all_ranks
+from mme5.hub import local_model
 from mme5.settings import at_least
 from mme5.sharding import shards_parameters
 
@@ -160,8 +161,8 @@ class ShardDataModule(L.LightningDataModule):
         """Sources holding video samples when the backbone reads no video: each such sample is dropped from
         its batch (counted as skipped), said here; on several ranks refused, since ranks would then hold
         batches of different sizes (the loss gathers equal ones)."""
-        if load_processing(self.backbone, self.input_format).reads_video:
-            return
+        if ADAPTERS[family_of(local_model(self.backbone))].reads_video:  # the family: the input format is
+            return  # checked by the model, with its own message
         for index, source in enumerate(self.sources):
             counts: dict[str, int] = {}
             for folder in source.shard_dirs():
