@@ -294,8 +294,8 @@ def model_files(folder: Path) -> list[Path]:
 def _input_format(recorded: Any, max_length: int | None, preset: str | None = None,
                   num_frames: int | None = None) -> InputFormat:
     """The recorded input format (a dict, a dataclass or None: the defaults), `max_length`, `preset` and
-    `num_frames` overriding. A format recorded before presets existed (a dict without `preset`) was the published one;
-    one recorded before truncation rules (without `truncation`) cut text tokens only."""
+    `num_frames` overriding. A format recorded before presets existed (a dict without `preset`) was the
+    published one; one recorded before truncation rules (without `truncation`) cut text tokens only."""
     legacy = isinstance(recorded, Mapping) and "preset" not in recorded
     result = InputFormat.of(recorded)
     if legacy or preset:
