@@ -4,7 +4,11 @@ placeholder, the refusal of families without video, and embedding / gradient-cac
 with video rows."""
 
 import io
+import os
+import subprocess
+import sys
 from dataclasses import asdict
+from pathlib import Path
 
 import numpy as np
 import pytest
@@ -222,14 +226,19 @@ def test_video_bounds_default_to_the_image_bounds(tiny):
 
 
 def brute_force_frames(videos, size, mean, std):
-    """The stock `LlavaOnevisionVideoProcessor` written out: every frame resized to (height, width) with the
-    bicubic filter, scaled to [0, 1], normalised, channels first; (videos, frames, C, H, W), a shorter video
-    padded with zero frames (the adapter's addition), and the real frame counts."""
+    """The stock `LlavaOnevisionVideoProcessor` on CPU written out frame by frame: torch's uint8 antialiased
+    bicubic resize to (height, width) (torchvision's kernel for a uint8 CPU image), scaled to [0, 1],
+    normalised, channels first; (videos, frames, C, H, W), a shorter video padded with zero frames (the
+    adapter's addition), and the real frame counts."""
     out = np.zeros((len(videos), max(map(len, videos)), 3, size["height"], size["width"]), np.float32)
     for v, frames in enumerate(videos):
         for f, frame in enumerate(frames):
-            resized = frame.resize((size["width"], size["height"]), Image.BICUBIC)
-            out[v, f] = ((np.asarray(resized, np.float32) / 255 - mean) / std).transpose(2, 0, 1)
+            pixels = torch.from_numpy(np.asarray(frame)).permute(2, 0, 1)[None].contiguous()
+            if frame.size != (size["width"], size["height"]):
+                pixels = torch.nn.functional.interpolate(pixels, size=(size["height"], size["width"]),
+                                                         mode="bicubic", align_corners=False, antialias=True)
+            array = pixels[0].numpy().transpose(1, 2, 0).astype(np.float32) / 255
+            out[v, f] = ((array - mean) / std).transpose(2, 0, 1)
     return out, [len(frames) for frames in videos]
 
 
@@ -244,6 +253,82 @@ def test_onevision_video_pixels_match_a_brute_force_of_the_stock_processor():
                                           np.array(images.image_std))
     assert out["video_num_frames"].tolist() == counts
     np.testing.assert_allclose(out["pixel_values_videos"], expected, atol=1e-6)
+    images.resample = Image.BILINEAR
+    with pytest.raises(ValueError, match="bicubic resize only; the image processor's resample is BILINEAR"):
+        processor.video_processor(videos)
+
+
+# torchvision's two functions the stock video processor calls on CPU uint8 frames, as torchvision 0.2x defines
+# them (transforms/v2/functional/_geometry.py `resize_image`: uint8 bicubic stays uint8 on CPU; _misc.py
+# `normalize_image`), so that transformers' own `LlavaOnevisionVideoProcessor` runs here.
+TORCHVISION_STUB = {
+    "torchvision/__init__.py": "__version__ = '0.24.0'\nfrom torchvision import io, transforms\n",
+    "torchvision/io.py": "",
+    "torchvision/transforms/__init__.py": (
+        "import enum\n\n\nclass InterpolationMode(enum.Enum):\n"
+        + "".join(f"    {name} = {name.lower().replace('_', '-')!r}\n" for name in (
+            "NEAREST", "NEAREST_EXACT", "BILINEAR", "BICUBIC", "BOX", "HAMMING", "LANCZOS"))),
+    "torchvision/transforms/functional.py": "def pil_to_tensor(image):\n    raise NotImplementedError\n",
+    "torchvision/transforms/v2/__init__.py": "",
+    "torchvision/transforms/v2/functional.py": """
+import torch
+from torchvision.transforms import InterpolationMode
+
+
+def resize(image, size, interpolation, antialias=True, **_):
+    assert interpolation == InterpolationMode.BICUBIC and image.dtype == torch.uint8
+    if list(image.shape[-2:]) == list(size):
+        return image
+    flat = image.reshape(-1, *image.shape[-3:])
+    out = torch.nn.functional.interpolate(flat, size=list(size), mode="bicubic", align_corners=False,
+                                          antialias=antialias)
+    return out.reshape(*image.shape[:-2], *size)
+
+
+def normalize(image, mean, std, inplace=False):
+    mean = torch.as_tensor(mean, dtype=image.dtype).view(-1, 1, 1)
+    std = torch.as_tensor(std, dtype=image.dtype).view(-1, 1, 1)
+    return (image.sub_(mean) if inplace else image.sub(mean)).div_(std)
+
+
+def grayscale_to_rgb(image):
+    return image
+""",
+}
+
+STOCK_COMPARISON = """
+import numpy as np, torch
+from PIL import Image
+from transformers.models.llava_onevision.video_processing_llava_onevision import LlavaOnevisionVideoProcessor
+from mme5.backbones.tiny import make_tiny
+
+_, processor = make_tiny("llava_onevision")
+images = processor.image_processor
+images.image_mean, images.image_std = [0.4, 0.5, 0.6], [0.2, 0.3, 0.25]
+stock = LlavaOnevisionVideoProcessor(size={"height": 32, "width": 32}, image_mean=images.image_mean,
+                                     image_std=images.image_std)
+rng = np.random.default_rng(0)
+videos = [[Image.fromarray(rng.integers(0, 256, (h, w, 3), dtype=np.uint8)) for _ in range(n)]
+          for n, (w, h) in [(3, (70, 45)), (1, (20, 50)), (2, (32, 32))]]
+ours = processor.video_processor(videos, return_tensors="pt")
+for i, video in enumerate(videos):
+    expected = stock([video], return_tensors="pt")["pixel_values_videos"][0]
+    assert torch.equal(ours["pixel_values_videos"][i, :len(video)], expected), i
+    assert not ours["pixel_values_videos"][i, len(video):].any()
+print("same")
+"""
+
+
+def test_onevision_video_pixels_equal_the_stock_processor_with_torchvision_stubbed(tmp_path):
+    """Transformers' own video processor, its torchvision calls written from torchvision's definitions (in a
+    subprocess: they must be importable before transformers is), gives exactly the stand-in's pixels."""
+    for name, text in TORCHVISION_STUB.items():
+        (tmp_path / name).parent.mkdir(parents=True, exist_ok=True)
+        (tmp_path / name).write_text(text)
+    env = {**os.environ, "PYTHONPATH": os.pathsep.join([str(tmp_path), os.environ.get("PYTHONPATH", "")])}
+    run = subprocess.run([sys.executable, "-c", STOCK_COMPARISON], env=env, capture_output=True, text=True,
+                         cwd=Path(__file__).resolve().parents[1], timeout=300)
+    assert run.returncode == 0 and run.stdout.strip() == "same", run.stderr[-3000:]
 
 
 def test_onevision_video_tokens_follow_the_stock_expansion(onevision):
@@ -274,15 +359,17 @@ def test_onevision_a_frame_is_the_images_whole_view_pooled(onevision):
     """LLaVA-OneVision does not make a video of one repeated frame its image: the image is its whole view plus
     anyres tiles, every row ended by a newline; a frame is the whole view alone, its features pooled 2x2, one
     newline after the video. What they share: a frame's pixels are the image's whole view (its first tile),
-    and its features that view's, pooled."""
-    frame = random_frames(1, size=(50, 36))[0]
+    and its features that view's, pooled (for a frame of the tile size: the two paths resize differently)."""
+    frame = random_frames(1, size=(32, 32))[0]
     image = onevision.processor.image_processor([frame], return_tensors="pt")
     video = onevision.processor.video_processor([[frame]], return_tensors="pt")
-    torch.testing.assert_close(video["pixel_values_videos"][0], image["pixel_values"][0, :1], rtol=0, atol=0)
+    # equal up to float rounding: the image path rescales then normalises, the video path fuses the two
+    pixels = video["pixel_values_videos"][0]
+    torch.testing.assert_close(pixels, image["pixel_values"][0, :1], rtol=0, atol=1e-6)
     inner = onevision.inner_model(onevision.model)
     with torch.no_grad():
         view = inner.get_image_features(image["pixel_values"], image["image_sizes"]).pooler_output[0][:16]
-        features = inner.get_video_features(video["pixel_values_videos"]).pooler_output[0]
+        features = inner.get_video_features(pixels[None]).pooler_output[0]
     pooled = torch.nn.functional.interpolate(view.T.reshape(1, -1, 4, 4), size=(2, 2), mode="bilinear")
     torch.testing.assert_close(features[:4], pooled[0].flatten(1).T)
     torch.testing.assert_close(features[4], inner.image_newline)
@@ -295,6 +382,12 @@ def test_onevision_places_its_video_token_by_the_published_rule(tiny, onevision)
     assert llave.prompt(Item("Represent the video.", video=random_frames(2))) == (
         "<|im_start|>system\nYou are a helpful assistant.<|im_end|>\n<|im_start|>user\n<video>\n"
         "Represent the video.\n<|im_end|>\n<|im_start|>assistant\n\n<|im_end|>\n")
+
+
+def test_onevision_refuses_video_pixel_bounds(tiny):
+    """Its frames are resized to the tile size: bounds would be silently ignored."""
+    with pytest.raises(ValueError, match="llava_onevision family resizes every frame to its tile size"):
+        load_backbone(tiny("llava_onevision"), input_format=InputFormat(video_max_pixels=4096))
 
 
 def test_onevision_processor_reloads_with_its_video_processor(tmp_path, onevision):

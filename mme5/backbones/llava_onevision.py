@@ -9,7 +9,7 @@ A video is its frames, each resized whole to the tile size (no grid), encoded by
 2x2 bilinearly (27x27 -> 14x14 features a frame for the released models); the `<video>` token becomes the
 frames' features one after the other, then one `image_newline` (transformers 5.24 `get_video_features`,
 `LlavaOnevisionProcessor.replace_video_token`). Transformers' video processor imports torchvision, which
-cannot be installed beside this torch: `FramesVideoProcessor` below does its work on PIL frames.
+cannot be installed beside this torch: `FramesVideoProcessor` below does its arithmetic on PIL frames.
 """
 
 from collections.abc import Sequence
@@ -20,18 +20,23 @@ import PIL.Image
 import torch
 from torch import Tensor
 from transformers import BatchFeature, LlavaOnevisionProcessor
+from transformers.image_utils import PILImageResampling
 from transformers.video_processing_utils import VideoProcessorMixin
 
 from mme5.backbones.llava import LlavaAdapter
 
 
 class FramesVideoProcessor(VideoProcessorMixin):
-    """`LlavaOnevisionVideoProcessor` over lists of PIL frames, with the image processor's settings.
+    """`LlavaOnevisionVideoProcessor` over lists of PIL frames, with the image processor's settings (size,
+    rescale factor, mean, std: what transformers' `AutoVideoProcessor` reads from a checkpoint without a video
+    processor file of its own).
 
-    Each frame: RGB, resized to `size` (height, width) with `resample`, rescaled, normalised by the image
-    processor's PIL backend (the stock processor does the same in torchvision, whose bicubic filter can differ
-    from PIL's by a grey level; see docs/backbones.md). The settings are the image processor's, which is what
-    transformers' `AutoVideoProcessor` reads from a checkpoint without a video processor file of its own.
+    The stock processor's arithmetic on CPU, without torchvision: the frames as one uint8 (F, C, H, W)
+    tensor, resized to `size` by torch's uint8 antialiased bicubic kernel (what torchvision's `resize` runs on
+    a CPU uint8 image: transforms/v2/functional/_geometry.py `resize_image`; an image already that size is
+    left alone), then `(x - 255 mean) / (255 std)` in float32 (transformers' fused rescale and normalisation).
+    The image path resizes with PIL (the image processor's PIL backend): the same frame as an image differs
+    by some grey levels (docs/backbones.md).
 
     `pixel_values_videos` is the stock (videos, frames, C, H, W); videos with fewer frames than the batch's
     longest are padded with zero frames, and `video_num_frames` (videos,) says how many are real (the stock
@@ -47,27 +52,31 @@ class FramesVideoProcessor(VideoProcessorMixin):
     def preprocess(self, videos: Sequence[Sequence[PIL.Image.Image]], return_tensors: Any = None,
                    **_: Any) -> BatchFeature:
         """Pixels (zero-padded to the longest video) and frame counts of `videos`."""
-        arrays = [np.stack([self._frame(frame) for frame in self._checked(frames)]) for frames in videos]
-        longest = max(len(array) for array in arrays)
-        padded = [np.concatenate([array, np.zeros((longest - len(array), *array.shape[1:]), array.dtype)])
-                  for array in arrays]
-        counts = np.array([len(array) for array in arrays])
-        return BatchFeature({"pixel_values_videos": np.stack(padded), "video_num_frames": counts},
+        tensors = [self._video(frames) for frames in videos]
+        longest = max(len(video) for video in tensors)
+        padded = torch.stack([torch.cat([video, video.new_zeros(longest - len(video), *video.shape[1:])])
+                              for video in tensors])
+        counts = torch.tensor([len(video) for video in tensors])
+        return BatchFeature({"pixel_values_videos": padded, "video_num_frames": counts},
                             tensor_type=return_tensors)
 
-    @staticmethod
-    def _checked(frames: Sequence[PIL.Image.Image]) -> Sequence[PIL.Image.Image]:
+    def _video(self, frames: Sequence[PIL.Image.Image]) -> Tensor:
+        """(F, C, H, W) float32 pixels of one video, as the stock processor computes them on CPU."""
+        images = self.images
+        if images.resample != PILImageResampling.BICUBIC:
+            raise ValueError("the LLaVA-OneVision video processor reproduces the stock bicubic resize only; "
+                             f"the image processor's resample is {PILImageResampling(images.resample).name}")
         if not frames:
             raise ValueError("a video needs at least one frame, got none")
-        return frames
-
-    def _frame(self, frame: PIL.Image.Image) -> np.ndarray:
-        """(C, H, W) float32: the stock video processor's resize, rescale and normalisation of one frame."""
-        images = self.images
-        array = images.process_image(frame, do_convert_rgb=True)
-        array = images.resize(array, images.size, images.resample)
-        array = images.rescale(array, images.rescale_factor)
-        return images.normalize(array, images.image_mean, images.image_std).astype(np.float32)
+        video = torch.from_numpy(np.stack([np.asarray(frame.convert("RGB")) for frame in frames]))
+        video = video.permute(0, 3, 1, 2).contiguous()
+        size = [images.size.height, images.size.width]
+        if list(video.shape[-2:]) != size:
+            video = torch.nn.functional.interpolate(video, size=size, mode="bicubic", align_corners=False,
+                                                    antialias=True)
+        mean = torch.tensor(images.image_mean) * (1.0 / images.rescale_factor)
+        std = torch.tensor(images.image_std) * (1.0 / images.rescale_factor)
+        return (video.to(torch.float32) - mean.view(-1, 1, 1)) / std.view(-1, 1, 1)
 
 
 class LlavaOnevisionFramesProcessor(LlavaOnevisionProcessor):
@@ -92,6 +101,7 @@ class LlavaOnevisionFramesProcessor(LlavaOnevisionProcessor):
         frames = video_inputs["pixel_values_videos"][video_idx][:count]
         return super().replace_video_token({"pixel_values_videos": [frames]}, 0, **kwargs)
 
+
 def grid_within(pinpoints: Sequence[Sequence[int]], tile: int, side: int) -> list[list[int]]:
     """The grid resolutions (height, width) of at most `side` tiles of `tile` pixels a side."""
     kept = [list(point) for point in pinpoints if max(point) <= side * tile]
@@ -104,7 +114,8 @@ def grid_within(pinpoints: Sequence[Sequence[int]], tile: int, side: int) -> lis
 class LlavaOnevisionAdapter(LlavaAdapter):
     """The llava family's rule (LLaVE's and VLM2Vec's): `<image>` replaces the placeholder, the text is kept
     verbatim; Qwen2's tokenizer adds no bos. The processor expands `<image>` to the image's feature count and
-    sends `image_sizes` and `batch_num_images` with the pixels (all part of each chunk)."""
+    sends `image_sizes` and `batch_num_images` with the pixels (all part of each chunk); a video's `<video>`
+    (the published video placeholder's replacement) likewise, its pixels sent with `video_num_frames`."""
 
     family: ClassVar[str] = "llava_onevision"
     model_types: ClassVar[tuple[str, ...]] = ("llava_onevision",)
