@@ -307,10 +307,14 @@ def test_an_out_that_is_or_holds_the_model_is_refused_even_with_overwrite(tmp_pa
 
 
 @pytest.mark.parametrize("flag, value", [("--batch-size", "0"), ("--batch-size", "-3"), ("--shard-size", "0"),
-                                         ("--margin", "-1"), ("--dtype", "float64")])
+                                         ("--margin", "-1"), ("--margin", "nan"), ("--dtype", "float64"),
+                                         ("--min-positive-score", "1.5"), ("--min-positive-score", "nan"),
+                                         ("--min-positive-score", "-2"), ("--below-positive", "2.5"),
+                                         ("--below-positive", "nan")])
 def test_a_bad_number_or_dtype_is_a_usage_error_before_any_work(flag, value, tmp_path, capsys):
     """`--batch-size -3` mined from no embeddings without a word, `--shard-size 0` wrote a shard a sample,
-    `--dtype float64` was a KeyError after --out was claimed."""
+    `--dtype float64` was a KeyError after --out was claimed; a threshold outside the cosine's range (or NaN,
+    which no score reaches) kept or dropped every sample or candidate."""
     with pytest.raises(SystemExit) as exit_info:
         mining.main(["--model", "unused", "--shards", "unused", "--out", str(tmp_path / "out"), flag, value])
     assert exit_info.value.code == 2 and flag in capsys.readouterr().err
@@ -416,3 +420,54 @@ def test_a_folder_mined_before_positive_refinement_keeps_its_identity(tmp_path):
     added = ("min_positive_score", "report_only", "below_positive")
     before = {k: v for k, v in now.items() if k not in added}
     assert identity_changes(before, now) == {}
+
+
+def test_settings_outside_the_cosine_range_are_refused():
+    for field, value in (("min_positive_score", 1.01), ("min_positive_score", math.nan),
+                         ("below_positive", -3)):
+        with pytest.raises(ValueError, match=rf"{field} must be between"):
+            mining.MiningSettings(**{field: value})
+    mining.MiningSettings(min_positive_score=-1.0, below_positive=2.0)  # the range's ends
+
+
+def test_every_sample_below_the_threshold_stops_naming_them_instead_of_an_empty_source(tmp_path):
+    src = refinement_source(tmp_path / "src")
+    settings = mining.MiningSettings((1, 6), 3, None, min_positive_score=1.0)  # every cosine is at most 1
+    with pytest.raises(ValueError, match=rf"every one of the {N} samples .* at most that \(highest: 1.0000"):
+        mining.mine(src, tmp_path / "out", fake_embed([], refined_angle), "fake", settings, shard_size=5)
+    assert not list((tmp_path / "out").glob("*.tar")) and not (tmp_path / "out" / "manifest.json").exists()
+    listed = (tmp_path / "out" / mining.REFINEMENT).read_text().splitlines()
+    assert len(listed) == N and all(json.loads(line)["dropped"] for line in listed)
+
+
+@pytest.mark.parametrize("changed, key", [({"min_positive_score": 0.99}, "min_positive_score"),
+                                          ({"report_only": True}, "report_only"),
+                                          ({"below_positive": 0.0}, "below_positive")])
+def test_a_refining_run_killed_mid_write_resumes_alike_and_other_flags_are_refused(tmp_path, monkeypatch,
+                                                                                   changed, key):
+    """Interrupted after 5 samples: the same flags resume to the uninterrupted output (shards and the list of
+    low positives), other refinement flags are refused naming the flag, never written into the same
+    folder."""
+    settings = mining.MiningSettings((1, 6), 3, None, min_positive_score=0.9, below_positive=-0.05)
+    src = refinement_source(tmp_path / "src")
+    mining.mine(src, tmp_path / "ref", fake_embed([], refined_angle), "fake", settings, shard_size=5)
+    original, written = ShardWriter.write, {"n": 0}
+
+    def dying(self, *args, **kwargs):
+        written["n"] += 1
+        if written["n"] == 6:
+            raise KeyboardInterrupt  # as a kill between two samples
+        return original(self, *args, **kwargs)
+
+    monkeypatch.setattr(ShardWriter, "write", dying)
+    with pytest.raises(KeyboardInterrupt):
+        mining.mine(src, tmp_path / "out", fake_embed([], refined_angle), "fake", settings, shard_size=5)
+    monkeypatch.setattr(ShardWriter, "write", original)
+    before = sorted(p.name for p in (tmp_path / "out").iterdir())
+    with pytest.raises(FolderHoldsOtherOutput, match=rf"{key}: .* \(recorded\) → .* \(now\)"):
+        mining.mine(src, tmp_path / "out", fake_embed([], refined_angle), "fake",
+                    mining.MiningSettings(**{**settings.__dict__, **changed}), shard_size=5)
+    assert sorted(p.name for p in (tmp_path / "out").iterdir()) == before
+    mining.mine(src, tmp_path / "out", fake_embed([], refined_angle), "fake", settings, shard_size=5)
+    for name in [*(p.name for p in (tmp_path / "ref").glob("*.tar")), mining.REFINEMENT]:
+        assert (tmp_path / "out" / name).read_bytes() == (tmp_path / "ref" / name).read_bytes(), name
