@@ -3,6 +3,11 @@ on embeddings we control; resuming; the command on a tiny backbone. And the shar
 
 import json
 import math
+import multiprocessing
+import os
+import signal
+import time
+from dataclasses import replace
 
 import pytest
 import torch
@@ -440,34 +445,42 @@ def test_every_sample_below_the_threshold_stops_naming_them_instead_of_an_empty_
     assert len(listed) == N and all(json.loads(line)["dropped"] for line in listed)
 
 
-@pytest.mark.parametrize("changed, key", [({"min_positive_score": 0.99}, "min_positive_score"),
-                                          ({"report_only": True}, "report_only"),
-                                          ({"below_positive": 0.0}, "below_positive")])
-def test_a_refining_run_killed_mid_write_resumes_alike_and_other_flags_are_refused(tmp_path, monkeypatch,
-                                                                                   changed, key):
-    """Interrupted after 5 samples: the same flags resume to the uninterrupted output (shards and the list of
-    low positives), other refinement flags are refused naming the flag, never written into the same
-    folder."""
+def _mine_until_killed(src, out, settings, written):
+    """Mining that hangs after its 6th sample (a shard of 5 finished, the next one open), to be SIGKILLed."""
+    original = ShardWriter.write
+
+    def hanging(self, *args, **kwargs):
+        original(self, *args, **kwargs)
+        if self.num_written == 6:
+            written.set()
+            time.sleep(600)
+
+    ShardWriter.write = hanging
+    mining.mine(src, out, fake_embed([], refined_angle), "fake", settings, shard_size=5)
+
+
+def test_a_refining_run_killed_mid_write_resumes_alike_and_other_flags_are_refused(tmp_path):
+    """SIGKILLed mid-shard: other refinement flags are refused naming the flag, never mixed into the folder;
+    the same flags resume to the uninterrupted output (shards and the list of low positives)."""
     settings = mining.MiningSettings((1, 6), 3, None, min_positive_score=0.9, below_positive=-0.05)
     src = refinement_source(tmp_path / "src")
     mining.mine(src, tmp_path / "ref", fake_embed([], refined_angle), "fake", settings, shard_size=5)
-    original, written = ShardWriter.write, {"n": 0}
-
-    def dying(self, *args, **kwargs):
-        written["n"] += 1
-        if written["n"] == 6:
-            raise KeyboardInterrupt  # as a kill between two samples
-        return original(self, *args, **kwargs)
-
-    monkeypatch.setattr(ShardWriter, "write", dying)
-    with pytest.raises(KeyboardInterrupt):
-        mining.mine(src, tmp_path / "out", fake_embed([], refined_angle), "fake", settings, shard_size=5)
-    monkeypatch.setattr(ShardWriter, "write", original)
+    context = multiprocessing.get_context("fork")
+    written = context.Event()
+    child = context.Process(target=_mine_until_killed, args=(src, tmp_path / "out", settings, written))
+    child.start()
+    assert written.wait(120)
+    os.kill(child.pid, signal.SIGKILL)
+    child.join()
     before = sorted(p.name for p in (tmp_path / "out").iterdir())
-    with pytest.raises(FolderHoldsOtherOutput, match=rf"{key}: .* \(recorded\) → .* \(now\)"):
-        mining.mine(src, tmp_path / "out", fake_embed([], refined_angle), "fake",
-                    mining.MiningSettings(**{**settings.__dict__, **changed}), shard_size=5)
-    assert sorted(p.name for p in (tmp_path / "out").iterdir()) == before
-    mining.mine(src, tmp_path / "out", fake_embed([], refined_angle), "fake", settings, shard_size=5)
-    for name in [*(p.name for p in (tmp_path / "ref").glob("*.tar")), mining.REFINEMENT]:
+    assert "shard-000000.tar" in before and "manifest.json" in before  # one shard finished before the kill
+    for key, value in (("min_positive_score", 0.99), ("report_only", True), ("below_positive", 0.0)):
+        with pytest.raises(FolderHoldsOtherOutput, match=rf"{key}: .* \(recorded\) → .* \(now\)"):
+            mining.mine(src, tmp_path / "out", fake_embed([], refined_angle), "fake",
+                        replace(settings, **{key: value}), shard_size=5)
+        assert sorted(p.name for p in (tmp_path / "out").iterdir()) == before
+    calls = []
+    mining.mine(src, tmp_path / "out", fake_embed(calls, refined_angle), "fake", settings, shard_size=5)
+    assert calls == []  # the embeddings saved before the kill
+    for name in [*(p.name for p in (tmp_path / "ref").glob("*.tar")), mining.REFINEMENT, "manifest.json"]:
         assert (tmp_path / "out" / name).read_bytes() == (tmp_path / "ref" / name).read_bytes(), name
