@@ -202,3 +202,16 @@ def test_a_merge_killed_mid_write_is_resumed_and_a_second_one_meanwhile_is_refus
         first.join()
     assert not (out / "model.ckpt").exists()
     assert_same_merge(merge([a, b], out), merge([a, b], tmp_path / "uninterrupted"))
+
+
+def test_the_merge_takes_the_first_runs_dtype(runs, tmp_path):
+    _, (a, b) = runs
+    checkpoint = torch.load(a, weights_only=True)
+    checkpoint["hyper_parameters"]["dtype"] = "bfloat16"
+    torch.save(checkpoint, tmp_path / "a16.ckpt")
+    for first, second, dtype in ((tmp_path / "a16.ckpt", b, torch.bfloat16), (b, tmp_path / "a16.ckpt",
+                                                                              torch.float32)):
+        merged = torch.load(merge([first, second], tmp_path / f"{first.stem}-first"), weights_only=True)
+        assert {tensor.dtype for tensor in merged["state_dict"].values()} == {dtype}
+        assert merged["hyper_parameters"]["dtype"] == torch.load(first, weights_only=True)[
+            "hyper_parameters"].get("dtype")
