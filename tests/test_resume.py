@@ -321,3 +321,20 @@ def test_a_run_recorded_before_truncation_rules_resumes_only_under_the_rule_it_t
     # named or left to the preset, the same rule is the same recipe
     assert run_identity(now(None), backbone, "mme5", "mllama") == run_identity(now("sequence"), backbone,
                                                                                "mme5", "mllama")
+
+
+def test_a_max_length_left_to_the_preset_is_its_value_in_the_identity():
+    """Naming the preset's max_length is the same recipe; a run recorded when every preset's default was 256
+    resumes under the preset whose default it still is, and is refused by its dotted key under `gme`."""
+    backbone = {"config": "c", "weights": "w"}
+
+    def given(max_length, preset=None):
+        return {"input_format": {"max_length": max_length, "preset": preset}}
+
+    assert run_identity(given(None), backbone, "mme5") == run_identity(given(256), backbone, "mme5")
+    assert run_identity(given(None, "gme"), backbone, "mme5") == run_identity(given(1800, "gme"), backbone,
+                                                                               "mme5")
+    recorded = {"hyper_parameters": given(256)}
+    check_recipe("last.ckpt", recorded, given(None), backbone, "mme5")
+    with pytest.raises(ResumeRefused, match=r"input_format.max_length: 256 \(recorded\) → 1800 \(now\)"):
+        check_recipe("last.ckpt", recorded, given(None), backbone, "gme", "qwen2_vl")
