@@ -60,11 +60,14 @@ def run_identity(hparams: dict[str, Any], backbone: dict[str, str], detected_pre
     in part (`input_format: {max_length: 64}`, a `lora` of some fields, or none: the defaults) are compared
     complete, so that spelling out a default is no other recipe. The input format's preset is None when it
     is `detected_preset`, the one the backbone's files give a format naming none: naming it is no other
-    recipe (and run folders recorded before presets, or without one named, keep their identity)."""
+    recipe (and run folders recorded before presets, or without one named, keep their identity). A
+    max_length left None is the preset's, so that naming it is no other recipe either."""
     recipe = {key: hparams.get(key, RECIPE_DEFAULTS.get(key)) for key in RECIPE_KEYS}
     input_format = InputFormat.of(recipe["input_format"])
-    input_format = replace(input_format, truncation=_truncation_identity(recipe["input_format"], input_format,
-                                                                         detected_preset, family))
+    chosen = presets.preset(input_format.preset or detected_preset)
+    input_format = replace(input_format, max_length=input_format.max_length or chosen.max_length,
+                           truncation=_truncation_identity(recipe["input_format"], input_format,
+                                                           detected_preset, family))
     if input_format.preset == detected_preset:
         input_format = replace(input_format, preset=None)
     recipe["input_format"] = asdict(input_format)

@@ -6,6 +6,7 @@ from helpers import make_sample
 from mme5.backbones.tiny import build_tiny
 from mme5.data.schema import Modality
 from mme5.data.shards import ShardWriter
+from mme5.demo.world import WorldConfig, build_world
 
 
 @pytest.fixture(scope="session")
@@ -38,3 +39,18 @@ def tiny_shards(tmp_path_factory):
             language = ["en", "zh", "ru"][i % 3]
             writer.write(make_sample(i, modalities[i % 7], negatives=i % 3, language=language))
     return str(path)
+
+
+@pytest.fixture(scope="session")
+def tiny_world(tmp_path_factory):
+    """A demo world of a few samples, queries and candidates a set, in three languages."""
+    root = tmp_path_factory.mktemp("world")
+    build_world(root, WorldConfig(train_samples=48, eval_queries=3, eval_candidates=4, xtd_images=5,
+                                  v2_queries=3, languages=("en", "es", "zh")), progress=False)
+    return root
+
+
+@pytest.fixture(scope="session")
+def demo_backbone(tiny) -> str:
+    """The demo's family (it reads the world's clips): a tiny Qwen2-VL."""
+    return str(tiny("qwen2_vl"))

@@ -1,13 +1,18 @@
 """The fenced code blocks of README.md and docs/*.md, with the section each sits in and its marker comment.
 
 A `bash` block carries, on the line before its fence, either `<!-- run by tests/test_x.py::test_name -->`
-(that test reads the block with `doc_commands(page, heading)`) or `<!-- not run: why -->`; tests/test_docs.py
-enforces it, so a documented command is either run or says why not.
+(that test reads the block with `doc_commands(page, heading)` and runs its commands with `run_doc_commands`,
+changed only where it says so) or `<!-- not run: why -->`; tests/test_docs.py enforces it, so a documented
+command is either run or says why not.
 """
 
 from __future__ import annotations
 
+import os
 import re
+import shlex
+import subprocess
+import sys
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -57,3 +62,38 @@ def doc_commands(page: str, heading: str) -> list[str]:
     if len(chosen) != 1:
         raise ValueError(f"{page}: {len(chosen)} bash blocks under heading {heading!r}, expected 1")
     return [line for line in chosen[0].text.replace("\\\n", " ").splitlines() if line.strip()]
+
+
+ASSIGNMENT = re.compile(r"(?P<export>export )?(?P<name>[A-Za-z_]\w*)=(?P<value>\S*)")
+VARIABLE = re.compile(r"\$(\w+)|\$\{(\w+)\}")
+
+
+def repository_file(word: str) -> bool:
+    """A word naming one of the repository's own files (train.py, configs/...), which a user runs from its
+    root and a test from a folder of its own."""
+    return word == "train.py" or word.startswith("configs/")
+
+
+def run_doc_commands(commands: list[str], cwd: Path, env: dict[str, str] | None = None,
+                     timeout: int = 600) -> list[str]:
+    """Run `commands` in `cwd` as a user types them in a shell at the repository root, one process each:
+    `python` is this interpreter, the repository's files are found from `cwd`, `NAME=value` sets a shell
+    variable later lines read as `$NAME` and `export NAME=value` also passes it to the processes; `#`
+    starts a comment. A failing command fails the test naming it and the end of its stderr; returns each
+    command's stdout."""
+    env = dict(os.environ if env is None else env)
+    shell: dict[str, str] = {}
+    outputs = []
+    for command in commands:
+        words = shlex.split(VARIABLE.sub(lambda m: {**env, **shell}[m[1] or m[2]], command), comments=True)
+        if (assignment := ASSIGNMENT.fullmatch(" ".join(words))) is not None:
+            shell[assignment["name"]] = assignment["value"]
+            if assignment["export"]:
+                env[assignment["name"]] = assignment["value"]
+            continue
+        argv = [sys.executable if word == "python" else str(ROOT / word) if repository_file(word) else word
+                for word in words]
+        done = subprocess.run(argv, cwd=cwd, env=env, capture_output=True, text=True, timeout=timeout)
+        assert done.returncode == 0, (command, done.stderr[-3000:])
+        outputs.append(done.stdout)
+    return outputs

@@ -6,6 +6,7 @@ from pathlib import Path
 import pyarrow as pa
 import pyarrow.parquet as pq
 import pytest
+from doc_blocks import doc_commands, run_doc_commands
 from helpers import image_bytes
 
 from mme5.data import convert as conv
@@ -680,3 +681,21 @@ def test_a_conversion_whose_images_were_not_found_is_done_again_once_they_are(tm
     assert conv.main(cli_args(tmp_path, image_root, "--out", str(tmp_path / "later"))) == 0
     assert "nothing to do" not in capsys.readouterr().out
     assert read_manifest(tmp_path / "later")["num_samples"] == 2
+
+
+def test_the_documented_conversions_run(tmp_path, image_root):
+    """The docs' two commands on files of the published layouts, put where they name them."""
+    hub_file = tmp_path / "mmE5-MMEB-hardneg" / "ImageNet_1K" / "train-00000-of-00001.parquet"
+    write_parquet(hub_file, mmeb_rows())
+    synthetic = tmp_path / "mmE5-synthetic" / "Retrieval"
+    synthetic.mkdir(parents=True)
+    (synthetic / "part.jsonl").write_text("".join(json.dumps(row) + "\n" for row in synthetic_rows()))
+    for images in ("mmE5-images", "synthetic-images"):
+        shutil.copytree(image_root, tmp_path / images)
+    run_doc_commands(doc_commands("docs/data.md", "Public rows → shards"), tmp_path)
+
+    hardneg = read_manifest(tmp_path / "data/shards/mmE5-MMEB-hardneg/ImageNet_1K")
+    assert hardneg["num_samples"] == 2 and hardneg["extra"]["report"]["skipped"] == {
+        "missing_image": 1, "empty_positive": 1, "bad_list": 1}
+    samples = list(read_samples(shard_urls(tmp_path / "data/shards/mmE5-synthetic/Retrieval"), strict=True))
+    assert samples and all(s.task == Task.RETRIEVAL for s in samples)

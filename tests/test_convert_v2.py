@@ -11,6 +11,7 @@ import json
 import pyarrow as pa
 import pyarrow.parquet as pq
 import pytest
+from doc_blocks import doc_commands, run_doc_commands
 from helpers import image_bytes, video_frames
 
 from mme5.data import convert as conv
@@ -134,13 +135,20 @@ def colpali_row(query, answer, color):
             "model": "human", "prompt": "Answer in one word.", "answer_type": "extractive"}
 
 
-def test_colpali_rows_are_the_page_and_query_to_the_answer(tmp_path, capsys):
-    data = tmp_path / "colpali_train_set" / "data"
+def write_colpali(folder) -> list[dict]:
+    """vidore/colpali_train_set's parquet files in `folder`: a good row, one without answer, one without
+    query (the test split is not read); returns the rows."""
+    data = folder / "data"
     data.mkdir(parents=True)
     rows = [colpali_row("What is the total revenue?", "$5M", (10, 20, 30)),
             colpali_row("Who signed?", None, (40, 50, 60)), colpali_row(None, "x", (0, 0, 0))]
     pq.write_table(pa.Table.from_pylist(rows), data / "train-00000-of-00001.parquet")
-    pq.write_table(pa.Table.from_pylist(rows[:1]), data / "test-00000-of-00001.parquet")  # not read
+    pq.write_table(pa.Table.from_pylist(rows[:1]), data / "test-00000-of-00001.parquet")
+    return rows
+
+
+def test_colpali_rows_are_the_page_and_query_to_the_answer(tmp_path, capsys):
+    rows = write_colpali(tmp_path / "colpali_train_set")
     out = tmp_path / "out"
     assert conv.main(["--input", str(tmp_path / "colpali_train_set"), "--out", str(out), "--format",
                       "vlm2vec-colpali", "--no-shuffle"]) == 0
@@ -163,7 +171,9 @@ def test_colpali_rows_are_the_page_and_query_to_the_answer(tmp_path, capsys):
     assert "unread columns of" in capsys.readouterr().out
 
 
-def test_visrag_rows_are_the_query_under_its_source_prompt_to_the_described_page(tmp_path):
+def save_visrag(folder) -> list[bytes]:
+    """openbmb/VisRAG-Ret-Train-In-domain-data saved with `save_to_disk` in `folder`: a query of a source
+    with a prompt, one of a source without; returns the pages."""
     datasets = pytest.importorskip("datasets")
     pages = [image_bytes((200, 0, 0), size=24), image_bytes((0, 200, 0), size=24)]
     data = datasets.Dataset.from_dict({
@@ -171,7 +181,12 @@ def test_visrag_rows_are_the_query_under_its_source_prompt_to_the_described_page
         "image": [{"bytes": page, "path": None} for page in pages],
         "source": ["MP-DocVQA", "Elsewhere"],
     }).cast_column("image", datasets.Image())
-    datasets.DatasetDict({"train": data}).save_to_disk(str(tmp_path / "VisRAG-Ret-Train-In-domain-data"))
+    datasets.DatasetDict({"train": data}).save_to_disk(str(folder))
+    return pages
+
+
+def test_visrag_rows_are_the_query_under_its_source_prompt_to_the_described_page(tmp_path):
+    pages = save_visrag(tmp_path / "VisRAG-Ret-Train-In-domain-data")
     out = tmp_path / "out"
     known, unknown = convert_layout([tmp_path / "VisRAG-Ret-Train-In-domain-data"], None, out,
                                     "vlm2vec-visrag")
@@ -208,3 +223,24 @@ def test_a_file_without_the_layouts_columns_is_refused_before_the_output_is_clai
         conv.convert([str(tmp_path / "in.jsonl")], tmp_path, tmp_path / "out",
                      layout=LAYOUTS["vlm2vec-video-qa"], progress=False)
     assert not (tmp_path / "out").exists()
+
+
+def test_the_documented_conversions_run(tmp_path, hound):
+    """The docs' five commands on the fixtures put where they name them: the LLaVA-Hound rows and frames
+    under $VT, the two hub ids as local folders of the same names (an existing folder is read as one)."""
+    rows, frames = hound
+    sft = tmp_path / "vlm2vec_train/train_video_and_instruction/video_instruction/train/sft"
+    sft.mkdir(parents=True)
+    for name in ("video_caption_300k.jsonl", "video_240k_caption_15k.jsonl"):
+        (sft / name).write_bytes(rows.read_bytes())
+    frames.rename(tmp_path / "vlm2vec_train/train_video_and_instruction/train_300k")
+    write_colpali(tmp_path / "vidore/colpali_train_set")
+    save_visrag(tmp_path / "openbmb/VisRAG-Ret-Train-In-domain-data")
+    commands = doc_commands("docs/data.md", "VLM2Vec-V2's video and visual-document training sets")
+    run_doc_commands(commands, tmp_path)
+
+    written = {out: read_manifest(tmp_path / "shards" / out)["num_samples"] for out in (
+        "video_caption_300k", "video_caption_300k-video", "video_qa_240k", "colpali_train_set",
+        "visrag-indomain")}
+    assert written == {"video_caption_300k": 3, "video_caption_300k-video": 3, "video_qa_240k": 3,
+                       "colpali_train_set": 1, "visrag-indomain": 2}

@@ -16,7 +16,6 @@ from mme5.backbones import Item
 from mme5.checkpoint import load_encoder
 from mme5.data.datamodule import ShardDataModule
 from mme5.data.stream import Source
-from mme5.demo.world import WorldConfig, build_world
 from mme5.encoder import LoraSettings
 from mme5.eval.__main__ import main
 from mme5.eval.callbacks import MMEBEval, XTDEval
@@ -25,21 +24,7 @@ from mme5.eval.registry import META_TASKS
 from mme5.eval.run import evaluate
 from mme5.module import EmbeddingModule
 
-LANGUAGES = ("en", "es", "zh")
-
-
-@pytest.fixture(scope="session")
-def tiny_world(tmp_path_factory):
-    root = tmp_path_factory.mktemp("world")
-    build_world(root, WorldConfig(train_samples=48, eval_queries=3, eval_candidates=4, xtd_images=5,
-                                  v2_queries=3, languages=LANGUAGES), progress=False)
-    return root
-
-
-@pytest.fixture(scope="session")
-def demo_backbone(tiny) -> str:
-    """The demo's family (it reads the world's clips): a tiny Qwen2-VL."""
-    return str(tiny("qwen2_vl"))
+LANGUAGES = ("en", "es", "zh")  # the tiny_world fixture's (conftest.py)
 
 
 @pytest.fixture(scope="module")

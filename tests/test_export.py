@@ -7,6 +7,7 @@ from pathlib import Path
 
 import pytest
 import torch
+from doc_blocks import doc_commands, run_doc_commands
 from PIL import Image
 
 from mme5.backbones import InputFormat, Item, load_backbone
@@ -15,6 +16,7 @@ from mme5.checkpoint import load_encoder
 from mme5.demo.world import WorldConfig, build_world
 from mme5.encoder import Encoder, LoraSettings
 from mme5.eval.__main__ import main as evaluate
+from mme5.eval.registry import mean_over_sets
 from mme5.export import main
 from mme5.module import EmbeddingModule
 
@@ -276,3 +278,30 @@ def test_the_checkpoints_backbone_is_an_input_refused_as_out_and_part_of_the_ide
     with pytest.raises(SystemExit):
         main(["--ckpt", str(ckpt), "--out", str(tmp_path / "exported")])
     assert "backbone_files:" in capsys.readouterr().err
+
+
+def test_the_docs_score_compare_and_export_a_checkpoint(tmp_path, tiny_world, demo_backbone):
+    """docs/evaluation.md's scoring of a run, then docs/sharing.md's export of it and mteb's XTD on the
+    export, as written, in a folder laid out as `make demo` leaves it: the world, the backbone and a
+    checkpoint as training writes one."""
+    demo = tmp_path / "runs" / "demo"
+    shutil.copytree(tiny_world, demo / "world")
+    shutil.copytree(demo_backbone, demo / "backbone")
+    (demo / "checkpoints").mkdir()
+    perturbed_checkpoint(str(demo / "backbone"), demo / "checkpoints" / "last.ckpt",
+                         LoraSettings(r=2, alpha=4, dropout=0.0))
+    *_, compared = run_doc_commands(doc_commands("docs/evaluation.md", "Score a run"), tmp_path)
+    run_doc_commands(doc_commands("docs/sharing.md", "Export"), tmp_path)
+
+    trained = json.loads((demo / "eval" / "trained" / "scores.json").read_text())
+    assert [line.split(" | ")[0] for line in compared.splitlines()[2:]] == ["| untrained", "| trained"]
+    card = (tmp_path / "exported" / "demo" / "README.md").read_text()
+    label, mean = mean_over_sets(trained["mmeb"])
+    assert f"| {label} |" in card and f"| {mean:.1f} |" in card  # --scores
+    assert (tmp_path / "exported" / "demo-lora" / "adapter_config.json").is_file()  # --adapter-only
+
+    pytest.importorskip("mteb")
+    run_doc_commands(doc_commands("docs/sharing.md", "mteb"), tmp_path,
+                     env=os.environ | {"MTEB_CACHE": str(tmp_path / "mteb-cache")})
+    assert {path.stem for path in (tmp_path / "runs" / "mteb").rglob("XTD-*.json")} == {
+        f"XTD-{language}-{direction}" for language in ("en", "es", "zh") for direction in ("t2i", "i2t")}

@@ -13,7 +13,6 @@ import torch
 import torch.distributed as dist
 import torch.multiprocessing as mp
 import torch.nn.functional as F
-from test_eval_cli import tiny_world  # noqa: F401 (a fixture)
 from test_gradcache import (
     CHUNK,
     LOCAL_B,
@@ -228,7 +227,7 @@ def test_sentence_transformers_truncate_dim_equals_the_embedder(matryoshka_run, 
     assert json.loads((tmp_path / "resaved" / EXPORT_CONFIG).read_text())["matryoshka_dims"] == TRAINED_DIMS
 
 
-def test_evaluation_at_a_dimension_ranks_the_normalised_prefixes(matryoshka_run, tiny_world, tmp_path,  # noqa: F811
+def test_evaluation_at_a_dimension_ranks_the_normalised_prefixes(matryoshka_run, tiny_world, tmp_path,
                                                                   capsys):
     _, _, exported = matryoshka_run
     common = ["--model", str(exported), "--data", str(tiny_world), "--max-queries", "2",

@@ -6,17 +6,21 @@ from __future__ import annotations
 
 import json
 import math
+import shlex
 from contextlib import nullcontext
 from types import SimpleNamespace
 
 import numpy as np
 import pytest
 import torch
+from doc_blocks import doc_commands, run_doc_commands
 from PIL import Image
+from test_mmeb_v2_readers import serve_v2_hub
 from test_mmeb_v2_visdoc import beir_set
 
 import mme5.eval.__main__ as command
 from mme5.checkpoint import load_encoder
+from mme5.data import fetch
 from mme5.eval.callbacks import MMEBV2Eval
 from mme5.eval.compare import comparison
 from mme5.eval.mmeb_v2 import benchmark
@@ -226,3 +230,18 @@ def test_callback_logs_the_v2_scalars(v2_root, tiny_mllama):
     assert {f"eval/mmeb-v2/{key}" for key in [*SETS, "VisDoc VDRv1", "visdoc", "mean_over_sets", "seconds"]} \
         == set(metrics)
     assert 0 <= metrics["eval/mmeb-v2/visdoc"] <= 100
+
+
+def test_the_docs_fetch_mmeb_v2_and_score_a_model_on_it(tmp_path, monkeypatch, demo_backbone):
+    """docs/evaluation.md's MMEB-V2 commands: the fetch in this process, from the fake hub (which another
+    process cannot reach), then the evaluation as a user runs it, of a tiny model on the two sets the fake
+    hub holds (`--subsets UCF101 ViDoRe_docvqa` added: the other 76 are not there)."""
+    serve_v2_hub(monkeypatch)
+    monkeypatch.chdir(tmp_path)
+    fetched, scored = doc_commands("docs/evaluation.md", "MMEB-V2 (image, video, visual documents)")
+    assert fetch.main(shlex.split(fetched.removeprefix("python -m mme5.data.fetch "))) == 0
+    run_doc_commands([scored.replace("CKPT_OR_EXPORT", demo_backbone) + " --subsets UCF101 ViDoRe_docvqa"],
+                     tmp_path)
+    v2 = json.loads((tmp_path / "runs/eval/v2/scores.json").read_text())["mmeb-v2"]
+    assert {name: entry["queries"] for name, entry in v2["datasets"].items()} == {"UCF101": 1,
+                                                                                 "ViDoRe_docvqa": 1}

@@ -254,12 +254,26 @@ def png_bytes() -> bytes:
     return buffer.getvalue()
 
 
-def test_fetch_unpacks_the_media_as_download_data_sh_and_saves_the_annotations(tmp_path, monkeypatch, capsys):
-    qa = tar_bytes({"video_qa/NExTQA/n1/0.jpg": b"qa frame"})
+def jpeg(color: str) -> bytes:
+    buffer = io.BytesIO()
+    Image.new("RGB", (8, 8), color).save(buffer, format="JPEG")
+    return buffer.getvalue()
+
+
+# What the fake hub serves: an image, a classification video, a QA video (its archive in two parts) and a
+# raw video the fetch leaves; one page set. The frames are real JPEGs, so an evaluation can read them.
+IMAGE, CLS_FRAME, QA_FRAME = jpeg("red"), jpeg("green"), jpeg("blue")
+
+
+def serve_v2_hub(monkeypatch) -> list[dict]:
+    """The hub repos MMEB-V2's fetch reads, in their published layouts, served in place of
+    `snapshot_download`: the media repo, UCF101's annotations and ViDoRe docvqa's queries, page and qrels;
+    every other repo holds empty corpus files. Returns the list the downloads are recorded in."""
+    qa = tar_bytes({"video_qa/NExTQA/n1/0.jpg": QA_FRAME})
     docvqa = "vidore/docvqa_test_subsampled_beir"
     hub = {"TIGER-Lab/MMEB-V2": {
-        "image-tasks/mmeb_v1.tar.gz": tar_bytes({"MMEB/ImageNet-1K/q.jpg": b"image"}),
-        "video-tasks/frames/video_cls.tar.gz": tar_bytes({"UCF101/v1/0.jpg": b"cls frame"}),
+        "image-tasks/mmeb_v1.tar.gz": tar_bytes({"MMEB/ImageNet-1K/q.jpg": IMAGE}),
+        "video-tasks/frames/video_cls.tar.gz": tar_bytes({"UCF101/v1/0.jpg": CLS_FRAME}),
         "video-tasks/frames/video_qa.tar.gz-00": qa[:100], "video-tasks/frames/video_qa.tar.gz-01": qa[100:],
         "video-tasks/videos/video_cls/UCF101/v1.mp4": b"raw video, not fetched", "README.md": b"# card\n"},
         "VLM2Vec/UCF101": {"data/test-00000-of-00001.parquet": parquet_bytes(
@@ -275,12 +289,17 @@ def test_fetch_unpacks_the_media_as_download_data_sh_and_saves_the_annotations(t
     fakes = {repo: fake_hub(calls, files) for repo, files in hub.items()}
     monkeypatch.setattr(huggingface_hub, "snapshot_download",
                         lambda repo_id, **kw: fakes.get(repo_id, fake_hub(calls, other))(repo_id, **kw))
+    return calls
+
+
+def test_fetch_unpacks_the_media_as_download_data_sh_and_saves_the_annotations(tmp_path, monkeypatch, capsys):
+    calls = serve_v2_hub(monkeypatch)
     out = tmp_path / "v2"
     assert fetch.main(["--dataset", "mmeb-v2", "--out", str(out)]) == 0
     assert "--benchmark mmeb-v2 --mmeb-v2" in capsys.readouterr().out
-    assert (out / "image-tasks" / "ImageNet-1K" / "q.jpg").read_bytes() == b"image"
+    assert (out / "image-tasks" / "ImageNet-1K" / "q.jpg").read_bytes() == IMAGE
     frames_folder = out / "video-tasks" / "frames"
-    assert (frames_folder / "video_qa" / "NExTQA" / "n1" / "0.jpg").read_bytes() == b"qa frame"
+    assert (frames_folder / "video_qa" / "NExTQA" / "n1" / "0.jpg").read_bytes() == QA_FRAME
     assert not (out / "video-tasks" / "videos").exists()
     assert {c["repo_id"]: c["allow_patterns"] for c in calls}["TIGER-Lab/MMEB-V2"] == [
         "image-tasks/*", "video-tasks/frames/*"]

@@ -238,3 +238,20 @@ def test_llave_narrows_the_anyres_grid_to_its_two_by_two_tiles(tiny):
         return max(max(h, w) for h, w in grid) // 32  # tiles of 32 px in the tiny build
 
     assert (widest(), widest(preset="llave"), widest(preset="llave", max_grid_side=1)) == (3, 2, 1)
+
+
+@pytest.mark.parametrize(("name", "family", "expected"), [
+    ("mme5", "mllama", 256),  # mmE5's scripts: --max_len 256
+    ("gme", "qwen2_vl", 1800),  # gme_inference.py: GmeQwen2VL(max_length=1800)
+    ("qwen3_vl_embedding", "qwen3_vl", 8192),  # qwen3_vl_embedding.py: MAX_LENGTH = 8192
+    ("llave", "llava_onevision", 4096),  # LLaVE train.py: model_max_length 4096
+])
+def test_a_preset_defaults_to_its_references_max_length_and_a_recipes_own_wins(name, family, expected):
+    assert InputFormat(preset=name).completed(family).max_length == expected
+    assert InputFormat(preset=name, max_length=64).completed(family).max_length == 64
+
+
+def test_a_detected_preset_gives_its_max_length_to_the_adapter(tiny, tmp_path):
+    folder = shutil.copytree(tiny("qwen2_vl"), tmp_path / "gme")
+    (folder / "gme_inference.py").write_text("", encoding="utf-8")
+    assert load_processing(folder).max_length == 1800

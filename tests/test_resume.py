@@ -352,3 +352,20 @@ def test_batch_composition_changed_on_resume_is_applied_and_said(run, caplog):
     saved = torch.load(root / "checkpoints" / "last.ckpt", weights_only=True)
     assert saved["global_step"] == 3
     assert saved["datamodule_hyper_parameters"]["batch_composition"] == "per_source"
+
+
+def test_a_max_length_left_to_the_preset_is_its_value_in_the_identity():
+    """Naming the preset's max_length is the same recipe; a run recorded when every preset's default was 256
+    resumes under the preset whose default it still is, and is refused by its dotted key under `gme`."""
+    backbone = {"config": "c", "weights": "w"}
+
+    def given(max_length, preset=None):
+        return {"input_format": {"max_length": max_length, "preset": preset}}
+
+    assert run_identity(given(None), backbone, "mme5") == run_identity(given(256), backbone, "mme5")
+    assert run_identity(given(None, "gme"), backbone, "mme5") == run_identity(given(1800, "gme"), backbone,
+                                                                               "mme5")
+    recorded = {"hyper_parameters": given(256)}
+    check_recipe("last.ckpt", recorded, given(None), backbone, "mme5")
+    with pytest.raises(ResumeRefused, match=r"input_format.max_length: 256 \(recorded\) → 1800 \(now\)"):
+        check_recipe("last.ckpt", recorded, given(None), backbone, "gme", "qwen2_vl")

@@ -14,6 +14,7 @@ from pathlib import Path
 
 import pytest
 from chat_server import ChatServer, Failure
+from doc_blocks import doc_commands, run_doc_commands
 from test_synthesis_images import FakeEmbed, make_images
 
 from mme5.data.shards import read_manifest, read_samples, sample_to_record, shard_urls
@@ -388,3 +389,25 @@ def test_exit_codes_say_stopped_and_nothing_written(tmp_path, monkeypatch):
             values = vars(config) | {"embedder": str(tmp_path)}  # an existing path: the model is patched
             (tmp_path / f"{name}.yaml").write_text(json.dumps(values))
             assert cli_main(["--config", str(tmp_path / f"{name}.yaml")]) == expected
+
+
+def test_the_documented_commands_run_against_a_mock_server(tmp_path, tiny_mllama):
+    """docs/synthesis.md's commands as written, the mock server standing in for both endpoints: OpenAI's
+    through `OPENAI_BASE_URL`, as a user points the openai package elsewhere, and a local server through
+    `--base-url`; 8 samples a run instead of 100000, a tiny backbone as the retrieval model."""
+    images = make_images(tmp_path / "images", 60)  # the default config draws negatives at ranks 10..50
+    real_runs = {"--num-samples 100000 --out": "--num-samples 8 --out", "IMAGE_DIR": str(images),
+                 "ENCODER_DIR": tiny_mllama, "OPENAI_API_KEY=...": f"OPENAI_API_KEY={KEY}", "MODEL": "served"}
+    commands = doc_commands("docs/synthesis.md", "Synthesis")
+    for old, new in real_runs.items():
+        commands = [command.replace(old, new) for command in commands]
+    with AnswerServer() as server:
+        commands = [c.replace("http://localhost:8000/v1", server.base_url) for c in commands]
+        environment = os.environ | {"OPENAI_BASE_URL": server.base_url}
+        dry_run, *_ = run_doc_commands(commands, tmp_path, env=environment)
+    assert json.loads(dry_run)["estimate"]["calls"] == 100000
+    assert {request["model"] for request in server.requests} == {"gpt-4o", "served"}
+    assert {headers["authorization"] for headers in server.headers} == {f"Bearer {KEY}"}
+    for out in ("runs/synthesis", "runs/synthesis-local"):
+        summary = json.loads((tmp_path / out / "summary.json").read_text())
+        assert summary["written"] + summary["failed"] == 8 and summary["written"] > 0

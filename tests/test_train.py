@@ -511,3 +511,14 @@ def test_text_cut_to_max_length_is_counted_in_the_data_report(tmp_path, tiny_mll
                               num_negatives=0, num_workers=0, shuffle_buffer=1, input_format=InputFormat(64))
     resumed.load_state_dict(data.state_dict())
     assert resumed.skip_report()["truncated_items"] == 3  # the run's count, not the resumed process's
+
+
+def test_the_data_report_gives_the_presets_max_length_where_the_recipe_names_none(tmp_path, tiny_mllama):
+    from helpers import make_sample
+
+    from mme5.data.schema import Modality
+
+    data = ShardDataModule([{"path": stream_of(tmp_path, [make_sample(0, Modality.T2I, negatives=0)])}],
+                           tiny_mllama, batch_size=1, num_negatives=0, num_workers=0, shuffle_buffer=1)
+    first_batch(data)
+    assert data.skip_report()["max_length"] == 256  # the mme5 preset's, not None

@@ -40,7 +40,8 @@ class InputFormat:
     """How items become model inputs. Part of the recipe and recorded with every checkpoint and export, so
     that evaluation feeds a trained model what it was trained on.
 
-    max_length: tokens per item, counted and cut by `truncation`.
+    max_length: tokens per item, counted and cut by `truncation` (None: the preset's, its reference's
+        length: 256 for `mme5`, as mmE5's scripts).
     image_token: what replaces the published placeholder (None: the family's default, the one its released
         embedding checkpoints were trained with).
     min_pixels, max_pixels: Qwen2-VL's image resolution bounds (None: the family's default).
@@ -63,7 +64,7 @@ class InputFormat:
         bounds, as VLM2Vec-V2, whose processor resizes video frames with its image processor).
     """
 
-    max_length: int = 256
+    max_length: int | None = None
     image_token: str | None = None
     min_pixels: int | None = None
     max_pixels: int | None = None
@@ -77,7 +78,7 @@ class InputFormat:
     video_max_pixels: int | None = None
 
     def __post_init__(self) -> None:
-        if self.max_length < 1:
+        if self.max_length is not None and self.max_length < 1:
             raise ValueError(f"max_length must be at least 1, found {self.max_length}")
         if self.num_frames is not None and self.num_frames < 1:
             raise ValueError(f"num_frames must be at least 1 frame, found {self.num_frames}")
@@ -101,7 +102,8 @@ class InputFormat:
         defaults in the fields left None, as checkpoints and exports record it."""
         chosen = presets.preset(self.preset)
         return replace(
-            self, preset=chosen.name, image_token=self.image_token or chosen.image_token,
+            self, preset=chosen.name, max_length=self.max_length or chosen.max_length,
+            image_token=self.image_token or chosen.image_token,
             min_pixels=self.min_pixels or chosen.min_pixels, max_pixels=self.max_pixels or chosen.max_pixels,
             image_size=self.image_size or chosen.image_size,
             max_grid_side=self.max_grid_side or chosen.max_grid_side,

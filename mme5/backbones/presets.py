@@ -82,8 +82,8 @@ class Preset:
 
     families: the `--family` values it applies to (None: all).
     template: how an item becomes the prompt; None: the published string with the family's image token.
-    image_token, min_pixels, max_pixels, image_size, max_grid_side: defaults of the `InputFormat` fields of
-        the same names.
+    image_token, min_pixels, max_pixels, image_size, max_grid_side, max_length: defaults of the
+        `InputFormat` fields of the same names.
     evidence: files that mark a model folder as trained with this format (in order; the first found wins).
     keeps_small_images: the embedder's reference leaves small images to the processor, which keeps their
         aspect ratio (no family rule such as Qwen2-VL's 56x56 enlargement, `Qwen2VLAdapter.target_size`).
@@ -100,6 +100,7 @@ class Preset:
     max_pixels: int | None = None
     image_size: tuple[int, int] | None = None
     max_grid_side: int | None = None
+    max_length: int = 256  # mmE5's --max_len in its scripts/ (haon-chen/mmE5 @ 4818cdf)
     evidence: tuple[Evidence, ...] = ()
     keeps_small_images: bool = False
     truncation: Mapping[str, str] = field(default_factory=dict, hash=False)
@@ -250,17 +251,23 @@ PRESETS: dict[str, Preset] = {p.name: p for p in (
     # GME, Qwen3-VL-Embedding and LLaVE keep the text rule: GME's processor call (gme_inference.py l. 134-141,
     # max_length=1800) and Qwen3-VL-Embedding's (src/models/qwen3_vl_embedding.py l. 356-358, 8192) cut the
     # whole expanded sequence, chat frame and pooled end token included; LLaVE's evaluation cut is unknown.
+    # Their max_length is their reference's, here counted in text tokens.
     Preset("gme", "GME, Alibaba-NLP/gme-Qwen2-VL-*-Instruct", ("qwen2_vl",), gme,
            "<|vision_start|><|image_pad|><|vision_end|>", 256 * 28 * 28, 1280 * 28 * 28,  # l. 23-24, 49-50
            # gme_inference.py l. 127: `fetch_image`, qwen_vl_utils' smart_resize (aspect ratio kept)
-           evidence=(Evidence("gme_inference.py"),), keeps_small_images=True),
+           evidence=(Evidence("gme_inference.py"),), keeps_small_images=True,
+           max_length=1800),  # `GmeQwen2VL.__init__` default, l. 25 (VLM2Vec's copy @ 6e1e1d4)
     Preset("qwen3_vl_embedding", "Qwen3-VL-Embedding, QwenLM/Qwen3-VL-Embedding", ("qwen3_vl",),
            qwen3_vl_embedding, "<|vision_start|><|image_pad|><|vision_end|>",
            4 * QWEN3_VL_EMBEDDING_FACTOR**2, 1800 * QWEN3_VL_EMBEDDING_FACTOR**2,  # l. 27-28
-           evidence=(Evidence("README.md", "Qwen3-VL-Embedding"),)),
+           evidence=(Evidence("README.md", "Qwen3-VL-Embedding"),),
+           max_length=8192),  # `MAX_LENGTH`, l. 24, the `Qwen3VLEmbedder` default (l. 164) @ 8ce3aab
     # LLaVE's anyres grid: (1x1)..(2x2) tiles (its training command's `image_grid_pinpoints`).
     Preset("llave", "LLaVE, DeepLearnXMU/LLaVE", ("llava_onevision",), llave, "<image>", max_grid_side=2,
-           evidence=(Evidence("README.md", "LLaVE"),)),
+           evidence=(Evidence("README.md", "LLaVE"),),
+           # its training cut @ 2c23053: llava/train/train.py l. 151-152 (`model_max_length` default 4096),
+           # README.md l. 163 (the training command's --model_max_length 4096)
+           max_length=4096),
 )}
 
 

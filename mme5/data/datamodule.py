@@ -84,6 +84,7 @@ class ShardDataModule(L.LightningDataModule):
         # Into checkpoints as `datamodule_hyper_parameters`, as plain types, so that checkpoints load with
         # torch.load(weights_only=True).
         self.input_format = InputFormat.of(input_format)
+        self.max_length = self.input_format.max_length  # what items are cut to, known once the data is read
         self.save_hyperparameters(ignore=["sources", "input_format"])
         self.hparams["sources"] = [asdict(source) for source in self.sources]
         self.hparams["input_format"] = asdict(self.input_format)
@@ -120,6 +121,7 @@ class ShardDataModule(L.LightningDataModule):
         # A sharded model needs chunks that make every rank run the same modules (see mme5.data.collate).
         lockstep = self.trainer is not None and shards_parameters(self.trainer.strategy)
         processing = load_processing(self.backbone, self.input_format)
+        self.max_length = processing.max_length  # the preset's where the recipe leaves it None
         collator = ContrastiveCollator(processing.collate, self.num_negatives, self.chunk_size,
                                        lockstep=lockstep, strict=self.strict,
                                        negative_padding=self.negative_padding,
@@ -223,7 +225,7 @@ class ShardDataModule(L.LightningDataModule):
         return {"skipped_samples": self.earlier["skipped"] + sum(skipped.values()), "by_slot": skipped,
                 "first_errors": errors[:MAX_REPORTED_ERRORS],
                 "truncated_items": self.earlier["truncated"] + truncated,
-                "max_length": self.input_format.max_length}
+                "max_length": self.max_length}
 
     def state_dict(self) -> dict[str, Any]:
         """Every rank's slot positions and counts (each rank only sees its own slots, so gather them), and
