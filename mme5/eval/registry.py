@@ -8,6 +8,7 @@ encodes the text as published.
 
 from __future__ import annotations
 
+import difflib
 import json
 import warnings
 from collections.abc import Sequence
@@ -119,6 +120,19 @@ def once_each(names: Sequence[str] | None, what: str) -> list[str] | None:
         repeated = sorted({name for name in names if names.count(name) > 1})
         warnings.warn(f"{what} {repeated} listed more than once: each is evaluated once", stacklevel=3)
     return distinct
+
+
+def unknown_names(names: Sequence[str], known: Sequence[str]) -> list[str]:
+    """Each of `names` not in `known`, quoted, with the known name it most likely misspells (case aside),
+    e.g. `'MSR-VT' (did you mean 'MSR-VTT'?)`: a typo in a list of 78 names is found at a glance."""
+    folded = {name.casefold(): name for name in known}
+    described = []
+    for name in names:
+        if name in known:
+            continue
+        near = difflib.get_close_matches(name.casefold(), list(folded), 1, 0.6)
+        described.append(repr(name) + (f" (did you mean {folded[near[0]]!r}?)" if near else ""))
+    return described
 
 
 def _mean(values: list[float]) -> float | None:

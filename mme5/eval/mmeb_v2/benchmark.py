@@ -21,7 +21,7 @@ from mme5.eval.mmeb_v2.aggregate import aggregate, main_score
 from mme5.eval.mmeb_v2.readers import read_image, read_video
 from mme5.eval.mmeb_v2.registry import MMEB_V2, MODALITIES, REGISTRY_FILE, V2Set, v2_registry_of
 from mme5.eval.mmeb_v2.visdoc import read_visdoc
-from mme5.eval.registry import once_each
+from mme5.eval.registry import once_each, unknown_names
 from mme5.eval.retrieval import Ranked, RetrievalSet
 from mme5.eval.rows import data_identity
 from mme5.eval.run import Summary
@@ -74,8 +74,9 @@ def select(subsets: Sequence[str] | None, modalities: Sequence[str] | None,
     if unknown := [m for m in modalities if m not in MODALITIES]:
         raise ValueError(f"unknown MMEB-V2 modality {unknown}: one of {MODALITIES}")
     registry = {s.name: s for s in sets}
-    if unknown := [name for name in subsets or [] if name not in registry]:
-        raise ValueError(f"unknown MMEB-V2 data set(s) {unknown}: not among the {len(sets)} of the registry")
+    if unknown := unknown_names(subsets or [], list(registry)):
+        raise ValueError(f"unknown MMEB-V2 data set(s) {', '.join(unknown)}: the registry's {len(sets)} are "
+                         f"{', '.join(registry)}")
     if outside := [name for name in subsets or [] if registry[name].modality not in modalities]:
         raise ValueError(f"MMEB-V2 data set(s) {outside} are not of the modalities {modalities}")
     chosen = set(subsets) if subsets else {s.name for s in sets if s.modality in modalities}
