@@ -156,6 +156,21 @@ def test_a_registry_reading_as_no_published_set_names_file_set_and_field(tmp_pat
         MMEBV2(tmp_path)
 
 
+def test_a_registry_file_with_a_byte_order_mark_reads_and_one_not_utf8_or_not_an_object_is_named(world,
+                                                                                             tmp_path):
+    path = tmp_path / REGISTRY_FILE
+    text = (world / "mmeb-v2" / REGISTRY_FILE).read_text(encoding="utf-8")
+    path.write_bytes(b"\xef\xbb\xbf" + text.encode("utf-8"))  # as Notepad saves it
+    assert load_v2_registry(path) == registry()
+    path.write_bytes(text.replace('"Motion"', '"Moti\u00f3n"').encode("latin-1"))
+    with pytest.raises(ValueError, match=r"sets\.json: cannot read the MMEB-V2 registry: not UTF-8 "
+                                         r"\(byte \d+, 0xf3\); save it as UTF-8"):
+        load_v2_registry(path)
+    path.write_text("[]")
+    with pytest.raises(ValueError, match=r"sets\.json: the MMEB-V2 registry must be a JSON object"):
+        load_v2_registry(path)
+
+
 def test_a_model_that_reads_no_video_scores_the_image_and_page_sets_or_refuses_video_asked_for(
         world, tiny, tmp_path, capsys):
     model = str(tiny("mllama"))
