@@ -4,6 +4,8 @@ readers and scored by the real command (`python -m mme5.eval --data <world>`).""
 import io
 import json
 import math
+import re
+import shutil
 
 import numpy as np
 import pytest
@@ -183,3 +185,28 @@ def test_a_model_that_reads_no_video_scores_the_image_and_page_sets_or_refuses_v
         command.main(["--model", model, "--data", str(world), "--benchmark", "mmeb-v2", "--device", "cpu",
                       "--modalities", "video", "--out", str(tmp_path / "video")])
     assert stop.value.code == 2 and "families that do: qwen2_5_vl, qwen2_vl" in capsys.readouterr().err
+
+
+@pytest.mark.parametrize(("subset", "spoiled", "data", "named"), [
+    ("Motion", "video-tasks/frames/video_cls/Motion/clip00001/frame_0002.png", b"not a png",
+     r"Motion, .*/Motion/data/test-00000-of-00001\.parquet row 1, field video_id: "
+     r"\S*/Motion/clip00001/frame_0002\.png: not a readable image"),
+    ("Motion", "video-tasks/frames/video_cls/Motion/clip00002", None,
+     r"Motion, .*parquet row 2, field video_id: frames folder '\S*/Motion/clip00002' not found"),
+    ("ScenePages", "visdoc-tasks/ScenePages/page00003.png", b"\x89PNG cut",
+     r"ScenePages, corpus-id 'page00003': \S*/ScenePages/page00003\.png: not a readable image"),
+])
+def test_bad_media_met_during_the_run_stop_it_naming_set_file_row_and_field(world, tiny, tmp_path, capsys,
+                                                                            subset, spoiled, data, named):
+    """Found only after the model loaded (frames and pages are read set by set, decoded batch by batch): a
+    clear error and exit 2, not a traceback."""
+    root = shutil.copytree(world / "mmeb-v2", tmp_path / "v2")
+    if data is None:
+        shutil.rmtree(root / spoiled)
+    else:
+        (root / spoiled).write_bytes(data)
+    with pytest.raises(SystemExit) as stop:
+        command.main(["--model", str(tiny("qwen2_vl")), "--benchmark", "mmeb-v2", "--mmeb-v2", str(root),
+                      "--subsets", subset, "--device", "cpu", "--out", str(tmp_path / "eval")])
+    assert stop.value.code == 2
+    assert re.search(rf"^error: {named}", capsys.readouterr().err, re.MULTILINE)
