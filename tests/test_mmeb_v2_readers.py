@@ -15,10 +15,11 @@ import pytest
 from PIL import Image
 from test_fetch import fake_hub, tar_bytes
 
-from mme5.data import fetch
+from mme5.data import fetch, fetch_mmeb_v2
 from mme5.data.fetch_mmeb_v2 import ARCHIVES, unpack_parts
 from mme5.eval.encode import _loaded, item_key
 from mme5.eval.images import MissingImageError
+from mme5.eval.mmeb_v2.benchmark import MMEBV2
 from mme5.eval.mmeb_v2.readers import FRAMES, MVBENCH_CONFIGS, VIDEO_READERS, read_image, read_video
 from mme5.eval.mmeb_v2.registry import MMEB_V2, MOMENTSEEKER_QUERY_INSTRUCTIONS, sets_of
 from mme5.eval.mmeb_v2.visdoc import read_visdoc
@@ -309,3 +310,36 @@ def test_an_answer_that_is_none_of_the_options_names_set_row_and_field(tmp_path)
         ["A. x", "B. y", "C. z", "D. w"]], "answer": [""]})
     with pytest.raises(ValueError, match=r"^Video-MME, .*row 0, field answer: not one of the 4 options"):
         read_video(tmp_path, SPECS["Video-MME"])
+
+
+def test_a_root_whose_fetch_stopped_mid_unpack_is_refused_until_the_fetch_is_rerun(tmp_path, monkeypatch):
+    frames = {f"UCF101/v1/{i}.jpg": b"frame" for i in range(8)}
+    files = {"video-tasks/frames/video_cls.tar.gz": tar_bytes(frames), "README.md": b"# card\n"}
+    other = {"data/test-00000-of-00001.parquet": parquet_bytes({"video_id": ["v1"], "pos_text": ["Diving"]})}
+    calls = []
+    monkeypatch.setattr(huggingface_hub, "snapshot_download", lambda repo_id, **kw: fake_hub(
+        calls, files if repo_id == "TIGER-Lab/MMEB-V2" else other)(repo_id, **kw))
+    member_filter = fetch_mmeb_v2._member_filter
+
+    def killed_after_three_frames(*args):
+        keep, seen = member_filter(*args), []
+
+        def stop_at_the_fourth(member, path):
+            seen.append(member)
+            if len(seen) > 3:
+                raise KeyboardInterrupt  # as a kill: the fetch never reaches its end
+            return keep(member, path)
+        return stop_at_the_fourth
+    monkeypatch.setattr(fetch_mmeb_v2, "_member_filter", killed_after_three_frames)
+    out = tmp_path / "v2"
+    with pytest.raises(KeyboardInterrupt):
+        fetch.main(["--dataset", "mmeb-v2", "--out", str(out), "--modalities", "video"])
+    assert len(list((out / "video-tasks/frames/video_cls/UCF101/v1").iterdir())) == 3  # a video cut short
+    with pytest.raises(ValueError, match=r"v2: the fetch writing it has not completed .* rerun `python -m "
+                                         r"mme5\.data\.fetch --dataset mmeb-v2 --out \S+v2` with the "
+                                         r"--modalities it was given"):
+        MMEBV2(out, modalities=["video"])
+    monkeypatch.setattr(fetch_mmeb_v2, "_member_filter", member_filter)
+    assert fetch.main(["--dataset", "mmeb-v2", "--out", str(out), "--modalities", "video"]) == 0
+    assert len(read_video(out, SPECS["UCF101"]).items[0].video) == 8  # unpacked again, whole
+    MMEBV2(out, modalities=["video"])

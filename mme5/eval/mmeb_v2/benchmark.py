@@ -25,8 +25,10 @@ from mme5.eval.registry import once_each, unknown_names
 from mme5.eval.retrieval import Ranked, RetrievalSet
 from mme5.eval.rows import data_identity
 from mme5.eval.run import Summary
+from mme5.files import OWNER_RECORD, read_owner
 
-FETCH = "python -m mme5.data.fetch --dataset mmeb-v2 --out {root}"
+FETCH_COMMAND = "mme5.data.fetch"  # its owner record's command (mme5.data.fetch.COMMAND)
+FETCH = f"python -m {FETCH_COMMAND} --dataset mmeb-v2 --out {{root}}"
 
 
 @dataclass(frozen=True)
@@ -36,6 +38,17 @@ class SetReader:
 
     read: Callable[[Path, V2Set, int | None], RetrievalSet]
     folder: Callable[[Path, V2Set], Path] | None = None
+
+
+def refuse_unfinished_fetch(root: Path) -> None:
+    """Refuse a root that a fetch is writing or stopped writing: an archive cut mid-unpack leaves videos
+    with some of their frames, which would be scored as shorter videos, silently."""
+    record = read_owner(root)
+    if record and record.get("command") == FETCH_COMMAND and not record.get("complete"):
+        raise ValueError(f"{root}: the fetch writing it has not completed (its record {OWNER_RECORD}, "
+                         f"updated {record.get('updated')}, says so): a stopped unpack leaves videos short "
+                         f"of frames; rerun `{FETCH.format(root=root)}` with the --modalities it was given "
+                         "(it resumes), or wait for the one running")
 
 
 def visdoc_folder(root: Path, spec: V2Set) -> Path:
@@ -100,6 +113,7 @@ class MMEBV2:
     def __init__(self, root: str | Path, subsets: Sequence[str] | None = None,
                  modalities: Sequence[str] | None = None, max_queries: int | None = None):
         self.root = Path(root)
+        refuse_unfinished_fetch(self.root)
         self.benchmark = v2_registry_of(self.root)  # every set: All needs them all
         self.registry = select(subsets, modalities, self.benchmark)
         if unread := sorted({s.modality for s in self.registry} - set(READERS)):
