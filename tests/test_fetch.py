@@ -111,6 +111,22 @@ def test_an_archive_member_escaping_the_folder_is_refused(tmp_path, kind):
     assert not archive.with_name(archive.name + ".unpacked").exists()
 
 
+@pytest.mark.parametrize(("name", "spoil"), [
+    ("cut.tar.gz", lambda data: data[: len(data) - 40]),  # a download cut short
+    ("bad.tar.gz", lambda data: data[:60] + bytes(30) + data[90:]),  # its size, its content damaged
+    ("noise.tar", lambda data: b"not an archive" * 40),
+    ("cut.zip", lambda data: data[: len(data) // 2]),
+])
+def test_a_damaged_archive_is_refused_naming_it_and_the_way_out(tmp_path, name, spoil):
+    members = {f"{i}.jpg": bytes(range(256)) * 40 for i in range(3)}
+    archive = tmp_path / name
+    archive.write_bytes(spoil(zip_bytes(members) if name.endswith(".zip") else tar_bytes(members)))
+    with pytest.raises(ValueError, match=rf"{name}: a damaged or cut archive \(\w+: .*\); delete its "
+                                         r"file\(s\) and rerun to download them again"):
+        fetch.unpack(archive)
+    assert not archive.with_name(archive.name + ".unpacked").exists()  # a rerun unpacks it again
+
+
 def test_offline_it_stops_at_once_and_says_how_to_bring_the_files(tmp_path, monkeypatch, capsys):
     go_offline(monkeypatch)
     assert fetch.main(["--dataset", "mme5-synthetic", "--out", str(tmp_path / "syn")]) == 2

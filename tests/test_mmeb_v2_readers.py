@@ -305,6 +305,18 @@ def test_an_archive_member_escaping_its_folder_is_refused(tmp_path):
     assert not (tmp_path / "video-tasks" / "out.jpg").exists()
 
 
+def test_a_split_archive_with_a_part_cut_short_is_refused_naming_its_parts(tmp_path, capsys):
+    frames = tmp_path / "video-tasks" / "frames"
+    frames.mkdir(parents=True)
+    whole = tar_bytes({f"video_qa/NExTQA/n1/{i}.jpg": bytes(range(256)) * 20 for i in range(4)})
+    (frames / "video_qa.tar.gz-00").write_bytes(whole[:200])
+    (frames / "video_qa.tar.gz-01").write_bytes(whole[200:-100])
+    with pytest.raises(ValueError, match=r"video_qa\.tar\.gz-00 \+ \S+video_qa\.tar\.gz-01: a damaged or cut "
+                                         r"archive .*; delete its file\(s\) and rerun"):
+        unpack_parts(tmp_path, ARCHIVES[4])
+    assert not (frames / "video_qa.tar.gz-00.unpacked").exists()
+
+
 def test_an_answer_that_is_none_of_the_options_names_set_row_and_field(tmp_path):
     annotations(tmp_path, "Video-MME", {"question": ["What?"], "videoID": ["m1"], "options": [
         ["A. x", "B. y", "C. z", "D. w"]], "answer": [""]})

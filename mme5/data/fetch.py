@@ -21,9 +21,13 @@ says how to bring the files over.
 from __future__ import annotations
 
 import fnmatch
+import gzip
 import sys
 import tarfile
 import zipfile
+import zlib
+from collections.abc import Iterator
+from contextlib import contextmanager
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -185,6 +189,14 @@ def unpack(archive: Path) -> bool:
     if marker.exists():
         return False
     target = archive.parent.resolve()
+    with unpacking(str(archive)):
+        _extract(archive, target)
+    with atomic_write(marker) as file:
+        file.write("unpacked\n")
+    return True
+
+
+def _extract(archive: Path, target: Path) -> None:
     if archive.name.endswith(".zip"):
         with zipfile.ZipFile(archive) as bundle:
             for member in bundle.namelist():
@@ -197,9 +209,20 @@ def unpack(archive: Path) -> bool:
                 if member.issym() or member.islnk():
                     raise ValueError(f"{archive}: member {member.name!r} is a link; refused")
             bundle.extractall(target, filter="data")
-    with atomic_write(marker) as file:
-        file.write("unpacked\n")
-    return True
+
+
+@contextmanager
+def unpacking(name: str) -> Iterator[None]:
+    """An archive that cannot be read to its end (cut, damaged, not an archive) becomes a ValueError naming
+    it and the way out: the hub client checks sizes, not content, and would keep the bad file."""
+    try:
+        yield
+    except tarfile.FilterError as error:  # a member tarfile's data filter refuses (a device file, ...)
+        raise ValueError(f"{name}: member refused ({error})") from None
+    except (tarfile.TarError, zipfile.BadZipFile, gzip.BadGzipFile, EOFError, zlib.error) as error:
+        detail = " ".join(str(error).split())  # tarfile lists each method it tried, one a line
+        raise ValueError(f"{name}: a damaged or cut archive ({type(error).__name__}: {detail}); delete its "
+                         "file(s) and rerun to download them again") from None
 
 
 def _check_inside(target: Path, member: str, archive: Path) -> None:

@@ -45,6 +45,7 @@ from mme5.data.fetch import (
     fetch_identity,
     fetched_before,
     incomplete,
+    unpacking,
 )
 from mme5.eval.mmeb_v2.registry import MODALITIES, V2Set, sets_of
 from mme5.eval.mmeb_v2.visdoc import page_file
@@ -160,7 +161,8 @@ def unpack_parts(root: Path, archive: Archive) -> bool:
         return False
     target = (root / archive.into).resolve()
     target.mkdir(parents=True, exist_ok=True)
-    with tarfile.open(fileobj=io.BufferedReader(_Joined(parts)), mode="r|*") as bundle:
+    with unpacking(" + ".join(map(str, parts))), \
+            tarfile.open(fileobj=io.BufferedReader(_Joined(parts)), mode="r|*") as bundle:
         bundle.extractall(target, filter=_member_filter(archive, parts[0], target))
     with atomic_write(marker) as file:
         file.write("unpacked\n")
