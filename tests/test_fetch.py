@@ -4,6 +4,7 @@ folder's claim, success only for complete files, and a clear stop offline."""
 import fnmatch
 import io
 import json
+import os
 import tarfile
 import zipfile
 
@@ -125,6 +126,19 @@ def test_a_damaged_archive_is_refused_naming_it_and_the_way_out(tmp_path, name, 
                                          r"file\(s\) and rerun to download them again"):
         fetch.unpack(archive)
     assert not archive.with_name(archive.name + ".unpacked").exists()  # a rerun unpacks it again
+
+
+def test_an_archive_the_hub_replaced_is_unpacked_again_and_a_copied_one_is_not(tmp_path):
+    archive = tmp_path / "A.tar.gz"
+    archive.write_bytes(tar_bytes({"0.jpg": b"old"}))
+    assert fetch.unpack(archive) and not fetch.unpack(archive)
+    archive.write_bytes(tar_bytes({"0.jpg": b"new", "1.jpg": b"added"}))  # a rerun downloaded a newer one
+    assert fetch.unpack(archive)
+    assert (tmp_path / "0.jpg").read_bytes() == b"new" and (tmp_path / "1.jpg").read_bytes() == b"added"
+    os.utime(archive, (0, 0))  # as a copy of the folder to another machine leaves it
+    assert not fetch.unpack(archive)
+    archive.with_name("A.tar.gz.unpacked").write_text("unpacked\n")  # an earlier version's marker: trusted
+    assert not fetch.unpack(archive)
 
 
 def test_offline_it_stops_at_once_and_says_how_to_bring_the_files(tmp_path, monkeypatch, capsys):

@@ -7,7 +7,8 @@
 Files come through `huggingface_hub.snapshot_download` into `--out` (resumable: a rerun fetches only what is
 missing; `--subset` narrows it to the paths naming those subsets, plus the dataset card; a subset naming no
 file is an error). Archives of training images (.zip, .tar, .tar.gz, .tgz) are unpacked beside themselves
-once (a `<archive>.unpacked` marker records it; members that would land outside the folder are refused);
+once (a `<archive>.unpacked` marker records it, with the archive's identity: one the hub replaced is unpacked
+again; members that would land outside the folder are refused);
 evaluation sets keep their zips, which `mme5.eval` reads directly. The licence is read from the dataset card.
 
 `--out` is claimed for one data set and revision (`mme5.files.claim_folder`): fetching more subsets of it
@@ -22,11 +23,12 @@ from __future__ import annotations
 
 import fnmatch
 import gzip
+import hashlib
 import sys
 import tarfile
 import zipfile
 import zlib
-from collections.abc import Iterator
+from collections.abc import Iterator, Sequence
 from contextlib import contextmanager
 from dataclasses import dataclass
 from pathlib import Path
@@ -184,16 +186,50 @@ def archives(folder: Path) -> list[Path]:
 
 
 def unpack(archive: Path) -> bool:
-    """Extract `archive` beside itself unless done before; returns whether it extracted now."""
-    marker = archive.with_name(archive.name + ".unpacked")
-    if marker.exists():
+    """Extract `archive` beside itself unless this archive was before; returns whether it extracted now."""
+    if unpacked_before([archive]):
         return False
     target = archive.parent.resolve()
     with unpacking(str(archive)):
         _extract(archive, target)
-    with atomic_write(marker) as file:
-        file.write("unpacked\n")
+    mark_unpacked([archive])
     return True
+
+
+MARKER = "unpacked"  # the first word of an `<archive>.unpacked` marker; the archive's identity follows
+
+
+def _marker(parts: Sequence[Path]) -> Path:
+    return parts[0].with_name(parts[0].name + ".unpacked")
+
+
+def archive_identity(parts: Sequence[Path], edge: int = 1 << 20) -> str:
+    """The part files' names, sizes, first and last MiB: changes when the hub publishes another archive under
+    the same name (a rerun downloads it), survives copying the folder (which changes modification times)."""
+    digest = hashlib.sha1()
+    for part in parts:
+        size = part.stat().st_size
+        digest.update(f"{part.name}:{size}:".encode())
+        with open(part, "rb") as file:
+            digest.update(file.read(edge))
+            file.seek(max(0, size - edge))
+            digest.update(file.read(edge))
+    return digest.hexdigest()
+
+
+def unpacked_before(parts: Sequence[Path]) -> bool:
+    """Whether this archive (these parts) was unpacked: its marker names its identity. A marker of an
+    earlier version holds no identity and is trusted."""
+    marker = _marker(parts)
+    if not marker.is_file():
+        return False
+    words = marker.read_text(encoding="utf-8").split()
+    return words == [MARKER] or words == [MARKER, archive_identity(parts)]
+
+
+def mark_unpacked(parts: Sequence[Path]) -> None:
+    with atomic_write(_marker(parts)) as file:
+        file.write(f"{MARKER} {archive_identity(parts)}\n")
 
 
 def _extract(archive: Path, target: Path) -> None:

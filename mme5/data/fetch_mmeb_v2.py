@@ -16,8 +16,9 @@ Layout of DIR (what `mme5.eval.mmeb_v2.readers` and `.visdoc` read):
     visdoc-tasks/<set>/...                the parquet files of each visual-document set's repo (queries/,
                                           corpus/, qrels/), and each corpus page written as a file named
                                           by `visdoc.page_file` (the reference's image_root)
-The archives stay beside what they unpacked (each with a `<archive>.unpacked` marker, so a rerun does
-not unpack again); raw videos (video-tasks/videos) are not fetched: the readers use the frames.
+The archives stay beside what they unpacked (each with a `<archive>.unpacked` marker naming the archive's
+identity, so a rerun does not unpack it again, but does unpack one the hub replaced); raw videos
+(video-tasks/videos) are not fetched: the readers use the frames.
 
 Resumable: every repo goes through `mme5.data.fetch.download` (a rerun fetches only what is missing);
 pages already written are kept. `--revision` pins TIGER-Lab/MMEB-V2; the annotation repos are taken at
@@ -45,12 +46,14 @@ from mme5.data.fetch import (
     fetch_identity,
     fetched_before,
     incomplete,
+    mark_unpacked,
+    unpacked_before,
     unpacking,
 )
 from mme5.eval.mmeb_v2.registry import MODALITIES, V2Set, sets_of
 from mme5.eval.mmeb_v2.visdoc import page_file
 from mme5.eval.rows import parquet_files
-from mme5.files import atomic_write, claim_folder
+from mme5.files import claim_folder
 
 MEDIA_REPO = "TIGER-Lab/MMEB-V2"
 # What each modality takes of the media repo; visual documents none: their pages come in the corpus parquet.
@@ -156,16 +159,14 @@ def unpack_parts(root: Path, archive: Archive) -> bool:
     parts = sorted(root.glob(archive.parts))
     if not parts:
         return False
-    marker = parts[0].with_name(parts[0].name + ".unpacked")
-    if marker.exists():
+    if unpacked_before(parts):
         return False
     target = (root / archive.into).resolve()
     target.mkdir(parents=True, exist_ok=True)
     with unpacking(" + ".join(map(str, parts))), \
             tarfile.open(fileobj=io.BufferedReader(_Joined(parts)), mode="r|*") as bundle:
         bundle.extractall(target, filter=_member_filter(archive, parts[0], target))
-    with atomic_write(marker) as file:
-        file.write("unpacked\n")
+    mark_unpacked(parts)
     return True
 
 
