@@ -4,6 +4,7 @@ readers and scored by the real command (`python -m mme5.eval --data <world>`).""
 import io
 import json
 import math
+import os
 import re
 import shutil
 
@@ -210,3 +211,16 @@ def test_bad_media_met_during_the_run_stop_it_naming_set_file_row_and_field(worl
                       "--subsets", subset, "--device", "cpu", "--out", str(tmp_path / "eval")])
     assert stop.value.code == 2
     assert re.search(rf"^error: {named}", capsys.readouterr().err, re.MULTILINE)
+
+
+def test_the_data_identity_covers_the_annotation_rows_of_image_and_video_sets(world, tmp_path):
+    """A rerun into the same --out on rewritten rows is refused (the identity differs), as for visdoc sets."""
+    root = shutil.copytree(world / "mmeb-v2", tmp_path / "v2")
+
+    def fingerprints():
+        return {name: MMEBV2(root, subsets=[name]).identity()["fingerprint"] for name in ("Motion", "Shape")}
+    before = fingerprints()
+    rows = next((root / "annotations" / "mme5-demo" / "Motion").rglob("*.parquet"))
+    os.utime(rows, ns=(rows.stat().st_atime_ns, rows.stat().st_mtime_ns + 10**9))  # rewritten since
+    after = fingerprints()
+    assert after["Motion"] != before["Motion"] and after["Shape"] == before["Shape"]

@@ -134,8 +134,13 @@ class MMEBV2:
             yield with_relevance(READERS[spec.modality].read(self.root, spec, self.max_queries))
 
     def identity(self) -> dict[str, Any]:
-        """The data evaluated: the selected sets and a fingerprint of their folders' files."""
-        files = sorted(f for folder in self.folders for f in folder.rglob("*") if f.is_file())
+        """The data evaluated: the selected sets and a fingerprint of their files: the visdoc folders, and
+        the annotation repos of the image and video sets (their frames and images are keyed by content in
+        the embedding cache; listing millions of frames here would cost minutes)."""
+        files = [f for folder in self.folders for f in folder.rglob("*") if f.is_file()]
+        for repo in sorted({s.annotations.repo for s in self.registry if s.modality != "visdoc"}):
+            files += (self.root / "annotations" / repo).rglob("*.parquet")
+        files.sort()
         if (self.root / REGISTRY_FILE).is_file():
             files.append(self.root / REGISTRY_FILE)
         return data_identity(self.root, files) | {"sets": [s.name for s in self.registry]}
