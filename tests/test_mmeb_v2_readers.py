@@ -153,6 +153,17 @@ def test_qa_texts_options_and_frames_follow_each_loader(tmp_path, name, row, fol
     assert frame_files(query) == [f"{folder}/0.jpg"]
 
 
+@pytest.mark.parametrize(("name", "row"), [
+    ("NExTQA", {"video": 42, "question": "why?", "answer": "B", **{f"a{i}": f"o{i}" for i in range(5)}}),
+    ("EgoSchema", {"video_idx": "e1", "question": "what?", "answer": "two", "option": ["A. x.", "B. y"]}),
+])
+def test_an_answer_that_is_no_option_index_names_set_row_and_field(tmp_path, name, row):
+    annotations(tmp_path, name, {key: [value] for key, value in row.items()}, SPECS[name].annotations.config)
+    with pytest.raises(ValueError, match=rf"^{name}, .*parquet row 0, field answer: .* is not an option's "
+                                         r"index"):
+        read_video(tmp_path, SPECS[name])
+
+
 def test_moment_retrieval_ranks_the_videos_clip_folders(tmp_path):
     annotations(tmp_path, "QVHighlight", {"query": ["a man sings"], "video_path": ["videos/vidA.mp4"]})
     video = tmp_path / "video-tasks" / "frames" / "video_mret" / "QVHighlight" / "vidA"
