@@ -224,3 +224,15 @@ def test_the_data_identity_covers_the_annotation_rows_of_image_and_video_sets(wo
     os.utime(rows, ns=(rows.stat().st_atime_ns, rows.stat().st_mtime_ns + 10**9))  # rewritten since
     after = fingerprints()
     assert after["Motion"] != before["Motion"] and after["Shape"] == before["Shape"]
+
+
+@pytest.mark.parametrize(("removed", "named"), [("annotations/mme5-demo/MotionRetrieval", "MotionRetrieval"),
+                                                ("video-tasks/frames/video_cls", "Motion"),
+                                                ("image-tasks", "Shape', 'AttributeVQA")])
+def test_a_set_whose_rows_or_media_were_not_fetched_is_named_before_the_model_loads(world, tmp_path, removed,
+                                                                                   named):
+    root = shutil.copytree(world / "mmeb-v2", tmp_path / "v2")
+    shutil.rmtree(root / removed)
+    with pytest.raises(FileNotFoundError, match=rf"data set\(s\) \['{named}'.*\] \(e\.g\. \S*/{removed}\b"
+                                                r".*\); fetch them with `python -m mme5\.data\.fetch"):
+        MMEBV2(root)

@@ -361,8 +361,8 @@ def test_a_root_whose_fetch_stopped_mid_unpack_is_refused_until_the_fetch_is_rer
     with pytest.raises(ValueError, match=r"v2: the fetch writing it has not completed .* rerun `python -m "
                                          r"mme5\.data\.fetch --dataset mmeb-v2 --out \S+v2` with the "
                                          r"--modalities it was given"):
-        MMEBV2(out, modalities=["video"])
+        MMEBV2(out, subsets=["UCF101"])
     monkeypatch.setattr(fetch_mmeb_v2, "_member_filter", member_filter)
     assert fetch.main(["--dataset", "mmeb-v2", "--out", str(out), "--modalities", "video"]) == 0
     assert len(read_video(out, SPECS["UCF101"]).items[0].video) == 8  # unpacked again, whole
-    MMEBV2(out, modalities=["video"])
+    MMEBV2(out, subsets=["UCF101"])

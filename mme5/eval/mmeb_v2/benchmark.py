@@ -18,7 +18,7 @@ import torch
 
 from mme5.backbones import InputFormat
 from mme5.eval.mmeb_v2.aggregate import aggregate, main_score
-from mme5.eval.mmeb_v2.readers import read_image, read_video
+from mme5.eval.mmeb_v2.readers import frames_folder, read_image, read_video
 from mme5.eval.mmeb_v2.registry import MMEB_V2, MODALITIES, REGISTRY_FILE, V2Set, v2_registry_of
 from mme5.eval.mmeb_v2.visdoc import read_visdoc
 from mme5.eval.registry import once_each, unknown_names
@@ -33,11 +33,14 @@ FETCH = f"python -m {FETCH_COMMAND} --dataset mmeb-v2 --out {{root}}"
 
 @dataclass(frozen=True)
 class SetReader:
-    """How one modality's sets are read from the root: `read(root, spec, max_queries)`, and `folder(root,
-    spec)`, what must exist before anything is read (None: the reader's own errors say what is missing)."""
+    """How one modality's sets are read from the root: `read(root, spec, max_queries)`; `rows(root, spec)`,
+    the folder of the set's rows (part of the data's identity); `media(root, spec)`, the folder of its
+    frames or images (None: they sit with the rows). Both must exist before the model loads: a set not
+    fetched is named then, not after hours of encoding the sets before it."""
 
     read: Callable[[Path, V2Set, int | None], RetrievalSet]
-    folder: Callable[[Path, V2Set], Path] | None = None
+    rows: Callable[[Path, V2Set], Path]
+    media: Callable[[Path, V2Set], Path] | None = None
 
 
 def refuse_unfinished_fetch(root: Path) -> None:
@@ -55,13 +58,25 @@ def visdoc_folder(root: Path, spec: V2Set) -> Path:
     return root / "visdoc-tasks" / spec.name
 
 
+def annotation_repo(root: Path, spec: V2Set) -> Path:
+    return root / "annotations" / spec.annotations.repo
+
+
+def image_folder(root: Path, spec: V2Set) -> Path:
+    return root / "image-tasks"
+
+
+def video_folder(root: Path, spec: V2Set) -> Path:
+    return root / "video-tasks" / "frames" / frames_folder(spec)
+
+
 def read_visdoc_set(root: Path, spec: V2Set, max_queries: int | None = None) -> RetrievalSet:
     return read_visdoc(visdoc_folder(root, spec), spec, max_queries)
 
 
 READERS: dict[str, SetReader] = {
-    "image": SetReader(read_image),
-    "video": SetReader(read_video),
+    "image": SetReader(read_image, annotation_repo, image_folder),
+    "video": SetReader(read_video, annotation_repo, video_folder),
     "visdoc": SetReader(read_visdoc_set, visdoc_folder),
 }
 
@@ -119,14 +134,16 @@ class MMEBV2:
         if unread := sorted({s.modality for s in self.registry} - set(READERS)):
             raise ValueError(f"MMEB-V2 {unread} sets have no reader yet (readers: {sorted(READERS)}); "
                              "choose --modalities among those")
-        folders = {s.name: READERS[s.modality].folder(self.root, s)
-                   for s in self.registry if READERS[s.modality].folder}
-        if absent := [name for name, folder in folders.items() if not folder.is_dir()]:
-            raise FileNotFoundError(f"{self.root}: no folder for MMEB-V2 data set(s) {absent} (e.g. "
-                                    f"{folders[absent[0]]}); fetch them with "
+        readers = {s.name: READERS[s.modality] for s in self.registry}
+        needed = {s.name: [f(self.root, s) for f in (readers[s.name].rows, readers[s.name].media) if f]
+                  for s in self.registry}
+        if absent := {name: folder for name, folders in needed.items() for folder in folders
+                      if not folder.is_dir()}:
+            raise FileNotFoundError(f"{self.root}: no folder for MMEB-V2 data set(s) {list(absent)} (e.g. "
+                                    f"{next(iter(absent.values()))}); fetch them with "
                                     f"`{FETCH.format(root=self.root)}`, or choose the ones present with "
                                     "--subsets / --modalities")
-        self.folders = list(folders.values())
+        self.folders = sorted({readers[s.name].rows(self.root, s) for s in self.registry})
         self.max_queries = max_queries
 
     def sets(self) -> Iterator[RetrievalSet]:
@@ -134,13 +151,10 @@ class MMEBV2:
             yield with_relevance(READERS[spec.modality].read(self.root, spec, self.max_queries))
 
     def identity(self) -> dict[str, Any]:
-        """The data evaluated: the selected sets and a fingerprint of their files: the visdoc folders, and
-        the annotation repos of the image and video sets (their frames and images are keyed by content in
-        the embedding cache; listing millions of frames here would cost minutes)."""
-        files = [f for folder in self.folders for f in folder.rglob("*") if f.is_file()]
-        for repo in sorted({s.annotations.repo for s in self.registry if s.modality != "visdoc"}):
-            files += (self.root / "annotations" / repo).rglob("*.parquet")
-        files.sort()
+        """The data evaluated: the selected sets and a fingerprint of their rows' folders (a visdoc set's
+        holds its pages; the frames and images of the others are keyed by content in the embedding cache,
+        and listing millions of frames here would cost minutes)."""
+        files = sorted(f for folder in self.folders for f in folder.rglob("*") if f.is_file())
         if (self.root / REGISTRY_FILE).is_file():
             files.append(self.root / REGISTRY_FILE)
         return data_identity(self.root, files) | {"sets": [s.name for s in self.registry]}
