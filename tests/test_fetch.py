@@ -141,6 +141,19 @@ def test_an_archive_the_hub_replaced_is_unpacked_again_and_a_copied_one_is_not(t
     assert not fetch.unpack(archive)
 
 
+@pytest.mark.parametrize(("dataset", "option", "message"), [
+    ("mmeb-v2", ["--subset", "MSR-VTT"], "MMEB-V2 is fetched by --modalities"),
+    ("mmeb-train", ["--modalities", "video"], "--modalities narrows MMEB-V2 only; narrow mmeb-train with "
+                                              "--subset"),
+])
+def test_an_option_the_data_set_cannot_narrow_by_is_refused_not_ignored(tmp_path, capsys, dataset, option,
+                                                                        message):
+    with pytest.raises(SystemExit) as stop:  # ignored, it would fetch the whole data set
+        fetch.main(["--dataset", dataset, "--out", str(tmp_path / "out"), *option])
+    assert stop.value.code == 2 and message in capsys.readouterr().err
+    assert not (tmp_path / "out").exists()
+
+
 def test_offline_it_stops_at_once_and_says_how_to_bring_the_files(tmp_path, monkeypatch, capsys):
     go_offline(monkeypatch)
     assert fetch.main(["--dataset", "mme5-synthetic", "--out", str(tmp_path / "syn")]) == 2

@@ -293,16 +293,23 @@ def main(argv: list[str] | None = None) -> int:
                         help="; ".join(f"{k}: {v.repo_id}" for k, v in DATASETS.items()))
     parser.add_argument("--out", required=True, type=Path, help="folder to download into")
     parser.add_argument("--subset", nargs="+", help="only these subsets (e.g. ImageNet_1K MSCOCO_t2i)")
-    parser.add_argument("--modalities", nargs="+", choices=MODALITIES, default=list(MODALITIES),
-                        help="mmeb-v2 only: the modalities to fetch (media and annotations)")
+    parser.add_argument("--modalities", nargs="+", choices=MODALITIES,
+                        help="mmeb-v2 only: the modalities to fetch (media and annotations; default: all)")
     parser.add_argument("--revision", help="a branch, tag or commit of the data set")
     parser.add_argument("--overwrite", action="store_true",
                         help="replace what --out holds (another data set or revision)")
     args = parser.parse_args(argv)
+    # Each option narrows one kind of fetch; ignored, it would fetch everything (MMEB-V2: hundreds of GB).
+    if args.dataset == "mmeb-v2" and args.subset:
+        parser.error("--subset narrows the other data sets; MMEB-V2 is fetched by --modalities (its media "
+                     "come in one archive per modality), and evaluated by `mme5.eval --subsets`")
+    if args.dataset != "mmeb-v2" and args.modalities:
+        parser.error(f"--modalities narrows MMEB-V2 only; narrow {args.dataset} with --subset")
     try:
         if args.dataset == "mmeb-v2":
             from mme5.data.fetch_mmeb_v2 import fetch_mmeb_v2
-            fetched = fetch_mmeb_v2(args.out, args.modalities, args.revision, overwrite=args.overwrite)
+            fetched = fetch_mmeb_v2(args.out, args.modalities or MODALITIES, args.revision,
+                                    overwrite=args.overwrite)
         else:
             fetched = fetch(args.dataset, args.out, args.subset, args.revision, overwrite=args.overwrite)
     except (OutputFolderError, OSError, ValueError) as error:  # OSError: offline, unknown repo or revision
