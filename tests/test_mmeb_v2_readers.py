@@ -328,6 +328,24 @@ def test_a_split_archive_with_a_part_cut_short_is_refused_naming_its_parts(tmp_p
     assert not (frames / "video_qa.tar.gz-00.unpacked").exists()
 
 
+@pytest.mark.parametrize(("row", "message"), [
+    ({"corpus-id": "d66", "image": {"bytes": b"<html>rate limited</html>", "path": "d66.jpg"}},
+     r"row 66 \(corpus-id 'd66'\), field image: not an image PIL reads and saves as \.png"),
+    ({"corpus-id": "../../d66", "image": {"bytes": png_bytes(), "path": "d66.jpg"}},
+     r"row 66 \(corpus-id '\.\./\.\./d66'\), field corpus-id: names no file in"),
+])
+def test_a_corpus_page_that_cannot_be_written_names_file_row_and_field(tmp_path, row, message):
+    """Rows are counted through the file, not per read batch (64 rows); no partial page is left behind."""
+    rows = [{"corpus-id": f"d{i}", "image": {"bytes": png_bytes(), "path": f"d{i}.jpg"}} for i in range(66)]
+    folder = tmp_path / "ViDoRe_docvqa"
+    (folder / "corpus").mkdir(parents=True)
+    (folder / "corpus" / "test-00000-of-00001.parquet").write_bytes(parquet_bytes(
+        {"corpus-id": [r["corpus-id"] for r in [*rows, row]], "image": [r["image"] for r in [*rows, row]]}))
+    with pytest.raises(ValueError, match=r"corpus/test-00000-of-00001\.parquet " + message):
+        fetch_mmeb_v2.write_pages(folder, SPECS["ViDoRe_docvqa"])
+    assert sorted(p.name for p in folder.iterdir()) == ["corpus", *sorted(f"d{i}.png" for i in range(66))]
+
+
 def test_an_answer_that_is_none_of_the_options_names_set_row_and_field(tmp_path):
     annotations(tmp_path, "Video-MME", {"question": ["What?"], "videoID": ["m1"], "options": [
         ["A. x", "B. y", "C. z", "D. w"]], "answer": [""]})

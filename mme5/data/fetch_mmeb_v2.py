@@ -191,17 +191,32 @@ def write_pages(folder: Path, spec: V2Set) -> int:
     Returns how many were written now."""
     written = 0
     for file in parquet_files(folder / "corpus", spec.annotations.split):
-        for batch in pq.ParquetFile(file).iter_batches(batch_size=64, columns=["corpus-id", "image"]):
-            for i, row in enumerate(batch.to_pylist()):
-                page = folder / page_file(spec.name, str(row["corpus-id"]))
-                if page.exists():
-                    continue
-                if not row["image"] or not row["image"].get("bytes"):
-                    raise ValueError(f"{file}: corpus-id {row['corpus-id']!r} (batch row {i}): field image "
-                                     "holds no image bytes")
-                with Image.open(io.BytesIO(row["image"]["bytes"])) as image:
-                    partial = page.with_name(f".{page.name}.partial{page.suffix}")
-                    image.save(partial)
-                os.replace(partial, page)
+        batches = pq.ParquetFile(file).iter_batches(batch_size=64, columns=["corpus-id", "image"])
+        for i, row in enumerate(row for batch in batches for row in batch.to_pylist()):
+            where = f"{file} row {i} (corpus-id {row['corpus-id']!r})"
+            name = page_file(spec.name, str(row["corpus-id"]))
+            if Path(name).name != name:  # a separator in the id: the page would land elsewhere
+                raise ValueError(f"{where}, field corpus-id: names no file in {folder} ({name!r})")
+            if not (folder / name).exists():
+                write_page(where, row["image"], folder / name)
                 written += 1
     return written
+
+
+def write_page(where: str, image: dict | None, page: Path) -> None:
+    """A corpus row's image bytes decoded and saved as `page` (encoded by its extension), whole or not at
+    all: a page cut by a kill would be taken for a finished one by the next run."""
+    if not image or not image.get("bytes"):
+        raise ValueError(f"{where}, field image: holds no image bytes")
+    partial = page.with_name(f".{page.name}.partial{page.suffix}")
+    try:
+        with Image.open(io.BytesIO(image["bytes"])) as opened:
+            opened.save(partial)
+        os.replace(partial, page)
+    except (OSError, SyntaxError, ValueError) as error:
+        if isinstance(error, OSError) and error.errno is not None:
+            raise  # the disk's (full, read-only), not the image's: PIL's own OSErrors carry no errno
+        raise ValueError(f"{where}, field image: not an image PIL reads and saves as {page.suffix} "
+                         f"({type(error).__name__}: {error})") from None
+    finally:
+        partial.unlink(missing_ok=True)
