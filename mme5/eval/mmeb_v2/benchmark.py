@@ -128,6 +128,9 @@ class MMEBV2:
     def __init__(self, root: str | Path, subsets: Sequence[str] | None = None,
                  modalities: Sequence[str] | None = None, max_queries: int | None = None):
         self.root = Path(root)
+        if not self.root.is_dir():
+            raise FileNotFoundError(f"{self.root}: no such folder; fetch MMEB-V2 into it with "
+                                    f"`{FETCH.format(root=self.root)}`")
         refuse_unfinished_fetch(self.root)
         self.benchmark = v2_registry_of(self.root)  # every set: All needs them all
         self.registry = select(subsets, modalities, self.benchmark)
@@ -139,8 +142,9 @@ class MMEBV2:
                   for s in self.registry}
         if absent := {name: folder for name, folders in needed.items() for folder in folders
                       if not folder.is_dir()}:
-            raise FileNotFoundError(f"{self.root}: no folder for MMEB-V2 data set(s) {list(absent)} (e.g. "
-                                    f"{next(iter(absent.values()))}); fetch them with "
+            names = [*list(absent)[:10], *(["..."] if len(absent) > 10 else [])]
+            raise FileNotFoundError(f"{self.root}: no folder for {len(absent)} MMEB-V2 data set(s) {names} "
+                                    f"(e.g. {next(iter(absent.values()))}); fetch them with "
                                     f"`{FETCH.format(root=self.root)}`, or choose the ones present with "
                                     "--subsets / --modalities")
         self.folders = sorted({readers[s.name].rows(self.root, s) for s in self.registry})
