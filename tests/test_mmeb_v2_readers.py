@@ -266,6 +266,7 @@ def png_bytes() -> bytes:
     return buffer.getvalue()
 
 
+@pytest.mark.filterwarnings("error::UserWarning")  # a rerun takes no archive for a replaced one
 def test_fetch_unpacks_the_media_as_download_data_sh_and_saves_the_annotations(tmp_path, monkeypatch, capsys):
     qa = tar_bytes({"video_qa/NExTQA/n1/0.jpg": b"qa frame"})
     docvqa = "vidore/docvqa_test_subsampled_beir"

@@ -26,6 +26,7 @@ import gzip
 import hashlib
 import sys
 import tarfile
+import warnings
 import zipfile
 import zlib
 from collections.abc import Iterator, Sequence
@@ -219,12 +220,18 @@ def archive_identity(parts: Sequence[Path], edge: int = 1 << 20) -> str:
 
 def unpacked_before(parts: Sequence[Path]) -> bool:
     """Whether this archive (these parts) was unpacked: its marker names its identity. A marker of an
-    earlier version holds no identity and is trusted."""
+    earlier version holds no identity and is trusted. One of another archive is said (a warning): the new
+    one is unpacked over the old one's files, and those it lacks stay."""
     marker = _marker(parts)
     if not marker.is_file():
         return False
     words = marker.read_text(encoding="utf-8").split()
-    return words == [MARKER] or words == [MARKER, archive_identity(parts)]
+    if words == [MARKER] or words == [MARKER, archive_identity(parts)]:
+        return True
+    warnings.warn(f"{parts[0]}: the hub replaced this archive since it was unpacked; unpacking it again over "
+                  "the earlier one's files (those it no longer holds stay: delete what it unpacked and rerun "
+                  "for a clean copy)", stacklevel=2)
+    return False
 
 
 def mark_unpacked(parts: Sequence[Path]) -> None:

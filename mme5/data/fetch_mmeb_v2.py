@@ -156,7 +156,7 @@ class _Joined(io.RawIOBase):
 def unpack_parts(root: Path, archive: Archive) -> bool:
     """Unpack `archive` (if its parts are there and it was not unpacked before) as download_data.sh does;
     links and members that would land outside `into` are refused. Returns whether it unpacked now."""
-    parts = sorted(root.glob(archive.parts))
+    parts = sorted(p for p in root.glob(archive.parts) if not p.name.endswith(".unpacked"))  # not the marker
     if not parts:
         return False
     if unpacked_before(parts):
