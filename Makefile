@@ -50,8 +50,9 @@ demo-export:
 		--query-instruction "Find me an everyday image that matches the given caption:" \
 		--target-instruction "Represent the given image." --overwrite
 
+# --durations: the slowest tests close every run, so a CI log says where its minutes went.
 test: install
-	$(PY) -m pytest -q
+	$(PY) -m pytest -q --durations=20
 
 # The suite without the tests marked slow (the family matrix, the end-to-end train.py run): see README.
 test-fast: install

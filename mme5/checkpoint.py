@@ -229,12 +229,15 @@ class LoadedModel:
 
 def load_encoder(path: str | Path, device: str = "cpu", dtype: str | None = None,
                  max_length: int | None = None, backbone: str | None = None,
-                 trust_checkpoint: bool = False, preset: str | None = None) -> LoadedModel:
+                 trust_checkpoint: bool = False, preset: str | None = None,
+                 num_frames: int | None = None) -> LoadedModel:
     """The encoder of a checkpoint, exported folder or backbone folder (a path or a hub id), in eval mode
     on `device`.
 
     dtype: weights' dtype ("float32", "bfloat16", "float16"; None: the checkpoint's own).
     max_length: text tokens per item (None: the recorded input format's).
+    num_frames: frames kept of each video (None: the recorded input format's; e.g. 64 to score as
+        Qwen3-VL-Embedding reports video).
     preset: the input format preset (`mme5.backbones.presets`; None: the recorded one, else what the
         model's files say, else "mme5").
     backbone: folder to rebuild a `.ckpt`'s encoder from, when its recorded one has moved.
@@ -246,7 +249,7 @@ def load_encoder(path: str | Path, device: str = "cpu", dtype: str | None = None
     if path.is_file() and path.suffix == ".ckpt":
         kind = "lightning-checkpoint"
         encoder, recipe, source = _from_checkpoint(path, dtype, max_length, preset, backbone,
-                                                   trust_checkpoint)
+                                                   trust_checkpoint, num_frames)
         # The weights that are not in the checkpoint are the backbone's: its files are part of the model.
         files = [path, *model_files(source)]
         identity["backbone"] = str(source.resolve())
@@ -255,8 +258,8 @@ def load_encoder(path: str | Path, device: str = "cpu", dtype: str | None = None
         recipe = read_export_config(path) if (path / EXPORT_CONFIG).is_file() else {}
         base = local_model(backbone or _peft_base(path))
         # The adapter folder's files say what the adapters were trained with (e.g. VLM2Vec's card).
-        input_format = resolve_preset(path, _input_format(recipe.get("input_format"), max_length, preset),
-                                      family_of(base))
+        input_format = resolve_preset(path, _input_format(recipe.get("input_format"), max_length, preset,
+                                                             num_frames), family_of(base))
         model = load_backbone(base, DTYPES[dtype] if dtype else None, input_format=input_format)
         encoder = Encoder(model, normalize=recipe.get("normalize", True), peft_folder=path)
         files = [*model_files(path), *model_files(base)]
@@ -265,7 +268,8 @@ def load_encoder(path: str | Path, device: str = "cpu", dtype: str | None = None
         exported = (path / EXPORT_CONFIG).is_file()
         recipe = read_export_config(path) if exported else {}
         model = load_backbone(path, DTYPES[dtype] if dtype else None,
-                              input_format=_input_format(recipe.get("input_format"), max_length, preset))
+                              input_format=_input_format(recipe.get("input_format"), max_length, preset,
+                                                         num_frames))
         kind = "exported" if exported else "backbone"
         encoder = Encoder(model, normalize=recipe.get("normalize", True))
         files = model_files(path)
@@ -287,21 +291,24 @@ def model_files(folder: Path) -> list[Path]:
     return [f for f in folder.iterdir() if f.is_file() and f.name != OWNER_RECORD]
 
 
-def _input_format(recorded: Any, max_length: int | None, preset: str | None = None) -> InputFormat:
-    """The recorded input format (a dict, a dataclass or None: the defaults), `max_length` and `preset`
-    overriding. A format recorded before presets existed (a dict without `preset`) was the published one;
-    one recorded before truncation rules (without `truncation`) cut text tokens only."""
+def _input_format(recorded: Any, max_length: int | None, preset: str | None = None,
+                  num_frames: int | None = None) -> InputFormat:
+    """The recorded input format (a dict, a dataclass or None: the defaults), `max_length`, `preset` and
+    `num_frames` overriding. A format recorded before presets existed (a dict without `preset`) was the
+    published one; one recorded before truncation rules (without `truncation`) cut text tokens only."""
     legacy = isinstance(recorded, Mapping) and "preset" not in recorded
     result = InputFormat.of(recorded)
     if legacy or preset:
         result = replace(result, preset=preset or DEFAULT_PRESET)
     if isinstance(recorded, Mapping) and "truncation" not in recorded:
         result = replace(result, truncation="text")
-    return replace(result, max_length=max_length) if max_length else result
+    overrides = {"max_length": max_length, "num_frames": num_frames}
+    return replace(result, **{name: value for name, value in overrides.items() if value})
 
 
 def _from_checkpoint(path: Path, dtype: str | None, max_length: int | None, preset: str | None,
-                     backbone: str | None, trust: bool = False) -> tuple[Encoder, dict[str, Any], Path]:
+                     backbone: str | None, trust: bool = False, num_frames: int | None = None
+                     ) -> tuple[Encoder, dict[str, Any], Path]:
     """An EmbeddingModule checkpoint's encoder, its recipe (everything in it but weights and states) and
     the backbone folder it was rebuilt from."""
     # The module saves plain types only, so its checkpoints load without unpickling code (weights_only).
@@ -322,7 +329,7 @@ def _from_checkpoint(path: Path, dtype: str | None, max_length: int | None, pres
     recorded = hparams.get("input_format") or {
         "max_length": (checkpoint.get("datamodule_hyper_parameters") or {}).get("max_length", 256)}
     encoder = Encoder(load_backbone(source, DTYPES[dtype] if dtype else None,
-                                    input_format=_input_format(recorded, max_length, preset)),
+                                    input_format=_input_format(recorded, max_length, preset, num_frames)),
                       _lora(hparams.get("lora")))
     weights = {k.removeprefix("encoder."): v for k, v in checkpoint["state_dict"].items()
                if k.startswith("encoder.")}

@@ -71,7 +71,7 @@ class Embedder:
     @classmethod
     def from_pretrained(cls, path: str | Path, device: str | None = None, dtype: str | None = None,
                         max_length: int | None = None, preset: str | None = None,
-                        truncate_dim: int | None = None) -> Embedder:
+                        truncate_dim: int | None = None, num_frames: int | None = None) -> Embedder:
         """Load an exported folder, a plain backbone folder (zero-shot) or an EmbeddingModule `.ckpt`, by path
         or hub id.
 
@@ -80,9 +80,10 @@ class Embedder:
         preset: the input format of a released embedder ("gme", "qwen3_vl_embedding", ...; default: the
         recorded one, else what the model's files say, else "mme5": `mme5.backbones.presets`).
         truncate_dim: embeddings of this many leading dimensions (default: all).
+        num_frames: frames kept of each video (default: the recorded input format's, else 8).
         """
         device = device or ("cuda" if torch.cuda.is_available() else "cpu")
-        loaded = load_encoder(path, device, dtype, max_length, preset=preset)
+        loaded = load_encoder(path, device, dtype, max_length, preset=preset, num_frames=num_frames)
         # The fingerprint names the model's files and settings: mteb files results under it (its revision).
         return cls(loaded.encoder, loaded.description | {"fingerprint": loaded.fingerprint},
                    loaded.recipe.get("instructions"), truncate_dim, trained_dims(loaded.recipe))

@@ -13,7 +13,10 @@ the LoRA factors A and B separately ("LoRA souping") is not offered: sum_i w_i B
 is not the average of the deltas B_i A_i, i.e. not the average of the models.
 
 The runs must share the backbone (its recorded identity: config and weights) and the input format; the
-weights must be positive and are normalised to sum 1. `--out` is claimed as the other commands claim theirs
+weights must be positive and are normalised to sum 1. A run named twice counts twice (as one run of the summed
+weight); a merge is a run too, so merging it again weighs its runs by its weight times theirs. The merge is in
+the first run's dtype (`model.dtype`). Runs are training checkpoints: an exported folder holds no recipe to
+check, so merge the checkpoints it came from. `--out` is claimed as the other commands claim theirs
 (`mme5.files.claim_folder`): the same runs and weights again find it complete, others are refused unless
 `--overwrite`, and the checkpoint is written atomically.
 """
@@ -31,9 +34,11 @@ import torch
 from mme5.backbones import DTYPES, load_backbone
 from mme5.checkpoint import (
     BACKBONE_IDENTITY,
+    EXPORT_CONFIG,
     MERGED_FROM,
     backbone_identity,
     checkpoint_backbone,
+    checkpoint_problem,
     load_encoder,
 )
 from mme5.files import OutputFolderError, claim_folder, path_fingerprint, remove_path, save_torch
@@ -57,8 +62,13 @@ def normalised_weights(weights: Sequence[float] | None, count: int) -> list[floa
 
 def read_run(path: Path) -> dict[str, Any]:
     """A run checkpoint's recipe, read without its tensors (memory-mapped)."""
+    if (path / EXPORT_CONFIG).is_file():
+        raise ValueError(f"{path}: an exported model folder, not a checkpoint; merge the checkpoints (.ckpt) "
+                         "it was exported from")
     if path.suffix != ".ckpt" or not path.is_file():
         raise ValueError(f"{path}: not a checkpoint file (.ckpt) of train.py")
+    if problem := checkpoint_problem(path):  # e.g. torn by a kill while it was saved
+        raise ValueError(f"{path}: not a loadable checkpoint ({problem}); take another of the run's")
     checkpoint = torch.load(path, map_location="cpu", weights_only=True, mmap=True)
     if "backbone" not in (checkpoint.get("hyper_parameters") or {}):
         raise ValueError(f"{path}: not an EmbeddingModule checkpoint (no hyper_parameters.backbone)")
@@ -114,6 +124,8 @@ def merge(runs: Sequence[str | Path], out: str | Path, weights: Sequence[float] 
     if len(runs) < 2:
         raise ValueError(f"--runs: give at least two checkpoints to merge, got {len(runs)}")
     weights = normalised_weights(weights, len(runs))
+    if backbone is not None and Path(backbone).is_file():
+        raise ValueError(f"--backbone {backbone}: a file; give the backbone's folder (or hub id)")
     checkpoints = [read_run(run) for run in runs]
     check_compatible(runs, checkpoints, backbone)
     source = backbone or checkpoint_backbone(runs[0])

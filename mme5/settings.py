@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import argparse
 import dataclasses
+import math
 import re
 import types
 import typing
@@ -43,13 +44,17 @@ def positive(settings: Any, names: tuple[str, ...]) -> None:
             raise ValueError(f"{name} must be above 0, got {value!r}")
 
 
-def number_at_least(bound: float, kind: type = int) -> Callable[[str], Any]:
-    """An argparse `type`: a number of `kind` refused at parse time when below `bound` (`--shard-size 0`,
-    `--max-negatives -1` would otherwise fail, or quietly do something else, mid-run)."""
+def number_at_least(bound: float, kind: type = int, at_most: float | None = None) -> Callable[[str], Any]:
+    """An argparse `type`: a number of `kind` refused at parse time when below `bound`, above `at_most` or
+    not finite (`--shard-size 0`, `--max-negatives -1`, `--margin nan` would otherwise fail, or quietly do
+    something else, mid-run)."""
     def parse(text: str) -> Any:
         value = kind(text)  # a ValueError: argparse says "invalid int value"
-        if value < bound:
-            raise argparse.ArgumentTypeError(f"must be at least {bound}, got {value}")
+        if not math.isfinite(value):
+            raise argparse.ArgumentTypeError(f"must be a finite number, got {value}")
+        if value < bound or (at_most is not None and value > at_most):
+            span = f"at least {bound}" if at_most is None else f"between {bound} and {at_most}"
+            raise argparse.ArgumentTypeError(f"must be {span}, got {value}")
         return value
 
     parse.__name__ = kind.__name__  # the name argparse gives the type in its messages

@@ -9,11 +9,16 @@ from collections import Counter
 from types import SimpleNamespace
 
 import pytest
+import torch
+from helpers import make_sample
 from test_stream import ids, take, write_source
+from test_train import assert_same_gradients, full_batch_step, run_distributed
 from torch.utils.data import DataLoader
 
 import mme5.data.stream as stream_module
 from mme5.data.datamodule import ShardDataModule
+from mme5.data.schema import Modality
+from mme5.data.shards import ShardWriter
 from mme5.data.stream import MixedShardStream, Source, SourceRefused, check_batches_fit, group_schedule
 
 
@@ -192,3 +197,40 @@ def test_the_data_module_streams_per_source_batches(tmp_path, tiny_mllama):
     batches = list(itertools.islice(iter(data.train_dataloader()), 6))
     assert all(len({i[0] for i in batch.ids}) == 1 for batch in batches)
     assert {batch.ids[0][0] for batch in batches} == {"a", "b"}
+
+
+# ----------------------------------------------------------------------------- under Lightning DDP
+
+
+@pytest.fixture(scope="module")
+def second_source(tmp_path_factory):
+    """48 samples whose ids (t...) tell them from the `tiny_shards` ones (s...), in 2 shards."""
+    path = tmp_path_factory.mktemp("second")
+    with ShardWriter(path, max_count=24) as writer:
+        for i in range(48):
+            writer.write(make_sample(i, list(Modality)[i % 7], negatives=i % 3, id=f"t{i:05d}"))
+    return str(path)
+
+
+@pytest.mark.slow
+def test_per_source_under_ddp_one_source_a_step_full_batch_gradient_and_resume(tmp_path, tiny_mllama,
+                                                                              tiny_shards, second_source):
+    """2 processes (gloo), gradient cache on: each step's batch comes from one source on both ranks, the
+    gradient is the single process's on the global batch, and an interrupted run resumes the same run."""
+    options = ["--per-source", second_source, "--steps", "3"]
+    straight = run_distributed(tmp_path / "straight", tiny_mllama, tiny_shards, "ddp", *options)
+    # Which source a sample came from: its id's first letter.
+    steps = [{i[0] for rank in step for i in rank} for step in straight["ids_per_step"]]
+    assert all(len(letters) == 1 for letters in steps), steps
+    assert set().union(*steps) == {"s", "t"}  # both drawn (seed 0): a mix-up could show
+    gradients, _ = full_batch_step(tiny_mllama, [tiny_shards, second_source], straight)
+    assert_same_gradients(straight, gradients)
+
+    interrupted = tmp_path / "interrupted"
+    run_distributed(interrupted, tiny_mllama, tiny_shards, "ddp", *options, "--stop-at", "2")
+    resumed = run_distributed(interrupted, tiny_mllama, tiny_shards, "ddp", *options,
+                              "--resume", str(interrupted / "ckpt" / "last.ckpt"))
+    assert resumed["global_step"] == 3 and resumed["ids"] == straight["ids"]
+    assert resumed["ids_per_step"] == straight["ids_per_step"][2:]
+    for name, weight in straight["after"].items():
+        torch.testing.assert_close(resumed["after"][name], weight, atol=1e-6, rtol=1e-5, msg=name)

@@ -68,6 +68,10 @@ def test_loads_a_checkpoint_and_a_backbone_folder(exported, tiny_mllama):
     zero_shot = mme5.Embedder.from_pretrained(tiny_mllama, dtype="float32", max_length=16)
     assert zero_shot.description["kind"] == "backbone" and zero_shot.encoder.adapter.max_length == 16
     assert zero_shot.encode(TEXTS[:2]).norm(dim=-1).allclose(torch.ones(2))
+    for path in (folder, ckpt, tiny_mllama):  # an exported folder, a .ckpt and a backbone take num_frames
+        embedder = mme5.Embedder.from_pretrained(path, num_frames=64)
+        assert embedder.encoder.adapter.input_format.num_frames == 64
+    assert mme5.Embedder.from_pretrained(folder).encoder.adapter.input_format.num_frames == 8  # the default
 
 
 def test_a_hub_id_loads_from_the_hub_cache_offline(exported, tmp_path, monkeypatch):

@@ -339,7 +339,8 @@ def test_a_technique_changed_on_resume_is_refused_and_older_records_resume_uncha
     check_recipe("last.ckpt", before, defaults, backbone, "mme5")
     changes = {"hardness_mode": "in_batch_negatives", "hardness_strength": 9.0,
                "false_negative_threshold": 0.95, "false_negative_margin": 0.1, "task_temperatures": True,
-               "temperature_groups": {"coco": "photos"}}
+               "temperature_groups": {"coco": "photos"}, "matryoshka_dims": [8, 4],
+               "matryoshka_weights": [1.0, 0.5]}
     for key, value in changes.items():
         with pytest.raises(ResumeRefused, match=rf"model.{key}"):
             check_recipe("last.ckpt", {"hyper_parameters": defaults}, defaults | {key: value}, backbone,

@@ -25,7 +25,7 @@ from test_gradcache import (
     local_batch,
     make_batch,
 )
-from test_train import make_run, scalars
+from test_train import assert_same_gradients, full_batch_step, make_run, run_distributed, scalars
 from torch.nn.parallel import DistributedDataParallel
 
 from mme5.checkpoint import EXPORT_CONFIG, load_encoder
@@ -154,6 +154,19 @@ def test_ddp_with_the_gradient_cache_gives_the_global_batch_gradient(tmp_path):
     expected = grads(model)
     for rank in range(WORLD):
         assert_rel_close(torch.load(tmp_path / f"rank{rank}.pt"), expected, 1e-5)
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("strategy", ["fsdp", "hsdp"])
+def test_lightning_fsdp_gives_the_single_process_loss_and_gradient(tmp_path, tiny_mllama, tiny_shards,
+                                                                    strategy):
+    """The module's path (gradient cache, FSDP2 on 2 processes: shards over both, or over one each as
+    replicas): the summed prefix loss and its gradient equal one process's on the global batch."""
+    record = run_distributed(tmp_path, tiny_mllama, tiny_shards, strategy, "--matryoshka", "32", "8")
+    gradients, health = full_batch_step(tiny_mllama, tiny_shards, record, matryoshka_dims=[32, 8])
+    assert_same_gradients(record, gradients)
+    # The loss over the global batch (in loss_over_chance) with every health metric, not rank 0's half.
+    assert record["health"] == pytest.approx({key: float(value) for key, value in health.items()}, abs=1e-5)
 
 
 # ----- a tiny model trained with Matryoshka dimensions, exported and loaded -----

@@ -2,20 +2,25 @@
 models, the result loads and exports as any checkpoint, and runs that cannot be merged are refused."""
 
 import json
+import multiprocessing
+import os
 import shlex
+import signal
+import time
 
 import pytest
 import torch
 from doc_blocks import doc_commands
 from test_export import perturbed_checkpoint
 
+import mme5.merge
 from mme5.backbones import Item, load_backbone
 from mme5.backbones.tiny import build_tiny
-from mme5.checkpoint import load_encoder
+from mme5.checkpoint import EXPORT_CONFIG, load_encoder
 from mme5.encoder import LoraSettings
 from mme5.export import export
 from mme5.export import main as export_main
-from mme5.files import OWNER_RECORD, OutputFolderError
+from mme5.files import OWNER_RECORD, FolderInUse, OutputFolderError
 from mme5.merge import main, merge
 
 LORA = LoraSettings(r=2, alpha=4, dropout=0.0, use_dora=False)
@@ -126,3 +131,87 @@ def test_the_documented_commands_run(runs, tmp_path, monkeypatch):
     merged = torch.load("merged/ab/model.ckpt", weights_only=True)
     assert [run["weight"] for run in merged["merged_from"]] == pytest.approx([0.6, 0.4])
     assert (tmp_path / "exported" / "ab" / "config.json").is_file()
+
+
+def merged_state(path) -> dict[str, torch.Tensor]:
+    return torch.load(path, weights_only=True)["state_dict"]
+
+
+def assert_same_merge(actual, expected):
+    a, e = merged_state(actual), merged_state(expected)
+    assert set(a) == set(e)
+    for name, value in e.items():
+        torch.testing.assert_close(a[name], value, atol=1e-6, rtol=1e-5, msg=name)
+
+
+def test_a_merge_of_merges_and_a_run_named_twice_weigh_their_runs_as_documented(runs, tmp_path, tiny_mllama):
+    """Runs of other LoRA ranks and targets merge (their deltas are averaged); a merge is a run too, weighing
+    its runs by its weight times theirs; a run named twice counts twice."""
+    _, (a, b) = runs
+    c = lora_run(tiny_mllama, tmp_path / "c.ckpt", seed=3,
+                 lora=LoraSettings(r=4, alpha=4, dropout=0.0, use_dora=False, target_modules=["q_proj"]))
+    ab = merge([a, b], tmp_path / "ab")
+    abc = merge([a, b, c], tmp_path / "abc", weights=[1, 1, 2])
+    assert_same_merge(merge([ab, c], tmp_path / "ab-c"), abc)
+    assert_same_merge(merge([a, a, b], tmp_path / "aab"), merge([a, b], tmp_path / "2ab", weights=[2, 1]))
+
+
+def test_inputs_that_are_no_run_checkpoint_are_refused_naming_them(runs, tmp_path, capsys):
+    _, (a, b) = runs
+    exported = tmp_path / "exported"
+    exported.mkdir()
+    (exported / EXPORT_CONFIG).write_text("{}")
+    (tmp_path / "torn.ckpt").write_bytes(a.read_bytes()[:5000])  # as a run killed while saving
+    (tmp_path / "empty.ckpt").write_bytes(b"")
+    for run, message in [(exported, "an exported model folder, not a checkpoint"),
+                         (tmp_path / "torn.ckpt", "not a loadable checkpoint"),
+                         (tmp_path / "empty.ckpt", "not a loadable checkpoint")]:
+        with pytest.raises(ValueError, match=rf"{run}: {message}"):
+            merge([a, run], tmp_path / "x")
+    with pytest.raises(ValueError, match=rf"--backbone {a}: a file; give the backbone's folder"):
+        merge([a, b], tmp_path / "x", backbone=str(a))
+    with pytest.raises(SystemExit):
+        main(["--runs", str(a), str(b), "--weights", "0.5x", "1", "--out", str(tmp_path / "x")])
+    assert "argument --weights: invalid float value: '0.5x'" in capsys.readouterr().err
+    assert not (tmp_path / "x").exists()
+
+
+def _merge_until_killed(runs, out, claimed):
+    """A merge that stops for good once it holds --out, as `kill -9` would leave it."""
+    def hang(*args):
+        claimed.set()
+        time.sleep(600)
+
+    mme5.merge.merged_checkpoint = hang
+    merge(runs, out)
+
+
+def test_a_merge_killed_mid_write_is_resumed_and_a_second_one_meanwhile_is_refused(runs, tmp_path):
+    _, (a, b) = runs
+    out = tmp_path / "out"
+    context = multiprocessing.get_context("fork")
+    claimed = context.Event()
+    first = context.Process(target=_merge_until_killed, args=([a, b], out, claimed))
+    first.start()
+    try:
+        assert claimed.wait(120)
+        with pytest.raises(FolderInUse, match=rf"{out} is being written by .*pid {first.pid}"):
+            merge([a, b], out)
+    finally:
+        os.kill(first.pid, signal.SIGKILL)
+        first.join()
+    assert not (out / "model.ckpt").exists()
+    assert_same_merge(merge([a, b], out), merge([a, b], tmp_path / "uninterrupted"))
+
+
+def test_the_merge_takes_the_first_runs_dtype(runs, tmp_path):
+    _, (a, b) = runs
+    checkpoint = torch.load(a, weights_only=True)
+    checkpoint["hyper_parameters"]["dtype"] = "bfloat16"
+    torch.save(checkpoint, tmp_path / "a16.ckpt")
+    for first, second, dtype in ((tmp_path / "a16.ckpt", b, torch.bfloat16), (b, tmp_path / "a16.ckpt",
+                                                                              torch.float32)):
+        merged = torch.load(merge([first, second], tmp_path / f"{first.stem}-first"), weights_only=True)
+        assert {tensor.dtype for tensor in merged["state_dict"].values()} == {dtype}
+        assert merged["hyper_parameters"]["dtype"] == torch.load(first, weights_only=True)[
+            "hyper_parameters"].get("dtype")

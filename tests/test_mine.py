@@ -3,6 +3,11 @@ on embeddings we control; resuming; the command on a tiny backbone. And the shar
 
 import json
 import math
+import multiprocessing
+import os
+import signal
+import time
+from dataclasses import replace
 
 import pytest
 import torch
@@ -307,10 +312,14 @@ def test_an_out_that_is_or_holds_the_model_is_refused_even_with_overwrite(tmp_pa
 
 
 @pytest.mark.parametrize("flag, value", [("--batch-size", "0"), ("--batch-size", "-3"), ("--shard-size", "0"),
-                                         ("--margin", "-1"), ("--dtype", "float64")])
+                                         ("--margin", "-1"), ("--margin", "nan"), ("--dtype", "float64"),
+                                         ("--min-positive-score", "1.5"), ("--min-positive-score", "nan"),
+                                         ("--min-positive-score", "-2"), ("--below-positive", "2.5"),
+                                         ("--below-positive", "nan")])
 def test_a_bad_number_or_dtype_is_a_usage_error_before_any_work(flag, value, tmp_path, capsys):
     """`--batch-size -3` mined from no embeddings without a word, `--shard-size 0` wrote a shard a sample,
-    `--dtype float64` was a KeyError after --out was claimed."""
+    `--dtype float64` was a KeyError after --out was claimed; a threshold outside the cosine's range (or NaN,
+    which no score reaches) kept or dropped every sample or candidate."""
     with pytest.raises(SystemExit) as exit_info:
         mining.main(["--model", "unused", "--shards", "unused", "--out", str(tmp_path / "out"), flag, value])
     assert exit_info.value.code == 2 and flag in capsys.readouterr().err
@@ -416,3 +425,62 @@ def test_a_folder_mined_before_positive_refinement_keeps_its_identity(tmp_path):
     added = ("min_positive_score", "report_only", "below_positive")
     before = {k: v for k, v in now.items() if k not in added}
     assert identity_changes(before, now) == {}
+
+
+def test_settings_outside_the_cosine_range_are_refused():
+    for field, value in (("min_positive_score", 1.01), ("min_positive_score", math.nan),
+                         ("below_positive", -3)):
+        with pytest.raises(ValueError, match=rf"{field} must be between"):
+            mining.MiningSettings(**{field: value})
+    mining.MiningSettings(min_positive_score=-1.0, below_positive=2.0)  # the range's ends
+
+
+def test_every_sample_below_the_threshold_stops_naming_them_instead_of_an_empty_source(tmp_path):
+    src = refinement_source(tmp_path / "src")
+    settings = mining.MiningSettings((1, 6), 3, None, min_positive_score=1.0)  # every cosine is at most 1
+    with pytest.raises(ValueError, match=rf"every one of the {N} samples .* at most that \(highest: 1.0000"):
+        mining.mine(src, tmp_path / "out", fake_embed([], refined_angle), "fake", settings, shard_size=5)
+    assert not list((tmp_path / "out").glob("*.tar")) and not (tmp_path / "out" / "manifest.json").exists()
+    listed = (tmp_path / "out" / mining.REFINEMENT).read_text().splitlines()
+    assert len(listed) == N and all(json.loads(line)["dropped"] for line in listed)
+
+
+def _mine_until_killed(src, out, settings, written):
+    """Mining that hangs after its 6th sample (a shard of 5 finished, the next one open), to be SIGKILLed."""
+    original = ShardWriter.write
+
+    def hanging(self, *args, **kwargs):
+        original(self, *args, **kwargs)
+        if self.num_written == 6:
+            written.set()
+            time.sleep(600)
+
+    ShardWriter.write = hanging
+    mining.mine(src, out, fake_embed([], refined_angle), "fake", settings, shard_size=5)
+
+
+def test_a_refining_run_killed_mid_write_resumes_alike_and_other_flags_are_refused(tmp_path):
+    """SIGKILLed mid-shard: other refinement flags are refused naming the flag, never mixed into the folder;
+    the same flags resume to the uninterrupted output (shards and the list of low positives)."""
+    settings = mining.MiningSettings((1, 6), 3, None, min_positive_score=0.9, below_positive=-0.05)
+    src = refinement_source(tmp_path / "src")
+    mining.mine(src, tmp_path / "ref", fake_embed([], refined_angle), "fake", settings, shard_size=5)
+    context = multiprocessing.get_context("fork")
+    written = context.Event()
+    child = context.Process(target=_mine_until_killed, args=(src, tmp_path / "out", settings, written))
+    child.start()
+    assert written.wait(120)
+    os.kill(child.pid, signal.SIGKILL)
+    child.join()
+    before = sorted(p.name for p in (tmp_path / "out").iterdir())
+    assert "shard-000000.tar" in before and "manifest.json" in before  # one shard finished before the kill
+    for key, value in (("min_positive_score", 0.99), ("report_only", True), ("below_positive", 0.0)):
+        with pytest.raises(FolderHoldsOtherOutput, match=rf"{key}: .* \(recorded\) → .* \(now\)"):
+            mining.mine(src, tmp_path / "out", fake_embed([], refined_angle), "fake",
+                        replace(settings, **{key: value}), shard_size=5)
+        assert sorted(p.name for p in (tmp_path / "out").iterdir()) == before
+    calls = []
+    mining.mine(src, tmp_path / "out", fake_embed(calls, refined_angle), "fake", settings, shard_size=5)
+    assert calls == []  # the embeddings saved before the kill
+    for name in [*(p.name for p in (tmp_path / "ref").glob("*.tar")), mining.REFINEMENT, "manifest.json"]:
+        assert (tmp_path / "out" / name).read_bytes() == (tmp_path / "ref" / name).read_bytes(), name

@@ -119,6 +119,24 @@ def test_a_rerun_resumes_from_the_per_set_cache(runs, v2_root, tiny_mllama, caps
     assert "mmeb-v2: visdoc " in capsys.readouterr().out
 
 
+def test_num_frames_is_a_setting_of_the_run(runs, v2_root, tiny_mllama, capsys):
+    """`--num-frames` (Qwen3-VL-Embedding scores video with 64) reaches the model and scores.json, and is part
+    of what the folder holds: a re-run with another value is refused, not mixed into the cached scores."""
+    _, one = runs
+    args = ["--model", tiny_mllama, "--benchmark", "mmeb-v2", "--mmeb-v2", str(v2_root), "--device", "cpu",
+            "--subsets", SETS[0], "--max-queries", "2"]
+    out = one.parent / "frames"
+    command.main([*args, "--num-frames", "3", "--out", str(out)])
+    v2 = json.loads((out / "scores.json").read_text())["mmeb-v2"]
+    assert v2["num_frames"] == 3 and v2["input_format"]["num_frames"] == 3
+    with pytest.raises(SystemExit):
+        command.main([*args, "--num-frames", "5", "--out", str(out)])
+    assert "num_frames" in capsys.readouterr().err
+    with pytest.raises(SystemExit):
+        command.parse([*args, "--num-frames", "0", "--out", str(out)])
+    assert "--num-frames must be at least 1" in capsys.readouterr().err
+
+
 def test_compare_puts_two_v2_runs_side_by_side(runs):
     runs = {name: json.loads((folder / "scores.json").read_text())
             for name, folder in zip(["both", "one"], runs, strict=True)}

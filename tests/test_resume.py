@@ -321,3 +321,34 @@ def test_a_run_recorded_before_truncation_rules_resumes_only_under_the_rule_it_t
     # named or left to the preset, the same rule is the same recipe
     assert run_identity(now(None), backbone, "mme5", "mllama") == run_identity(now("sequence"), backbone,
                                                                                "mme5", "mllama")
+
+
+@pytest.mark.parametrize("changed, named", [
+    (["--model.hardness_mode", "in_batch_negatives", "--model.hardness_strength", "9"],
+     "model.hardness_strength"),
+    (["--model.matryoshka_dims", "[32, 8]"], "model.matryoshka_dims"),
+    (["--model.task_temperatures", "true"], "model.task_temperatures"),
+], ids=["hardness", "matryoshka", "task-temperatures"])
+def test_a_technique_changed_on_resume_is_refused_through_the_cli_naming_it(run, capsys, changed, named):
+    """What `check_recipe` refuses (tests/test_loss_techniques.py) reaches the command: exit 2, the setting
+    named, nothing written."""
+    root, recipe = run
+    assert fit(recipe, "--trainer.max_steps", "2") == 0
+    written = outputs(root)
+    assert fit(recipe, "--trainer.max_steps", "3", "--ckpt_path", "last", *changed) == 2
+    assert re.search(rf"{named}: .* \(recorded\) → .* \(now\); resume with the settings it was trained with",
+                     capsys.readouterr().err)
+    assert outputs(root) == written
+
+
+def test_batch_composition_changed_on_resume_is_applied_and_said(run, caplog):
+    """A data setting, as documented (docs/training.md): the reading positions carry over."""
+    root, recipe = run
+    assert fit(recipe, "--trainer.max_steps", "2") == 0
+    caplog.set_level(logging.INFO)
+    assert fit(recipe, "--trainer.max_steps", "3", "--ckpt_path", "last",
+               "--data.batch_composition", "per_source") == 0
+    assert "data.batch_composition: \"mixed\" (recorded) → \"per_source\" (now)" in caplog.text
+    saved = torch.load(root / "checkpoints" / "last.ckpt", weights_only=True)
+    assert saved["global_step"] == 3
+    assert saved["datamodule_hyper_parameters"]["batch_composition"] == "per_source"

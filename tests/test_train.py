@@ -223,22 +223,24 @@ def full_batch_gradient(backbone, shards, record, chunk_size=3):
 
 
 def full_batch_step(backbone, shards, record, chunk_size=3, **settings):
-    """`full_batch_gradient` and the step's health metrics (`mme5.health.batch_health`); `settings`: the
-    module's other settings in the run."""
+    """`full_batch_gradient` and the step's health metrics (`mme5.health.batch_health`); `shards`: the run's
+    shard folder, or a list of its sources' folders; `settings`: the module's other settings in the run."""
     learnable = "loss_fn.logit_scale" in record["initial"]
     module = EmbeddingModule(backbone, lora=LoraSettings(dropout=0.0), gradient_checkpointing=False,
                              gradient_cache=False, chunk_size=chunk_size, temperature=0.05,
                              learnable_temperature=learnable, **settings)
     module.configure_model()
     module.load_state_dict(record["initial"], strict=False)
-    by_id = {s.id: s for s in read_samples(shard_urls(shards))}
+    folders = [shards] if isinstance(shards, str | Path) else shards
+    by_id = {s.id: s for folder in folders for s in read_samples(shard_urls(folder))}
     samples = [by_id[i] for ids in record["ids"] for i in ids]
     collator = ContrastiveCollator(module.encoder.adapter.collate, num_negatives=2, chunk_size=chunk_size)
     batch = collator(StreamBatch(samples, 0, {}))
     module.loss_fn.gather = False
     _, output = contrastive_step(module.encoder.encode_chunk, batch.query, batch.positive, batch.negatives,
                                  batch.negative_mask, module.loss_fn, positive_keys=batch.positive_keys,
-                                 groups=module.temperature_rows(batch))  # plain: one forward, one backward
+                                 groups=module.temperature_rows(batch),
+                                 matryoshka=module.matryoshka)  # plain: one forward, one backward
     return {n: p.grad for n, p in module.named_parameters() if p.requires_grad}, batch_health(output)
 
 

@@ -1,9 +1,14 @@
-"""Video inputs on the model side: frame choice, the torchvision-free Qwen-VL video processor (against the
-image processor and a brute force of the stock layout), the published video placeholder, the refusal of
-families without video, and embedding / gradient-cache / lockstep equivalences with video rows."""
+"""Video inputs on the model side: frame choice, the torchvision-free Qwen-VL and LLaVA-OneVision video
+processors (against the image processor and brute forces of the stock layouts), the published video
+placeholder, the refusal of families without video, and embedding / gradient-cache / lockstep equivalences
+with video rows."""
 
 import io
+import os
+import subprocess
+import sys
 from dataclasses import asdict
+from pathlib import Path
 
 import numpy as np
 import pytest
@@ -25,6 +30,7 @@ from mme5.losses import InfoNCE
 from mme5.video import frame_indices, kept_frames
 
 QWEN_FAMILIES = ["qwen2_vl", "qwen2_5_vl", "qwen3_vl", "qwen3_5"]
+VIDEO_FAMILIES = [*QWEN_FAMILIES, "llava_onevision"]
 
 
 def random_frames(n, size=(40, 30), seed=0):
@@ -42,6 +48,17 @@ def png(image):
 @pytest.fixture(scope="module")
 def qwen2_vl(tiny):
     return load_backbone(tiny("qwen2_vl"))
+
+
+@pytest.fixture(scope="module")
+def onevision(tiny):
+    return load_backbone(tiny("llava_onevision"))
+
+
+@pytest.fixture(params=["qwen2_vl", "llava_onevision"])
+def video_backbone(request, tiny):
+    """A Qwen-VL family (video as flat patches) and LLaVA-OneVision (video as frames)."""
+    return load_backbone(tiny(request.param))
 
 
 # ----------------------------------------------------------------------------- settings and frame choice
@@ -205,13 +222,189 @@ def test_video_bounds_default_to_the_image_bounds(tiny):
     assert adapter.processor.video_size == {"shortest_edge": 256, "longest_edge": 4096}
 
 
+# ----------------------------------------------------------------------------- LLaVA-OneVision's video
+
+
+def brute_force_frames(videos, size, mean, std):
+    """The stock `LlavaOnevisionVideoProcessor` on CPU written out frame by frame: torch's uint8 antialiased
+    bicubic resize to (height, width) (torchvision's kernel for a uint8 CPU image), scaled to [0, 1],
+    normalised, channels first; (videos, frames, C, H, W), a shorter video padded with zero frames (the
+    adapter's addition), and the real frame counts."""
+    out = np.zeros((len(videos), max(map(len, videos)), 3, size["height"], size["width"]), np.float32)
+    for v, frames in enumerate(videos):
+        for f, frame in enumerate(frames):
+            pixels = torch.from_numpy(np.asarray(frame)).permute(2, 0, 1)[None].contiguous()
+            if frame.size != (size["width"], size["height"]):
+                pixels = torch.nn.functional.interpolate(pixels, size=(size["height"], size["width"]),
+                                                         mode="bicubic", align_corners=False, antialias=True)
+            array = pixels[0].numpy().transpose(1, 2, 0).astype(np.float32) / 255
+            out[v, f] = ((array - mean) / std).transpose(2, 0, 1)
+    return out, [len(frames) for frames in videos]
+
+
+def test_onevision_video_pixels_match_a_brute_force_of_the_stock_processor():
+    _, processor = make_tiny("llava_onevision")
+    images = processor.image_processor
+    images.image_mean, images.image_std = [0.4, 0.5, 0.6], [0.2, 0.3, 0.25]  # not the symmetric 0.5
+    videos = [random_frames(3, size=(70, 45)), random_frames(1, size=(20, 50), seed=1),
+              random_frames(2, size=(32, 32), seed=2)]
+    out = processor.video_processor(videos, return_tensors="np")
+    expected, counts = brute_force_frames(videos, {"height": 32, "width": 32}, np.array(images.image_mean),
+                                          np.array(images.image_std))
+    assert out["video_num_frames"].tolist() == counts
+    np.testing.assert_allclose(out["pixel_values_videos"], expected, atol=1e-6)
+    images.resample = Image.BILINEAR
+    with pytest.raises(ValueError, match="bicubic resize only; the image processor's resample is BILINEAR"):
+        processor.video_processor(videos)
+
+
+# torchvision's two functions the stock video processor calls on CPU uint8 frames, as torchvision 0.2x defines
+# them (transforms/v2/functional/_geometry.py `resize_image`: uint8 bicubic stays uint8 on CPU; _misc.py
+# `normalize_image`), so that transformers' own `LlavaOnevisionVideoProcessor` runs here.
+TORCHVISION_STUB = {
+    "torchvision/__init__.py": "__version__ = '0.24.0'\nfrom torchvision import io, transforms\n",
+    "torchvision/io.py": "",
+    "torchvision/transforms/__init__.py": (
+        "import enum\n\n\nclass InterpolationMode(enum.Enum):\n"
+        + "".join(f"    {name} = {name.lower().replace('_', '-')!r}\n" for name in (
+            "NEAREST", "NEAREST_EXACT", "BILINEAR", "BICUBIC", "BOX", "HAMMING", "LANCZOS"))),
+    "torchvision/transforms/functional.py": "def pil_to_tensor(image):\n    raise NotImplementedError\n",
+    "torchvision/transforms/v2/__init__.py": "",
+    "torchvision/transforms/v2/functional.py": """
+import torch
+from torchvision.transforms import InterpolationMode
+
+
+def resize(image, size, interpolation, antialias=True, **_):
+    assert interpolation == InterpolationMode.BICUBIC and image.dtype == torch.uint8
+    if list(image.shape[-2:]) == list(size):
+        return image
+    flat = image.reshape(-1, *image.shape[-3:])
+    out = torch.nn.functional.interpolate(flat, size=list(size), mode="bicubic", align_corners=False,
+                                          antialias=antialias)
+    return out.reshape(*image.shape[:-2], *size)
+
+
+def normalize(image, mean, std, inplace=False):
+    mean = torch.as_tensor(mean, dtype=image.dtype).view(-1, 1, 1)
+    std = torch.as_tensor(std, dtype=image.dtype).view(-1, 1, 1)
+    return (image.sub_(mean) if inplace else image.sub(mean)).div_(std)
+
+
+def grayscale_to_rgb(image):
+    return image
+""",
+}
+
+STOCK_COMPARISON = """
+import numpy as np, torch
+from PIL import Image
+from transformers.models.llava_onevision.video_processing_llava_onevision import LlavaOnevisionVideoProcessor
+from mme5.backbones.tiny import make_tiny
+
+_, processor = make_tiny("llava_onevision")
+images = processor.image_processor
+images.image_mean, images.image_std = [0.4, 0.5, 0.6], [0.2, 0.3, 0.25]
+stock = LlavaOnevisionVideoProcessor(size={"height": 32, "width": 32}, image_mean=images.image_mean,
+                                     image_std=images.image_std)
+rng = np.random.default_rng(0)
+videos = [[Image.fromarray(rng.integers(0, 256, (h, w, 3), dtype=np.uint8)) for _ in range(n)]
+          for n, (w, h) in [(3, (70, 45)), (1, (20, 50)), (2, (32, 32))]]
+ours = processor.video_processor(videos, return_tensors="pt")
+for i, video in enumerate(videos):
+    expected = stock([video], return_tensors="pt")["pixel_values_videos"][0]
+    assert torch.equal(ours["pixel_values_videos"][i, :len(video)], expected), i
+    assert not ours["pixel_values_videos"][i, len(video):].any()
+print("same")
+"""
+
+
+def test_onevision_video_pixels_equal_the_stock_processor_with_torchvision_stubbed(tmp_path):
+    """Transformers' own video processor, its torchvision calls written from torchvision's definitions (in a
+    subprocess: they must be importable before transformers is), gives exactly the stand-in's pixels."""
+    for name, text in TORCHVISION_STUB.items():
+        (tmp_path / name).parent.mkdir(parents=True, exist_ok=True)
+        (tmp_path / name).write_text(text)
+    env = {**os.environ, "PYTHONPATH": os.pathsep.join([str(tmp_path), os.environ.get("PYTHONPATH", "")])}
+    run = subprocess.run([sys.executable, "-c", STOCK_COMPARISON], env=env, capture_output=True, text=True,
+                         cwd=Path(__file__).resolve().parents[1], timeout=300)
+    assert run.returncode == 0 and run.stdout.strip() == "same", run.stderr[-3000:]
+
+
+def test_onevision_video_tokens_follow_the_stock_expansion(onevision):
+    """(32 / 8)^2 patches a frame, pooled 2x2 to 4, then one newline a video; padding frames count none."""
+    items = [Item("Represent the video.", video=random_frames(5)),
+             Item("Find the clip:", "a dog", video=random_frames(3, seed=1))]
+    batch = onevision.collate(items)
+    stock = onevision.processor._get_num_multimodal_tokens(video_sizes=[(5, 30, 40), (3, 30, 40)])
+    counted = (batch["input_ids"] == onevision.processor.video_token_id).sum(1).tolist()
+    assert counted == stock.num_video_tokens == [5 * 4 + 1, 3 * 4 + 1]
+
+
+def test_onevision_videos_of_one_length_embed_as_the_stock_forward(onevision):
+    """Such a batch is one the stock model takes as it is: the adapter's own path (one vision call over the
+    frames of all videos, a newline after each) gives the stock hidden states."""
+    items = [Item("Represent the video.", video=random_frames(3)), Item("Represent the image.",
+                                                                       image=random_frames(1, (50, 36))[0]),
+             Item("", "a clip", video=random_frames(3, size=(20, 40), seed=1))]
+    batch = onevision.collate(items)
+    inner = onevision.inner_model(onevision.model)
+    with torch.no_grad():
+        stock = inner(**{k: v for k, v in batch.items() if k != "video_num_frames"}, use_cache=False)
+        got = onevision.last_hidden_state(onevision.model, batch)
+    torch.testing.assert_close(got, stock.last_hidden_state, rtol=0, atol=1e-6)
+
+
+def test_onevision_a_frame_is_the_images_whole_view_pooled(onevision):
+    """LLaVA-OneVision does not make a video of one repeated frame its image: the image is its whole view plus
+    anyres tiles, every row ended by a newline; a frame is the whole view alone, its features pooled 2x2, one
+    newline after the video. What they share: a frame's pixels are the image's whole view (its first tile),
+    and its features that view's, pooled (for a frame of the tile size: the two paths resize differently)."""
+    frame = random_frames(1, size=(32, 32))[0]
+    image = onevision.processor.image_processor([frame], return_tensors="pt")
+    video = onevision.processor.video_processor([[frame]], return_tensors="pt")
+    # equal up to float rounding: the image path rescales then normalises, the video path fuses the two
+    pixels = video["pixel_values_videos"][0]
+    torch.testing.assert_close(pixels, image["pixel_values"][0, :1], rtol=0, atol=1e-6)
+    inner = onevision.inner_model(onevision.model)
+    with torch.no_grad():
+        view = inner.get_image_features(image["pixel_values"], image["image_sizes"]).pooler_output[0][:16]
+        features = inner.get_video_features(pixels[None]).pooler_output[0]
+    pooled = torch.nn.functional.interpolate(view.T.reshape(1, -1, 4, 4), size=(2, 2), mode="bilinear")
+    torch.testing.assert_close(features[:4], pooled[0].flatten(1).T)
+    torch.testing.assert_close(features[4], inner.image_newline)
+
+
+def test_onevision_places_its_video_token_by_the_published_rule(tiny, onevision):
+    item = Item("Represent the video.", "a <video> b", video=random_frames(2))
+    assert onevision.prompt(item) == "<video>\nRepresent the video. a  b\n"  # a user's token dropped
+    llave = load_backbone(tiny("llava_onevision"), input_format=InputFormat(preset="llave"))
+    assert llave.prompt(Item("Represent the video.", video=random_frames(2))) == (
+        "<|im_start|>system\nYou are a helpful assistant.<|im_end|>\n<|im_start|>user\n<video>\n"
+        "Represent the video.\n<|im_end|>\n<|im_start|>assistant\n\n<|im_end|>\n")
+
+
+def test_onevision_refuses_video_pixel_bounds(tiny):
+    """Its frames are resized to the tile size: bounds would be silently ignored."""
+    with pytest.raises(ValueError, match="llava_onevision family resizes every frame to its tile size"):
+        load_backbone(tiny("llava_onevision"), input_format=InputFormat(video_max_pixels=4096))
+
+
+def test_onevision_processor_reloads_with_its_video_processor(tmp_path, onevision):
+    onevision.processor.save_pretrained(tmp_path)
+    again = type(onevision.processor).from_pretrained(tmp_path)
+    frames = random_frames(2)
+    np.testing.assert_array_equal(again.video_processor([frames])["pixel_values_videos"],
+                                  onevision.processor.video_processor([frames])["pixel_values_videos"])
+
+
 # ----------------------------------------------------------------------------- refusal
 
 
 def test_a_family_without_video_refuses_a_video_naming_those_with(tiny_mllama):
     adapter = load_backbone(tiny_mllama)
-    with pytest.raises(ValueError, match="mllama family reads no video; families that do: qwen2_5_vl, "
-                                         "qwen2_vl, qwen3_5, qwen3_vl"):
+    with pytest.raises(ValueError, match="mllama family reads no video; families that do: llava_onevision, "
+                                         "qwen2_5_vl, qwen2_vl, qwen3_5, qwen3_vl"):
         adapter.collate([Item("Represent the video.", video=random_frames(2))])
     with pytest.raises(ValueError, match="reads no video"):
         load_backbone(tiny_mllama, input_format=InputFormat(video_max_pixels=4096))
@@ -227,7 +420,7 @@ def mixed_items(frames):
             Item("Represent the video.", video=random_frames(4, size=(32, 48), seed=1))]
 
 
-@pytest.mark.parametrize("family", QWEN_FAMILIES)
+@pytest.mark.parametrize("family", VIDEO_FAMILIES)
 def test_a_video_embeds_the_same_alone_and_in_a_mixed_batch(tiny, family):
     encoder = Encoder(load_backbone(tiny(family))).eval()
     items = mixed_items(random_frames(5))
@@ -263,24 +456,24 @@ def test_collate_decodes_only_the_kept_frames_of_a_training_side(qwen2_vl):
         torch.testing.assert_close(from_bytes[key], value, rtol=0, atol=0, msg=key)
 
 
-def test_lockstep_chunks_with_videos_embed_like_plain_chunks(qwen2_vl):
-    encoder = Encoder(qwen2_vl).eval()
+def test_lockstep_chunks_with_videos_embed_like_plain_chunks(video_backbone):
+    encoder = Encoder(video_backbone).eval()
     items = mixed_items(random_frames(5))
-    text_only = qwen2_vl.chunks([Item("", "a text"), None], lockstep=True)[0]
+    text_only = video_backbone.chunks([Item("", "a text"), None], lockstep=True)[0]
     assert text_only.keep.tolist() == [True, False, False, False]  # a padding image and a padding video row
     assert "pixel_values" in text_only.inputs and "pixel_values_videos" in text_only.inputs
     with torch.no_grad():
-        plain = encoder.encode_chunks(qwen2_vl.chunks(items, 2))
-        lockstep = encoder.encode_chunks(qwen2_vl.chunks([*items, None], 2, lockstep=True))
+        plain = encoder.encode_chunks(video_backbone.chunks(items, 2))
+        lockstep = encoder.encode_chunks(video_backbone.chunks([*items, None], 2, lockstep=True))
     torch.testing.assert_close(lockstep, plain, atol=1e-5, rtol=1e-5)
     assert PADDING_VIDEO_ROW.medium == "video" and PADDING_IMAGE_ROW.medium == "image"
 
 
-def test_gradient_cache_equals_full_batch_with_videos(qwen2_vl):
-    encoder = Encoder(qwen2_vl, LoraSettings(dropout=0.0)).train()
+def test_gradient_cache_equals_full_batch_with_videos(video_backbone):
+    encoder = Encoder(video_backbone, LoraSettings(dropout=0.0)).train()
     items = mixed_items(random_frames(5))
     queries, positives = items, items[::-1]
-    groups = {"query": qwen2_vl.chunks(queries, 2), "positive": qwen2_vl.chunks(positives, 2)}
+    groups = {"query": video_backbone.chunks(queries, 2), "positive": video_backbone.chunks(positives, 2)}
     loss = InfoNCE(temperature=0.05)
 
     def loss_fn(emb):
@@ -321,12 +514,12 @@ def test_embedder_reads_only_the_kept_frames_of_a_video_input(tiny, tmp_path):
         embedder.encode([{"video": paths[:3]}])  # 3 frames, all kept: frame 2 was never written
 
 
-def test_training_lockstep_chunks_run_the_video_path_of_a_video_family(qwen2_vl):
+def test_training_lockstep_chunks_run_the_video_path_of_a_video_family(video_backbone):
     """Under FSDP every rank must run the vision tower as often: a rank whose chunk holds no video still
     runs the video path (a placeholder video row), as `Encoder.embed`'s chunks do."""
     batch = StreamBatch([make_sample(i, Modality.IT2T, negatives=1) for i in range(2)], 0, {})
-    plain, lockstep = (ContrastiveCollator(qwen2_vl.collate, 1, chunk_size=2, lockstep=flag,
-                                           video=qwen2_vl.reads_video)(batch) for flag in (False, True))
+    plain, lockstep = (ContrastiveCollator(video_backbone.collate, 1, chunk_size=2, lockstep=flag,
+                                           video=video_backbone.reads_video)(batch) for flag in (False, True))
     assert all("pixel_values_videos" not in chunk.inputs for chunk in plain.query)
     for chunk in lockstep.query + lockstep.positive + lockstep.negatives:
         assert "pixel_values_videos" in chunk.inputs and "pixel_values" in chunk.inputs

@@ -235,6 +235,7 @@ class BackboneAdapter(ABC):
     model_types: ClassVar[tuple[str, ...]]  # HF `config.model_type` values this adapter handles
     default_image_token: ClassVar[str]  # replaces the published placeholder (`InputFormat.image_token`)
     reads_video: ClassVar[bool] = False  # the processor takes `videos` (frames) and expands its video token
+    bounds_video_frames: ClassVar[bool] = False  # video frames take `InputFormat.video_min/max_pixels`
     add_special_tokens: ClassVar[bool] = True  # False where the prompt already carries the bos token
     images_per_row: ClassVar[bool] = False  # the processor wants one list of images per row, not a flat one
     anyres_grid: ClassVar[bool] = False  # an anyres tile grid, which `InputFormat.max_grid_side` narrows
@@ -296,10 +297,11 @@ class BackboneAdapter(ABC):
             raise ValueError(f"max_grid_side narrows LLaVA-OneVision's anyres grid; the {self.family} family "
                              "has none: leave it unset")
         video_bounds = self.input_format.video_min_pixels or self.input_format.video_max_pixels
-        if video_bounds and not self.reads_video:
-            raise ValueError(f"video_min_pixels/video_max_pixels bound video frames; the {self.family} "
-                             f"family reads no video (families that do: {', '.join(video_families())}): "
-                             "leave them unset")
+        if video_bounds and not self.bounds_video_frames:
+            why = ("resizes every frame to its tile size" if self.reads_video else
+                   f"reads no video (families that do: {', '.join(video_families())})")
+            raise ValueError(f"video_min_pixels/video_max_pixels bound the Qwen families' video frames; the "
+                             f"{self.family} family {why}: leave them unset")
         if self.input_format.truncation == "sequence":
             self._check_sequence_cut()
         if self.input_format.truncation == "none":

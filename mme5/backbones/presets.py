@@ -214,8 +214,9 @@ def llave(item: Item, image_token: str) -> Parts:
     (llava/model/language_model/llava_qwen.py l. 118)."""
     text = item.published()
     image = ""
-    if item.image is not None:
-        image, text = image_token, text.replace(published.PLACEHOLDER, "", 1)
+    if item.medium is not None:  # a video as an image: its token first (LLaVA-OneVision's `<video>`)
+        placeholder = published.PLACEHOLDER if item.image is not None else published.VIDEO_PLACEHOLDER
+        image, text = image_token, text.replace(placeholder, "", 1)
     return _chat(LLAVE_SYSTEM, image, text, "\n<|im_end|>\n")
 
 

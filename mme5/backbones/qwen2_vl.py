@@ -28,6 +28,7 @@ class Qwen2VLAdapter(BackboneAdapter):
     model_types: ClassVar[tuple[str, ...]] = ("qwen2_vl",)
     default_image_token: ClassVar[str] = "<|image_pad|>"
     reads_video: ClassVar[bool] = True  # VLM2Vec-V2's `<|video_pad|>` (src/model/processor.py l. 74-77)
+    bounds_video_frames: ClassVar[bool] = True
     processor_class: ClassVar[type] = Qwen2VLFramesProcessor
     default_max_pixels: ClassVar[int] = VLM2VEC_MAX_PIXELS  # the family's reference embedder's pixel cap
     # What an image with a side under MIN_SIDE is resized to (None: kept): VLM2Vec-V2's 56x56 for Qwen2-VL

@@ -48,7 +48,7 @@ from transformers.models.llava_onevision.image_processing_pil_llava_onevision im
 from transformers.models.mllama.image_processing_pil_mllama import MllamaImageProcessorPil
 from transformers.models.qwen2_vl.image_processing_pil_qwen2_vl import Qwen2VLImageProcessorPil
 
-from mme5.backbones.llava_onevision import LlavaOnevisionImageOnlyProcessor
+from mme5.backbones.llava_onevision import LlavaOnevisionFramesProcessor
 from mme5.backbones.qwen2_5_vl import Qwen2_5_VLFramesProcessor
 from mme5.backbones.qwen2_vl import Qwen2VLFramesProcessor
 from mme5.backbones.qwen3_vl import Qwen3VLFramesProcessor
@@ -297,7 +297,7 @@ def _llava_onevision(s: Sizes, tok: PreTrainedTokenizerFast) -> tuple[Pretrained
     # square test image is one tile plus the whole image, and a wide one is several tiles. SigLIP has no CLS
     # token: every patch of a tile is an image token ("full"); SigLIP's pixel statistics (mean = std = 0.5).
     grid = [[rows * s.image, cols * s.image] for rows in (1, 2, 3) for cols in (1, 2, 3)]
-    processor = LlavaOnevisionImageOnlyProcessor(
+    processor = LlavaOnevisionFramesProcessor(
         LlavaOnevisionImageProcessorPil(size={"height": s.image, "width": s.image}, image_grid_pinpoints=grid,
                                         image_mean=[0.5] * 3, image_std=[0.5] * 3),
         tok, num_image_tokens=(s.image // s.patch) ** 2, vision_feature_select_strategy="full",

@@ -22,7 +22,8 @@ the counts and the list positions the mined sides took in the manifest.
 Positive refinement (`--min-positive-score t⁺`, Qwen3-VL-Embedding §3.3): a sample whose positive the mining
 model scores at most t⁺ is likely label noise; it is left out of the output (`--report-only`: kept), and
 either way named by id, source shard and row in `<out>/positive_refinement.jsonl`. Its positive stays a
-candidate for the other queries (a document of the corpus), never for a query it is a positive of.
+candidate for the other queries (a document of the corpus), never for a query it is a positive of. A t⁺ that
+leaves no sample stops the run (the list written) instead of writing an empty source.
 
 `--out` is claimed (`mme5.files.claim_folder`): a rerun of the same mining (source files, model, settings)
 resumes, the embeddings saved under `<out>/.mining/` once computed and the shards after the last finished
@@ -97,6 +98,12 @@ class MiningSettings:
             raise ValueError(f"placement must be one of {', '.join(PLACEMENTS)}, got {self.placement!r}")
         if self.report_only and self.min_positive_score is None:
             raise ValueError("report_only reports the samples below min_positive_score: set it too")
+        # Scores are cosines in [-1, 1]: a threshold outside its range keeps or drops everything.
+        for name, limit in (("min_positive_score", 1.0), ("below_positive", 2.0)):
+            value = getattr(self, name)
+            if value is not None and not -limit <= value <= limit:  # NaN too
+                raise ValueError(f"{name} must be between {-limit} and {limit} (scores are cosines), got "
+                                 f"{value}")
 
     def place(self, own: list[Side], mined: list[Side]) -> tuple[list[Side], range]:
         """A sample's negatives after mining, and the list positions the mined ones take."""
@@ -151,6 +158,8 @@ def mine(shards: str | Path, out: str | Path, embed: Embed, model: str | dict[st
             counts["dropped_for_positive_score"] = len(samples) - len(kept)
             write_low_positives(work / REFINEMENT, shards, samples, low, scores, kept)
             refinement = {"low_positives": REFINEMENT}
+            if not kept:
+                raise ValueError(nothing_left(shards, work / REFINEMENT, settings, scores))
         writer = ShardWriter(work, max_count=shard_size, resume=True, extra={"source": str(shards), "mined": {
             "model": model, **asdict(settings), "counts": dict(counts),
             "positions": {str(k): positions[k] for k in sorted(positions)}, **refinement}})
@@ -237,6 +246,14 @@ def below_min_positive(scores: Tensor, settings: MiningSettings) -> list[int]:
     if settings.min_positive_score is None:
         return []
     return [i for i, score in enumerate(scores.tolist()) if score <= settings.min_positive_score]
+
+
+def nothing_left(shards: Path, listed: Path, settings: MiningSettings, scores: Tensor) -> str:
+    """Why mining stops instead of writing a source of no samples (which training would refuse later)."""
+    return (f"--min-positive-score {settings.min_positive_score}: every one of the {len(scores)} samples of "
+            f"{shards} has its positive scored at most that (highest: {scores.max().item():.4f}), so none "
+            f"would be left; they are listed in {listed}. Lower it, or add --report-only, with "
+            "--overwrite")
 
 
 def write_low_positives(path: Path, shards: Path, samples: Sequence[Sample], low: Sequence[int],
@@ -357,12 +374,12 @@ def main(argv: list[str] | None = None) -> int:
     rule.add_argument("--margin", type=number_at_least(0, float),
                       help="drop a neighbour scoring at least this times the positive's score (default: "
                            "0.95, unless --below-positive)")
-    rule.add_argument("--below-positive", type=float, metavar="DELTA",
+    rule.add_argument("--below-positive", type=number_at_least(-2, float, at_most=2), metavar="DELTA",
                       help="instead of --margin: keep a neighbour only if it scores below the mean score of "
                            "its query's positives + DELTA (Qwen3-VL-Embedding)")
-    parser.add_argument("--min-positive-score", type=float, metavar="T",
-                        help="drop a sample whose positive scores at most T (likely label noise); listed "
-                             f"in OUT/{REFINEMENT}")
+    parser.add_argument("--min-positive-score", type=number_at_least(-1, float, at_most=1), metavar="T",
+                        help="drop a sample whose positive scores (cosine) at most T (likely label "
+                             f"noise); listed in OUT/{REFINEMENT}")
     parser.add_argument("--report-only", action="store_true",
                         help="with --min-positive-score: keep those samples, only list them")
     placement = parser.add_mutually_exclusive_group()

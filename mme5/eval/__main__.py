@@ -85,6 +85,9 @@ def parse(argv: list[str] | None = None) -> argparse.Namespace:
     parser.add_argument("--dtype", choices=list(DTYPES), help="weights' dtype (default: the checkpoint's)")
     parser.add_argument("--max-length", type=int,
                         help="text tokens per item (default: the model's recorded input format's)")
+    parser.add_argument("--num-frames", type=int,
+                        help="frames kept of each video (default: the model's recorded input format, else 8; "
+                        "Qwen3-VL-Embedding and WeMM report video with 64)")
     parser.add_argument("--preset", choices=list(PRESETS),
                         help="input format of a released embedder (default: the model's recorded one, else "
                              "what its files say, else mme5)")
@@ -106,7 +109,7 @@ def parse(argv: list[str] | None = None) -> argparse.Namespace:
     parser.add_argument("--image-instruction", default=IMAGE_INSTRUCTION,
                         help="XTD image instruction (default: %(default)r)")
     args = parser.parse_args(argv)
-    for name in ("max_queries", "batch_size", "top_k", "max_length", "dim"):
+    for name in ("max_queries", "batch_size", "top_k", "max_length", "dim", "num_frames"):
         if getattr(args, name) is not None and getattr(args, name) < 1:
             parser.error(f"--{name.replace('_', '-')} must be at least 1, got {getattr(args, name)}")
     if not Path(args.model).exists() and not is_hub_id(args.model):
@@ -153,7 +156,8 @@ def identity(args: argparse.Namespace, chosen: list[Benchmark]) -> dict[str, Any
         "backbone_files": args.backbone and path_fingerprint(args.backbone),
         **{name: getattr(args, name) for name in ("max_queries", "dtype", "max_length", "ties", "top_k")},
         **({"preset": args.preset} if args.preset else {}),  # absent when not given: older folders agree
-        **({"dim": args.dim} if args.dim else {})}
+        **({"dim": args.dim} if args.dim else {}),
+        **({"num_frames": args.num_frames} if args.num_frames else {})}
     for benchmark in chosen:
         keys |= {f"{benchmark.name}.{key}": value for key, value in benchmark.identity().items()}
         images = {"mmeb": args.mmeb_images, "xtd": args.xtd_images}.get(benchmark.name)
@@ -246,7 +250,8 @@ def main(argv: list[str] | None = None) -> None:
     folder, work = claim_out(args, chosen)  # before the model loads: a refusal costs nothing
     try:
         loaded = load_encoder(args.model, device, args.dtype, args.max_length, args.backbone,
-                              trust_checkpoint=args.trust_checkpoint, preset=args.preset)
+                              trust_checkpoint=args.trust_checkpoint, preset=args.preset,
+                              num_frames=args.num_frames)
         if args.dim and args.dim > loaded.encoder.dim:
             fail(f"--dim {args.dim}: {args.model} embeds in {loaded.encoder.dim} dimensions")
         chosen = [without_video(b, args) if isinstance(b, MMEBV2) and not loaded.encoder.adapter.reads_video

@@ -3,12 +3,13 @@
     python tests/scripts/distributed_step.py BACKBONE SHARDS OUT [--strategy ddp|fsdp|hsdp] [--no-cache]
         [--paper-settings] [--bf16] [--steps N] [--stop-at N] [--resume CKPT] [--mmeb ROOT]
         [--learnable-temperature] [--grad-clip NORM] [--gradient-scale global|per_rank] [--techniques]
+        [--matryoshka DIM ...] [--per-source SHARDS]
 
 Checkpoints land in OUT/ckpt/ (last.ckpt). Rank 0 writes OUT/result.pt about the last step: the initial
 trainable weights, each rank's batch ids, the full gradients after the step's backward(s) (before the
 optimiser step), how many all-reduces DDP's own reducer ran (its comm hook) and the module's explicit
 averaging ran, how many reduce-scatters FSDP ran, the trainable weights after the step and its `health/*`
-metrics.
+metrics, and each rank's batch ids of every step this process ran (`ids_per_step`).
 Lightning's launcher re-runs this script for rank 1, so it must stay an importable script.
 """
 
@@ -88,6 +89,7 @@ class Recorder(L.Callback):
         gathered = [None] * trainer.world_size
         dist.all_gather_object(gathered, batch.ids)
         self.record["ids"] = gathered
+        self.record.setdefault("ids_per_step", []).append(gathered)
 
     def on_before_optimizer_step(self, trainer, module, optimizer):
         self.record["grads"] = {n: full(p.grad) for n, p in trainable(module) if p.grad is not None}
@@ -125,6 +127,8 @@ def main() -> None:
     parser.add_argument("--grad-clip", type=float, default=0.0)
     parser.add_argument("--techniques", action="store_true",
                         help="hardness on all negatives, both false-negative rules, task temperatures")
+    parser.add_argument("--matryoshka", type=int, nargs="+", help="model.matryoshka_dims")
+    parser.add_argument("--per-source", help="a second shard folder, and data.batch_composition: per_source")
     parser.add_argument("--gradient-scale", choices=["global", "per_rank"], default="global")
     args = parser.parse_args()
     L.seed_everything(0)
@@ -134,9 +138,11 @@ def main() -> None:
                              gradient_cache=not args.no_cache, chunk_size=3, temperature=0.05, lr=1e-3,
                              learnable_temperature=args.learnable_temperature, warmup=1,
                              grad_clip=args.grad_clip, gradient_scale=args.gradient_scale,
+                             matryoshka_dims=args.matryoshka,
                              **(TECHNIQUES if args.techniques else {}))
-    data = ShardDataModule([{"path": args.shards}], args.backbone, batch_size=8, num_negatives=2,
-                           chunk_size=3, num_workers=0, shuffle_buffer=1)
+    sources = [{"path": path} for path in (args.shards, args.per_source) if path]
+    data = ShardDataModule(sources, args.backbone, batch_size=8, num_negatives=2, chunk_size=3, num_workers=0,
+                           shuffle_buffer=1, batch_composition="per_source" if args.per_source else "mixed")
     evaluation = [MMEBEval(args.mmeb, max_queries=4, batch_size=3, at_train_start=True)] if args.mmeb else []
     mesh = {"fsdp": (1, 2), "hsdp": (2, 1)}.get(args.strategy)
     strategy = (DDPStrategy() if mesh is None
