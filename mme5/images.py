@@ -30,7 +30,12 @@ class ImageDecodeError(OSError):
     bomb above the pixel cap).
 
     An OSError, as PIL's own errors are, so callers that count unreadable images keep catching them.
+    `image`: the image's name (its path, or what `where` called it), for callers that say who uses it.
     """
+
+    def __init__(self, message: str, image: str | None = None):
+        super().__init__(message)
+        self.image = image
 
 
 # The raster formats Pillow decodes by itself: a file name with one of these suffixes names an image.
@@ -99,7 +104,8 @@ def _open(data: bytes, name: str) -> Image.Image:
     if image.width * image.height > max_pixels():
         image.close()
         raise ImageDecodeError(f"{name}: {image.width}x{image.height} pixels exceed the cap of "
-                               f"{max_pixels()} (a decompression bomb? raise MME5_MAX_IMAGE_PIXELS if real)")
+                               f"{max_pixels()} (a decompression bomb? raise MME5_MAX_IMAGE_PIXELS if real)",
+                               name)
     return image
 
 
@@ -112,7 +118,8 @@ def _decoding(name: str) -> Iterator[None]:
     except (ImageDecodeError, FileNotFoundError):
         raise
     except Exception as error:  # noqa: BLE001 - whatever the decoder raises, the image is unreadable
-        raise ImageDecodeError(f"{name}: not a readable image ({type(error).__name__}: {error})") from None
+        raise ImageDecodeError(f"{name}: not a readable image ({type(error).__name__}: {error})",
+                               name) from None
 
 
 WHITE = (255, 255, 255)

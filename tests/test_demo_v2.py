@@ -4,6 +4,9 @@ readers and scored by the real command (`python -m mme5.eval --data <world>`).""
 import io
 import json
 import math
+import os
+import re
+import shutil
 
 import numpy as np
 import pytest
@@ -156,6 +159,21 @@ def test_a_registry_reading_as_no_published_set_names_file_set_and_field(tmp_pat
         MMEBV2(tmp_path)
 
 
+def test_a_registry_file_with_a_byte_order_mark_reads_and_one_not_utf8_or_not_an_object_is_named(world,
+                                                                                             tmp_path):
+    path = tmp_path / REGISTRY_FILE
+    text = (world / "mmeb-v2" / REGISTRY_FILE).read_text(encoding="utf-8")
+    path.write_bytes(b"\xef\xbb\xbf" + text.encode("utf-8"))  # as Notepad saves it
+    assert load_v2_registry(path) == registry()
+    path.write_bytes(text.replace('"Motion"', '"Moti\u00f3n"').encode("latin-1"))
+    with pytest.raises(ValueError, match=r"sets\.json: cannot read the MMEB-V2 registry: not UTF-8 "
+                                         r"\(byte \d+, 0xf3\); save it as UTF-8"):
+        load_v2_registry(path)
+    path.write_text("[]")
+    with pytest.raises(ValueError, match=r"sets\.json: the MMEB-V2 registry must be a JSON object"):
+        load_v2_registry(path)
+
+
 def test_a_model_that_reads_no_video_scores_the_image_and_page_sets_or_refuses_video_asked_for(
         world, tiny, tmp_path, capsys):
     model = str(tiny("mllama"))
@@ -169,3 +187,53 @@ def test_a_model_that_reads_no_video_scores_the_image_and_page_sets_or_refuses_v
                       "--modalities", "video", "--out", str(tmp_path / "video")])
     assert stop.value.code == 2
     assert "families that do: llava_onevision, qwen2_5_vl, qwen2_vl" in capsys.readouterr().err
+
+
+@pytest.mark.parametrize(("subset", "spoiled", "data", "named"), [
+    ("Motion", "video-tasks/frames/video_cls/Motion/clip00001/frame_0002.png", b"not a png",
+     r"Motion, .*/Motion/data/test-00000-of-00001\.parquet row 1, field video_id: "
+     r"\S*/Motion/clip00001/frame_0002\.png: not a readable image"),
+    ("Motion", "video-tasks/frames/video_cls/Motion/clip00002", None,
+     r"Motion, .*parquet row 2, field video_id: frames folder '\S*/Motion/clip00002' not found"),
+    ("ScenePages", "visdoc-tasks/ScenePages/page00003.png", b"\x89PNG cut",
+     r"ScenePages, corpus-id 'page00003': \S*/ScenePages/page00003\.png: not a readable image"),
+])
+def test_bad_media_met_during_the_run_stop_it_naming_set_file_row_and_field(world, tiny, tmp_path, capsys,
+                                                                            subset, spoiled, data, named):
+    """Found only after the model loaded (frames and pages are read set by set, decoded batch by batch): a
+    clear error and exit 2, not a traceback."""
+    root = shutil.copytree(world / "mmeb-v2", tmp_path / "v2")
+    if data is None:
+        shutil.rmtree(root / spoiled)
+    else:
+        (root / spoiled).write_bytes(data)
+    with pytest.raises(SystemExit) as stop:
+        command.main(["--model", str(tiny("qwen2_vl")), "--benchmark", "mmeb-v2", "--mmeb-v2", str(root),
+                      "--subsets", subset, "--device", "cpu", "--out", str(tmp_path / "eval")])
+    assert stop.value.code == 2
+    assert re.search(rf"^error: {named}", capsys.readouterr().err, re.MULTILINE)
+
+
+def test_the_data_identity_covers_the_annotation_rows_of_image_and_video_sets(world, tmp_path):
+    """A rerun into the same --out on rewritten rows is refused (the identity differs), as for visdoc sets."""
+    root = shutil.copytree(world / "mmeb-v2", tmp_path / "v2")
+
+    def fingerprints():
+        return {name: MMEBV2(root, subsets=[name]).identity()["fingerprint"] for name in ("Motion", "Shape")}
+    before = fingerprints()
+    rows = next((root / "annotations" / "mme5-demo" / "Motion").rglob("*.parquet"))
+    os.utime(rows, ns=(rows.stat().st_atime_ns, rows.stat().st_mtime_ns + 10**9))  # rewritten since
+    after = fingerprints()
+    assert after["Motion"] != before["Motion"] and after["Shape"] == before["Shape"]
+
+
+@pytest.mark.parametrize(("removed", "named"), [("annotations/mme5-demo/MotionRetrieval", "MotionRetrieval"),
+                                                ("video-tasks/frames/video_cls", "Motion"),
+                                                ("image-tasks", "Shape', 'AttributeVQA")])
+def test_a_set_whose_rows_or_media_were_not_fetched_is_named_before_the_model_loads(world, tmp_path, removed,
+                                                                                   named):
+    root = shutil.copytree(world / "mmeb-v2", tmp_path / "v2")
+    shutil.rmtree(root / removed)
+    with pytest.raises(FileNotFoundError, match=rf"data set\(s\) \['{named}'.*\] \(e\.g\. \S*/{removed}\b"
+                                                r".*\); fetch them with `python -m mme5\.data\.fetch"):
+        MMEBV2(root)

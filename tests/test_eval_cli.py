@@ -130,7 +130,7 @@ def test_command_errors_before_loading_the_model(tiny_world, tmp_path, capsys):
         main(["--model", str(tmp_path), "--benchmark", "mmeb", "--mmeb", str(tiny_world / "mmeb"),
               "--subsets", "ImageNet-1K", "--out", str(tmp_path)])
     assert exit_.value.code == 2
-    assert "error: unknown MMEB data set(s) ['ImageNet-1K']" in capsys.readouterr().err  # no traceback
+    assert "error: unknown MMEB data set(s) 'ImageNet-1K'" in capsys.readouterr().err  # no traceback
     with pytest.raises(SystemExit):  # a missing model, before --out is claimed
         main(["--model", str(tmp_path / "gone.ckpt"), "--data", str(tiny_world), "--out",
               str(tmp_path / "o")])

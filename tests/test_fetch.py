@@ -4,6 +4,7 @@ folder's claim, success only for complete files, and a clear stop offline."""
 import fnmatch
 import io
 import json
+import os
 import tarfile
 import zipfile
 
@@ -109,6 +110,49 @@ def test_an_archive_member_escaping_the_folder_is_refused(tmp_path, kind):
         fetch.unpack(archive)
     assert not (tmp_path.parent / "escaped.jpg").exists()
     assert not archive.with_name(archive.name + ".unpacked").exists()
+
+
+@pytest.mark.parametrize(("name", "spoil"), [
+    ("cut.tar.gz", lambda data: data[: len(data) - 40]),  # a download cut short
+    ("bad.tar.gz", lambda data: data[:60] + bytes(30) + data[90:]),  # its size, its content damaged
+    ("noise.tar", lambda data: b"not an archive" * 40),
+    ("cut.zip", lambda data: data[: len(data) // 2]),
+])
+def test_a_damaged_archive_is_refused_naming_it_and_the_way_out(tmp_path, name, spoil):
+    members = {f"{i}.jpg": bytes(range(256)) * 40 for i in range(3)}
+    archive = tmp_path / name
+    archive.write_bytes(spoil(zip_bytes(members) if name.endswith(".zip") else tar_bytes(members)))
+    with pytest.raises(ValueError, match=rf"{name}: a damaged or cut archive \(\w+: .*\); delete its "
+                                         r"file\(s\) and rerun to download them again"):
+        fetch.unpack(archive)
+    assert not archive.with_name(archive.name + ".unpacked").exists()  # a rerun unpacks it again
+
+
+def test_an_archive_the_hub_replaced_is_unpacked_again_and_a_copied_one_is_not(tmp_path):
+    archive = tmp_path / "A.tar.gz"
+    archive.write_bytes(tar_bytes({"0.jpg": b"old"}))
+    assert fetch.unpack(archive) and not fetch.unpack(archive)
+    archive.write_bytes(tar_bytes({"0.jpg": b"new", "1.jpg": b"added"}))  # a rerun downloaded a newer one
+    with pytest.warns(UserWarning, match="A.tar.gz: the hub replaced this archive since it was unpacked"):
+        assert fetch.unpack(archive)
+    assert (tmp_path / "0.jpg").read_bytes() == b"new" and (tmp_path / "1.jpg").read_bytes() == b"added"
+    os.utime(archive, (0, 0))  # as a copy of the folder to another machine leaves it
+    assert not fetch.unpack(archive)
+    archive.with_name("A.tar.gz.unpacked").write_text("unpacked\n")  # an earlier version's marker: trusted
+    assert not fetch.unpack(archive)
+
+
+@pytest.mark.parametrize(("dataset", "option", "message"), [
+    ("mmeb-v2", ["--subset", "MSR-VTT"], "MMEB-V2 is fetched by --modalities"),
+    ("mmeb-train", ["--modalities", "video"], "--modalities narrows MMEB-V2 only; narrow mmeb-train with "
+                                              "--subset"),
+])
+def test_an_option_the_data_set_cannot_narrow_by_is_refused_not_ignored(tmp_path, capsys, dataset, option,
+                                                                        message):
+    with pytest.raises(SystemExit) as stop:  # ignored, it would fetch the whole data set
+        fetch.main(["--dataset", dataset, "--out", str(tmp_path / "out"), *option])
+    assert stop.value.code == 2 and message in capsys.readouterr().err
+    assert not (tmp_path / "out").exists()
 
 
 def test_offline_it_stops_at_once_and_says_how_to_bring_the_files(tmp_path, monkeypatch, capsys):

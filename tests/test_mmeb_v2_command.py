@@ -154,13 +154,26 @@ def test_compare_puts_two_v2_runs_side_by_side(runs):
 
 
 def test_missing_set_folders_are_listed_with_the_fetch_command(v2_root):
-    with pytest.raises(FileNotFoundError, match=r"no folder for MMEB-V2 data set\(s\) \['ViDoRe_infovqa', "
-                                                r".*python -m mme5\.data\.fetch --dataset mmeb-v2 --out "):
-        MMEBV2(v2_root, modalities=["visdoc"])
+    with pytest.raises(FileNotFoundError, match=r"no folder for 22 MMEB-V2 data set\(s\) \['ViDoRe_infovqa', "
+                                                r"[^]]*, '\.\.\.'\] .*python -m mme5\.data\.fetch --dataset "
+                                                r"mmeb-v2 --out "):
+        MMEBV2(v2_root, modalities=["visdoc"])  # the first 10 named: not a wall of names
+    with pytest.raises(FileNotFoundError, match=r"gone: no such folder; fetch MMEB-V2 into it with "
+                                                r"`python -m mme5\.data\.fetch --dataset mmeb-v2 --out "
+                                                r"\S+gone`"):
+        MMEBV2(v2_root / "gone")
     with pytest.raises(ValueError, match=r"\['ViDoRe_docvqa'\] are not of the modalities \['image'\]"):
         MMEBV2(v2_root, subsets=["ViDoRe_docvqa"], modalities=["image"])
-    with pytest.raises(ValueError, match=r"unknown MMEB-V2 data set\(s\) \['Nope'\]"):
+    with pytest.raises(ValueError, match=r"unknown MMEB-V2 data set\(s\) 'Nope': the registry's 78 are "
+                                         r"ImageNet-1K, .*ViDoRe_docvqa"):
         MMEBV2(v2_root, subsets=["Nope"])
+
+
+@pytest.mark.parametrize(("typed", "meant"), [("MSR-VT", "MSR-VTT"), ("vidore_docvqa", "ViDoRe_docvqa"),
+                                              ("smthsmthv2", "SmthSmthV2")])
+def test_a_misspelled_subset_is_refused_naming_the_set_it_most_likely_means(v2_root, typed, meant):
+    with pytest.raises(ValueError, match=rf"data set\(s\) '{typed}' \(did you mean '{meant}'\?\)"):
+        MMEBV2(v2_root, subsets=["ViDoRe_docvqa", typed])
 
 
 def test_a_modality_without_reader_is_refused(v2_root, monkeypatch):

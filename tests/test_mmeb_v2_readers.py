@@ -15,10 +15,11 @@ import pytest
 from PIL import Image
 from test_fetch import fake_hub, tar_bytes
 
-from mme5.data import fetch
+from mme5.data import fetch, fetch_mmeb_v2
 from mme5.data.fetch_mmeb_v2 import ARCHIVES, unpack_parts
 from mme5.eval.encode import _loaded, item_key
 from mme5.eval.images import MissingImageError
+from mme5.eval.mmeb_v2.benchmark import MMEBV2
 from mme5.eval.mmeb_v2.readers import FRAMES, MVBENCH_CONFIGS, VIDEO_READERS, read_image, read_video
 from mme5.eval.mmeb_v2.registry import MMEB_V2, MOMENTSEEKER_QUERY_INSTRUCTIONS, sets_of
 from mme5.eval.mmeb_v2.visdoc import read_visdoc
@@ -150,6 +151,17 @@ def test_qa_texts_options_and_frames_follow_each_loader(tmp_path, name, row, fol
     (query, cands, found), = described(data, data.rankings[name])
     assert (query.text, [c.text for c in cands], found) == (text, options, gold)
     assert frame_files(query) == [f"{folder}/0.jpg"]
+
+
+@pytest.mark.parametrize(("name", "row"), [
+    ("NExTQA", {"video": 42, "question": "why?", "answer": "B", **{f"a{i}": f"o{i}" for i in range(5)}}),
+    ("EgoSchema", {"video_idx": "e1", "question": "what?", "answer": "two", "option": ["A. x.", "B. y"]}),
+])
+def test_an_answer_that_is_no_option_index_names_set_row_and_field(tmp_path, name, row):
+    annotations(tmp_path, name, {key: [value] for key, value in row.items()}, SPECS[name].annotations.config)
+    with pytest.raises(ValueError, match=rf"^{name}, .*parquet row 0, field answer: .* is not an option's "
+                                         r"index"):
+        read_video(tmp_path, SPECS[name])
 
 
 def test_moment_retrieval_ranks_the_videos_clip_folders(tmp_path):
@@ -292,6 +304,7 @@ def serve_v2_hub(monkeypatch) -> list[dict]:
     return calls
 
 
+@pytest.mark.filterwarnings("error::UserWarning")  # a rerun takes no archive for a replaced one
 def test_fetch_unpacks_the_media_as_download_data_sh_and_saves_the_annotations(tmp_path, monkeypatch, capsys):
     calls = serve_v2_hub(monkeypatch)
     out = tmp_path / "v2"
@@ -323,8 +336,71 @@ def test_an_archive_member_escaping_its_folder_is_refused(tmp_path):
     assert not (tmp_path / "video-tasks" / "out.jpg").exists()
 
 
+def test_a_split_archive_with_a_part_cut_short_is_refused_naming_its_parts(tmp_path, capsys):
+    frames = tmp_path / "video-tasks" / "frames"
+    frames.mkdir(parents=True)
+    whole = tar_bytes({f"video_qa/NExTQA/n1/{i}.jpg": bytes(range(256)) * 20 for i in range(4)})
+    (frames / "video_qa.tar.gz-00").write_bytes(whole[:200])
+    (frames / "video_qa.tar.gz-01").write_bytes(whole[200:-100])
+    with pytest.raises(ValueError, match=r"video_qa\.tar\.gz-00 \+ \S+video_qa\.tar\.gz-01: a damaged or cut "
+                                         r"archive .*; delete its file\(s\) and rerun"):
+        unpack_parts(tmp_path, ARCHIVES[4])
+    assert not (frames / "video_qa.tar.gz-00.unpacked").exists()
+
+
+@pytest.mark.parametrize(("row", "message"), [
+    ({"corpus-id": "d66", "image": {"bytes": b"<html>rate limited</html>", "path": "d66.jpg"}},
+     r"row 66 \(corpus-id 'd66'\), field image: not an image PIL reads and saves as \.png"),
+    ({"corpus-id": "../../d66", "image": {"bytes": png_bytes(), "path": "d66.jpg"}},
+     r"row 66 \(corpus-id '\.\./\.\./d66'\), field corpus-id: names no file in"),
+])
+def test_a_corpus_page_that_cannot_be_written_names_file_row_and_field(tmp_path, row, message):
+    """Rows are counted through the file, not per read batch (64 rows); no partial page is left behind."""
+    rows = [{"corpus-id": f"d{i}", "image": {"bytes": png_bytes(), "path": f"d{i}.jpg"}} for i in range(66)]
+    folder = tmp_path / "ViDoRe_docvqa"
+    (folder / "corpus").mkdir(parents=True)
+    (folder / "corpus" / "test-00000-of-00001.parquet").write_bytes(parquet_bytes(
+        {"corpus-id": [r["corpus-id"] for r in [*rows, row]], "image": [r["image"] for r in [*rows, row]]}))
+    with pytest.raises(ValueError, match=r"corpus/test-00000-of-00001\.parquet " + message):
+        fetch_mmeb_v2.write_pages(folder, SPECS["ViDoRe_docvqa"])
+    assert sorted(p.name for p in folder.iterdir()) == ["corpus", *sorted(f"d{i}.png" for i in range(66))]
+
+
 def test_an_answer_that_is_none_of_the_options_names_set_row_and_field(tmp_path):
     annotations(tmp_path, "Video-MME", {"question": ["What?"], "videoID": ["m1"], "options": [
         ["A. x", "B. y", "C. z", "D. w"]], "answer": [""]})
     with pytest.raises(ValueError, match=r"^Video-MME, .*row 0, field answer: not one of the 4 options"):
         read_video(tmp_path, SPECS["Video-MME"])
+
+
+def test_a_root_whose_fetch_stopped_mid_unpack_is_refused_until_the_fetch_is_rerun(tmp_path, monkeypatch):
+    frames = {f"UCF101/v1/{i}.jpg": b"frame" for i in range(8)}
+    files = {"video-tasks/frames/video_cls.tar.gz": tar_bytes(frames), "README.md": b"# card\n"}
+    other = {"data/test-00000-of-00001.parquet": parquet_bytes({"video_id": ["v1"], "pos_text": ["Diving"]})}
+    calls = []
+    monkeypatch.setattr(huggingface_hub, "snapshot_download", lambda repo_id, **kw: fake_hub(
+        calls, files if repo_id == "TIGER-Lab/MMEB-V2" else other)(repo_id, **kw))
+    member_filter = fetch_mmeb_v2._member_filter
+
+    def killed_after_three_frames(*args):
+        keep, seen = member_filter(*args), []
+
+        def stop_at_the_fourth(member, path):
+            seen.append(member)
+            if len(seen) > 3:
+                raise KeyboardInterrupt  # as a kill: the fetch never reaches its end
+            return keep(member, path)
+        return stop_at_the_fourth
+    monkeypatch.setattr(fetch_mmeb_v2, "_member_filter", killed_after_three_frames)
+    out = tmp_path / "v2"
+    with pytest.raises(KeyboardInterrupt):
+        fetch.main(["--dataset", "mmeb-v2", "--out", str(out), "--modalities", "video"])
+    assert len(list((out / "video-tasks/frames/video_cls/UCF101/v1").iterdir())) == 3  # a video cut short
+    with pytest.raises(ValueError, match=r"v2: the fetch writing it has not completed .* rerun `python -m "
+                                         r"mme5\.data\.fetch --dataset mmeb-v2 --out \S+v2` with the "
+                                         r"--modalities it was given"):
+        MMEBV2(out, subsets=["UCF101"])
+    monkeypatch.setattr(fetch_mmeb_v2, "_member_filter", member_filter)
+    assert fetch.main(["--dataset", "mmeb-v2", "--out", str(out), "--modalities", "video"]) == 0
+    assert len(read_video(out, SPECS["UCF101"]).items[0].video) == 8  # unpacked again, whole
+    MMEBV2(out, subsets=["UCF101"])

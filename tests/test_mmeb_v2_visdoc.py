@@ -102,6 +102,20 @@ def test_qrels_row_naming_an_unknown_query_is_an_error(tmp_path):
         read_visdoc(tmp_path, SPEC)
 
 
+def test_qrels_scores_as_numeric_strings_grade_alike_and_any_other_is_an_error_naming_the_row(tmp_path):
+    with pytest.warns(UserWarning, match="gone"):
+        graded = read_visdoc(beir_set(tmp_path / "ints"), SPEC).rankings[SPEC.name].relevance
+        as_text = [(q, d, str(score)) for q, d, score in QRELS]  # a set converted from BEIR's TSV
+        assert torch.equal(read_visdoc(beir_set(tmp_path / "text", qrels=as_text), SPEC)
+                           .rankings[SPEC.name].relevance, graded)
+    for bad in ("high", float("nan")):
+        qrels = [(q, d, bad if i == 1 else (str(s) if isinstance(bad, str) else float(s)))
+                 for i, (q, d, s) in enumerate(QRELS)]
+        with pytest.raises(ValueError, match=r"qrels/test-00000-of-00001\.parquet row 1, field score: "
+                                             r"('high'|nan) is not a relevance grade"):
+            read_visdoc(beir_set(tmp_path / str(bad), qrels=qrels), SPEC)
+
+
 def test_query_without_positive_qrels_is_an_error(tmp_path):
     beir_set(tmp_path, queries=("q0", "q1", "q2", "q3"), qrels=[*QRELS, ("q3", "d0", 0)])
     with pytest.raises(ValueError, match=r"queries/test-00000-of-00001\.parquet row 3, field query-id: "

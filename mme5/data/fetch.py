@@ -7,7 +7,8 @@
 Files come through `huggingface_hub.snapshot_download` into `--out` (resumable: a rerun fetches only what is
 missing; `--subset` narrows it to the paths naming those subsets, plus the dataset card; a subset naming no
 file is an error). Archives of training images (.zip, .tar, .tar.gz, .tgz) are unpacked beside themselves
-once (a `<archive>.unpacked` marker records it; members that would land outside the folder are refused);
+once (a `<archive>.unpacked` marker records it, with the archive's identity: one the hub replaced is unpacked
+again; members that would land outside the folder are refused);
 evaluation sets keep their zips, which `mme5.eval` reads directly. The licence is read from the dataset card.
 
 `--out` is claimed for one data set and revision (`mme5.files.claim_folder`): fetching more subsets of it
@@ -21,9 +22,15 @@ says how to bring the files over.
 from __future__ import annotations
 
 import fnmatch
+import gzip
+import hashlib
 import sys
 import tarfile
+import warnings
 import zipfile
+import zlib
+from collections.abc import Iterator, Sequence
+from contextlib import contextmanager
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -180,11 +187,59 @@ def archives(folder: Path) -> list[Path]:
 
 
 def unpack(archive: Path) -> bool:
-    """Extract `archive` beside itself unless done before; returns whether it extracted now."""
-    marker = archive.with_name(archive.name + ".unpacked")
-    if marker.exists():
+    """Extract `archive` beside itself unless this archive was before; returns whether it extracted now."""
+    if unpacked_before([archive]):
         return False
     target = archive.parent.resolve()
+    with unpacking(str(archive)):
+        _extract(archive, target)
+    mark_unpacked([archive])
+    return True
+
+
+MARKER = "unpacked"  # the first word of an `<archive>.unpacked` marker; the archive's identity follows
+
+
+def _marker(parts: Sequence[Path]) -> Path:
+    return parts[0].with_name(parts[0].name + ".unpacked")
+
+
+def archive_identity(parts: Sequence[Path], edge: int = 1 << 20) -> str:
+    """The part files' names, sizes, first and last MiB: changes when the hub publishes another archive under
+    the same name (a rerun downloads it), survives copying the folder (which changes modification times)."""
+    digest = hashlib.sha1()
+    for part in parts:
+        size = part.stat().st_size
+        digest.update(f"{part.name}:{size}:".encode())
+        with open(part, "rb") as file:
+            digest.update(file.read(edge))
+            file.seek(max(0, size - edge))
+            digest.update(file.read(edge))
+    return digest.hexdigest()
+
+
+def unpacked_before(parts: Sequence[Path]) -> bool:
+    """Whether this archive (these parts) was unpacked: its marker names its identity. A marker of an
+    earlier version holds no identity and is trusted. One of another archive is said (a warning): the new
+    one is unpacked over the old one's files, and those it lacks stay."""
+    marker = _marker(parts)
+    if not marker.is_file():
+        return False
+    words = marker.read_text(encoding="utf-8").split()
+    if words == [MARKER] or words == [MARKER, archive_identity(parts)]:
+        return True
+    warnings.warn(f"{parts[0]}: the hub replaced this archive since it was unpacked; unpacking it again over "
+                  "the earlier one's files (those it no longer holds stay: delete what it unpacked and rerun "
+                  "for a clean copy)", stacklevel=2)
+    return False
+
+
+def mark_unpacked(parts: Sequence[Path]) -> None:
+    with atomic_write(_marker(parts)) as file:
+        file.write(f"{MARKER} {archive_identity(parts)}\n")
+
+
+def _extract(archive: Path, target: Path) -> None:
     if archive.name.endswith(".zip"):
         with zipfile.ZipFile(archive) as bundle:
             for member in bundle.namelist():
@@ -197,9 +252,20 @@ def unpack(archive: Path) -> bool:
                 if member.issym() or member.islnk():
                     raise ValueError(f"{archive}: member {member.name!r} is a link; refused")
             bundle.extractall(target, filter="data")
-    with atomic_write(marker) as file:
-        file.write("unpacked\n")
-    return True
+
+
+@contextmanager
+def unpacking(name: str) -> Iterator[None]:
+    """An archive that cannot be read to its end (cut, damaged, not an archive) becomes a ValueError naming
+    it and the way out: the hub client checks sizes, not content, and would keep the bad file."""
+    try:
+        yield
+    except tarfile.FilterError as error:  # a member tarfile's data filter refuses (a device file, ...)
+        raise ValueError(f"{name}: member refused ({error})") from None
+    except (tarfile.TarError, zipfile.BadZipFile, gzip.BadGzipFile, EOFError, zlib.error) as error:
+        detail = " ".join(str(error).split())  # tarfile lists each method it tried, one a line
+        raise ValueError(f"{name}: a damaged or cut archive ({type(error).__name__}: {detail}); delete its "
+                         "file(s) and rerun to download them again") from None
 
 
 def _check_inside(target: Path, member: str, archive: Path) -> None:
@@ -234,16 +300,23 @@ def main(argv: list[str] | None = None) -> int:
                         help="; ".join(f"{k}: {v.repo_id}" for k, v in DATASETS.items()))
     parser.add_argument("--out", required=True, type=Path, help="folder to download into")
     parser.add_argument("--subset", nargs="+", help="only these subsets (e.g. ImageNet_1K MSCOCO_t2i)")
-    parser.add_argument("--modalities", nargs="+", choices=MODALITIES, default=list(MODALITIES),
-                        help="mmeb-v2 only: the modalities to fetch (media and annotations)")
+    parser.add_argument("--modalities", nargs="+", choices=MODALITIES,
+                        help="mmeb-v2 only: the modalities to fetch (media and annotations; default: all)")
     parser.add_argument("--revision", help="a branch, tag or commit of the data set")
     parser.add_argument("--overwrite", action="store_true",
                         help="replace what --out holds (another data set or revision)")
     args = parser.parse_args(argv)
+    # Each option narrows one kind of fetch; ignored, it would fetch everything (MMEB-V2: hundreds of GB).
+    if args.dataset == "mmeb-v2" and args.subset:
+        parser.error("--subset narrows the other data sets; MMEB-V2 is fetched by --modalities (its media "
+                     "come in one archive per modality), and evaluated by `mme5.eval --subsets`")
+    if args.dataset != "mmeb-v2" and args.modalities:
+        parser.error(f"--modalities narrows MMEB-V2 only; narrow {args.dataset} with --subset")
     try:
         if args.dataset == "mmeb-v2":
             from mme5.data.fetch_mmeb_v2 import fetch_mmeb_v2
-            fetched = fetch_mmeb_v2(args.out, args.modalities, args.revision, overwrite=args.overwrite)
+            fetched = fetch_mmeb_v2(args.out, args.modalities or MODALITIES, args.revision,
+                                    overwrite=args.overwrite)
         else:
             fetched = fetch(args.dataset, args.out, args.subset, args.revision, overwrite=args.overwrite)
     except (OutputFolderError, OSError, ValueError) as error:  # OSError: offline, unknown repo or revision

@@ -16,8 +16,9 @@ Layout of DIR (what `mme5.eval.mmeb_v2.readers` and `.visdoc` read):
     visdoc-tasks/<set>/...                the parquet files of each visual-document set's repo (queries/,
                                           corpus/, qrels/), and each corpus page written as a file named
                                           by `visdoc.page_file` (the reference's image_root)
-The archives stay beside what they unpacked (each with a `<archive>.unpacked` marker, so a rerun does
-not unpack again); raw videos (video-tasks/videos) are not fetched: the readers use the frames.
+The archives stay beside what they unpacked (each with a `<archive>.unpacked` marker naming the archive's
+identity, so a rerun does not unpack it again, but does unpack one the hub replaced); raw videos
+(video-tasks/videos) are not fetched: the readers use the frames.
 
 Resumable: every repo goes through `mme5.data.fetch.download` (a rerun fetches only what is missing);
 pages already written are kept. `--revision` pins TIGER-Lab/MMEB-V2; the annotation repos are taken at
@@ -45,11 +46,14 @@ from mme5.data.fetch import (
     fetch_identity,
     fetched_before,
     incomplete,
+    mark_unpacked,
+    unpacked_before,
+    unpacking,
 )
 from mme5.eval.mmeb_v2.registry import MODALITIES, V2Set, sets_of
 from mme5.eval.mmeb_v2.visdoc import page_file
 from mme5.eval.rows import parquet_files
-from mme5.files import atomic_write, claim_folder
+from mme5.files import claim_folder
 
 MEDIA_REPO = "TIGER-Lab/MMEB-V2"
 # What each modality takes of the media repo; visual documents none: their pages come in the corpus parquet.
@@ -152,18 +156,17 @@ class _Joined(io.RawIOBase):
 def unpack_parts(root: Path, archive: Archive) -> bool:
     """Unpack `archive` (if its parts are there and it was not unpacked before) as download_data.sh does;
     links and members that would land outside `into` are refused. Returns whether it unpacked now."""
-    parts = sorted(root.glob(archive.parts))
+    parts = sorted(p for p in root.glob(archive.parts) if not p.name.endswith(".unpacked"))  # not the marker
     if not parts:
         return False
-    marker = parts[0].with_name(parts[0].name + ".unpacked")
-    if marker.exists():
+    if unpacked_before(parts):
         return False
     target = (root / archive.into).resolve()
     target.mkdir(parents=True, exist_ok=True)
-    with tarfile.open(fileobj=io.BufferedReader(_Joined(parts)), mode="r|*") as bundle:
+    with unpacking(" + ".join(map(str, parts))), \
+            tarfile.open(fileobj=io.BufferedReader(_Joined(parts)), mode="r|*") as bundle:
         bundle.extractall(target, filter=_member_filter(archive, parts[0], target))
-    with atomic_write(marker) as file:
-        file.write("unpacked\n")
+    mark_unpacked(parts)
     return True
 
 
@@ -188,17 +191,32 @@ def write_pages(folder: Path, spec: V2Set) -> int:
     Returns how many were written now."""
     written = 0
     for file in parquet_files(folder / "corpus", spec.annotations.split):
-        for batch in pq.ParquetFile(file).iter_batches(batch_size=64, columns=["corpus-id", "image"]):
-            for i, row in enumerate(batch.to_pylist()):
-                page = folder / page_file(spec.name, str(row["corpus-id"]))
-                if page.exists():
-                    continue
-                if not row["image"] or not row["image"].get("bytes"):
-                    raise ValueError(f"{file}: corpus-id {row['corpus-id']!r} (batch row {i}): field image "
-                                     "holds no image bytes")
-                with Image.open(io.BytesIO(row["image"]["bytes"])) as image:
-                    partial = page.with_name(f".{page.name}.partial{page.suffix}")
-                    image.save(partial)
-                os.replace(partial, page)
+        batches = pq.ParquetFile(file).iter_batches(batch_size=64, columns=["corpus-id", "image"])
+        for i, row in enumerate(row for batch in batches for row in batch.to_pylist()):
+            where = f"{file} row {i} (corpus-id {row['corpus-id']!r})"
+            name = page_file(spec.name, str(row["corpus-id"]))
+            if Path(name).name != name:  # a separator in the id: the page would land elsewhere
+                raise ValueError(f"{where}, field corpus-id: names no file in {folder} ({name!r})")
+            if not (folder / name).exists():
+                write_page(where, row["image"], folder / name)
                 written += 1
     return written
+
+
+def write_page(where: str, image: dict | None, page: Path) -> None:
+    """A corpus row's image bytes decoded and saved as `page` (encoded by its extension), whole or not at
+    all: a page cut by a kill would be taken for a finished one by the next run."""
+    if not image or not image.get("bytes"):
+        raise ValueError(f"{where}, field image: holds no image bytes")
+    partial = page.with_name(f".{page.name}.partial{page.suffix}")
+    try:
+        with Image.open(io.BytesIO(image["bytes"])) as opened:
+            opened.save(partial)
+        os.replace(partial, page)
+    except (OSError, SyntaxError, ValueError) as error:
+        if isinstance(error, OSError) and error.errno is not None:
+            raise  # the disk's (full, read-only), not the image's: PIL's own OSErrors carry no errno
+        raise ValueError(f"{where}, field image: not an image PIL reads and saves as {page.suffix} "
+                         f"({type(error).__name__}: {error})") from None
+    finally:
+        partial.unlink(missing_ok=True)

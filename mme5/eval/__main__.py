@@ -189,11 +189,12 @@ def claim_out(args: argparse.Namespace, chosen: list[Benchmark]) -> tuple[Output
     return folder, shared[0]
 
 
-def fail(message: str) -> None:
-    """End the command on bad input: `error: <message>` on stderr (once, from rank 0), exit status 2, no
-    traceback."""
-    if rank_and_world()[0] == 0:
-        print(f"error: {message}", file=sys.stderr)
+def fail(message: str, any_rank: bool = False) -> None:
+    """End the command on bad input: `error: <message>` on stderr (once, from rank 0; `any_rank`: from the
+    rank that met it, e.g. an unreadable image in its share of the batches), exit status 2, no traceback."""
+    rank, world = rank_and_world()
+    if rank == 0 or any_rank:
+        print(f"error: {message}" if world == 1 else f"error (rank {rank}): {message}", file=sys.stderr)
     if dist.is_initialized():
         dist.destroy_process_group()
     sys.exit(2)
@@ -258,9 +259,12 @@ def main(argv: list[str] | None = None) -> None:
         cache = None if args.no_cache else EmbeddingCache(args.cache or work / "cache", loaded.fingerprint)
         summaries, results = {}, {}
         for benchmark in chosen:
-            summaries[benchmark.name], results[benchmark.name] = evaluate(
-                benchmark, loaded.encoder.embed, batch_size=args.batch_size, cache=cache, top_k=args.top_k,
-                progress=True, ties=args.ties, dim=args.dim)
+            try:
+                summaries[benchmark.name], results[benchmark.name] = evaluate(
+                    benchmark, loaded.encoder.embed, batch_size=args.batch_size, cache=cache,
+                    top_k=args.top_k, progress=True, ties=args.ties, dim=args.dim)
+            except (OSError, ValueError) as error:  # bad data, met reading or encoding a set: the message
+                fail(str(error), any_rank=True)  # names the file, row and field; what was encoded is cached
         if "mmeb-v2" in summaries:  # what the video sets were fed: recorded beside their scores
             summaries["mmeb-v2"].scores |= input_record(loaded.encoder.adapter.input_format)
         # Every rank's items cut to max_length (embeddings read from the cache were counted when computed).

@@ -26,6 +26,7 @@ from mme5.distributed import rank_and_world
 from mme5.eval.images import ImageRef, load_image
 from mme5.eval.retrieval import ItemSpec
 from mme5.files import save_torch
+from mme5.images import ImageDecodeError
 
 Embed = Callable[[list[Item]], Tensor]
 
@@ -76,12 +77,23 @@ class EmbeddingCache:
                    {"keys": keys, "embeddings": embeddings.float().cpu().contiguous()})
 
 
+def named(error: ImageDecodeError, specs: Sequence[ItemSpec]) -> ImageDecodeError:
+    """`error` led by where the item holding its image was read (set, file, row, field): an unreadable
+    image is met only when encoding, long after its row was read."""
+    users = [s.where for s in specs if s.where and error.image in {
+        ref.name for ref in (s.image, *(s.video or ())) if ref is not None}]
+    return ImageDecodeError(f"{users[0]}: {error}", error.image) if users else error
+
+
 def _loaded(batches: list[list[ItemSpec]], workers: int) -> Iterator[list[Item]]:
     """The batches as `Item`s, images decoded by a thread pool one batch ahead of the model; video frames
     stay paths (the adapter decodes only the frames it keeps)."""
 
     def load(specs: list[ItemSpec]) -> list[Item]:
-        images = pool.map(lambda s: s.image and load_image(s.image), specs)
+        try:
+            images = list(pool.map(lambda s: s.image and load_image(s.image), specs))
+        except ImageDecodeError as error:
+            raise named(error, specs) from None
         return [Item(s.instruction, s.text, image, s.prompt, s.video and tuple(f.path for f in s.video))
                 for s, image in zip(specs, images, strict=True)]
 
@@ -135,7 +147,10 @@ def encode(items: Sequence[ItemSpec], embed: Embed, *, batch_size: int = 16,
                leave=False)
     try:
         for rows, batch in zip(mine, _loaded([[items[i] for i in b] for b in mine], workers), strict=True):
-            out = embed(batch)
+            try:
+                out = embed(batch)  # decodes the video frames it keeps
+            except ImageDecodeError as error:
+                raise named(error, [items[i] for i in rows]) from None
             if out.ndim != 2 or out.shape[0] != len(batch):
                 raise ValueError(f"embed returned shape {tuple(out.shape)} for a batch of {len(batch)} items")
             chunks.append(out.float().cpu())

@@ -32,6 +32,11 @@ class ImageRef:
     path: str
     identity: str  # "crc32:<hex>:<bytes>" (zip member) or "stat:<bytes>:<mtime ns>" (file)
 
+    @property
+    def name(self) -> str:
+        """How messages name it: the path, or `<archive>!<member>`."""
+        return self.path if self.archive is None else f"{self.archive}!{self.path}"
+
 
 @lru_cache(maxsize=8)
 def _zip(path: str) -> tuple[zipfile.ZipFile, dict[str, zipfile.ZipInfo]]:
@@ -44,7 +49,7 @@ def load_image(ref: ImageRef) -> Image.Image:
     """The image decoded in its own mode (`mme5.images.load`)."""
     if ref.archive is None:
         return load(ref.path)
-    return load(_zip(ref.archive)[0].read(ref.path), where=f"{ref.archive}!{ref.path}")
+    return load(_zip(ref.archive)[0].read(ref.path), where=ref.name)
 
 
 class ImageStore:

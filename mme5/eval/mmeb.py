@@ -20,7 +20,7 @@ from typing import Any
 from mme5.eval.images import ImageStore
 from mme5.eval.metrics import metrics_from_ranks
 from mme5.eval.registry import MMEB as MMEB_SETS
-from mme5.eval.registry import EvalSet, aggregate, load_registry, once_each
+from mme5.eval.registry import EvalSet, aggregate, load_registry, once_each, unknown_names
 from mme5.eval.retrieval import Ranked, RetrievalSet, SetBuilder
 from mme5.eval.rows import add_rows, data_identity, parquet_files
 from mme5.eval.run import Summary
@@ -56,10 +56,10 @@ class MMEB:
         self.benchmark = registry_of(self.root)  # every set: Overall needs them all
         registry = {s.name: s for s in self.benchmark}
         subsets = once_each(subsets, "MMEB data set(s)")
-        unknown = [name for name in subsets or [] if name not in registry]
+        unknown = unknown_names(subsets or [], list(registry))
         if unknown:
-            raise ValueError(f"unknown MMEB data set(s) {unknown}: not in the registry of {self.root} "
-                             f"({', '.join(registry)})")
+            raise ValueError(f"unknown MMEB data set(s) {', '.join(unknown)}: not in the registry of "
+                             f"{self.root} ({', '.join(registry)})")
         self.registry = [registry[name] for name in subsets] if subsets else list(registry.values())
         absent = [s.name for s in self.registry if not (self.root / s.name).is_dir()]
         if absent:

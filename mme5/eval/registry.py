@@ -8,6 +8,7 @@ encodes the text as published.
 
 from __future__ import annotations
 
+import difflib
 import json
 import warnings
 from collections.abc import Sequence
@@ -91,10 +92,7 @@ MMEB: tuple[EvalSet, ...] = tuple(
 def load_registry(path: str | Path) -> tuple[EvalSet, ...]:
     """A custom registry from JSON: {"<name>": {"meta_task": ..., "split": ..., "instruction": ...}}."""
     path = Path(path)
-    try:
-        entries = json.loads(path.read_text(encoding="utf-8"))
-    except (OSError, json.JSONDecodeError) as error:
-        raise ValueError(f"{path}: cannot read the data-set registry: {error}") from None
+    entries = read_json_object(path, "the data-set registry")
     sets = []
     for name, entry in entries.items():
         try:
@@ -102,6 +100,22 @@ def load_registry(path: str | Path) -> tuple[EvalSet, ...]:
         except (KeyError, TypeError) as error:
             raise ValueError(f"{path}: data set {name!r}: missing field {error}") from None
     return tuple(sets)
+
+
+def read_json_object(path: Path, what: str) -> dict[str, Any]:
+    """The JSON object in `path`: UTF-8, a leading byte-order mark allowed (Windows editors write one);
+    anything else is a ValueError naming the file and the fault (the first byte that is not UTF-8)."""
+    try:
+        entries = json.loads(path.read_bytes().decode("utf-8-sig"))
+    except UnicodeDecodeError as error:
+        raise ValueError(f"{path}: cannot read {what}: not UTF-8 (byte {error.start}, "
+                         f"0x{error.object[error.start]:02x}); save it as UTF-8") from None
+    except (OSError, json.JSONDecodeError) as error:
+        raise ValueError(f"{path}: cannot read {what}: {error}") from None
+    if not isinstance(entries, dict):
+        raise ValueError(f"{path}: {what} must be a JSON object {{name: entry}}, not a "
+                         f"{type(entries).__name__}")
+    return entries
 
 
 def save_registry(sets: tuple[EvalSet, ...] | list[EvalSet], path: str | Path) -> None:
@@ -119,6 +133,19 @@ def once_each(names: Sequence[str] | None, what: str) -> list[str] | None:
         repeated = sorted({name for name in names if names.count(name) > 1})
         warnings.warn(f"{what} {repeated} listed more than once: each is evaluated once", stacklevel=3)
     return distinct
+
+
+def unknown_names(names: Sequence[str], known: Sequence[str]) -> list[str]:
+    """Each of `names` not in `known`, quoted, with the known name it most likely misspells (case aside),
+    e.g. `'MSR-VT' (did you mean 'MSR-VTT'?)`: a typo in a list of 78 names is found at a glance."""
+    folded = {name.casefold(): name for name in known}
+    described = []
+    for name in names:
+        if name in known:
+            continue
+        near = difflib.get_close_matches(name.casefold(), list(folded), 1, 0.6)
+        described.append(repr(name) + (f" (did you mean {folded[near[0]]!r}?)" if near else ""))
+    return described
 
 
 def _mean(values: list[float]) -> float | None:

@@ -31,6 +31,8 @@ class ItemSpec:
     image: ImageRef | None = None
     prompt: str | None = None  # a published row's string, verbatim (see `Item.prompt`)
     video: tuple[ImageRef, ...] | None = None  # every frame of a frames folder, in order (`Item.video`)
+    # Where the item was first read (set, file, row, field): names it in an error met while encoding it.
+    where: str = field(default="", compare=False)
 
 
 @dataclass(frozen=True)
@@ -90,7 +92,8 @@ class SetBuilder:
             except MissingImageError as error:
                 raise MissingImageError(f"{self.name}, {where}: {error}") from None
             row = self._rows[key] = len(self.items)
-            self.items.append(ItemSpec(instruction, text or None, ref, prompt, frames))
+            self.items.append(ItemSpec(instruction, text or None, ref, prompt, frames,
+                                       where=f"{self.name}, {where}"))
         return row
 
     def _image(self, image: str, where: str) -> ImageRef:

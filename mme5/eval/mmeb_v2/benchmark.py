@@ -18,28 +18,56 @@ import torch
 
 from mme5.backbones import InputFormat
 from mme5.eval.mmeb_v2.aggregate import aggregate, main_score
-from mme5.eval.mmeb_v2.readers import read_image, read_video
+from mme5.eval.mmeb_v2.readers import frames_folder, read_image, read_video
 from mme5.eval.mmeb_v2.registry import MMEB_V2, MODALITIES, REGISTRY_FILE, V2Set, v2_registry_of
 from mme5.eval.mmeb_v2.visdoc import read_visdoc
-from mme5.eval.registry import once_each
+from mme5.eval.registry import once_each, unknown_names
 from mme5.eval.retrieval import Ranked, RetrievalSet
 from mme5.eval.rows import data_identity
 from mme5.eval.run import Summary
+from mme5.files import OWNER_RECORD, read_owner
 
-FETCH = "python -m mme5.data.fetch --dataset mmeb-v2 --out {root}"
+FETCH_COMMAND = "mme5.data.fetch"  # its owner record's command (mme5.data.fetch.COMMAND)
+FETCH = f"python -m {FETCH_COMMAND} --dataset mmeb-v2 --out {{root}}"
 
 
 @dataclass(frozen=True)
 class SetReader:
-    """How one modality's sets are read from the root: `read(root, spec, max_queries)`, and `folder(root,
-    spec)`, what must exist before anything is read (None: the reader's own errors say what is missing)."""
+    """How one modality's sets are read from the root: `read(root, spec, max_queries)`; `rows(root, spec)`,
+    the folder of the set's rows (part of the data's identity); `media(root, spec)`, the folder of its
+    frames or images (None: they sit with the rows). Both must exist before the model loads: a set not
+    fetched is named then, not after hours of encoding the sets before it."""
 
     read: Callable[[Path, V2Set, int | None], RetrievalSet]
-    folder: Callable[[Path, V2Set], Path] | None = None
+    rows: Callable[[Path, V2Set], Path]
+    media: Callable[[Path, V2Set], Path] | None = None
+
+
+def refuse_unfinished_fetch(root: Path) -> None:
+    """Refuse a root that a fetch is writing or stopped writing: an archive cut mid-unpack leaves videos
+    with some of their frames, which would be scored as shorter videos, silently."""
+    record = read_owner(root)
+    if record and record.get("command") == FETCH_COMMAND and not record.get("complete"):
+        raise ValueError(f"{root}: the fetch writing it has not completed (its record {OWNER_RECORD}, "
+                         f"updated {record.get('updated')}, says so): a stopped unpack leaves videos short "
+                         f"of frames; rerun `{FETCH.format(root=root)}` with the --modalities it was given "
+                         "(it resumes), or wait for the one running")
 
 
 def visdoc_folder(root: Path, spec: V2Set) -> Path:
     return root / "visdoc-tasks" / spec.name
+
+
+def annotation_repo(root: Path, spec: V2Set) -> Path:
+    return root / "annotations" / spec.annotations.repo
+
+
+def image_folder(root: Path, spec: V2Set) -> Path:
+    return root / "image-tasks"
+
+
+def video_folder(root: Path, spec: V2Set) -> Path:
+    return root / "video-tasks" / "frames" / frames_folder(spec)
 
 
 def read_visdoc_set(root: Path, spec: V2Set, max_queries: int | None = None) -> RetrievalSet:
@@ -47,8 +75,8 @@ def read_visdoc_set(root: Path, spec: V2Set, max_queries: int | None = None) -> 
 
 
 READERS: dict[str, SetReader] = {
-    "image": SetReader(read_image),
-    "video": SetReader(read_video),
+    "image": SetReader(read_image, annotation_repo, image_folder),
+    "video": SetReader(read_video, annotation_repo, video_folder),
     "visdoc": SetReader(read_visdoc_set, visdoc_folder),
 }
 
@@ -74,8 +102,9 @@ def select(subsets: Sequence[str] | None, modalities: Sequence[str] | None,
     if unknown := [m for m in modalities if m not in MODALITIES]:
         raise ValueError(f"unknown MMEB-V2 modality {unknown}: one of {MODALITIES}")
     registry = {s.name: s for s in sets}
-    if unknown := [name for name in subsets or [] if name not in registry]:
-        raise ValueError(f"unknown MMEB-V2 data set(s) {unknown}: not among the {len(sets)} of the registry")
+    if unknown := unknown_names(subsets or [], list(registry)):
+        raise ValueError(f"unknown MMEB-V2 data set(s) {', '.join(unknown)}: the registry's {len(sets)} are "
+                         f"{', '.join(registry)}")
     if outside := [name for name in subsets or [] if registry[name].modality not in modalities]:
         raise ValueError(f"MMEB-V2 data set(s) {outside} are not of the modalities {modalities}")
     chosen = set(subsets) if subsets else {s.name for s in sets if s.modality in modalities}
@@ -99,19 +128,26 @@ class MMEBV2:
     def __init__(self, root: str | Path, subsets: Sequence[str] | None = None,
                  modalities: Sequence[str] | None = None, max_queries: int | None = None):
         self.root = Path(root)
+        if not self.root.is_dir():
+            raise FileNotFoundError(f"{self.root}: no such folder; fetch MMEB-V2 into it with "
+                                    f"`{FETCH.format(root=self.root)}`")
+        refuse_unfinished_fetch(self.root)
         self.benchmark = v2_registry_of(self.root)  # every set: All needs them all
         self.registry = select(subsets, modalities, self.benchmark)
         if unread := sorted({s.modality for s in self.registry} - set(READERS)):
             raise ValueError(f"MMEB-V2 {unread} sets have no reader yet (readers: {sorted(READERS)}); "
                              "choose --modalities among those")
-        folders = {s.name: READERS[s.modality].folder(self.root, s)
-                   for s in self.registry if READERS[s.modality].folder}
-        if absent := [name for name, folder in folders.items() if not folder.is_dir()]:
-            raise FileNotFoundError(f"{self.root}: no folder for MMEB-V2 data set(s) {absent} (e.g. "
-                                    f"{folders[absent[0]]}); fetch them with "
+        readers = {s.name: READERS[s.modality] for s in self.registry}
+        needed = {s.name: [f(self.root, s) for f in (readers[s.name].rows, readers[s.name].media) if f]
+                  for s in self.registry}
+        if absent := {name: folder for name, folders in needed.items() for folder in folders
+                      if not folder.is_dir()}:
+            names = [*list(absent)[:10], *(["..."] if len(absent) > 10 else [])]
+            raise FileNotFoundError(f"{self.root}: no folder for {len(absent)} MMEB-V2 data set(s) {names} "
+                                    f"(e.g. {next(iter(absent.values()))}); fetch them with "
                                     f"`{FETCH.format(root=self.root)}`, or choose the ones present with "
                                     "--subsets / --modalities")
-        self.folders = list(folders.values())
+        self.folders = sorted({readers[s.name].rows(self.root, s) for s in self.registry})
         self.max_queries = max_queries
 
     def sets(self) -> Iterator[RetrievalSet]:
@@ -119,7 +155,9 @@ class MMEBV2:
             yield with_relevance(READERS[spec.modality].read(self.root, spec, self.max_queries))
 
     def identity(self) -> dict[str, Any]:
-        """The data evaluated: the selected sets and a fingerprint of their folders' files."""
+        """The data evaluated: the selected sets and a fingerprint of their rows' folders (a visdoc set's
+        holds its pages; the frames and images of the others are keyed by content in the embedding cache,
+        and listing millions of frames here would cost minutes)."""
         files = sorted(f for folder in self.folders for f in folder.rglob("*") if f.is_file())
         if (self.root / REGISTRY_FILE).is_file():
             files.append(self.root / REGISTRY_FILE)

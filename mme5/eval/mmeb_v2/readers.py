@@ -173,6 +173,15 @@ def _qa(spec: V2Set, where: str, video: tuple[str, Path], text: str, options: Se
                [(option, Side("options", "", option)) for option in options], (options[answer],))
 
 
+def _answer_index(spec: V2Set, where: str, row: dict) -> int:
+    """The row's `answer` as an option's index (EgoSchema, NExTQA)."""
+    try:
+        return int(row["answer"])
+    except (TypeError, ValueError):
+        raise ValueError(f"{spec.name}, {where}, field answer: {row['answer']!r} is not an option's index "
+                         "(0, 1, ...)") from None
+
+
 def _position(options: Sequence[str], answer: str) -> int:
     """The answer's place among the options (or letters), -1 when it is none of them."""
     return list(options).index(answer) if answer in list(options) else -1
@@ -200,13 +209,13 @@ def _egoschema(spec: V2Set, frames: Path, where: str, row: dict) -> Row:
     options = list(row["option"])  # the question and options run together, as the loader joins them
     return _qa(spec, where, ("video_idx", frames / str(row["video_idx"])),
                row["question"] + " ".join(options), [_letter_stripped(o) for o in options],
-               int(row["answer"]))
+               _answer_index(spec, where, row))
 
 
 def _nextqa(spec: V2Set, frames: Path, where: str, row: dict) -> Row:
     options = [row[f"a{i}"] for i in range(5)]
     return _qa(spec, where, ("video", frames / str(row["video"])), _options_block(row["question"], options),
-               options, int(row["answer"]))
+               options, _answer_index(spec, where, row))
 
 
 def _mvbench(spec: V2Set, frames: Path, where: str, row: dict) -> Row:

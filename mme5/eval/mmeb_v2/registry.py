@@ -21,7 +21,7 @@ import json
 from dataclasses import asdict, dataclass
 from pathlib import Path
 
-from mme5.eval.registry import MMEB, EvalSet
+from mme5.eval.registry import MMEB, EvalSet, read_json_object
 
 MODALITIES = ("image", "video", "visdoc")
 EVAL_TYPES = ("local", "global")
@@ -184,10 +184,7 @@ def load_v2_registry(path: str | Path) -> tuple[V2Set, ...]:
     target_instruction, annotations: {repo, split, config}, reads_as}}; `reads_as` must name one of the 78
     of the same modality (its loader reads the set)."""
     path = Path(path)
-    try:
-        entries = json.loads(path.read_text(encoding="utf-8"))
-    except (OSError, json.JSONDecodeError) as error:
-        raise ValueError(f"{path}: cannot read the MMEB-V2 registry: {error}") from None
+    entries = read_json_object(path, "the MMEB-V2 registry")
     published = {s.name: s for s in MMEB_V2}
     sets = []
     for name, entry in entries.items():

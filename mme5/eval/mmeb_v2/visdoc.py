@@ -28,6 +28,7 @@ Where it differs: a labelled document with no page file (absent from the corpus)
 from __future__ import annotations
 
 import hashlib
+import math
 import os
 import warnings
 from collections.abc import Iterator, Sequence
@@ -77,11 +78,24 @@ def read_qrels(folder: Path, split: str, query_ids: set[str]) -> dict[str, dict[
         if query not in query_ids:
             raise ValueError(f"{where}, field query-id: {query!r} is not a query of "
                              f"{folder / 'queries'}")
-        if row["score"] > 0:
+        score = grade(where, row["score"])
+        if score > 0:
             graded = labels.setdefault(query, {})
             document = str(row["corpus-id"])
-            graded[document] = max(graded.get(document, 0), row["score"])
+            graded[document] = max(graded.get(document, 0), score)
     return labels
+
+
+def grade(where: str, score: object) -> float:
+    """A qrels score as a number (a numeric string too: some BEIR sets were converted from TSV); anything
+    else, NaN included, is an error naming the row: it would change the NDCG silently."""
+    try:
+        value = float(score)
+    except (TypeError, ValueError):
+        value = math.nan
+    if math.isnan(value):
+        raise ValueError(f"{where}, field score: {score!r} is not a relevance grade (a number)")
+    return value
 
 
 def read_visdoc(folder: str | Path, spec: V2Set, max_queries: int | None = None) -> RetrievalSet:
