@@ -1,7 +1,7 @@
 """Do the training techniques of issue 26 help? The demo recipe trained with each switch on and off, paired
 by seed (same data order and initial weights), all scored on the demo world's MMEB, MMEB-V2 and XTD.
 
-    python benchmarks/techniques.py --demo runs/demo [--seeds 0 1 2] [--steps 60] [--out runs/techniques]
+    python benchmarks/techniques.py --demo runs/demo [--seeds 0 1 2] [--steps 40] [--out runs/techniques]
         [--arms baseline hardness ...]
 
 Arms, each `configs/demo.yaml` from the demo's untrained backbone for `--steps` steps (warm-up scaled to the
@@ -70,7 +70,7 @@ def checkpoint_only(folder: Path) -> tuple[str, ...]:
     """The demo's callbacks without the in-training evaluations: its checkpoints only."""
     callback = {"class_path": "lightning.pytorch.callbacks.ModelCheckpoint",
                 "init_args": {"dirpath": str(folder / "checkpoints"), "save_last": True,
-                              "enable_version_counter": False, "every_n_train_steps": 50, "save_top_k": -1}}
+                              "enable_version_counter": False, "every_n_train_steps": 20, "save_top_k": -1}}
     return ("--trainer.callbacks", json.dumps([callback]))
 
 
@@ -137,7 +137,7 @@ def main(argv: list[str] | None = None) -> None:
     parser.add_argument("--demo", type=Path, default=Path("runs/demo"), help="a `make demo-data` folder")
     parser.add_argument("--out", type=Path, default=Path("runs/techniques"))
     parser.add_argument("--seeds", type=int, nargs="+", default=[0, 1, 2])
-    parser.add_argument("--steps", type=int, default=60)
+    parser.add_argument("--steps", type=int, default=40)
     parser.add_argument("--arms", nargs="+", choices=ARMS, default=ARMS,
                         help="the techniques to run (the baseline is always trained)")
     parser.add_argument("--truncate-dim", type=int, default=32, help="matryoshka's truncated scoring size")
