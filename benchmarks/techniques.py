@@ -145,40 +145,55 @@ def main(argv: list[str] | None = None) -> None:
     parser.add_argument("--fn-samples", type=int, default=256, help="samples δ is measured on")
     args = parser.parse_args(argv)
     demo, out = args.demo.resolve(), args.out.resolve()
-    scores = out / "scores"
-    trained = [arm for arm in ARMS if arm == "baseline" or arm in args.arms and arm != "merge"]
+    rows = trained_rows(demo, out, args)
+    pairs = merge_pairs(args.seeds) if "merge" in args.arms else []
+    if pairs:
+        rows["merge"] = [merged_scores(demo, out, pair) for pair in pairs]
+    run("-m", "mme5.eval.compare", *(str(path) for paths in rows.values() for path in paths))
+    for arm in rows:
+        if not arm.startswith("baseline"):
+            print(gain_of(arm, out / "scores", args.seeds, pairs, args.truncate_dim))
+
+
+def trained_rows(demo: Path, out: Path, args: argparse.Namespace) -> dict[str, list[Path]]:
+    """Every trained arm of every seed, trained and scored (matryoshka and its baseline also truncated):
+    {row name: its score folders, seed by seed}."""
+    trained = [arm for arm in ARMS if arm == "baseline" or (arm in args.arms and arm != "merge")]
     schedule = ("--model.warmup", str(args.steps * 50 // 600))  # the demo's 50 of 600 steps, scaled
     rows: dict[str, list[Path]] = {}
     for seed, arm in itertools.product(args.seeds, trained):
         folder = arm_folder(out, f"{arm}-s{seed}", demo)
         settings = overrides(arm, seed, demo, out, args)
         checkpoint = train(folder, seed, args.steps, *checkpoint_only(folder), *schedule, *settings)
-        full = evaluate(checkpoint, demo, scores / folder.name)
+        full = evaluate(checkpoint, demo, out / "scores" / folder.name)
         rows.setdefault(arm, []).append(full)
         if arm in ("baseline", "matryoshka") and "matryoshka" in args.arms:  # the cache holds full embeddings
             name = f"{arm}-d{args.truncate_dim}"
-            rows.setdefault(name, []).append(evaluate(checkpoint, demo, scores / f"{name}-s{seed}", "--dim",
-                                                      str(args.truncate_dim), "--cache", str(full / "cache")))
-    pairs = merge_pairs(args.seeds) if "merge" in args.arms else []
-    for first, second in pairs:
-        merged = out / f"merge-s{first}-s{second}"
-        if not (merged / "model.ckpt").exists():
-            run("-m", "mme5.merge", "--runs", *(str(out / f"baseline-s{s}" / "checkpoints" / "last.ckpt")
-                                                for s in (first, second)), "--out", str(merged))
-        rows.setdefault("merge", []).append(evaluate(merged / "model.ckpt", demo, scores / merged.name))
-    run("-m", "mme5.eval.compare", *(str(path) for paths in rows.values() for path in paths))
-    for arm in rows:
-        if arm.startswith("baseline"):
-            continue
-        base = f"baseline-d{args.truncate_dim}" if arm.endswith(f"-d{args.truncate_dim}") else "baseline"
-        if arm == "merge":
-            gains = {f"s{a}+s{b}": ([scores / f"baseline-s{a}", scores / f"baseline-s{b}"],
-                                    scores / f"merge-s{a}-s{b}") for a, b in pairs}
-            base = "mean of the two baselines"
-        else:
-            gains = {f"s{seed}": ([scores / f"{base}-s{seed}"], scores / f"{arm}-s{seed}")
-                     for seed in args.seeds}
-        print(paired_gain(gains, arm, base))
+            rows.setdefault(name, []).append(evaluate(checkpoint, demo, out / "scores" / f"{name}-s{seed}",
+                                                      "--dim", str(args.truncate_dim), "--cache",
+                                                      str(full / "cache")))
+    return rows
+
+
+def merged_scores(demo: Path, out: Path, pair: tuple[int, int]) -> Path:
+    """The merge of two seeds' baselines (`python -m mme5.merge`), scored."""
+    merged = out / f"merge-s{pair[0]}-s{pair[1]}"
+    if not (merged / "model.ckpt").exists():
+        run("-m", "mme5.merge", "--runs", *(str(out / f"baseline-s{seed}" / "checkpoints" / "last.ckpt")
+                                            for seed in pair), "--out", str(merged))
+    return evaluate(merged / "model.ckpt", demo, out / "scores" / merged.name)
+
+
+def gain_of(arm: str, scores: Path, seeds: list[int], pairs: list[tuple[int, int]], truncate_dim: int) -> str:
+    """The arm's paired gain table: against the seed's baseline (truncated alike), a merge against the mean
+    of the two baselines it merges."""
+    if arm == "merge":
+        return paired_gain({f"s{a}+s{b}": ([scores / f"baseline-s{a}", scores / f"baseline-s{b}"],
+                                           scores / f"merge-s{a}-s{b}") for a, b in pairs},
+                           arm, "mean of the two baselines")
+    base = f"baseline-d{truncate_dim}" if arm.endswith(f"-d{truncate_dim}") else "baseline"
+    pairs_by_seed = {f"s{seed}": ([scores / f"{base}-s{seed}"], scores / f"{arm}-s{seed}") for seed in seeds}
+    return paired_gain(pairs_by_seed, arm, base)
 
 
 def merge_pairs(seeds: list[int]) -> list[tuple[int, int]]:
