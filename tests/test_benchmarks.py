@@ -102,16 +102,17 @@ def test_techniques_candidate_cosines_equal_a_brute_force(techniques, small_demo
     found = techniques.candidate_cosines(small_demo / "backbone", small_demo / "world" / "train", 10)
     encoder = load_encoder(str(small_demo / "backbone")).encoder
 
-    def unit(side):
+    def unit(side):  # one side alone, in float64
         return torch.nn.functional.normalize(encoder.embed([side_item(side)])[0].double(), dim=0)
 
+    positives = [unit(sample.positive) for sample in samples]
     expected = []  # row by row: the other samples' positives, then the sample's own negatives
     for i, sample in enumerate(samples):
         for j, other in enumerate(samples):
             if j != i and other.positive.content_key() != sample.positive.content_key():
-                expected.append(float(unit(sample.positive) @ unit(other.positive)))
-    for sample in samples:
-        expected += [float(unit(n) @ unit(sample.positive)) for n in sample.negatives
+                expected.append(float(positives[i] @ positives[j]))
+    for i, sample in enumerate(samples):
+        expected += [float(unit(n) @ positives[i]) for n in sample.negatives
                      if n.content_key() != sample.positive.content_key()]
     assert any(s.negatives for s in samples) and len(found) == len(expected)
     assert torch.allclose(found.double(), torch.tensor(expected, dtype=torch.float64), atol=1e-5)
