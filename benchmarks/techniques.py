@@ -33,7 +33,8 @@ paper's setting unless said:
   merge               no training: `python -m mme5.merge` of the baselines of seeds i and i+1 (cyclic:
                       two runs that differ only by seed), against the mean of the two (RzenEmbed's souping,
                       Qwen3-VL-Embedding's stage merge).
-Mining with positive refinement is benchmarks/mining_gain.py's subject (there: `--within task language`).
+Mining is benchmarks/mining_gain.py's subject; its positive refinement (`mine --min-positive-score`) is
+measured by neither script yet.
 
 Each row of the printed table is `mme5.eval.compare`'s; after it, per technique, the paired gain (arm −
 baseline per seed): mean, sd, and the seeds where it is positive. Every step is skipped when its output
