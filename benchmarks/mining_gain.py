@@ -21,47 +21,9 @@ from __future__ import annotations
 
 import argparse
 import json
-import statistics
-import subprocess
-import sys
 from pathlib import Path
 
-from mme5.eval.compare import COLUMNS, figures, load_scores
-from mme5.eval.report import table
-
-ROOT = Path(__file__).resolve().parents[1]
-
-
-def run(*command: str) -> None:
-    print("+", " ".join(command), flush=True)
-    subprocess.run([sys.executable, *command], cwd=ROOT, check=True)
-
-
-def arm_folder(out: Path, name: str, demo: Path) -> Path:
-    """A run folder that sees the demo's world and backbone where configs/demo.yaml looks for them."""
-    folder = out / name
-    folder.mkdir(parents=True, exist_ok=True)
-    for part in ("world", "backbone"):
-        link = folder / part
-        if not link.exists():
-            link.symlink_to((demo / part).resolve())
-    return folder
-
-
-def train(folder: Path, seed: int, steps: int, *overrides: str) -> Path:
-    checkpoint = folder / "checkpoints" / "last.ckpt"
-    if not (folder / "trained").exists():
-        run("train.py", "fit", "--config", "configs/demo.yaml", "--trainer.default_root_dir", str(folder),
-            "--seed_everything", str(seed), "--data.seed", str(seed), "--trainer.max_steps", str(steps),
-            *overrides)
-        (folder / "trained").write_text(json.dumps({"seed": seed, "steps": steps, "overrides": overrides}))
-    return checkpoint
-
-
-def evaluate(checkpoint: Path, demo: Path, out: Path) -> Path:
-    if not (out / "scores.json").exists():
-        run("-m", "mme5.eval", "--model", str(checkpoint), "--data", str(demo / "world"), "--out", str(out))
-    return out
+from arms import arm_folder, evaluate, paired_gain, run, train
 
 
 def main() -> None:
@@ -94,23 +56,10 @@ def main() -> None:
     if reference.exists():
         scored.append(reference.parent)
     run("-m", "mme5.eval.compare", *map(str, scored))
-    print(paired_gain({seed: (out / "scores" / f"plain-s{seed}",
-                              out / "scores" / "-".join(["mined", *args.within, f"s{seed}"]))
-                       for seed in args.seeds}))
-
-
-def paired_gain(arms: dict[int, tuple[Path, Path]]) -> str:
-    """Mined minus plain, seed by seed: the mean, the standard deviation and the seeds where it is > 0."""
-    differences: dict[str, list[float]] = {}
-    for plain, mined in arms.values():
-        before, after = figures(load_scores(plain)), figures(load_scores(mined))
-        for column in COLUMNS:
-            if before[column] is not None and after[column] is not None:
-                differences.setdefault(column, []).append(after[column] - before[column])
-    rows = [[column, f"{statistics.mean(d):+.1f}", f"{statistics.stdev(d):.1f}" if len(d) > 1 else "–",
-             f"{sum(x > 0 for x in d)}/{len(d)}"] for column, d in differences.items()]
-    return "\n".join(["", f"mined − plain over seeds {sorted(arms)}:",
-                      *table(["Score", "mean", "sd", "seeds where mined > plain"], rows)])
+    mined_name = "-".join(["mined", *args.within])
+    scores = out / "scores"
+    print(paired_gain({f"s{seed}": ([scores / f"plain-s{seed}"], scores / f"{mined_name}-s{seed}")
+                       for seed in args.seeds}, mined_name, "plain"))
 
 
 if __name__ == "__main__":
