@@ -105,6 +105,12 @@ class TrainCLI(LightningCLI):
             self.model.check_input_format()
         except ValueError as error:
             raise ResumeRefused(f"model.input_format: {error}") from None
+        self.model.resuming = config["ckpt_path"] is not None
+        if not self.model.resuming:
+            try:
+                self.model.check_init_from()
+            except ValueError as error:
+                raise ResumeRefused(str(error)) from None
         # A checkpoint that cannot be resumed (missing, torn, foreign, over other data) is refused before the
         # claim, which would mark the run folder's record unfinished and name this command in it.
         recorded = None if config["ckpt_path"] is None else self._read_checkpoint(config["ckpt_path"])

@@ -21,6 +21,7 @@ from torch import Tensor
 from torch.optim.lr_scheduler import LambdaLR
 
 from mme5 import checkpoint as ckpt_format
+from mme5 import warm_start
 from mme5.backbones import (
     DTYPES,
     InputFormat,
@@ -132,6 +133,9 @@ class EmbeddingModule(L.LightningModule):
             of ranks; this scales the learning rate, and clipping, by that factor).
         reshard_after_forward: under FSDP (`ModelParallelStrategy`), free each gathered block after its
             forward (least memory); false keeps it until its backward (less communication).
+        init_from: start from this trained model's weights, a checkpoint (.ckpt) of train.py or mme5.merge on
+            the same backbone, instead of the backbone's: a second stage. The optimiser, schedule and data
+            start afresh (`mme5.warm_start` says what may start from what); null: the backbone's weights.
     """
 
     def __init__(
@@ -163,6 +167,7 @@ class EmbeddingModule(L.LightningModule):
         grad_clip: float = 5.0,
         gradient_scale: Literal["global", "per_rank"] = "global",
         reshard_after_forward: bool = True,
+        init_from: str | None = None,
     ):
         super().__init__()
         # Plain types in checkpoints: they then load with torch.load(weights_only=True).
@@ -184,6 +189,9 @@ class EmbeddingModule(L.LightningModule):
         self._last_step_end: float | None = None
         self._sync = GradientSync()  # chosen in `on_fit_start`, once the strategy has wrapped the model
         self._backbone: dict[str, str] | None = None  # its identity, read once
+        # train.py sets it when resuming: the checkpoint's weights replace init_from's, then not read at all.
+        self.resuming = False
+        self._initialised_from: dict[str, Any] | None = None  # what init_from started from, for checkpoints
 
     def configure_model(self) -> None:
         """Load the backbone (once; Lightning calls this under the strategy's init context)."""
@@ -203,6 +211,9 @@ class EmbeddingModule(L.LightningModule):
             self.register_state_dict_post_hook(ckpt_format.drop_frozen_weights)
             self.strict_loading = False  # the backbone's weights come from `backbone`, not the checkpoint
         self.encoder.train()  # from_pretrained returns eval mode; LoRA dropout must be active in training
+        if hp.init_from and not self.resuming and (mesh is None or dist.get_rank() == 0):
+            self._initialised_from = warm_start.load_start(self.encoder, hp.init_from, self.check_init_from(),
+                                                           hp.backbone, hp.dtype)
         if mesh is not None:
             self._shard(mesh)
 
@@ -315,6 +326,8 @@ class EmbeddingModule(L.LightningModule):
         rng_states = from_all_ranks({"torch": torch.get_rng_state(), "cuda": cuda})
         adapters = self._trainable_names() if self.encoder is not None and self.encoder.has_adapters else None
         ckpt_format.add_training_state(checkpoint, rng_states, adapters, self.backbone_identity())
+        if self._initialised_from is not None:
+            checkpoint[warm_start.INITIALISED_FROM] = self._initialised_from
         if self._trainer is not None:
             checkpoint[ckpt_format.MAX_STEPS] = self.trainer.max_steps
 
@@ -333,6 +346,16 @@ class EmbeddingModule(L.LightningModule):
         writes anything."""
         load_processing(self.hparams.backbone, InputFormat.of(self.hparams.input_format))
 
+    def check_init_from(self) -> dict[str, Any] | None:
+        """`init_from`'s checkpoint (memory-mapped), refused (ValueError) when this run cannot start from it;
+        None without one. Checked again when loading, so a run can refuse before it writes anything."""
+        hp = self.hparams
+        if not hp.init_from:
+            return None
+        checkpoint = warm_start.read_start(hp.init_from)
+        warm_start.check_start(hp.init_from, checkpoint, self.backbone_identity(), hp.lora)
+        return checkpoint
+
     def backbone_family(self) -> str:
         return family_of(local_model(self.hparams.backbone))
 
@@ -345,6 +368,7 @@ class EmbeddingModule(L.LightningModule):
     def on_load_checkpoint(self, checkpoint: dict[str, Any]) -> None:
         ckpt_format.check_backbone(checkpoint, self.backbone_identity())
         ckpt_format.check_adapters(checkpoint, self._trainable_names())
+        self._initialised_from = checkpoint.get(warm_start.INITIALISED_FROM)
         rank, world = (self.trainer.global_rank, self.trainer.world_size) if self._trainer else (0, 1)
         state = ckpt_format.rng_state_of_rank(checkpoint, rank, world)
         if state is not None:

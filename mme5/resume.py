@@ -23,11 +23,12 @@ from mme5.files import OutputFolderError, comparable, describe_changes, identity
 COMMAND = "train.py fit"
 # The module settings that define what is trained: a checkpoint of another value is another model.
 # The loss's training techniques are in it: each changes the loss, and task_temperatures the parameters, so
-# going on with another value would train another model under the same run's name.
+# going on with another value would train another model under the same run's name; so is the model it started
+# from (init_from).
 RECIPE_KEYS = ("lora", "dtype", "input_format", "temperature", "learnable_temperature",
                "mask_false_negatives", "gradient_scale", "hardness_mode", "hardness_strength",
                "false_negative_threshold", "false_negative_margin", "task_temperatures", "temperature_groups",
-               "matryoshka_dims", "matryoshka_weights")
+               "matryoshka_dims", "matryoshka_weights", "init_from")
 # What a run recorded before a recipe setting existed trained with (its record has no such key).
 RECIPE_DEFAULTS = {"hardness_strength": 0.0, "task_temperatures": False}
 DATAMODULE_STATE = "ShardDataModule"  # Lightning keeps a data module's state under its class name
