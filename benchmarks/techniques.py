@@ -2,15 +2,18 @@
 by seed (same data order and initial weights), all scored on the demo world's MMEB, MMEB-V2 and XTD.
 
     python benchmarks/techniques.py --demo runs/demo [--seeds 0 1 2] [--steps 40] [--out runs/techniques]
-        [--arms baseline hardness ...]
+        [--arms baseline hardness ...] [--init-from runs/demo/checkpoints/last.ckpt --lr 1e-4]
 
-Arms, each `configs/demo.yaml` from the demo's untrained backbone for `--steps` steps (warm-up scaled to the
-demo's 50 of 600) with the in-training evaluation callbacks off (scoring happens once, at the end), the
-paper's setting unless said:
+Arms, each `configs/demo.yaml` for `--steps` steps (warm-up scaled to the demo's 50 of 600) with the
+in-training evaluation callbacks off (scoring happens once, at the end), from the demo's untrained backbone
+or, with `--init-from`, as a second stage from a trained model's weights (`model.init_from`: how the papers
+apply most of these techniques, and where a few steps of the tiny model mean something; the start itself is
+scored as the row `start`). The paper's setting unless said:
   baseline            the demo recipe (in-batch + 1 hard negative, τ 0.05, content-equal false negatives
                       masked).
   hardness            `hardness_mode in_batch_negatives`, α 9 (RzenEmbed, Lan et al. 2025).
   hn-hardness         `hardness_mode hard_negatives`, α 5 (EmbeddingGemma, Schechter Vera et al. 2025).
+  all-hardness        `hardness_mode all_negatives`, α 5 (sentence-transformers 6.2: both kinds at once).
   fn-threshold        `false_negative_threshold δ` (RzenEmbed: 0.95). Scaled: a cosine means something
                       else for the tiny model than for a pretrained VLM (its candidates spread from -0.6 to
                       1.0, a tenth of them above 0.95 already untrained), so 0.95 would drop far more than the
@@ -59,12 +62,13 @@ FIXED: dict[str, tuple[str, ...]] = {
     "baseline": (),
     "hardness": ("--model.hardness_mode", "in_batch_negatives", "--model.hardness_strength", "9"),
     "hn-hardness": ("--model.hardness_mode", "hard_negatives", "--model.hardness_strength", "5"),
+    "all-hardness": ("--model.hardness_mode", "all_negatives", "--model.hardness_strength", "5"),
     "fn-margin": ("--model.false_negative_margin", "0.1"),
     "task-temperatures": ("--model.task_temperatures", "true"),
     "matryoshka": ("--model.matryoshka_dims", json.dumps(MATRYOSHKA_DIMS)),
 }
-ARMS = ["baseline", "fn-threshold", "per-source", "matryoshka", "hardness", "hn-hardness", "fn-margin",
-        "task-temperatures", "merge"]  # trained in this order, seed after seed
+ARMS = ["baseline", "fn-threshold", "per-source", "matryoshka", "hardness", "hn-hardness", "all-hardness",
+        "fn-margin", "task-temperatures", "merge"]  # trained in this order, seed after seed
 
 
 def checkpoint_only(folder: Path) -> tuple[str, ...]:
@@ -144,15 +148,19 @@ def main(argv: list[str] | None = None) -> None:
     parser.add_argument("--truncate-dim", type=int, default=32, help="matryoshka's truncated scoring size")
     parser.add_argument("--fn-quantile", type=float, default=0.99, help="fn-threshold's δ quantile")
     parser.add_argument("--fn-samples", type=int, default=256, help="samples δ is measured on")
+    parser.add_argument("--init-from", type=Path, help="start every arm from this checkpoint's weights")
+    parser.add_argument("--lr", type=float, help="peak learning rate (default: the demo recipe's)")
     args = parser.parse_args(argv)
     demo, out = args.demo.resolve(), args.out.resolve()
-    rows = trained_rows(demo, out, args)
+    rows = {"start": [evaluate(args.init_from.resolve(), demo, out / "scores" / "start")]} if args.init_from \
+        else {}
+    rows |= trained_rows(demo, out, args)
     pairs = merge_pairs(args.seeds) if "merge" in args.arms else []
     if pairs:
         rows["merge"] = [merged_scores(demo, out, pair) for pair in pairs]
     run("-m", "mme5.eval.compare", *(str(path) for paths in rows.values() for path in paths))
     for arm in rows:
-        if not arm.startswith("baseline"):
+        if not arm.startswith(("baseline", "start")):
             print(gain_of(arm, out / "scores", args.seeds, pairs, args.truncate_dim))
 
 
@@ -161,6 +169,10 @@ def trained_rows(demo: Path, out: Path, args: argparse.Namespace) -> dict[str, l
     {row name: its score folders, seed by seed}."""
     trained = [arm for arm in ARMS if arm == "baseline" or (arm in args.arms and arm != "merge")]
     schedule = ("--model.warmup", str(args.steps * 50 // 600))  # the demo's 50 of 600 steps, scaled
+    if args.lr is not None:
+        schedule += ("--model.lr", str(args.lr))
+    if args.init_from is not None:
+        schedule += ("--model.init_from", str(args.init_from.resolve()))
     rows: dict[str, list[Path]] = {}
     for seed, arm in itertools.product(args.seeds, trained):
         folder = arm_folder(out, f"{arm}-s{seed}", demo)

@@ -139,14 +139,18 @@ def test_techniques_merges_each_seed_with_the_next(techniques):
 
 @pytest.mark.slow
 def test_techniques_smoke_trains_scores_merges_and_resumes(small_demo, tmp_path):
-    """Two seeds of two steps: the baseline, the measured fn-threshold and merge; a rerun only reports."""
+    """Two seeds of two steps from a trained start: the baseline, the measured fn-threshold and merge; a
+    rerun only reports."""
     import os
     import subprocess
     import sys
 
+    from test_export import perturbed_checkpoint
+
+    start = perturbed_checkpoint(str(small_demo / "backbone"), tmp_path / "start.ckpt", None)
     command = [sys.executable, str(BENCHMARKS / "techniques.py"), "--demo", str(small_demo), "--out",
                str(tmp_path), "--seeds", "0", "1", "--steps", "2", "--arms", "fn-threshold", "merge",
-               "--fn-samples", "16"]
+               "--fn-samples", "16", "--init-from", str(start), "--lr", "1e-4"]
     env = {**os.environ, "OMP_NUM_THREADS": "1"}
     first = subprocess.run(command, capture_output=True, text=True, env=env, check=True).stdout
     for seed in (0, 1):
@@ -155,6 +159,10 @@ def test_techniques_smoke_trains_scores_merges_and_resumes(small_demo, tmp_path)
         recorded = json.loads((tmp_path / f"fn-threshold-s{seed}.json").read_text())
         overrides = json.loads((tmp_path / f"fn-threshold-s{seed}" / "trained").read_text())["overrides"]
         assert overrides[-2:] == ["--model.false_negative_threshold", f"{recorded['delta']:.6f}"]
+        assert overrides[4:8] == ["--model.lr", "0.0001", "--model.init_from", str(start)]
+        trained = tmp_path / f"baseline-s{seed}" / "checkpoints" / "last.ckpt"
+        assert torch.load(trained, weights_only=True)["initialised_from"]["checkpoint"] == str(start)
+    assert (tmp_path / "scores" / "start" / "scores.json").exists()
     assert (tmp_path / "scores" / "merge-s0-s1" / "scores.json").exists()
     assert "fn-threshold − baseline over seeds ['s0', 's1']" in first
     assert "merge − mean of the two baselines over seeds ['s0+s1']" in first
