@@ -111,6 +111,8 @@ class TrainCLI(LightningCLI):
                 self.model.check_init_from()
             except ValueError as error:
                 raise ResumeRefused(str(error)) from None
+            if overwrite:
+                self._check_start_survives()
         # A checkpoint that cannot be resumed (missing, torn, foreign, over other data) is refused before the
         # claim, which would mark the run folder's record unfinished and name this command in it.
         recorded = None if config["ckpt_path"] is None else self._read_checkpoint(config["ckpt_path"])
@@ -125,6 +127,17 @@ class TrainCLI(LightningCLI):
         except BaseException:
             self._release_run_folder()
             raise
+
+    def _check_start_survives(self) -> None:
+        """Refuse a new run here whose `model.init_from` is one of the run folder's outputs: the claim removes
+        them before the model loads its start."""
+        start = self.model.hparams.init_from
+        root = Path(self.trainer.default_root_dir)
+        removed = [p.resolve() for pattern in run_outputs(self.trainer) for p in root.glob(pattern)]
+        if start and any(p == Path(start).resolve() or p in Path(start).resolve().parents for p in removed):
+            raise ResumeRefused(f"model.init_from {start} is an output of the run in {root}, which a new run "
+                                "there removes first; copy it out of the run folder, or choose another "
+                                "--trainer.default_root_dir")
 
     def _claim_run_folder(self, ckpt_path: str | None, overwrite: bool) -> OutputFolder | None:
         """Global rank 0 locks the run folder and checks its recipe (`mme5.resume`); None on other ranks."""

@@ -145,6 +145,8 @@ def _training(hparams: dict[str, Any], data: dict[str, Any], recipe: dict[str, A
     rows += [(key, data[key]) for key in DATA_KEYS if key in data]
     rows += [(f"lora.{key}", lora[key]) for key in ("r", "alpha", "dropout", "use_dora") if key in lora]
     rows += [("global_step", recipe.get("global_step"))]
+    if hparams.get("init_from"):  # a second stage: its steps are counted from that start
+        rows += [("init_from", hparams["init_from"])]
     lines = ["## Training", "", "| Setting | Value |", "|---|---|",
              *(f"| {key} | {value} |" for key, value in rows), ""]
     if sources:

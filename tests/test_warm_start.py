@@ -99,6 +99,9 @@ def test_train_py_starts_from_a_run_records_it_and_resumes_without_it(tmp_path, 
     assert after["global_step"] == 1  # a new run: its own steps, optimiser and stream
     assert after[INITIALISED_FROM]["checkpoint"] == str(start) and after[INITIALISED_FROM]["global_step"] == 2
 
+    card = (export(second / "checkpoints" / "last.ckpt", tmp_path / "exported") / "README.md").read_text()
+    assert f"| global_step | 1 |\n| init_from | {start} |" in card
+
     # a resume takes the run's checkpoint and does not read the start again (it may be gone) ...
     start.unlink()
     assert fit(recipe, "--model.init_from", str(start), "--model.lr", "0", "--trainer.max_steps", "2",
@@ -109,6 +112,14 @@ def test_train_py_starts_from_a_run_records_it_and_resumes_without_it(tmp_path, 
     capsys.readouterr()
     assert fit(recipe, "--trainer.max_steps", "3", "--ckpt_path", "last") == 2
     assert re.search(r"model.init_from: .*start.ckpt.* \(recorded\) → null \(now\)", capsys.readouterr().err)
+
+    # a new run over the run whose checkpoint is its start would remove the start first: refused
+    written = outputs(first)
+    assert fit(write_recipe(first, tiny_mllama, tiny_shards), "--overwrite", "--model.init_from",
+               str(first / "checkpoints" / "last.ckpt")) == 2
+    assert re.search(r"last.ckpt is an output of the run in .*first, which a new run there removes first",
+                     capsys.readouterr().err)
+    assert outputs(first) == written
 
     # a start that cannot be read is refused before the run folder is claimed or written
     third = tmp_path / "third"
