@@ -8,6 +8,7 @@ import torch
 from test_export import perturbed_checkpoint
 from test_merge import lora_run
 from test_resume import fit, outputs, write_recipe
+from test_train import run_distributed
 
 from mme5.backbones import Item
 from mme5.checkpoint import load_encoder
@@ -127,3 +128,15 @@ def test_train_py_starts_from_a_run_records_it_and_resumes_without_it(tmp_path, 
     assert re.search(r"error: model.init_from .*start.ckpt: no such file", capsys.readouterr().err)
     assert not outputs(third)  # nothing written, the owner record included
     assert not (third / ".mme5-owner.json").exists()
+
+
+@pytest.mark.parametrize("strategy", ["ddp", "fsdp"])
+def test_every_rank_starts_from_the_start_under_ddp_and_fsdp(tmp_path, tiny_mllama, tiny_shards, strategy):
+    """Under FSDP only rank 0 reads the start and the shards come from it: the weights the first step trains
+    are the start's on every rank (gathered whole), not the backbone's fresh adapters."""
+    start = perturbed_checkpoint(tiny_mllama, tmp_path / "start.ckpt", LoraSettings(dropout=0.0))
+    record = run_distributed(tmp_path / "run", tiny_mllama, tiny_shards, strategy, "--init-from", str(start))
+    saved = torch.load(start, weights_only=True)["state_dict"]
+    assert record["initial"] and set(record["initial"]) == set(saved)
+    for name, value in record["initial"].items():
+        assert torch.equal(value, saved[name]), name

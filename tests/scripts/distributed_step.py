@@ -3,7 +3,7 @@
     python tests/scripts/distributed_step.py BACKBONE SHARDS OUT [--strategy ddp|fsdp|hsdp] [--no-cache]
         [--paper-settings] [--bf16] [--steps N] [--stop-at N] [--resume CKPT] [--mmeb ROOT]
         [--learnable-temperature] [--grad-clip NORM] [--gradient-scale global|per_rank] [--techniques]
-        [--matryoshka DIM ...] [--per-source SHARDS]
+        [--matryoshka DIM ...] [--per-source SHARDS] [--init-from CKPT]
 
 Checkpoints land in OUT/ckpt/ (last.ckpt). Rank 0 writes OUT/result.pt about the last step: the initial
 trainable weights, each rank's batch ids, the full gradients after the step's backward(s) (before the
@@ -130,6 +130,7 @@ def main() -> None:
     parser.add_argument("--matryoshka", type=int, nargs="+", help="model.matryoshka_dims")
     parser.add_argument("--per-source", help="a second shard folder, and data.batch_composition: per_source")
     parser.add_argument("--gradient-scale", choices=["global", "per_rank"], default="global")
+    parser.add_argument("--init-from", help="model.init_from: a LoRA checkpoint of this script's settings")
     args = parser.parse_args()
     L.seed_everything(0)
     module = EmbeddingModule(args.backbone, lora=LoraSettings(dropout=0.1 if args.paper_settings else 0.0),
@@ -138,7 +139,7 @@ def main() -> None:
                              gradient_cache=not args.no_cache, chunk_size=3, temperature=0.05, lr=1e-3,
                              learnable_temperature=args.learnable_temperature, warmup=1,
                              grad_clip=args.grad_clip, gradient_scale=args.gradient_scale,
-                             matryoshka_dims=args.matryoshka,
+                             matryoshka_dims=args.matryoshka, init_from=args.init_from,
                              **(TECHNIQUES if args.techniques else {}))
     sources = [{"path": path} for path in (args.shards, args.per_source) if path]
     data = ShardDataModule(sources, args.backbone, batch_size=8, num_negatives=2, chunk_size=3, num_workers=0,
