@@ -86,6 +86,7 @@ def test_command_scores_every_metric_as_the_brute_force(runs):
         assert {key: entry[key] for key in expected} == pytest.approx(expected, abs=1e-4)
         assert entry["score"] == entry["ndcg_linear@5"] and entry["queries"] == 3
         assert entry["meta_task"] == "VisDoc VDRv1" and entry["metric"] == "ndcg_linear@5"
+        assert entry["unpaged_documents"] == 1  # "gone": said in the scores, not only in a warning
         assert scores["scalars"][f"mmeb-v2/{name}"] == entry["score"]
     main_scores = [v2["datasets"][name]["score"] for name in SETS]
     assert v2["VisDoc VDRv1"] == v2["visdoc"] == v2["mean_over_sets"] == pytest.approx(np.mean(main_scores))

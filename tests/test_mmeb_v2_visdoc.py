@@ -64,6 +64,7 @@ def test_beir_set_reads_as_the_reference_builds_it(tmp_path):
     names = ["d0", "d1", "d3", "gone", "d2", "d4"]
     assert ranking.candidates.shape == (3, 6)
     assert ranking.candidates[0, 3] == -1  # no page: a column scored -inf
+    assert data.notes == {"unpaged_documents": 1}
     pages = [data.items[c].image.path.rsplit("/", 1)[1] for c in ranking.candidates[0].tolist() if c >= 0]
     assert pages == [f"{n}.png" for n in names if n != "gone"]
     assert ranking.relevance.tolist() == [[2, 1, 0, 0, 0, 0], [0, 0, 2, 1, 0, 0], [0, 2, 0, 0, 0, 0]]

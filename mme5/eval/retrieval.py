@@ -53,11 +53,13 @@ class Ranking:
 
 @dataclass
 class RetrievalSet:
-    """One data set: its distinct items and named rankings over them."""
+    """One data set: its distinct items and named rankings over them. `notes`: what its reader met that a
+    reader of the scores should know (e.g. labelled documents with no page), recorded in scores.json."""
 
     name: str
     items: list[ItemSpec]
     rankings: dict[str, Ranking]
+    notes: dict[str, int] = field(default_factory=dict)
 
 
 def pad_lists(lists: Sequence[Sequence[int]]) -> Tensor:
@@ -76,6 +78,7 @@ class SetBuilder:
     images: ImageStore | None = None
     items: list[ItemSpec] = field(default_factory=list)
     rankings: dict[str, Ranking] = field(default_factory=dict)
+    notes: dict[str, int] = field(default_factory=dict)
     _rows: dict[tuple[str, str | None, str | None, str | None, str | None], int] = field(default_factory=dict)
 
     def item(self, instruction: str, text: str | None, image: str | None, where: str,
@@ -109,7 +112,7 @@ class SetBuilder:
                                      torch.as_tensor(gold, dtype=torch.long), relevance)
 
     def build(self) -> RetrievalSet:
-        return RetrievalSet(self.name, self.items, self.rankings)
+        return RetrievalSet(self.name, self.items, self.rankings, self.notes)
 
 
 @dataclass(frozen=True)

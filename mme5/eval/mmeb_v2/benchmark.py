@@ -90,7 +90,7 @@ def with_relevance(data: RetrievalSet) -> RetrievalSet:
             relevance[torch.arange(len(ranking.gold)), ranking.gold] = 1.0
             ranking = replace(ranking, relevance=relevance)
         rankings[key] = ranking
-    return RetrievalSet(data.name, data.items, rankings)
+    return replace(data, rankings=rankings)
 
 
 def select(subsets: Sequence[str] | None, modalities: Sequence[str] | None,
@@ -149,10 +149,13 @@ class MMEBV2:
                                     "--subsets / --modalities")
         self.folders = sorted({readers[s.name].rows(self.root, s) for s in self.registry})
         self.max_queries = max_queries
+        self.notes: dict[str, dict[str, int]] = {}  # each set's, as `sets` read it
 
     def sets(self) -> Iterator[RetrievalSet]:
         for spec in self.registry:
-            yield with_relevance(READERS[spec.modality].read(self.root, spec, self.max_queries))
+            found = with_relevance(READERS[spec.modality].read(self.root, spec, self.max_queries))
+            self.notes[spec.name] = found.notes  # for `summarize`
+            yield found
 
     def identity(self) -> dict[str, Any]:
         """The data evaluated: the selected sets and a fingerprint of their rows' folders (a visdoc set's
@@ -166,7 +169,8 @@ class MMEBV2:
     def summarize(self, results: dict[str, Ranked]) -> Summary:
         """Every metric of each set evaluated (%), its main score, and the aggregates (an Overall only when
         every set of the registry (the 78) was)."""
-        datasets = {s.name: set_entry(s, results[s.name]) for s in self.registry if s.name in results}
+        datasets = {s.name: set_entry(s, results[s.name]) | self.notes.get(s.name, {}) for s in self.registry
+                    if s.name in results}
         scores = {name: entry["score"] for name, entry in datasets.items()}
         aggregates = aggregate(scores, self.benchmark)
         counts = {"evaluated": len(datasets), "in_benchmark": len(self.benchmark),

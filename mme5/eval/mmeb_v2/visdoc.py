@@ -22,7 +22,8 @@ As the reference:
   query order, then the corpus, deduplicated by name (first seen kept); each query is ranked against all.
 - `max_queries` keeps the first N queries (`sample_dataset`); the candidates are those of the kept ones.
 Where it differs: a labelled document with no page file (absent from the corpus) stops the reference
-(FileNotFoundError); here it is a column with no item (-1, scored -inf), counted in IDCG, with a warning.
+(FileNotFoundError); here it is a column with no item (-1, scored -inf), counted in IDCG, with a warning
+and their count in the set's line of scores.json (`unpaged_documents`).
 """
 
 from __future__ import annotations
@@ -139,6 +140,7 @@ def _candidate_items(builder: SetBuilder, spec: V2Set, names: Sequence[str], cor
             columns.append(-1)
             unpaged.append(name)
     if unpaged:
+        builder.notes["unpaged_documents"] = len(unpaged)  # in scores.json beside the set's scores
         warnings.warn(f"{spec.name}: {len(unpaged)} labelled document(s) neither in the corpus nor with a "
                       f"page file, ranked last (-inf): {unpaged[:5]}", stacklevel=2)
     return columns
