@@ -1,3 +1,4 @@
+import json
 import os
 
 import pytest
@@ -156,3 +157,55 @@ def test_an_image_rewritten_with_other_content_of_the_same_size_is_encoded_again
     later = encode(later_items, counting, batch_size=4, cache=cache, namespace="set")
     assert [item.image.getpixel((0, 0)) for item in counting.items] == [(10, 10, 200)]
     assert not torch.equal(later, first)
+
+
+SLOW_EVAL = """
+import sys, time
+from mme5.encoder import Encoder
+
+def slow(self, items, *args, **kwargs):  # says when each batch is done, and leaves time for a kill
+    out = embed(self, items, *args, **kwargs)
+    if items:
+        print("batch", flush=True)
+        time.sleep(0.2)
+    return out
+
+embed, Encoder.embed = Encoder.embed, slow
+from mme5.eval.__main__ import main
+main(sys.argv[1:])
+"""
+
+
+def test_sigterm_mid_encoding_keeps_what_was_encoded_and_exits_143(tmp_path, tiny_world, demo_backbone):
+    """`kill` (SIGTERM) of `python -m mme5.eval`: the batches encoded since the last cache part are written
+    on the way out (not lost with the process), the lock is freed, and the rerun encodes only the rest."""
+    import subprocess
+    import sys
+
+    def command(out):
+        return [sys.executable, "-c", SLOW_EVAL, "--model", demo_backbone, "--benchmark", "mmeb", "--mmeb",
+                str(tiny_world / "mmeb"), "--out", str(out), "--batch-size", "2"]
+
+    def run(out):
+        done = subprocess.run(command(out), capture_output=True, text=True, env=env)
+        assert done.returncode == 0, done.stderr[-2000:]
+        return done.stdout.count("batch")
+
+    env = os.environ | {"PYTHONPATH": os.getcwd()}
+    out = tmp_path / "eval"
+    child = subprocess.Popen(command(out), stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, env=env)
+    for _ in range(3):
+        assert child.stdout.readline() == "batch\n", child.stderr.read()
+    child.send_signal(15)
+    _, stderr = child.communicate(timeout=60)
+    assert child.returncode == 143, stderr[-2000:]
+    kept = list((out / "cache").rglob("part-*.pt"))
+    # the third batch's call was still running (its sleep) when the signal came: two batches of 2 are kept
+    assert kept and sum(len(torch.load(p, weights_only=True)["keys"]) for p in kept) >= 2 * 2
+    assert not (out / "scores.json").exists()
+
+    straight = tmp_path / "straight"
+    rest, every = run(out), run(straight)
+    assert rest <= every - 2
+    resumed, uninterrupted = (json.loads((f / "scores.json").read_text())["mmeb"] for f in (out, straight))
+    assert resumed["Overall"] == uninterrupted["Overall"]

@@ -47,6 +47,7 @@ from mme5.eval.xtd import IMAGE_INSTRUCTION, TEXT_INSTRUCTION, XTD, paper_mean_l
 from mme5.files import OutputFolder, OutputFolderError, claim_folder, path_fingerprint
 from mme5.hub import is_hub_id
 from mme5.settings import command_parser
+from mme5.terminate import sigterm_as_exit
 
 COMMAND = "mme5.eval"
 
@@ -246,6 +247,12 @@ def main(argv: list[str] | None = None) -> None:
         chosen = benchmarks(args)  # reads registries and finds files: fails before the model loads
     except (OSError, ValueError) as error:  # a misspelled set or language, a missing or unreadable file
         fail(str(error))
+    with sigterm_as_exit():  # a kill keeps what was encoded (`mme5.terminate`)
+        run(args, chosen)
+
+
+def run(args: argparse.Namespace, chosen: list[Benchmark]) -> None:
+    """Score the model on the chosen benchmarks into `--out` (every rank; rank 0 writes)."""
     device = init_distributed(args.device)
     folder, work = claim_out(args, chosen)  # before the model loads: a refusal costs nothing
     try:
