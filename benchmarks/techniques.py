@@ -36,8 +36,15 @@ scored as the row `start`). The paper's setting unless said:
   merge               no training: `python -m mme5.merge` of the baselines of seeds i and i+1 (cyclic:
                       two runs that differ only by seed), against the mean of the two (RzenEmbed's souping,
                       Qwen3-VL-Embedding's stage merge).
-Mining is benchmarks/mining_gain.py's subject; its positive refinement (`mine --min-positive-score`) is
-measured by neither script yet.
+  positive-refinement `mine --min-positive-score t⁺` (Qwen3-VL-Embedding §3.3): the training samples whose
+                      positive the mining model (the `--init-from` start, else the seed's baseline) scores
+                      lowest are dropped as likely label noise. Scaled like δ: t⁺ is the `--refine-quantile`
+                      (0.05) quantile of the positive scores of a report-only mining pass, so the rule drops
+                      the 5% the model finds least like their positive (the demo has no label noise: this
+                      measures what dropping them costs). The mined negatives go after the world's own
+                      (`--append`), and training reads only the first: the negatives are the baseline's.
+                      Kept, with t⁺ and the count dropped, in `<out>/refined*/threshold.json`.
+Mining itself is benchmarks/mining_gain.py's subject.
 
 Each row of the printed table is `mme5.eval.compare`'s; after it, per technique, the paired gain (arm −
 baseline per seed): mean, sd, and the seeds where it is positive. Every step is skipped when its output
@@ -68,7 +75,7 @@ FIXED: dict[str, tuple[str, ...]] = {
     "matryoshka": ("--model.matryoshka_dims", json.dumps(MATRYOSHKA_DIMS)),
 }
 ARMS = ["baseline", "fn-threshold", "per-source", "matryoshka", "hardness", "hn-hardness", "all-hardness",
-        "fn-margin", "task-temperatures", "merge"]  # trained in this order, seed after seed
+        "fn-margin", "task-temperatures", "positive-refinement", "merge"]  # in this order, seed after seed
 
 
 def checkpoint_only(folder: Path) -> tuple[str, ...]:
@@ -125,12 +132,35 @@ def task_sources(demo: Path, out: Path) -> list[Path]:
     return [folder / task for task in json.loads((folder / "done").read_text())]
 
 
+def refined_source(model: Path, demo: Path, out: Path, quantile: float) -> Path:
+    """The demo's training shards without the samples whose positive `model` scores at most the `quantile`
+    of all positive scores (`mme5.data.mine --min-positive-score`), mined once into `out`."""
+    mine = ("-m", "mme5.data.mine", "--model", str(model), "--shards", str(demo / "world" / "train"),
+            "--append", "--max-negatives", "1", "--num-negatives", "1")
+    if not (out / "threshold.json").exists():
+        run(*mine, "--out", str(out / "report"), "--report-only", "--min-positive-score", "1.0")
+        with open(out / "report" / "positive_refinement.jsonl", encoding="utf-8") as lines:
+            scores = torch.tensor([json.loads(line)["positive_score"] for line in lines], dtype=torch.float64)
+        t = float(torch.quantile(scores, quantile))
+        (out / "threshold.json").write_text(json.dumps({"min_positive_score": t, "quantile": quantile,
+                                                        "model": str(model), "samples": len(scores),
+                                                        "dropped": int((scores <= t).sum())}))
+    t = json.loads((out / "threshold.json").read_text())["min_positive_score"]
+    run(*mine, "--out", str(out / "shards"), "--min-positive-score", f"{t:.6f}")  # done: says so
+    return out / "shards"
+
+
 def overrides(arm: str, seed: int, demo: Path, out: Path, args: argparse.Namespace) -> tuple[str, ...]:
     """The arm's settings on top of configs/demo.yaml (fn-threshold: after the seed's baseline)."""
     if arm == "fn-threshold":
         delta = threshold(out / f"baseline-s{seed}" / "checkpoints" / "last.ckpt", demo / "world" / "train",
                           out / f"fn-threshold-s{seed}.json", args.fn_quantile, args.fn_samples)
         return ("--model.false_negative_threshold", f"{delta:.6f}")
+    if arm == "positive-refinement":
+        model = args.init_from or out / f"baseline-s{seed}" / "checkpoints" / "last.ckpt"
+        folder = out / ("refined" if args.init_from else f"refined-s{seed}")
+        sources = [{"path": str(refined_source(model.resolve(), demo, folder, args.refine_quantile))}]
+        return ("--data.sources", json.dumps(sources))
     if arm == "per-source":
         sources = [{"path": str(path)} for path in task_sources(demo, out)]
         return ("--data.batch_composition", "per_source", "--data.sources", json.dumps(sources))
@@ -148,6 +178,8 @@ def main(argv: list[str] | None = None) -> None:
     parser.add_argument("--truncate-dim", type=int, default=32, help="matryoshka's truncated scoring size")
     parser.add_argument("--fn-quantile", type=float, default=0.99, help="fn-threshold's δ quantile")
     parser.add_argument("--fn-samples", type=int, default=256, help="samples δ is measured on")
+    parser.add_argument("--refine-quantile", type=float, default=0.05,
+                        help="positive-refinement's t⁺ quantile")
     parser.add_argument("--init-from", type=Path, help="start every arm from this checkpoint's weights")
     parser.add_argument("--lr", type=float, help="peak learning rate (default: the demo recipe's)")
     args = parser.parse_args(argv)

@@ -131,6 +131,31 @@ def test_techniques_splits_the_demo_by_task_once(techniques, small_demo, tmp_pat
     assert techniques.task_sources(small_demo, tmp_path) == sources  # done: not written again
 
 
+@pytest.mark.slow
+def test_techniques_refined_source_drops_the_lowest_positives_and_keeps_the_negatives(techniques, small_demo,
+                                                                                     tmp_path):
+    """positive-refinement's shards: the samples at or below the quantile of the mining model's positive
+    scores are gone (as `mine` lists them), every other sample is there with its own first negative."""
+    from test_export import perturbed_checkpoint
+
+    from mme5.data.shards import read_samples, shard_urls
+
+    start = perturbed_checkpoint(str(small_demo / "backbone"), tmp_path / "start.ckpt", None)
+    shards = techniques.refined_source(start, small_demo, tmp_path / "refined", 0.25)
+    recorded = json.loads((tmp_path / "refined" / "threshold.json").read_text())
+    reported = [json.loads(line) for line in (tmp_path / "refined" / "report" / "positive_refinement.jsonl")
+                .open()]
+    assert len(reported) == recorded["samples"] == 64  # report-only at t⁺ 1.0: every sample and its score
+    low = {r["id"] for r in reported if r["positive_score"] <= recorded["min_positive_score"]}
+    assert len(low) == recorded["dropped"] and 0 < len(low) < 32  # about a quarter (ties aside)
+    world = {s.id: s for s in read_samples(shard_urls(small_demo / "world" / "train"))}
+    kept = {s.id: s for s in read_samples(shard_urls(shards))}
+    assert set(kept) == set(world) - low
+    for sample_id, sample in kept.items():
+        assert sample.negatives[:1] == world[sample_id].negatives[:1]  # what data.num_negatives 1 reads
+    assert techniques.refined_source(start, small_demo, tmp_path / "refined", 0.25) == shards  # done: kept
+
+
 def test_techniques_merges_each_seed_with_the_next(techniques):
     assert techniques.merge_pairs([0, 1, 2]) == [(0, 1), (1, 2), (2, 0)]
     assert techniques.merge_pairs([3, 5]) == [(3, 5)]
