@@ -160,14 +160,14 @@ def test_an_image_rewritten_with_other_content_of_the_same_size_is_encoded_again
 
 
 SLOW_EVAL = """
-import sys, time
+import os, sys, time
 from mme5.encoder import Encoder
 
 def slow(self, items, *args, **kwargs):  # says when each batch is done, and leaves time for a kill
     out = embed(self, items, *args, **kwargs)
     if items:
         print("batch", flush=True)
-        time.sleep(0.2)
+        time.sleep(float(os.environ.get("PAUSE", "0")))
     return out
 
 embed, Encoder.embed = Encoder.embed, slow
@@ -186,14 +186,15 @@ def test_sigterm_mid_encoding_keeps_what_was_encoded_and_exits_143(tmp_path, tin
         return [sys.executable, "-c", SLOW_EVAL, "--model", demo_backbone, "--benchmark", "mmeb", "--mmeb",
                 str(tiny_world / "mmeb"), "--out", str(out), "--batch-size", "2"]
 
-    def run(out):
+    def run(out):  # at full speed
         done = subprocess.run(command(out), capture_output=True, text=True, env=env)
         assert done.returncode == 0, done.stderr[-2000:]
         return done.stdout.count("batch")
 
     env = os.environ | {"PYTHONPATH": os.getcwd()}
     out = tmp_path / "eval"
-    child = subprocess.Popen(command(out), stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, env=env)
+    child = subprocess.Popen(command(out), stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True,
+                             env=env | {"PAUSE": "0.2"})
     for _ in range(3):
         assert child.stdout.readline() == "batch\n", child.stderr.read()
     child.send_signal(15)
