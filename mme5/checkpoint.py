@@ -164,6 +164,34 @@ def checkpoint_problem(path: Path) -> str | None:
     return None
 
 
+def read_run_checkpoint(path: Path) -> dict[str, Any]:
+    """A checkpoint of train.py or mme5.merge, memory-mapped and without unpickling code; ValueError naming
+    `path` and what it is instead (a folder, missing, torn, not ours)."""
+    if path.is_dir():
+        raise ValueError(f"{path}: a folder, not a checkpoint file (.ckpt) of train.py")
+    if path.suffix != ".ckpt" or not path.is_file():
+        raise ValueError(f"{path}: not a checkpoint file (.ckpt) of train.py")
+    if problem := checkpoint_problem(path):  # e.g. torn by a kill while it was saved
+        raise ValueError(f"{path}: not a loadable checkpoint ({problem}); take another of the run's")
+    try:
+        checkpoint = torch.load(path, map_location="cpu", weights_only=True, mmap=True)
+    except pickle.UnpicklingError:
+        raise ValueError(f"{path}: holds Python objects beyond tensors and plain types, which train.py's "
+                         "checkpoints never do") from None
+    if "backbone" not in (checkpoint.get("hyper_parameters") or {}) or "state_dict" not in checkpoint:
+        raise ValueError(f"{path}: not an EmbeddingModule checkpoint (no hyper_parameters.backbone or "
+                         "state_dict)")
+    return checkpoint
+
+
+def trained_on(path: Path, checkpoint: dict[str, Any], backbone: str | None = None) -> dict[str, str]:
+    """The identity of the backbone a checkpoint was trained on: recorded, else that of `backbone` or of its
+    recorded backbone (checkpoints written before identities were recorded)."""
+    if recorded := checkpoint.get(BACKBONE_IDENTITY):
+        return recorded
+    return backbone_identity(local_model(backbone or checkpoint_backbone(path)))
+
+
 # ----------------------------------------------------------------------------- writing (export)
 
 

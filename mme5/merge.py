@@ -36,10 +36,10 @@ from mme5.checkpoint import (
     BACKBONE_IDENTITY,
     EXPORT_CONFIG,
     MERGED_FROM,
-    backbone_identity,
     checkpoint_backbone,
-    checkpoint_problem,
     load_encoder,
+    read_run_checkpoint,
+    trained_on,
 )
 from mme5.files import OutputFolderError, claim_folder, path_fingerprint, remove_path, save_torch
 from mme5.hub import local_model
@@ -65,14 +65,7 @@ def read_run(path: Path) -> dict[str, Any]:
     if (path / EXPORT_CONFIG).is_file():
         raise ValueError(f"{path}: an exported model folder, not a checkpoint; merge the checkpoints (.ckpt) "
                          "it was exported from")
-    if path.suffix != ".ckpt" or not path.is_file():
-        raise ValueError(f"{path}: not a checkpoint file (.ckpt) of train.py")
-    if problem := checkpoint_problem(path):  # e.g. torn by a kill while it was saved
-        raise ValueError(f"{path}: not a loadable checkpoint ({problem}); take another of the run's")
-    checkpoint = torch.load(path, map_location="cpu", weights_only=True, mmap=True)
-    if "backbone" not in (checkpoint.get("hyper_parameters") or {}):
-        raise ValueError(f"{path}: not an EmbeddingModule checkpoint (no hyper_parameters.backbone)")
-    return checkpoint
+    return read_run_checkpoint(path)
 
 
 def check_compatible(runs: Sequence[Path], checkpoints: Sequence[dict[str, Any]], backbone: str | None
@@ -80,8 +73,7 @@ def check_compatible(runs: Sequence[Path], checkpoints: Sequence[dict[str, Any]]
     """Refuse runs of different backbones (recorded identity, else the backbone folder's) or input formats,
     naming the first run and the one that differs."""
     def identity(path: Path, checkpoint: dict[str, Any]) -> dict[str, str]:
-        recorded = checkpoint.get(BACKBONE_IDENTITY)
-        found = recorded or backbone_identity(local_model(backbone or checkpoint_backbone(path)))
+        found = trained_on(path, checkpoint, backbone)
         return {part: found.get(part) for part in ("config", "weights")}
 
     first, reference = runs[0], checkpoints[0]

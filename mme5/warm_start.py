@@ -16,22 +16,17 @@ are scored on `model.backbone`, so a LoRA run started from other weights would b
 
 from __future__ import annotations
 
-import pickle
 from dataclasses import asdict
 from pathlib import Path
 from typing import Any
 
-import torch
-
 from mme5.checkpoint import (
     ADAPTER_ONLY,
-    BACKBONE_IDENTITY,
     EXPORT_CONFIG,
     MERGED_FROM,
-    backbone_identity,
-    checkpoint_backbone,
-    checkpoint_problem,
     load_encoder,
+    read_run_checkpoint,
+    trained_on,
 )
 from mme5.encoder import Encoder, LoraSettings
 from mme5.files import path_fingerprint
@@ -43,25 +38,15 @@ def read_start(path: str | Path) -> dict[str, Any]:
     """The checkpoint `init_from` names, memory-mapped; ValueError naming it when it is not one of train.py
     or mme5.merge."""
     path = Path(path)
-    where = f"model.init_from {path}"
-    if path.is_dir():
-        model = (path / EXPORT_CONFIG).is_file() or (path / "config.json").is_file()
-        hint = ": a model folder, which is a backbone: name it as model.backbone" if model else ""
-        raise ValueError(f"{where} is a folder{hint}; init_from takes a checkpoint (.ckpt) of train.py or "
-                         "mme5.merge")
-    if not path.is_file():
-        raise ValueError(f"{where}: no such file")
-    if problem := checkpoint_problem(path):  # e.g. torn by a kill while it was saved
-        raise ValueError(f"{where} is not a loadable checkpoint ({problem}); take another of its run's")
+    if path.is_dir() and ((path / EXPORT_CONFIG).is_file() or (path / "config.json").is_file()):
+        raise ValueError(f"model.init_from {path}: a model folder, which is a backbone: name it as "
+                         "model.backbone; init_from takes a checkpoint (.ckpt) of train.py or mme5.merge")
+    if not path.exists():
+        raise ValueError(f"model.init_from {path}: no such file")
     try:
-        checkpoint = torch.load(path, map_location="cpu", weights_only=True, mmap=True)
-    except pickle.UnpicklingError:
-        raise ValueError(f"{where} holds Python objects beyond tensors and plain types: not a checkpoint of "
-                         "train.py") from None
-    if "backbone" not in (checkpoint.get("hyper_parameters") or {}) or "state_dict" not in checkpoint:
-        raise ValueError(f"{where}: not a checkpoint of train.py (no hyper_parameters.backbone or "
-                         "state_dict)")
-    return checkpoint
+        return read_run_checkpoint(path)
+    except ValueError as error:
+        raise ValueError(f"model.init_from {error}") from None
 
 
 def check_start(path: str | Path, checkpoint: dict[str, Any], backbone: dict[str, str],
@@ -69,8 +54,8 @@ def check_start(path: str | Path, checkpoint: dict[str, Any], backbone: dict[str
     """Refuse a start on another backbone than `backbone` (its identity), or one a LoRA run of settings `lora`
     cannot continue (see the module docstring)."""
     where = f"model.init_from {path}"
-    recorded = trained_on(path, checkpoint)
-    changed = [part for part in ("config", "weights") if recorded and recorded[part] != backbone.get(part)]
+    recorded = trained_on(Path(path), checkpoint)
+    changed = [part for part in ("config", "weights") if recorded[part] != backbone.get(part)]
     if changed:
         raise ValueError(f"{where} was trained on the backbone at {recorded.get('path')}, which differs from "
                          f"model.backbone ({backbone.get('path')}) in its {' and '.join(changed)}: its "
@@ -87,15 +72,6 @@ def check_start(path: str | Path, checkpoint: dict[str, Any], backbone: dict[str
                          f"{dict(lora)}). "
                          "Continue them with the same model.lora, or export it (python -m mme5.export) and "
                          "train new adapters with the export as model.backbone")
-
-
-def trained_on(path: str | Path, checkpoint: dict[str, Any]) -> dict[str, str] | None:
-    """The identity of the backbone a checkpoint was trained on: recorded, else its recorded backbone folder's
-    (a checkpoint written before identities were recorded); None when neither can be told here."""
-    if recorded := checkpoint.get(BACKBONE_IDENTITY):
-        return recorded
-    folder = checkpoint_backbone(path)
-    return backbone_identity(Path(folder)) if folder and (Path(folder) / "config.json").is_file() else None
 
 
 def load_start(encoder: Encoder, path: str | Path, checkpoint: dict[str, Any], backbone: str,
