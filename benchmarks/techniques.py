@@ -41,8 +41,8 @@ scored as the row `start`). The paper's setting unless said:
                       lowest are dropped as likely label noise. Scaled like δ: t⁺ is the `--refine-quantile`
                       (0.05) quantile of the positive scores of a report-only mining pass, so the rule drops
                       the 5% the model finds least like their positive (the demo has no label noise: this
-                      measures what dropping them costs). The mined negatives go after the world's own
-                      (`--append`), and training reads only the first: the negatives are the baseline's.
+                      measures what dropping them costs). `--max-negatives 0`: nothing is mined, the kept
+                      samples keep their own negatives, so the arm differs from the baseline by the drop.
                       Kept, with t⁺ and the count dropped, in `<out>/refined*/threshold.json`.
 Mining itself is benchmarks/mining_gain.py's subject.
 
@@ -136,7 +136,7 @@ def refined_source(model: Path, demo: Path, out: Path, quantile: float) -> Path:
     """The demo's training shards without the samples whose positive `model` scores at most the `quantile`
     of all positive scores (`mme5.data.mine --min-positive-score`), mined once into `out`."""
     mine = ("-m", "mme5.data.mine", "--model", str(model), "--shards", str(demo / "world" / "train"),
-            "--append", "--max-negatives", "1", "--num-negatives", "1")
+            "--max-negatives", "0")
     if not (out / "threshold.json").exists():
         run(*mine, "--out", str(out / "report"), "--report-only", "--min-positive-score", "1.0")
         with open(out / "report" / "positive_refinement.jsonl", encoding="utf-8") as lines:

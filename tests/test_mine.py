@@ -397,6 +397,24 @@ def test_positive_refinement_and_below_positive_equal_a_brute_force(tmp_path, th
     assert counts["mined"] == sum(map(len, expected.values())) and counts["dropped_above_positive_mean"] > 0
 
 
+def test_max_negatives_0_refines_the_positives_and_mines_nothing(tmp_path):
+    """Positive refinement alone: the samples at or below t⁺ are dropped, the others written as they were
+    (their own negatives untouched); without t⁺, 0 negatives is no mining at all and is refused."""
+    source = tmp_path / "src"
+    with ShardWriter(source, max_count=4) as writer:
+        for i in range(N):
+            writer.write(make_sample(i, Modality.IT2T, negatives=2))
+    settings = mining.MiningSettings((1, 6), 0, None, min_positive_score=0.9)
+    manifest = mining.mine(source, tmp_path / "out", fake_embed([], refined_angle), "fake", settings)
+    original = {s.id: s for s in read_samples(shard_urls(source))}
+    written = {s.id: s for s in read_samples(shard_urls(tmp_path / "out"))}
+    assert sorted(written) == sorted(set(original) - {"s00002", "s00009"})  # the noisy ones, as above
+    assert all(written[i].negatives == original[i].negatives for i in written)
+    assert manifest["extra"]["mined"]["counts"]["mined"] == 0
+    with pytest.raises(ValueError, match=r"at least 1 \(0 only with min_positive_score"):
+        mining.MiningSettings((1, 6), 0, 0.95)
+
+
 def test_the_command_reports_low_positives_and_refuses_contradictory_flags(tmp_path, capsys, monkeypatch):
     monkeypatch.setattr(mining, "lazy_embed", lambda args: fake_embed([], refined_angle))
     src = refinement_source(tmp_path / "src")

@@ -23,7 +23,8 @@ Positive refinement (`--min-positive-score t⁺`, Qwen3-VL-Embedding §3.3): a s
 model scores at most t⁺ is likely label noise; it is left out of the output (`--report-only`: kept), and
 either way named by id, source shard and row in `<out>/positive_refinement.jsonl`. Its positive stays a
 candidate for the other queries (a document of the corpus), never for a query it is a positive of. A t⁺ that
-leaves no sample stops the run (the list written) instead of writing an empty source.
+leaves no sample stops the run (the list written) instead of writing an empty source. With `--max-negatives
+0` it is the only thing done: the kept samples are written with their own negatives, nothing mined.
 
 `--out` is claimed (`mme5.files.claim_folder`): a rerun of the same mining (source files, model, settings)
 resumes, the embeddings saved under `<out>/.mining/` once computed and the shards after the last finished
@@ -92,8 +93,9 @@ class MiningSettings:
         if unknown := set(self.within) - set(GROUP_FIELDS):
             raise ValueError(f"within: unknown field(s) {sorted(unknown)}; choose from "
                              f"{', '.join(GROUP_FIELDS)}")
-        if self.max_negatives < 1:
-            raise ValueError(f"max_negatives must be at least 1, got {self.max_negatives}")
+        if self.max_negatives < (0 if self.min_positive_score is not None else 1):
+            raise ValueError(f"max_negatives must be at least 1 (0 only with min_positive_score: refine the "
+                             f"positives, mine nothing), got {self.max_negatives}")
         if self.placement not in PLACEMENTS:
             raise ValueError(f"placement must be one of {', '.join(PLACEMENTS)}, got {self.placement!r}")
         if self.report_only and self.min_positive_score is None:
@@ -148,7 +150,8 @@ def mine(shards: str | Path, out: str | Path, embed: Embed, model: str | dict[st
         low = below_min_positive(scores, settings)
         dropped = set() if settings.report_only else set(low)
         kept = [i for i in range(len(samples)) if i not in dropped]
-        chosen, counts = choose_negatives(queries, pool, samples, candidates, positive_of, settings, kept)
+        chosen, counts = choose_negatives(queries, pool, samples, candidates, positive_of, settings, kept) \
+            if settings.max_negatives else ([[] for _ in samples], Counter(samples=len(samples), mined=0))
         placed = {i: settings.place(samples[i].negatives, [candidates[j] for j in chosen[i]]) for i in kept}
         # {list position: mined negatives there}: training reads the positions below `data.num_negatives`
         positions = Counter(k for _, slots in placed.values() for k in slots)
@@ -369,7 +372,8 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--shards", required=True, type=Path, help="converted source (a shard directory)")
     parser.add_argument("--out", required=True, type=Path, help="shard directory to write")
     parser.add_argument("--rank-band", default="10:50", help="ranks low:high to mine from (default: 10:50)")
-    parser.add_argument("--max-negatives", type=int, default=3, help="mined negatives per sample")
+    parser.add_argument("--max-negatives", type=int, default=3,
+                        help="mined negatives per sample (0 with --min-positive-score: refine only)")
     rule = parser.add_mutually_exclusive_group()
     rule.add_argument("--margin", type=number_at_least(0, float),
                       help="drop a neighbour scoring at least this times the positive's score (default: "
