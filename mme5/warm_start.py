@@ -90,7 +90,7 @@ def load_start(encoder: Encoder, path: str | Path, checkpoint: dict[str, Any], b
         result = encoder.load_state_dict(weights, strict=not partial)
     except RuntimeError as error:  # shapes or names of another architecture
         raise ValueError(f"model.init_from {path}: its weights do not fit this model: "
-                         f"{str(error).splitlines()[1].strip()[:300]}") from None
+                         f"{' '.join(str(error).split())[:300]}") from None
     trainable = {n for n, p in encoder.named_parameters() if p.requires_grad}
     missing = trainable - set(weights) if encoder.has_adapters else set()
     if result.unexpected_keys or missing:
